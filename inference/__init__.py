@@ -1,0 +1,1 @@
+"""The in-process inference engine: models, paged KV cache, scheduler, sampler, async front."""

@@ -1,0 +1,1 @@
+"""Pure decisions about tool calls: breakers, retries, timeouts, capabilities, approvals, limits, audit."""

@@ -1,0 +1,53 @@
+"""Where an MCP server lives and how to reach it: one frozen value per transport kind."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class StdioTarget:
+    """A server launched as a subprocess speaking JSON-RPC lines on stdin/stdout."""
+
+    command: str
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)  # added to the SDK's small safe allowlist
+    cwd: str | None = None
+    stderr_log: Path | None = None  # every stderr line is appended here when set
+    stderr_lines: int = 200  # size of the in-memory ring of recent stderr lines
+    eof_grace: float = 2.0  # seconds to wait for exit after stdin closes
+    term_grace: float = 2.0  # seconds to wait after SIGTERM before SIGKILL
+
+
+@dataclass(frozen=True, slots=True)
+class HttpTarget:
+    """A remote server over streamable HTTP (default) or the legacy HTTP+SSE transport."""
+
+    url: str
+    kind: Literal["streamable_http", "sse"] = "streamable_http"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    bearer_token: str | None = None
+    connect_timeout: float = 10.0
+    read_timeout: float = 300.0
+    max_sse_event_size: int = 64 * MiB
+
+
+@dataclass(frozen=True, slots=True)
+class WebSocketTarget:
+    """A remote server over WebSocket (subprotocol `mcp`, one JSON-RPC message per text frame)."""
+
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    bearer_token: str | None = None
+    open_timeout: float = 10.0
+    ping_interval: float | None = 20.0
+    close_timeout: float = 2.0
+    max_message_size: int = 64 * MiB
+
+
+Target = StdioTarget | HttpTarget | WebSocketTarget
