@@ -15,7 +15,9 @@ class AttentionMetadata:
     null/scratch block, so padding entries in `block_tables` and `slot_mapping` point there.
     """
 
-    slot_mapping: torch.Tensor  # [T] int64: block_id * block_size + offset where each new token's K/V is written
+    slot_mapping: (
+        torch.Tensor
+    )  # [T] int64: block_id * block_size + offset where each new token's K/V is written
     query_start_loc: torch.Tensor  # [S + 1] int32: cumulative count of new tokens per sequence
     context_lens: torch.Tensor  # [S] int32: tokens in the cache for each sequence after this step's writes
     block_tables: torch.Tensor  # [S, max_blocks] int32, padded with 0
