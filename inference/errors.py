@@ -1,0 +1,29 @@
+"""Errors the engine raises to its users: a one-line reason and a hint (same shape as agent_runtime's)."""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base of user-facing inference errors."""
+
+    user_facing = True
+
+    def __init__(self, reason: str, hint: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.reason if not self.hint else f"{self.reason} (hint: {self.hint})"
+
+
+class ModelLoadError(EngineError):
+    """A model could not be found, read or built (missing files, unknown architecture, no network)."""
+
+
+class KVBudgetError(EngineError):
+    """The KV cache budget cannot hold even one maximal request of this model."""
+
+
+class RequestError(EngineError):
+    """One request is invalid (empty or over-long prompt, bad sampling parameters); others are unaffected."""
