@@ -27,3 +27,7 @@ class KVBudgetError(EngineError):
 
 class RequestError(EngineError):
     """One request is invalid (empty or over-long prompt, bad sampling parameters); others are unaffected."""
+
+
+class EngineStoppedError(EngineError):
+    """The engine was closed, or its step thread died, while a request was waiting on it."""

@@ -1,0 +1,322 @@
+"""The synchronous engine core: validates and tokenizes requests, then each `step()` schedules, runs the
+model, samples, applies stop rules and returns the requests' new output."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections.abc import Sequence as SequenceT
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import torch
+
+from inference.block_manager import BlockManager
+from inference.errors import RequestError
+from inference.metrics import EngineMetrics, MetricsCollector
+from inference.model_runner import ModelRunner, plan_num_blocks
+from inference.params import SamplingParams
+from inference.sampler import Sampler
+from inference.scheduler import Scheduler
+from inference.sequence import Sequence
+
+log = structlog.get_logger(__name__)
+
+Prompt = str | list[int] | list[dict[str, Any]]
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What a request produced since its previous output (`delta_*`) and in total (`text`, `token_ids`)."""
+
+    request_id: str
+    delta_text: str
+    delta_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error"
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[Any] | None = None
+
+
+class LLMEngine:
+    """Single-threaded: call `add_request`, `abort` and `step` from one thread (AsyncEngine's step thread)."""
+
+    def __init__(
+        self,
+        loaded: Any,
+        *,
+        kv_cache_memory: int | float | None = None,
+        num_blocks: int | None = None,
+        block_size: int = 16,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: int | None = None,
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        self.loaded = loaded
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        cfg = self.model_config
+        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        device = next(loaded.model.parameters()).device
+        blocks = plan_num_blocks(
+            cfg,
+            device=device,
+            block_size=block_size,
+            max_model_len=self.max_model_len,
+            kv_cache_memory=kv_cache_memory,
+            num_blocks=num_blocks,
+        )
+        self.runner = ModelRunner(loaded.model, cfg, num_blocks=blocks, block_size=block_size)
+        self.block_manager = BlockManager(blocks, block_size, enable_prefix_caching=enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
+        )
+        self.sampler = Sampler()
+        self.stats = MetricsCollector()
+        self._seqs: dict[str, Sequence] = {}
+        self._pending: list[RequestOutput] = []
+        self._ids = itertools.count()
+        self._eos = frozenset(cfg.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
+        log.info(
+            "engine ready",
+            kv_blocks=blocks,
+            kv_mib=round(self.runner.kv_cache_bytes / 2**20, 1),
+            max_model_len=self.max_model_len,
+        )
+
+    # ---- requests ------------------------------------------------------------------------------------
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """Token ids of a text prompt, a token-id list, or chat messages (template + generation prompt)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("empty prompt", "send at least one character or token")
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, list | tuple) and prompt and all(isinstance(m, dict) for m in prompt):
+            try:
+                return self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
+            except Exception as exc:  # a template error is the caller's malformed messages
+                raise RequestError(
+                    f"chat template failed: {exc}", "check the messages' roles and content"
+                ) from exc
+        if isinstance(prompt, list | tuple) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            return list(prompt)
+        raise RequestError(
+            "prompt must be text, token ids or chat messages", "pass str, list[int] or list[dict]"
+        )
+
+    def validate_request(self, prompt: Prompt, params: SamplingParams) -> list[int]:
+        """Check params and prompt and return the prompt's token ids; raises RequestError. Thread-safe."""
+        params.validate()
+        ids = self.tokenize(prompt)
+        if not ids:
+            raise RequestError("empty prompt", "send at least one token")
+        vocab = self.model_config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise RequestError("prompt has token ids outside the vocabulary", f"ids must be in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(
+                f"prompt of {len(ids)} tokens does not fit the {self.max_model_len}-token context",
+                "shorten the prompt (one position is needed for the answer)",
+            )
+        return ids
+
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        arrival_time: float | None = None,
+        validated_ids: list[int] | None = None,
+    ) -> str:
+        """Queue a request; raises RequestError (and changes nothing) when it is invalid."""
+        params = params if params is not None else SamplingParams()
+        ids = validated_ids if validated_ids is not None else self.validate_request(prompt, params)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._seqs:
+            raise RequestError(f"duplicate request id {request_id!r}", "use a unique request_id")
+        seq = Sequence(request_id, ids, params)
+        if arrival_time is not None:
+            seq.arrival_time = arrival_time
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else random.SystemRandom().getrandbits(63)
+            seq.generator = torch.Generator(device=self.runner.device).manual_seed(seed)
+        seq.detokenizer = self.tokenizer.detokenizer()
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str, reason: str = "abort") -> bool:
+        """Stop a request now and free its blocks; its final output comes from the next `step()`."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, reason)
+        self.stats.record_finished()
+        self._pending.append(self._output(seq, finished=True))
+        return True
+
+    def abort_all(self, reason: str = "error") -> list[RequestOutput]:
+        for rid in list(self._seqs):
+            self.abort(rid, reason)
+        out, self._pending = self._pending, []
+        return out
+
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs) or bool(self._pending)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._seqs)
+
+    # ---- the step ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; returns the outputs of requests that advanced or ended (aborts included)."""
+        outputs, self._pending = self._pending, []
+        batch = self.scheduler.schedule()
+        if not batch:
+            return outputs
+        t0 = time.monotonic()
+        for seq, _ in batch.items:
+            if not seq.admitted:
+                seq.admitted = True
+                self.stats.record_admitted(t0 - seq.arrival_time, seq.num_prompt_tokens)
+        logits, sampling = self.runner.run(batch.items)
+        kv_used = self.block_manager.num_used_blocks  # before finished requests give their blocks back
+        for seq, n in batch.items:
+            seq.num_computed_tokens += n
+            self.block_manager.commit(seq)
+        if logits is not None:
+            result = self.sampler(logits, sampling)
+            now = time.monotonic()
+            for i, seq in enumerate(sampling):
+                out = self._append_token(seq, result.token_ids[i], result.logprobs[i], now)
+                if out is not None:
+                    outputs.append(out)
+        self.stats.record_step(
+            len(batch.items),
+            batch.num_tokens,
+            time.monotonic() - t0,
+            kv_used,
+            len(self.scheduler.running),
+        )
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob: Any, now: float) -> RequestOutput | None:
+        p = seq.params
+        self.stats.record_token(seq.first_token_time is None, now, seq.arrival_time, seq.last_token_time)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.last_token_time = now
+        seq.token_ids.append(token)
+        if logprob is not None and seq.logprobs is not None:
+            seq.logprobs.append(logprob)
+        reason: str | None = None
+        stopped_by_text = False
+        if (token in self._eos and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = "stop"
+        else:
+            delta = seq.detokenizer.add(token)
+            if delta:
+                seq.text += delta
+                if p.stop and self._cut_at_stop(seq, len(delta)):
+                    reason, stopped_by_text = "stop", True
+        if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            self._finish(seq, reason, flush=not stopped_by_text)
+            return self._output(seq, finished=True)
+        if seq.num_output_tokens == seq.emitted_token_count and len(seq.text) == seq.emitted_text_len:
+            return None
+        return self._output(seq, finished=False)
+
+    @staticmethod
+    def _cut_at_stop(seq: Sequence, delta_len: int) -> bool:
+        """Truncate `seq.text` before the earliest stop string that the latest delta completed."""
+        longest = max(len(s) for s in seq.params.stop)
+        start = max(0, len(seq.text) - delta_len - longest + 1)
+        window = seq.text[start:]
+        hits = [i for i in (window.find(s) for s in seq.params.stop) if i >= 0]
+        if not hits:
+            return False
+        seq.text = seq.text[: start + min(hits)]
+        return True
+
+    def _finish(self, seq: Sequence, reason: str, *, flush: bool) -> None:
+        if flush:
+            tail = seq.detokenizer.flush()
+            if tail:
+                seq.text += tail
+                if seq.params.stop:
+                    self._cut_at_stop(seq, len(tail))
+        self._seqs.pop(seq.request_id, None)
+        self.scheduler.finish(seq, reason)
+        self.stats.record_finished()
+
+    def _output(self, seq: Sequence, *, finished: bool) -> RequestOutput:
+        if finished or not seq.params.stop:
+            safe = len(seq.text)
+        else:  # hold back text that might turn out to be the start of a stop string
+            safe = max(seq.emitted_text_len, len(seq.text) - max(len(s) for s in seq.params.stop) + 1)
+        delta_text = seq.text[seq.emitted_text_len : safe]
+        seq.emitted_text_len = safe
+        out_ids = seq.output_token_ids
+        delta_ids = out_ids[seq.emitted_token_count :]
+        seq.emitted_token_count = len(out_ids)
+        return RequestOutput(
+            request_id=seq.request_id,
+            delta_text=delta_text,
+            delta_token_ids=delta_ids,
+            text=seq.text[:safe],
+            token_ids=out_ids,
+            finished=finished,
+            finish_reason=seq.finish_reason if finished else None,
+            prompt_tokens=seq.num_prompt_tokens,
+            completion_tokens=len(out_ids),
+            logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+        )
+
+    # ---- conveniences --------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: SequenceT[Prompt] | Prompt,
+        params: SamplingParams | SequenceT[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run prompts to completion (for tests and benchmarks); final outputs in prompt order."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and not isinstance(prompts[0], str | list | tuple)
+        ):
+            prompts = [prompts]  # type: ignore[list-item]
+        plist = list(prompts)  # type: ignore[arg-type]
+        if params is None or isinstance(params, SamplingParams):
+            param_list = [params or SamplingParams()] * len(plist)
+        else:
+            param_list = list(params)
+        ids = [self.add_request(None, pr, pa) for pr, pa in zip(plist, param_list, strict=True)]
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(ids):
+            for out in self.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[i] for i in ids]
+
+    def metrics(self) -> EngineMetrics:
+        bm = self.block_manager
+        return self.stats.snapshot(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_total=bm.num_usable_blocks,
+            kv_used=bm.num_used_blocks,
+            prefix_query=bm.prefix_query_tokens,
+            prefix_hit=bm.prefix_hit_tokens,
+            preemptions=self.scheduler.num_preemptions,
+        )

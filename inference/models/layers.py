@@ -1,0 +1,124 @@
+"""Building blocks shared by our decoders: RMSNorm, rotary embedding (HF-exact inverse frequencies), SiLU-gated MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inference.model_config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 like Hugging Face's LlamaRMSNorm, cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the residual first, normalise the sum; returns (normed, new residual)."""
+        residual = x + residual
+        return self.forward(residual), residual
+
+
+def _hf_rope_config(config: ModelConfig):
+    from transformers import LlamaConfig
+
+    params = dict(config.rope_scaling or {"rope_type": "default"})
+    params["rope_theta"] = config.rope_theta
+    return LlamaConfig(
+        hidden_size=config.num_heads * config.head_dim,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings,
+        rope_parameters=params,
+    )
+
+
+def rope_inv_freq(config: ModelConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """(inv_freq [head_dim/2] float32, attention scaling) exactly as transformers computes them for this config."""
+    if config.rope_scaling is None:
+        dim = config.head_dim
+        inv = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        return inv, 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope_type = config.rope_scaling["rope_type"]
+    fn = ROPE_INIT_FUNCTIONS[rope_type]
+    kwargs = {"seq_len": seq_len} if seq_len is not None else {}
+    inv, scaling = fn(_hf_rope_config(config), torch.device("cpu"), **kwargs)
+    return inv.float(), float(scaling)
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style RoPE from cos/sin tables over every position up to max_position_embeddings (computed in float32).
+
+    The model looks the tables up once per forward pass; with a full table no host sync is needed to size it
+    (which keeps the forward pass CUDA-graph friendly), except for dynamic NTK scaling, whose frequencies depend on
+    the longest position in the pass, exactly as in transformers.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.dynamic = bool(config.rope_scaling) and config.rope_scaling["rope_type"] == "dynamic"
+        # Plain attributes, not buffers: models are built on the meta device and materialised with to_empty(),
+        # which would leave buffers uninitialised; the tables follow the model's device and dtype on first use.
+        with torch.device("cpu"):
+            self.inv_freq, self.scaling = rope_inv_freq(config)
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _build(
+        self, inv_freq: torch.Tensor, n: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.arange(n, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq.to(device))
+        emb = torch.cat([freqs, freqs], dim=-1)  # [n, head_dim], halves repeated as in HF
+        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at `positions` [T], each [T, 1, head_dim] in `dtype`."""
+        if self.dynamic:
+            n_max = int(positions.max()) + 1 if positions.numel() else 1
+            if n_max > self.config.max_position_embeddings:
+                inv, _ = rope_inv_freq(self.config, seq_len=n_max)
+                cos, sin = self._build(inv, n_max, positions.device, dtype)
+                return cos.index_select(0, positions).unsqueeze(1), sin.index_select(0, positions).unsqueeze(
+                    1
+                )
+        tables = self._tables
+        if tables is None or tables[0].dtype != dtype or tables[0].device != positions.device:
+            tables = self._build(self.inv_freq, self.config.max_position_embeddings, positions.device, dtype)
+            self._tables = tables
+        cos, sin = tables
+        return cos.index_select(0, positions).unsqueeze(1), sin.index_select(0, positions).unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, head_dim] rotated by cos/sin [T, 1, head_dim] (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.intermediate = intermediate
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)

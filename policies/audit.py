@@ -1,0 +1,131 @@
+"""Audit records: one per policy decision and one per call, with arguments digested and secrets redacted."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+REDACTED = "***"
+
+# Credentials that have a recognisable shape, wherever they appear in a free-text reason.
+_SECRET_SHAPES = re.compile(
+    r"(AKIA|ASIA)[0-9A-Z]{16}"  # AWS access key ids
+    r"|\b(sk|pk|rk)-[A-Za-z0-9_-]{16,}"  # OpenAI/Stripe-style keys
+    r"|\bgh[pousr]_[A-Za-z0-9]{20,}"  # GitHub tokens
+    r"|\bxox[abposr]-[A-Za-z0-9-]{10,}"  # Slack tokens
+    r"|(?i:bearer)\s+[A-Za-z0-9._~+/=-]{8,}"
+    r"|eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{5,}"  # JWTs
+    r"|(?i:(password|passwd|secret|token|api[_-]?key)\s*[=:]\s*)\S+"
+)
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """Replace known secret values and secret-shaped substrings."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, REDACTED)
+    return _SECRET_SHAPES.sub(REDACTED, text)
+
+
+# Built once: json.dumps with non-default options constructs a new encoder on every call.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode
+_LINE = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def argument_digest(arguments: Mapping[str, Any] | None) -> str:
+    """SHA-256 of the canonical JSON of the arguments: correlates calls without storing their content."""
+    payload = _CANONICAL(arguments or {})
+    return "sha256:" + hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass(slots=True)  # not frozen: frozen dataclasses pay object.__setattr__ per field, per call
+class AuditRecord:
+    event: Literal["decision", "call"]
+    time: float  # epoch seconds; written as UTC ISO 8601 with milliseconds
+    agent: str | None
+    server: str | None
+    tool: str
+    args: str | Mapping[str, Any]  # the digest, or the arguments to digest when the record is written
+    decision: Literal["allow", "deny"]
+    reason: str | None
+    duration: float | None = None  # seconds, for call records
+    outcome: str | None = None  # the ToolOutcome kind, for call records
+    attempts: int | None = None
+    truncated: bool | None = None
+
+    def to_json(self) -> str:
+        # Fields are flat scalars: read them directly (dataclasses.asdict deep-copies, 10x slower).
+        fields = {k: v for k in _FIELDS if (v := getattr(self, k)) is not None}
+        fields["time"] = utc_iso(self.time)
+        if not isinstance(self.args, str):
+            fields["args"] = argument_digest(self.args)
+        return _LINE(fields)
+
+
+_FIELDS = tuple(f.name for f in fields(AuditRecord))
+
+
+_second: list[Any] = [-1, ""]  # strftime is slow; the second's prefix changes once a second
+
+
+def utc_iso(t: float) -> str:
+    whole = int(t)
+    if whole != _second[0]:
+        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{_second[1]}.{int((t - whole) * 1000):03d}Z"
+
+
+def decision_record(
+    *,
+    agent: str | None,
+    server: str | None,
+    tool: str,
+    digest: str | Mapping[str, Any],
+    allowed: bool,
+    reason: str | None,
+    secrets: Iterable[str] = (),
+) -> AuditRecord:
+    return AuditRecord(
+        event="decision",
+        time=time.time(),
+        agent=agent,
+        server=server,
+        tool=tool,
+        args=digest,
+        decision="allow" if allowed else "deny",
+        reason=redact(reason, secrets) if reason else None,
+    )
+
+
+def call_record(
+    *,
+    agent: str | None,
+    server: str | None,
+    tool: str,
+    digest: str | Mapping[str, Any],
+    outcome: str,
+    reason: str | None,
+    duration: float,
+    attempts: int,
+    truncated: bool,
+    secrets: Iterable[str] = (),
+) -> AuditRecord:
+    return AuditRecord(
+        event="call",
+        time=time.time(),
+        agent=agent,
+        server=server,
+        tool=tool,
+        args=digest,
+        decision="allow",
+        reason=redact(reason, secrets) if reason else None,
+        duration=round(duration, 6),
+        outcome=outcome,
+        attempts=attempts,
+        truncated=truncated,
+    )

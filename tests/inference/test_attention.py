@@ -1,0 +1,127 @@
+"""Reference paged attention equals plain causal attention computed densely in float64."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from inference.attention import paged_attention, write_kv
+from inference.metadata import AttentionMetadata
+
+BLOCK = 4
+NUM_BLOCKS = 48
+
+
+def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: int, scale: float) -> torch.Tensor:
+    """Attention of the last q.shape[0] positions of a ctx-long sequence, by the textbook formula in float64."""
+    q_len, heads, _ = q.shape
+    group = heads // k.shape[1]
+    kk = k.double().repeat_interleave(group, dim=1)  # [C, H, D]
+    vv = v.double().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.double(), kk) * scale
+    pos = torch.arange(ctx - q_len, ctx)[:, None]
+    scores = scores.masked_fill(torch.arange(ctx)[None, :] > pos, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), vv)
+
+
+def _batch(
+    seqs: list[tuple[int, int]], heads: int, kv_heads: int, dim: int, dtype: torch.dtype, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """(q, kv_layer, meta, per-sequence full K/V) for sequences given as (context_len, query_len).
+
+    Earlier positions' K/V are written into the cache directly; the new tokens' K/V go through write_kv.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    kv = torch.zeros(2, NUM_BLOCKS, BLOCK, kv_heads, dim, dtype=dtype)
+    free = list(range(1, NUM_BLOCKS))
+    random.Random(seed).shuffle(free)
+    qs, new_k, new_v, slots, starts, tables, full = [], [], [], [], [0], [], []
+    for ctx, q_len in seqs:
+        k = torch.randn(ctx, kv_heads, dim, generator=gen).to(dtype)
+        v = torch.randn(ctx, kv_heads, dim, generator=gen).to(dtype)
+        table = [free.pop() for _ in range(-(-ctx // BLOCK))]
+        for p in range(ctx):
+            slot = table[p // BLOCK] * BLOCK + p % BLOCK
+            if p < ctx - q_len:
+                kv[0].view(-1, kv_heads, dim)[slot] = k[p]
+                kv[1].view(-1, kv_heads, dim)[slot] = v[p]
+            else:
+                slots.append(slot)
+        new_k.append(k[ctx - q_len :])
+        new_v.append(v[ctx - q_len :])
+        qs.append(torch.randn(q_len, heads, dim, generator=gen).to(dtype))
+        starts.append(starts[-1] + q_len)
+        tables.append(table)
+        full.append((k, v))
+    width = max(len(t) for t in tables) + 1
+    block_tables = torch.zeros(len(seqs), width, dtype=torch.int32)
+    for i, t in enumerate(tables):
+        block_tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        context_lens=torch.tensor([c for c, _ in seqs], dtype=torch.int32),
+        block_tables=block_tables,
+        max_query_len=max(q for _, q in seqs),
+        max_context_len=max(c for c, _ in seqs),
+        block_size=BLOCK,
+    )
+    write_kv(kv, torch.cat(new_k), torch.cat(new_v), meta.slot_mapping)
+    return torch.cat(qs), kv, meta, full
+
+
+CASES = {
+    "decode_batch": [(1, 1), (9, 1), (17, 1), (4, 1)],
+    "decode_single_full": [(13, 1)],
+    "prefill_batch": [(7, 7), (12, 12), (1, 1)],
+    "chunked_prefill": [(20, 6), (9, 9)],
+    "mixed": [(15, 1), (18, 5), (3, 3), (30, 1)],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2), (8, 1)])
+def test_paged_attention_matches_dense(case: str, heads: int, kv_heads: int) -> None:
+    seqs = CASES[case]
+    dim, scale = 16, 16**-0.5
+    q, kv, meta, full = _batch(seqs, heads, kv_heads, dim, torch.float32, seed=len(case) + heads)
+    out = paged_attention(q, kv, meta, scale)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    start = 0
+    for (ctx, q_len), (k, v) in zip(seqs, full, strict=True):
+        expected = _dense(q[start : start + q_len], k, v, ctx, scale)
+        torch.testing.assert_close(out[start : start + q_len].double(), expected, atol=1e-5, rtol=1e-5)
+        start += q_len
+
+
+def test_bfloat16_close_to_float64() -> None:
+    seqs = CASES["mixed"]
+    q, kv, meta, full = _batch(seqs, 6, 2, 32, torch.bfloat16, seed=3)
+    out = paged_attention(q, kv, meta, 32**-0.5)
+    start = 0
+    for (ctx, q_len), (k, v) in zip(seqs, full, strict=True):
+        expected = _dense(q[start : start + q_len], k, v, ctx, 32**-0.5)
+        torch.testing.assert_close(out[start : start + q_len].double(), expected, atol=3e-2, rtol=3e-2)
+        start += q_len
+
+
+def test_write_kv_puts_tokens_at_their_slots_and_padding_in_the_null_block() -> None:
+    kv = torch.zeros(2, 4, BLOCK, 2, 3)
+    k = torch.arange(3 * 6, dtype=torch.float32).view(3, 2, 3)
+    v = -k
+    slots = torch.tensor([2 * BLOCK + 1, 3 * BLOCK, 0])  # the last token is padding -> null block slot 0
+    write_kv(kv, k, v, slots)
+    assert torch.equal(kv[0, 2, 1], k[0]) and torch.equal(kv[1, 2, 1], v[0])
+    assert torch.equal(kv[0, 3, 0], k[1]) and torch.equal(kv[1, 3, 0], v[1])
+    assert torch.equal(kv[0, 0, 0], k[2])
+    assert kv[:, 1].abs().sum() == 0  # untouched block stays empty
+
+
+def test_layer_view_of_whole_cache_is_written_in_place() -> None:
+    whole = torch.zeros(2, 3, 5, BLOCK, 2, 4)  # [2, layers, blocks, block_size, kv_heads, head_dim]
+    k = torch.ones(1, 2, 4)
+    write_kv(whole[:, 1], k, 2 * k, torch.tensor([3 * BLOCK + 2]))
+    assert torch.equal(whole[0, 1, 3, 2], k[0]) and torch.equal(whole[1, 1, 3, 2], 2 * k[0])
+    assert whole[:, 0].abs().sum() == 0 and whole[:, 2].abs().sum() == 0

@@ -1,0 +1,402 @@
+"""One entry point for every transport: `connect(target)` yields a live, initialized `Connection`.
+
+The SDK client and its transport live in a holder task we own, so a transport that dies cannot cancel the
+caller; `closed` is set the moment the read side ends, and every failure surfaces as a typed TransportError.
+
+Tool-list changes reach `message_handler` as `mcp_types.ToolListChangedNotification` in both eras: 2025-era
+servers send `notifications/tools/list_changed` unprompted; 2026-07-28 servers only send it on a
+`subscriptions/listen` stream, which `connect` keeps open for the connection's life when the server
+advertises `tools.listChanged` (the SDK tees the stream's events to `message_handler`). The supervisor
+only has to re-run `list_all_tools` when it sees that notification.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import mcp
+import mcp_types as types
+import structlog
+from mcp.client.session import MessageHandlerFnT
+from mcp.client.subscriptions import ListenNotSupportedError, SubscriptionLost
+from mcp.shared.exceptions import MCPError
+from mcp.shared.message import SessionMessage
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from pydantic import ValidationError
+
+from transports.errors import (
+    CallTimeout,
+    ConnectError,
+    ConnectionLost,
+    ServerRequestError,
+    StartupTimeout,
+    TransportError,
+)
+from transports.http import sse_transport, streamable_http_transport
+from transports.stdio import StderrRing, StdioTransport
+from transports.targets import HttpTarget, StdioTarget, Target, WebSocketTarget
+from transports.websocket import websocket_transport
+
+log = structlog.get_logger(__name__)
+
+PAGE_CAP = 1000  # tools/list pages followed before we call the server broken
+_TIMEOUT_BACKSTOP = 2.0  # extra seconds past the SDK's own per-request timeout before we cut the call
+_LISTEN_RETRY = 1.0  # seconds between subscriptions/listen attempts when a stream drops
+_CLOSE_BOUND_NET = 10.0  # seconds allowed for closing a network transport (stdio computes its own)
+
+try:
+    _VERSION = importlib.metadata.version("agent-runtime")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree without an install
+    _VERSION = "0"
+
+
+class _WatchedReadStream:
+    """The transport's read stream, setting `closed` when it ends (EOF or closed under the reader).
+
+    `lose()` ends it from outside: the dispatcher sees EOF and fails every pending request with
+    CONNECTION_CLOSED at once, which is how a transport that would otherwise linger is declared dead.
+    """
+
+    __slots__ = ("_closed", "_inner", "_lost", "_scope")
+
+    def __init__(self, inner: Any, closed: anyio.Event) -> None:
+        self._inner = inner
+        self._closed = closed
+        self._lost = False
+        self._scope: anyio.CancelScope | None = None
+
+    def lose(self) -> None:
+        self._lost = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    @property
+    def last_context(self) -> Any:
+        return getattr(self._inner, "last_context", None)
+
+    async def receive(self) -> SessionMessage | Exception:
+        if not self._lost:
+            with anyio.CancelScope() as scope:
+                self._scope = scope
+                try:
+                    return await self._inner.receive()
+                except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+                    self._closed.set()
+                    raise
+                finally:
+                    self._scope = None
+        self._closed.set()
+        raise anyio.EndOfStream
+
+    def __aiter__(self) -> _WatchedReadStream:
+        return self
+
+    async def __anext__(self) -> SessionMessage | Exception:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def __aenter__(self) -> _WatchedReadStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class _WatchedTransport:
+    """Wraps any SDK-shaped transport so the client's read stream reports its end on `closed`."""
+
+    def __init__(self, closed: anyio.Event) -> None:
+        self.inner: contextlib.AbstractAsyncContextManager[Any] | None = None
+        self._closed = closed
+        self._read: _WatchedReadStream | None = None
+        self._lost_before_open = False
+
+    def lose(self, reason: str) -> None:
+        if not self._closed.is_set():
+            log.info("transport declared lost", reason=reason)
+        if self._read is not None:
+            self._read.lose()
+        else:
+            self._lost_before_open = True
+
+    async def __aenter__(self) -> tuple[Any, Any]:
+        assert self.inner is not None
+        read_stream, write_stream = await self.inner.__aenter__()
+        self._read = _WatchedReadStream(read_stream, self._closed)
+        if self._lost_before_open:
+            self._read.lose()
+        return self._read, write_stream
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        assert self.inner is not None
+        try:
+            return await self.inner.__aexit__(*exc_info)
+        finally:
+            self._closed.set()
+
+
+@dataclass(slots=True, eq=False)
+class Connection:
+    """A live MCP session to one server. Methods may be called from any task while `connect` is entered."""
+
+    target: Target
+    client: mcp.Client
+    pid: int | None
+    stderr: StderrRing | None
+    closed: anyio.Event = field(default_factory=anyio.Event)
+
+    @property
+    def protocol_version(self) -> str:
+        return self.client.protocol_version
+
+    # The per-call `timeout` is the supervisor's contract (it owns deadlines per call), hence ASYNC109.
+    async def list_all_tools(self, *, timeout: float) -> list[types.Tool]:  # noqa: ASYNC109
+        """Every tool, following next_cursor to the end (at most PAGE_CAP pages), within `timeout` overall."""
+        tools: list[types.Tool] = []
+        cursor: str | None = None
+        seen: set[str] = set()
+        with self._errors("tools/list", timeout):
+            with anyio.fail_after(timeout):
+                for _ in range(PAGE_CAP):
+                    page = await self.client.list_tools(cursor=cursor, cache_mode="bypass")
+                    tools.extend(page.tools)
+                    cursor = page.next_cursor
+                    if cursor is None:
+                        return tools
+                    if cursor in seen:
+                        raise ServerRequestError(
+                            types.INTERNAL_ERROR, f"tools/list repeated cursor {cursor!r}"
+                        )
+                    seen.add(cursor)
+        raise ServerRequestError(types.INTERNAL_ERROR, f"tools/list did not end within {PAGE_CAP} pages")
+
+    async def call_tool(
+        self,
+        name: str,
+        arguments: dict[str, Any],
+        *,
+        timeout: float,  # noqa: ASYNC109
+    ) -> types.CallToolResult:
+        """Call a tool. Tool errors (`is_error`) are returned; transport and protocol failures raise."""
+        with self._errors(f"tools/call {name}", timeout), anyio.fail_after(timeout + _TIMEOUT_BACKSTOP):
+            return await self.client.call_tool(name, arguments, read_timeout_seconds=timeout)
+        raise AssertionError("unreachable")  # pragma: no cover - _errors always raises on failure
+
+    @contextlib.contextmanager
+    def _errors(self, what: str, timeout: float) -> Any:
+        """Map SDK failures to our typed errors; `sent` is False only when the transport was already gone."""
+        if self.closed.is_set():
+            raise ConnectionLost(f"{what}: connection to {_describe(self.target)} is closed", sent=False)
+        try:
+            yield
+        except MCPError as exc:
+            if exc.code == types.CONNECTION_CLOSED:
+                raise ConnectionLost(
+                    f"{what}: connection to {_describe(self.target)} lost",
+                    self._hint(),
+                    sent=True,  # conservative: it may have reached the server before the transport died
+                ) from None
+            if exc.code == types.REQUEST_TIMEOUT:
+                raise CallTimeout(f"{what}: no reply within {timeout:g}s", "raise the timeout") from None
+            raise ServerRequestError(exc.code, exc.message, exc.error.data) from None
+        except TimeoutError:
+            raise CallTimeout(f"{what}: no reply within {timeout:g}s", "raise the timeout") from None
+        except ValidationError as exc:
+            raise ServerRequestError(
+                types.INTERNAL_ERROR, f"{what}: malformed result: {exc.error_count()} errors"
+            ) from None
+        except RuntimeError as exc:
+            # The SDK raises RuntimeError once the client context has been exited.
+            if self.closed.is_set() or "context manager" in str(exc):
+                raise ConnectionLost(
+                    f"{what}: connection to {_describe(self.target)} is closed", sent=False
+                ) from None
+            raise
+
+    def _hint(self) -> str | None:
+        if self.stderr is not None and (tail := self.stderr.tail(3)):
+            return "server stderr: " + " | ".join(tail)
+        return None
+
+
+def _describe(target: Target) -> str:
+    if isinstance(target, StdioTarget):
+        return target.command
+    return target.url
+
+
+def _open_transport(
+    target: Target, on_lost: Callable[[str], None]
+) -> tuple[contextlib.AbstractAsyncContextManager[Any], StdioTransport | None]:
+    if isinstance(target, StdioTarget):
+        stdio = StdioTransport(target)
+        return stdio, stdio
+    if isinstance(target, HttpTarget):
+        if target.kind == "sse":
+            return sse_transport(target), None
+        return streamable_http_transport(target, on_lost), None
+    if isinstance(target, WebSocketTarget):
+        return websocket_transport(target), None
+    raise TypeError(f"unknown target type: {type(target).__name__}")
+
+
+def _first_error(exc: BaseException) -> BaseException:
+    """The first leaf of an exception group (the SDK wraps everything escaping its task groups)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _connect_error(target: Target, exc: BaseException, stdio: StdioTransport | None) -> TransportError:
+    leaf = _first_error(exc)
+    if isinstance(leaf, TransportError):
+        if stdio is not None and isinstance(leaf, ConnectError) and not leaf.stderr_tail:
+            return ConnectError(leaf.reason, leaf.hint, stderr_tail=stdio.stderr.tail())
+        return leaf
+    tail = stdio.stderr.tail() if stdio is not None else None
+    if isinstance(leaf, MCPError):
+        if leaf.code == types.CONNECTION_CLOSED:
+            exited = (
+                f" (exit code {stdio.returncode})"
+                if stdio is not None and stdio.returncode is not None
+                else ""
+            )
+            reason = f"{_describe(target)} closed the connection during initialization{exited}"
+        else:
+            reason = f"{_describe(target)} rejected initialization: {leaf.message} (code {leaf.code})"
+        return ConnectError(reason, "run the server by hand to see why it fails", stderr_tail=tail)
+    return ConnectError(
+        f"could not connect to {_describe(target)}: {type(leaf).__name__}: {leaf}",
+        "check that the server is running and reachable",
+        stderr_tail=tail,
+    )
+
+
+async def _listen_tools_changed(client: mcp.Client, closed: anyio.Event) -> None:
+    """Keep a 2026-era tools/list_changed subscription open; its events reach message_handler by the SDK's tee."""
+    while not closed.is_set():
+        try:
+            async with client.listen(tools_list_changed=True) as subscription:
+                async for _event in subscription:
+                    pass
+        except ListenNotSupportedError:
+            return
+        except (MCPError, SubscriptionLost, TimeoutError, RuntimeError) as exc:
+            log.debug("tools list_changed subscription ended", error=str(exc))
+        with anyio.move_on_after(_LISTEN_RETRY):
+            await closed.wait()
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    target: Target,
+    *,
+    startup_timeout: float,
+    message_handler: MessageHandlerFnT | None = None,
+    client_name: str = "agent-runtime",
+) -> AsyncIterator[Connection]:
+    """Spawn/open, negotiate (2026-07-28 where supported, else 2025-11-25) and yield a Connection.
+
+    Enter and exit in one task. Raises ConnectError / StartupTimeout on entry; exit closes everything
+    within a bound (stdio: eof_grace + term_grace + a few seconds).
+    """
+    closed = anyio.Event()
+    stop = anyio.Event()
+    holder_done = anyio.Event()
+    watched = _WatchedTransport(closed)
+    watched.inner, stdio = _open_transport(target, watched.lose)
+    client = mcp.Client(
+        watched,  # type: ignore[arg-type]
+        mode="auto",
+        message_handler=message_handler,
+        client_info=types.Implementation(name=client_name, version=_VERSION),
+    )
+
+    startup_error: list[TransportError] = []
+
+    async def hold(*, task_status: anyio.abc.TaskStatus[Connection | None]) -> None:
+        # Never raises: errors before startup are handed back through `startup_error` (raising from a task
+        # group would wrap them in an ExceptionGroup); after startup they end the connection via `closed`.
+        started = False
+        try:
+            async with client:
+                conn = Connection(
+                    target=target,
+                    client=client,
+                    pid=stdio.pid if stdio is not None else None,
+                    stderr=stdio.stderr if stdio is not None else None,
+                    closed=closed,
+                )
+                caps = client.server_capabilities
+                watch = (
+                    client.protocol_version in MODERN_PROTOCOL_VERSIONS
+                    and caps.tools is not None
+                    and bool(caps.tools.list_changed)
+                )
+                started = True
+                task_status.started(conn)
+                async with anyio.create_task_group() as tg:
+                    if watch:
+                        tg.start_soon(_listen_tools_changed, client, closed)
+                    await stop.wait()
+                    tg.cancel_scope.cancel()
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as exc:
+            leaf = _first_error(exc)
+            if isinstance(leaf, anyio.get_cancelled_exc_class()):
+                raise
+            if not isinstance(exc, Exception) and not isinstance(leaf, Exception):
+                raise
+            if not started:
+                startup_error.append(_connect_error(target, exc, stdio))
+                task_status.started(None)
+            else:
+                # After startup the transport's death is reported through `closed`, not by crashing the owner.
+                log.info("connection ended", server=_describe(target), error=str(leaf))
+        finally:
+            closed.set()
+            holder_done.set()
+
+    close_bound = (
+        target.eof_grace + target.term_grace + 5.0 if isinstance(target, StdioTarget) else _CLOSE_BOUND_NET
+    )
+    # Exceptions are carried out of the task group and raised after it, so neither ours nor the caller's
+    # arrive wrapped in an ExceptionGroup.
+    pending: BaseException | None = None
+    async with anyio.create_task_group() as tg:
+        conn: Connection | None = None
+        try:
+            with anyio.fail_after(startup_timeout):
+                conn = await tg.start(hold)
+        except TimeoutError:
+            tail = stdio.stderr.tail() if stdio is not None else None
+            pending = StartupTimeout(
+                f"{_describe(target)} did not finish initializing within {startup_timeout:g}s",
+                "raise the startup timeout or check the server",
+                stderr_tail=tail,
+            )
+        if conn is None:
+            pending = pending or (startup_error[0] if startup_error else ConnectError("connection failed"))
+        else:
+            try:
+                yield conn
+            except BaseException as exc:
+                pending = exc
+            finally:
+                stop.set()
+                with anyio.CancelScope(shield=True), anyio.move_on_after(close_bound):
+                    await holder_done.wait()
+                tg.cancel_scope.cancel()
+    if pending is not None:
+        raise pending

@@ -1,0 +1,59 @@
+"""Errors a transport can raise to its user: each carries a one-line reason and a hint."""
+
+from __future__ import annotations
+
+
+class TransportError(Exception):
+    """Base of the transport errors; same shape as agent_runtime.errors.AgentRuntimeError."""
+
+    user_facing = True
+
+    def __init__(self, reason: str, hint: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.reason if not self.hint else f"{self.reason} (hint: {self.hint})"
+
+
+class ConnectError(TransportError):
+    """The server could not be spawned, reached, or initialized."""
+
+    def __init__(self, reason: str, hint: str | None = None, *, stderr_tail: list[str] | None = None) -> None:
+        tail = [line for line in (stderr_tail or []) if line.strip()]
+        if tail:
+            # The last stderr lines are usually the real cause (a traceback, a missing module).
+            reason = f"{reason}; server stderr: {' | '.join(tail[-5:])}"
+        super().__init__(reason, hint)
+        self.stderr_tail = list(stderr_tail or [])
+
+
+class StartupTimeout(ConnectError):
+    """Spawning/connecting plus the MCP handshake did not finish within the startup timeout."""
+
+
+class ConnectionLost(TransportError):
+    """The transport died (process exit, HTTP session lost, WebSocket closed).
+
+    `sent` is False only when the request provably never left this process, which makes a retry safe
+    for any tool; True means the server may have received (and acted on) it.
+    """
+
+    def __init__(self, reason: str, hint: str | None = None, *, sent: bool) -> None:
+        super().__init__(reason, hint)
+        self.sent = sent
+
+
+class CallTimeout(TransportError):
+    """No reply arrived within the per-call timeout (the request was sent)."""
+
+
+class ServerRequestError(TransportError):
+    """The server answered a request with a JSON-RPC error (not a tool error result)."""
+
+    def __init__(self, code: int, message: str, data: object = None) -> None:
+        super().__init__(f"server error {code}: {message}", None)
+        self.code = code
+        self.message = message
+        self.data = data
