@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,9 +98,9 @@ class Runtime:
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
         try:
-            from agent_runtime.agent import close_agents
-
-            await close_agents(self)  # the agents' engine, if one was loaded
+            agents = sys.modules.get("agent_runtime.agent")
+            if agents is not None:  # no agent module loaded means no agent (and no engine) to close
+                await agents.close_agents(self)
             await self._stop_background()
         finally:
             return await self.supervisor.__aexit__(*exc_info)  # noqa: B012 - servers always stop

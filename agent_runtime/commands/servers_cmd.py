@@ -94,9 +94,11 @@ def run_with_signals(main: Callable[[], Awaitable[int]]) -> int:
 
 
 def open_runtime(config: RuntimeConfig, args: argparse.Namespace) -> Runtime:
+    from agent_runtime.executor import terminal_approver
     from agent_runtime.runtime import Runtime
 
-    return Runtime(config, ready_timeout=args.ready_timeout)
+    # Calls that policy says need approval are asked on the terminal; with no terminal they are denied.
+    return Runtime(config, ready_timeout=args.ready_timeout, approval_hook=terminal_approver())
 
 
 def status_rows(statuses: list[ServerStatus]) -> list[dict[str, Any]]:
@@ -140,10 +142,19 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> int:
         async with open_runtime(config, args) as rt:
             statuses = rt.servers()
+            health = rt.health()
         if args.json:
-            print(json.dumps({"servers": status_rows(statuses)}, indent=2))
+            print(json.dumps({"servers": status_rows(statuses), "health": [h.to_dict() for h in health]}, indent=2))
         else:
+            from rich.console import Console
+
+            from agent_runtime.monitor import render_table
+
             print_status_table(statuses)
+            console = Console()
+            if not console.is_terminal:  # piped: no terminal width to respect, keep every column whole
+                console = Console(width=200)
+            console.print(render_table(health))
         ready = all(s.state == "ready" for s in statuses if s.enabled)
         return 0 if ready else 1
 

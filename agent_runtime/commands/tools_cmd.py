@@ -37,11 +37,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     call.add_argument("arguments", nargs="?", default="{}", help="arguments as a JSON object (default {})")
     call.add_argument("--timeout", type=float, default=None, metavar="S", help="per-call timeout in seconds")
     add_server_source_arguments(call)
+    from agent_runtime import pinning  # light: no SDK, no torch
+
+    approve = sub.add_parser("approve", help="approve new or changed tool definitions (pinning)")
+    pinning.add_approve_arguments(approve)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.tools_action == "list":
         return _list(args)
+    if args.tools_action == "approve":
+        from agent_runtime import pinning
+
+        return pinning.run_approve(args)
     return _call(args)
 
 
@@ -58,18 +66,24 @@ def _list(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         async with open_runtime(config, args) as rt:
+            from agent_runtime.pinning import tool_flags
+
             entries = rt.tools(args.server)
+            flags = {e.name: tool_flags(rt.executor.pins, e) for e in entries}
             problems = rt.registry.problems(args.server)
             statuses = [s for s in rt.servers() if args.server is None or s.name == args.server]
         if args.json:
             doc = {
-                "tools": [_entry_dict(e) for e in entries],
+                "tools": [_entry_dict(e) | {"flags": flags[e.name]} for e in entries],
                 "problems": [_problem_dict(p) for p in problems],
                 "servers": status_rows(statuses),
             }
             print(json.dumps(doc, indent=2))
         else:
             _print_tools_table(entries)
+            for name, tool_flag_list in flags.items():
+                for flag in tool_flag_list:
+                    print(f"warning: {name}: {flag}", file=sys.stderr)
             for p in problems:
                 print(f"warning: {p.server}: {p.detail}", file=sys.stderr)
             for s in statuses:

@@ -134,7 +134,7 @@ def test_terminated_grammar_forces_stop_and_compiles_are_cached(cache: GrammarCo
     again, spec2 = cache.compile_actions(tools, "required")
     assert spec2.key == spec.key and cache.compiles == before
     proc = GrammarLogitsProcessor(again, cache.vocab_size, cache.stop_token_ids)
-    ids = list(cache.info.decoded_vocab.index(b) for b in ())  # noqa: C416
+    ids = list(cache.info.decoded_vocab.index(b) for b in ())
     text = '{"tool": "t__x", "arguments": {}}'
     assert proc.matcher.accept_string(text)
     ids = []

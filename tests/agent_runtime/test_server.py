@@ -197,6 +197,23 @@ def test_stream_is_framed_as_sse_and_ends_with_done(server: tuple[OpenAIServer, 
     assert all(json.loads(e[6:])["object"] == "chat.completion.chunk" for e in events[:-1])
 
 
+def test_keep_alive_streams_are_not_delayed(server: tuple[OpenAIServer, str]) -> None:
+    """On a reused connection the first content chunk follows the headers at once (no Nagle/delayed-ACK stall)."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True}
+    gaps = []
+    with httpx.Client(timeout=60) as http:
+        for _ in range(4):
+            with http.stream("POST", server[1] + "/v1/chat/completions", json=body) as r:
+                headers_at = time.perf_counter()
+                lines = (
+                    line for line in r.iter_lines() if '"content":"' in line and '"content":""' not in line
+                )
+                next(lines)
+                gaps.append(time.perf_counter() - headers_at)
+                list(r.iter_lines())
+    assert sorted(gaps[1:])[1] < 0.02, gaps  # median of the keep-alive requests
+
+
 def test_client_side_tools_give_valid_tool_calls(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(
         model=MODEL,

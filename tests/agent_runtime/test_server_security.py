@@ -142,3 +142,21 @@ def test_memory_sizes() -> None:
     assert parse_memory("1000000") == 1_000_000
     with pytest.raises(argparse.ArgumentTypeError):
         parse_memory("lots")
+
+
+def test_listening_socket_disables_nagle() -> None:
+    """Small SSE chunks must leave at once: accepted sockets carry TCP_NODELAY (asyncio sets it only for
+    sockets whose proto is TCP; without it keep-alive streams stall ~40 ms on delayed ACKs)."""
+    import socket
+
+    from agent_runtime.commands.serve_cmd import bind_socket
+
+    listener = bind_socket("127.0.0.1", 0)
+    client = socket.create_connection(listener.getsockname()[:2])
+    conn, _ = listener.accept()
+    try:
+        assert conn.proto == socket.IPPROTO_TCP
+        assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        for s in (conn, client, listener):
+            s.close()
