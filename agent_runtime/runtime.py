@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +59,7 @@ class Runtime:
         self.executor: Executor = Executor(
             self.supervisor, self.registry, config, approval_hook=approval_hook
         )
-        self._background: anyio.abc.TaskGroup | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
         # Readiness is bounded by the slowest server's startup timeout: a hung server ends up `failed`
         # (and keeps retrying in the background) rather than blocking the runtime.
         enabled = [s.timeouts.startup for s in config.servers if s.enabled]
@@ -83,34 +84,48 @@ class Runtime:
         return cls(config, ready_timeout=ready_timeout)
 
     async def __aenter__(self) -> Runtime:
-        await self.supervisor.__aenter__()
+        stack = contextlib.AsyncExitStack()
+        await stack.__aenter__()
         try:
-            # The executor's stale-call sweep and audit flusher, owned by the runtime.
-            self._background = anyio.create_task_group()
-            await self._background.__aenter__()
-            self._background.start_soon(self.executor.serve, name="executor")
-            await self.supervisor.wait_ready(self.ready_timeout)
+            await stack.enter_async_context(self._lifespan())
         except BaseException as exc:
-            await self._stop_background()
-            await self.supervisor.__aexit__(type(exc), exc, exc.__traceback__)
+            await stack.__aexit__(type(exc), exc, exc.__traceback__)
             raise
+        self._stack = stack
         return self
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
-        try:
-            agents = sys.modules.get("agent_runtime.agent")
-            if agents is not None:  # no agent module loaded means no agent (and no engine) to close
-                await agents.close_agents(self)
-            await self._stop_background()
-        finally:
-            return await self.supervisor.__aexit__(*exc_info)  # noqa: B012 - servers always stop
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return None
+        return await stack.__aexit__(*exc_info)
 
-    async def _stop_background(self) -> None:
-        tg, self._background = self._background, None
-        if tg is not None:
-            tg.cancel_scope.cancel()  # its tasks only sleep and flush: they end at once
-            await tg.__aexit__(None, None, None)
-        self.executor.close()
+    @contextlib.asynccontextmanager
+    async def _lifespan(self) -> AsyncIterator[None]:
+        """Servers, then the executor's background work (stale-call sweep, audit flusher), then readiness.
+
+        Written as one structured block so a cancellation at any point (SIGTERM during startup) unwinds
+        every scope in order, in this task."""
+        async with self.supervisor:  # servers always stop, whatever happens below
+            body_error: BaseException | None = None
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self.executor.serve, name="executor")
+                    await self.supervisor.wait_ready(self.ready_timeout)
+                    try:
+                        yield
+                    except BaseException as exc:  # re-raised below as itself, not in an ExceptionGroup
+                        body_error = exc
+                    finally:
+                        agents = sys.modules.get("agent_runtime.agent")
+                        if agents is not None:  # no agent module loaded: no agent (nor engine) to close
+                            with anyio.CancelScope(shield=True):
+                                await agents.close_agents(self)
+                        tg.cancel_scope.cancel()  # its tasks only sleep and flush: they end at once
+            finally:
+                self.executor.close()
+            if body_error is not None:
+                raise body_error
 
     async def execute(
         self,

@@ -262,8 +262,11 @@ def _announce(url: str, quiet: bool) -> None:
 async def _serve_http(mcp: MCPServer, port: int, quiet: bool, stateless: bool) -> None:
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on accepted sockets whose proto says TCP; without it
+    # Nagle holds a JSON response body behind its headers until the client's delayed ACK (~40 ms per call).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", port))
     bound = sock.getsockname()[1]
     app = mcp.streamable_http_app(stateless_http=stateless)

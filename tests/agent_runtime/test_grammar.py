@@ -103,8 +103,12 @@ def test_two_hundred_random_actions_parse_and_validate(cache: GrammarCompilerCac
     assert calls >= 100  # most actions were tool calls, not answers
 
 
+_VOCABS: dict[int, list[bytes]] = {}
+
+
 def cache_decode(cache: GrammarCompilerCache, ids: list[int]) -> str:
-    return b"".join(cache.info.decoded_vocab[i] for i in ids).decode("utf-8")
+    vocab = _VOCABS.setdefault(id(cache), cache.info.decoded_vocab)  # the property rebuilds the list each time
+    return b"".join(vocab[i] for i in ids).decode("utf-8")
 
 
 def test_schema_embeds_definitions_and_choices() -> None:
@@ -137,8 +141,7 @@ def test_terminated_grammar_forces_stop_and_compiles_are_cached(cache: GrammarCo
     ids = list(cache.info.decoded_vocab.index(b) for b in ())
     text = '{"tool": "t__x", "arguments": {}}'
     assert proc.matcher.accept_string(text)
-    ids = []
     logits = torch.zeros(cache.vocab_size)
-    proc(ids, logits)
+    proc([], logits)
     allowed = torch.isfinite(logits).nonzero().flatten().tolist()
     assert allowed and set(allowed) <= set(cache.stop_token_ids)

@@ -1,0 +1,98 @@
+"""Choose the attention backend (the write_kv / paged_attention pair) for a device: reference or Triton."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import structlog
+import torch
+from torch import nn
+
+from inference import attention as reference
+from inference.errors import EngineError
+from inference.metadata import AttentionMetadata
+
+log = structlog.get_logger(__name__)
+
+BackendName = Literal["auto", "reference", "triton"]
+BACKEND_NAMES: tuple[str, ...] = ("auto", "reference", "triton")
+
+WriteKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+PagedAttention = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
+
+
+class AttentionBackendError(EngineError):
+    """The requested attention backend cannot run on this device or installation."""
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionBackend:
+    """One backend's two entry points; both keep the contract of inference.attention (the oracle)."""
+
+    name: str
+    write_kv: WriteKV
+    paged_attention: PagedAttention
+
+
+REFERENCE = AttentionBackend("reference", reference.write_kv, reference.paged_attention)
+
+
+def triton_available() -> bool:
+    """Whether the triton package is installed (found without importing it: importing triton is slow)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    """Whether TRITON_INTERPRET is on, which lets Triton kernels run (slowly) on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def get_attention_backend(device: torch.device | str, name: str = "auto") -> AttentionBackend:
+    """The backend for `device`: "auto" is Triton on CUDA when triton is installed, the reference otherwise.
+
+    "triton" runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (tests only). Raises AttentionBackendError for an
+    unknown name or a backend this device cannot run. Cached per (device type, name): cheap to call per layer.
+    """
+    return _resolve(torch.device(device).type, name)
+
+
+def set_attention_backend(model: nn.Module, backend: AttentionBackend) -> int:
+    """Point every attention layer of `model` (each module with an `attn_backend` attribute) at `backend`.
+
+    Returns how many layers were set, so a caller can tell a model that does not route through backends (0).
+    """
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "attn_backend"):
+            module.attn_backend = backend
+            count += 1
+    return count
+
+
+@functools.cache
+def _resolve(device_type: str, name: str) -> AttentionBackend:
+    if name not in BACKEND_NAMES:
+        raise AttentionBackendError(
+            f"unknown attention backend {name!r}", hint=f"use one of: {', '.join(BACKEND_NAMES)}"
+        )
+    if name == "reference" or (name == "auto" and (device_type != "cuda" or not triton_available())):
+        return REFERENCE
+    if not triton_available():
+        raise AttentionBackendError(
+            "the triton attention backend needs the triton package",
+            hint="pip install triton, or use 'reference'",
+        )
+    if device_type != "cuda" and not triton_interpreted():
+        raise AttentionBackendError(
+            f"the triton attention backend does not run on {device_type}",
+            hint="use 'reference' (or set TRITON_INTERPRET=1 before triton is imported, for tests)",
+        )
+    from inference import triton_attention  # imported here: triton must stay out of CPU-only engine imports
+
+    log.info("attention_backend", backend="triton", device=device_type)
+    return AttentionBackend("triton", triton_attention.write_kv, triton_attention.paged_attention)
