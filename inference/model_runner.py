@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from inference.attention_backends import get_attention_backend, set_attention_backend
 from inference.errors import KVBudgetError
 from inference.metadata import AttentionMetadata
 from inference.model_config import ModelConfig
@@ -86,12 +87,22 @@ class StepInputs:
 class ModelRunner:
     """Runs the model over flattened varlen batches against one preallocated KV cache."""
 
-    def __init__(self, model: nn.Module, config: ModelConfig, *, num_blocks: int, block_size: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: ModelConfig,
+        *,
+        num_blocks: int,
+        block_size: int,
+        attention_backend: str = "auto",
+    ) -> None:
         self.model = model
         self.config = config
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.device = next(model.parameters()).device
+        self.attention = get_attention_backend(self.device, attention_backend)
+        set_attention_backend(model, self.attention)
         configure_threads()
         # zeros, not empty: the attention gathers whole blocks and masks the tail, and 0 * NaN garbage is NaN
         self.kv_cache = torch.zeros(

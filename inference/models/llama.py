@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from inference.attention import paged_attention, write_kv
+from inference.attention_backends import REFERENCE, AttentionBackend
 from inference.metadata import AttentionMetadata
 from inference.model_config import ModelConfig
 from inference.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
@@ -30,6 +30,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        # The reference until the model runner sets the device's backend (attention_backends).
+        self.attn_backend: AttentionBackend = REFERENCE
 
     def forward(
         self,
@@ -49,8 +51,8 @@ class Attention(nn.Module):
         cos, sin = rope
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
-        write_kv(kv_layer, k, v, meta.slot_mapping)
-        o = paged_attention(q, kv_layer, meta, self.scale)
+        self.attn_backend.write_kv(kv_layer, k, v, meta.slot_mapping)
+        o = self.attn_backend.paged_attention(q, kv_layer, meta, self.scale)
         return self.o_proj(o.reshape(t, self.q_size))
 
 

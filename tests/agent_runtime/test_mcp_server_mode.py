@@ -152,9 +152,10 @@ def test_stdin_eof_exits_and_stops_children(tmp_path: Path) -> None:
     children = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
     assert children, "the configured MCP server should be running"
     proc.stdin.close()
-    assert proc.wait(20) == 0
-    assert proc.stdout.read() == b""
+    code = proc.wait(30)
     stderr = proc.stderr.read().decode() if proc.stderr else ""
+    assert code == 0, stderr[-3000:]
+    assert proc.stdout.read() == b""
     assert "stdin closed" in stderr
     wait_gone(children)
 
@@ -219,12 +220,12 @@ def test_http_mode_with_rebinding_protection(tmp_path: Path) -> None:
             "--expose-tools",
         ],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         cwd=ROOT,
         text=True,
     )
     try:
-        assert proc.stdout is not None
+        assert proc.stdout is not None and proc.stderr is not None
         line = proc.stdout.readline()
         assert line.startswith("LISTENING "), line
         url = line.split()[1]
@@ -246,5 +247,6 @@ def test_http_mode_with_rebinding_protection(tmp_path: Path) -> None:
     finally:
         children = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
         proc.terminate()
-        assert proc.wait(20) in (0, -15, 143)
+        code = proc.wait(30)
+        assert code in (0, 143), proc.stderr.read()[-3000:] if proc.stderr else code
     wait_gone(children)
