@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 $(PEERS):
 	mkdir -p .peers
-	cd .peers && (test -f package.json || npm init -y >/dev/null) && \
+	cd .peers && (test -f package.json || echo '{"name": "agent-runtime-peers", "private": true}' > package.json) && \
 	  npm install --no-audit --no-fund --loglevel=error \
 	    @modelcontextprotocol/server-everything @modelcontextprotocol/server-filesystem
 

@@ -250,3 +250,17 @@ def test_http_mode_with_rebinding_protection(tmp_path: Path) -> None:
         code = proc.wait(30)
         assert code in (0, 143), proc.stderr.read()[-3000:] if proc.stderr else code
     wait_gone(children)
+
+
+def test_desktop_example_configs_are_valid() -> None:
+    """The copy-paste Claude Desktop configs are valid Claude-format files launching our MCP server mode."""
+    from agent_runtime.config import load_config
+    from tests.conftest import EXAMPLES
+
+    for name in ("claude_desktop_config.json", "claude_desktop_config.aggregated.json"):
+        config = load_config(EXAMPLES / "desktop" / name)
+        (server,) = config.servers
+        assert server.target.args[0] == "mcp-server"  # type: ignore[union-attr]
+        assert "--config" in server.target.args  # type: ignore[union-attr]
+    jan = json.loads((EXAMPLES / "desktop" / "jan_provider.json").read_text())
+    assert jan["base_url"].endswith("/v1")
