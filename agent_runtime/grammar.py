@@ -9,7 +9,7 @@ import hashlib
 import json
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import structlog
@@ -330,14 +330,3 @@ def _batch_matcher() -> xgr.BatchGrammarMatcher:
     if m is None:
         m = _BATCH["default"] = xgr.BatchGrammarMatcher(max_threads=2)
     return m
-
-
-@dataclass(slots=True)
-class GrammarFactory:
-    """What a backend needs to constrain one request: a compiled grammar and the vocab facts."""
-
-    cache: GrammarCompilerCache
-    specs: dict[str, int] = field(default_factory=dict)  # spec key -> requests served (metrics)
-
-    def processor(self, compiled: xgr.CompiledGrammar) -> GrammarLogitsProcessor:
-        return GrammarLogitsProcessor(compiled, self.cache.vocab_size, self.cache.stop_token_ids)

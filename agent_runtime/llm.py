@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -201,7 +201,3 @@ class LocalEngineBackend:
     async def aclose(self) -> None:
         if self.owns_engine:
             await self.engine.aclose()
-
-
-def tokens_of(backend: LLMBackend, texts: Sequence[str]) -> int:
-    return sum(len(backend.encode(t)) for t in texts)

@@ -50,7 +50,6 @@ async def bench(args: argparse.Namespace) -> list[tuple[str, str, str, str, str]
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _config(Path(tmp))
         async with Runtime.from_config(cfg) as rt:
-            host = host_for(rt)
             backend = await LocalEngineBackend.load(ModelSettings(dtype=args.dtype, max_num_seqs=32))
             host_for(rt, backend=backend)
             agent = rt.agent("default")
@@ -62,12 +61,25 @@ async def bench(args: argparse.Namespace) -> list[tuple[str, str, str, str, str]
                 r = await agent.run(f"What time is it in {CITIES[i % len(CITIES)]}?")
                 overheads.append(r.usage.loop_seconds / max(1, r.usage.steps))
             loop_ms = statistics.median(overheads) * 1000
-            rows.append(("loop overhead per step", f"{loop_ms:.2f} ms", "model + tool time excluded", "< 5 ms", "ok" if loop_ms < 5 else "MISS"))
+            rows.append(
+                (
+                    "loop overhead per step",
+                    f"{loop_ms:.2f} ms",
+                    "model + tool time excluded",
+                    "< 5 ms",
+                    "ok" if loop_ms < 5 else "MISS",
+                )
+            )
 
             # 2. constrained vs unconstrained decoding per token (same prompt, same token count)
             fmt = make_format("json")
             tools = agent.tools()
-            msgs, _ = fmt.messages(agent.config.system_prompt, tools, agent.config.examples or [], [{"role": "user", "content": "What time is it in Tokyo?"}])
+            msgs, _ = fmt.messages(
+                agent.config.system_prompt,
+                tools,
+                agent.config.examples or [],
+                [{"role": "user", "content": "What time is it in Tokyo?"}],
+            )
             spec = fmt.grammar(tools, "auto", thoughts=False, max_parallel=agent.config.parallel_tool_calls)
             cons, free = [], []
             for _ in range(args.repeats):
@@ -77,7 +89,15 @@ async def bench(args: argparse.Namespace) -> list[tuple[str, str, str, str, str]
                 free.append(u)
             c_ms, u_ms = statistics.median(cons) * 1000, statistics.median(free) * 1000
             over = (c_ms / u_ms - 1) * 100
-            rows.append(("decode per token, constrained", f"{c_ms:.2f} ms", f"unconstrained {u_ms:.2f} ms: {over:+.1f}%", "< +10%", "ok" if over < 10 else "MISS"))
+            rows.append(
+                (
+                    "decode per token, constrained",
+                    f"{c_ms:.2f} ms",
+                    f"unconstrained {u_ms:.2f} ms: {over:+.1f}%",
+                    "< +10%",
+                    "ok" if over < 10 else "MISS",
+                )
+            )
 
             # 3. N concurrent agents vs one by one
             tasks = [f"What time is it in {c}?" for c in CITIES[: args.agents]]

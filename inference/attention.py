@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -43,24 +45,78 @@ def paged_attention(
     return _varlen(q, kv_layer, meta, scale)
 
 
+# Sequences per SDPA call in batched decode. Attention over a paged cache is bound by copying K/V out of the
+# blocks: sorting the batch by context length and gathering a few sequences at a time pads each group only to its
+# own longest context and keeps the copy in cache while SDPA reads it (about 3x less CPU time than one padded call
+# over 48 sequences of 40-700 tokens, measured here in bf16).
+DECODE_CHUNK = 4
+
+
+@dataclass(slots=True)
+class _DecodeGroup:
+    start: int  # first row of the group in the length-sorted batch
+    end: int
+    length: int  # longest context in the group: K/V are gathered up to here
+    block_ids: torch.Tensor  # [n * blocks] int64, the group's block tables flattened
+    mask: torch.Tensor | None  # [n, 1, 1, length] bool; None when every context in the group is `length` long
+
+
+@dataclass(slots=True)
+class _DecodePlan:
+    order: torch.Tensor | None  # [S] int64 batch rows sorted by context length (longest first); None if already
+    groups: list[_DecodeGroup]
+
+
+def _decode_plan(meta: AttentionMetadata, num_seqs: int, block_size: int, device: torch.device) -> _DecodePlan:
+    """Group the batch by context length once per step; every layer reuses the plan (it depends on no layer)."""
+    cache = meta.backend_cache
+    if cache is None:
+        cache = meta.backend_cache = {}
+    key = ("reference_decode", num_seqs, block_size)
+    plan = cache.get(key)
+    if plan is not None:
+        return plan
+    lens = meta.context_lens[:num_seqs].long().cpu()
+    order = torch.argsort(lens, descending=True, stable=True)
+    sorted_lens = lens[order]
+    tables = meta.block_tables[:num_seqs].cpu()[order]
+    groups = []
+    for a in range(0, num_seqs, DECODE_CHUNK):
+        b = min(a + DECODE_CHUNK, num_seqs)
+        group_lens = sorted_lens[a:b]
+        length = int(group_lens[0])
+        n_blocks = -(-length // block_size)
+        block_ids = tables[a:b, :n_blocks].long().reshape(-1).to(device)
+        mask = None
+        if int(group_lens[-1]) != length:
+            mask = (torch.arange(length)[None, :] < group_lens[:, None]).view(b - a, 1, 1, length).to(device)
+        groups.append(_DecodeGroup(a, b, length, block_ids, mask))
+    identity = bool(torch.equal(order, torch.arange(num_seqs)))
+    plan = _DecodePlan(None if identity else order.to(device), groups)
+    cache[key] = plan
+    return plan
+
+
 def _decode(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """One query per sequence: every sequence in one SDPA call over its padded, masked context."""
+    """One query per sequence: SDPA over a few length-sorted sequences at a time, each padded and masked."""
     num_seqs, num_heads, head_dim = q.shape
     block_size = kv_layer.shape[2]
-    kv_heads = kv_layer.shape[3]
-    length = meta.max_context_len
-    n_blocks = -(-length // block_size)
-    block_ids = meta.block_tables[:num_seqs, :n_blocks].long()
-    k = _gather(kv_layer[0], block_ids, length)  # [S, kv_heads, L, D]
-    v = _gather(kv_layer[1], block_ids, length)
+    kv_heads, group = kv_layer.shape[3], num_heads // kv_layer.shape[3]
+    plan = _decode_plan(meta, num_seqs, block_size, q.device)
     # GQA without repeating K/V: the query heads sharing one KV head become that head's "query rows".
-    qg = q.view(num_seqs, kv_heads, num_heads // kv_heads, head_dim)
-    mask = None
-    context_lens = meta.context_lens.to(q.device)
-    if num_seqs > 1 or int(context_lens[0]) != length:
-        positions = torch.arange(length, device=q.device)
-        mask = (positions[None, :] < context_lens[:, None].long()).view(num_seqs, 1, 1, length)
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+    qg = q.view(num_seqs, kv_heads, group, head_dim)
+    if plan.order is not None:
+        qg = qg.index_select(0, plan.order)
+    out = torch.empty_like(qg)
+    for g in plan.groups:
+        n = g.end - g.start
+        k = _gather(kv_layer[0], g.block_ids.view(n, -1), g.length)  # [n, kv_heads, L, D]
+        v = _gather(kv_layer[1], g.block_ids.view(n, -1), g.length)
+        out[g.start : g.end] = F.scaled_dot_product_attention(
+            qg[g.start : g.end], k, v, attn_mask=g.mask, scale=scale
+        )
+    if plan.order is not None:
+        out = torch.empty_like(out).index_copy_(0, plan.order, out)
     return out.reshape(num_seqs, num_heads, head_dim)
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -24,6 +25,9 @@ class AttentionMetadata:
     max_query_len: int
     max_context_len: int
     block_size: int = 16
+    # Per-step work a backend derives once from the fields above and reuses in every layer (the reference
+    # decode keeps its length-sorted chunk plan here); None until a backend fills it.
+    backend_cache: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:

@@ -22,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", default=None, help="config file (default ./MCP_CONFIG.json)")
-    parser.add_argument("--agent", "-a", default="default", help="agent name from the config (default: default)")
+    parser.add_argument(
+        "--agent", "-a", default="default", help="agent name from the config (default: default)"
+    )
     parser.add_argument("--model", default=None, help="model source overriding the config's `model` section")
     parser.add_argument("--quiet", "-q", action="store_true", help="no live view, only the answer")
 

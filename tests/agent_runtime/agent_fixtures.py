@@ -14,11 +14,25 @@ TIME_EXAMPLES: list[dict[str, Any]] = [
         "calls": [
             {
                 "tool": "time__convert_time",
-                "arguments": {"source_timezone": "America/New_York", "time": "16:30", "target_timezone": "Europe/London"},
+                "arguments": {
+                    "source_timezone": "America/New_York",
+                    "time": "16:30",
+                    "target_timezone": "Europe/London",
+                },
                 "result": json.dumps(
                     {
-                        "source": {"timezone": "America/New_York", "datetime": "2024-05-06T16:30:00-04:00", "day_of_week": "Monday", "is_dst": True},
-                        "target": {"timezone": "Europe/London", "datetime": "2024-05-06T21:30:00+01:00", "day_of_week": "Monday", "is_dst": True},
+                        "source": {
+                            "timezone": "America/New_York",
+                            "datetime": "2024-05-06T16:30:00-04:00",
+                            "day_of_week": "Monday",
+                            "is_dst": True,
+                        },
+                        "target": {
+                            "timezone": "Europe/London",
+                            "datetime": "2024-05-06T21:30:00+01:00",
+                            "day_of_week": "Monday",
+                            "is_dst": True,
+                        },
                         "time_difference": "+5.0h",
                     }
                 ),
@@ -32,7 +46,14 @@ TIME_EXAMPLES: list[dict[str, Any]] = [
             {
                 "tool": "time__get_current_time",
                 "arguments": {"timezone": "Europe/Berlin"},
-                "result": json.dumps({"timezone": "Europe/Berlin", "datetime": "2024-05-06T09:41:00+02:00", "day_of_week": "Monday", "is_dst": True}),
+                "result": json.dumps(
+                    {
+                        "timezone": "Europe/Berlin",
+                        "datetime": "2024-05-06T09:41:00+02:00",
+                        "day_of_week": "Monday",
+                        "is_dst": True,
+                    }
+                ),
             }
         ],
         "answer": "The current time in Berlin is 2024-05-06T09:41:00+02:00 (Monday).",
@@ -48,7 +69,9 @@ def faulty_server(*args: str) -> dict[str, Any]:
     return {"command": PYTHON, "args": [str(EXAMPLES / "servers" / "faulty_server.py"), *args]}
 
 
-def write_config(folder: Path, servers: dict[str, Any], agents: dict[str, Any] | None = None, **sections: Any) -> Path:
+def write_config(
+    folder: Path, servers: dict[str, Any], agents: dict[str, Any] | None = None, **sections: Any
+) -> Path:
     body: dict[str, Any] = {"mcpServers": servers, **sections}
     if agents is not None:
         body["agents"] = agents

@@ -82,7 +82,9 @@ async def test_sixteen_agents_at_once_equal_one_by_one_and_batch(tmp_path: Path,
     for seq, conc in zip(sequential, concurrent, strict=True):
         assert conc.stop_reason == "max_steps"
         assert [s.model_text for s in conc.steps] == [s.model_text for s in seq.steps]
-        assert [(c.name, c.arguments) for c in conc.tool_calls] == [(c.name, c.arguments) for c in seq.tool_calls]
+        assert [(c.name, c.arguments) for c in conc.tool_calls] == [
+            (c.name, c.arguments) for c in seq.tool_calls
+        ]
     assert metrics.batch_size_max >= 8, metrics.batch_size_max
     concurrent_steps = metrics.steps - before
     sequential_tokens = sum(r.usage.completion_tokens for r in sequential)
@@ -109,7 +111,10 @@ async def test_faults_reach_the_model_as_observations(tmp_path: Path, engine: An
     cfg = write_config(
         tmp_path,
         {"faulty": faulty_server()},
-        policies={"deny": ["*delete*"], "breaker": {"minimum_calls": 1, "window_size": 2, "open_seconds": 30}},
+        policies={
+            "deny": ["*delete*"],
+            "breaker": {"minimum_calls": 1, "window_size": 2, "open_seconds": 30},
+        },
     )
     async with Runtime.from_config(cfg) as rt:
         cases = {
@@ -158,7 +163,10 @@ async def test_stuck_model_stops_at_max_tool_calls(tmp_path: Path, engine: Any) 
 async def test_local_python_tool_next_to_mcp_tools(tmp_path: Path, engine: Any) -> None:
     seen: list[tuple[int, int]] = []
 
-    def add(a: Annotated[int, Field(description="first number")], b: Annotated[int, Field(description="second number")]) -> int:
+    def add(
+        a: Annotated[int, Field(description="first number")],
+        b: Annotated[int, Field(description="second number")],
+    ) -> int:
         """Add two integers."""
         seen.append((a, b))
         return a + b

@@ -11,7 +11,9 @@ from pydantic import Field
 from agent_runtime.local_tools import LocalToolError, LocalToolset, tool_from_function
 
 
-def forecast(city: Annotated[str, Field(description="city name")], days: int = 3, unit: Literal["C", "F"] = "C") -> dict:
+def forecast(
+    city: Annotated[str, Field(description="city name")], days: int = 3, unit: Literal["C", "F"] = "C"
+) -> dict:
     """Weather forecast for a city.
 
     More details that the model does not need.

@@ -19,7 +19,11 @@ from agent_runtime.tool_format import (
 TIME = ToolSpec(
     "time__get_current_time",
     "Get current time in a specific timezone",
-    {"type": "object", "properties": {"timezone": {"type": "string", "description": "IANA timezone name"}}, "required": ["timezone"]},
+    {
+        "type": "object",
+        "properties": {"timezone": {"type": "string", "description": "IANA timezone name"}},
+        "required": ["timezone"],
+    },
     "time",
 )
 
@@ -43,7 +47,11 @@ def test_json_protocol_prompt_has_tools_examples_and_history() -> None:
     fmt = JsonProtocol()
     history = [
         {"role": "user", "content": "What time is it in Tokyo?"},
-        {"role": "assistant", "content": "raw", "tool_calls": [ToolCall("c1", TIME.name, {"timezone": "Asia/Tokyo"})]},
+        {
+            "role": "assistant",
+            "content": "raw",
+            "tool_calls": [ToolCall("c1", TIME.name, {"timezone": "Asia/Tokyo"})],
+        },
         {"role": "tool", "tool_call_id": "c1", "name": TIME.name, "content": '{"datetime": "x"}'},
     ]
     msgs, tools = fmt.messages("Be brief.", [TIME], DEFAULT_EXAMPLES, history)
@@ -63,7 +71,9 @@ def test_native_formats_parse_their_own_syntax() -> None:
     assert HermesFormat().parse("plain answer").answer == "plain answer"
     ll = Llama3Format().parse('<|python_tag|>{"name": "t__x", "parameters": {"a": 2}}')
     assert [(c.name, c.arguments) for c in ll.calls] == [("t__x", {"a": 2})]
-    m = MistralFormat().parse('[TOOL_CALLS] [{"name": "t__x", "arguments": {"a": 3}}, {"name": "t__y", "arguments": {}}]')
+    m = MistralFormat().parse(
+        '[TOOL_CALLS] [{"name": "t__x", "arguments": {"a": 3}}, {"name": "t__y", "arguments": {}}]'
+    )
     assert [c.name for c in m.calls] == ["t__x", "t__y"]
     assert MistralFormat().parse("[TOOL_CALLS] nonsense").error is not None
 
