@@ -10,6 +10,7 @@ import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -369,17 +370,22 @@ class Agent:
             finish: str | None = None
             timed_out = False
             try:
-                async for chunk in backend.generate(request):
-                    if chunk.delta_text:
-                        yield TokenDelta(index, chunk.delta_text)
-                    text = chunk.text
-                    step.prompt_tokens, step.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
-                    if chunk.finished:
-                        finish = chunk.finish_reason
-                        break
-                    if time.monotonic() >= deadline:
-                        timed_out = True
-                        break  # leaving the generator aborts the request in the engine
+                # aclosing: leaving early (deadline, consumer gone) aborts the request in the engine now, not at GC.
+                async with aclosing(backend.generate(request)) as chunks:
+                    async for chunk in chunks:
+                        if chunk.delta_text:
+                            yield TokenDelta(index, chunk.delta_text)
+                        text = chunk.text
+                        step.prompt_tokens, step.completion_tokens = (
+                            chunk.prompt_tokens,
+                            chunk.completion_tokens,
+                        )
+                        if chunk.finished:
+                            finish = chunk.finish_reason
+                            break
+                        if time.monotonic() >= deadline:
+                            timed_out = True
+                            break
             except Exception as exc:
                 if not getattr(exc, "user_facing", False) and not isinstance(
                     exc, AgentRuntimeError | RuntimeError

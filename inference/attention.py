@@ -63,11 +63,14 @@ class _DecodeGroup:
 
 @dataclass(slots=True)
 class _DecodePlan:
-    order: torch.Tensor | None  # [S] int64 batch rows sorted by context length (longest first); None if already
+    # [S] int64: the batch rows sorted by context length, longest first; None when the batch is already sorted
+    order: torch.Tensor | None
     groups: list[_DecodeGroup]
 
 
-def _decode_plan(meta: AttentionMetadata, num_seqs: int, block_size: int, device: torch.device) -> _DecodePlan:
+def _decode_plan(
+    meta: AttentionMetadata, num_seqs: int, block_size: int, device: torch.device
+) -> _DecodePlan:
     """Group the batch by context length once per step; every layer reuses the plan (it depends on no layer)."""
     cache = meta.backend_cache
     if cache is None:
