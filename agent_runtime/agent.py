@@ -639,6 +639,18 @@ class AgentHost:
             return existing
         async with self._lock:
             existing = self._backends.get(key)
+            if (
+                existing is None
+                and source is None
+                and self.model_override is None
+                and self.model.backend == "openai"
+            ):
+                # `model: {backend: "openai", base_url, api_key, model}`: the loop drives a remote server.
+                from agent_runtime.openai_backend import OpenAIBackendSettings, OpenAIChatBackend
+
+                raw = self.runtime.config.sections.get("model") or {}
+                settings = OpenAIBackendSettings.from_section(raw, self.runtime.config)
+                existing = self._backends[key] = OpenAIChatBackend(settings)
             if existing is None:
                 from agent_runtime.llm import LocalEngineBackend
 

@@ -144,7 +144,11 @@ def run(args: argparse.Namespace) -> int:
             statuses = rt.servers()
             health = rt.health()
         if args.json:
-            print(json.dumps({"servers": status_rows(statuses), "health": [h.to_dict() for h in health]}, indent=2))
+            print(
+                json.dumps(
+                    {"servers": status_rows(statuses), "health": [h.to_dict() for h in health]}, indent=2
+                )
+            )
         else:
             from rich.console import Console
 

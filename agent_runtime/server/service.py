@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 import structlog
 
-from agent_runtime.grammar import GrammarCompilerCache, GrammarError, GrammarFactory, GrammarSpec
+from agent_runtime.grammar import GrammarCompilerCache, GrammarError, GrammarLogitsProcessor, GrammarSpec
 from agent_runtime.server.errors import bad_request
 
 log = structlog.get_logger(__name__)
@@ -24,7 +24,8 @@ class EngineService:
         self.model_id = model_id
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model_config
-        self._grammar: GrammarFactory | None = None
+        self._grammar: GrammarCompilerCache | None = None
+        self.grammar_specs: dict[str, int] = {}  # spec key -> requests served (metrics)
         self._grammar_lock = anyio.Lock()
         self._tool_role_ok: bool | None = None
 
@@ -55,17 +56,16 @@ class EngineService:
         async with self._grammar_lock:
             if self._grammar is None:
                 hf, vocab = self.tokenizer.hf, self.model_config.vocab_size
-                cache = await anyio.to_thread.run_sync(lambda: GrammarCompilerCache(hf, vocab))
-                self._grammar = GrammarFactory(cache)
-        factory = self._grammar
+                self._grammar = await anyio.to_thread.run_sync(lambda: GrammarCompilerCache(hf, vocab))
+        cache = self._grammar
         try:
-            compiled = await anyio.to_thread.run_sync(factory.cache.compile, spec)
+            compiled = await anyio.to_thread.run_sync(cache.compile, spec)
         except GrammarError as exc:
             raise bad_request(
                 str(exc), param="response_format" if spec.kind == "json_schema" else None
             ) from None
-        factory.specs[spec.key] = factory.specs.get(spec.key, 0) + 1
-        return factory.processor(compiled)
+        self.grammar_specs[spec.key] = self.grammar_specs.get(spec.key, 0) + 1
+        return GrammarLogitsProcessor(compiled, cache.vocab_size, cache.stop_token_ids)
 
     async def stream(self, prompt: Any, params: Any, request_id: str) -> AsyncIterator[Any]:
         """Engine outputs for one request; leaving the loop early (or being cancelled) aborts it."""

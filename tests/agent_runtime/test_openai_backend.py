@@ -221,3 +221,42 @@ async def test_agent_on_the_remote_backend_matches_the_local_one(
     assert local[-1].data["tool_calls"] == served[-1].data["tool_calls"]
     assert local[-1].data["tool_calls"], "the agent should have called a demo tool"
     assert local[-1].text and local[-1].data["outcome"] == served[-1].data["outcome"]
+
+
+@pytest.mark.smollm2
+async def test_model_section_with_openai_backend_drives_runtime_agents(
+    base_url: str, engine: Any, tmp_path: Path
+) -> None:
+    """`model: {backend: "openai", ...}` in the config file: `rt.agent(...)` runs on the remote server and
+    gives the same greedy tool calls and answer as the in-process engine."""
+    from agent_runtime.agent import host_for
+    from agent_runtime.llm import LocalEngineBackend
+    from agent_runtime.openai_backend import OpenAIChatBackend
+    from agent_runtime.runtime import Runtime
+
+    servers = {"demo": {"command": PYTHON, "args": [str(EXAMPLES / "servers" / "demo_server.py")]}}
+    agents = {"calc": {"tools": ["demo__add"], "max_steps": 3, "max_tokens": 96}}
+    path = tmp_path / "MCP_CONFIG.json"
+    path.write_text(
+        json.dumps(
+            {
+                "mcpServers": servers,
+                "agents": agents,
+                "model": {"backend": "openai", "base_url": base_url, "model": MODEL},
+            }
+        )
+    )
+    task = "What is 17 plus 25?"
+    async with Runtime.from_config(path) as rt:
+        remote = await rt.agent("calc").run(task)
+        assert isinstance(await host_for(rt).backend(), OpenAIChatBackend)
+    local_path = tmp_path / "local.json"
+    local_path.write_text(json.dumps({"mcpServers": servers, "agents": agents}))
+    async with Runtime.from_config(local_path) as rt:
+        host_for(rt, backend=LocalEngineBackend(engine, owns_engine=False))
+        local = await rt.agent("calc").run(task)
+    assert [(c.name, c.arguments) for c in remote.tool_calls] == [
+        (c.name, c.arguments) for c in local.tool_calls
+    ]
+    assert remote.tool_calls, "the agent should have called demo__add"
+    assert remote.outcome == local.outcome and remote.answer == local.answer
