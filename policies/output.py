@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mcp_types import (
-    AudioContent,
-    BlobResourceContents,
-    CallToolResult,
-    EmbeddedResource,
-    ImageContent,
-    TextContent,
-    TextResourceContents,
-)
+if TYPE_CHECKING:
+    from mcp_types import CallToolResult
+
+
+def _mt() -> Any:
+    """The MCP types module, imported on first use: it costs ~0.1 s and CLI paths that never call a tool
+    should not pay for it."""
+    import mcp_types
+
+    return mcp_types
+
 
 DEFAULT_MAX_OUTPUT_CHARS = 64 * 1024
 
@@ -61,13 +63,15 @@ def cap_result(
         if budget <= 0:
             truncated = True
             break
-        if isinstance(block, TextContent):
+        if isinstance(block, _mt().TextContent):
             text = sanitize_text(block.text)
             if len(text) > budget:
                 text, truncated = text[:budget], True
             budget -= len(text)
             content.append(block if text == block.text else block.model_copy(update={"text": text}))
-        elif isinstance(block, EmbeddedResource) and isinstance(block.resource, TextResourceContents):
+        elif isinstance(block, _mt().EmbeddedResource) and isinstance(
+            block.resource, _mt().TextResourceContents
+        ):
             text = sanitize_text(block.resource.text)
             if len(text) > budget:
                 text, truncated = text[:budget], True
@@ -91,7 +95,7 @@ def cap_result(
             structured, truncated = None, True
     if truncated:
         shown = max_chars - max(budget, 0)
-        content.append(TextContent(type="text", text=truncation_note(shown, total)))
+        content.append(_mt().TextContent(type="text", text=truncation_note(shown, total)))
     elif structured == result.structured_content and all(
         a is b for a, b in zip(content, result.content, strict=True)
     ):
@@ -101,13 +105,15 @@ def cap_result(
 
 def _clean(result: CallToolResult, max_chars: int) -> bool:
     for block in result.content:
-        if isinstance(block, TextContent):
+        if isinstance(block, _mt().TextContent):
             if (
                 not (block.text.isascii() and block.text.isprintable())
                 and sanitize_text(block.text) != block.text
             ):
                 return False
-        elif isinstance(block, EmbeddedResource) and isinstance(block.resource, TextResourceContents):
+        elif isinstance(block, _mt().EmbeddedResource) and isinstance(
+            block.resource, _mt().TextResourceContents
+        ):
             return False
     if result.structured_content is not None:
         return _json_clean(result.structured_content, max_chars)
@@ -140,9 +146,9 @@ def _json_clean(value: Any, budget: int) -> bool:
 
 
 def _block_size(block: Any) -> int:
-    if isinstance(block, ImageContent | AudioContent):
+    if isinstance(block, _mt().ImageContent | _mt().AudioContent):
         return len(block.data)
-    if isinstance(block, EmbeddedResource) and isinstance(block.resource, BlobResourceContents):
+    if isinstance(block, _mt().EmbeddedResource) and isinstance(block.resource, _mt().BlobResourceContents):
         return len(block.resource.blob)
     return 256  # links and unknown blocks: small, fixed
 
@@ -150,9 +156,11 @@ def _block_size(block: Any) -> int:
 def _size(result: CallToolResult) -> int:
     total = 0
     for block in result.content:
-        if isinstance(block, TextContent):
+        if isinstance(block, _mt().TextContent):
             total += len(block.text)
-        elif isinstance(block, EmbeddedResource) and isinstance(block.resource, TextResourceContents):
+        elif isinstance(block, _mt().EmbeddedResource) and isinstance(
+            block.resource, _mt().TextResourceContents
+        ):
             total += len(block.resource.text)
         else:
             total += _block_size(block)
