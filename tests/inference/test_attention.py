@@ -74,6 +74,8 @@ def _batch(
 
 CASES = {
     "decode_batch": [(1, 1), (9, 1), (17, 1), (4, 1)],
+    # more sequences than one decode group, unsorted, with ties: exercises the grouped, cached decode plan
+    "decode_many_groups": [(9, 1), (1, 1), (17, 1), (9, 1), (4, 1), (13, 1), (2, 1), (9, 1), (6, 1), (11, 1)],
     "decode_single_full": [(13, 1)],
     "prefill_batch": [(7, 7), (12, 12), (1, 1)],
     "chunked_prefill": [(20, 6), (9, 9)],
@@ -89,6 +91,8 @@ def test_paged_attention_matches_dense(case: str, heads: int, kv_heads: int) -> 
     q, kv, meta, full = _batch(seqs, heads, kv_heads, dim, torch.float32, seed=len(case) + heads)
     out = paged_attention(q, kv, meta, scale)
     assert out.shape == q.shape and out.dtype == q.dtype
+    # Every layer of a step reuses the same metadata (and any per-step plan cached on it): same answer.
+    torch.testing.assert_close(paged_attention(q, kv, meta, scale), out, atol=0, rtol=0)
     start = 0
     for (ctx, q_len), (k, v) in zip(seqs, full, strict=True):
         expected = _dense(q[start : start + q_len], k, v, ctx, scale)
