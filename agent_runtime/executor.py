@@ -351,27 +351,29 @@ class Executor:
         attempt_timeout: float,
     ) -> tuple[OutcomeKind, CallToolResult | None, str | None, int]:
         limiter = self._limiter(server, prep.server)
+        if not await self._acquire(self._global, deadline):
+            return "timeout", None, "no free call slot (global limit) before the deadline", 0
         try:
-            self._global.acquire_nowait()  # the common case, without a coroutine or a cancel scope
-        except anyio.WouldBlock:
-            try:
-                await self._wait_slot(self._global, deadline)
-            except TimeoutError:
-                return "timeout", None, "no free call slot (global limit) before the deadline", 0
-        try:
-            try:
-                limiter.acquire_nowait()
-            except anyio.WouldBlock:
-                try:
-                    await self._wait_slot(limiter, deadline)
-                except TimeoutError:
-                    return "timeout", None, f"no free call slot for {server} before the deadline", 0
+            if not await self._acquire(limiter, deadline):
+                return "timeout", None, f"no free call slot for {server} before the deadline", 0
             try:
                 return await self._attempts(prep, server, tool, args, deadline, attempt_timeout)
             finally:
                 limiter.release()
         finally:
             self._global.release()
+
+    async def _acquire(self, limiter: anyio.CapacityLimiter, deadline: Deadline) -> bool:
+        """Take one call slot, waiting no later than the deadline; False when none came free in time."""
+        try:
+            limiter.acquire_nowait()  # the common case, without a cancel scope
+        except anyio.WouldBlock:
+            try:
+                with anyio.fail_after(deadline.remaining()):
+                    await limiter.acquire()
+            except TimeoutError:
+                return False
+        return True
 
     async def _attempts(
         self,
@@ -632,11 +634,6 @@ class Executor:
                 self.policies.max_concurrent_calls(server, default) or default
             )
         return limiter
-
-    @staticmethod
-    async def _wait_slot(limiter: anyio.CapacityLimiter, deadline: Deadline) -> None:
-        with anyio.fail_after(deadline.remaining()):
-            await limiter.acquire()
 
     def _on_breaker(self, event: BreakerEvent) -> None:
         monitor = getattr(self, "monitor", None)

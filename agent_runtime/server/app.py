@@ -228,18 +228,7 @@ class OpenAIServer:
         top_n: int | None,
     ) -> AsyncIterator[bytes]:
         created = now()
-
-        def chunk(delta: dict[str, Any] | None, **kw: Any) -> bytes:
-            return sse(
-                chat_chunk(
-                    rid=rid,
-                    model=req.model,
-                    created=created,
-                    delta=delta,
-                    with_usage_field=include_usage,
-                    **kw,
-                )
-            )
+        chunk = _chunk_encoder(req.model, rid, created, include_usage)
 
         fast = ContentChunks(
             rid=rid, model=req.model, created=created, kind="chat", with_usage_field=include_usage
@@ -412,18 +401,7 @@ class OpenAIServer:
     ) -> AsyncIterator[bytes]:
         assert self.agents is not None
         created = now()
-
-        def chunk(delta: dict[str, Any] | None, **kw: Any) -> bytes:
-            return sse(
-                chat_chunk(
-                    rid=rid,
-                    model=req.model,
-                    created=created,
-                    delta=delta,
-                    with_usage_field=include_usage,
-                    **kw,
-                )
-            )
+        chunk = _chunk_encoder(req.model, rid, created, include_usage)
 
         yield chunk({"role": "assistant", "content": ""})
         streamed = ""
@@ -705,3 +683,16 @@ def create_app(
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _chunk_encoder(model: str, rid: str, created: int, include_usage: bool) -> Callable[..., bytes]:
+    """One stream's SSE encoder of `chat.completion.chunk` events (same id, model and creation time)."""
+
+    def chunk(delta: dict[str, Any] | None, **kw: Any) -> bytes:
+        return sse(
+            chat_chunk(
+                rid=rid, model=model, created=created, delta=delta, with_usage_field=include_usage, **kw
+            )
+        )
+
+    return chunk
