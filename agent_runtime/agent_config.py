@@ -92,10 +92,13 @@ class ModelSettings(BaseModel):
     backend: Literal["local", "openai"] = "local"  # `openai`: agent_runtime.openai_backend reads the rest
     source: str = "smollm2-135m-instruct"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = "cpu"
-    kv_cache_memory: int | float | None = Field(
-        default=None, gt=0
-    )  # bytes, or a fraction (<= 1) of free memory
+    # auto: the GPU when torch sees one (bf16, fp16 on pre-Ampere cards), else the CPU (bf16 where it is fast)
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    # bytes, or a fraction (<= 1) of free memory; unset: profiled on CUDA, a capped quarter of free RAM on the CPU
+    kv_cache_memory: int | float | None = Field(default=None, gt=0)
+    # CUDA: the share of the GPU's memory the engine may use (weights, activations and KV cache together)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    enforce_eager: bool = False  # CUDA: no CUDA-graph decode (every step runs eagerly)
     max_num_seqs: int = Field(default=64, ge=1, le=4096)
     max_num_batched_tokens: int = Field(default=2048, ge=16)
     max_model_len: int | None = Field(default=None, ge=16)
@@ -108,6 +111,8 @@ class ModelSettings(BaseModel):
             "max_num_batched_tokens": self.max_num_batched_tokens,
             "block_size": self.block_size,
             "enable_prefix_caching": self.enable_prefix_caching,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "enforce_eager": self.enforce_eager,
         }
         if self.kv_cache_memory is not None:
             args["kv_cache_memory"] = self.kv_cache_memory

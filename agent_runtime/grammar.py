@@ -1,5 +1,6 @@
 """Constrained decoding of agent actions: xgrammar grammars built from the offered tools' input schemas,
-applied per request (or per batch) through the engine's logits-processor hook.
+applied through the engine's logits-processor hook: per request, or to all of a step's constrained rows at
+once (`GrammarLogitsProcessor.apply_batch`, which the engine's sampler calls when a step has several).
 """
 
 from __future__ import annotations
@@ -272,13 +273,15 @@ class GrammarLogitsProcessor:
             self._accepted += 1
 
     def _force_stop(self, logits: torch.Tensor) -> None:
-        keep = logits[..., list(self.stop_token_ids)].clone() if self.stop_token_ids else None
+        if not self.stop_token_ids:
+            logits.fill_(float("-inf"))
+            return
+        # an index tensor already on the logits' device: a Python list would be a blocking host copy on CUDA
+        stops = _on_device(torch.tensor(self.stop_token_ids, dtype=torch.long), logits.device)
+        keep = logits.index_select(-1, stops)
         logits.fill_(float("-inf"))
-        if keep is not None:
-            # Keep the model's preference among stop tokens but make one of them certain.
-            logits[..., list(self.stop_token_ids)] = torch.where(
-                torch.isfinite(keep), keep, torch.zeros_like(keep)
-            )
+        # Keep the model's preference among stop tokens but make one of them certain.
+        logits.index_copy_(-1, stops, torch.where(torch.isfinite(keep), keep, torch.zeros_like(keep)))
 
     def __call__(self, output_token_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
         self.sync(output_token_ids)
@@ -288,7 +291,9 @@ class GrammarLogitsProcessor:
             return logits
         self.matcher.fill_next_token_bitmask(self._bitmask)
         view = logits.view(1, -1)
-        xgr.apply_token_bitmask_inplace(view, self._bitmask.to(logits.device), vocab_size=self.vocab_size)
+        xgr.apply_token_bitmask_inplace(
+            view, _on_device(self._bitmask, logits.device), vocab_size=self.vocab_size
+        )
         self.stats.masked_steps += 1
         return logits
 
@@ -316,10 +321,20 @@ class GrammarLogitsProcessor:
         bitmask = xgr.allocate_token_bitmask(logits.shape[0], vocab)
         matcher = batch_matcher or _batch_matcher()
         matcher.batch_fill_next_token_bitmask([processors[i].matcher for i in live], bitmask, indices=live)
-        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=vocab, indices=live)
+        xgr.apply_token_bitmask_inplace(
+            logits, _on_device(bitmask, logits.device), vocab_size=vocab, indices=live
+        )
         for i in live:
             processors[i].stats.masked_steps += 1
         return logits
+
+
+def _on_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor (bitmask, stop ids) on the logits' device; to a GPU through pinned memory, so the copy
+    does not wait for the model's queued work (the engine's sampler syncs once per step, reading the ids)."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 _BATCH: dict[str, xgr.BatchGrammarMatcher] = {}

@@ -4,7 +4,6 @@ model, samples, applies stop rules and returns the requests' new output."""
 from __future__ import annotations
 
 import itertools
-import random
 import time
 from collections.abc import Sequence as SequenceT
 from dataclasses import dataclass
@@ -14,7 +13,8 @@ import structlog
 import torch
 
 from inference.block_manager import BlockManager
-from inference.errors import RequestError
+from inference.errors import EngineError, RequestError
+from inference.memory_profile import DEFAULT_GPU_MEMORY_UTILIZATION, plan_cuda_kv_blocks
 from inference.metrics import EngineMetrics, MetricsCollector
 from inference.model_runner import ModelRunner, plan_num_blocks
 from inference.params import SamplingParams
@@ -57,13 +57,34 @@ class LLMEngine:
         max_num_batched_tokens: int = 2048,
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
+        gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+        enforce_eager: bool = False,
     ) -> None:
+        """KV cache size: `num_blocks` if given, else `kv_cache_memory` (bytes, or a fraction of free memory).
+        On CUDA without either, a profiling step measures peak memory and the cache gets what
+        `gpu_memory_utilization` of the GPU leaves (inference/memory_profile.py); on the CPU the default is a
+        quarter of free RAM, capped (inference/model_runner.py). `enforce_eager` turns CUDA-graph decode off."""
+        if not (isinstance(gpu_memory_utilization, int | float) and 0 < gpu_memory_utilization <= 1):
+            raise EngineError(
+                f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}",
+                "use a fraction such as 0.9 (the share of the GPU's memory the engine may use)",
+            )
         self.loaded = loaded
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         cfg = self.model_config
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         device = next(loaded.model.parameters()).device
+        if device.type == "cuda" and num_blocks is None and kv_cache_memory is None:
+            num_blocks = plan_cuda_kv_blocks(
+                loaded.model,
+                cfg,
+                gpu_memory_utilization=float(gpu_memory_utilization),
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_num_seqs=max_num_seqs,
+                max_model_len=self.max_model_len,
+                block_size=block_size,
+            )
         blocks = plan_num_blocks(
             cfg,
             device=device,
@@ -72,7 +93,15 @@ class LLMEngine:
             kv_cache_memory=kv_cache_memory,
             num_blocks=num_blocks,
         )
-        self.runner = ModelRunner(loaded.model, cfg, num_blocks=blocks, block_size=block_size)
+        self.runner = ModelRunner(
+            loaded.model,
+            cfg,
+            num_blocks=blocks,
+            block_size=block_size,
+            max_num_seqs=max_num_seqs,
+            max_model_len=self.max_model_len,
+            enforce_eager=enforce_eager,
+        )
         self.block_manager = BlockManager(blocks, block_size, enable_prefix_caching=enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
@@ -146,9 +175,10 @@ class LLMEngine:
         seq = Sequence(request_id, ids, params)
         if arrival_time is not None:
             seq.arrival_time = arrival_time
-        if not params.greedy:
-            seed = params.seed if params.seed is not None else random.SystemRandom().getrandbits(63)
-            seq.generator = torch.Generator(device=self.runner.device).manual_seed(seed)
+        if not params.greedy and params.seed is not None:
+            # a seeded request owns its generator, on the model's device, so its draws never depend on the batch;
+            # unseeded ones share the sampler's (seeded from the OS)
+            seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
         seq.detokenizer = self.tokenizer.detokenizer()
         self._seqs[request_id] = seq
         self.scheduler.add(seq)

@@ -21,6 +21,10 @@ class ModelLoadError(EngineError):
     """A model could not be found, read or built (missing files, unknown architecture, no network)."""
 
 
+class DeviceUnavailableError(ModelLoadError):
+    """The requested device cannot be used here (`cuda` without a visible GPU or a CUDA build of torch)."""
+
+
 class KVBudgetError(EngineError):
     """The KV cache budget cannot hold even one maximal request of this model."""
 

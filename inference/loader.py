@@ -17,7 +17,7 @@ import structlog
 import torch
 from torch import nn
 
-from inference.errors import ModelLoadError
+from inference.errors import DeviceUnavailableError, ModelLoadError
 from inference.model_config import ModelConfig, check_architecture, hf_config_from_dict, model_config_from_hf
 from inference.tokenizer import Tokenizer
 
@@ -45,7 +45,8 @@ class LoadedModel:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """`"auto"` is bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else float32."""
+    """`"auto"` is bfloat16 on GPUs with native bf16 (Ampere and later; float16 on older ones), bfloat16 on CPUs
+    with native bf16 (AVX512-BF16/AMX), else float32."""
     if isinstance(dtype, torch.dtype):
         return dtype
     names = {
@@ -59,12 +60,58 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         "half": torch.float16,
     }
     if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16
+        if device.type == "cuda":  # with no GPU to ask (a plan made ahead), assume a current one: bf16
+            native = not torch.cuda.is_available() or cuda_has_native_bf16(device)
+            return torch.bfloat16 if native else torch.float16
         return torch.bfloat16 if device.type == "cpu" and _cpu_has_fast_bf16() else torch.float32
     if dtype not in names:
         raise ModelLoadError(f"unknown dtype {dtype!r}", hint="use auto, float32, bfloat16 or float16")
     return names[dtype]
+
+
+DEVICES = ("auto", "cuda", "cpu")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`"auto"` is the first GPU when torch sees one, else the CPU; `"cuda[:N]"` must name a visible GPU.
+
+    Raises DeviceUnavailableError (user-facing) for a GPU that is not there, ModelLoadError for anything else
+    that is not `auto`, `cpu` or `cuda[:N]`.
+    """
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device.strip().lower() if isinstance(device, str) else device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelLoadError(f"invalid device {device!r}", hint="use auto, cpu or cuda[:N]") from exc
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ModelLoadError(f"device type {dev.type!r} is not supported", hint="use auto, cpu or cuda[:N]")
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            why = f"this torch build ({torch.__version__}) has no CUDA support"
+            hint = "install a CUDA build of torch, or use device 'auto' or 'cpu'"
+        else:
+            why = "torch sees no GPU"
+            hint = "check nvidia-smi and CUDA_VISIBLE_DEVICES, or use device 'auto' or 'cpu'"
+        raise DeviceUnavailableError(f"CUDA was requested but no CUDA device is available: {why}", hint=hint)
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise DeviceUnavailableError(
+            f"CUDA device {dev.index} was requested but only {count} GPU(s) are visible",
+            hint=f"use cuda:0 .. cuda:{count - 1}, or check CUDA_VISIBLE_DEVICES",
+        )
+    return dev
+
+
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """Whether this GPU computes in bfloat16 natively (compute capability 8.0+, or ROCm): as
+    `torch.cuda.is_bf16_supported(including_emulation=False)`, but for `device` rather than the current one."""
+    if torch.version.hip:
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index)[0] >= 8
 
 
 def _cpu_has_fast_bf16() -> bool:
@@ -480,6 +527,7 @@ def load_model(
 ) -> LoadedModel:
     """Load a model and its tokenizer from a builtin name, a local folder, a .gguf file or a hub id.
 
+    `device` is "auto" (the GPU when torch sees one, else the CPU), "cpu" or "cuda[:N]"; see resolve_device.
     load_format "dummy" builds random (seeded) weights from a config.json path or a builtin config name
     (see inference/configs/).
     """
@@ -487,12 +535,11 @@ def load_model(
         raise ModelLoadError(
             f"unknown load format {load_format!r}", hint=f"use one of: {', '.join(LOAD_FORMATS)}"
         )
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ModelLoadError(f"invalid device {device!r}", hint="use cpu or cuda[:N]") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("CUDA was requested but no CUDA device is available", hint="use device='cpu'")
+    dev = resolve_device(device)
+    if (
+        dev.type == "cuda" and dev.index is None
+    ):  # one concrete GPU for the weights, the cache and memory stats
+        dev = torch.device("cuda", torch.cuda.current_device())
     started = time.perf_counter()
     if load_format == "dummy":
         loaded = _load_dummy(source, dtype, dev, progress)

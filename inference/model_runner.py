@@ -3,19 +3,24 @@ runs one forward pass and returns logits for the sequences that sample this step
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence as SequenceT
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+import structlog
 import torch
 from torch import nn
 
 from inference.attention_backends import get_attention_backend, set_attention_backend
+from inference.cuda_graphs import DecodeGraphRunner, cuda_graphs_unsupported
 from inference.errors import KVBudgetError
-from inference.metadata import AttentionMetadata
+from inference.metadata import AttentionMetadata, HostBatch
 from inference.model_config import ModelConfig
 from inference.sequence import Sequence
+
+log = structlog.get_logger(__name__)
 
 DEFAULT_KV_FRACTION = 0.25
 # without an explicit budget, take at most this much (or two maximal requests if that is more): a fraction of a
@@ -75,6 +80,56 @@ def plan_num_blocks(
     return int(num_blocks)
 
 
+def build_host_batch(
+    items: SequenceT[tuple[Sequence, int]], block_size: int
+) -> tuple[HostBatch, list[Sequence]]:
+    """Flatten `(sequence, num_new_tokens)` pairs into host arrays; also returns the sequences that sample this step.
+
+    Each sequence's new tokens start at its `num_computed_tokens`; it samples when the step reaches its last token.
+    """
+    n = len(items)
+    seqs = [s for s, _ in items]
+    starts = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=n)
+    lens = np.fromiter((k for _, k in items), dtype=np.int64, count=n)
+    ends = starts + lens
+    qsl = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lens, out=qsl[1:])
+    total = int(qsl[-1])
+    if total == n:  # one new token each (decodes, 1-token prefill chunks): the token at num_computed_tokens
+        ids = np.fromiter((s.token_ids[a] for s, a in zip(seqs, starts.tolist(), strict=True)), np.int64, n)
+        seq_of_token = np.arange(n)
+        positions = starts
+    else:
+        chunks = (s.token_ids[a:b] for s, a, b in zip(seqs, starts.tolist(), ends.tolist(), strict=True))
+        ids = np.fromiter(itertools.chain.from_iterable(chunks), dtype=np.int64, count=total)
+        seq_of_token = np.repeat(np.arange(n), lens)
+        positions = np.repeat(starts - qsl[:-1], lens) + np.arange(total)
+    table_lens = np.fromiter((len(s.block_table) for s in seqs), dtype=np.int64, count=n)
+    tables = np.zeros((n, int(table_lens.max())), dtype=np.int32)
+    # row-major mask order is the concatenation order of the tables: one vectorised fill instead of n row copies
+    flat = itertools.chain.from_iterable(s.block_table for s in seqs)
+    tables[np.arange(tables.shape[1]) < table_lens[:, None]] = np.fromiter(
+        flat, dtype=np.int32, count=int(table_lens.sum())
+    )
+    slots = (
+        tables[seq_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
+    )
+    num_tokens = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=n)
+    sample_rows = np.flatnonzero(ends == num_tokens)
+    host = HostBatch(
+        input_ids=ids,
+        positions=positions,
+        slot_mapping=slots,
+        query_start_loc=qsl.astype(np.int32),
+        context_lens=ends.astype(np.int32),
+        block_tables=tables,
+        sample_indices=qsl[1:][sample_rows] - 1,
+        max_query_len=int(lens.max()),
+        max_context_len=int(ends.max()),
+    )
+    return host, [seqs[i] for i in sample_rows.tolist()]
+
+
 @dataclass(slots=True)
 class StepInputs:
     input_ids: torch.Tensor
@@ -82,10 +137,125 @@ class StepInputs:
     meta: AttentionMetadata
     sample_indices: torch.Tensor  # rows of the hidden states whose logits are needed
     sample_seqs: list[Sequence]
+    samples_every_row: bool = False  # sample_indices is every row in order: the hidden states need no gather
+
+
+@dataclass(slots=True)
+class _Staging:
+    """One pinned int64 and one pinned int32 host buffer, grown to a power of two, and the event of their copies."""
+
+    b64: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    b32: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int32))
+    np64: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    np32: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int32))
+    event: torch.cuda.Event | None = None
+
+
+class HostStager:
+    """Moves a step's host arrays to the device in two copies (all int64 fields, then all int32 fields) from
+    reusable staging buffers, pinned on CUDA so that the copies are non-blocking.
+
+    Two staging sets alternate; a set is rewritten only after the event recorded behind its previous copies, since a
+    step that samples nothing returns without synchronising with the device.
+    """
+
+    def __init__(self, device: torch.device, *, pin: bool | None = None, sets: int = 2) -> None:
+        self.device = device
+        self.pin = device.type == "cuda" if pin is None else pin
+        self._sets = [_Staging(event=torch.cuda.Event() if self.pin else None) for _ in range(sets)]
+        self._turn = 0
+
+    def _buffers(self, st: _Staging, n64: int, n32: int) -> None:
+        if st.b64.numel() < n64:
+            st.b64 = torch.empty(_capacity(n64), dtype=torch.int64, pin_memory=self.pin)
+            st.np64 = st.b64.numpy()
+        if st.b32.numel() < n32:
+            st.b32 = torch.empty(_capacity(n32), dtype=torch.int32, pin_memory=self.pin)
+            st.np32 = st.b32.numpy()
+
+    def upload(self, host: HostBatch, sample_seqs: list[Sequence], block_size: int) -> StepInputs:
+        t, s, k = host.num_tokens, host.num_seqs, int(host.sample_indices.shape[0])
+        w = host.block_tables.shape[1]
+        # Every field starts 16-byte aligned: Triton specialises kernels on pointer alignment, and a field whose
+        # alignment changed with the batch size would compile a second variant of each kernel mid-run.
+        t2 = _align(t, 2)
+        pos, slot, samp = t2, 2 * t2, 3 * t2
+        ctx = _align(s + 1, 4)
+        tab = ctx + _align(s, 4)
+        n64, n32 = samp + k, tab + s * w
+        st = self._sets[self._turn]
+        self._turn = (self._turn + 1) % len(self._sets)
+        if st.event is not None:
+            st.event.synchronize()  # this set's previous copies have left the buffers
+        self._buffers(st, n64, n32)
+        a64, a32 = st.np64, st.np32
+        a64[:t] = host.input_ids
+        a64[pos : pos + t] = host.positions
+        a64[slot : slot + t] = host.slot_mapping
+        a64[samp:n64] = host.sample_indices
+        a32[: s + 1] = host.query_start_loc
+        a32[ctx : ctx + s] = host.context_lens
+        a32[tab:n32] = host.block_tables.reshape(-1)
+        # copy=True: a device tensor of its own even when the device is the CPU (tests), never a view of staging
+        d64 = st.b64[:n64].to(self.device, non_blocking=True, copy=True)
+        d32 = st.b32[:n32].to(self.device, non_blocking=True, copy=True)
+        if st.event is not None:
+            st.event.record()
+        meta = AttentionMetadata(
+            slot_mapping=d64[slot : slot + t],
+            query_start_loc=d32[: s + 1],
+            context_lens=d32[ctx : ctx + s],
+            block_tables=d32[tab:n32].view(s, w),
+            max_query_len=host.max_query_len,
+            max_context_len=host.max_context_len,
+            block_size=block_size,
+        )
+        return StepInputs(
+            input_ids=d64[:t],
+            positions=d64[pos : pos + t],
+            meta=meta,
+            sample_indices=d64[samp:n64],
+            sample_seqs=sample_seqs,
+            samples_every_row=k == t,
+        )
+
+
+def _align(n: int, elements: int) -> int:
+    """n rounded up to a multiple of `elements` (16 bytes of int64 or int32 values)."""
+    return -(-n // elements) * elements
+
+
+def _capacity(n: int) -> int:
+    return max(1024, 1 << (n - 1).bit_length())
+
+
+def zero_copy_inputs(host: HostBatch, sample_seqs: list[Sequence], block_size: int) -> StepInputs:
+    """CPU tensors that share memory with the host arrays (no copies at all)."""
+    meta = AttentionMetadata(
+        slot_mapping=torch.from_numpy(host.slot_mapping),
+        query_start_loc=torch.from_numpy(host.query_start_loc),
+        context_lens=torch.from_numpy(host.context_lens),
+        block_tables=torch.from_numpy(host.block_tables),
+        max_query_len=host.max_query_len,
+        max_context_len=host.max_context_len,
+        block_size=block_size,
+    )
+    return StepInputs(
+        input_ids=torch.from_numpy(host.input_ids),
+        positions=torch.from_numpy(host.positions),
+        meta=meta,
+        sample_indices=torch.from_numpy(host.sample_indices),
+        sample_seqs=sample_seqs,
+        samples_every_row=host.sample_indices.shape[0] == host.num_tokens,
+    )
 
 
 class ModelRunner:
-    """Runs the model over flattened varlen batches against one preallocated KV cache."""
+    """Runs the model over flattened varlen batches against one preallocated KV cache.
+
+    On CUDA with the Triton backend, decode-only steps of up to min(max_num_seqs, 256) sequences replay CUDA graphs
+    (see inference.cuda_graphs) unless `enforce_eager`; prefill, mixed and larger steps run eagerly.
+    """
 
     def __init__(
         self,
@@ -95,11 +265,18 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         attention_backend: str = "auto",
+        max_num_seqs: int = 64,
+        max_model_len: int | None = None,
+        enforce_eager: bool = False,
     ) -> None:
         self.model = model
         self.config = config
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = min(
+            max_model_len or config.max_position_embeddings, config.max_position_embeddings
+        )
         self.device = next(model.parameters()).device
         self.attention = get_attention_backend(self.device, attention_backend)
         set_attention_backend(model, self.attention)
@@ -115,61 +292,64 @@ class ModelRunner:
             dtype=config.dtype,
             device=self.device,
         )
+        self._stager = HostStager(self.device) if self.device.type != "cpu" else None
+        self.decode_graphs: DecodeGraphRunner | None = None
+        why_not = (
+            "enforce_eager"
+            if enforce_eager
+            else cuda_graphs_unsupported(self.device, self.attention.name, config)
+        )
+        if why_not is None:
+            self.build_decode_graphs()
+        elif self.device.type == "cuda":
+            log.info("cuda_graphs_off", reason=why_not)
 
     @property
     def kv_cache_bytes(self) -> int:
         return self.kv_cache.numel() * self.kv_cache.element_size()
 
+    def build_decode_graphs(
+        self, *, capture: bool | None = None, batch_sizes: SequenceT[int] | None = None
+    ) -> DecodeGraphRunner:
+        """Route decode steps through static buffers: captured CUDA graphs, or (`capture=False`, any device) the
+        same padded static-buffer path run eagerly. Capturing is the default on CUDA."""
+        self.decode_graphs = DecodeGraphRunner(
+            self.model,
+            self.kv_cache,
+            max_num_seqs=self.max_num_seqs,
+            max_model_len=self.max_model_len,
+            block_size=self.block_size,
+            capture=self.device.type == "cuda" if capture is None else capture,
+            batch_sizes=batch_sizes,
+        )
+        return self.decode_graphs
+
     def prepare(self, items: SequenceT[tuple[Sequence, int]]) -> StepInputs:
         """Flatten `(sequence, num_new_tokens)` pairs; each sequence's new tokens start at `num_computed_tokens`."""
-        bs = self.block_size
-        num_seqs = len(items)
-        starts = np.fromiter((s.num_computed_tokens for s, _ in items), dtype=np.int64, count=num_seqs)
-        lens = np.fromiter((n for _, n in items), dtype=np.int64, count=num_seqs)
-        ends = starts + lens
-        qsl = np.zeros(num_seqs + 1, dtype=np.int64)
-        np.cumsum(lens, out=qsl[1:])
-        total = int(qsl[-1])
-        if total == num_seqs:  # all decodes: one token each, the last one of the sequence
-            ids = [s.token_ids[-1] for s, _ in items]
-        else:
-            ids = []
-            for (s, _), a, b in zip(items, starts.tolist(), ends.tolist(), strict=True):
-                ids.extend(s.token_ids[a:b])
-        max_blocks = max(len(s.block_table) for s, _ in items)
-        tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
-        for i, (s, _) in enumerate(items):
-            tables[i, : len(s.block_table)] = s.block_table
-        seq_of_token = np.repeat(np.arange(num_seqs), lens)
-        positions = np.repeat(starts - qsl[:-1], lens) + np.arange(total)
-        slots = tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
-        # a sequence samples when this step reaches the end of its known tokens
-        sample_rows = [i for i, (s, _) in enumerate(items) if ends[i] == s.num_tokens]
-        sample_seqs = [items[i][0] for i in sample_rows]
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slots).to(dev),
-            query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(dev),
-            context_lens=torch.from_numpy(ends.astype(np.int32)).to(dev),
-            block_tables=torch.from_numpy(tables).to(dev),
-            max_query_len=int(lens.max()),
-            max_context_len=int(ends.max()),
-            block_size=bs,
-        )
-        return StepInputs(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.from_numpy(positions).to(dev),
-            meta=meta,
-            sample_indices=torch.from_numpy(qsl[1:][sample_rows] - 1).to(dev),
-            sample_seqs=sample_seqs,
-        )
+        host, sample_seqs = build_host_batch(items, self.block_size)
+        return self._to_device(host, sample_seqs)
+
+    def _to_device(self, host: HostBatch, sample_seqs: list[Sequence]) -> StepInputs:
+        if self._stager is None:
+            return zero_copy_inputs(host, sample_seqs, self.block_size)
+        return self._stager.upload(host, sample_seqs, self.block_size)
 
     @torch.inference_mode()
     def run(self, items: SequenceT[tuple[Sequence, int]]) -> tuple[torch.Tensor | None, list[Sequence]]:
         """One forward pass; returns `[num_sampling, vocab]` float32 logits (or None) and the sequences they belong to."""
-        inputs = self.prepare(items)
+        host, sample_seqs = build_host_batch(items, self.block_size)
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.fits(host):
+            hidden = graphs.run(host)
+            if not sample_seqs:
+                return None, []
+            if len(sample_seqs) != host.num_tokens:
+                hidden = hidden[torch.from_numpy(host.sample_indices).to(self.device)]
+            return self.model.compute_logits(hidden), sample_seqs
+        inputs = self._to_device(host, sample_seqs)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_cache)
-        if not inputs.sample_seqs:
+        if not sample_seqs:
             return None, []
-        logits = self.model.compute_logits(hidden[inputs.sample_indices])
-        return logits, inputs.sample_seqs
+        if not inputs.samples_every_row:
+            hidden = hidden[inputs.sample_indices]
+        return self.model.compute_logits(hidden), sample_seqs

@@ -38,7 +38,8 @@ class Sequence:
     last_block_hash: bytes | None = None
     num_cached_tokens: int = 0  # tokens served from the prefix cache on the latest admission
     cache_extra_key: tuple[Any, ...] = ()  # mixed into block hashes (reserved for adapters)
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # a seeded request's own, on the model's device
+    sampler_state: Any = None  # the sampler's per-request device state (penalty statistics)
     finish_reason: str | None = None
     # timing for metrics
     first_scheduled_time: float | None = None

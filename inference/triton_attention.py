@@ -135,7 +135,9 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# The block-table width changes from step to step in eager steps: specialising on it (value 1, multiple of 16) would
+# compile extra variants mid-run for no gain in a multiply-add.
+@triton.jit(do_not_specialize=["stride_table"])
 def _decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -244,7 +246,7 @@ def _decode_reduce_kernel(
     tl.store(o_ptrs, _cast(out, out_ptr.dtype.element_ty, INTERPRETER), mask=d < HEAD_DIM)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_table"])
 def _prefill_kernel(
     q_ptr,
     k_cache_ptr,

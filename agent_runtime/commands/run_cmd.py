@@ -26,6 +26,12 @@ def add_common(parser: argparse.ArgumentParser) -> None:
         "--agent", "-a", default="default", help="agent name from the config (default: default)"
     )
     parser.add_argument("--model", default=None, help="model source overriding the config's `model` section")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        default=None,
+        help="where the local model runs, overriding `model.device` (auto: the GPU when torch sees one)",
+    )
     parser.add_argument("--quiet", "-q", action="store_true", help="no live view, only the answer")
 
 
@@ -46,6 +52,8 @@ async def open_agent(args: argparse.Namespace, console: Any) -> tuple[Any, Agent
     rt = Runtime.from_config(args.config)
     host = host_for(rt)  # validates the agents and model sections before any server starts
     host.model_override = args.model
+    if getattr(args, "device", None) is not None:
+        host.model = host.model.model_copy(update={"device": args.device})
     if args.agent not in host.agents:
         host.agent(args.agent)  # raises the typed "no agent named ..." error
     live = console is not None and console.is_terminal

@@ -29,7 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--served-model-name", help="the model id clients use (default: the model name)")
     parser.add_argument("--dtype", default=None, help="auto, bfloat16, float16 or float32")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        default=None,
+        help="auto, cuda or cpu (default: the config's `model.device`, else auto: the GPU when torch sees one)",
+    )
     parser.add_argument(
         "--api-key",
         default=None,

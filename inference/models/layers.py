@@ -75,7 +75,9 @@ class RotaryEmbedding(nn.Module):
         # which would leave buffers uninitialised; the tables follow the model's device and dtype on first use.
         with torch.device("cpu"):
             self.inv_freq, self.scaling = rope_inv_freq(config)
-        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        # One (cos, sin) pair per (device, dtype), kept for the model's life: a captured CUDA graph reads the table
+        # by address, so it must never be rebuilt or freed under the graph.
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _build(
         self, inv_freq: torch.Tensor, n: int, device: torch.device, dtype: torch.dtype
@@ -95,10 +97,11 @@ class RotaryEmbedding(nn.Module):
                 return cos.index_select(0, positions).unsqueeze(1), sin.index_select(0, positions).unsqueeze(
                     1
                 )
-        tables = self._tables
-        if tables is None or tables[0].dtype != dtype or tables[0].device != positions.device:
+        key = (positions.device, dtype)
+        tables = self._tables.get(key)
+        if tables is None:
             tables = self._build(self.inv_freq, self.config.max_position_embeddings, positions.device, dtype)
-            self._tables = tables
+            self._tables[key] = tables
         cos, sin = tables
         return cos.index_select(0, positions).unsqueeze(1), sin.index_select(0, positions).unsqueeze(1)
 

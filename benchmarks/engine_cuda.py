@@ -1,0 +1,655 @@
+"""GPU engine benchmark: our engine against Hugging Face transformers on the same card, on nano-vllm's workload.
+
+Run `python -m benchmarks.engine --device cuda` (or `python -m benchmarks.engine_cuda`). The workload is nano-vllm's
+published one: Qwen3-0.6B config with dummy weights, 256 requests, prompt and output lengths uniform in 100-1024
+(seeded), EOS ignored, temperature 0.6. Figures, all measured in this run on this card at the same dtype: output
+tokens/s against transformers' continuous batching (the engine behind `generate_batch`) and padded `generate`;
+batch-1 decode time per token against the HBM bandwidth limit (weight bytes / bandwidth); TTFT of a 128-token
+prompt on an idle engine; peak concurrent sequences and preemptions. Prints a table; exits 0.
+
+`--smoke` runs the same code on the CPU with a tiny random Qwen3 and a handful of requests: it checks the script,
+it is not a result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/engine.py: before torch loads libgomp
+
+import torch
+
+# HBM bandwidth in GB/s of known cards, matched in order against torch.cuda.get_device_name().
+HBM_GBPS: tuple[tuple[str, float], ...] = (
+    (r"H200", 4800.0),
+    (r"H100.*NVL", 3900.0),
+    (r"H100.*PCIe", 2000.0),
+    (r"H100", 3350.0),  # SXM (HBM3)
+    (r"A100.*80GB", 2000.0),
+    (r"A100", 1550.0),  # 40GB
+    (r"\bL4\b", 300.0),
+    (r"RTX 4090", 1000.0),
+)
+TARGET_TOK_S = 10_000  # on an H100; vLLM measured about 9,500 on an A100 with this workload
+TARGET_VS_CB = 3.0
+TARGET_BW_FRACTION = 0.5
+TARGET_TTFT_MS = 50.0
+TARGET_CONCURRENCY = 50
+
+# A Qwen3 small enough for the CPU: the smoke run's model (same architecture, same code path).
+SMOKE_CONFIG: dict[str, Any] = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 512,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000,
+    "rope_scaling": None,
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "bfloat16",
+}
+
+
+def hbm_gbps(device_name: str) -> float | None:
+    """HBM bandwidth of a known card (GB/s), or None."""
+    for pattern, gbps in HBM_GBPS:
+        if re.search(pattern, device_name, flags=re.IGNORECASE):
+            return gbps
+    return None
+
+
+@dataclass(slots=True)
+class Workload:
+    prompts: list[list[int]]
+    max_tokens: list[int]
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.max_tokens)
+
+    def head(self, n: int) -> Workload:
+        return Workload(self.prompts[:n], self.max_tokens[:n])
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def nano_vllm_workload(n: int, lo: int, hi: int, vocab: int, seed: int) -> Workload:
+    """nano-vllm's bench.py: prompt ids uniform in [0, 10000], prompt and output lengths uniform in [lo, hi]."""
+    rng = random.Random(seed)
+    top = min(10_000, vocab - 1)
+    prompts = [[rng.randint(0, top) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+    return Workload(prompts, [rng.randint(lo, hi) for _ in range(n)])
+
+
+@dataclass(slots=True)
+class Run:
+    """One complete run of a set of requests."""
+
+    requests: int
+    tokens: int  # output tokens requested (and produced: EOS is ignored)
+    seconds: float
+    peak_running: int = 0
+    preemptions: int = 0
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_device_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---- our engine ------------------------------------------------------------------------------------------------
+
+
+def sampling(temperature: float, n: int) -> Any:
+    from inference.params import SamplingParams
+
+    return SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True)
+
+
+def engine_run(engine: Any, work: Workload, temperature: float) -> Run:
+    """All requests queued at once, stepped to completion."""
+    preempted = engine.scheduler.num_preemptions
+    peak = 0
+    t0 = time.perf_counter()
+    for i, (p, n) in enumerate(zip(work.prompts, work.max_tokens, strict=True)):
+        engine.add_request(f"tp-{i}", p, sampling(temperature, n))
+    produced = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                produced += out.completion_tokens
+        peak = max(peak, len(engine.scheduler.running))
+    seconds = time.perf_counter() - t0
+    if produced != work.output_tokens:
+        raise RuntimeError(f"engine produced {produced} tokens, {work.output_tokens} were requested")
+    return Run(len(work), produced, seconds, peak, engine.scheduler.num_preemptions - preempted)
+
+
+def engine_decode_ms(engine: Any, prompt: list[int], n: int) -> float:
+    """Batch-1 decode: ms per output token between the first and the last token of one greedy request."""
+    engine.add_request(None, prompt, sampling(0.0, n))
+    stamps: list[float] = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.delta_token_ids:
+                stamps.append(time.perf_counter())
+    return (stamps[-1] - stamps[0]) / (n - 1) * 1000
+
+
+def engine_ttft(engine: Any, prompt: list[int]) -> float:
+    """Seconds from queuing a request on an idle engine to its first token."""
+    t0 = time.perf_counter()
+    engine.add_request(None, prompt, sampling(0.0, 1))
+    first = None
+    while engine.has_unfinished():
+        outs = engine.step()
+        if first is None and any(o.delta_token_ids for o in outs):
+            first = time.perf_counter() - t0
+    assert first is not None
+    return first
+
+
+# ---- transformers --------------------------------------------------------------------------------------------
+
+
+def hf_generation_kwargs(temperature: float) -> dict[str, Any]:
+    # top-k/top-p off: transformers' default top_k=50 is work our side does not do
+    if temperature > 0:
+        return {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    return {"do_sample": False}
+
+
+def hf_padded(model: Any, work: Workload, batch: int, temperature: float, deadline: float) -> float | None:
+    """`generate` in left-padded batches, each run to its longest requested output; None past the deadline."""
+    device = model.device
+    t0 = time.perf_counter()
+    for i in range(0, len(work), batch):
+        prompts = work.prompts[i : i + batch]
+        longest = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), longest), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(prompts):
+            ids[r, longest - len(p) :] = torch.tensor(p)
+            mask[r, longest - len(p) :] = 1
+        n = max(work.max_tokens[i : i + batch])
+        with torch.inference_mode():
+            out = model.generate(
+                ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                pad_token_id=0,
+                **hf_generation_kwargs(temperature),
+            )
+        assert out.shape[1] - longest == n
+        if time.perf_counter() > deadline and i + batch < len(work):
+            return None
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def hf_continuous(
+    model: Any, work: Workload, temperature: float, deadline: float, cb_config: Any = None
+) -> float | None:
+    """transformers' continuous batching (what `generate_batch` runs), each request with its own max_new_tokens.
+
+    Timed from the first request to the last result: the manager's warm-up (its CUDA graph capture) is left out,
+    as our engine's capture is. None past the deadline.
+    """
+    from transformers import GenerationConfig
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+
+    gc_ = GenerationConfig(
+        max_new_tokens=max(work.max_tokens),
+        eos_token_id=None,
+        pad_token_id=0,
+        **hf_generation_kwargs(temperature),
+    )
+    hints = WorkloadHints(
+        max_prompt_length=max(len(p) for p in work.prompts),
+        max_generated_length=max(work.max_tokens),
+        num_requests=len(work),
+    )
+    with model.continuous_batching_context_manager(
+        generation_config=gc_,
+        block=True,
+        timeout=60,
+        workload_hints=hints,
+        continuous_batching_config=cb_config,
+    ) as manager:
+        t0 = time.perf_counter()
+        for i, (p, n) in enumerate(zip(work.prompts, work.max_tokens, strict=True)):
+            manager.add_request(p, request_id=f"cb-{i}", max_new_tokens=n)
+        done = 0
+        while done < len(work):
+            if time.perf_counter() > deadline:
+                manager.stop(block=True, timeout=60, hard_stop=True)
+                return None
+            result = manager.get_result(timeout=1)
+            if result is None:
+                if not manager.is_running():
+                    raise RuntimeError("transformers continuous batching stopped before finishing")
+                continue
+            if result.is_finished():
+                if result.error is not None:
+                    raise RuntimeError(f"transformers continuous batching failed: {result.error}")
+                n = work.max_tokens[int(result.request_id.removeprefix("cb-"))]
+                if len(result.generated_tokens) != n:
+                    raise RuntimeError(
+                        f"{result.request_id}: {len(result.generated_tokens)} tokens, wanted {n}"
+                    )
+                done += 1
+        seconds = time.perf_counter() - t0
+    return seconds
+
+
+def hf_decode_ms(model: Any, prompt: list[int], n: int) -> float:
+    """Batch-1 greedy decode with `generate`: (time for 1 + n tokens - time for 1 token) / n."""
+    ids = torch.tensor([prompt], device=model.device)
+
+    def timed(k: int) -> float:
+        sync(model.device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0)
+        sync(model.device)
+        return time.perf_counter() - t0
+
+    timed(4)  # warm-up
+    return (timed(n + 1) - timed(1)) / n * 1000
+
+
+def capped(
+    run: Callable[[Workload, float], float | None], work: Workload, cap: float, probe: int
+) -> tuple[Workload, float] | None:
+    """Run a peer on the whole workload if it fits in `cap` seconds, else on the largest prefix that does.
+
+    A probe on the first `probe` requests (timed, complete) picks the size; the figure always comes from one
+    complete run of a stated set of requests, never from an extrapolation. None when not even the probe finished.
+    """
+    start = time.perf_counter()
+    small = work.head(probe)
+    t_probe = run(small, start + cap)
+    if t_probe is None:
+        return None
+    if len(small) == len(work):
+        return small, t_probe
+    budget = cap - (time.perf_counter() - start)
+    rate = small.output_tokens / t_probe  # a bigger set batches better: this guess errs small
+    k, tokens = len(small), small.output_tokens
+    while k < len(work) and (tokens + work.max_tokens[k]) / rate <= 0.9 * budget:
+        tokens += work.max_tokens[k]
+        k += 1
+    if k == len(small):
+        return small, t_probe
+    chosen = work.head(k)
+    t = run(chosen, time.perf_counter() + budget)
+    return (chosen, t) if t is not None else (small, t_probe)
+
+
+# ---- main ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Results:
+    engine_full: Run | None = None
+    engine_error: str | None = None
+    engine_subsets: dict[int, Run] | None = None
+    cb: tuple[Workload, float] | None = None
+    cb_error: str | None = None
+    padded: tuple[Workload, float] | None = None
+    padded_error: str | None = None
+    decode_ms: float | None = None
+    hf_decode_ms: float | None = None
+    ttft_ms: list[float] | None = None
+    weight_bytes: int = 0
+    kv_gib: float = 0.0
+    graphs: str = "off"
+    peak_gib: float = 0.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.engine --device cuda", description=__doc__.splitlines()[0]
+    )
+    p.add_argument(
+        "--smoke", action="store_true", help="CPU, tiny random model, a few requests: checks the script"
+    )
+    p.add_argument(
+        "--model", default="qwen3-0.6b", help="a builtin config (inference/configs) or a config.json"
+    )
+    p.add_argument("--num-seqs", type=int, default=None, help="requests (default 256; smoke 6)")
+    p.add_argument(
+        "--min-len", type=int, default=None, help="shortest prompt and output (default 100; smoke 8)"
+    )
+    p.add_argument(
+        "--max-len", type=int, default=None, help="longest prompt and output (default 1024; smoke 24)"
+    )
+    p.add_argument("--temperature", type=float, default=0.6, help="nano-vllm's 0.6; 0 for greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--dtype", default="auto", help="auto (bf16, fp16 without bf16), bfloat16, float16, float32"
+    )
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument(
+        "--hbm-gbps", type=float, default=None, help="HBM bandwidth in GB/s (default: known-card table)"
+    )
+    p.add_argument("--hf-batch", type=int, default=64, help="batch size of the padded `generate` peer")
+    p.add_argument(
+        "--peers-max-seconds",
+        type=float,
+        default=180.0,
+        help="time cap per transformers peer; a capped peer runs a stated prefix of the requests, and so do we",
+    )
+    p.add_argument("--skip-peers", action="store_true", help="only our engine")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rich.console import Console
+
+    # wide enough for the table when the output is a log file rather than a terminal
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    if not args.smoke and not torch.cuda.is_available():
+        console.print(
+            "[red]no CUDA device[/]: this benchmark needs a GPU (`--smoke` runs its code path on the CPU)"
+        )
+        return 2
+    device = torch.device("cpu") if args.smoke else torch.device("cuda", torch.cuda.current_device())
+    n_seqs = args.num_seqs or (6 if args.smoke else 256)
+    lo = args.min_len or (8 if args.smoke else 100)
+    hi = args.max_len or (24 if args.smoke else 1024)
+    with tempfile.TemporaryDirectory() as tmp:
+        source: str | Path = args.model
+        if args.smoke:
+            source = Path(tmp) / "config.json"
+            source.write_text(json.dumps(SMOKE_CONFIG))
+        return _run(args, console, device, source, n_seqs, lo, hi)
+
+
+def _run(
+    args: argparse.Namespace, console: Any, device: torch.device, source: str | Path, n: int, lo: int, hi: int
+) -> int:
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from inference.loader import _dummy_config_path, _read_json, resolve_dtype
+    from inference.model_config import hf_config_from_dict
+
+    dtype = resolve_dtype(args.dtype, device)
+    hf_cfg = hf_config_from_dict(_read_json(_dummy_config_path(source)), str(source))
+    work = nano_vllm_workload(n, lo, hi, hf_cfg.vocab_size, args.seed)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    gbps = args.hbm_gbps or (hbm_gbps(name) if device.type == "cuda" else None)
+    label = (
+        "[bold yellow]SMOKE RUN[/] (CPU, tiny random Qwen3): checks the script, not a result"
+        if args.smoke
+        else ""
+    )
+    console.print(
+        f"[bold]GPU engine benchmark[/] {name}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}; {n} requests, lengths {lo}-{hi}, temperature {args.temperature}"
+        + (f"\n{label}" if label else "")
+    )
+    res = Results()
+    rng = random.Random(args.seed + 1)
+    vocab_top = min(10_000, hf_cfg.vocab_size - 1)
+    decode_prompt = [rng.randint(0, vocab_top) for _ in range(128)]
+    decode_n = 32 if args.smoke else 256
+    cap = args.peers_max_seconds
+
+    # Peers first: our engine takes most of the GPU's memory for its KV cache once it exists.
+    if not args.skip_peers:
+        console.print("transformers: building the model (random weights, sdpa)")
+        with torch.device(device):
+            hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation="sdpa").eval()
+        console.print("transformers: batch-1 decode")
+        res.hf_decode_ms = hf_decode_ms(hf, decode_prompt, decode_n)
+        console.print(f"transformers: padded generate, batches of {args.hf_batch} (cap {cap:.0f}s)")
+        try:
+            res.padded = capped(
+                lambda w, d: hf_padded(hf, w, args.hf_batch, args.temperature, d), work, cap, args.hf_batch
+            )
+        except torch.cuda.OutOfMemoryError as exc:
+            res.padded_error = f"OOM: {str(exc).splitlines()[0]}"
+        free_device_memory()
+        console.print(f"transformers: continuous batching (generate_batch's engine, cap {cap:.0f}s)")
+        try:
+            # on the GPU transformers sizes its cache and batches from free memory, as generate_batch does; on the
+            # CPU that would be most of the host's RAM, zero-filled at start
+            cb_config = None
+            if args.smoke:
+                from transformers import ContinuousBatchingConfig
+
+                cb_config = ContinuousBatchingConfig(num_blocks=16, max_batch_tokens=256)
+            res.cb = capped(
+                lambda w, d: hf_continuous(hf, w, args.temperature, d, cb_config), work, cap, max(16, n // 8)
+            )
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            res.cb_error = str(exc).splitlines()[0]
+        attn = hf.config._attn_implementation
+        console.print(f"transformers: done (attention {attn})")
+        del hf
+        free_device_memory()
+
+    console.print("ours: loading dummy weights and starting the engine")
+    _run_engine(args, console, device, source, dtype, work, decode_prompt, decode_n, res)
+    _print_table(args, console, name, gbps, work, res)
+    return 0
+
+
+def _run_engine(
+    args: argparse.Namespace,
+    console: Any,
+    device: torch.device,
+    source: str | Path,
+    dtype: torch.dtype,
+    work: Workload,
+    decode_prompt: list[int],
+    decode_n: int,
+    res: Results,
+) -> None:
+    from inference.engine import LLMEngine
+    from inference.loader import load_model
+
+    loaded = load_model(source, dtype=dtype, device=device, load_format="dummy")
+    res.weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    kwargs: dict[str, Any] = dict(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+    )
+    if device.type == "cuda":
+        kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        kwargs["kv_cache_memory"] = 256 * 2**20
+    engine = LLMEngine(loaded, **kwargs)
+    runner = engine.runner
+    res.kv_gib = runner.kv_cache_bytes / 2**30
+    graphs = runner.decode_graphs
+    res.graphs = (
+        f"{'captured' if graphs.captured else 'static, eager'} up to {graphs.max_batch}" if graphs else "off"
+    )
+    rng = random.Random(args.seed + 2)
+    top = min(10_000, engine.model_config.vocab_size - 1)
+    # warm-up: Triton compiles per launch specialisation; the first steps of every shape pay for it
+    warm = nano_vllm_workload(8, 16, 300 if device.type == "cuda" else 16, top + 1, args.seed + 3)
+    engine_run(engine, Workload(warm.prompts, [16] * 8), args.temperature)
+    console.print(f"ours: {len(work)} requests (decode graphs: {res.graphs})")
+    try:
+        res.engine_full = engine_run(engine, work, args.temperature)
+    except torch.cuda.OutOfMemoryError as exc:
+        res.engine_error = f"OOM: {str(exc).splitlines()[0]}"
+        engine.abort_all()
+        free_device_memory()
+    res.engine_subsets = {}
+    for peer in (res.cb, res.padded):
+        if peer is not None and len(peer[0]) < len(work) and len(peer[0]) not in res.engine_subsets:
+            console.print(f"ours: the first {len(peer[0])} requests (the capped peer's set)")
+            res.engine_subsets[len(peer[0])] = engine_run(engine, peer[0], args.temperature)
+    console.print("ours: batch-1 decode and TTFT")
+    engine_decode_ms(engine, decode_prompt, 8)  # warm-up
+    res.decode_ms = engine_decode_ms(engine, decode_prompt, decode_n)
+    ttfts = []
+    for _ in range(6):
+        prompt = [rng.randint(0, top) for _ in range(128)]  # fresh tokens: no prefix-cache hits
+        ttfts.append(engine_ttft(engine, prompt) * 1000)
+    res.ttft_ms = ttfts[1:]  # the first one warms the 128-token prefill shape
+    if device.type == "cuda":
+        res.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def _print_table(
+    args: argparse.Namespace, console: Any, name: str, gbps: float | None, work: Workload, res: Results
+) -> None:
+    from rich.table import Table
+
+    smoke = args.smoke
+    title = f"our engine vs transformers, nano-vllm workload ({name})"
+    if smoke:
+        title = f"SMOKE RUN ON THE CPU, NOT A RESULT: {title}"
+    table = Table(title=title)
+    for col in ("figure", "ours", "peer", "ratio", "target"):
+        table.add_column(col, justify="left" if col == "figure" else "right")
+
+    def mark(ok: bool) -> str:
+        return "[dim]smoke[/]" if smoke else ("[green]ok[/]" if ok else "[red]miss[/]")
+
+    def ours_on(w: Workload) -> Run | None:
+        if res.engine_full is not None and len(w) == len(work):
+            return res.engine_full
+        return (res.engine_subsets or {}).get(len(w))
+
+    full = res.engine_full
+    if full is not None:
+        on_h100 = "H100" in name.upper()
+        target = f">= {TARGET_TOK_S:,} on H100 " + (
+            mark(full.tok_s >= TARGET_TOK_S) if on_h100 else "[dim]n/a[/]"
+        )
+        table.add_row(f"output tok/s, {full.requests} requests", f"{full.tok_s:,.0f}", "", "", target)
+    else:
+        table.add_row(f"output tok/s, {len(work)} requests", f"[red]{res.engine_error}[/]", "", "", "")
+    for label, peer, error, goal in (
+        ("transformers continuous batching", res.cb, res.cb_error, TARGET_VS_CB),
+        (f"transformers generate, padded x{args.hf_batch}", res.padded, res.padded_error, None),
+    ):
+        if args.skip_peers:
+            continue
+        if peer is None:
+            table.add_row(
+                f"output tok/s vs {label}", "", f"[red]{error or 'did not finish within the cap'}[/]", "", ""
+            )
+            continue
+        w, secs = peer
+        ours = ours_on(w)
+        peer_tok_s = w.output_tokens / secs
+        subset = "" if len(w) == len(work) else f" (first {len(w)} requests: capped)"
+        ratio = ours.tok_s / peer_tok_s if ours else float("nan")
+        target = f">= {goal:g}x {mark(ratio >= goal)}" if goal else "info"
+        table.add_row(
+            f"output tok/s vs {label}{subset}",
+            f"{ours.tok_s:,.0f}" if ours else "",
+            f"{peer_tok_s:,.0f}",
+            f"{ratio:.2f}x",
+            target,
+        )
+    if res.decode_ms is not None:
+        if gbps:
+            limit_ms = res.weight_bytes / (gbps * 1e9) * 1000
+            frac = limit_ms / res.decode_ms
+            table.add_row(
+                f"batch-1 decode ms/token vs bandwidth limit ({res.weight_bytes / 1e9:.2f} GB at {gbps:,.0f} GB/s)",
+                f"{res.decode_ms:.3f}",
+                f"{limit_ms:.3f}",
+                f"{frac:.0%} of limit",
+                f">= {TARGET_BW_FRACTION:.0%} {mark(frac >= TARGET_BW_FRACTION)}",
+            )
+        else:
+            table.add_row(
+                "batch-1 decode ms/token vs bandwidth limit",
+                f"{res.decode_ms:.3f}",
+                "[dim]n/a on the CPU[/]" if smoke else "[dim]unknown card: --hbm-gbps[/]",
+                "",
+                f">= {TARGET_BW_FRACTION:.0%}",
+            )
+        if res.hf_decode_ms is not None:
+            table.add_row(
+                "batch-1 decode ms/token vs transformers generate",
+                f"{res.decode_ms:.3f}",
+                f"{res.hf_decode_ms:.3f}",
+                f"{res.hf_decode_ms / res.decode_ms:.2f}x faster",
+                "info",
+            )
+    if res.ttft_ms:
+        med = statistics.median(res.ttft_ms)
+        table.add_row(
+            f"TTFT, 128-token prompt, idle engine (ms, median of {len(res.ttft_ms)})",
+            f"{med:.1f}",
+            "",
+            "",
+            f"< {TARGET_TTFT_MS:.0f} {mark(med < TARGET_TTFT_MS)}",
+        )
+    if full is not None:
+        ok = full.peak_running > TARGET_CONCURRENCY
+        table.add_row(
+            "peak concurrent generations / preemptions (no OOM)",
+            f"{full.peak_running} / {full.preemptions}",
+            "",
+            "",
+            f"> {TARGET_CONCURRENCY} {mark(ok)}",
+        )
+    console.print(table)
+    extra = f", peak GPU memory allocated {res.peak_gib:.1f} GiB" if res.peak_gib else ""
+    console.print(
+        f"ours: KV cache {res.kv_gib:.2f} GiB, decode graphs {res.graphs}{extra}; "
+        f"wall: ours {full.seconds:.1f}s"
+        if full
+        else "ours: did not finish",
+        end="",
+    )
+    for label, peer in (("continuous batching", res.cb), ("padded generate", res.padded)):
+        if peer is not None:
+            console.print(f", transformers {label} {peer[1]:.1f}s on {len(peer[0])} requests", end="")
+    console.print()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,240 @@
+"""KV cache sizing on CUDA: one profiling step (a dummy prefill of the full token budget plus a worst-case
+sampler pass) measures peak memory, and the KV cache gets what `gpu_memory_utilization` leaves of the GPU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+import torch
+from torch import nn
+
+from inference.attention_backends import get_attention_backend, set_attention_backend
+from inference.errors import KVBudgetError
+from inference.metadata import AttentionMetadata
+from inference.model_config import ModelConfig
+from inference.params import SamplingParams
+from inference.sampler import Sampler, SampleRequest
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+_GIB = float(2**30)
+_MIB = float(2**20)
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryProfile:
+    """Device memory around the profiling step, in bytes."""
+
+    total: int  # the GPU's memory (mem_get_info)
+    free: int  # free on the GPU after the step, with torch's unused cached blocks released
+    torch_peak: int  # most bytes torch held at once during the step: weights + activations + sampler
+    torch_reserved: int  # bytes torch's caching allocator still holds after releasing its unused blocks
+    weights: int = 0  # bytes allocated before the step (weights, buffers); for logs
+
+    @property
+    def non_torch(self) -> int:
+        """Memory torch does not account for: the CUDA context, library workspaces, other processes."""
+        return max(0, self.total - self.free - self.torch_reserved)
+
+    @property
+    def activations(self) -> int:
+        return max(0, self.torch_peak - self.weights)
+
+
+def kv_cache_budget(profile: MemoryProfile, gpu_memory_utilization: float) -> int:
+    """Bytes left for the KV cache (may be negative): `total * utilization - torch peak - non-torch usage`.
+
+    The same rule as vLLM: the engine may use `utilization` of the whole GPU, and everything else it needs at
+    its peak (weights, the largest step's activations and sampler buffers) or that is not torch's (CUDA
+    context, cuBLAS/NCCL, other processes on the GPU) comes out of that share first.
+    """
+    return int(profile.total * gpu_memory_utilization) - profile.torch_peak - profile.non_torch
+
+
+def blocks_for_profile(
+    profile: MemoryProfile,
+    *,
+    gpu_memory_utilization: float,
+    bytes_per_block: int,
+    block_size: int,
+    max_model_len: int,
+) -> int:
+    """KV blocks (null block included) that fit the profiled budget; KVBudgetError if one request cannot fit."""
+    budget = kv_cache_budget(profile, gpu_memory_utilization)
+    num_blocks = max(0, budget) // bytes_per_block
+    need = -(-max_model_len // block_size) + 1
+    if num_blocks < need:
+        raise KVBudgetError(
+            f"gpu_memory_utilization {gpu_memory_utilization:g} of {profile.total / _GIB:.1f} GiB leaves "
+            f"{budget / _MIB:.0f} MiB for the KV cache after the weights and peak activations "
+            f"({profile.torch_peak / _GIB:.2f} GiB) and non-torch memory ({profile.non_torch / _GIB:.2f} GiB); "
+            f"one {max_model_len}-token request needs {need * bytes_per_block / _MIB:.0f} MiB",
+            "raise gpu_memory_utilization, lower max_model_len, max_num_batched_tokens or max_num_seqs, "
+            "or free GPU memory held by other processes",
+        )
+    return int(num_blocks)
+
+
+def dummy_query_lens(max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> list[int]:
+    """Query lengths of the profiling prefill: the token budget in as few sequences as possible (at most
+    `max_model_len` tokens each, at most `max_num_seqs` of them), since long sequences cost attention most."""
+    lens: list[int] = []
+    left = max_num_batched_tokens
+    while left > 0 and len(lens) < max_num_seqs:
+        n = min(left, max_model_len)
+        lens.append(n)
+        left -= n
+    return lens
+
+
+def dummy_metadata(
+    query_lens: list[int], *, context_len: int, block_size: int, device: torch.device
+) -> tuple[torch.Tensor, AttentionMetadata]:
+    """Positions and metadata of a prefill whose sequences all end at `context_len` (a chunk at the end of a
+    maximal context is the widest attention a real step can run). Every block table entry and slot is in the
+    null block 0, so the step needs a one-block scratch cache and writes no real KV."""
+    positions = torch.cat([torch.arange(context_len - q, context_len, dtype=torch.long) for q in query_lens])
+    qsl = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
+    qsl[1:] = torch.tensor(query_lens, dtype=torch.int32).cumsum(0)
+    n_blocks = -(-context_len // block_size)
+    meta = AttentionMetadata(
+        slot_mapping=(positions % block_size).to(device),
+        query_start_loc=qsl.to(device),
+        context_lens=torch.full((len(query_lens),), context_len, dtype=torch.int32, device=device),
+        block_tables=torch.zeros(len(query_lens), n_blocks, dtype=torch.int32, device=device),
+        max_query_len=max(query_lens),
+        max_context_len=context_len,
+        block_size=block_size,
+    )
+    return positions.to(device), meta
+
+
+@torch.inference_mode()
+def run_profile_step(
+    model: nn.Module,
+    config: ModelConfig,
+    *,
+    max_num_batched_tokens: int,
+    max_num_seqs: int,
+    max_model_len: int,
+    block_size: int,
+    attention_backend: str = "auto",
+) -> list[int]:
+    """The largest step the engine can schedule, on scratch memory: a prefill of `max_num_batched_tokens`
+    tokens against a maximal context, then logits for `max_num_seqs` rows through the full sampler (top-k,
+    top-p, min-p, penalties, logprobs, one generator per row). Returns the sampled ids (a real sync)."""
+    device = next(model.parameters()).device
+    set_attention_backend(model, get_attention_backend(device, attention_backend))
+    query_lens = dummy_query_lens(max_num_batched_tokens, max_num_seqs, max_model_len)
+    positions, meta = dummy_metadata(
+        query_lens, context_len=max_model_len, block_size=block_size, device=device
+    )
+    scratch = torch.zeros(
+        2,
+        config.num_layers,
+        1,
+        block_size,
+        config.num_kv_heads,
+        config.head_dim,
+        dtype=config.dtype,
+        device=device,
+    )
+    input_ids = torch.zeros(positions.shape[0], dtype=torch.long, device=device)
+    hidden = model(input_ids, positions, meta, scratch)
+    del scratch
+    rows = max(max_num_seqs, len(query_lens))
+    last = meta.query_start_loc[1:].long() - 1
+    logits = model.compute_logits(hidden[last.repeat(-(-rows // len(query_lens)))[:rows]])
+    del hidden
+    params = SamplingParams(
+        temperature=1.0,
+        top_k=50,
+        top_p=0.9,
+        min_p=0.05,
+        repetition_penalty=1.1,
+        presence_penalty=0.1,
+        frequency_penalty=0.1,
+        logprobs=20,
+    )
+    requests = [
+        SampleRequest(params, [1], [2], torch.Generator(device=device).manual_seed(i)) for i in range(rows)
+    ]
+    return Sampler(seed=0)(logits, requests).token_ids
+
+
+def profile_cuda_memory(
+    model: nn.Module,
+    config: ModelConfig,
+    *,
+    max_num_batched_tokens: int,
+    max_num_seqs: int,
+    max_model_len: int,
+    block_size: int,
+    attention_backend: str = "auto",
+) -> MemoryProfile:
+    """Run the profiling step on the model's GPU and read torch's peak and the driver's free memory."""
+    device = next(model.parameters()).device
+    with torch.cuda.device(device):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        weights = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run_profile_step(
+            model,
+            config,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            block_size=block_size,
+            attention_backend=attention_backend,
+        )
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        reserved = torch.cuda.memory_reserved()
+    return MemoryProfile(total=total, free=free, torch_peak=peak, torch_reserved=reserved, weights=weights)
+
+
+def plan_cuda_kv_blocks(
+    model: nn.Module,
+    config: ModelConfig,
+    *,
+    gpu_memory_utilization: float,
+    max_num_batched_tokens: int,
+    max_num_seqs: int,
+    max_model_len: int,
+    block_size: int,
+    attention_backend: str = "auto",
+) -> int:
+    """Profile, then size the KV cache from what `gpu_memory_utilization` of the GPU leaves (in blocks)."""
+    profile = profile_cuda_memory(
+        model,
+        config,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_num_seqs=max_num_seqs,
+        max_model_len=max_model_len,
+        block_size=block_size,
+        attention_backend=attention_backend,
+    )
+    bytes_per_block = config.kv_bytes_per_token() * block_size
+    num_blocks = blocks_for_profile(
+        profile,
+        gpu_memory_utilization=gpu_memory_utilization,
+        bytes_per_block=bytes_per_block,
+        block_size=block_size,
+        max_model_len=max_model_len,
+    )
+    log.info(
+        "kv cache sized from profile",
+        gpu_gib=round(profile.total / _GIB, 2),
+        utilization=gpu_memory_utilization,
+        weights_gib=round(profile.weights / _GIB, 2),
+        activations_gib=round(profile.activations / _GIB, 2),
+        non_torch_gib=round(profile.non_torch / _GIB, 2),
+        kv_gib=round(num_blocks * bytes_per_block / _GIB, 2),
+        kv_blocks=num_blocks,
+    )
+    return num_blocks

@@ -1,0 +1,166 @@
+"""KV cache sizing from a profiled step: the budget arithmetic with numbers, the dummy batch's shape, the
+profiling step on a real tiny model (CPU), and the profiled engine on a GPU when one is present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from inference.engine import LLMEngine
+from inference.errors import EngineError, KVBudgetError
+from inference.loader import load_model
+from inference.memory_profile import (
+    MemoryProfile,
+    blocks_for_profile,
+    dummy_metadata,
+    dummy_query_lens,
+    kv_cache_budget,
+    run_profile_step,
+)
+from inference.params import SamplingParams
+from tests.inference.test_hf_equivalence import build_tiny_model
+
+GiB = 2**30
+MiB = 2**20
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    folder: Path = tmp_path_factory.mktemp("tiny-llama-profile")
+    build_tiny_model(folder, "llama", seed=3)
+    return load_model(str(folder), dtype="float32")
+
+
+def test_budget_is_utilization_share_minus_peak_and_non_torch_memory() -> None:
+    # an 80 GiB card: 1200 MiB of weights, a 3 GiB peak, 512 MiB of CUDA context outside torch
+    profile = MemoryProfile(
+        total=80 * GiB,
+        free=80 * GiB - 1712 * MiB,
+        torch_peak=3 * GiB,
+        torch_reserved=1200 * MiB,
+        weights=1200 * MiB,
+    )
+    assert profile.non_torch == 512 * MiB
+    assert profile.activations == 3 * GiB - 1200 * MiB
+    assert kv_cache_budget(profile, 0.9) == int(80 * GiB * 0.9) - 3 * GiB - 512 * MiB
+    assert kv_cache_budget(profile, 0.5) == 40 * GiB - 3 * GiB - 512 * MiB
+    # another process holding 20 GiB comes out of our share as well
+    busy = MemoryProfile(
+        total=80 * GiB, free=80 * GiB - 20 * GiB - 1712 * MiB, torch_peak=3 * GiB, torch_reserved=1200 * MiB
+    )
+    assert busy.non_torch == 20 * GiB + 512 * MiB
+    assert kv_cache_budget(busy, 0.9) == kv_cache_budget(profile, 0.9) - 20 * GiB
+    # torch holding more than the driver reports used (rounding) never makes non-torch memory negative
+    odd = MemoryProfile(total=10 * GiB, free=9 * GiB, torch_peak=GiB, torch_reserved=2 * GiB)
+    assert odd.non_torch == 0
+
+
+def test_blocks_for_profile_and_the_error_naming_the_utilization() -> None:
+    profile = MemoryProfile(total=16 * GiB, free=14 * GiB, torch_peak=2 * GiB, torch_reserved=2 * GiB)
+    per_block = 16 * 114_688  # Qwen3-0.6B in bf16: 112 KiB of K and V per token
+    blocks = blocks_for_profile(
+        profile, gpu_memory_utilization=0.9, bytes_per_block=per_block, block_size=16, max_model_len=4096
+    )
+    assert blocks == (int(16 * GiB * 0.9) - 2 * GiB) // per_block
+    assert blocks * per_block <= 0.9 * 16 * GiB - 2 * GiB
+    with pytest.raises(KVBudgetError) as info:
+        blocks_for_profile(
+            profile, gpu_memory_utilization=0.13, bytes_per_block=per_block, block_size=16, max_model_len=4096
+        )
+    assert "gpu_memory_utilization 0.13" in info.value.reason
+    assert "gpu_memory_utilization" in (info.value.hint or "")
+    # a negative budget (the weights alone exceed the share) is the same clear error, not a crash
+    with pytest.raises(KVBudgetError, match="leaves -"):
+        blocks_for_profile(
+            profile, gpu_memory_utilization=0.05, bytes_per_block=per_block, block_size=16, max_model_len=16
+        )
+    # exactly one maximal request (its blocks plus the null block) is enough
+    need = 4096 // 16 + 1
+    tight = MemoryProfile(total=10 * GiB, free=10 * GiB, torch_peak=0, torch_reserved=0)
+    assert (
+        blocks_for_profile(
+            tight,
+            gpu_memory_utilization=need * per_block / (10 * GiB) + 1e-12,
+            bytes_per_block=per_block,
+            block_size=16,
+            max_model_len=4096,
+        )
+        == need
+    )
+
+
+def test_dummy_query_lens() -> None:
+    assert dummy_query_lens(2048, 64, 4096) == [2048]
+    assert dummy_query_lens(2048, 64, 512) == [512, 512, 512, 512]
+    assert dummy_query_lens(2000, 64, 512) == [512, 512, 512, 464]
+    assert dummy_query_lens(8192, 2, 1024) == [1024, 1024]  # capped by max_num_seqs
+
+
+def test_dummy_metadata_points_everything_at_the_null_block() -> None:
+    positions, meta = dummy_metadata([5, 3], context_len=40, block_size=16, device=torch.device("cpu"))
+    assert positions.tolist() == list(range(35, 40)) + list(range(37, 40))
+    assert meta.query_start_loc.tolist() == [0, 5, 8]
+    assert meta.context_lens.tolist() == [40, 40]
+    assert meta.block_tables.shape == (2, 3) and int(meta.block_tables.abs().sum()) == 0
+    assert int(meta.slot_mapping.max()) < 16  # every write lands in block 0
+    assert meta.max_query_len == 5 and meta.max_context_len == 40
+
+
+def test_profile_step_runs_the_full_budget_on_a_one_block_cache(tiny: Any) -> None:
+    model, cfg = tiny.model, tiny.config
+    seen: list[tuple[int, ...]] = []
+    hook = model.embed_tokens.register_forward_hook(lambda _m, args, _out: seen.append(tuple(args[0].shape)))
+    caches: list[tuple[int, ...]] = []
+    layer0 = model.layers[0].self_attn
+    original = layer0.forward
+
+    def spy(x: torch.Tensor, rope: Any, meta: Any, kv_layer: torch.Tensor) -> torch.Tensor:
+        caches.append(tuple(kv_layer.shape))
+        return original(x, rope, meta, kv_layer)
+
+    layer0.forward = spy  # type: ignore[method-assign]
+    try:
+        ids = run_profile_step(
+            model, cfg, max_num_batched_tokens=96, max_num_seqs=5, max_model_len=64, block_size=16
+        )
+    finally:
+        hook.remove()
+        del layer0.forward
+    assert seen == [(96,)]  # one forward over the whole token budget
+    assert caches == [(2, 1, 16, cfg.num_kv_heads, cfg.head_dim)]  # only the scratch null block
+    assert len(ids) == 5 and all(0 <= t < cfg.vocab_size for t in ids)  # max_num_seqs rows sampled
+
+
+def test_engine_validates_utilization_and_keeps_cpu_sizing(tiny: Any) -> None:
+    with pytest.raises(EngineError, match="gpu_memory_utilization"):
+        LLMEngine(tiny, num_blocks=64, gpu_memory_utilization=1.5)
+    with pytest.raises(EngineError, match="gpu_memory_utilization"):
+        LLMEngine(tiny, num_blocks=64, gpu_memory_utilization=0)
+    # the CPU ignores the utilization: the byte budget decides, as before
+    a = LLMEngine(tiny, kv_cache_memory=4 * MiB, max_model_len=256, gpu_memory_utilization=0.1)
+    b = LLMEngine(tiny, kv_cache_memory=4 * MiB, max_model_len=256)
+    assert a.runner.num_blocks == b.runner.num_blocks == 4 * MiB // (tiny.config.kv_bytes_per_token() * 16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_profiled_engine_on_cuda(tmp_path: Path) -> None:
+    build_tiny_model(tmp_path, "llama", seed=3)
+    gpu = load_model(str(tmp_path), dtype="float32", device="cuda")
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    # a share that leaves about 256 MiB beyond what is in use now (CUDA context, weights, other processes)
+    utilization = (total - free + 256 * MiB) / total
+    engine = LLMEngine(gpu, max_model_len=256, gpu_memory_utilization=utilization)
+    kv = engine.runner.kv_cache_bytes
+    assert 64 * MiB <= kv <= 256 * MiB, kv / MiB  # the tiny model's step needs far less than 192 MiB
+    cpu = LLMEngine(
+        load_model(str(tmp_path), dtype="float32", device="cpu"), num_blocks=64, max_model_len=256
+    )
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompt = list(range(3, 40))
+    assert engine.generate([prompt], params)[0].token_ids == cpu.generate([prompt], params)[0].token_ids
+    with pytest.raises(KVBudgetError, match="gpu_memory_utilization"):
+        LLMEngine(gpu, max_model_len=256, gpu_memory_utilization=(total - free) / total / 2)
