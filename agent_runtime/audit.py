@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import TextIO
 
 import anyio
-import structlog
 
+from agent_runtime.logging import DEBUG, enabled_for, get_logger
 from policies.audit import AuditRecord
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)  # structlog, imported on the first record that passes the level
 FLUSH_AT = 256  # queued records that force a flush from the call path
 FLUSH_INTERVAL = 0.05
 
@@ -34,6 +34,11 @@ class AuditLog:
         self._lock = threading.Lock()  # the engine thread never writes here, but sync callers might
         self._failed = False
         self._pending: list[AuditRecord] = []
+
+    def wants_records(self) -> bool:
+        """Whether a record written now reaches anyone (the file, a listener, debug logs): the call path
+        builds none when it would not."""
+        return self.path is not None or bool(self.listeners) or enabled_for(DEBUG)
 
     def write(self, *records: AuditRecord) -> None:
         """Queue records (a call's decision and its outcome go together); listeners see them at once."""
@@ -50,6 +55,8 @@ class AuditLog:
 
     async def run(self, interval: float = FLUSH_INTERVAL) -> None:
         """Flush queued records until cancelled (then once more)."""
+        if self.path is None:  # records never queue without a file: no wake-up every interval
+            await anyio.sleep_forever()
         try:
             while True:
                 await anyio.sleep(interval)

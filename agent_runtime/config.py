@@ -15,10 +15,8 @@ from dataclasses import dataclass, field, replace
 from json.decoder import scanstring
 from json.scanner import NUMBER_RE
 from pathlib import Path, PurePath
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent_runtime.config_types import (
     ReconnectPolicy,
@@ -29,6 +27,11 @@ from agent_runtime.config_types import (
 )
 from agent_runtime.errors import ConfigError
 from transports.targets import HttpTarget, StdioTarget, Target, WebSocketTarget
+
+if TYPE_CHECKING:  # pydantic (~0.1 s) is imported only when a file has entries or sections to validate
+    from pydantic import BaseModel, ValidationError
+
+    from agent_runtime import config_models as cm
 
 ENV_VAR = "AGENT_RUNTIME_CONFIG"
 DEFAULT_FILE = "MCP_CONFIG.json"
@@ -311,97 +314,7 @@ def _workspace_folder(doc: _Doc) -> Path:
     return doc.base_dir.parent if doc.base_dir.name == ".vscode" else doc.base_dir
 
 
-# ----------------------------------------------------------------------------------------------- pydantic models
-
-PositiveSecs = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-PositiveInt = Annotated[int, Field(gt=0)]
-
-
-class _Model(BaseModel):
-    # defer_build: a file uses one dialect, so only its models pay the schema build (CLI cold start)
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, defer_build=True)
-
-
-class _Timeouts(_Model):
-    startup_secs: PositiveSecs | None = None
-    connect_secs: PositiveSecs | None = None
-    request_secs: PositiveSecs | None = None
-    tool_secs: PositiveSecs | None = None
-    per_tool: dict[str, PositiveSecs] = Field(default_factory=dict)
-
-
-class _Common(_Model):
-    """Our per-server keys, accepted in every dialect."""
-
-    timeouts: _Timeouts | None = None
-    enabled: bool | None = None
-    tool_prefix: str | None = None
-    trusted: bool = False
-    bearer_token: str | None = None
-    max_concurrent_calls: PositiveInt | None = None
-    kill_grace_secs: PositiveSecs | None = None
-
-
-class _ClaudeServer(_Common):
-    command: str | None = None
-    args: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
-    cwd: str | None = None
-    url: str | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
-    transport: str | None = None
-    type: str | None = None
-    disabled: bool | None = None  # Cline / Roo Code spelling of enabled=false
-
-
-class _VSCodeServer(_Common):
-    type: str | None = None
-    command: str | None = None
-    args: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
-    cwd: str | None = None
-    url: str | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
-
-
-class _MistralProcess(_Model):
-    type: str
-    command: str
-    args: list[str] = Field(default_factory=list)
-    work_dir: str | None = None
-    env: dict[str, str] | None = None
-
-
-class _MistralRemote(_Model):
-    type: str
-    url: str
-    timeout_secs: PositiveSecs | None = None
-    headers: dict[str, str] | None = None
-
-
-class _MistralServer(_Common):
-    id: str | None = None
-    name: str | None = None
-    source: dict[str, Any]
-    resources: list[str] | None = None  # accepted for compatibility; resources are not used yet
-
-
-class _Reconnect(_Model):
-    initial_delay_secs: PositiveSecs = 0.5
-    max_delay_secs: PositiveSecs = 30.0
-    multiplier: Annotated[float, Field(ge=1.0, allow_inf_nan=False)] = 2.0
-    jitter: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.2
-
-
-class _Runtime(_Model):
-    tool_timeout_secs: PositiveSecs | None = None
-    max_concurrent_calls: PositiveInt | None = None
-    max_concurrent_calls_global: PositiveInt | None = None
-    shutdown_timeout_secs: PositiveSecs = 10.0
-    reconnect: _Reconnect = Field(default_factory=_Reconnect)
-    log_dir: str | None = None
-    auto_register_tools: bool | None = None
-
+# ----------------------------------------------------------------------------------------------- validation
 
 _MESSAGES: dict[str, str] = {
     "string_type": "expected a string",
@@ -420,9 +333,17 @@ def _is_comment(key: str) -> bool:
     return key.startswith(("_comment", "//"))
 
 
+def _models() -> Any:
+    from agent_runtime import config_models
+
+    return config_models
+
+
 def _validate(doc: _Doc, model: type[M], data: Any, path: JsonPath) -> M:
     if not isinstance(data, dict):
         raise doc.error(path, "expected an object")
+    from pydantic import ValidationError
+
     try:
         return model.model_validate({k: v for k, v in data.items() if not _is_comment(k)})
     except ValidationError as exc:
@@ -473,6 +394,8 @@ def _suggest(key: str, fields: list[str]) -> list[str]:
 
 def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The nested model class that owns the field at `loc` (for listing its known keys)."""
+    from pydantic import BaseModel
+
     current: Any = model
     for part in loc:
         info = getattr(current, "model_fields", {}).get(part) if isinstance(part, str) else None
@@ -507,7 +430,7 @@ class _Spec:
     name: str
     path: JsonPath
     source: str
-    common: _Common
+    common: cm.Common
     transport: str = "stdio"
     command: str | None = None
     args: tuple[str, ...] = ()
@@ -539,8 +462,11 @@ def _transport_of(doc: _Doc, path: JsonPath, value: str | None) -> str | None:
 def _claude_like(doc: _Doc, entries: Any, key: str, dialect: str) -> list[_Spec]:
     if not isinstance(entries, dict):
         raise doc.error((key,), "expected an object mapping server names to servers")
-    specs = []
-    model = _ClaudeServer if dialect == "mcpServers" else _VSCodeServer
+    specs: list[_Spec] = []
+    if not entries:
+        return specs
+    cm = _models()
+    model = cm.ClaudeServer if dialect == "mcpServers" else cm.VSCodeServer
     for raw_name, entry in entries.items():
         path = (key, raw_name)
         if _is_comment(raw_name):
@@ -548,7 +474,7 @@ def _claude_like(doc: _Doc, entries: Any, key: str, dialect: str) -> list[_Spec]
         m = _validate(doc, model, entry, path)
         spec = _Spec(raw_name, path, dialect, m)
         declared = None
-        if isinstance(m, _ClaudeServer):
+        if isinstance(m, cm.ClaudeServer):
             t1 = _transport_of(doc, (*path, "transport"), m.transport)
             t2 = _transport_of(doc, (*path, "type"), m.type)
             if t1 and t2 and t1 != t2:
@@ -593,10 +519,13 @@ def _claude_like(doc: _Doc, entries: Any, key: str, dialect: str) -> list[_Spec]
 
 
 def _mistral(doc: _Doc, entries: list[Any]) -> list[_Spec]:
-    specs = []
+    specs: list[_Spec] = []
+    if not entries:
+        return specs
+    cm = _models()
     for i, entry in enumerate(entries):
         path: JsonPath = ("servers", i)
-        m = _validate(doc, _MistralServer, entry, path)
+        m = _validate(doc, cm.MistralServer, entry, path)
         name = m.name if m.name is not None else m.id
         if name is None:
             raise doc.error(path, "missing required key 'name'")
@@ -604,7 +533,7 @@ def _mistral(doc: _Doc, entries: list[Any]) -> list[_Spec]:
         spath = (*path, "source")
         kind = m.source.get("type")
         if kind == "Process":
-            p = _validate(doc, _MistralProcess, m.source, spath)
+            p = _validate(doc, cm.MistralProcess, m.source, spath)
             spec.transport = "stdio"
             spec.command, spec.args, spec.env, spec.cwd = (
                 p.command,
@@ -619,7 +548,7 @@ def _mistral(doc: _Doc, entries: list[Any]) -> list[_Spec]:
                     "pass credentials to a process through source.env",
                 )
         elif kind in ("Http", "WebSocket"):
-            r = _validate(doc, _MistralRemote, m.source, spath)
+            r = _validate(doc, cm.MistralRemote, m.source, spath)
             spec.url, spec.headers, spec.source_timeout = r.url, dict(r.headers or {}), r.timeout_secs
             spec.transport = "streamable_http" if kind == "Http" else "websocket"
         else:
@@ -659,7 +588,7 @@ def _normalise_name(name: str) -> str:
 def _timeouts(
     doc: _Doc, spec: _Spec, runtime: RuntimeSettings, runtime_tool_explicit: bool
 ) -> ServerTimeouts:
-    t = spec.common.timeouts or _Timeouts()
+    t = spec.common.timeouts or _models().Timeouts()
     tpath = (*spec.path, "timeouts")
     base = ServerTimeouts()
     tool = t.tool_secs or spec.source_timeout or runtime.tool_timeout
@@ -690,7 +619,7 @@ def _timeouts(
     )
 
 
-def _tool_origin(t: _Timeouts, spec: _Spec, runtime_tool_explicit: bool) -> str:
+def _tool_origin(t: cm.Timeouts, spec: _Spec, runtime_tool_explicit: bool) -> str:
     if t.tool_secs:
         return "timeouts.tool_secs"
     if spec.source_timeout:
@@ -812,15 +741,18 @@ def _resolve(doc: _Doc, value: str) -> Path:
 
 
 def _runtime(doc: _Doc, data: dict[str, Any], mistral: bool) -> tuple[RuntimeSettings, bool]:
+    if "runtime" not in data and not mistral:
+        return RuntimeSettings(), False  # what validating an empty section gives, without pydantic
+    cm = _models()
     raw = data.get("runtime", {})
-    r = _validate(doc, _Runtime, raw, ("runtime",))
+    r = _validate(doc, cm.RuntimeSection, raw, ("runtime",))
     if mistral:
         top = {
             k: data[k]
             for k in ("tool_timeout_secs", "max_concurrent_calls", "auto_register_tools")
             if k in data
         }
-        m = _validate(doc, _MistralTop, top, ())
+        m = _validate(doc, cm.MistralTop, top, ())
         # mistral.rs's max_concurrent_calls caps calls across all servers: our global limit
         for ours, theirs, value in (
             ("tool_timeout_secs", "tool_timeout_secs", m.tool_timeout_secs),
@@ -872,13 +804,6 @@ def _runtime(doc: _Doc, data: dict[str, Any], mistral: bool) -> tuple[RuntimeSet
         else r.auto_register_tools,
     )
     return settings, r.tool_timeout_secs is not None
-
-
-class _MistralTop(_Model):
-    # null means "no timeout" in mistral.rs; here every call keeps a deadline, so null means our default
-    tool_timeout_secs: PositiveSecs | None = None
-    max_concurrent_calls: PositiveInt | None = None
-    auto_register_tools: bool | None = None
 
 
 _OWN_TOP = ("runtime", *SECTION_KEYS)

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
-import structlog
 
 from agent_runtime.audit import AuditLog
 from agent_runtime.config_types import RuntimeConfig, ServerConfig
 from agent_runtime.errors import AgentRuntimeError
+from agent_runtime.logging import get_logger
 from agent_runtime.monitor import STALE_GRACE, Monitor
 from agent_runtime.pinning import PinStore
 from agent_runtime.policy_config import PolicyConfig, ToolPolicy, load_policies
@@ -34,7 +34,7 @@ from policies.arguments import ArgumentValidator
 from policies.audit import call_record, decision_record
 from policies.breaker import BreakerEvent, BreakerSet, CircuitBreaker, Permit
 from policies.clock import Clock, monotonic
-from policies.deadlines import Deadline, plan_timeouts
+from policies.deadlines import Deadline, TimeoutPlan, plan_timeouts
 from policies.egress import IPAddress, egress_problem, has_urls, parse_target, url_values
 from policies.errors import BreakerOpenError
 from policies.limits import AgentBudget
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from agent_runtime.registry import RegistryChange, ToolEntry, ToolRegistry
     from agent_runtime.supervisor import Supervisor
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)  # structlog, imported on the first record that passes the level
 
 OutcomeKind = Literal[
     "result",
@@ -156,17 +156,20 @@ def outcome_error(outcome: ToolOutcome) -> Exception:
 
 
 class _Failed(Exception):
-    """A terminal failure inside the call path, carrying its outcome kind."""
+    """A failed attempt, carrying its outcome kind and whether its request left this process."""
 
-    def __init__(self, kind: OutcomeKind, reason: str) -> None:
+    def __init__(self, kind: OutcomeKind, reason: str, *, sent: bool = True) -> None:
         super().__init__(reason)
         self.kind = kind
         self.reason = reason
+        self.sent = sent
 
 
 @dataclass(slots=True)
 class _Prepared:
-    """Per tool definition: resolved policy, compiled schema and safety, rebuilt when the definition changes."""
+    """Per tool definition, everything about its calls that the arguments do not change: resolved policy,
+    compiled schema, safety, allow/deny verdict, timeouts, limiter and breakers. Decided once (rebuilt
+    when the definition changes) so a call pays only for the checks that depend on its arguments."""
 
     definition: Tool
     server: ServerConfig
@@ -176,7 +179,10 @@ class _Prepared:
     approval: str | None
     destructive: bool
     path_policy: PathPolicy | None
-    breakers: list[CircuitBreaker] | None = None  # resolved on the first call
+    denial: str | None  # the allow/deny lists judge the name only
+    plan: TimeoutPlan  # the timeouts of a call that neither the caller nor a budget shortens
+    limiter: anyio.CapacityLimiter  # the server's concurrency limit
+    breakers: list[CircuitBreaker]  # the server's breaker, then the tool's when configured
 
 
 class Executor:
@@ -211,7 +217,7 @@ class Executor:
             self.monitor.breakers = self.breakers
         self.audit = audit if audit is not None else AuditLog(self.policies.audit_path)
         self.pins = (
-            pins if pins is not None else PinStore.open(self.policies.lock_file, self.policies.model.pinning)
+            pins if pins is not None else PinStore.open(self.policies.lock_file, self.policies.pinning)
         )
         self.rng = rng
         self.sleep = sleep
@@ -219,8 +225,11 @@ class Executor:
         self._limiters: dict[str, anyio.CapacityLimiter] = {}
         rt = config.runtime
         self._global = anyio.CapacityLimiter(
-            self.policies.model.max_concurrent_calls_global or rt.max_concurrent_calls_global
+            self.policies.max_concurrent_calls_global or rt.max_concurrent_calls_global
         )
+        # The global limit binds only when the servers' own limits add up to more than it; otherwise no
+        # call can ever find it full, and the call path skips it.
+        self._global_binds = sum(self._slot_count(s) for s in config.servers) > self._global.total_tokens
         self._secrets = self._collect_secrets(config)
         self._prefixes = sorted(((s.prefix, s) for s in config.servers if s.prefix), key=lambda p: -len(p[0]))
         self._unsubscribe = registry.subscribe(self._on_registry_change)
@@ -239,9 +248,14 @@ class Executor:
         timeout: float | None = None,  # noqa: ASYNC109 - shortens the tool's deadline, never extends it
     ) -> ToolOutcome:
         start = time.perf_counter()
-        if arguments is not None and not isinstance(arguments, Mapping):
+        if type(arguments) is dict:  # the common case, without the ABC isinstance check
+            args = dict(arguments)
+        elif arguments is None:
+            args = {}
+        elif isinstance(arguments, Mapping):
+            args = dict(arguments)
+        else:
             return self._refuse("denied", name, None, {}, agent, start, "arguments must be a JSON object")
-        args = dict(arguments or {})
         entry = self.registry.get(name)
         if entry is None:
             return await self._unresolved(name, args, agent, start)
@@ -253,12 +267,14 @@ class Executor:
                 return self._refuse("budget_exhausted", name, server, args, agent, start, why)
             budget.charge(name)
 
-        prep = self._prepare(entry)
+        prep = self._prepared.get((server, tool))
+        if prep is None or prep.definition is not entry.definition:
+            prep = self._prepare(entry)
         why = (
-            prep.policy.filter.denial(server, tool)
+            prep.denial
             or self._pin_problem(entry)
             or prep.validator.problem(args)
-            or self._path_problem(prep, args)
+            or (None if prep.path_policy is None else self._path_problem(prep, args))
         )
         egress = prep.policy.egress
         if why is None and egress is not None and has_urls(args, egress.url_args):
@@ -269,27 +285,35 @@ class Executor:
             return self._refuse("denied", name, server, args, agent, start, why)
 
         digest = args  # digested when the record is written, off the call's critical path
-        # Written with the call record in one append at the end: one syscall per call, not two.
-        decision = decision_record(
-            agent=agent,
-            server=server,
-            tool=name,
-            digest=digest,
-            allowed=True,
-            reason=f"approved: {prep.approval}" if prep.approval else None,
-            secrets=self._secrets,
+        # Records are built only when someone reads them (a file, a listener, debug logs); written with
+        # the call record in one append at the end: one syscall per call, not two.
+        decision = (
+            decision_record(
+                agent=agent,
+                server=server,
+                tool=name,
+                digest=digest,
+                allowed=True,
+                reason=f"approved: {prep.approval}" if prep.approval else None,
+                secrets=self._secrets,
+            )
+            if self.audit.wants_records()
+            else None
         )
-        timeouts = prep.server.timeouts
-        plan = plan_timeouts(
-            tool,
-            connect=timeouts.connect,
-            request=timeouts.request,
-            tool_default=timeouts.tool,
-            per_tool=timeouts.per_tool,
-            policy_override=prep.policy.timeout,
-            caller=timeout,
-            budget_left=budget.remaining_time() if budget is not None else None,
-        )
+        if timeout is None and budget is None:
+            plan = prep.plan
+        else:
+            timeouts = prep.server.timeouts
+            plan = plan_timeouts(
+                tool,
+                connect=timeouts.connect,
+                request=timeouts.request,
+                tool_default=timeouts.tool,
+                per_tool=timeouts.per_tool,
+                policy_override=prep.policy.timeout,
+                caller=timeout,
+                budget_left=budget.remaining_time() if budget is not None else None,
+            )
         deadline = Deadline.after(plan.total, self.clock)
         kind: OutcomeKind = "transport_failure"
         result: CallToolResult | None = None
@@ -308,21 +332,22 @@ class Executor:
             duration = time.perf_counter() - start
             cancelled = not finished  # the caller cancelled us mid-call (or a bug raised): still audited
             self.monitor.record(server, "cancelled" if cancelled else kind, duration, reason, attempts)
-            self.audit.write(
-                decision,
-                call_record(
-                    agent=agent,
-                    server=server,
-                    tool=name,
-                    digest=digest,
-                    outcome="cancelled" if cancelled else kind,
-                    reason=reason,
-                    duration=duration,
-                    attempts=attempts,
-                    truncated=truncated,
-                    secrets=self._secrets,
-                ),
-            )
+            if decision is not None:
+                self.audit.write(
+                    decision,
+                    call_record(
+                        agent=agent,
+                        server=server,
+                        tool=name,
+                        digest=digest,
+                        outcome="cancelled" if cancelled else kind,
+                        reason=reason,
+                        duration=duration,
+                        attempts=attempts,
+                        truncated=truncated,
+                        secrets=self._secrets,
+                    ),
+                )
         return ToolOutcome(kind, name, server, result, reason, duration, attempts, truncated)
 
     def health(self) -> list[Any]:
@@ -350,32 +375,42 @@ class Executor:
         deadline: Deadline,
         attempt_timeout: float,
     ) -> tuple[OutcomeKind, CallToolResult | None, str | None, int]:
-        limiter = self._limiter(server, prep.server)
-        if not await self._acquire(self._global, deadline):
+        """Take the call slots, then attempt; returns (kind, result, reason, requests sent)."""
+        limiter = prep.limiter
+        glob = self._global if self._global_binds else None
+        if glob is not None and not (_take(glob) or await self._wait_for_slot(glob, deadline)):
             return "timeout", None, "no free call slot (global limit) before the deadline", 0
         try:
-            if not await self._acquire(limiter, deadline):
+            if not (_take(limiter) or await self._wait_for_slot(limiter, deadline)):
                 return "timeout", None, f"no free call slot for {server} before the deadline", 0
             try:
-                return await self._attempts(prep, server, tool, args, deadline, attempt_timeout)
+                # The first attempt runs here directly: most calls succeed and pay for no retry loop.
+                try:
+                    result = await self._attempt(prep, server, tool, args, deadline, attempt_timeout, 1)
+                except RetryableFailure as failure:
+                    return await self._retry(failure, prep, server, tool, args, deadline, attempt_timeout)
+                except _Failed as failure:
+                    return failure.kind, None, failure.reason, int(failure.sent)
+                except BreakerOpenError as exc:
+                    return "breaker_open", None, exc.reason, 0
+                return _finished(result, 1)
             finally:
                 limiter.release()
         finally:
-            self._global.release()
+            if glob is not None:
+                glob.release()
 
-    async def _acquire(self, limiter: anyio.CapacityLimiter, deadline: Deadline) -> bool:
-        """Take one call slot, waiting no later than the deadline; False when none came free in time."""
+    async def _wait_for_slot(self, limiter: anyio.CapacityLimiter, deadline: Deadline) -> bool:
+        """Wait for a call slot no later than the deadline (the free case is `_take`, without awaiting);
+        False when none came free in time."""
         try:
-            limiter.acquire_nowait()  # the common case, without a cancel scope
-        except anyio.WouldBlock:
-            try:
-                with anyio.fail_after(deadline.remaining()):
-                    await limiter.acquire()
-            except TimeoutError:
-                return False
+            with anyio.fail_after(deadline.remaining()):
+                await limiter.acquire()
+        except TimeoutError:
+            return False
         return True
 
-    async def _attempts(
+    async def _attempt(
         self,
         prep: _Prepared,
         server: str,
@@ -383,64 +418,90 @@ class Executor:
         args: dict[str, Any],
         deadline: Deadline,
         attempt_timeout: float,
-    ) -> tuple[OutcomeKind, CallToolResult | None, str | None, int]:
+        n: int,
+    ) -> CallToolResult:
+        """One request through the breakers, bounded by the deadline. A failure raises _Failed (final) or
+        RetryableFailure (whether another attempt is safe); BreakerOpenError passes through, never retried."""
         breakers = prep.breakers
-        if breakers is None:
-            breakers = prep.breakers = [self.breakers.get(server, prep.policy.breaker)]
-            if prep.policy.tool_breaker is not None:
-                breakers.append(self.breakers.get(f"{server}/{tool}", prep.policy.tool_breaker))
-        sent = 0
+        monitor = self.monitor
+        permits = _acquire_all(breakers)
+        verdict: Literal["success", "failure", "neutral"] = "neutral"
+        remaining = deadline.remaining()
+        if remaining <= 0:
+            _release(breakers, permits, "neutral")
+            raise _Failed("timeout", f"deadline passed before attempt {n}", sent=False)
+        now = anyio.current_time()
+        # Our hard bound past the transport's own timeout. While the monitor sweeps, the sweep is that
+        # bound (it cancels at deadline + STALE_GRACE, before this would): no timer per call.
+        scope = (
+            anyio.CancelScope()
+            if monitor.sweeping
+            else anyio.CancelScope(deadline=now + remaining + 2 * STALE_GRACE)
+        )
+        flight = monitor.track(server, tool, now + remaining, scope)
+        t0 = time.perf_counter()
+        try:
+            with scope:
+                result = await self.supervisor.call_tool(
+                    server, tool, args, timeout=max(0.001, round(min(attempt_timeout, remaining), 3))
+                )
+                verdict = "neutral" if result.is_error else "success"
+                return result
+            verdict = "failure"  # our hard bound fired: the transport did not honour its timeout
+            stale = monitor.untrack(flight)
+            if not stale:
+                monitor.stats(server).stale_cancelled += 1
+            raise RetryableFailure(
+                _Failed("timeout", f"no reply within {remaining:.3g}s (cancelled past its deadline)"),
+                retry=prep.safe,
+            )
+        except CallTimeout as exc:
+            verdict = "failure"
+            raise RetryableFailure(_Failed("timeout", exc.reason), retry=prep.safe) from None
+        except ServerUnavailable as exc:
+            verdict = "failure"  # never left this process
+            raise RetryableFailure(_Failed("transport_failure", exc.reason, sent=False), retry=True) from None
+        except ConnectionLost as exc:
+            verdict = "failure"
+            retry = may_retry(sent=exc.sent, tool_safe=prep.safe)
+            raise RetryableFailure(
+                _Failed("transport_failure", exc.reason, sent=exc.sent), retry=retry
+            ) from None
+        except ServerRequestError as exc:
+            # The server is alive and answered; a JSON-RPC error is the tool's problem, not the transport's.
+            raise _Failed("tool_error", exc.reason) from None
+        except TransportError as exc:
+            verdict = "failure"
+            raise RetryableFailure(_Failed("transport_failure", exc.reason), retry=False) from None
+        finally:
+            monitor.untrack(flight)
+            _release(breakers, permits, verdict, time.perf_counter() - t0)
+
+    async def _retry(
+        self,
+        first: RetryableFailure,
+        prep: _Prepared,
+        server: str,
+        tool: str,
+        args: dict[str, Any],
+        deadline: Deadline,
+        attempt_timeout: float,
+    ) -> tuple[OutcomeKind, CallToolResult | None, str | None, int]:
+        """Attempts 2.. of a call whose first attempt failed: only when safe, within the deadline."""
+        sent = int(getattr(first.cause, "sent", True))
 
         async def attempt(n: int) -> CallToolResult:
             nonlocal sent
-            permits = _acquire_all(breakers)  # BreakerOpenError passes through: never retried
-            verdict: Literal["success", "failure", "neutral"] = "neutral"
-            remaining = deadline.remaining()
-            if remaining <= 0:
-                _release(breakers, permits, "neutral")
-                raise _Failed("timeout", f"deadline passed before attempt {n}")
-            now = anyio.current_time()
-            scope = anyio.CancelScope(deadline=now + remaining + 2 * STALE_GRACE)
-            flight = self.monitor.track(server, tool, now + remaining, scope)
-            t0 = time.perf_counter()
-            sent += 1
             try:
-                with scope:
-                    result = await self.supervisor.call_tool(
-                        server, tool, args, timeout=max(0.001, round(min(attempt_timeout, remaining), 3))
-                    )
-                    verdict = "neutral" if result.is_error else "success"
-                    return result
-                verdict = "failure"  # our hard bound fired: the transport did not honour its timeout
-                stale = self.monitor.untrack(flight)
-                if not stale:
-                    self.monitor.stats(server).stale_cancelled += 1
-                raise RetryableFailure(
-                    _Failed("timeout", f"no reply within {remaining:.3g}s (cancelled past its deadline)"),
-                    retry=prep.safe,
-                )
-            except CallTimeout as exc:
-                verdict = "failure"
-                raise RetryableFailure(_Failed("timeout", exc.reason), retry=prep.safe) from None
-            except ServerUnavailable as exc:
-                verdict = "failure"
-                sent -= 1  # never left this process
-                raise RetryableFailure(_Failed("transport_failure", exc.reason), retry=True) from None
-            except ConnectionLost as exc:
-                verdict = "failure"
-                if not exc.sent:
-                    sent -= 1
-                retry = may_retry(sent=exc.sent, tool_safe=prep.safe)
-                raise RetryableFailure(_Failed("transport_failure", exc.reason), retry=retry) from None
-            except ServerRequestError as exc:
-                # The server is alive and answered; a JSON-RPC error is the tool's problem, not the transport's.
-                raise _Failed("tool_error", exc.reason) from None
-            except TransportError as exc:
-                verdict = "failure"
-                raise RetryableFailure(_Failed("transport_failure", exc.reason), retry=False) from None
-            finally:
-                self.monitor.untrack(flight)
-                _release(breakers, permits, verdict, time.perf_counter() - t0)
+                result = await self._attempt(prep, server, tool, args, deadline, attempt_timeout, n)
+            except RetryableFailure as failure:
+                sent += getattr(failure.cause, "sent", True)
+                raise
+            except _Failed as failure:
+                sent += failure.sent
+                raise
+            sent += 1
+            return result
 
         def on_retry(next_attempt: int, cause: BaseException, wait: float) -> None:
             log.info(
@@ -460,17 +521,13 @@ class Executor:
                 sleep=self.sleep,
                 rng=self.rng,
                 on_retry=on_retry,
+                first_failure=first,
             )
         except _Failed as failure:
             return failure.kind, None, failure.reason, sent
         except BreakerOpenError as exc:
             return "breaker_open", None, exc.reason, sent
-        return (
-            ("tool_error" if result.is_error else "result"),
-            result,
-            None if not result.is_error else "tool returned an error",
-            sent,
-        )
+        return _finished(result, sent)
 
     async def _unresolved(
         self, name: str, args: dict[str, Any], agent: str | None, start: float
@@ -504,16 +561,17 @@ class Executor:
     # -- checks -----------------------------------------------------------------------------------------
 
     def _prepare(self, entry: ToolEntry) -> _Prepared:
-        key = (entry.server, entry.tool_name)
-        prep = self._prepared.get(key)
-        if prep is not None and prep.definition is entry.definition:
-            return prep
-        server_cfg = self.config.server(entry.server)
-        policy = self.policies.for_tool(entry.server, entry.tool_name)
+        server, tool = entry.server, entry.tool_name
+        server_cfg = self.config.server(server)
+        policy = self.policies.for_tool(server, tool)
         ann = entry.definition.annotations
         read_only = ann.read_only_hint if ann is not None else None
         destructive_hint = ann.destructive_hint if ann is not None else None
         idempotent = ann.idempotent_hint if ann is not None else None
+        timeouts = server_cfg.timeouts
+        breakers = [self.breakers.get(server, policy.breaker)]
+        if policy.tool_breaker is not None:
+            breakers.append(self.breakers.get(f"{server}/{tool}", policy.tool_breaker))
         prep = _Prepared(
             definition=entry.definition,
             server=server_cfg,
@@ -532,8 +590,19 @@ class Executor:
             path_policy=None
             if policy.roots is None
             else PathPolicy(policy.roots, policy.path_args, getattr(server_cfg.target, "cwd", None)),
+            denial=policy.filter.denial(server, tool),
+            plan=plan_timeouts(
+                tool,
+                connect=timeouts.connect,
+                request=timeouts.request,
+                tool_default=timeouts.tool,
+                per_tool=timeouts.per_tool,
+                policy_override=policy.timeout,
+            ),
+            limiter=self._limiter(server, server_cfg),
+            breakers=breakers,
         )
-        self._prepared[key] = prep
+        self._prepared[(server, tool)] = prep
         return prep
 
     def _pin_problem(self, entry: ToolEntry) -> str | None:
@@ -583,12 +652,14 @@ class Executor:
         if hook is None:
             return f"approval required ({prep.approval}) and no approver is configured"
         try:
-            with anyio.fail_after(self.policies.model.approval_timeout):
+            with anyio.fail_after(self.policies.approval_timeout):
                 answer = hook(request)
                 if inspect.isawaitable(answer):
                     answer = await answer
         except TimeoutError:
-            return f"approval required ({prep.approval}); no answer within {self.policies.model.approval_timeout:g}s"
+            return (
+                f"approval required ({prep.approval}); no answer within {self.policies.approval_timeout:g}s"
+            )
         except Exception as exc:  # fail closed on any hook failure
             log.warning("approval hook failed", tool=entry.name, error=repr(exc))
             return f"approval required ({prep.approval}); the approver failed: {type(exc).__name__}"
@@ -629,11 +700,13 @@ class Executor:
     def _limiter(self, server: str, cfg: ServerConfig) -> anyio.CapacityLimiter:
         limiter = self._limiters.get(server)
         if limiter is None:
-            default = cfg.max_concurrent_calls or self.config.runtime.max_concurrent_calls
-            limiter = self._limiters[server] = anyio.CapacityLimiter(
-                self.policies.max_concurrent_calls(server, default) or default
-            )
+            limiter = self._limiters[server] = anyio.CapacityLimiter(self._slot_count(cfg))
         return limiter
+
+    def _slot_count(self, cfg: ServerConfig) -> int:
+        """The concurrency limit of one server: policies, else the server's config, else the runtime's."""
+        default = cfg.max_concurrent_calls or self.config.runtime.max_concurrent_calls
+        return self.policies.max_concurrent_calls(cfg.name, default) or default
 
     def _on_breaker(self, event: BreakerEvent) -> None:
         monitor = getattr(self, "monitor", None)
@@ -657,6 +730,21 @@ class Executor:
             return tuple(secret_values(config))
         except ImportError:
             return tuple(s for server in config.servers for s in server.secrets)
+
+
+def _take(limiter: anyio.CapacityLimiter) -> bool:
+    """One call slot if one is free now (the common case: no await, no cancel scope)."""
+    try:
+        limiter.acquire_nowait()
+    except anyio.WouldBlock:
+        return False
+    return True
+
+
+def _finished(result: CallToolResult, sent: int) -> tuple[OutcomeKind, CallToolResult, str | None, int]:
+    if result.is_error:
+        return "tool_error", result, "tool returned an error", sent
+    return "result", result, None, sent
 
 
 def _acquire_all(breakers: list[CircuitBreaker]) -> list[Permit]:

@@ -11,15 +11,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import psutil
-import structlog
 
+from agent_runtime.logging import get_logger
 from policies.breaker import BreakerEvent, BreakerSet, BreakerState
 
 if TYPE_CHECKING:
     from agent_runtime.supervisor import Supervisor
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)  # structlog, imported on the first record that passes the level
 
 LATENCY_SAMPLES = 2048  # per server, most recent
 STALE_GRACE = 0.5  # seconds past its deadline before an in-flight call is cancelled by the sweep
@@ -97,6 +96,7 @@ class Monitor:
         self._stats: dict[str, _Stats] = {}
         self._in_flight: set[_InFlight] = set()
         self._cpu: dict[int, tuple[float, float]] = {}  # pid -> (wall time, cpu seconds)
+        self.sweeping = False  # `run` is sweeping: in-flight calls past deadline + grace get cancelled
 
     # -- fed by the executor ----------------------------------------------------------------------------
 
@@ -157,9 +157,13 @@ class Monitor:
 
     async def run(self, interval: float = 0.25) -> None:
         """Sweep forever; run it in a task group that owns it (the runtime's)."""
-        while True:
-            await anyio.sleep(interval)
-            self.sweep()
+        self.sweeping = True
+        try:
+            while True:
+                await anyio.sleep(interval)
+                self.sweep()
+        finally:
+            self.sweeping = False
 
     # -- fed by the breakers ----------------------------------------------------------------------------
 
@@ -230,6 +234,8 @@ class Monitor:
         """RSS and CPU of a server process tree; CPU is the share since the last look at this pid."""
         if pid is None:
             return None, None
+        import psutil  # ~15 ms to import: only health snapshots of live servers need it
+
         try:
             root = psutil.Process(pid)
             procs = [root, *root.children(recursive=True)]

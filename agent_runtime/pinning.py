@@ -11,16 +11,14 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from agent_runtime.errors import ConfigError
+from agent_runtime.logging import get_logger
 from policies.pinning import PinCheck, check_pins, definition_hash, pinned_view, poisoning_signs
 
 if TYPE_CHECKING:
@@ -29,7 +27,7 @@ if TYPE_CHECKING:
     from agent_runtime.policy_config import PinningMode
     from agent_runtime.registry import ToolEntry
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)  # structlog, imported on the first record that passes the level
 LOCK_VERSION = 1
 
 
@@ -75,6 +73,8 @@ class LockFile:
                 name: {"tools": dict(sorted(tools.items()))} for name, tools in sorted(self.servers.items())
             },
         }
+        import tempfile  # not at import: `tools list` with nothing to pin never writes
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".lock-", dir=self.path.parent)
         try:
@@ -196,7 +196,7 @@ def run_approve(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     policies = load_policies(config)
-    store = PinStore.open(policies.lock_file, policies.model.pinning)
+    store = PinStore.open(policies.lock_file, policies.pinning)
     if store.lock is None:
         print('pinning is off (policies.pinning = "off"): nothing to approve', file=sys.stderr)
         return 0

@@ -16,9 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing import TYPE_CHECKING, Any, Literal
 
 from agent_runtime.config import format_path, section_error
 from agent_runtime.config_types import RuntimeConfig
@@ -33,94 +31,16 @@ from policies.output import DEFAULT_MAX_OUTPUT_CHARS
 from policies.retry import RetrySettings
 from transports.targets import StdioTarget
 
+if TYPE_CHECKING:  # the section's pydantic models, imported only when there is a section to validate
+    from pydantic import BaseModel
+
+    from agent_runtime.config_models import PoliciesModel
+
 PinningMode = Literal["tofu", "strict", "off"]
 LOCK_FILE_NAME = "agent-runtime.lock.json"
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class BreakerModel(_Model):
-    window_size: int = Field(20, ge=1, le=10_000)
-    failure_rate: float = Field(0.5, gt=0, le=1)
-    minimum_calls: int = Field(5, ge=1)
-    slow_call_seconds: float = Field(10.0, gt=0)
-    slow_call_rate: float = Field(1.0, gt=0, le=1)
-    open_seconds: float = Field(2.0, gt=0)
-    open_multiplier: float = Field(2.0, ge=1)
-    open_max_seconds: float = Field(60.0, gt=0)
-    half_open_probes: int = Field(1, ge=1)
-    per_tool: bool = False  # also keep one breaker per tool
-
-
-class RetryModel(_Model):
-    max_attempts: int = Field(3, ge=1, le=20)
-    initial_backoff: float = Field(0.1, ge=0)
-    max_backoff: float = Field(2.0, ge=0)
-    multiplier: float = Field(2.0, ge=1)
-    jitter: float = Field(0.1, ge=0)
-
-
-class ArgumentsModel(_Model):
-    max_string_bytes: int = Field(1024 * 1024 - 1, ge=1)
-    max_depth: int = Field(32, ge=1, le=1000)
-    max_total_bytes: int = Field(4 * 1024 * 1024 - 64 * 1024, ge=1)
-
-
-class LaunchModel(_Model):
-    """Checked for every stdio server when the policies load (before anything is spawned). The child
-    environment is already minimal (transports.stdio.build_env: the SDK's safe set + the server's env)."""
-
-    allowed_commands: list[str] = Field(default_factory=list)  # globs; empty allows any command
-
-
-class ToolRules(_Model):
-    """Overrides for one tool (keyed by its un-namespaced name, globs allowed)."""
-
-    timeout: float | None = Field(None, gt=0)
-    safe: bool | None = None  # safe to retry after the request was sent
-    approval: ApprovalMode | None = None
-    max_output_chars: int | None = Field(None, ge=1)
-    path_args: list[str] | None = None
-    url_args: list[str] | None = None
-    breaker: BreakerModel | None = None  # a tool-level breaker with these settings
-
-
-class Rules(_Model):
-    """Settings valid at the global level and per server; a server's value replaces the global one,
-    except `deny`, which accumulates."""
-
-    allow: list[str] | None = None
-    deny: list[str] | None = None
-    roots: list[str] | None = None  # path confinement; unset: off
-    path_args: list[str] | None = None
-    url_args: list[str] | None = None
-    egress: bool | None = None  # check URL arguments (on by default)
-    egress_allow: list[str] | None = None  # host globs and CIDR networks
-    approval: ApprovalMode | None = None
-    max_output_chars: int | None = Field(None, ge=1)
-    timeout: float | None = Field(None, gt=0)  # tool timeout override
-    max_concurrent_calls: int | None = Field(None, ge=1)
-    safe_tools: list[str] | None = None  # globs of tools safe to retry after sending
-    breaker: BreakerModel | None = None  # fields set here replace the global ones, field by field
-    retry: RetryModel | None = None
-    arguments: ArgumentsModel | None = None
-
-
-class ServerRules(Rules):
-    tools: dict[str, ToolRules] = Field(default_factory=dict)
-
-
-class PoliciesModel(Rules):
-    servers: dict[str, ServerRules] = Field(default_factory=dict)
-    tools: dict[str, ToolRules] = Field(default_factory=dict)  # keys: `tool` or `server/tool` globs
-    pinning: PinningMode = "tofu"
-    lock_file: str | None = None
-    audit_path: str | None = None
-    approval_timeout: float = Field(60.0, gt=0)
-    max_concurrent_calls_global: int | None = Field(None, ge=1)
-    launch: LaunchModel = Field(default_factory=LaunchModel)
+# Defaults of PoliciesModel that the runtime reads at start-up, so no section means no pydantic.
+DEFAULT_PINNING: PinningMode = "tofu"
+DEFAULT_APPROVAL_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,29 +65,56 @@ class ToolPolicy:
 
 @dataclass(slots=True)
 class PolicyConfig:
-    """The validated section plus where relative paths resolve; `for_tool` gives the effective policy."""
+    """The validated section plus where relative paths resolve; `for_tool` gives the effective policy.
 
-    model: PoliciesModel
+    `section` is None when the file has no policies (every default): start-up then reads the defaults
+    below without importing pydantic, and `model` builds the default model on first use."""
+
+    section: PoliciesModel | None
     base_dir: Path
     _cache: dict[tuple[str, str], ToolPolicy] = field(default_factory=dict)
 
     @property
+    def model(self) -> PoliciesModel:
+        if self.section is None:
+            self.section = _models().PoliciesModel()
+        return self.section
+
+    @property
+    def pinning(self) -> PinningMode:
+        return self.section.pinning if self.section is not None else DEFAULT_PINNING
+
+    @property
+    def approval_timeout(self) -> float:
+        return self.section.approval_timeout if self.section is not None else DEFAULT_APPROVAL_TIMEOUT
+
+    @property
+    def max_concurrent_calls_global(self) -> int | None:
+        return self.section.max_concurrent_calls_global if self.section is not None else None
+
+    @property
     def lock_file(self) -> Path:
-        return self._path(self.model.lock_file or LOCK_FILE_NAME)
+        lock_file = self.section.lock_file if self.section is not None else None
+        return self._path(lock_file or LOCK_FILE_NAME)
 
     @property
     def audit_path(self) -> Path | None:
-        return self._path(self.model.audit_path) if self.model.audit_path else None
+        audit_path = self.section.audit_path if self.section is not None else None
+        return self._path(audit_path) if audit_path else None
 
     @property
     def launch(self) -> LaunchPolicy:
-        return LaunchPolicy(tuple(self.model.launch.allowed_commands), SAFE_INHERITED)
+        allowed = self.section.launch.allowed_commands if self.section is not None else ()
+        return LaunchPolicy(tuple(allowed), SAFE_INHERITED)
 
     def max_concurrent_calls(self, server: str, default: int | None) -> int | None:
-        rules = self.model.servers.get(server)
+        g = self.section
+        if g is None:
+            return default
+        rules = g.servers.get(server)
         if rules is not None and rules.max_concurrent_calls is not None:
             return rules.max_concurrent_calls
-        return self.model.max_concurrent_calls if self.model.max_concurrent_calls is not None else default
+        return g.max_concurrent_calls if g.max_concurrent_calls is not None else default
 
     def for_tool(self, server: str, tool: str) -> ToolPolicy:
         key = (server, tool)
@@ -177,8 +124,9 @@ class PolicyConfig:
         return found
 
     def _resolve(self, server: str, tool: str) -> ToolPolicy:
+        m = _models()
         g = self.model
-        s = g.servers.get(server) or ServerRules()
+        s = g.servers.get(server) or m.ServerRules()
         t = _merge_tool_rules(
             [r for pat, r in g.tools.items() if _tool_key_matches(pat, server, tool)]
             + [r for pat, r in s.tools.items() if fnmatchcase(tool, pat)]
@@ -193,7 +141,7 @@ class PolicyConfig:
 
         roots = s.roots if s.roots is not None else g.roots
         egress_on = pick("egress")
-        breaker_model = BreakerModel(**_layered(g.breaker, s.breaker))
+        breaker_model = m.BreakerModel(**_layered(g.breaker, s.breaker))
         breaker = BreakerSettings(**breaker_model.model_dump(exclude={"per_tool"}))
         tool_breaker = None
         if t.breaker is not None:
@@ -223,8 +171,8 @@ class PolicyConfig:
             safe=safe,
             breaker=breaker,
             tool_breaker=tool_breaker,
-            retry=RetrySettings(**RetryModel(**_layered(g.retry, s.retry)).model_dump()),
-            arguments=ArgumentLimits(**ArgumentsModel(**_layered(g.arguments, s.arguments)).model_dump()),
+            retry=RetrySettings(**m.RetryModel(**_layered(g.retry, s.retry)).model_dump()),
+            arguments=ArgumentLimits(**m.ArgumentsModel(**_layered(g.arguments, s.arguments)).model_dump()),
         )
 
     def _path(self, value: str) -> Path:
@@ -232,11 +180,17 @@ class PolicyConfig:
         return p if p.is_absolute() else (self.base_dir / p).resolve()
 
 
-def _merge_tool_rules(layers: list[ToolRules]) -> ToolRules:
+def _models() -> Any:
+    from agent_runtime import config_models
+
+    return config_models
+
+
+def _merge_tool_rules(layers: list[Any]) -> Any:
     merged: dict[str, Any] = {}
     for layer in layers:  # later (more specific) layers win
         merged.update(layer.model_dump(exclude_none=True, exclude_unset=True))
-    return ToolRules(**merged)
+    return _models().ToolRules(**merged)
 
 
 def _tool_key_matches(pattern: str, server: str, tool: str) -> bool:
@@ -261,8 +215,13 @@ def load_policies(config: RuntimeConfig) -> PolicyConfig:
         raw = {}
     if not isinstance(raw, Mapping):
         raise _section_error(config, "policies", "the policies section must be a JSON object")
+    if not raw:  # no section: every default, nothing to validate (and no pydantic to import)
+        return _checked_launch(config, PolicyConfig(None, base_dir))
+    from pydantic import ValidationError
+
+    m = _models()
     try:
-        model = PoliciesModel.model_validate(raw)
+        model = m.PoliciesModel.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = _json_path(("policies", *err["loc"]))
@@ -280,15 +239,19 @@ def load_policies(config: RuntimeConfig) -> PolicyConfig:
                 f"configured servers: {', '.join(sorted(known)) or '(none)'}",
             )
     for name in ["", *model.servers]:
-        merged = BreakerModel(**_layered(model.breaker, model.servers[name].breaker if name else None))
+        merged = m.BreakerModel(**_layered(model.breaker, model.servers[name].breaker if name else None))
         if merged.open_max_seconds < merged.open_seconds:
             path = ("policies", "servers", name, "breaker") if name else ("policies", "breaker")
             raise _section_error(config, _json_path(path), "open_max_seconds must be >= open_seconds")
-        retry = RetryModel(**_layered(model.retry, model.servers[name].retry if name else None))
+        retry = m.RetryModel(**_layered(model.retry, model.servers[name].retry if name else None))
         if retry.max_backoff < retry.initial_backoff:
             path = ("policies", "servers", name, "retry") if name else ("policies", "retry")
             raise _section_error(config, _json_path(path), "max_backoff must be >= initial_backoff")
-    policy = PolicyConfig(model, base_dir)
+    return _checked_launch(config, PolicyConfig(model, base_dir))
+
+
+def _checked_launch(config: RuntimeConfig, policy: PolicyConfig) -> PolicyConfig:
+    """Refuse (before anything is spawned) a stdio server the launch policy does not allow."""
     for server in config.servers:
         target = server.target
         if isinstance(target, StdioTarget) and server.enabled:
@@ -304,16 +267,17 @@ def load_policies(config: RuntimeConfig) -> PolicyConfig:
 
 
 def _known_keys(loc: tuple[Any, ...]) -> set[str]:
-    model: type[BaseModel] = PoliciesModel
+    m = _models()
+    model: type[BaseModel] = m.PoliciesModel
     for part in loc:
-        if part == "servers" and model is PoliciesModel:
-            model = ServerRules
+        if part == "servers" and model is m.PoliciesModel:
+            model = m.ServerRules
         elif part == "tools":
-            model = ToolRules
+            model = m.ToolRules
         elif part == "launch":
-            model = LaunchModel
+            model = m.LaunchModel
         elif isinstance(part, str) and part in {"breaker", "retry", "arguments"}:
-            model = {"breaker": BreakerModel, "retry": RetryModel, "arguments": ArgumentsModel}[part]
+            model = {"breaker": m.BreakerModel, "retry": m.RetryModel, "arguments": m.ArgumentsModel}[part]
     return set(model.model_fields)
 
 

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import anyio
-import structlog
+
+from agent_runtime.logging import get_logger
 
 if TYPE_CHECKING:  # mcp costs ~0.8 s to import; the CLI must not pay it when no server is configured
     from mcp.types import Tool
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)  # structlog, imported on the first record that passes the level
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
-import structlog
 
 from agent_runtime.config_types import ReconnectPolicy, RuntimeConfig, ServerConfig
 from agent_runtime.errors import AgentRuntimeError
+from agent_runtime.logging import get_logger
 from agent_runtime.registry import ToolRegistry
 from transports.targets import HttpTarget, StdioTarget, Target, WebSocketTarget
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # the transports package pulls in the MCP SDK (~0.8 s); impor
 
     from transports import Connection
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)  # structlog, imported on the first record that passes the level
 
 
 class ServerState(enum.StrEnum):
@@ -351,7 +351,7 @@ class Supervisor:
 
     async def _attempt(self, slot: _Slot) -> bool:
         """One connection: connect, list tools, serve until the transport closes or stop. True if it got ready."""
-        from transports import connect
+        from transports.connect import connect  # the function: `transports.connect` is also its module
 
         cfg = slot.config
         st = slot.status

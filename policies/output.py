@@ -11,12 +11,18 @@ if TYPE_CHECKING:
     from mcp_types import CallToolResult
 
 
+_MCP_TYPES: Any = None
+
+
 def _mt() -> Any:
     """The MCP types module, imported on first use: it costs ~0.1 s and CLI paths that never call a tool
     should not pay for it."""
-    import mcp_types
+    global _MCP_TYPES
+    if _MCP_TYPES is None:
+        import mcp_types
 
-    return mcp_types
+        _MCP_TYPES = mcp_types
+    return _MCP_TYPES
 
 
 DEFAULT_MAX_OUTPUT_CHARS = 64 * 1024
@@ -53,9 +59,9 @@ def cap_result(
     Binary blocks (images, audio, blobs) count by their base64 size and are dropped whole when they do
     not fit. Returns the new result and whether anything was cut.
     """
-    total = _size(result)
-    if total <= max_chars and _clean(result, max_chars):
+    if _small_and_clean(result, max_chars):
         return result, False  # the common case: small and printable, nothing to copy
+    total = _size(result)
     budget = max_chars
     content: list[Any] = []
     truncated = False
@@ -101,6 +107,20 @@ def cap_result(
     ):
         return result, False
     return result.model_copy(update={"content": content, "structured_content": structured}), truncated
+
+
+def _small_and_clean(result: CallToolResult, max_chars: int) -> bool:
+    """Whether the result fits the cap and needs no sanitising. One pass for the common result (plain
+    text blocks of printable ASCII); anything else takes the general check."""
+    text_type = _mt().TextContent
+    total = 0
+    for block in result.content:
+        if type(block) is not text_type or not (block.text.isascii() and block.text.isprintable()):
+            return _size(result) <= max_chars and _clean(result, max_chars)
+        total += len(block.text)
+    if total > max_chars:
+        return False
+    return result.structured_content is None or _json_clean(result.structured_content, max_chars)
 
 
 def _clean(result: CallToolResult, max_chars: int) -> bool:

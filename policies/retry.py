@@ -10,14 +10,14 @@ from __future__ import annotations
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
-from tenacity.stop import stop_base
-from tenacity.wait import wait_base
 
 from policies.deadlines import Deadline
+
+if TYPE_CHECKING:  # tenacity is imported only when a call is retried (most calls succeed at once)
+    from tenacity import RetryCallState
 
 T = TypeVar("T")
 
@@ -75,7 +75,7 @@ def backoff(attempt: int, settings: RetrySettings, rng: random.Random | None = N
     return base + (rng or random).uniform(0.0, settings.jitter)
 
 
-class _wait_capped(wait_base):
+class _wait_capped:
     """Tenacity wait: the backoff after attempt `attempt_number + offset` (the first try ran outside it)."""
 
     def __init__(self, settings: RetrySettings, rng: random.Random | None, offset: int) -> None:
@@ -87,15 +87,20 @@ class _wait_capped(wait_base):
         return backoff(retry_state.attempt_number + self.offset, self.settings, self.rng)
 
 
-class _stop_at_deadline(stop_base):
-    """Stop when the next wait would reach the deadline: a retry must have time left to run."""
+class _stop_at_deadline:
+    """Tenacity stop: after `max_attempts` tries, or when the next wait would reach the deadline (a retry
+    must have time left to run)."""
 
-    def __init__(self, deadline: Deadline, min_attempt: float) -> None:
+    def __init__(self, max_attempts: int, deadline: Deadline, min_attempt: float) -> None:
+        self.max_attempts = max_attempts
         self.deadline = deadline
         self.min_attempt = min_attempt
 
     def __call__(self, retry_state: RetryCallState) -> bool:
-        return self.deadline.remaining() <= retry_state.upcoming_sleep + self.min_attempt
+        return (
+            retry_state.attempt_number >= self.max_attempts
+            or self.deadline.remaining() <= retry_state.upcoming_sleep + self.min_attempt
+        )
 
 
 async def call_with_retries(
@@ -107,20 +112,25 @@ async def call_with_retries(
     sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     rng: random.Random | None = None,
     on_retry: Callable[[int, BaseException, float], None] | None = None,
+    first_failure: RetryableFailure | None = None,
 ) -> tuple[T, int]:
     """Run `attempt(n)` until it returns; it raises RetryableFailure(retry=...) for a failed try.
 
     Returns (value, attempts). Raises the last failure's cause when attempts, safety or the deadline run
     out; other exceptions (cancellation included) pass through untouched. The first attempt runs outside
-    tenacity: most calls succeed and should not pay for the loop. `on_retry(next_attempt, cause, wait)`
-    is called before each wait.
+    tenacity: most calls succeed and should not pay for the loop. A caller that ran the first attempt
+    itself passes its failure as `first_failure` and the loop goes on from attempt 2.
+    `on_retry(next_attempt, cause, wait)` is called before each wait.
     """
-    try:
-        return await attempt(1), 1
-    except RetryableFailure as failure:
-        if not failure.retry or settings.max_attempts <= 1:
-            raise failure.cause from None
-        first = failure.cause
+    failure = first_failure
+    if failure is None:
+        try:
+            return await attempt(1), 1
+        except RetryableFailure as exc:
+            failure = exc
+    if not failure.retry or settings.max_attempts <= 1:
+        raise failure.cause from None
+    first = failure.cause
     wait = backoff(1, settings, rng)
     if deadline.remaining() <= wait + min_attempt:
         raise first
@@ -135,9 +145,11 @@ async def call_with_retries(
             if cause is not None:
                 on_retry(state.attempt_number + 2, cause, state.upcoming_sleep)
 
+    from tenacity import AsyncRetrying, retry_if_exception
+
     retrying = AsyncRetrying(
         sleep=sleep,
-        stop=stop_after_attempt(settings.max_attempts - 1) | _stop_at_deadline(deadline, min_attempt),
+        stop=_stop_at_deadline(settings.max_attempts - 1, deadline, min_attempt),
         wait=_wait_capped(settings, rng, offset=1),
         retry=retry_if_exception(lambda e: isinstance(e, RetryableFailure) and e.retry),
         before_sleep=_before_sleep,

@@ -188,40 +188,59 @@ class Connection:
         timeout: float,  # noqa: ASYNC109
     ) -> types.CallToolResult:
         """Call a tool. Tool errors (`is_error`) are returned; transport and protocol failures raise."""
-        with self._errors(f"tools/call {name}", timeout), anyio.fail_after(timeout + _TIMEOUT_BACKSTOP):
-            return await self.client.call_tool(name, arguments, read_timeout_seconds=timeout)
-        raise AssertionError("unreachable")  # pragma: no cover - _errors always raises on failure
+        # The hot path: the error mapping and the backstop are inline here, not context-manager generators.
+        if self.closed.is_set():
+            raise self._closed_error(f"tools/call {name}")
+        backstop = anyio.CancelScope(deadline=anyio.current_time() + timeout + _TIMEOUT_BACKSTOP)
+        try:
+            with backstop:
+                return await self.client.call_tool(name, arguments, read_timeout_seconds=timeout)
+        except (MCPError, TimeoutError, ValidationError, RuntimeError) as exc:
+            mapped = self._map_error(f"tools/call {name}", timeout, exc)
+            if mapped is None:
+                raise
+            raise mapped from None
+        # Only the backstop's deadline ends up here: the SDK did not honour its own read timeout.
+        raise CallTimeout(f"tools/call {name}: no reply within {timeout:g}s", "raise the timeout")
 
     @contextlib.contextmanager
     def _errors(self, what: str, timeout: float) -> Any:
         """Map SDK failures to our typed errors; `sent` is False only when the transport was already gone."""
         if self.closed.is_set():
-            raise ConnectionLost(f"{what}: connection to {_describe(self.target)} is closed", sent=False)
+            raise self._closed_error(what)
         try:
             yield
-        except MCPError as exc:
+        except (MCPError, TimeoutError, ValidationError, RuntimeError) as exc:
+            mapped = self._map_error(what, timeout, exc)
+            if mapped is None:
+                raise
+            raise mapped from None
+
+    def _closed_error(self, what: str) -> ConnectionLost:
+        return ConnectionLost(f"{what}: connection to {_describe(self.target)} is closed", sent=False)
+
+    def _map_error(self, what: str, timeout: float, exc: Exception) -> TransportError | None:
+        """The typed error for an SDK failure, or None for an exception that is not ours to map."""
+        if isinstance(exc, MCPError):
             if exc.code == types.CONNECTION_CLOSED:
-                raise ConnectionLost(
+                return ConnectionLost(
                     f"{what}: connection to {_describe(self.target)} lost",
                     self._hint(),
                     sent=True,  # conservative: it may have reached the server before the transport died
-                ) from None
+                )
             if exc.code == types.REQUEST_TIMEOUT:
-                raise CallTimeout(f"{what}: no reply within {timeout:g}s", "raise the timeout") from None
-            raise ServerRequestError(exc.code, exc.message, exc.error.data) from None
-        except TimeoutError:
-            raise CallTimeout(f"{what}: no reply within {timeout:g}s", "raise the timeout") from None
-        except ValidationError as exc:
-            raise ServerRequestError(
+                return CallTimeout(f"{what}: no reply within {timeout:g}s", "raise the timeout")
+            return ServerRequestError(exc.code, exc.message, exc.error.data)
+        if isinstance(exc, TimeoutError):
+            return CallTimeout(f"{what}: no reply within {timeout:g}s", "raise the timeout")
+        if isinstance(exc, ValidationError):
+            return ServerRequestError(
                 types.INTERNAL_ERROR, f"{what}: malformed result: {exc.error_count()} errors"
-            ) from None
-        except RuntimeError as exc:
-            # The SDK raises RuntimeError once the client context has been exited.
-            if self.closed.is_set() or "context manager" in str(exc):
-                raise ConnectionLost(
-                    f"{what}: connection to {_describe(self.target)} is closed", sent=False
-                ) from None
-            raise
+            )
+        # The SDK raises RuntimeError once the client context has been exited.
+        if self.closed.is_set() or "context manager" in str(exc):
+            return self._closed_error(what)
+        return None
 
     def _hint(self) -> str | None:
         if self.stderr is not None and (tail := self.stderr.tail(3)):

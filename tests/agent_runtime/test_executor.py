@@ -278,6 +278,35 @@ async def test_concurrency_limit(tmp_path: Path) -> None:
         assert time.perf_counter() - t0 >= 0.85  # 3 waves of 0.3 s
 
 
+async def test_global_concurrency_limit_below_the_servers_own(tmp_path: Path) -> None:
+    """The global limit still binds when it is lower than the server limits add up to (the call path
+    skips it only when it cannot bind)."""
+    policies = {"max_concurrent_calls_global": 2}
+    async with harness(tmp_path, max_concurrent_calls=4, policies=policies) as h:
+        assert h.executor._global_binds
+        peak = 0
+
+        async def one() -> None:
+            assert (await h.executor.execute("faulty__sleep", {"seconds": 0.3})).ok
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                row = next(r for r in h.executor.health() if r.name == "faulty")
+                peak = max(peak, row.in_flight)
+                await anyio.sleep(0.02)
+
+        t0 = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            async with anyio.create_task_group() as calls:
+                for _ in range(5):
+                    calls.start_soon(one)
+            tg.cancel_scope.cancel()
+        assert peak == 2
+        assert time.perf_counter() - t0 >= 0.85  # 3 waves of 0.3 s
+
+
 async def test_parent_secrets_never_reach_stdio_servers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
