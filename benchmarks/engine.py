@@ -31,6 +31,12 @@ class Workload:
     def output_tokens(self) -> int:
         return sum(self.max_tokens)
 
+    def head(self, n: int) -> Workload:
+        return Workload(self.prompts[:n], self.max_tokens[:n])
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
 
 def make_workload(
     n: int, prompt_range: tuple[int, int], out_range: tuple[int, int], vocab: int, seed: int = 0
@@ -214,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     eng_tp, kv = engine_throughput(engine, work)
     # both sides of the continuous-batching comparison run the same requests
     n_cb = min(args.cb_requests or n_req, n_req)
-    cb_work = Workload(work.prompts[:n_cb], work.max_tokens[:n_cb])
+    cb_work = work.head(n_cb)
     eng_cb = engine_throughput(engine, cb_work)[0] if cb_work.prompts != work.prompts else eng_tp
     cold = engine_ttft(engine, prefix + [rng.randrange(100, 1000) for _ in range(16)])
     warm = engine_ttft(engine, prefix + [rng.randrange(1000, 2000) for _ in range(16)])

@@ -32,6 +32,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/engine.py:
 
 import torch
 
+from benchmarks.engine import Workload
+
 # HBM bandwidth in GB/s of known cards, matched in order against torch.cuda.get_device_name().
 HBM_GBPS: tuple[tuple[str, float], ...] = (
     (r"H200", 4800.0),
@@ -78,22 +80,6 @@ def hbm_gbps(device_name: str) -> float | None:
         if re.search(pattern, device_name, flags=re.IGNORECASE):
             return gbps
     return None
-
-
-@dataclass(slots=True)
-class Workload:
-    prompts: list[list[int]]
-    max_tokens: list[int]
-
-    @property
-    def output_tokens(self) -> int:
-        return sum(self.max_tokens)
-
-    def head(self, n: int) -> Workload:
-        return Workload(self.prompts[:n], self.max_tokens[:n])
-
-    def __len__(self) -> int:
-        return len(self.prompts)
 
 
 def nano_vllm_workload(n: int, lo: int, hi: int, vocab: int, seed: int) -> Workload:

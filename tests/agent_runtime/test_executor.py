@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from agent_runtime.executor import ToolOutcome
+from agent_runtime.executor import Executor, ToolOutcome
 from policies.approval import ApprovalRequest
 from policies.limits import AgentBudget
 from tests.agent_runtime.faulty_harness import harness
@@ -252,30 +252,35 @@ async def test_tool_errors_are_typed_and_neutral(tmp_path: Path) -> None:
         assert (await h.executor.execute("faulty__echo", {"text": "x"})).ok  # breaker still closed
 
 
+async def _peak_in_flight(executor: Executor, calls: int) -> tuple[int, float]:
+    """Run `calls` 0.3 s sleeps at once; returns the most in flight at any poll and the wall time."""
+    peak = 0
+
+    async def one() -> None:
+        assert (await executor.execute("faulty__sleep", {"seconds": 0.3})).ok
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            row = next(r for r in executor.health() if r.name == "faulty")
+            peak = max(peak, row.in_flight)
+            await anyio.sleep(0.02)
+
+    t0 = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        async with anyio.create_task_group() as group:
+            for _ in range(calls):
+                group.start_soon(one)
+        tg.cancel_scope.cancel()
+    return peak, time.perf_counter() - t0
+
+
 async def test_concurrency_limit(tmp_path: Path) -> None:
     async with harness(tmp_path, max_concurrent_calls=2) as h:
-        peak = 0
-
-        async def one() -> None:
-            out = await h.executor.execute("faulty__sleep", {"seconds": 0.3})
-            assert out.ok
-
-        async def watch() -> None:
-            nonlocal peak
-            while True:
-                row = next(r for r in h.executor.health() if r.name == "faulty")
-                peak = max(peak, row.in_flight)
-                await anyio.sleep(0.02)
-
-        t0 = time.perf_counter()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(watch)
-            async with anyio.create_task_group() as calls:
-                for _ in range(5):
-                    calls.start_soon(one)
-            tg.cancel_scope.cancel()
+        peak, wall = await _peak_in_flight(h.executor, 5)
         assert peak == 2
-        assert time.perf_counter() - t0 >= 0.85  # 3 waves of 0.3 s
+        assert wall >= 0.85  # 3 waves of 0.3 s
 
 
 async def test_global_concurrency_limit_below_the_servers_own(tmp_path: Path) -> None:
@@ -284,27 +289,9 @@ async def test_global_concurrency_limit_below_the_servers_own(tmp_path: Path) ->
     policies = {"max_concurrent_calls_global": 2}
     async with harness(tmp_path, max_concurrent_calls=4, policies=policies) as h:
         assert h.executor._global_binds
-        peak = 0
-
-        async def one() -> None:
-            assert (await h.executor.execute("faulty__sleep", {"seconds": 0.3})).ok
-
-        async def watch() -> None:
-            nonlocal peak
-            while True:
-                row = next(r for r in h.executor.health() if r.name == "faulty")
-                peak = max(peak, row.in_flight)
-                await anyio.sleep(0.02)
-
-        t0 = time.perf_counter()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(watch)
-            async with anyio.create_task_group() as calls:
-                for _ in range(5):
-                    calls.start_soon(one)
-            tg.cancel_scope.cancel()
+        peak, wall = await _peak_in_flight(h.executor, 5)
         assert peak == 2
-        assert time.perf_counter() - t0 >= 0.85  # 3 waves of 0.3 s
+        assert wall >= 0.85  # 3 waves of 0.3 s
 
 
 async def test_parent_secrets_never_reach_stdio_servers(
