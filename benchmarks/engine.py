@@ -106,17 +106,22 @@ def engine_ttft(engine: Any, prompt: list[int]) -> float:
 
 
 # ---- peers -----------------------------------------------------------------------------------------------
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids and attention mask of `prompts` left-padded to the longest, as `generate` wants them."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, longest - len(p) :] = torch.tensor(p)
+        mask[r, longest - len(p) :] = 1
+    return ids, mask
+
+
 def hf_padded(model: Any, work: Workload, batch: int, pad_id: int) -> float:
     """`generate` in left-padded batches; each batch runs to its longest requested output."""
     t0 = time.perf_counter()
     for i in range(0, len(work.prompts), batch):
-        prompts = work.prompts[i : i + batch]
-        longest = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, p in enumerate(prompts):
-            ids[r, longest - len(p) :] = torch.tensor(p)
-            mask[r, longest - len(p) :] = 1
+        ids, mask = left_padded(work.prompts[i : i + batch], pad_id)
         n = max(work.max_tokens[i : i + batch])
         with torch.inference_mode():
             model.generate(

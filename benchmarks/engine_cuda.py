@@ -32,7 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/engine.py:
 
 import torch
 
-from benchmarks.engine import Workload
+from benchmarks.engine import Workload, left_padded
 
 # HBM bandwidth in GB/s of known cards, matched in order against torch.cuda.get_device_name().
 HBM_GBPS: tuple[tuple[str, float], ...] = (
@@ -183,13 +183,8 @@ def hf_padded(model: Any, work: Workload, batch: int, temperature: float, deadli
     device = model.device
     t0 = time.perf_counter()
     for i in range(0, len(work), batch):
-        prompts = work.prompts[i : i + batch]
-        longest = max(len(p) for p in prompts)
-        ids = torch.zeros((len(prompts), longest), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, p in enumerate(prompts):
-            ids[r, longest - len(p) :] = torch.tensor(p)
-            mask[r, longest - len(p) :] = 1
+        ids, mask = left_padded(work.prompts[i : i + batch], pad_id=0)
+        longest = ids.shape[1]
         n = max(work.max_tokens[i : i + batch])
         with torch.inference_mode():
             out = model.generate(

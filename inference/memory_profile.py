@@ -13,6 +13,7 @@ from inference.attention_backends import get_attention_backend, set_attention_ba
 from inference.errors import KVBudgetError
 from inference.metadata import AttentionMetadata
 from inference.model_config import ModelConfig
+from inference.model_runner import allocate_kv_cache
 from inference.params import SamplingParams
 from inference.sampler import Sampler, SampleRequest
 
@@ -131,16 +132,7 @@ def run_profile_step(
     positions, meta = dummy_metadata(
         query_lens, context_len=max_model_len, block_size=block_size, device=device
     )
-    scratch = torch.zeros(
-        2,
-        config.num_layers,
-        1,
-        block_size,
-        config.num_kv_heads,
-        config.head_dim,
-        dtype=config.dtype,
-        device=device,
-    )
+    scratch = allocate_kv_cache(config, 1, block_size, device)
     input_ids = torch.zeros(positions.shape[0], dtype=torch.long, device=device)
     hidden = model(input_ids, positions, meta, scratch)
     del scratch

@@ -48,6 +48,23 @@ def free_memory_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
+def allocate_kv_cache(
+    config: ModelConfig, num_blocks: int, block_size: int, device: torch.device
+) -> torch.Tensor:
+    """`kv[2, layers, num_blocks, block_size, kv_heads, head_dim]` in the model's dtype."""
+    # zeros, not empty: the attention gathers whole blocks and masks the tail, and 0 * NaN garbage is NaN
+    return torch.zeros(
+        2,
+        config.num_layers,
+        num_blocks,
+        block_size,
+        config.num_kv_heads,
+        config.head_dim,
+        dtype=config.dtype,
+        device=device,
+    )
+
+
 def plan_num_blocks(
     config: ModelConfig,
     *,
@@ -281,17 +298,7 @@ class ModelRunner:
         self.attention = get_attention_backend(self.device, attention_backend)
         set_attention_backend(model, self.attention)
         configure_threads()
-        # zeros, not empty: the attention gathers whole blocks and masks the tail, and 0 * NaN garbage is NaN
-        self.kv_cache = torch.zeros(
-            2,
-            config.num_layers,
-            num_blocks,
-            block_size,
-            config.num_kv_heads,
-            config.head_dim,
-            dtype=config.dtype,
-            device=self.device,
-        )
+        self.kv_cache = allocate_kv_cache(config, num_blocks, block_size, self.device)
         self._stager = HostStager(self.device) if self.device.type != "cpu" else None
         self.decode_graphs: DecodeGraphRunner | None = None
         why_not = (

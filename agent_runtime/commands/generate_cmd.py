@@ -24,12 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--system", default=None, help="system message (with --chat)")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 where fast), bf16, fp16 or fp32")
-    parser.add_argument(
-        "--device",
-        choices=("auto", "cuda", "cpu"),
-        default="auto",
-        help="auto (default: the GPU when torch sees one, else the CPU), cuda or cpu",
-    )
+    from agent_runtime.commands.serve_cmd import add_device_argument
+
+    add_device_argument(parser, from_config=False)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--stats", action="store_true", help="print timing figures to stderr at the end")
 

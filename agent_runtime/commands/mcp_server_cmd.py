@@ -27,14 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", help="model to load, overriding the config")
     parser.add_argument("--dtype", default=None, help="auto, bfloat16, float16 or float32")
-    parser.add_argument(
-        "--device",
-        choices=("auto", "cuda", "cpu"),
-        default=None,
-        help="where the model runs (default: the config's `model.device`, else auto: the GPU when torch sees one)",
-    )
-    from agent_runtime.commands.serve_cmd import add_kv_argument
+    from agent_runtime.commands.serve_cmd import add_device_argument, add_kv_argument
 
+    add_device_argument(parser)
     add_kv_argument(parser)
     parser.add_argument(
         "--api-key",

@@ -26,12 +26,9 @@ def add_common(parser: argparse.ArgumentParser) -> None:
         "--agent", "-a", default="default", help="agent name from the config (default: default)"
     )
     parser.add_argument("--model", default=None, help="model source overriding the config's `model` section")
-    parser.add_argument(
-        "--device",
-        choices=("auto", "cuda", "cpu"),
-        default=None,
-        help="where the local model runs, overriding `model.device` (auto: the GPU when torch sees one)",
-    )
+    from agent_runtime.commands.serve_cmd import add_device_argument
+
+    add_device_argument(parser)
     parser.add_argument("--quiet", "-q", action="store_true", help="no live view, only the answer")
 
 

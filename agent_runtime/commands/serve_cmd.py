@@ -29,12 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--served-model-name", help="the model id clients use (default: the model name)")
     parser.add_argument("--dtype", default=None, help="auto, bfloat16, float16 or float32")
-    parser.add_argument(
-        "--device",
-        choices=("auto", "cuda", "cpu"),
-        default=None,
-        help="auto, cuda or cpu (default: the config's `model.device`, else auto: the GPU when torch sees one)",
-    )
+    add_device_argument(parser)
     parser.add_argument(
         "--api-key",
         default=None,
@@ -57,6 +52,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=None, help="engine batch size (sequences)")
     parser.add_argument("--max-model-len", type=int, default=None, help="engine context length cap")
     add_kv_argument(parser)
+
+
+def add_device_argument(parser: argparse.ArgumentParser, *, from_config: bool = True) -> None:
+    """`--device auto|cuda|cpu`; with `from_config` it overrides the config's `model.device` (default None)."""
+    default = None if from_config else "auto"
+    where = "the config's `model.device`, else auto" if from_config else "auto"
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        default=default,
+        help=f"where the model runs (default: {where}: the GPU when torch sees one, else the CPU)",
+    )
 
 
 def add_kv_argument(parser: argparse.ArgumentParser) -> None:
