@@ -155,6 +155,32 @@ def engine_decode_ms(engine: Any, prompt: list[int], n: int) -> float:
     return (stamps[-1] - stamps[0]) / (n - 1) * 1000
 
 
+def engine_decode_ms_with_layer_ops(engine: Any, layer_ops: Any, prompt: list[int], n: int) -> float:
+    """Batch-1 decode as `engine_decode_ms`, with the model's layer ops swapped for `layer_ops` (decode graphs
+    re-captured around them); the engine's own ops and graphs are restored afterwards."""
+    from dataclasses import replace
+
+    from inference.attention_backends import set_attention_backend
+
+    runner = engine.runner
+    own = runner.attention
+    had_graphs = runner.decode_graphs is not None
+
+    def use(backend: Any) -> None:
+        set_attention_backend(runner.model, backend)
+        if had_graphs:
+            runner.decode_graphs = None  # free the old graphs' pool before capturing again
+            free_device_memory()
+            runner.build_decode_graphs()
+
+    use(replace(own, layer_ops=layer_ops))
+    try:
+        engine_decode_ms(engine, prompt, 8)  # warm-up
+        return engine_decode_ms(engine, prompt, n)
+    finally:
+        use(own)
+
+
 def engine_ttft(engine: Any, prompt: list[int]) -> float:
     """Seconds from queuing a request on an idle engine to its first token."""
     t0 = time.perf_counter()
@@ -314,6 +340,10 @@ class Results:
     padded: tuple[Workload, float] | None = None
     padded_error: str | None = None
     decode_ms: float | None = None
+    eager_ops_decode_ms: float | None = (
+        None  # the same, with the eager torch layer ops instead of fused kernels
+    )
+    layer_ops: str = ""
     hf_decode_ms: float | None = None
     ttft_ms: list[float] | None = None
     weight_bytes: int = 0
@@ -514,6 +544,14 @@ def _run_engine(
         prompt = [rng.randint(0, top) for _ in range(128)]  # fresh tokens: no prefix-cache hits
         ttfts.append(engine_ttft(engine, prompt) * 1000)
     res.ttft_ms = ttfts[1:]  # the first one warms the 128-token prefill shape
+    from inference.layer_ops import EAGER_OPS
+
+    res.layer_ops = runner.attention.layer_ops.name
+    if runner.attention.layer_ops is not EAGER_OPS:
+        console.print(
+            f"ours: batch-1 decode with the eager torch layer ops instead of the {res.layer_ops} ones"
+        )
+        res.eager_ops_decode_ms = engine_decode_ms_with_layer_ops(engine, EAGER_OPS, decode_prompt, decode_n)
     if device.type == "cuda":
         res.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
 
@@ -591,6 +629,17 @@ def _print_table(
                 "",
                 f">= {TARGET_BW_FRACTION:.0%}",
             )
+        label = "batch-1 decode ms/token: fused layer kernels vs eager torch ops (RMSNorm, SiLU, RoPE)"
+        if res.eager_ops_decode_ms is not None:
+            table.add_row(
+                label,
+                f"{res.decode_ms:.3f}",
+                f"{res.eager_ops_decode_ms:.3f}",
+                f"{res.eager_ops_decode_ms / res.decode_ms:.2f}x faster",
+                "info",
+            )
+        else:
+            table.add_row(label, f"[dim]n/a: the engine runs the {res.layer_ops} ops here[/]", "", "", "info")
         if res.hf_decode_ms is not None:
             table.add_row(
                 "batch-1 decode ms/token vs transformers generate",

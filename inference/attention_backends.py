@@ -1,4 +1,5 @@
-"""Choose the attention backend (the write_kv / paged_attention pair) for a device: reference or Triton."""
+"""Choose the attention backend for a device, reference or Triton: the write_kv / paged_attention pair plus the
+elementwise layer ops that go with it (eager torch ops, or fused Triton kernels)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from inference import attention as reference
 from inference.errors import EngineError
+from inference.layer_ops import EAGER_OPS, LayerOps
 from inference.metadata import AttentionMetadata
 
 log = structlog.get_logger(__name__)
@@ -32,11 +34,13 @@ class AttentionBackendError(EngineError):
 
 @dataclass(frozen=True, slots=True)
 class AttentionBackend:
-    """One backend's two entry points; both keep the contract of inference.attention (the oracle)."""
+    """One backend's two attention entry points, which keep the contract of inference.attention (the oracle), and
+    the layer ops its models run (RMSNorm, SiLU-and-mul, q/k norm + RoPE), which agree with `EAGER_OPS`."""
 
     name: str
     write_kv: WriteKV
     paged_attention: PagedAttention
+    layer_ops: LayerOps = EAGER_OPS
 
 
 REFERENCE = AttentionBackend("reference", reference.write_kv, reference.paged_attention)
@@ -62,15 +66,18 @@ def get_attention_backend(device: torch.device | str, name: str = "auto") -> Att
 
 
 def set_attention_backend(model: nn.Module, backend: AttentionBackend) -> int:
-    """Point every attention layer of `model` (each module with an `attn_backend` attribute) at `backend`.
+    """Point every attention layer of `model` (each module with an `attn_backend` attribute) at `backend`, and every
+    module with a `layer_ops` attribute at its layer ops.
 
-    Returns how many layers were set, so a caller can tell a model that does not route through backends (0).
+    Returns how many attention layers were set, so a caller can tell a model that does not route through backends.
     """
     count = 0
     for module in model.modules():
         if hasattr(module, "attn_backend"):
             module.attn_backend = backend
             count += 1
+        if hasattr(module, "layer_ops"):
+            module.layer_ops = backend.layer_ops
     return count
 
 
@@ -92,7 +99,10 @@ def _resolve(device_type: str, name: str) -> AttentionBackend:
             f"the triton attention backend does not run on {device_type}",
             hint="use 'reference' (or set TRITON_INTERPRET=1 before triton is imported, for tests)",
         )
-    from inference import triton_attention  # imported here: triton must stay out of CPU-only engine imports
+    # imported here: triton must stay out of CPU-only engine imports
+    from inference import triton_attention, triton_layers
 
     log.info("attention_backend", backend="triton", device=device_type)
-    return AttentionBackend("triton", triton_attention.write_kv, triton_attention.paged_attention)
+    return AttentionBackend(
+        "triton", triton_attention.write_kv, triton_attention.paged_attention, triton_layers.TRITON_OPS
+    )

@@ -28,8 +28,12 @@ def graph_batch_sizes(max_num_seqs: int, cap: int = MAX_GRAPH_BATCH) -> tuple[in
     return tuple(sorted(sizes))
 
 
-def cuda_graphs_unsupported(device: torch.device, backend_name: str, config: ModelConfig) -> str | None:
-    """Why decode graphs cannot be used here, or None when they can."""
+def cuda_graphs_unsupported(
+    device: torch.device, backend_name: str, config: ModelConfig, *, enforce_eager: bool = False
+) -> str | None:
+    """Why decode graphs cannot (or must not) be used here, or None when they will be."""
+    if enforce_eager:
+        return "enforce_eager"
     if device.type != "cuda":
         return f"CUDA graphs need a CUDA device, not {device.type}"
     if backend_name != "triton":
@@ -38,6 +42,15 @@ def cuda_graphs_unsupported(device: torch.device, backend_name: str, config: Mod
     if config.rope_scaling and config.rope_scaling.get("rope_type") == "dynamic":
         return "dynamic NTK RoPE sizes its tables from the longest position on the host"
     return None
+
+
+def largest_graph_batch(
+    device: torch.device, backend_name: str, config: ModelConfig, *, max_num_seqs: int, enforce_eager: bool
+) -> int:
+    """Rows of the largest decode graph ModelRunner will capture here; 0 when it will capture none."""
+    if cuda_graphs_unsupported(device, backend_name, config, enforce_eager=enforce_eager) is not None:
+        return 0
+    return graph_batch_sizes(max_num_seqs)[-1]
 
 
 class DecodeGraphRunner:

@@ -12,9 +12,11 @@ from typing import Any
 import structlog
 import torch
 
+from inference.attention_backends import get_attention_backend
 from inference.block_manager import BlockManager
+from inference.cuda_graphs import largest_graph_batch
 from inference.errors import EngineError, RequestError
-from inference.memory_profile import DEFAULT_GPU_MEMORY_UTILIZATION, plan_cuda_kv_blocks
+from inference.memory_profile import DEFAULT_GPU_MEMORY_UTILIZATION, StepLimits, plan_cuda_kv_blocks
 from inference.metrics import EngineMetrics, MetricsCollector
 from inference.model_runner import ModelRunner, plan_num_blocks
 from inference.params import SamplingParams
@@ -76,14 +78,21 @@ class LLMEngine:
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         device = next(loaded.model.parameters()).device
         if device.type == "cuda" and num_blocks is None and kv_cache_memory is None:
-            num_blocks = plan_cuda_kv_blocks(
-                loaded.model,
-                cfg,
-                gpu_memory_utilization=float(gpu_memory_utilization),
+            limits = StepLimits(
                 max_num_batched_tokens=max_num_batched_tokens,
                 max_num_seqs=max_num_seqs,
                 max_model_len=self.max_model_len,
                 block_size=block_size,
+                decode_graph_rows=largest_graph_batch(
+                    device,
+                    get_attention_backend(device, "auto").name,
+                    cfg,
+                    max_num_seqs=max_num_seqs,
+                    enforce_eager=enforce_eager,
+                ),
+            )
+            num_blocks = plan_cuda_kv_blocks(
+                loaded.model, cfg, limits, gpu_memory_utilization=float(gpu_memory_utilization)
             )
         blocks = plan_num_blocks(
             cfg,

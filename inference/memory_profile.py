@@ -1,5 +1,6 @@
 """KV cache sizing on CUDA: one profiling step (a dummy prefill of the full token budget plus a worst-case
-sampler pass) measures peak memory, and the KV cache gets what `gpu_memory_utilization` leaves of the GPU."""
+sampler pass) measures peak memory, a dummy decode of the largest graph bucket measures what the decode graphs'
+pool will keep, and the KV cache gets what `gpu_memory_utilization` leaves of the GPU."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class MemoryProfile:
     torch_peak: int  # most bytes torch held at once during the step: weights + activations + sampler
     torch_reserved: int  # bytes torch's caching allocator still holds after releasing its unused blocks
     weights: int = 0  # bytes allocated before the step (weights, buffers); for logs
+    graph_pool: int = 0  # peak of one decode step of the largest graph bucket: what the graphs' pool keeps
 
     @property
     def non_torch(self) -> int:
@@ -45,13 +47,20 @@ class MemoryProfile:
 
 
 def kv_cache_budget(profile: MemoryProfile, gpu_memory_utilization: float) -> int:
-    """Bytes left for the KV cache (may be negative): `total * utilization - torch peak - non-torch usage`.
+    """Bytes left for the KV cache (may be negative):
+    `total * utilization - torch peak - decode graph pool - non-torch usage`.
 
     The same rule as vLLM: the engine may use `utilization` of the whole GPU, and everything else it needs at
-    its peak (weights, the largest step's activations and sampler buffers) or that is not torch's (CUDA
-    context, cuBLAS/NCCL, other processes on the GPU) comes out of that share first.
+    its peak (weights, the largest step's activations and sampler buffers), keeps for its life (the CUDA graphs'
+    private memory pool, captured after the cache exists) or that is not torch's (CUDA context, cuBLAS/NCCL,
+    other processes on the GPU) comes out of that share first.
     """
-    return int(profile.total * gpu_memory_utilization) - profile.torch_peak - profile.non_torch
+    return (
+        int(profile.total * gpu_memory_utilization)
+        - profile.torch_peak
+        - profile.graph_pool
+        - profile.non_torch
+    )
 
 
 def blocks_for_profile(
@@ -70,7 +79,8 @@ def blocks_for_profile(
         raise KVBudgetError(
             f"gpu_memory_utilization {gpu_memory_utilization:g} of {profile.total / _GIB:.1f} GiB leaves "
             f"{budget / _MIB:.0f} MiB for the KV cache after the weights and peak activations "
-            f"({profile.torch_peak / _GIB:.2f} GiB) and non-torch memory ({profile.non_torch / _GIB:.2f} GiB); "
+            f"({profile.torch_peak / _GIB:.2f} GiB), the decode graphs ({profile.graph_pool / _GIB:.2f} GiB) "
+            f"and non-torch memory ({profile.non_torch / _GIB:.2f} GiB); "
             f"one {max_model_len}-token request needs {need * bytes_per_block / _MIB:.0f} MiB",
             "raise gpu_memory_utilization, lower max_model_len, max_num_batched_tokens or max_num_seqs, "
             "or free GPU memory held by other processes",
@@ -156,17 +166,36 @@ def run_profile_step(
     return Sampler(seed=0)(logits, requests).token_ids
 
 
-def profile_cuda_memory(
-    model: nn.Module,
-    config: ModelConfig,
-    *,
-    max_num_batched_tokens: int,
-    max_num_seqs: int,
-    max_model_len: int,
-    block_size: int,
-    attention_backend: str = "auto",
-) -> MemoryProfile:
-    """Run the profiling step on the model's GPU and read torch's peak and the driver's free memory."""
+@torch.inference_mode()
+def run_decode_profile_step(
+    model: nn.Module, config: ModelConfig, *, rows: int, max_model_len: int, block_size: int
+) -> torch.Tensor:
+    """One decode step of `rows` sequences shaped as a captured graph runs it (context bound `max_model_len`, so
+    the widest split-KV launch), on a one-block scratch cache; returns the hidden states. Its transient memory is
+    what the decode graphs' private pool will hold."""
+    device = next(model.parameters()).device
+    positions, meta = dummy_metadata(
+        [1] * rows, context_len=max_model_len, block_size=block_size, device=device
+    )
+    scratch = allocate_kv_cache(config, 1, block_size, device)
+    return model(torch.zeros(rows, dtype=torch.long, device=device), positions, meta, scratch)
+
+
+@dataclass(frozen=True, slots=True)
+class StepLimits:
+    """The largest work the engine will schedule, which the profiling steps run: a prefill of
+    `max_num_batched_tokens`, `max_num_seqs` sampled rows, and (when > 0) a decode graph of `decode_graph_rows`."""
+
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_model_len: int
+    block_size: int
+    decode_graph_rows: int = 0
+    attention_backend: str = "auto"
+
+
+def profile_cuda_memory(model: nn.Module, config: ModelConfig, limits: StepLimits) -> MemoryProfile:
+    """Run the profiling steps on the model's GPU and read torch's peaks and the driver's free memory."""
     device = next(model.parameters()).device
     with torch.cuda.device(device):
         torch.cuda.synchronize()
@@ -176,41 +205,46 @@ def profile_cuda_memory(
         run_profile_step(
             model,
             config,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_num_seqs=max_num_seqs,
-            max_model_len=max_model_len,
-            block_size=block_size,
-            attention_backend=attention_backend,
+            max_num_batched_tokens=limits.max_num_batched_tokens,
+            max_num_seqs=limits.max_num_seqs,
+            max_model_len=limits.max_model_len,
+            block_size=limits.block_size,
+            attention_backend=limits.attention_backend,
         )
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
+        graph_pool = 0
+        if limits.decode_graph_rows > 0:
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            run_decode_profile_step(
+                model,
+                config,
+                rows=limits.decode_graph_rows,
+                max_model_len=limits.max_model_len,
+                block_size=limits.block_size,
+            )
+            torch.cuda.synchronize()
+            graph_pool = torch.cuda.max_memory_allocated() - before
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
         reserved = torch.cuda.memory_reserved()
-    return MemoryProfile(total=total, free=free, torch_peak=peak, torch_reserved=reserved, weights=weights)
+    return MemoryProfile(
+        total=total,
+        free=free,
+        torch_peak=peak,
+        torch_reserved=reserved,
+        weights=weights,
+        graph_pool=graph_pool,
+    )
 
 
 def plan_cuda_kv_blocks(
-    model: nn.Module,
-    config: ModelConfig,
-    *,
-    gpu_memory_utilization: float,
-    max_num_batched_tokens: int,
-    max_num_seqs: int,
-    max_model_len: int,
-    block_size: int,
-    attention_backend: str = "auto",
+    model: nn.Module, config: ModelConfig, limits: StepLimits, *, gpu_memory_utilization: float
 ) -> int:
     """Profile, then size the KV cache from what `gpu_memory_utilization` of the GPU leaves (in blocks)."""
-    profile = profile_cuda_memory(
-        model,
-        config,
-        max_num_batched_tokens=max_num_batched_tokens,
-        max_num_seqs=max_num_seqs,
-        max_model_len=max_model_len,
-        block_size=block_size,
-        attention_backend=attention_backend,
-    )
+    profile = profile_cuda_memory(model, config, limits)
+    block_size, max_model_len = limits.block_size, limits.max_model_len
     bytes_per_block = config.kv_bytes_per_token() * block_size
     num_blocks = blocks_for_profile(
         profile,
@@ -225,6 +259,7 @@ def plan_cuda_kv_blocks(
         utilization=gpu_memory_utilization,
         weights_gib=round(profile.weights / _GIB, 2),
         activations_gib=round(profile.activations / _GIB, 2),
+        decode_graphs_gib=round(profile.graph_pool / _GIB, 3),
         non_torch_gib=round(profile.non_torch / _GIB, 2),
         kv_gib=round(num_blocks * bytes_per_block / _GIB, 2),
         kv_blocks=num_blocks,

@@ -301,10 +301,8 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(config, num_blocks, block_size, self.device)
         self._stager = HostStager(self.device) if self.device.type != "cpu" else None
         self.decode_graphs: DecodeGraphRunner | None = None
-        why_not = (
-            "enforce_eager"
-            if enforce_eager
-            else cuda_graphs_unsupported(self.device, self.attention.name, config)
+        why_not = cuda_graphs_unsupported(
+            self.device, self.attention.name, config, enforce_eager=enforce_eager
         )
         if why_not is None:
             self.build_decode_graphs()

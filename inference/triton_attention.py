@@ -31,10 +31,10 @@ def _cast(x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
     if INTERPRETER:
         if dtype == tl.bfloat16:
             bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = (
-                bits + 0x7FFF + ((bits >> 16) & 1)
-            )  # pre-rounded: truncating the low half now rounds to even
-            x = bits.to(tl.float32, bitcast=True)
+            # pre-rounded: truncating the low half now rounds to even. Zeros and subnormals are left alone: the
+            # interpreter turns a biased zero (0x00007FFF) into the smallest normal bfloat16 instead of 0.
+            bias = tl.where((bits & 0x7F800000) == 0, 0, 0x7FFF + ((bits >> 16) & 1))
+            x = (bits + bias).to(tl.float32, bitcast=True)
     return x.to(dtype)
 
 

@@ -1,32 +1,32 @@
-"""Building blocks shared by our decoders: RMSNorm, rotary embedding (HF-exact inverse frequencies), SiLU-gated MLP."""
+"""Building blocks shared by our decoders: RMSNorm, rotary embedding (HF-exact inverse frequencies), SiLU-gated MLP.
+Their elementwise work goes through the model's `LayerOps` (inference/layer_ops.py)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from inference.layer_ops import EAGER_OPS, LayerOps, Tensor
 from inference.model_config import ModelConfig
 
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 like Hugging Face's LlamaRMSNorm, cast back to the input dtype."""
 
+    # set per model by attention_backends.set_attention_backend, with the attention backend
+    layer_ops: LayerOps = EAGER_OPS
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer_ops.rms_norm(x, self.weight, self.eps)
 
-    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_add(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
         """Add the residual first, normalise the sum; returns (normed, new residual)."""
-        residual = x + residual
-        return self.forward(residual), residual
+        return self.layer_ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def _hf_rope_config(config: ModelConfig):
@@ -106,15 +106,10 @@ class RotaryEmbedding(nn.Module):
         return cos.index_select(0, positions).unsqueeze(1), sin.index_select(0, positions).unsqueeze(1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim] rotated by cos/sin [T, 1, head_dim] (rotate-half convention)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul."""
+
+    layer_ops: LayerOps = EAGER_OPS
 
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
@@ -122,6 +117,5 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.layer_ops.silu_and_mul(self.gate_up_proj(x)))

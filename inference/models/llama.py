@@ -8,13 +8,16 @@ import torch
 from torch import nn
 
 from inference.attention_backends import REFERENCE, AttentionBackend
+from inference.layer_ops import EAGER_OPS, LayerOps
 from inference.metadata import AttentionMetadata
 from inference.model_config import ModelConfig
-from inference.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
+from inference.models.layers import GatedMLP, RMSNorm, RotaryEmbedding
 
 
 class Attention(nn.Module):
     """Fused qkv projection, optional per-head q/k RMSNorm, RoPE, cache write, paged attention, output projection."""
+
+    layer_ops: LayerOps = EAGER_OPS
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -30,6 +33,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.eps = config.rms_norm_eps
         # The reference until the model runner sets the device's backend (attention_backends).
         self.attn_backend: AttentionBackend = REFERENCE
 
@@ -45,18 +49,26 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
         cos, sin = rope
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        q_norm, k_norm = self.q_norm, self.k_norm
+        q, k = self.layer_ops.norm_rotary(
+            q,
+            k,
+            cos,
+            sin,
+            None if q_norm is None else q_norm.weight,
+            None if k_norm is None else k_norm.weight,
+            self.eps,
+        )
         self.attn_backend.write_kv(kv_layer, k, v, meta.slot_mapping)
         o = self.attn_backend.paged_attention(q, kv_layer, meta, self.scale)
         return self.o_proj(o.reshape(t, self.q_size))
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm block. The residual stream is carried beside the hidden states, so that each residual add is fused
+    with the norm that follows it (`RMSNorm.forward_add`): the same sums as `x + attn(norm(x))`, fewer passes."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -67,12 +79,19 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         kv_layer: torch.Tensor,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta, kv_layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this block's MLP output, the residual stream before it); the next block adds the two."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm.forward_add(x, residual)
+        x = self.self_attn(x, rope, meta, kv_layer)
+        x, residual = self.post_attention_layernorm.forward_add(x, residual)
+        return self.mlp(x), residual
 
 
 # HF checkpoint suffix -> (our parameter suffix, shard index) for the fused projections.
@@ -111,9 +130,12 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rotary.cos_sin(positions, x.dtype)
+        residual: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, meta, kv_cache[:, i])
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, meta, kv_cache[:, i])
+        if residual is None:
+            return self.norm(x)
+        return self.norm.forward_add(x, residual)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

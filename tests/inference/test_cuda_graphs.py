@@ -21,7 +21,12 @@ if not torch.cuda.is_available():
 
 from inference import attention as reference
 from inference.attention_backends import AttentionBackend, set_attention_backend
-from inference.cuda_graphs import DecodeGraphRunner, cuda_graphs_unsupported, graph_batch_sizes
+from inference.cuda_graphs import (
+    DecodeGraphRunner,
+    cuda_graphs_unsupported,
+    graph_batch_sizes,
+    largest_graph_batch,
+)
 from inference.engine import LLMEngine
 from inference.loader import load_model
 from inference.metadata import AttentionMetadata
@@ -79,6 +84,24 @@ def test_graphs_only_with_triton_on_cuda() -> None:
     assert "reference" in (cuda_graphs_unsupported(cuda, "reference", cfg) or "")
     dynamic = tiny_config(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     assert "dynamic" in (cuda_graphs_unsupported(cuda, "triton", dynamic) or "")
+    assert cuda_graphs_unsupported(cuda, "triton", cfg, enforce_eager=True) == "enforce_eager"
+
+
+def test_largest_graph_batch_is_what_the_memory_profile_reserves_for() -> None:
+    cfg = tiny_config()
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+
+    def rows(device: torch.device, backend: str, max_num_seqs: int, enforce_eager: bool = False) -> int:
+        return largest_graph_batch(
+            device, backend, cfg, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager
+        )
+
+    assert rows(cuda, "triton", 64) == 64
+    assert rows(cuda, "triton", 20) == 20
+    assert rows(cuda, "triton", 1024) == 256  # the cap: larger decode batches run eagerly
+    assert rows(cuda, "triton", 64, enforce_eager=True) == 0
+    assert rows(cuda, "reference", 64) == 0
+    assert rows(cpu, "triton", 64) == 0
 
 
 def test_eager_runner_on_the_cpu_has_no_graphs_and_capture_needs_cuda() -> None:

@@ -3,6 +3,7 @@ profiling step on a real tiny model (CPU), and the profiled engine on a GPU when
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from inference.memory_profile import (
     dummy_metadata,
     dummy_query_lens,
     kv_cache_budget,
+    run_decode_profile_step,
     run_profile_step,
 )
 from inference.params import SamplingParams
@@ -53,6 +55,9 @@ def test_budget_is_utilization_share_minus_peak_and_non_torch_memory() -> None:
     )
     assert busy.non_torch == 20 * GiB + 512 * MiB
     assert kv_cache_budget(busy, 0.9) == kv_cache_budget(profile, 0.9) - 20 * GiB
+    # the decode graphs' pool is kept for the engine's life, so it comes out of the share too
+    graphs = dataclasses.replace(profile, graph_pool=96 * MiB)
+    assert kv_cache_budget(graphs, 0.9) == kv_cache_budget(profile, 0.9) - 96 * MiB
     # torch holding more than the driver reports used (rounding) never makes non-torch memory negative
     odd = MemoryProfile(total=10 * GiB, free=9 * GiB, torch_peak=GiB, torch_reserved=2 * GiB)
     assert odd.non_torch == 0
@@ -132,6 +137,77 @@ def test_profile_step_runs_the_full_budget_on_a_one_block_cache(tiny: Any) -> No
     assert seen == [(96,)]  # one forward over the whole token budget
     assert caches == [(2, 1, 16, cfg.num_kv_heads, cfg.head_dim)]  # only the scratch null block
     assert len(ids) == 5 and all(0 <= t < cfg.vocab_size for t in ids)  # max_num_seqs rows sampled
+
+
+def test_decode_profile_step_is_one_token_per_row_at_the_graphs_context_bound(tiny: Any) -> None:
+    model, cfg = tiny.model, tiny.config
+    calls: list[tuple[Any, ...]] = []
+    layer0 = model.layers[0].self_attn
+    original = layer0.forward
+
+    def spy(x: torch.Tensor, rope: Any, meta: Any, kv_layer: torch.Tensor) -> torch.Tensor:
+        calls.append((x.shape[0], meta.max_query_len, meta.max_context_len, tuple(kv_layer.shape)))
+        return original(x, rope, meta, kv_layer)
+
+    layer0.forward = spy  # type: ignore[method-assign]
+    try:
+        hidden = run_decode_profile_step(model, cfg, rows=6, max_model_len=64, block_size=16)
+    finally:
+        del layer0.forward
+    assert hidden.shape == (6, cfg.hidden_size) and bool(torch.isfinite(hidden).all())
+    # six decode rows, sized for the widest split-KV launch, against the one-block scratch cache only
+    assert calls == [(6, 1, 64, (2, 1, 16, cfg.num_kv_heads, cfg.head_dim))]
+
+
+def test_profile_bookkeeping_with_torch_cuda_statistics_faked(
+    tiny: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """profile_cuda_memory and plan_cuda_kv_blocks end to end on the CPU: the steps run on the tiny model, and only
+    torch.cuda's memory statistics are stand-ins (weights 100 MiB, prefill peak 900 MiB, decode peak 40 MiB above
+    what was allocated before it, 2 GiB of 16 GiB in use outside torch)."""
+    import contextlib
+
+    from inference import memory_profile as mp
+
+    allocated = iter([100 * MiB, 120 * MiB])  # before the prefill step, before the decode step
+    peaks = iter([900 * MiB, 160 * MiB])
+    decode_rows: list[int] = []
+    real_decode = mp.run_decode_profile_step
+
+    def decode_spy(*args: Any, rows: int, **kwargs: Any) -> torch.Tensor:
+        decode_rows.append(rows)
+        return real_decode(*args, rows=rows, **kwargs)
+
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "device", lambda _d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: next(allocated))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: next(peaks))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 1 * GiB)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (13 * GiB, 16 * GiB))
+    monkeypatch.setattr(mp, "run_decode_profile_step", decode_spy)
+    limits = mp.StepLimits(
+        max_num_batched_tokens=64, max_num_seqs=4, max_model_len=64, block_size=16, decode_graph_rows=4
+    )
+    profile = mp.profile_cuda_memory(tiny.model, tiny.config, limits)
+    assert decode_rows == [4]
+    assert profile == MemoryProfile(
+        total=16 * GiB,
+        free=13 * GiB,
+        torch_peak=900 * MiB,
+        torch_reserved=GiB,
+        weights=100 * MiB,
+        graph_pool=40 * MiB,
+    )
+    assert profile.non_torch == 2 * GiB
+    allocated, peaks = iter([100 * MiB, 120 * MiB]), iter([900 * MiB, 160 * MiB])
+    blocks = mp.plan_cuda_kv_blocks(tiny.model, tiny.config, limits, gpu_memory_utilization=0.5)
+    per_block = tiny.config.kv_bytes_per_token() * 16
+    assert blocks == (8 * GiB - 900 * MiB - 40 * MiB - 2 * GiB) // per_block
+    # without decode graphs there is no decode step and no reserve
+    allocated, peaks = iter([100 * MiB]), iter([900 * MiB])
+    eager = mp.profile_cuda_memory(tiny.model, tiny.config, dataclasses.replace(limits, decode_graph_rows=0))
+    assert eager.graph_pool == 0 and decode_rows == [4, 4]
 
 
 def test_engine_validates_utilization_and_keeps_cpu_sizing(tiny: Any) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -267,15 +269,16 @@ def test_selected_backend_runs_the_same_contract() -> None:
     torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
 
 
-def _tiny_llama() -> torch.nn.Module:
+def _tiny_llama(*, qwen3: bool = False) -> torch.nn.Module:
+    """A tiny random Llama; `qwen3` adds per-head q/k RMSNorm and qkv biases, as Qwen3 has."""
     from inference.model_config import ModelConfig
     from inference.models.llama import LlamaForCausalLM
 
     config = ModelConfig(
-        architecture="LlamaForCausalLM", vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,
-        num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, attention_bias=False, qk_norm=False, max_position_embeddings=256,
-        bos_token_id=None, eos_token_ids=(), dtype=torch.float32,
+        architecture="Qwen3ForCausalLM" if qwen3 else "LlamaForCausalLM", vocab_size=96, hidden_size=64,
+        intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
+        rope_scaling=None, rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=qwen3, qk_norm=qwen3,
+        max_position_embeddings=256, bos_token_id=None, eos_token_ids=(), dtype=torch.float32,
     )  # fmt: skip
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
@@ -339,28 +342,41 @@ def _greedy_through_model(
     return seqs, torch.cat(logits_seen)
 
 
-def test_model_generates_the_same_through_the_triton_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A real (tiny, random) Llama: chunked prefill then batched decode, both backends, same tokens and logits."""
-    import inference.models.llama as llama
+@pytest.mark.parametrize("qwen3", [False, True], ids=["llama", "qwen3-qk-norm"])
+def test_model_generates_the_same_through_the_triton_backend(qwen3: bool) -> None:
+    """A real (tiny, random) model: chunked prefill then batched decode through the whole Triton backend (attention
+    kernels and fused layer kernels) against the reference backend: same tokens, logits within 1e-5."""
+    from inference.triton_layers import TRITON_OPS
 
-    model = _tiny_llama()
+    model = _tiny_llama(qwen3=qwen3)
     prompts = [[5, 17, 33, 2, 9, 60, 41, 7, 88, 12, 3, 70, 25, 19, 44, 8, 51, 6, 30, 77], [11, 4, 93, 27, 61]]
     want_tokens, want_logits = _greedy_through_model(model, prompts, steps=4)
 
-    calls: list[int] = []
+    calls: list[str] = []
 
-    def counted(*args: object, **kwargs: object) -> torch.Tensor:
-        calls.append(1)
-        return tri.paged_attention(*args, **kwargs)
+    def counted(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: object, **kwargs: object) -> Any:
+            calls.append(name)
+            return fn(*args, **kwargs)
 
-    backend = AttentionBackend("triton", tri.write_kv, counted)
-    if hasattr(llama, "paged_attention"):  # models/llama.py does not route through attention_backends yet
-        monkeypatch.setattr(llama, "write_kv", backend.write_kv)
-        monkeypatch.setattr(llama, "paged_attention", backend.paged_attention)
-    else:
-        assert set_attention_backend(model, backend) == model.config.num_layers
+        return wrapper
+
+    ops = TRITON_OPS
+    backend = AttentionBackend(
+        "triton",
+        tri.write_kv,
+        counted("attention", tri.paged_attention),
+        type(ops)(
+            "triton",
+            counted("rms_norm", ops.rms_norm),
+            counted("add_rms_norm", ops.add_rms_norm),
+            counted("silu_and_mul", ops.silu_and_mul),
+            counted("norm_rotary", ops.norm_rotary),
+        ),
+    )
+    assert set_attention_backend(model, backend) == model.config.num_layers
     got_tokens, got_logits = _greedy_through_model(model, prompts, steps=4)
-    assert calls, "the model never called the triton backend"
+    assert set(calls) == {"attention", "rms_norm", "add_rms_norm", "silu_and_mul", "norm_rotary"}
     assert got_tokens == want_tokens
     torch.testing.assert_close(got_logits, want_logits, atol=1e-5, rtol=0)
 
