@@ -185,6 +185,18 @@ class _Prepared:
     breakers: list[CircuitBreaker]  # the server's breaker, then the tool's when configured
 
 
+@dataclass(slots=True)
+class _Call:
+    """One admitted call on its way through the call slots, the breakers and the retries."""
+
+    prep: _Prepared
+    server: str
+    tool: str  # the server's own name for the tool
+    args: dict[str, Any]
+    deadline: Deadline
+    attempt_timeout: float
+
+
 class Executor:
     """Runs tool calls through the policy pipeline against a supervisor; one per runtime."""
 
@@ -323,7 +335,7 @@ class Executor:
         finished = False
         try:
             kind, result, reason, attempts = await self._call(
-                prep, server, tool, args, deadline, plan.attempt
+                _Call(prep, server, tool, args, deadline, plan.attempt)
             )
             if result is not None:
                 result, truncated = cap_result(result, prep.policy.max_output_chars)
@@ -366,29 +378,22 @@ class Executor:
 
     # -- the call path ----------------------------------------------------------------------------------
 
-    async def _call(
-        self,
-        prep: _Prepared,
-        server: str,
-        tool: str,
-        args: dict[str, Any],
-        deadline: Deadline,
-        attempt_timeout: float,
-    ) -> tuple[OutcomeKind, CallToolResult | None, str | None, int]:
+    async def _call(self, call: _Call) -> tuple[OutcomeKind, CallToolResult | None, str | None, int]:
         """Take the call slots, then attempt; returns (kind, result, reason, requests sent)."""
-        limiter = prep.limiter
+        limiter = call.prep.limiter
+        deadline = call.deadline
         glob = self._global if self._global_binds else None
         if glob is not None and not (_take(glob) or await self._wait_for_slot(glob, deadline)):
             return "timeout", None, "no free call slot (global limit) before the deadline", 0
         try:
             if not (_take(limiter) or await self._wait_for_slot(limiter, deadline)):
-                return "timeout", None, f"no free call slot for {server} before the deadline", 0
+                return "timeout", None, f"no free call slot for {call.server} before the deadline", 0
             try:
                 # The first attempt runs here directly: most calls succeed and pay for no retry loop.
                 try:
-                    result = await self._attempt(prep, server, tool, args, deadline, attempt_timeout, 1)
+                    result = await self._attempt(call, 1)
                 except RetryableFailure as failure:
-                    return await self._retry(failure, prep, server, tool, args, deadline, attempt_timeout)
+                    return await self._retry(failure, call)
                 except _Failed as failure:
                     return failure.kind, None, failure.reason, int(failure.sent)
                 except BreakerOpenError as exc:
@@ -410,18 +415,10 @@ class Executor:
             return False
         return True
 
-    async def _attempt(
-        self,
-        prep: _Prepared,
-        server: str,
-        tool: str,
-        args: dict[str, Any],
-        deadline: Deadline,
-        attempt_timeout: float,
-        n: int,
-    ) -> CallToolResult:
-        """One request through the breakers, bounded by the deadline. A failure raises _Failed (final) or
-        RetryableFailure (whether another attempt is safe); BreakerOpenError passes through, never retried."""
+    async def _attempt(self, call: _Call, n: int) -> CallToolResult:
+        """Attempt `n`: one request through the breakers, bounded by the deadline. A failure raises _Failed (final)
+        or RetryableFailure (whether another attempt is safe); BreakerOpenError passes through, never retried."""
+        prep, server, deadline = call.prep, call.server, call.deadline
         breakers = prep.breakers
         monitor = self.monitor
         permits = _acquire_all(breakers)
@@ -438,12 +435,15 @@ class Executor:
             if monitor.sweeping
             else anyio.CancelScope(deadline=now + remaining + 2 * STALE_GRACE)
         )
-        flight = monitor.track(server, tool, now + remaining, scope)
+        flight = monitor.track(server, call.tool, now + remaining, scope)
         t0 = time.perf_counter()
         try:
             with scope:
                 result = await self.supervisor.call_tool(
-                    server, tool, args, timeout=max(0.001, round(min(attempt_timeout, remaining), 3))
+                    server,
+                    call.tool,
+                    call.args,
+                    timeout=max(0.001, round(min(call.attempt_timeout, remaining), 3)),
                 )
                 verdict = "neutral" if result.is_error else "success"
                 return result
@@ -478,14 +478,7 @@ class Executor:
             _release(breakers, permits, verdict, time.perf_counter() - t0)
 
     async def _retry(
-        self,
-        first: RetryableFailure,
-        prep: _Prepared,
-        server: str,
-        tool: str,
-        args: dict[str, Any],
-        deadline: Deadline,
-        attempt_timeout: float,
+        self, first: RetryableFailure, call: _Call
     ) -> tuple[OutcomeKind, CallToolResult | None, str | None, int]:
         """Attempts 2.. of a call whose first attempt failed: only when safe, within the deadline."""
         sent = int(getattr(first.cause, "sent", True))
@@ -493,7 +486,7 @@ class Executor:
         async def attempt(n: int) -> CallToolResult:
             nonlocal sent
             try:
-                result = await self._attempt(prep, server, tool, args, deadline, attempt_timeout, n)
+                result = await self._attempt(call, n)
             except RetryableFailure as failure:
                 sent += getattr(failure.cause, "sent", True)
                 raise
@@ -506,8 +499,8 @@ class Executor:
         def on_retry(next_attempt: int, cause: BaseException, wait: float) -> None:
             log.info(
                 "retrying tool call",
-                server=server,
-                tool=tool,
+                server=call.server,
+                tool=call.tool,
                 attempt=next_attempt,
                 wait=round(wait, 3),
                 error=str(cause),
@@ -516,8 +509,8 @@ class Executor:
         try:
             result, _ = await call_with_retries(
                 attempt,
-                settings=prep.policy.retry,
-                deadline=deadline,
+                settings=call.prep.policy.retry,
+                deadline=call.deadline,
                 sleep=self.sleep,
                 rng=self.rng,
                 on_retry=on_retry,
