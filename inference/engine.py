@@ -61,11 +61,14 @@ class LLMEngine:
         enable_prefix_caching: bool = True,
         gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
         enforce_eager: bool = False,
+        attention_backend: str = "auto",
     ) -> None:
         """KV cache size: `num_blocks` if given, else `kv_cache_memory` (bytes, or a fraction of free memory).
         On CUDA without either, a profiling step measures peak memory and the cache gets what
         `gpu_memory_utilization` of the GPU leaves (inference/memory_profile.py); on the CPU the default is a
-        quarter of free RAM, capped (inference/model_runner.py). `enforce_eager` turns CUDA-graph decode off."""
+        quarter of free RAM, capped (inference/model_runner.py). `enforce_eager` turns CUDA-graph decode off.
+        `attention_backend` is "auto" (Triton on CUDA, the reference elsewhere), "reference" or "triton"
+        (inference/attention_backends.py)."""
         if not (isinstance(gpu_memory_utilization, int | float) and 0 < gpu_memory_utilization <= 1):
             raise EngineError(
                 f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}",
@@ -83,9 +86,10 @@ class LLMEngine:
                 max_num_seqs=max_num_seqs,
                 max_model_len=self.max_model_len,
                 block_size=block_size,
+                attention_backend=attention_backend,
                 decode_graph_rows=largest_graph_batch(
                     device,
-                    get_attention_backend(device, "auto").name,
+                    get_attention_backend(device, attention_backend).name,
                     cfg,
                     max_num_seqs=max_num_seqs,
                     enforce_eager=enforce_eager,
@@ -110,6 +114,7 @@ class LLMEngine:
             max_num_seqs=max_num_seqs,
             max_model_len=self.max_model_len,
             enforce_eager=enforce_eager,
+            attention_backend=attention_backend,
         )
         self.block_manager = BlockManager(blocks, block_size, enable_prefix_caching=enable_prefix_caching)
         self.scheduler = Scheduler(

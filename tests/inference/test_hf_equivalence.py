@@ -95,8 +95,8 @@ def build_tiny_model(folder: Path, arch: str, *, seed: int = 0) -> Any:
 def hf_greedy(model: Any, ids: list[int], n: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            torch.tensor([ids], device=model.device),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
             max_new_tokens=n,
             do_sample=False,
             eos_token_id=None,
