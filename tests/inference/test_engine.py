@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from inference.engine import LLMEngine
 from inference.errors import KVBudgetError, RequestError
@@ -204,3 +205,24 @@ def test_kv_budget_error(tiny: Any) -> None:
     # a fraction of free memory works
     engine = LLMEngine(tiny, kv_cache_memory=0.001, max_model_len=256)
     assert engine.block_manager.num_usable_blocks >= 16
+
+
+def test_attention_backend_choice_and_its_errors(tiny: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from inference.attention_backends import AttentionBackendError
+
+    engine = LLMEngine(tiny, num_blocks=96, attention_backend="reference")
+    assert engine.runner.attention.name == "reference"
+    assert engine.runner.attention.layer_ops.name == "eager"
+    with pytest.raises(AttentionBackendError, match="unknown attention backend 'flash'") as info:
+        LLMEngine(tiny, num_blocks=96, attention_backend="flash")
+    assert info.value.user_facing and "reference" in (info.value.hint or "")
+    if not torch.cuda.is_available():  # Triton on the CPU only runs under the interpreter, for tests
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        from inference import attention_backends
+
+        attention_backends._resolve.cache_clear()
+        try:
+            with pytest.raises(AttentionBackendError, match="does not run on cpu"):
+                LLMEngine(tiny, num_blocks=96, attention_backend="triton")
+        finally:
+            attention_backends._resolve.cache_clear()
