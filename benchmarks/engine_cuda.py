@@ -519,6 +519,7 @@ def _run_engine(
     res.graphs = (
         f"{'captured' if graphs.captured else 'static, eager'} up to {graphs.max_batch}" if graphs else "off"
     )
+    del graphs  # the layer-ops row re-captures: no reference may keep the old graphs' pool alive
     rng = random.Random(args.seed + 2)
     top = min(10_000, engine.model_config.vocab_size - 1)
     # warm-up: Triton compiles per launch specialisation; the first steps of every shape pay for it

@@ -17,6 +17,7 @@ import structlog
 from inference.engine import LLMEngine, Prompt, RequestOutput
 from inference.errors import EngineError, EngineStoppedError, RequestError
 from inference.metrics import EngineMetrics
+from inference.model_runner import make_current
 from inference.params import SamplingParams
 
 log = structlog.get_logger(__name__)
@@ -163,6 +164,9 @@ class AsyncEngine:
     # ---- the step thread -----------------------------------------------------------------------------
     def _run(self) -> None:
         engine = self.engine
+        make_current(
+            engine.runner.device
+        )  # this thread steps the engine: it needs the model's GPU as current
         try:
             while not self._closing:
                 self._apply_commands()

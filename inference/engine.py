@@ -18,7 +18,7 @@ from inference.cuda_graphs import largest_graph_batch
 from inference.errors import EngineError, RequestError
 from inference.memory_profile import DEFAULT_GPU_MEMORY_UTILIZATION, StepLimits, plan_cuda_kv_blocks
 from inference.metrics import EngineMetrics, MetricsCollector
-from inference.model_runner import ModelRunner, plan_num_blocks
+from inference.model_runner import ModelRunner, make_current, plan_num_blocks
 from inference.params import SamplingParams
 from inference.sampler import Sampler
 from inference.scheduler import Scheduler
@@ -80,6 +80,7 @@ class LLMEngine:
         cfg = self.model_config
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         device = next(loaded.model.parameters()).device
+        make_current(device)  # profiling, the runner and graph capture all run in this thread
         if device.type == "cuda" and num_blocks is None and kv_cache_memory is None:
             limits = StepLimits(
                 max_num_batched_tokens=max_num_batched_tokens,

@@ -196,8 +196,10 @@ def _empty_model(config: ModelConfig, device: torch.device) -> nn.Module:
     from inference.models import build_model
 
     with torch.device("meta"):
-        model = build_model(config)
-    model = model.to_empty(device=device).to(config.dtype)
+        # cast on the meta device (free), so the real allocation is already in the model dtype: never a float32
+        # copy of the whole model on the GPU
+        model = build_model(config).to(config.dtype)
+    model = model.to_empty(device=device)
     model.requires_grad_(False)
     return model.eval()
 

@@ -39,6 +39,14 @@ def configure_threads() -> int:
     return cores
 
 
+def make_current(device: torch.device) -> None:
+    """Make `device` the calling thread's current GPU (nothing to do off CUDA). Triton launches on the current
+    device, and CUDA graph capture streams and events are created there, whatever device the tensors are on;
+    the current device is per thread."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 def free_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)

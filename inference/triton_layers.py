@@ -263,7 +263,8 @@ def norm_rotary(
         eps,
         Q_HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=dim, HALF=dim // 2,
         BLOCK_HQ=_pow2(heads), BLOCK_HK=_pow2(kv_heads), BLOCK_HALF=_pow2(dim // 2),
-        HAS_NORM=has_norm, INTERPRETER=INTERPRETED, num_warps=4,
+        HAS_NORM=has_norm, INTERPRETER=INTERPRETED,
+        num_warps=_warps(_pow2(max(heads, kv_heads)) * _pow2(dim // 2)),
     )  # fmt: skip
     return q_out, k_out
 

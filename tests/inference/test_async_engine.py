@@ -112,6 +112,42 @@ async def test_bad_requests_fail_alone(engine: AsyncEngine) -> None:
     assert outs[-1].finished and outs[-1].completion_tokens == 4
 
 
+async def test_the_step_thread_makes_the_model_device_current(
+    tiny: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Triton launches and CUDA graph streams follow the calling thread's current GPU, which is per thread: the
+    step thread sets the model's device before it steps (a no-op on the CPU, checked here by its call)."""
+    import threading
+
+    from inference import async_engine
+
+    seen: list[tuple[str, Any]] = []
+    real = async_engine.make_current
+
+    def spy(device: Any) -> None:
+        seen.append((threading.current_thread().name, device))
+        real(device)
+
+    monkeypatch.setattr(async_engine, "make_current", spy)
+    llm = LLMEngine(tiny, num_blocks=200, max_model_len=512)
+    async with AsyncEngine(llm) as eng:
+        async for _ in eng.generate([1, 2, 3], greedy(2)):
+            pass
+    assert seen == [("engine-step", llm.runner.device)]
+
+
+def test_make_current_selects_only_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from inference.model_runner import make_current
+
+    calls: list[Any] = []
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    make_current(torch.device("cpu"))
+    make_current(torch.device("cuda", 1))
+    assert calls == [torch.device("cuda", 1)]
+
+
 async def test_closed_engine_rejects(tiny: Any) -> None:
     eng = AsyncEngine(LLMEngine(tiny, num_blocks=80))
     await eng.aclose()

@@ -146,6 +146,22 @@ def test_dummy_weights_are_deterministic_and_decode_out_of_vocab_ids(tmp_path: P
     assert text == a.tokenizer.decode([*tokens, 55555, 28120])
 
 
+def test_weights_are_allocated_in_the_model_dtype(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model is cast on the meta device and only then materialised: no float32 copy of a bf16 model ever
+    exists on the device (it would double the peak memory of loading onto a GPU)."""
+    materialised: list[set[torch.dtype]] = []
+    real_to_empty = torch.nn.Module.to_empty
+
+    def spy(self: torch.nn.Module, *, device: object, recurse: bool = True) -> torch.nn.Module:
+        materialised.append({p.dtype for p in self.parameters()})
+        return real_to_empty(self, device=device, recurse=recurse)
+
+    monkeypatch.setattr(torch.nn.Module, "to_empty", spy)
+    loaded = load_model(_tiny_config(tmp_path / "bf16"), load_format="dummy", dtype=torch.bfloat16)
+    assert materialised == [{torch.bfloat16}]
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS_DIR.glob("*.json")))
 def test_builtin_configs_parse(name: str) -> None:
     from inference.model_config import hf_config_from_dict, model_config_from_hf
