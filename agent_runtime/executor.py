@@ -185,6 +185,29 @@ class _Prepared:
     breakers: list[CircuitBreaker]  # the server's breaker, then the tool's when configured
 
 
+def _plan_timeouts(
+    tool: str,
+    server: ServerConfig,
+    policy: ToolPolicy,
+    *,
+    caller: float | None = None,
+    budget_left: float | None = None,
+) -> TimeoutPlan:
+    """The timeouts of one call of `tool`: the server's settings, the policy's override, then any caller
+    timeout or agent budget (which only shorten them)."""
+    t = server.timeouts
+    return plan_timeouts(
+        tool,
+        connect=t.connect,
+        request=t.request,
+        tool_default=t.tool,
+        per_tool=t.per_tool,
+        policy_override=policy.timeout,
+        caller=caller,
+        budget_left=budget_left,
+    )
+
+
 @dataclass(slots=True)
 class _Call:
     """One admitted call on its way through the call slots, the breakers and the retries."""
@@ -315,14 +338,10 @@ class Executor:
         if timeout is None and budget is None:
             plan = prep.plan
         else:
-            timeouts = prep.server.timeouts
-            plan = plan_timeouts(
+            plan = _plan_timeouts(
                 tool,
-                connect=timeouts.connect,
-                request=timeouts.request,
-                tool_default=timeouts.tool,
-                per_tool=timeouts.per_tool,
-                policy_override=prep.policy.timeout,
+                prep.server,
+                prep.policy,
                 caller=timeout,
                 budget_left=budget.remaining_time() if budget is not None else None,
             )
@@ -561,7 +580,6 @@ class Executor:
         read_only = ann.read_only_hint if ann is not None else None
         destructive_hint = ann.destructive_hint if ann is not None else None
         idempotent = ann.idempotent_hint if ann is not None else None
-        timeouts = server_cfg.timeouts
         breakers = [self.breakers.get(server, policy.breaker)]
         if policy.tool_breaker is not None:
             breakers.append(self.breakers.get(f"{server}/{tool}", policy.tool_breaker))
@@ -584,14 +602,7 @@ class Executor:
             if policy.roots is None
             else PathPolicy(policy.roots, policy.path_args, getattr(server_cfg.target, "cwd", None)),
             denial=policy.filter.denial(server, tool),
-            plan=plan_timeouts(
-                tool,
-                connect=timeouts.connect,
-                request=timeouts.request,
-                tool_default=timeouts.tool,
-                per_tool=timeouts.per_tool,
-                policy_override=policy.timeout,
-            ),
+            plan=_plan_timeouts(tool, server_cfg, policy),
             limiter=self._limiter(server, server_cfg),
             breakers=breakers,
         )

@@ -4,6 +4,7 @@ pool will keep, and the KV cache gets what `gpu_memory_utilization` leaves of th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -194,38 +195,44 @@ class StepLimits:
     attention_backend: str = "auto"
 
 
+def _allocated_around(step: Callable[[], object]) -> tuple[int, int]:
+    """(bytes torch had allocated before `step`, the most it held at once while `step` ran, to completion)."""
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return before, torch.cuda.max_memory_allocated()
+
+
 def profile_cuda_memory(model: nn.Module, config: ModelConfig, limits: StepLimits) -> MemoryProfile:
     """Run the profiling steps on the model's GPU and read torch's peaks and the driver's free memory."""
     device = next(model.parameters()).device
     with torch.cuda.device(device):
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-        weights = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        run_profile_step(
-            model,
-            config,
-            max_num_batched_tokens=limits.max_num_batched_tokens,
-            max_num_seqs=limits.max_num_seqs,
-            max_model_len=limits.max_model_len,
-            block_size=limits.block_size,
-            attention_backend=limits.attention_backend,
-        )
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        graph_pool = 0
-        if limits.decode_graph_rows > 0:
-            before = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            run_decode_profile_step(
+        weights, peak = _allocated_around(
+            lambda: run_profile_step(
                 model,
                 config,
-                rows=limits.decode_graph_rows,
+                max_num_batched_tokens=limits.max_num_batched_tokens,
+                max_num_seqs=limits.max_num_seqs,
                 max_model_len=limits.max_model_len,
                 block_size=limits.block_size,
+                attention_backend=limits.attention_backend,
             )
-            torch.cuda.synchronize()
-            graph_pool = torch.cuda.max_memory_allocated() - before
+        )
+        graph_pool = 0
+        if limits.decode_graph_rows > 0:
+            before, decode_peak = _allocated_around(
+                lambda: run_decode_profile_step(
+                    model,
+                    config,
+                    rows=limits.decode_graph_rows,
+                    max_model_len=limits.max_model_len,
+                    block_size=limits.block_size,
+                )
+            )
+            graph_pool = decode_peak - before
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
         reserved = torch.cuda.memory_reserved()
