@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PEERS := .peers/node_modules/@modelcontextprotocol/server-everything/package.json
 
-.PHONY: demo test lint install peers clean
+.PHONY: demo test lint install peers gpu-kit clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,10 @@ test: $(STAMP) $(PEERS)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# What a GPU machine without a package index needs beside the checkout (docs/cuda.md, "Running on a GPU").
+gpu-kit: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu_kit
 
 clean:
 	rm -rf $(VENV) .peers

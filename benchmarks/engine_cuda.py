@@ -357,10 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks.engine --device cuda", description=__doc__.splitlines()[0]
     )
     p.add_argument(
-        "--smoke", action="store_true", help="CPU, tiny random model, a few requests: checks the script"
+        "--smoke",
+        action="store_true",
+        help="CPU, a few requests, a tiny random Qwen3 unless --model is given: checks the script",
     )
     p.add_argument(
-        "--model", default="qwen3-0.6b", help="a builtin config (inference/configs) or a config.json"
+        "--model",
+        default=None,
+        help="a builtin config (inference/configs) or a config.json; default qwen3-0.6b",
     )
     p.add_argument("--num-seqs", type=int, default=None, help="requests (default 256; smoke 6)")
     p.add_argument(
@@ -408,8 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     lo = args.min_len or (8 if args.smoke else 100)
     hi = args.max_len or (24 if args.smoke else 1024)
     with tempfile.TemporaryDirectory() as tmp:
-        source: str | Path = args.model
-        if args.smoke:
+        source: str | Path = args.model or "qwen3-0.6b"
+        if args.smoke and args.model is None:
             source = Path(tmp) / "config.json"
             source.write_text(json.dumps(SMOKE_CONFIG))
         return _run(args, console, device, source, n_seqs, lo, hi)
@@ -430,7 +434,8 @@ def _run(
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     gbps = args.hbm_gbps or (hbm_gbps(name) if device.type == "cuda" else None)
     label = (
-        "[bold yellow]SMOKE RUN[/] (CPU, tiny random Qwen3): checks the script, not a result"
+        f"[bold yellow]SMOKE RUN[/] (CPU, {'tiny random Qwen3' if args.model is None else 'dummy weights'}): "
+        "checks the script, not a result"
         if args.smoke
         else ""
     )
@@ -511,7 +516,10 @@ def _run_engine(
         kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        kwargs["kv_cache_memory"] = 256 * 2**20
+        # room for two longest requests of whatever model the smoke run was given
+        kwargs["kv_cache_memory"] = max(
+            256 * 2**20, 2 * args.max_model_len * loaded.config.kv_bytes_per_token()
+        )
     engine = LLMEngine(loaded, **kwargs)
     runner = engine.runner
     res.kv_gib = runner.kv_cache_bytes / 2**30

@@ -1,0 +1,77 @@
+"""The GPU kit (benchmarks/gpu_kit.py) and the session script that uses it on a GPU machine without a package index."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import gpu_kit
+from benchmarks.engine_cuda import SMOKE_CONFIG
+from inference import loader
+from inference.errors import ModelLoadError
+from tests.conftest import ROOT
+
+SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
+
+
+@pytest.mark.smollm2
+def test_model_folder_loads_without_the_embedded_model_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = gpu_kit.model_folder(tmp_path, "qwen3-0.6b")
+    assert json.loads((folder / "config.json").read_text()) == json.loads(
+        (loader.CONFIGS_DIR / "qwen3-0.6b.json").read_text()
+    )
+    assert (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file()
+
+    # On the GPU machine the SmolLM2 package is missing: loading must not need it. A tiny config in the folder keeps
+    # the dummy weights small; the tokenizer is the kit's.
+    def missing() -> Path:
+        raise ModelLoadError("the embedded default model is not installed", hint="")
+
+    monkeypatch.setattr(loader, "smollm2_gguf_path", missing)
+    (folder / "config.json").write_text(json.dumps(SMOKE_CONFIG))
+    loaded = loader.load_model(folder / "config.json", load_format="dummy", dtype=torch.float32)
+    assert loaded.source == f"dummy:{folder / 'config.json'}"
+    assert loaded.tokenizer.decode([19556, 28, 905]) == "Hello, world"  # SmolLM2's ids
+
+
+def _session(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        env={**os.environ, "PYTHON": sys.executable, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_session_without_a_kit_says_how_to_build_one(tmp_path: Path) -> None:
+    proc = _session("env", GPU_KIT=str(tmp_path / "missing"))
+    assert proc.returncode == 2
+    assert "make gpu-kit" in proc.stderr
+
+
+def test_session_rejects_an_unknown_phase(tmp_path: Path) -> None:
+    (tmp_path / "kit").mkdir()
+    proc = _session("benchmark", GPU_KIT=str(tmp_path / "kit"), OUT=str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert "unknown phase benchmark" in proc.stderr
+
+
+def test_session_logs_each_phase_and_reports_failure(tmp_path: Path) -> None:
+    """`aot` with a model that does not exist: the phase fails with a one-line reason, its log lands in $OUT, and
+    the script exits 1."""
+    (tmp_path / "kit").mkdir()
+    out = tmp_path / "out"
+    proc = _session("aot", "--model", "no-such-model", GPU_KIT=str(tmp_path / "kit"), OUT=str(out))
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    log = (out / "aot.log").read_text()
+    assert "no model config 'no-such-model'" in log and "Traceback" not in log
+    assert "=== aot: exit 2" in proc.stdout
