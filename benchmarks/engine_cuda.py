@@ -491,6 +491,30 @@ def _run(
     return 0
 
 
+def build_engine(
+    args: argparse.Namespace, device: torch.device, source: str | Path, dtype: torch.dtype
+) -> Any:
+    """Our engine on dummy weights of `source`, sized by the benchmark's arguments (KV from a profiling step on
+    CUDA; on the CPU, room for two longest requests)."""
+    from inference.engine import LLMEngine
+    from inference.loader import load_model
+
+    loaded = load_model(source, dtype=dtype, device=device, load_format="dummy")
+    kwargs: dict[str, Any] = dict(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+    )
+    if device.type == "cuda":
+        kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        kwargs["kv_cache_memory"] = max(
+            256 * 2**20, 2 * args.max_model_len * loaded.config.kv_bytes_per_token()
+        )
+    return LLMEngine(loaded, **kwargs)
+
+
 def _run_engine(
     args: argparse.Namespace,
     console: Any,
@@ -502,25 +526,8 @@ def _run_engine(
     decode_n: int,
     res: Results,
 ) -> None:
-    from inference.engine import LLMEngine
-    from inference.loader import load_model
-
-    loaded = load_model(source, dtype=dtype, device=device, load_format="dummy")
-    res.weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-    kwargs: dict[str, Any] = dict(
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-    )
-    if device.type == "cuda":
-        kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        # room for two longest requests of whatever model the smoke run was given
-        kwargs["kv_cache_memory"] = max(
-            256 * 2**20, 2 * args.max_model_len * loaded.config.kv_bytes_per_token()
-        )
-    engine = LLMEngine(loaded, **kwargs)
+    engine = build_engine(args, device, source, dtype)
+    res.weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
     runner = engine.runner
     res.kv_gib = runner.kv_cache_bytes / 2**30
     graphs = runner.decode_graphs

@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_session.sh env tests     # what the machine has; the GPU tests (a few minutes)
 #   bash benchmarks/gpu_session.sh bench [ARGS]  # python -m benchmarks.engine --device cuda ARGS (under 10 minutes)
+#   bash benchmarks/gpu_session.sh profile [ARGS] # python -m benchmarks.engine_profile: where a step's time goes
 #   bash benchmarks/gpu_session.sh aot [ARGS]    # python -m inference.triton_aot ARGS: compiled resources, this triton
 #
 # Each phase's log goes to $OUT/<phase>.log when OUT is set (the device tool's result folder), else to
@@ -63,13 +64,18 @@ print(sys.version.split()[0], \"torch\", torch.__version__, \"triton\", triton._
       phase aot "$PY" -m inference.triton_aot "${args[@]}"
       what=()
       ;;
+    profile)
+      # everything after "profile" is benchmarks.engine_profile's own arguments
+      phase profile "$PY" -m benchmarks.engine_profile --model "$KIT/qwen3-0.6b/config.json" "${what[@]:1}"
+      what=()
+      ;;
     bench)
       # everything after "bench" is the benchmark's own arguments
       phase bench "$PY" -m benchmarks.engine --device cuda --model "$KIT/qwen3-0.6b/config.json" "${what[@]:1}"
       what=()
       ;;
     *)
-      echo "unknown phase ${what[0]}: env, tests, then aot [ARGS] or bench [ARGS]" >&2
+      echo "unknown phase ${what[0]}: env, tests, then aot, profile or bench [ARGS]" >&2
       exit 2
       ;;
   esac

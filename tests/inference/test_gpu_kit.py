@@ -75,3 +75,14 @@ def test_session_logs_each_phase_and_reports_failure(tmp_path: Path) -> None:
     log = (out / "aot.log").read_text()
     assert "no model config 'no-such-model'" in log and "Traceback" not in log
     assert "=== aot: exit 2" in proc.stdout
+
+
+def test_engine_profile_runs_its_whole_path_on_the_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    """`benchmarks.engine_profile --smoke`: decode steps at two batch sizes and a prefill step, profiled, tabled."""
+    from benchmarks import engine_profile
+
+    assert engine_profile.main(["--smoke", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    for row in ("decode, batch 1", "decode, batch 4", "prefill, 8 x 32 tokens"):
+        assert row in out
+    assert "aten::mm" in out  # the top-ops tables list the profiled ops
