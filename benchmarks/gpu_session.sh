@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh env tests     # what the machine has; the GPU tests (a few minutes)
 #   bash benchmarks/gpu_session.sh bench [ARGS]  # python -m benchmarks.engine --device cuda ARGS (under 10 minutes)
 #   bash benchmarks/gpu_session.sh profile [ARGS] # python -m benchmarks.engine_profile: where a step's time goes
+#   bash benchmarks/gpu_session.sh tiles [ARGS]  # python -m benchmarks.triton_tiles: time the attention tile choices
 #   bash benchmarks/gpu_session.sh aot [ARGS]    # python -m inference.triton_aot ARGS: compiled resources, this triton
 #
 # Each phase's log goes to $OUT/<phase>.log when OUT is set (the device tool's result folder), else to
@@ -64,6 +65,11 @@ print(sys.version.split()[0], \"torch\", torch.__version__, \"triton\", triton._
       phase aot "$PY" -m inference.triton_aot "${args[@]}"
       what=()
       ;;
+    tiles)
+      # everything after "tiles" is benchmarks.triton_tiles's own arguments
+      phase tiles "$PY" -m benchmarks.triton_tiles --model "$KIT/qwen3-0.6b/config.json" "${what[@]:1}"
+      what=()
+      ;;
     profile)
       # everything after "profile" is benchmarks.engine_profile's own arguments
       phase profile "$PY" -m benchmarks.engine_profile --model "$KIT/qwen3-0.6b/config.json" "${what[@]:1}"
@@ -75,7 +81,7 @@ print(sys.version.split()[0], \"torch\", torch.__version__, \"triton\", triton._
       what=()
       ;;
     *)
-      echo "unknown phase ${what[0]}: env, tests, then aot, profile or bench [ARGS]" >&2
+      echo "unknown phase ${what[0]}: env, tests, then aot, tiles, profile or bench [ARGS]" >&2
       exit 2
       ;;
   esac

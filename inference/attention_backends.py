@@ -102,7 +102,17 @@ def _resolve(device_type: str, name: str) -> AttentionBackend:
     # imported here: triton must stay out of CPU-only engine imports
     from inference import triton_attention, triton_layers
 
-    log.info("attention_backend", backend="triton", device=device_type)
+    spec = os.environ.get(triton_attention.TILES_ENV, "").strip()
+    if spec:
+        try:
+            triton_attention.set_tiles(triton_attention.Tiles.parse(spec))
+        except ValueError as exc:
+            raise AttentionBackendError(
+                f"{triton_attention.TILES_ENV}={spec!r}: {exc}",
+                hint="unset it for the default tiles; see docs/cuda.md for the names",
+            ) from None
+
+    log.info("attention_backend", backend="triton", device=device_type, tiles=triton_attention.tiles().spec())
     return AttentionBackend(
         "triton", triton_attention.write_kv, triton_attention.paged_attention, triton_layers.TRITON_OPS
     )

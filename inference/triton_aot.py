@@ -207,24 +207,37 @@ def _forward_cases(block_size: int, max_model_len: int) -> list[tuple[str, list[
     ]
 
 
-def _metadata(
-    seqs: list[tuple[int, int]], block_size: int, width: int, max_context_len: int, num_blocks: int
+def paged_metadata(
+    seqs: list[tuple[int, int]],
+    block_size: int,
+    width: int,
+    max_context_len: int,
+    num_blocks: int,
+    device: torch.device | str = "cpu",
+    shuffle: bool = False,
 ) -> Any:
+    """AttentionMetadata of a batch given as (context_len, query_len) per sequence, over block tables `width` wide.
+
+    Blocks are dealt out in order, wrapping past `num_blocks` (block 0 is the null block); `shuffle` deals them in a
+    seeded random order instead, scattered through the cache as a long-running engine leaves them."""
     from inference.metadata import AttentionMetadata
 
+    order = torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(0)) + 1 if shuffle else None
     tables = torch.zeros(len(seqs), width, dtype=torch.int32)
     slots: list[int] = []
     starts = [0]
     for i, (ctx, q_len) in enumerate(seqs):
         blocks = [(i * width + j) % (num_blocks - 1) + 1 for j in range(-(-ctx // block_size))]
+        if order is not None:
+            blocks = [int(order[b - 1]) for b in blocks]
         tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
         slots += [blocks[p // block_size] * block_size + p % block_size for p in range(ctx - q_len, ctx)]
         starts.append(starts[-1] + q_len)
     return AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32),
-        context_lens=torch.tensor([c for c, _ in seqs], dtype=torch.int32),
-        block_tables=tables,
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        context_lens=torch.tensor([c for c, _ in seqs], dtype=torch.int32, device=device),
+        block_tables=tables.to(device),
         max_query_len=max(q for _, q in seqs),
         max_context_len=max_context_len,
         block_size=block_size,
@@ -267,7 +280,7 @@ def compile_model(
         for name, seqs, width, max_context in _forward_cases(block_size, max_model_len):
             if progress:
                 progress(name)
-            meta = _metadata(seqs, block_size, width, max_context, num_blocks)
+            meta = paged_metadata(seqs, block_size, width, max_context, num_blocks)
             tokens = int(meta.query_start_loc[-1])
             ids = torch.randint(0, small.vocab_size, (tokens,))
             positions = torch.cat([torch.arange(c - q, c) for c, q in seqs])

@@ -7,6 +7,7 @@ Same contract as inference.attention (the oracle): `write_kv(kv_layer, k, v, slo
 from __future__ import annotations
 
 import functools
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import triton
@@ -17,12 +18,78 @@ from inference.metadata import AttentionMetadata
 # exp(x) == exp2(x * log2(e)); exp2 is the cheaper instruction on GPUs.
 _LOG2E = 1.4426950408889634
 
-# Tile sizes. tl.dot needs every dimension >= 16 on GPUs; the interpreter accepts the same shapes.
-_DECODE_BLOCK_N = 32  # keys per decode iteration
-_PREFILL_BLOCK_M = 32  # (query token, head) rows per prefill program
-_PREFILL_BLOCK_N = 32  # keys per prefill iteration
 _MAX_SPLITS = 16  # most KV partitions one decode sequence is split into
 _MIN_KEYS_PER_SPLIT = 256  # fewer keys per partition than this costs more in the reduction than it gains
+
+
+TILES_ENV = "AGENT_RUNTIME_TRITON_TILES"
+
+
+@dataclass(frozen=True, slots=True)
+class Tiles:
+    """Tile sizes and launch shape of the attention kernels (the KV-write and reduction kernels have no choices).
+
+    tl.dot needs every dimension >= 16 on GPUs, so each block is a power of two >= 16. Set with `set_tiles` before
+    an engine captures its decode graphs (a captured launch keeps the tiles it was captured with), or for a whole
+    process with AGENT_RUNTIME_TRITON_TILES="decode_block_n=64,decode_warps=8". `benchmarks/triton_tiles.py`
+    times the choices on a GPU.
+    """
+
+    decode_block_n: int = 32  # keys per decode iteration
+    decode_warps: int = 4
+    decode_stages: int = 3
+    prefill_block_m: int = 32  # (query token, head) rows per prefill program
+    prefill_block_n: int = 32  # keys per prefill iteration
+    prefill_warps: int = 4
+    prefill_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{f.name} must be an integer, got {value!r}")
+            if f.name.endswith(("block_n", "block_m")) and (value < 16 or value & (value - 1) or value > 256):
+                raise ValueError(f"{f.name} must be a power of two from 16 to 256, got {value}")
+            if f.name.endswith("warps") and value not in (1, 2, 4, 8, 16):
+                raise ValueError(f"{f.name} must be 1, 2, 4, 8 or 16, got {value}")
+            if f.name.endswith("stages") and not 1 <= value <= 6:
+                raise ValueError(f"{f.name} must be from 1 to 6, got {value}")
+
+    @classmethod
+    def parse(cls, spec: str) -> Tiles:
+        """Tiles from "name=value,..." (unnamed fields keep their defaults); ValueError names what is wrong."""
+        known = {f.name for f in fields(cls)}
+        values: dict[str, int] = {}
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            name, sep, raw = item.partition("=")
+            name = name.strip()
+            if not sep or name not in known:
+                raise ValueError(f"{item!r} is not name=value with a name among {', '.join(sorted(known))}")
+            try:
+                values[name] = int(raw)
+            except ValueError:
+                raise ValueError(f"{name} must be an integer, got {raw.strip()!r}") from None
+        return cls(**values)
+
+    def spec(self) -> str:
+        """The "name=value,..." of the fields that differ from the defaults ("" for the defaults)."""
+        default = asdict(Tiles())
+        return ",".join(f"{k}={v}" for k, v in asdict(self).items() if v != default[k])
+
+
+_tiles = Tiles()
+
+
+def tiles() -> Tiles:
+    """The tiles the next launches use."""
+    return _tiles
+
+
+def set_tiles(new: Tiles) -> Tiles:
+    """Use `new` for every later launch; returns the tiles it replaces."""
+    global _tiles
+    old, _tiles = _tiles, new
+    return old
 
 
 @triton.jit
@@ -405,6 +472,7 @@ def paged_attention(
     if num_tokens == 0:
         return out
     group = num_heads // kv_heads
+    t = _tiles
     k_cache, v_cache = kv_layer[0], kv_layer[1]
     tables = meta.block_tables
     if tables.stride(1) != 1:
@@ -427,8 +495,9 @@ def paged_attention(
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-            BLOCK_G=_pow2(group, 16), BLOCK_N=_DECODE_BLOCK_N, BLOCK_D=block_d,
+            BLOCK_G=_pow2(group, 16), BLOCK_N=t.decode_block_n, BLOCK_D=block_d,
             NUM_SPLITS=splits, DOT_PRECISION=precision, INTERPRETER=INTERPRETED,
+            num_warps=t.decode_warps, num_stages=t.decode_stages,
         )  # fmt: skip
         if splits > 1:
             _decode_reduce_kernel[(num_seqs, num_heads)](
@@ -437,7 +506,7 @@ def paged_attention(
                 INTERPRETER=INTERPRETED,
             )  # fmt: skip
         return out
-    block_m = max(_PREFILL_BLOCK_M, _pow2(group))
+    block_m = max(t.prefill_block_m, _pow2(group))
     block_q = block_m // group
     grid = (num_seqs, kv_heads, triton.cdiv(meta.max_query_len, block_q))
     _prefill_kernel[grid](
@@ -445,7 +514,8 @@ def paged_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=_PREFILL_BLOCK_N, BLOCK_D=block_d,
+        BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=t.prefill_block_n, BLOCK_D=block_d,
         DOT_PRECISION=precision, INTERPRETER=INTERPRETED,
+        num_warps=t.prefill_warps, num_stages=t.prefill_stages,
     )  # fmt: skip
     return out

@@ -86,3 +86,25 @@ def test_engine_profile_runs_its_whole_path_on_the_cpu(capsys: pytest.CaptureFix
     for row in ("decode, batch 1", "decode, batch 4", "prefill, 8 x 32 tokens"):
         assert row in out
     assert "aten::mm" in out  # the top-ops tables list the profiled ops
+
+
+@pytest.mark.parametrize("mode", [["--smoke"], ["--smoke", "--aot", "sm_90"]], ids=["timed", "aot"])
+def test_tile_sweep_runs_its_whole_path_without_a_gpu(mode: list[str], tmp_path: Path) -> None:
+    """`benchmarks.triton_tiles --smoke` checks and times two candidates per kind under the interpreter; with --aot
+    it compiles them for an H100 instead. A subprocess: the interpreter must be chosen before triton loads."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", "benchmarks.triton_tiles", *mode],
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if "--aot" in mode:
+        assert "sm_90: 4 candidates compiled; 4 fit without spills" in proc.stdout
+    else:
+        assert "decode: 2 candidates" in proc.stdout and "prefill: 2 candidates" in proc.stdout
+        assert "(current)" in proc.stdout and "suggested:" in proc.stdout

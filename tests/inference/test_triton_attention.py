@@ -212,6 +212,67 @@ def test_half_precision_close_to_fp32_reference(name: str, dtype: torch.dtype) -
     check(make_case(**CASES[name], dtype=dtype), atol=2e-2)
 
 
+TILE_VARIANTS = {
+    "small_tiles": tri.Tiles(decode_block_n=16, prefill_block_m=16, prefill_block_n=16),
+    "large_tiles": tri.Tiles(decode_block_n=128, prefill_block_m=128, prefill_block_n=64, decode_warps=8),
+    "wide_keys": tri.Tiles(decode_block_n=64, prefill_block_m=64, prefill_block_n=128, prefill_stages=2),
+}
+
+
+@pytest.fixture
+def restore_tiles() -> Any:
+    before = tri.tiles()
+    yield
+    tri.set_tiles(before)
+
+
+@pytest.mark.parametrize("variant", list(TILE_VARIANTS))
+@pytest.mark.parametrize(
+    "name",
+    ["mixed_decode_and_prefill", "gqa_group3_odd_head_dim", "pages_smaller_than_tile", "mqa_long_query"],
+)
+def test_every_tile_choice_matches_reference(name: str, variant: str, restore_tiles: None) -> None:
+    """The tiles the sweep (benchmarks/triton_tiles.py) may pick change speed only: key tiles smaller and larger than
+    a page, query tiles smaller than a GQA group's rows, and split-KV decode all agree with the oracle."""
+    tri.set_tiles(TILE_VARIANTS[variant])
+    check(make_case(**CASES[name]))
+    check(make_case(**{**CASES[name], "seqs": [(40, 1), (30, 1)]}), num_splits=2)
+
+
+def test_tiles_parse_validate_and_round_trip() -> None:
+    t = tri.Tiles.parse(" decode_block_n=64, prefill_warps=8 ,")
+    assert t == tri.Tiles(decode_block_n=64, prefill_warps=8)
+    assert tri.Tiles.parse(t.spec()) == t and tri.Tiles().spec() == ""
+    for spec, message in [
+        ("decode_block_n=48", "power of two from 16 to 256"),
+        ("prefill_block_m=8", "power of two from 16 to 256"),
+        ("decode_warps=3", "1, 2, 4, 8 or 16"),
+        ("prefill_stages=0", "from 1 to 6"),
+        ("decode_block_n=x", "must be an integer, got 'x'"),
+        ("block=32", "is not name=value with a name among"),
+        ("decode_block_n", "is not name=value"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            tri.Tiles.parse(spec)
+
+
+def test_tiles_from_the_environment(monkeypatch: pytest.MonkeyPatch, restore_tiles: None) -> None:
+    attention_backends._resolve.cache_clear()
+    try:
+        monkeypatch.setenv(tri.TILES_ENV, "decode_block_n=64,prefill_stages=2")
+        assert get_attention_backend("cuda", "triton").name == "triton"
+        assert tri.tiles() == tri.Tiles(decode_block_n=64, prefill_stages=2)
+        attention_backends._resolve.cache_clear()
+        monkeypatch.setenv(tri.TILES_ENV, "decode_block_n=100")
+        with pytest.raises(
+            AttentionBackendError, match="AGENT_RUNTIME_TRITON_TILES='decode_block_n=100'"
+        ) as err:
+            get_attention_backend("cuda", "triton")
+        assert err.value.user_facing and "unset it" in (err.value.hint or "")
+    finally:
+        attention_backends._resolve.cache_clear()
+
+
 def test_write_kv_casts_and_takes_strided_inputs() -> None:
     """K/V arrive as strided views of the fused qkv projection and in fp32 while the cache is bf16."""
     case = make_case([(20, 5), (9, 3)], dtype=torch.bfloat16)
