@@ -166,7 +166,7 @@ class LocalEngineBackend:
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        from inference.params import SamplingParams
+        from inference.params import OutputKind, SamplingParams
 
         ids = self.render(request)
         processor = await self._processor(request.grammar) if request.grammar is not None else None
@@ -176,15 +176,18 @@ class LocalEngineBackend:
             top_p=request.top_p,
             seed=request.seed,
             logits_processor=processor,
+            output_kind=OutputKind.DELTA,  # the engine sends deltas; the running text is kept here
         )
         self.stats.requests += 1
         if processor is not None:
             self.stats.constrained_requests += 1
         try:
+            text = ""
             async for out in self.engine.generate(ids, params, request_id=request.request_id):
+                text = out.text if out.finished else text + out.delta_text
                 yield GenerationChunk(
                     out.delta_text,
-                    out.text,
+                    text,
                     out.finished,
                     out.finish_reason,
                     out.prompt_tokens,

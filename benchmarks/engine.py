@@ -63,14 +63,17 @@ class KVPeaks:
 
 def engine_throughput(engine: Any, work: Workload) -> tuple[float, KVPeaks]:
     """Seconds for the workload and the peak KV bytes held (ours, the token-exact floor, contiguous slabs)."""
-    from inference.params import SamplingParams
+    from inference.params import OutputKind, SamplingParams
 
     per_token = engine.model_config.kv_bytes_per_token()
     block_bytes = per_token * engine.block_manager.block_size
     bm = engine.block_manager
     t0 = time.perf_counter()
     for i, (p, n) in enumerate(zip(work.prompts, work.max_tokens, strict=True)):
-        engine.add_request(f"tp-{i}", p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        params = SamplingParams(
+            temperature=0, max_tokens=n, ignore_eos=True, output_kind=OutputKind.FINAL_ONLY
+        )
+        engine.add_request(f"tp-{i}", p, params)
     peaks = KVPeaks()
     while engine.has_unfinished():
         engine.step()
@@ -95,10 +98,11 @@ def engine_single(engine: Any, prompt: list[int], n: int) -> float:
 
 
 def engine_ttft(engine: Any, prompt: list[int]) -> float:
-    from inference.params import SamplingParams
+    from inference.params import OutputKind, SamplingParams
 
     t0 = time.perf_counter()
-    engine.add_request(None, prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, output_kind=OutputKind.DELTA)
+    engine.add_request(None, prompt, params)
     while engine.has_unfinished():
         if any(o.delta_token_ids for o in engine.step()):
             break

@@ -119,10 +119,13 @@ def free_device_memory() -> None:
 # ---- our engine ------------------------------------------------------------------------------------------------
 
 
-def sampling(temperature: float, n: int) -> Any:
-    from inference.params import SamplingParams
+def sampling(temperature: float, n: int, output_kind: str = "delta") -> Any:
+    """Greedy or sampled, exactly n tokens; outputs carry deltas (or, with "final_only", only the final one)."""
+    from inference.params import OutputKind, SamplingParams
 
-    return SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True)
+    return SamplingParams(
+        temperature=temperature, max_tokens=n, ignore_eos=True, output_kind=OutputKind(output_kind)
+    )
 
 
 def engine_run(engine: Any, work: Workload, temperature: float) -> Run:
@@ -131,7 +134,7 @@ def engine_run(engine: Any, work: Workload, temperature: float) -> Run:
     peak = 0
     t0 = time.perf_counter()
     for i, (p, n) in enumerate(zip(work.prompts, work.max_tokens, strict=True)):
-        engine.add_request(f"tp-{i}", p, sampling(temperature, n))
+        engine.add_request(f"tp-{i}", p, sampling(temperature, n, "final_only"))
     produced = 0
     while engine.has_unfinished():
         for out in engine.step():

@@ -83,10 +83,13 @@ async def drive(concurrency: int, requests: int, one: Callable[[int], Awaitable[
 
 
 def in_process(engine: Any, max_tokens: int) -> Callable[[int], Awaitable[tuple[float, int]]]:
-    from inference.params import SamplingParams
+    from inference.params import OutputKind, SamplingParams
 
     async def one(i: int) -> tuple[float, int]:
-        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        # deltas, as the server asks for its streams
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=0, ignore_eos=True, output_kind=OutputKind.DELTA
+        )
         start = time.perf_counter()
         ttft = None
         tokens = 0

@@ -40,7 +40,10 @@ class _Mailbox:
     def put(self, out: RequestOutput) -> None:
         with self._lock:
             self._items.append(out)
-            self.ready.set()
+            # `ready` is set exactly while items wait (both change under the lock): skip the Event's own
+            # lock and notify when the consumer has not drained the previous output yet
+            if not self.ready.is_set():
+                self.ready.set()
 
     def drain(self) -> list[RequestOutput]:
         with self._lock:
@@ -90,7 +93,10 @@ class AsyncEngine:
         *,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream the request's outputs; the last one has `finished=True`. Leaving early aborts the request."""
+        """Stream the request's outputs; the last one has `finished=True`. Leaving early aborts the request.
+
+        What each output carries follows `params.output_kind` (inference.params.OutputKind): streaming callers
+        should ask for DELTA, which keeps the step thread's work per output independent of the text's length."""
         self._check_running()
         params = params if params is not None else SamplingParams()
         ids = self.engine.validate_request(prompt, params)  # a bad request fails here, alone
@@ -221,4 +227,4 @@ class AsyncEngine:
 
 
 def _failed(request_id: str, prompt_tokens: int) -> RequestOutput:
-    return RequestOutput(request_id, "", [], "", [], True, "error", prompt_tokens, 0, None)
+    return RequestOutput(request_id, "", [], "", [], True, "error", prompt_tokens, 0, None, None)

@@ -112,6 +112,18 @@ class BlockManager:
         On a sequence's first allocation the cached prefix is attached and `num_computed_tokens` advanced.
         Nothing changes when it returns False.
         """
+        table = seq.block_table
+        if table:  # a sequence that already has blocks (every decode): no prefix lookup, usually no new block
+            computed = seq.num_computed_tokens
+            total = computed + min(num_new_tokens, len(seq.token_ids) - computed)
+            need = -(-total // self.block_size) - len(table)
+            if need <= 0:
+                return True
+            if need > len(self._free):
+                return False
+            for _ in range(need):
+                table.append(self._take_free())
+            return True
         hits: list[int] = []
         first = not seq.block_table and seq.num_computed_tokens == 0
         if first:
@@ -145,10 +157,10 @@ class BlockManager:
 
     def commit(self, seq: Sequence) -> None:
         """Hash the blocks of `seq` that became full and written since the last commit."""
-        if not self.enable_prefix_caching:
-            return
         bs = self.block_size
         full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        if full <= seq.num_hashed_blocks or not self.enable_prefix_caching:
+            return
         tokens = seq.token_ids
         for i in range(seq.num_hashed_blocks, full):
             chunk = tuple(tokens[i * bs : (i + 1) * bs])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence as SequenceT
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -19,7 +19,7 @@ from inference.errors import EngineError, RequestError
 from inference.memory_profile import DEFAULT_GPU_MEMORY_UTILIZATION, StepLimits, plan_cuda_kv_blocks
 from inference.metrics import EngineMetrics, MetricsCollector
 from inference.model_runner import ModelRunner, make_current, plan_num_blocks
-from inference.params import SamplingParams
+from inference.params import OutputKind, SamplingParams
 from inference.sampler import Sampler
 from inference.scheduler import Scheduler
 from inference.sequence import Sequence
@@ -31,7 +31,14 @@ Prompt = str | list[int] | list[dict[str, Any]]
 
 @dataclass(slots=True)
 class RequestOutput:
-    """What a request produced since its previous output (`delta_*`) and in total (`text`, `token_ids`)."""
+    """What a request produced since its previous output (`delta_*`) and in total (`text`, `token_ids`,
+    `logprobs`).
+
+    The deltas of a request's outputs concatenate to its totals. The totals are on every output when the
+    request's `SamplingParams.output_kind` is CUMULATIVE (the default), and only on the final output
+    (`finished=True`) for DELTA and FINAL_ONLY, where non-final outputs have `text=""`, `token_ids=[]` and
+    `logprobs=None`; FINAL_ONLY sends the final output alone. `completion_tokens` is always the total so far.
+    """
 
     request_id: str
     delta_text: str
@@ -43,6 +50,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[Any] | None = None
+    delta_logprobs: list[Any] | None = None  # None unless the request asked for logprobs
 
 
 class LLMEngine:
@@ -231,20 +239,27 @@ class LLMEngine:
         if not batch:
             return outputs
         t0 = time.monotonic()
-        for seq, _ in batch.items:
+        for seq in batch.admitted:
             if not seq.admitted:
                 seq.admitted = True
                 self.stats.record_admitted(t0 - seq.arrival_time, seq.num_prompt_tokens)
         logits, sampling = self.runner.run(batch.items)
         kv_used = self.block_manager.num_used_blocks  # before finished requests give their blocks back
+        commit = self.block_manager.commit
         for seq, n in batch.items:
             seq.num_computed_tokens += n
-            self.block_manager.commit(seq)
+            commit(seq)
         if logits is not None:
             result = self.sampler(logits, sampling)
             now = time.monotonic()
-            for i, seq in enumerate(sampling):
-                out = self._append_token(seq, result.token_ids[i], result.logprobs[i], now)
+            self.stats.record_tokens(
+                len(sampling),
+                [now - s.arrival_time for s in sampling if s.first_token_time is None],
+                [now - s.last_token_time for s in sampling if s.last_token_time is not None],
+            )
+            append = self._append_token
+            for seq, token, logprob in zip(sampling, result.token_ids, result.logprobs, strict=True):
+                out = append(seq, token, logprob, now)
                 if out is not None:
                     outputs.append(out)
         self.stats.record_step(
@@ -258,11 +273,11 @@ class LLMEngine:
 
     def _append_token(self, seq: Sequence, token: int, logprob: Any, now: float) -> RequestOutput | None:
         p = seq.params
-        self.stats.record_token(seq.first_token_time is None, now, seq.arrival_time, seq.last_token_time)
         if seq.first_token_time is None:
             seq.first_token_time = now
         seq.last_token_time = now
-        seq.token_ids.append(token)
+        ids = seq.token_ids
+        ids.append(token)
         if logprob is not None and seq.logprobs is not None:
             seq.logprobs.append(logprob)
         reason: str | None = None
@@ -275,25 +290,32 @@ class LLMEngine:
                 seq.text += delta
                 if p.stop and self._cut_at_stop(seq, len(delta)):
                     reason, stopped_by_text = "stop", True
-        if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+        if reason is None and (
+            len(ids) - len(seq.prompt_token_ids) >= p.max_tokens or len(ids) >= self.max_model_len
+        ):
             reason = "length"
         if reason is not None:
             self._finish(seq, reason, flush=not stopped_by_text)
             return self._output(seq, finished=True)
-        if seq.num_output_tokens == seq.emitted_token_count and len(seq.text) == seq.emitted_text_len:
+        if p.output_kind is OutputKind.FINAL_ONLY:
             return None
+        # a new token id is always news, even when its text is held back (stop strings, incomplete characters)
         return self._output(seq, finished=False)
 
     @staticmethod
     def _cut_at_stop(seq: Sequence, delta_len: int) -> bool:
         """Truncate `seq.text` before the earliest stop string that the latest delta completed."""
-        longest = max(len(s) for s in seq.params.stop)
-        start = max(0, len(seq.text) - delta_len - longest + 1)
-        window = seq.text[start:]
-        hits = [i for i in (window.find(s) for s in seq.params.stop) if i >= 0]
-        if not hits:
+        text, stops = seq.text, seq.params.stop
+        # a stop string completed by the delta starts at most len(stop) - 1 characters before it
+        start = max(0, len(text) - delta_len - max(map(len, stops)) + 1)
+        cut = -1
+        for stop in stops:
+            i = text.find(stop, start)
+            if i >= 0 and (cut < 0 or i < cut):
+                cut = i
+        if cut < 0:
             return False
-        seq.text = seq.text[: start + min(hits)]
+        seq.text = text[:cut]
         return True
 
     def _finish(self, seq: Sequence, reason: str, *, flush: bool) -> None:
@@ -308,26 +330,40 @@ class LLMEngine:
         self.stats.record_finished()
 
     def _output(self, seq: Sequence, *, finished: bool) -> RequestOutput:
-        if finished or not seq.params.stop:
-            safe = len(seq.text)
+        """The request's output since its previous one; O(delta) unless the totals are asked for."""
+        text = seq.text
+        stops = seq.params.stop
+        if finished or not stops:
+            safe = len(text)
         else:  # hold back text that might turn out to be the start of a stop string
-            safe = max(seq.emitted_text_len, len(seq.text) - max(len(s) for s in seq.params.stop) + 1)
-        delta_text = seq.text[seq.emitted_text_len : safe]
+            safe = max(seq.emitted_text_len, len(text) - max(map(len, stops)) + 1)
+        delta_text = text[seq.emitted_text_len : safe]
         seq.emitted_text_len = safe
-        out_ids = seq.output_token_ids
-        delta_ids = out_ids[seq.emitted_token_count :]
-        seq.emitted_token_count = len(out_ids)
-        return RequestOutput(
-            request_id=seq.request_id,
-            delta_text=delta_text,
-            delta_token_ids=delta_ids,
-            text=seq.text[:safe],
-            token_ids=out_ids,
-            finished=finished,
-            finish_reason=seq.finish_reason if finished else None,
-            prompt_tokens=seq.num_prompt_tokens,
-            completion_tokens=len(out_ids),
-            logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+        num_prompt = len(seq.prompt_token_ids)
+        emitted = seq.emitted_token_count
+        delta_ids = seq.token_ids[num_prompt + emitted :]
+        num_out = emitted + len(delta_ids)
+        seq.emitted_token_count = num_out
+        lps = seq.logprobs
+        delta_lps = lps[emitted:] if lps is not None else None
+        if finished or seq.params.output_kind is OutputKind.CUMULATIVE:
+            total_text = text[:safe]
+            total_ids = seq.token_ids[num_prompt:]
+            total_lps = list(lps) if lps is not None else None
+        else:
+            total_text, total_ids, total_lps = "", [], None
+        return RequestOutput(  # positional: this runs for every sequence at every step
+            seq.request_id,
+            delta_text,
+            delta_ids,
+            total_text,
+            total_ids,
+            finished,
+            seq.finish_reason if finished else None,
+            num_prompt,
+            num_out,
+            total_lps,
+            delta_lps,
         )
 
     # ---- conveniences --------------------------------------------------------------------------------
@@ -346,6 +382,8 @@ class LLMEngine:
             param_list = [params or SamplingParams()] * len(plist)
         else:
             param_list = list(params)
+        # only the final outputs are returned, and those carry the totals whatever the output kind
+        param_list = [replace(pa, output_kind=OutputKind.FINAL_ONLY) for pa in param_list]
         ids = [self.add_request(None, pr, pa) for pr, pa in zip(plist, param_list, strict=True)]
         done: dict[str, RequestOutput] = {}
         while len(done) < len(ids):

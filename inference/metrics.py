@@ -90,13 +90,13 @@ class MetricsCollector:
         self.kv_peak_blocks = max(self.kv_peak_blocks, kv_used)
         self.max_running = max(self.max_running, running)
 
-    def record_token(self, first: bool, now: float, arrival: float, last: float | None) -> None:
+    def record_tokens(self, count: int, ttfts: list[float], itls: list[float]) -> None:
+        """One step's `count` sampled tokens: the first tokens' times to first token and the others' inter-token
+        latencies (one lock per step, not per token)."""
         with self._lock:
-            self.generation_tokens += 1
-            if first:
-                self.ttft.append(now - arrival)
-            elif last is not None:
-                self.itl.append(now - last)
+            self.generation_tokens += count
+            self.ttft.extend(ttfts)
+            self.itl.extend(itls)
 
     def record_admitted(self, queue_wait: float, prompt_tokens: int) -> None:
         with self._lock:

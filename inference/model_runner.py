@@ -105,12 +105,67 @@ def plan_num_blocks(
     return int(num_blocks)
 
 
+class BlockTableCache:
+    """The previous step's padded block tables, so that steady decoding copies rows and writes only the blocks
+    added since, instead of flattening every table again (O(total blocks) Python work per step).
+
+    Rows are keyed by the block-table list itself: block tables are append-only lists, and freeing a sequence's
+    blocks gives it a new list, so a list seen last step holds last step's row plus new entries at its end. The
+    cache keeps last step's lists alive, which keeps their ids unique.
+    """
+
+    __slots__ = ("_index", "_lens", "_lists", "_tables")
+
+    def __init__(self) -> None:
+        self._lists: list[list[int]] = []
+        self._index: dict[int, int] = {}
+        self._lens = np.zeros(0, dtype=np.int64)
+        self._tables = np.zeros((0, 0), dtype=np.int32)
+
+    def build(self, lists: list[list[int]], lens: np.ndarray) -> np.ndarray:
+        """`[len(lists), max(lens)]` int32 tables padded with 0 (a new array each step: last step's may still be
+        in use as a zero-copy model input)."""
+        n, width = len(lists), int(lens.max())
+        get = self._index.get
+        rows = np.fromiter((get(id(t), -1) for t in lists), dtype=np.int64, count=n)
+        hit = rows >= 0
+        if hit.sum() * 2 < n:  # mostly new lists (admissions, preemptions): one flattening is cheaper
+            tables = _flatten_tables(lists, lens, width)
+        else:
+            tables = np.zeros((n, width), dtype=np.int32)
+            w = min(width, self._tables.shape[1])
+            src = rows[hit]
+            tables[hit, :w] = self._tables[src, :w]
+            done = np.zeros(n, dtype=np.int64)
+            done[hit] = self._lens[src]
+            for i in np.flatnonzero(
+                done != lens
+            ).tolist():  # grown tables (about one in block_size) and misses
+                a = int(done[i])
+                if a > lens[i]:  # not append-only after all: rewrite the row
+                    tables[i] = 0
+                    a = 0
+                tables[i, a : lens[i]] = lists[i][a:]
+        self._lists, self._lens, self._tables = lists, lens, tables
+        self._index = {id(t): i for i, t in enumerate(lists)}
+        return tables
+
+
+def _flatten_tables(lists: list[list[int]], lens: np.ndarray, width: int) -> np.ndarray:
+    tables = np.zeros((len(lists), width), dtype=np.int32)
+    # row-major mask order is the concatenation order of the tables: one vectorised fill instead of n row copies
+    flat = itertools.chain.from_iterable(lists)
+    tables[np.arange(width) < lens[:, None]] = np.fromiter(flat, dtype=np.int32, count=int(lens.sum()))
+    return tables
+
+
 def build_host_batch(
-    items: SequenceT[tuple[Sequence, int]], block_size: int
+    items: SequenceT[tuple[Sequence, int]], block_size: int, tables: BlockTableCache | None = None
 ) -> tuple[HostBatch, list[Sequence]]:
     """Flatten `(sequence, num_new_tokens)` pairs into host arrays; also returns the sequences that sample this step.
 
     Each sequence's new tokens start at its `num_computed_tokens`; it samples when the step reaches its last token.
+    `tables` (the runner's, reused step after step) makes the block tables cost O(new blocks) in steady decoding.
     """
     n = len(items)
     seqs = [s for s, _ in items]
@@ -120,26 +175,27 @@ def build_host_batch(
     qsl = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lens, out=qsl[1:])
     total = int(qsl[-1])
+    token_lists = [s.token_ids for s in seqs]
     if total == n:  # one new token each (decodes, 1-token prefill chunks): the token at num_computed_tokens
-        ids = np.fromiter((s.token_ids[a] for s, a in zip(seqs, starts.tolist(), strict=True)), np.int64, n)
+        ids = np.fromiter(map(list.__getitem__, token_lists, starts.tolist()), np.int64, n)
         seq_of_token = np.arange(n)
         positions = starts
     else:
-        chunks = (s.token_ids[a:b] for s, a, b in zip(seqs, starts.tolist(), ends.tolist(), strict=True))
+        chunks = (t[a:b] for t, a, b in zip(token_lists, starts.tolist(), ends.tolist(), strict=True))
         ids = np.fromiter(itertools.chain.from_iterable(chunks), dtype=np.int64, count=total)
         seq_of_token = np.repeat(np.arange(n), lens)
         positions = np.repeat(starts - qsl[:-1], lens) + np.arange(total)
-    table_lens = np.fromiter((len(s.block_table) for s in seqs), dtype=np.int64, count=n)
-    tables = np.zeros((n, int(table_lens.max())), dtype=np.int32)
-    # row-major mask order is the concatenation order of the tables: one vectorised fill instead of n row copies
-    flat = itertools.chain.from_iterable(s.block_table for s in seqs)
-    tables[np.arange(tables.shape[1]) < table_lens[:, None]] = np.fromiter(
-        flat, dtype=np.int32, count=int(table_lens.sum())
-    )
+    block_lists = [s.block_table for s in seqs]
+    table_lens = np.fromiter(map(len, block_lists), dtype=np.int64, count=n)
+    if tables is None:
+        block_tables = _flatten_tables(block_lists, table_lens, int(table_lens.max()))
+    else:
+        block_tables = tables.build(block_lists, table_lens)
     slots = (
-        tables[seq_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
+        block_tables[seq_of_token, positions // block_size].astype(np.int64) * block_size
+        + positions % block_size
     )
-    num_tokens = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=n)
+    num_tokens = np.fromiter(map(len, token_lists), dtype=np.int64, count=n)
     sample_rows = np.flatnonzero(ends == num_tokens)
     host = HostBatch(
         input_ids=ids,
@@ -147,12 +203,12 @@ def build_host_batch(
         slot_mapping=slots,
         query_start_loc=qsl.astype(np.int32),
         context_lens=ends.astype(np.int32),
-        block_tables=tables,
+        block_tables=block_tables,
         sample_indices=qsl[1:][sample_rows] - 1,
         max_query_len=int(lens.max()),
         max_context_len=int(ends.max()),
     )
-    return host, [seqs[i] for i in sample_rows.tolist()]
+    return host, seqs if len(sample_rows) == n else [seqs[i] for i in sample_rows.tolist()]
 
 
 @dataclass(slots=True)
@@ -308,6 +364,7 @@ class ModelRunner:
         configure_threads()
         self.kv_cache = allocate_kv_cache(config, num_blocks, block_size, self.device)
         self._stager = HostStager(self.device) if self.device.type != "cpu" else None
+        self._tables = BlockTableCache()
         self.decode_graphs: DecodeGraphRunner | None = None
         why_not = cuda_graphs_unsupported(
             self.device, self.attention.name, config, enforce_eager=enforce_eager
@@ -339,7 +396,7 @@ class ModelRunner:
 
     def prepare(self, items: SequenceT[tuple[Sequence, int]]) -> StepInputs:
         """Flatten `(sequence, num_new_tokens)` pairs; each sequence's new tokens start at `num_computed_tokens`."""
-        host, sample_seqs = build_host_batch(items, self.block_size)
+        host, sample_seqs = build_host_batch(items, self.block_size, self._tables)
         return self._to_device(host, sample_seqs)
 
     def _to_device(self, host: HostBatch, sample_seqs: list[Sequence]) -> StepInputs:
@@ -350,7 +407,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, items: SequenceT[tuple[Sequence, int]]) -> tuple[torch.Tensor | None, list[Sequence]]:
         """One forward pass; returns `[num_sampling, vocab]` float32 logits (or None) and the sequences they belong to."""
-        host, sample_seqs = build_host_batch(items, self.block_size)
+        host, sample_seqs = build_host_batch(items, self.block_size, self._tables)
         graphs = self.decode_graphs
         if graphs is not None and graphs.fits(host):
             hidden = graphs.run(host)

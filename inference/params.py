@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,15 @@ class LogitsProcessor(Protocol):
     def __call__(self, output_token_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor: ...
 
 
+class OutputKind(enum.Enum):
+    """What a request's `RequestOutput`s carry (inference/engine.py). Every output has the delta since the
+    request's previous output; the totals (`text`, `token_ids`, `logprobs`) cost O(length) per output."""
+
+    CUMULATIVE = "cumulative"  # totals on every output (the default)
+    DELTA = "delta"  # deltas on every output, totals only on the final one: for streaming consumers
+    FINAL_ONLY = "final_only"  # one output, when the request ends, with the totals
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """How one request samples and when it stops. `temperature == 0` means greedy."""
@@ -40,6 +50,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     logits_processor: LogitsProcessor | None = None
+    output_kind: OutputKind = OutputKind.CUMULATIVE
 
     @property
     def greedy(self) -> bool:
@@ -63,6 +74,15 @@ class SamplingParams:
             self.stop = (self.stop,)
         self.stop = tuple(self.stop)
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        if not isinstance(self.output_kind, OutputKind):
+            kinds = ", ".join(k.value for k in OutputKind)
+            try:
+                self.output_kind = OutputKind(self.output_kind)
+            except ValueError:
+                raise RequestError(
+                    f"invalid sampling parameter: output_kind must be one of {kinds}",
+                    "fix `output_kind` in the request",
+                ) from None
         checks: list[tuple[bool, str, str]] = [
             (
                 isinstance(self.max_tokens, int) and self.max_tokens >= 1,

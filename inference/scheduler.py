@@ -13,10 +13,12 @@ from inference.sequence import Sequence, SequenceStatus
 
 @dataclass(slots=True)
 class ScheduledBatch:
-    """One step's work: `(sequence, number of new tokens)` pairs, decodes first, and who was preempted."""
+    """One step's work: `(sequence, number of new tokens)` pairs, decodes first, who was preempted, and who
+    was admitted from the waiting queue."""
 
     items: list[tuple[Sequence, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    admitted: list[Sequence] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -58,18 +60,24 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
+        items = batch.items
         budget = self.max_num_batched_tokens
+        allocate = self.block_manager.allocate
         scheduled: set[int] = set()
-        # decodes first (one token each, latency-sensitive), then running prefill chunks
-        order = sorted(range(len(self.running)), key=lambda i: self.running[i].num_uncomputed_tokens > 1)
-        queue = [self.running[i] for i in order]
+        # decodes first (one token each, latency-sensitive), then running prefill chunks, each in running order
+        decodes = [s for s in self.running if len(s.token_ids) - s.num_computed_tokens <= 1]
+        if len(decodes) == len(self.running):
+            queue = decodes
+        else:
+            queue = decodes + [s for s in self.running if len(s.token_ids) - s.num_computed_tokens > 1]
+        running = SequenceStatus.RUNNING
         for seq in queue:
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
+            if seq.status is not running:  # preempted earlier in this loop
                 continue
-            num_new = min(seq.num_uncomputed_tokens, budget)
-            while not self.block_manager.allocate(seq, num_new):
+            num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            while not allocate(seq, num_new):
                 victim = self._pick_victim(scheduled)
                 if victim is None:
                     break
@@ -78,11 +86,11 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                batch.items.append((seq, num_new))
+                items.append((seq, num_new))
                 scheduled.add(id(seq))
                 budget -= num_new
                 continue
-            if seq.status is not SequenceStatus.RUNNING:
+            if seq.status is not running:
                 continue
             # nothing left to preempt but seq itself is not schedulable: preempt it so that it retries later
             self._preempt(seq)
@@ -91,15 +99,16 @@ class Scheduler:
         if not batch.preempted:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
-                if not self.block_manager.allocate(seq, min(seq.num_uncomputed_tokens, budget)):
+                if not allocate(seq, min(seq.num_uncomputed_tokens, budget)):
                     break
                 self.waiting.popleft()
                 num_new = min(seq.num_uncomputed_tokens, budget)
-                seq.status = SequenceStatus.RUNNING
+                seq.status = running
                 if seq.first_scheduled_time is None:
                     seq.first_scheduled_time = time.monotonic()
                 self.running.append(seq)
-                batch.items.append((seq, num_new))
+                items.append((seq, num_new))
+                batch.admitted.append(seq)
                 budget -= num_new
         return batch
 

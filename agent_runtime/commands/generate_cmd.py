@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     from inference.engine import LLMEngine
     from inference.loader import load_model
-    from inference.params import SamplingParams
+    from inference.params import OutputKind, SamplingParams
 
     prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty())
@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         stop=tuple(args.stop),
+        output_kind=OutputKind.DELTA,  # only deltas and the final counts are read
     )
     started = time.perf_counter()
     engine.add_request("cli", prompt, params)

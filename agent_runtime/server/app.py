@@ -235,7 +235,6 @@ class OpenAIServer:
         )
         yield chunk({"role": "assistant", "content": ""})
         final = None
-        sent_lp = 0
         async with aclosing(outputs) as stream:
             async for out in stream:
                 final = out
@@ -244,9 +243,8 @@ class OpenAIServer:
                 if plan.tool_mode:
                     continue  # the action is parsed once complete; its JSON is never streamed half-made
                 lp = None
-                if top_n is not None and out.logprobs is not None:
-                    lp = chat.chat_logprobs(svc.tokenizer, out.logprobs[sent_lp:], top_n)
-                    sent_lp = len(out.logprobs)
+                if top_n is not None and out.delta_logprobs is not None:
+                    lp = chat.chat_logprobs(svc.tokenizer, out.delta_logprobs, top_n)
                 if lp:
                     yield chunk({"content": out.delta_text}, logprobs=lp)
                 elif out.delta_text:
@@ -339,7 +337,6 @@ class OpenAIServer:
         if echo:
             yield chunk(echo)
         final = None
-        sent_lp = 0
         offset = len(echo)
         async with aclosing(outputs) as stream:
             async for out in stream:
@@ -347,9 +344,8 @@ class OpenAIServer:
                 if out.finish_reason == "error":
                     break
                 lp = None
-                if req.logprobs is not None and out.logprobs is not None:
-                    lp = chat.completion_logprobs(svc.tokenizer, out.logprobs[sent_lp:], offset)
-                    sent_lp = len(out.logprobs)
+                if req.logprobs is not None and out.delta_logprobs is not None:
+                    lp = chat.completion_logprobs(svc.tokenizer, out.delta_logprobs, offset)
                 offset += len(out.delta_text)
                 if out.delta_text or lp or out.finished:
                     yield chunk(
@@ -433,9 +429,10 @@ class OpenAIServer:
 
     async def _params(self, args: dict[str, Any], logprobs: int | None, grammar: Any) -> Any:
         from inference.errors import RequestError
-        from inference.params import SamplingParams
+        from inference.params import OutputKind, SamplingParams
 
-        params = SamplingParams(**args, logprobs=logprobs)
+        # deltas on every output, totals on the final one: what streaming, metrics and final bodies need
+        params = SamplingParams(**args, logprobs=logprobs, output_kind=OutputKind.DELTA)
         try:
             params.validate()
         except RequestError as exc:

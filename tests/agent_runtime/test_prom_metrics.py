@@ -108,7 +108,7 @@ def test_engine_snapshot_is_exported() -> None:
 
     c = MetricsCollector()
     c.record_admitted(0.25, 10)
-    c.record_token(True, 1.0, 0.5, None)
+    c.record_tokens(1, [0.5], [])
     c.record_step(2, 12, 0.1, 5, 2)
     snap = c.snapshot(
         running=2, waiting=3, kv_total=100, kv_used=25, prefix_query=10, prefix_hit=4, preemptions=1

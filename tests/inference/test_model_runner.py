@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from inference.metadata import AttentionMetadata, HostBatch
-from inference.model_runner import HostStager, StepInputs, build_host_batch, zero_copy_inputs
+from inference.model_runner import (
+    BlockTableCache,
+    HostStager,
+    StepInputs,
+    build_host_batch,
+    zero_copy_inputs,
+)
 from inference.params import SamplingParams
 from inference.sequence import Sequence
 
@@ -80,6 +86,54 @@ def test_host_batch_matches_the_naive_flattening(seed: int, decode_only: bool) -
     assert [s.request_id for s in sample_seqs] == [
         s.request_id for s, n in items if s.num_computed_tokens + n == s.num_tokens
     ]
+
+
+def test_the_block_table_cache_gives_the_flattened_tables_step_after_step() -> None:
+    """Steady decoding (tables growing a block at a time), finished and new sequences, a table freed and
+    reallocated (a new list), one shrunk in place, the widest one leaving: the cached build equals a fresh
+    flattening at every step, and never rewrites an array it returned (it may be a zero-copy model input)."""
+    rng = random.Random(3)
+    bs = 4
+    next_block = iter(range(1, 100_000))
+    seqs = [make_seq(rng, f"s{i}", rng.randint(1, 30), 0, 0) for i in range(12)]
+    for seq in seqs:
+        seq.block_table = [next(next_block) for _ in range(-(-seq.num_tokens // bs))]
+    cache = BlockTableCache()
+    returned: list[tuple[np.ndarray, np.ndarray]] = []
+    for step in range(60):
+        for seq in seqs:  # one decode token each; a new block when the last one is full
+            seq.token_ids.append(rng.randrange(1000))
+            seq.num_computed_tokens = seq.num_tokens - 1
+            if len(seq.block_table) * bs < seq.num_tokens:
+                seq.block_table.append(next(next_block))
+        if step % 7 == 3:  # one finishes, one arrives
+            seqs.pop(rng.randrange(len(seqs)))
+            new = make_seq(rng, f"n{step}", rng.randint(1, 60), 0, 1)
+            new.num_computed_tokens = new.num_tokens - 1
+            new.block_table = [next(next_block) for _ in range(-(-new.num_tokens // bs))]
+            seqs.insert(rng.randrange(len(seqs) + 1), new)
+        if step % 11 == 5:  # freed and reallocated (preemption then readmission): a new list, new blocks
+            victim = rng.choice(seqs)
+            victim.block_table = [next(next_block) for _ in range(len(victim.block_table))]
+        if step % 13 == 8:  # shrunk in place: not something the engine does, but never served stale
+            victim = rng.choice(seqs)
+            victim.block_table[:] = [next(next_block) for _ in range(len(victim.block_table))]
+            del victim.block_table[len(victim.block_table) // 2 :]
+            victim.token_ids[:] = victim.token_ids[: len(victim.block_table) * bs]
+            victim.num_computed_tokens = victim.num_tokens - 1
+        if step == 40:  # the widest table leaves: the batch's width shrinks
+            seqs.remove(max(seqs, key=lambda s: len(s.block_table)))
+        if step % 17 == 0:
+            rng.shuffle(seqs)
+        items = [(seq, 1) for seq in seqs]
+        cached, _ = build_host_batch(items, bs, cache)
+        fresh, _ = build_host_batch(items, bs)
+        assert cached.block_tables.dtype == np.int32
+        assert np.array_equal(cached.block_tables, fresh.block_tables), step
+        assert np.array_equal(cached.slot_mapping, fresh.slot_mapping), step
+        returned.append((cached.block_tables, cached.block_tables.copy()))
+    for got, snapshot in returned:
+        assert np.array_equal(got, snapshot)
 
 
 def test_one_token_prefill_chunks_read_the_token_at_their_position() -> None:

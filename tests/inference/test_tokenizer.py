@@ -66,15 +66,22 @@ def test_template_with_tools_is_detected(tok: Tokenizer) -> None:
     assert text.startswith("<tools>get_time;</tools>\n")
 
 
-@pytest.fixture(params=["rust", "python"])
-def detok_tok(request: pytest.FixtureRequest, tok: Tokenizer) -> Tokenizer:
-    """The tokenizer with its Rust incremental decoder, or without one (the Python fallback path)."""
-    if request.param == "rust":
-        assert tok.backend is not None
+def _path(tok: Tokenizer, name: str) -> Tokenizer:
+    """The tokenizer on one detokenizer path: "bytes" (SmolLM2 is byte-level BPE), "rust" (DecodeStream) or
+    "python" (the windowed fallback)."""
+    if name == "bytes":
+        assert tok.byte_level and tok.backend is not None
         return tok
-    slow = copy.copy(tok)
-    slow.backend = None
-    return slow
+    other = copy.copy(tok)
+    other.byte_level = False
+    if name == "python":
+        other.backend = None
+    return other
+
+
+@pytest.fixture(params=["bytes", "rust", "python"])
+def detok_tok(request: pytest.FixtureRequest, tok: Tokenizer) -> Tokenizer:
+    return _path(tok, request.param)
 
 
 def _deltas(tok: Tokenizer, ids: list[int]) -> tuple[list[str], str]:
@@ -113,11 +120,10 @@ def test_detokenizer_skips_special_tokens_and_keeps_spacing(detok_tok: Tokenizer
     assert out == tok.decode(ids) == "system\nS\nuser\na b  c\n"
 
 
-def test_both_paths_emit_the_same_deltas_on_random_streams(tok: Tokenizer) -> None:
+def test_all_paths_emit_the_same_deltas_on_random_streams(tok: Tokenizer) -> None:
     """Ordinary tokens, lone pieces of multi-byte characters, special tokens and ids past the vocabulary (random
-    dummy models produce those), shuffled: the Rust and the Python paths emit the same delta at every step."""
-    slow = copy.copy(tok)
-    slow.backend = None
+    dummy models produce those), shuffled: the byte, Rust and Python paths emit the same delta at every step."""
+    rust, slow = _path(tok, "rust"), _path(tok, "python")
     pieces = sorted({i for text in TEXTS for i in tok.encode(text)})
     specials = [tok.hf.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>")]
     rng = random.Random(5)
@@ -132,7 +138,47 @@ def test_both_paths_emit_the_same_deltas_on_random_streams(tok: Tokenizer) -> No
         ]
         # Not compared with tok.decode(ids): once broken bytes are given up on (past eight tokens), bytes that a
         # whole-text decode would join across that point are U+FFFD on both paths.
-        assert _deltas(tok, ids) == _deltas(slow, ids)
+        want = _deltas(slow, ids)
+        assert _deltas(tok, ids) == want
+        assert _deltas(rust, ids) == want
+
+
+def test_byte_pieces_decode_like_the_tokenizer(tok: Tokenizer) -> None:
+    """The byte path's premise: a byte-level tokenizer's decode of any ids (special and added tokens, ids past
+    the vocabulary, broken UTF-8 included) is the UTF-8 decode of the tokens' bytes joined."""
+    specials = sorted(tok.backend.get_added_tokens_decoder())
+    rng = random.Random(11)
+    for i in [*specials, *rng.sample(range(tok.vocab_limit), 2000), tok.vocab_limit, tok.vocab_limit + 7]:
+        assert tok.piece_bytes(i).decode("utf-8", "replace") == tok.decode([i]), i
+    for _ in range(300):
+        ids = [
+            rng.choice(specials) if rng.random() < 0.1 else rng.randrange(tok.vocab_limit + 3)
+            for _ in range(rng.randint(1, 30))
+        ]
+        assert b"".join(map(tok.piece_bytes, ids)).decode("utf-8", "replace") == tok.decode(ids)
+
+
+def test_added_plain_text_tokens_decode_as_the_tokenizer_decodes_them(tok: Tokenizer) -> None:
+    """Non-special added tokens are stored as plain text. The ByteLevel decoder reads a token whose characters are
+    all in the byte alphabet as bytes (so "café" decodes to "caf\ufffd"), and any other token (with a space or an
+    arrow) as its own UTF-8. The byte path must give exactly the tokenizer's text."""
+    hf = copy.deepcopy(tok.hf)
+    hf.add_tokens(["café", "café au lait", "naïve→ ok", "→"])
+    added = Tokenizer(hf, tok.eos_token_ids)
+    assert added.byte_level
+    new = list(range(len(hf) - 4, len(hf)))
+    ids = [*added.encode("Hello "), new[0], *added.encode(" and "), new[1], new[2], new[3], new[0]]
+    for i in new:
+        assert added.piece_bytes(i).decode("utf-8", "replace") == added.decode([i]), i
+    got, tail = _deltas(added, ids)  # the last "café" ends in half a character: held back until the flush
+    assert "".join(got) + tail == added.decode(ids)
+    assert added.decode([new[3]]) == "→"
+
+
+def test_a_literal_replacement_character_is_held_back_like_on_the_other_paths(tok: Tokenizer) -> None:
+    ids = tok.encode("a\ufffd b")
+    for name in ("bytes", "rust", "python"):
+        assert _deltas(_path(tok, name), ids) == _deltas(_path(tok, "python"), ids), name
 
 
 def test_text_broken_past_eight_tokens_is_emitted_then_decoding_goes_on(detok_tok: Tokenizer) -> None:
@@ -146,7 +192,11 @@ def test_text_broken_past_eight_tokens_is_emitted_then_decoding_goes_on(detok_to
     assert deltas[9:] == ["", "\ufffd ok", " then"]  # and decoding carries on with the context intact
 
 
-def test_the_rust_path_does_not_decode_in_python(tok: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("name", ["bytes", "rust"])
+def test_the_fast_paths_do_not_decode_in_python(
+    tok: Tokenizer, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tok = _path(tok, name)
     ids = tok.encode(TEXTS[1])
     detok = tok.detokenizer()
 
