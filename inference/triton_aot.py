@@ -222,7 +222,9 @@ def paged_metadata(
     seeded random order instead, scattered through the cache as a long-running engine leaves them."""
     from inference.metadata import AttentionMetadata
 
-    order = torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(0)) + 1 if shuffle else None
+    order = (
+        torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(0)) + 1 if shuffle else None
+    )
     tables = torch.zeros(len(seqs), width, dtype=torch.int32)
     slots: list[int] = []
     starts = [0]
