@@ -17,7 +17,7 @@ from typing import TextIO
 import anyio
 
 from agent_runtime.logging import DEBUG, enabled_for, get_logger
-from policies.audit import AuditRecord
+from policies.audit import AuditRecord, argument_digest
 
 log = get_logger(__name__)  # structlog, imported on the first record that passes the level
 FLUSH_AT = 256  # queued records that force a flush from the call path
@@ -69,6 +69,16 @@ class AuditLog:
         if not self._pending or self.path is None:
             return
         records, self._pending = self._pending, []
+        # A call's decision and outcome records share its arguments: digest them once. The records keep the
+        # argument objects alive until the loop ends, so their ids cannot be reused meanwhile.
+        digests: dict[int, str] = {}
+        for record in records:
+            args = record.args
+            if not isinstance(args, str):
+                digest = digests.get(id(args))
+                if digest is None:
+                    digest = digests[id(args)] = argument_digest(args)
+                record.args = digest
         text = "".join(record.to_json() + "\n" for record in records)
         with self._lock:
             try:
