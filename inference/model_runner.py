@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from inference.attention_backends import get_attention_backend, set_attention_backend
+from inference.cpu_linear import pack_linear_weights
 from inference.cuda_graphs import DecodeGraphRunner, cuda_graphs_unsupported
 from inference.errors import KVBudgetError
 from inference.metadata import AttentionMetadata, HostBatch
@@ -362,6 +363,8 @@ class ModelRunner:
         self.attention = get_attention_backend(self.device, attention_backend)
         set_attention_backend(model, self.attention)
         configure_threads()
+        if self.device.type == "cpu":
+            pack_linear_weights(model)  # bf16 only; same results, about half the matmul time at decode sizes
         self.kv_cache = allocate_kv_cache(config, num_blocks, block_size, self.device)
         self._stager = HostStager(self.device) if self.device.type != "cpu" else None
         self._tables = BlockTableCache()

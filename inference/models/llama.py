@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from inference.attention_backends import REFERENCE, AttentionBackend
+from inference.cpu_linear import packed_linear
 from inference.layer_ops import EAGER_OPS, LayerOps
 from inference.metadata import AttentionMetadata
 from inference.model_config import ModelConfig
@@ -119,6 +120,8 @@ class LlamaForCausalLM(nn.Module):
             if config.tie_word_embeddings
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
+        # the tied head's weight in oneDNN's layout, set on the CPU by inference.cpu_linear (not a parameter)
+        self.packed_head: torch.Tensor | None = None
 
     @torch.inference_mode()
     def forward(
@@ -139,8 +142,11 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        if self.packed_head is not None:
+            return packed_linear(hidden, self.packed_head, None).float()
+        return torch.nn.functional.linear(hidden, self.embed_tokens.weight).float()
 
     # ---- weights -------------------------------------------------------------------------------------------
 

@@ -85,7 +85,7 @@ def test_engine_profile_runs_its_whole_path_on_the_cpu(capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     for row in ("decode, batch 1", "decode, batch 4", "prefill, 8 x 32 tokens"):
         assert row in out
-    assert "aten::mm" in out  # the top-ops tables list the profiled ops
+    assert "aten::" in out  # the top-ops tables list the profiled ops
 
 
 @pytest.mark.parametrize("mode", [["--smoke"], ["--smoke", "--aot", "sm_90"]], ids=["timed", "aot"])

@@ -1,0 +1,75 @@
+"""oneDNN-packed weights for a bfloat16 model's linear layers on the CPU: the same results as `F.linear`, in about
+half the time at decode batch sizes, where a step is bound by reading the weights.
+
+`pack_linear_weights(model)` reorders each bf16 `nn.Linear` weight into oneDNN's blocked layout in place (same
+size) and routes the layer through `mkldnn._linear_pointwise`, the kernel PyTorch's own CPU compiler uses for
+frozen weights. Both run the bf16 matmul with fp32 accumulation, and their outputs are bit-identical (tested per
+layer and on the whole model). A tied output head gets a packed copy of the embedding (the lookup needs the plain
+table). Set AGENT_RUNTIME_CPU_PACKED_LINEAR=0 to keep plain weights.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+
+import torch
+from torch import nn
+
+ENV = "AGENT_RUNTIME_CPU_PACKED_LINEAR"
+
+
+def packing_enabled() -> bool:
+    """Whether this process packs CPU weights: oneDNN is built in and the variable does not turn it off."""
+    off = os.environ.get(ENV, "").strip().lower() in ("0", "false", "no", "off")
+    return not off and torch.backends.mkldnn.is_available()
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A `[out, in]` bf16 CPU weight in oneDNN's layout for `linear`; the batch-size hint 1 is the decode case (the
+    packed weight serves every batch size, measured faster than the plain one from 1 to 1000 rows here)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for a weight from `pack_weight`."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return packed_linear(x, self.weight, self.bias)
+
+
+def packable(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.Linear)
+        and module.weight.device.type == "cpu"
+        and module.weight.dtype == torch.bfloat16
+        and not module.weight.is_mkldnn
+    )
+
+
+def pack_linear_weights(model: nn.Module) -> int:
+    """Pack every bf16 CPU `nn.Linear` of `model` in place (idempotent), and give a model with a tied head
+    (`packed_head` attribute, `lm_head` None) a packed copy of its embedding. Returns the layers packed now."""
+    if not packing_enabled():
+        return 0
+    count = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if packable(module):
+                module.weight = nn.Parameter(pack_weight(module.weight), requires_grad=False)
+                module.forward = types.MethodType(_forward, module)  # type: ignore[method-assign]
+                count += 1
+        embed = getattr(model, "embed_tokens", None)
+        if (
+            hasattr(model, "packed_head")
+            and getattr(model, "lm_head", None) is None
+            and model.packed_head is None
+            and isinstance(embed, nn.Embedding)
+            and embed.weight.device.type == "cpu"
+            and embed.weight.dtype == torch.bfloat16
+        ):
+            model.packed_head = pack_weight(embed.weight)
+            count += 1
+    return count
