@@ -14,6 +14,7 @@ it is not a result.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -23,7 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,19 @@ SMOKE_CONFIG: dict[str, Any] = {
     "eos_token_id": 2,
     "torch_dtype": "bfloat16",
 }
+
+
+@contextlib.contextmanager
+def model_source(model: str | None, smoke: bool) -> Iterator[str | Path]:
+    """The model to load: `model` when given, else Qwen3-0.6B, or on a smoke run a tiny random Qwen3 (a config.json
+    in a temporary folder that lives as long as the block)."""
+    if model is not None or not smoke:
+        yield model or "qwen3-0.6b"
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.json"
+        path.write_text(json.dumps(SMOKE_CONFIG))
+        yield path
 
 
 def hbm_gbps(device_name: str) -> float | None:
@@ -414,11 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     n_seqs = args.num_seqs or (6 if args.smoke else 256)
     lo = args.min_len or (8 if args.smoke else 100)
     hi = args.max_len or (24 if args.smoke else 1024)
-    with tempfile.TemporaryDirectory() as tmp:
-        source: str | Path = args.model or "qwen3-0.6b"
-        if args.smoke and args.model is None:
-            source = Path(tmp) / "config.json"
-            source.write_text(json.dumps(SMOKE_CONFIG))
+    with model_source(args.model, args.smoke) as source:
         return _run(args, console, device, source, n_seqs, lo, hi)
 
 

@@ -11,11 +11,9 @@ GPU waits for; the top-kernels table says which kernels to tune.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -26,7 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-from benchmarks.engine_cuda import SMOKE_CONFIG, build_engine, sampling, sync
+from benchmarks.engine_cuda import build_engine, model_source, sampling, sync
 
 
 @dataclass(slots=True)
@@ -204,11 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = args.steps or (3 if args.smoke else 20)
     if args.smoke:
         args.prompt_len, args.prefill_len = min(args.prompt_len, 16), min(args.prefill_len, 32)
-    with tempfile.TemporaryDirectory() as tmp:
-        source: str | Path = args.model or "qwen3-0.6b"
-        if args.smoke and args.model is None:
-            source = Path(tmp) / "config.json"
-            source.write_text(json.dumps(SMOKE_CONFIG))
+    with model_source(args.model, args.smoke) as source:
         profiles = run(args, device, source)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke: not a result)"
     print_report(profiles, device, f"engine step profile: {name}, {source if args.model else 'qwen3-0.6b'}")

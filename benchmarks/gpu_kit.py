@@ -41,20 +41,12 @@ def download_wheels(dest: Path, python_version: str) -> list[Path]:
 
 def model_folder(dest: Path, config: str) -> Path:
     """`dest/<config>/`: a builtin config.json and the embedded model's tokenizer files."""
-    from inference.loader import (
-        _convert_gguf,
-        _dummy_config_path,
-        _gguf_cache_dir,
-        smollm2_gguf_path,
-    )
+    from inference.loader import _dummy_config_path, converted_gguf, smollm2_gguf_path
 
     folder = dest / config
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(_dummy_config_path(config), folder / "config.json")
-    gguf = smollm2_gguf_path()
-    converted = _gguf_cache_dir(gguf)
-    if not (converted / "source.json").is_file():
-        _convert_gguf(gguf, converted, True)
+    converted = converted_gguf(smollm2_gguf_path(), progress=True)
     for name in TOKENIZER_FILES:
         if (converted / name).is_file():
             shutil.copyfile(converted / name, folder / name)

@@ -292,10 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     from inference import triton_attention as tri
-    from inference.triton_aot import _builtin_config
+    from inference.loader import dummy_model_config
 
     console = Console() if sys.stdout.isatty() else Console(width=180)
-    cfg = _builtin_config(args.model, getattr(torch, args.dtype))
+    _, cfg = dummy_model_config(args.model, getattr(torch, args.dtype))
     heads, kv_heads, dim = (4, 2, 16) if args.smoke else (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
     base = tri.tiles()
     decode = candidates(DECODE_GRID, base)

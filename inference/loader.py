@@ -429,9 +429,9 @@ def _convert_gguf(path: Path, target: Path, progress: bool) -> None:
     )
 
 
-def _load_gguf(path: Path, dtype: str | torch.dtype, device: torch.device, progress: bool) -> LoadedModel:
-    if not path.is_file():
-        raise ModelLoadError(f"GGUF file {path} does not exist", hint="check the path")
+def converted_gguf(path: Path, progress: bool = False) -> Path:
+    """The model cache's HF folder (config, safetensors, tokenizer) for the GGUF file `path`, converted on first
+    use."""
     cached = _gguf_cache_dir(path)
     if not (cached / "source.json").is_file():
         try:
@@ -441,7 +441,13 @@ def _load_gguf(path: Path, dtype: str | torch.dtype, device: torch.device, progr
                 f"cannot create the model cache {cached.parent}: {exc}", hint="set AGENT_RUNTIME_CACHE"
             ) from exc
         _convert_gguf(path, cached, progress)
-    loaded = _load_hf_folder(cached, dtype, device, progress)
+    return cached
+
+
+def _load_gguf(path: Path, dtype: str | torch.dtype, device: torch.device, progress: bool) -> LoadedModel:
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file {path} does not exist", hint="check the path")
+    loaded = _load_hf_folder(converted_gguf(path, progress), dtype, device, progress)
     loaded.source = str(path)
     return loaded
 
@@ -461,24 +467,25 @@ def _dummy_config_path(source: str | Path) -> Path:
     )
 
 
-def _load_dummy(
-    source: str | Path, dtype: str | torch.dtype, device: torch.device, progress: bool
-) -> LoadedModel:
+def dummy_model_config(source: str | Path, dtype: torch.dtype) -> tuple[Path, ModelConfig]:
+    """The config.json behind `source` (a builtin config name, a config.json or its folder) and its ModelConfig
+    in `dtype` (with the folder's generation_config.json end-of-sequence ids, when it has one)."""
     cfg_path = _dummy_config_path(source)
     hf = hf_config_from_dict(_read_json(cfg_path), str(cfg_path))
     gen_eos = _generation_eos(cfg_path.parent) if cfg_path.name == "config.json" else None
-    config = model_config_from_hf(
-        hf, resolve_dtype(dtype, device), where=str(cfg_path), generation_eos=gen_eos
-    )
+    return cfg_path, model_config_from_hf(hf, dtype, where=str(cfg_path), generation_eos=gen_eos)
+
+
+def _load_dummy(
+    source: str | Path, dtype: str | torch.dtype, device: torch.device, progress: bool
+) -> LoadedModel:
+    cfg_path, config = dummy_model_config(source, resolve_dtype(dtype, device))
     model = _dummy_model(config, device)
     if cfg_path.name == "config.json" and _has_tokenizer(cfg_path.parent):
         tokenizer = _load_tokenizer(cfg_path.parent, config.eos_token_ids)
     else:
         # No tokenizer of its own: borrow the embedded model's (ids past its vocabulary decode to "").
-        smol = _gguf_cache_dir(smollm2_gguf_path())
-        if not (smol / "source.json").is_file():
-            _convert_gguf(smollm2_gguf_path(), smol, progress)
-        tokenizer = _load_tokenizer(smol, config.eos_token_ids)
+        tokenizer = _load_tokenizer(converted_gguf(smollm2_gguf_path(), progress), config.eos_token_ids)
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=f"dummy:{cfg_path}")
 
 

@@ -139,9 +139,8 @@ class BlockTableCache:
             tables[hit, :w] = self._tables[src, :w]
             done = np.zeros(n, dtype=np.int64)
             done[hit] = self._lens[src]
-            for i in np.flatnonzero(
-                done != lens
-            ).tolist():  # grown tables (about one in block_size) and misses
+            changed = np.flatnonzero(done != lens).tolist()  # grown tables (about one in block_size), misses
+            for i in changed:
                 a = int(done[i])
                 if a > lens[i]:  # not append-only after all: rewrite the row
                     tables[i] = 0

@@ -257,24 +257,17 @@ def compile_model(
     """Every distinct kernel specialisation a one-layer copy of `config` (a ModelConfig) launches in the engine's
     prefill, chunked-prefill and decode forwards, compiled for `target`; duplicates are listed once."""
     from inference.attention_backends import get_attention_backend, set_attention_backend
+    from inference.loader import _dummy_model
     from inference.model_runner import allocate_kv_cache
-    from inference.models import build_model
 
     if target not in TARGETS:
         raise AotError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
     capability, _ = TARGETS[target]
     # one layer and a small vocabulary launch the same kernels as the whole model, at a fraction of the memory
     small = replace(config, num_layers=1, vocab_size=min(config.vocab_size, 1024))
-    with torch.device("meta"):
-        model = build_model(small)
-    model = model.to_empty(device="cpu").to(small.dtype)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    model.eval()
-    set_attention_backend(
-        model, get_attention_backend("cuda", "triton")
-    )  # the backend CUDA runs, on CPU tensors
+    model = _dummy_model(small, torch.device("cpu"))
+    # the backend CUDA runs, on CPU tensors
+    set_attention_backend(model, get_attention_backend("cuda", "triton"))
     num_blocks = 64
     kv_cache = allocate_kv_cache(small, num_blocks, block_size, torch.device("cpu"))
     launches: dict[tuple[Any, ...], CompiledLaunch] = {}
@@ -295,14 +288,6 @@ def compile_model(
         key = (launch.kernel, json.dumps(launch.constants, sort_keys=True, default=str), launch.num_warps)
         launches.setdefault(key, launch)
     return list(launches.values())
-
-
-def _builtin_config(name: str, dtype: torch.dtype) -> Any:
-    from inference.loader import _dummy_config_path, _read_json
-    from inference.model_config import hf_config_from_dict, model_config_from_hf
-
-    path = _dummy_config_path(name)
-    return model_config_from_hf(hf_config_from_dict(_read_json(path), str(path)), dtype, where=str(path))
 
 
 def check(launches: list[CompiledLaunch], target: str) -> list[str]:
@@ -339,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     from inference.errors import EngineError
-    from inference.loader import _builtin_configs
+    from inference.loader import _builtin_configs, dummy_model_config
 
     models = args.model or _builtin_configs()
     dtypes = args.dtype or ["bfloat16"]
@@ -347,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     for model in models:
         for dtype_name in dtypes:
             try:
-                config = _builtin_config(model, getattr(torch, dtype_name))
+                _, config = dummy_model_config(model, getattr(torch, dtype_name))
                 launches = compile_model(config, target=args.target)
             except (EngineError, AotError) as exc:
                 print(f"error: {exc}", file=sys.stderr)
