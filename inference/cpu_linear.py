@@ -5,24 +5,44 @@ half the time at decode batch sizes, where a step is bound by reading the weight
 size) and routes the layer through `mkldnn._linear_pointwise`, the kernel PyTorch's own CPU compiler uses for
 frozen weights. Both run the bf16 matmul with fp32 accumulation, and their outputs are bit-identical (tested per
 layer and on the whole model). A tied output head gets a packed copy of the embedding (the lookup needs the plain
-table). Set AGENT_RUNTIME_CPU_PACKED_LINEAR=0 to keep plain weights.
+table). oneDNN packs bf16 only on CPUs with AVX512-BW/VL/DQ or AVX-NE-CONVERT; elsewhere (AVX2-only CPUs) the
+weights stay plain. Set AGENT_RUNTIME_CPU_PACKED_LINEAR=0 to keep plain weights anywhere.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import types
 
+import structlog
 import torch
 from torch import nn
+
+log = structlog.get_logger(__name__)
 
 ENV = "AGENT_RUNTIME_CPU_PACKED_LINEAR"
 
 
 def packing_enabled() -> bool:
-    """Whether this process packs CPU weights: oneDNN is built in and the variable does not turn it off."""
+    """Whether this process packs CPU weights: this CPU can (`packing_supported`) and the variable does not turn
+    it off."""
     off = os.environ.get(ENV, "").strip().lower() in ("0", "false", "no", "off")
-    return not off and torch.backends.mkldnn.is_available()
+    return not off and packing_supported()
+
+
+@functools.cache
+def packing_supported() -> bool:
+    """Whether oneDNN packs bf16 weights on this CPU, found by packing a small one once: the requirement (which
+    instruction sets) is oneDNN's and changes with its versions, so asking it beats reading CPU flags."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        pack_weight(torch.zeros(16, 16, dtype=torch.bfloat16))
+    except RuntimeError as exc:
+        log.info("cpu_packed_linear_unsupported", reason=str(exc).splitlines()[0][:200])
+        return False
+    return True
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@ from typing import Any
 
 from tests.conftest import EXAMPLES, PYTHON
 
+FIXED_CLOCK_TIME_SERVER = Path(__file__).with_name("fixed_clock_time_server.py")
+
 TIME_EXAMPLES: list[dict[str, Any]] = [
     {
         "task": "When it is 16:30 in New York, what time is it in London?",
@@ -62,7 +64,8 @@ TIME_EXAMPLES: list[dict[str, Any]] = [
 
 
 def time_server() -> dict[str, Any]:
-    return {"command": str(Path(PYTHON).parent / "mcp-server-time"), "args": ["--local-timezone", "UTC"]}
+    """The real mcp-server-time with a frozen clock: an answer read back from it is the same at every hour."""
+    return {"command": PYTHON, "args": [str(FIXED_CLOCK_TIME_SERVER), "--local-timezone", "UTC"]}
 
 
 def faulty_server(*args: str) -> dict[str, Any]:

@@ -84,7 +84,7 @@ async def test_stdio_runs_agents_reexports_tools_and_cleans_up(tmp_path: Path) -
     async def on_progress(value: float, total: float | None, message: str | None) -> None:
         progress.append((value, message))
 
-    params = stdio_params(config, "--expose-tools", "--kv-cache-memory", "256MiB")
+    params = stdio_params(config, "--expose-tools", "--kv-cache-memory", "512MiB")
     async with Client(params, read_timeout_seconds=180) as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
         assert list(tools)[:2] == ["run_agent", "list_agents"]
