@@ -1,6 +1,6 @@
 """Engine benchmark: our paged, continuously batched engine against Hugging Face transformers on SmolLM2-135M.
 
-Run `python -m benchmarks.engine [--dtype bf16|fp32] [--quick] [--cb-requests N]`. Greedy, EOS ignored, one run
+Run `python -m benchmarks.engine [--dtype auto|bf16|fp32] [--quick] [--cb-requests N]`. Greedy, EOS ignored, one run
 per figure, every peer measured in the same process at the same dtype. Prints a table of figures and ratios;
 exits 0. `--device cuda` runs the GPU benchmark instead (benchmarks/engine_cuda.py).
 """
@@ -173,7 +173,12 @@ def hf_single(model: Any, prompt: list[int], n: int) -> float:
 # ---- main ------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.engine", description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="auto: what the engine picks on this CPU (bf16 with AVX512-BF16 or AMX, else fp32)",
+    )
     parser.add_argument(
         "--device",
         choices=["cpu", "cuda"],
@@ -201,12 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import LlamaForCausalLM
 
     from inference.engine import LLMEngine
-    from inference.loader import _gguf_cache_dir, load_model, smollm2_gguf_path
+    from inference.loader import _gguf_cache_dir, load_model, resolve_dtype, smollm2_gguf_path
     from inference.model_runner import configure_threads
 
     console = Console()
     threads = configure_threads()
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    args.dtype = "bf16" if dtype == torch.bfloat16 else "fp32"
     n_req = 16 if args.quick else 64
     out_range = (16, 64) if args.quick else (16, 256)
     single_n = 64 if args.quick else 128

@@ -72,24 +72,23 @@ def packable(module: nn.Module) -> bool:
 def pack_linear_weights(model: nn.Module) -> int:
     """Pack every bf16 CPU `nn.Linear` of `model` in place (idempotent), and give a model with a tied head
     (`packed_head` attribute, `lm_head` None) a packed copy of its embedding. Returns the layers packed now."""
-    if not packing_enabled():
+    linears = [m for m in model.modules() if packable(m)]
+    embed = getattr(model, "embed_tokens", None)
+    tied_head = (
+        hasattr(model, "packed_head")
+        and getattr(model, "lm_head", None) is None
+        and model.packed_head is None
+        and isinstance(embed, nn.Embedding)
+        and embed.weight.device.type == "cpu"
+        and embed.weight.dtype == torch.bfloat16
+    )
+    # checked after the dtype so that a float32 model never asks oneDNN (nor logs that this CPU cannot pack)
+    if not (linears or tied_head) or not packing_enabled():
         return 0
-    count = 0
     with torch.no_grad():
-        for module in model.modules():
-            if packable(module):
-                module.weight = nn.Parameter(pack_weight(module.weight), requires_grad=False)
-                module.forward = types.MethodType(_forward, module)  # type: ignore[method-assign]
-                count += 1
-        embed = getattr(model, "embed_tokens", None)
-        if (
-            hasattr(model, "packed_head")
-            and getattr(model, "lm_head", None) is None
-            and model.packed_head is None
-            and isinstance(embed, nn.Embedding)
-            and embed.weight.device.type == "cpu"
-            and embed.weight.dtype == torch.bfloat16
-        ):
-            model.packed_head = pack_weight(embed.weight)
-            count += 1
-    return count
+        for module in linears:
+            module.weight = nn.Parameter(pack_weight(module.weight), requires_grad=False)
+            module.forward = types.MethodType(_forward, module)  # type: ignore[method-assign]
+        if tied_head:
+            model.packed_head = pack_weight(embed.weight)  # type: ignore[union-attr]
+    return len(linears) + int(tied_head)

@@ -121,6 +121,8 @@ def test_a_cpu_that_cannot_pack_keeps_plain_weights(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(cpu_linear, "pack_weight", refuse)
     cpu_linear.packing_supported.cache_clear()
     try:
+        assert cpu_linear.pack_linear_weights(_model(True, torch.float32)) == 0
+        assert cpu_linear.packing_supported.cache_info().currsize == 0  # a float32 model never asks oneDNN
         assert not cpu_linear.packing_supported() and not cpu_linear.packing_enabled()
         model = _model(True, torch.bfloat16)
         want = _logits(model)
