@@ -365,3 +365,22 @@ def test_a_file_that_is_not_gguf_is_a_load_error(tmp_path: Path, monkeypatch: py
     (tmp_path / "weights.bin").write_bytes(b"\0")
     with pytest.raises(ModelLoadError, match="not a model folder"):
         load_model(tmp_path / "weights.bin")
+
+
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_warns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast_bf16: bool
+) -> None:
+    from structlog.testing import capture_logs
+
+    monkeypatch.setattr(loader_mod, "_cpu_has_fast_bf16", lambda: fast_bf16)
+    cfg = _tiny_config(tmp_path / "m")
+    with capture_logs() as logs:
+        load_model(cfg, load_format="dummy", dtype=torch.bfloat16)
+        load_model(cfg, load_format="dummy", dtype=torch.float32)
+    warned = [e for e in logs if e["event"] == "slow_cpu_dtype"]
+    if fast_bf16:
+        assert warned == []
+    else:  # once, for the bf16 load only, with a reason and a hint
+        assert len(warned) == 1 and warned[0]["log_level"] == "warning" and warned[0]["dtype"] == "bfloat16"
+        assert "AVX512-BF16" in warned[0]["reason"] and "float32" in warned[0]["hint"]
