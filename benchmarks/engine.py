@@ -212,16 +212,16 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     threads = configure_threads()
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
-    args.dtype = "bf16" if dtype == torch.bfloat16 else "fp32"
+    dtype_label = "bf16" if dtype == torch.bfloat16 else "fp32"
     n_req = 16 if args.quick else 64
     out_range = (16, 64) if args.quick else (16, 256)
     single_n = 64 if args.quick else 128
 
     console.print(
-        f"[bold]engine benchmark[/] SmolLM2-135M, {args.dtype}, {threads} threads, {n_req} requests, "
+        f"[bold]engine benchmark[/] SmolLM2-135M, {dtype_label}, {threads} threads, {n_req} requests, "
         f"load average {os.getloadavg()[0]:.1f} (other processes share the cores)"
     )
-    loaded = load_model(dtype=args.dtype)
+    loaded = load_model(dtype=dtype)
     vocab = loaded.config.vocab_size
     work = make_workload(n_req, (32, 512), out_range, vocab)
     engine = LLMEngine(loaded, kv_cache_memory=640 * 2**20, max_model_len=2048, max_num_seqs=64)
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         del hf_cb
 
     toks = work.output_tokens
-    table = Table(title=f"engine vs transformers (SmolLM2-135M, {args.dtype}, CPU x{threads})")
+    table = Table(title=f"engine vs transformers (SmolLM2-135M, {dtype_label}, CPU x{threads})")
     for col in ("figure", "ours", "peer", "ratio", "target"):
         table.add_column(col, justify="right" if col != "figure" else "left")
 

@@ -60,13 +60,12 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return packed_linear(x, self.weight, self.bias)
 
 
+def _plain_cpu_bf16(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and not weight.is_mkldnn
+
+
 def packable(module: nn.Module) -> bool:
-    return (
-        isinstance(module, nn.Linear)
-        and module.weight.device.type == "cpu"
-        and module.weight.dtype == torch.bfloat16
-        and not module.weight.is_mkldnn
-    )
+    return isinstance(module, nn.Linear) and _plain_cpu_bf16(module.weight)
 
 
 def pack_linear_weights(model: nn.Module) -> int:
@@ -79,8 +78,7 @@ def pack_linear_weights(model: nn.Module) -> int:
         and getattr(model, "lm_head", None) is None
         and model.packed_head is None
         and isinstance(embed, nn.Embedding)
-        and embed.weight.device.type == "cpu"
-        and embed.weight.dtype == torch.bfloat16
+        and _plain_cpu_bf16(embed.weight)
     )
     # checked after the dtype so that a float32 model never asks oneDNN (nor logs that this CPU cannot pack)
     if not (linears or tied_head) or not packing_enabled():

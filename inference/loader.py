@@ -554,11 +554,12 @@ def load_model(
         loaded = _load_dummy(source, dtype, dev, progress)
     else:
         loaded = _load_real(source, dtype, dev, load_format, progress)
+    dtype_name = str(loaded.config.dtype).removeprefix("torch.")
     log.info(
         "model_loaded",
         source=loaded.source,
         architecture=loaded.config.architecture,
-        dtype=str(loaded.config.dtype).removeprefix("torch."),
+        dtype=dtype_name,
         device=str(dev),
         seconds=round(time.perf_counter() - started, 2),
     )
@@ -567,7 +568,7 @@ def load_model(
         # to read) but 2.3x slower at batch 16 (the matmuls convert instead of computing in bf16).
         log.warning(
             "slow_cpu_dtype",
-            dtype=str(loaded.config.dtype).removeprefix("torch."),
+            dtype=dtype_name,
             reason="this CPU has no AVX512-BF16 or AMX: bf16 matmuls are emulated, slow for batches",
             hint="use dtype auto (float32 here) unless memory is short",
         )

@@ -1,12 +1,11 @@
 """The real mcp-server-time with its clock frozen, so agent tests that read the time back see the same answer.
 
-`python fixed_clock_time_server.py [--at ISO-INSTANT] [server args...]`: every `datetime.now()` inside the server
-returns the instant (default FIXED_INSTANT) in the asked timezone; the rest of the server is the installed package.
+`python fixed_clock_time_server.py [server args...]`: every `datetime.now()` inside the server returns FIXED_INSTANT
+in the asked timezone; the rest of the server is the installed package.
 """
 
 from __future__ import annotations
 
-import sys
 from datetime import datetime, tzinfo
 
 import mcp_server_time
@@ -25,14 +24,10 @@ def frozen_datetime(instant: datetime) -> type[datetime]:
     return FrozenDatetime
 
 
-def main(argv: list[str]) -> None:
-    at = FIXED_INSTANT
-    if argv[:1] == ["--at"]:
-        at, argv = argv[1], argv[2:]
-    server.datetime = frozen_datetime(datetime.fromisoformat(at))  # type: ignore[misc]
-    sys.argv = [sys.argv[0], *argv]
-    mcp_server_time.main()
+def main() -> None:
+    server.datetime = frozen_datetime(datetime.fromisoformat(FIXED_INSTANT))  # type: ignore[misc]
+    mcp_server_time.main()  # parses the server's own arguments from sys.argv
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
