@@ -1,3 +1,74 @@
-"""agent-runtime: tool-using agents on a local model, with MCP servers kept alive behind policies."""
+"""agent-runtime: tool-using agents on a local model, with MCP servers kept alive behind policies.
+
+The public API (`__all__`): `Runtime` starts and supervises the configured MCP servers and calls their tools
+through the policy pipeline; `AgentHost` runs the configured agents on them; `load_config` reads a config file.
+
+    from agent_runtime import AgentHost, Runtime
+
+    async with Runtime.from_config("MCP_CONFIG.json") as rt, AgentHost(rt) as agents:
+        result = await agents.agent("default").run("What time is it in Tokyo?")
+
+Packages, lowest first (each imports only those before it): `config`, `tools`, `agents`, `server`, `cli`; any
+of them may use `policies` and `transports`, `agents` and `server` may use `inference`. Names load on first use
+(PEP 562), so `agent-runtime tools ...` never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from agent_runtime.agents.events import AgentEvent, AgentResult
+    from agent_runtime.agents.host import AgentHost
+    from agent_runtime.agents.llm import LLMBackend, LocalEngineBackend
+    from agent_runtime.agents.loop import Agent, AgentError, AgentSession
+    from agent_runtime.agents.openai_backend import OpenAIChatBackend, RemoteLLMError
+    from agent_runtime.config import RuntimeConfig, load_config, parse_config
+    from agent_runtime.errors import AgentRuntimeError, ConfigError
+    from agent_runtime.tools.executor import ToolCallRefused, ToolOutcome
+    from agent_runtime.tools.local import LocalToolError
+    from agent_runtime.tools.runtime import Runtime, UnknownTool
+    from agent_runtime.tools.supervisor import ServerUnavailable
+
+# name -> the module that defines it (imported on first access: the agent side pulls in torch)
+_EXPORTS = {
+    "Agent": "agent_runtime.agents.loop",
+    "AgentError": "agent_runtime.agents.loop",
+    "AgentEvent": "agent_runtime.agents.events",
+    "AgentHost": "agent_runtime.agents.host",
+    "AgentResult": "agent_runtime.agents.events",
+    "AgentRuntimeError": "agent_runtime.errors",
+    "AgentSession": "agent_runtime.agents.loop",
+    "ConfigError": "agent_runtime.errors",
+    "LLMBackend": "agent_runtime.agents.llm",
+    "LocalEngineBackend": "agent_runtime.agents.llm",
+    "LocalToolError": "agent_runtime.tools.local",
+    "OpenAIChatBackend": "agent_runtime.agents.openai_backend",
+    "RemoteLLMError": "agent_runtime.agents.openai_backend",
+    "Runtime": "agent_runtime.tools.runtime",
+    "RuntimeConfig": "agent_runtime.config",
+    "ServerUnavailable": "agent_runtime.tools.supervisor",
+    "ToolCallRefused": "agent_runtime.tools.executor",
+    "ToolOutcome": "agent_runtime.tools.executor",
+    "UnknownTool": "agent_runtime.tools.runtime",
+    "load_config": "agent_runtime.config",
+    "parse_config": "agent_runtime.config",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'agent_runtime' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,5 +1,5 @@
 import sys
 
-from agent_runtime.cli import main
+from agent_runtime.cli.main import main
 
 sys.exit(main())

@@ -6,14 +6,12 @@ CLI's cold start and the tool-call path pay nothing for records below the config
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-_SECRET_KEYS = re.compile(r"(token|secret|password|passwd|api[_-]?key|authorization|cookie|credential)", re.I)
-REDACTED = "***"
+from policies.secrets import redact_fields
 
 DEBUG, INFO, WARNING, ERROR, CRITICAL = 10, 20, 30, 40, 50  # the stdlib's numbers, as structlog uses
 _LEVELS = {"notset": 0, "debug": DEBUG, "info": INFO, "warning": WARNING, "warn": WARNING, "error": ERROR}
@@ -21,11 +19,8 @@ _LEVELS |= {"critical": CRITICAL, "fatal": CRITICAL}
 
 
 def redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Replace values of secret-looking keys (tokens, passwords, auth headers) before rendering."""
-    for key in list(event):
-        if _SECRET_KEYS.search(key):
-            event[key] = REDACTED
-    return event
+    """A structlog processor: values under secret-looking keys masked, secret-shaped strings redacted."""
+    return redact_fields(event)
 
 
 @dataclass(slots=True)

@@ -40,19 +40,18 @@ async def _timed_tokens(backend: Any, request: Any) -> tuple[int, float]:
 
 
 async def bench(args: argparse.Namespace) -> list[tuple[str, str, str, str, str]]:
-    from agent_runtime.agent import host_for
-    from agent_runtime.agent_config import ModelSettings
-    from agent_runtime.llm import GenerationRequest, LocalEngineBackend
-    from agent_runtime.runtime import Runtime
-    from agent_runtime.tool_format import make_format
+    from agent_runtime import AgentHost, LocalEngineBackend, Runtime
+    from agent_runtime.agents.llm import GenerationRequest
+    from agent_runtime.config.agents import ModelSettings
+    from inference.formats import make_format
 
     rows: list[tuple[str, str, str, str, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _config(Path(tmp))
         async with Runtime.from_config(cfg) as rt:
             backend = await LocalEngineBackend.load(ModelSettings(dtype=args.dtype, max_num_seqs=32))
-            host_for(rt, backend=backend)
-            agent = rt.agent("default")
+            host = AgentHost(rt, backend=backend)
+            agent = host.agent("default")
             await agent.run("What time is it in Oslo?")  # warm up: prefix cache, grammar compile
 
             # 1. loop overhead per step

@@ -15,10 +15,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-# OpenMP threads that spin while waiting collapse (3-8x slower measured here) when other processes share the
-# two cores; passive waiting must be chosen before torch loads libgomp. It applies to every peer alike.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import torch
 
 

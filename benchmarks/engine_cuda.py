@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import random
 import re
 import statistics
@@ -28,8 +27,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/engine.py: before torch loads libgomp
 
 import torch
 

@@ -25,10 +25,10 @@ import anyio
 from rich.console import Console
 from rich.table import Table
 
-from agent_runtime.config_types import RuntimeConfig, RuntimeSettings, ServerConfig
-from agent_runtime.executor import Executor
-from agent_runtime.registry import ToolRegistry
-from agent_runtime.supervisor import Supervisor
+from agent_runtime.config.types import RuntimeConfig, RuntimeSettings, ServerConfig
+from agent_runtime.tools.executor import Executor
+from agent_runtime.tools.registry import ToolRegistry
+from agent_runtime.tools.supervisor import Supervisor
 from policies.breaker import BreakerState
 from transports.targets import StdioTarget
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -21,9 +20,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-# Same OpenMP policy as benchmarks.engine (spinning threads collapse on shared cores); the server inherits it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import anyio
 import httpx

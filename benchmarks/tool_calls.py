@@ -27,9 +27,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from agent_runtime.config_types import RuntimeConfig, RuntimeSettings, ServerConfig, ServerTimeouts
+from agent_runtime.config.types import RuntimeConfig, RuntimeSettings, ServerConfig, ServerTimeouts
 from agent_runtime.logging import configure_logging
-from agent_runtime.runtime import Runtime
+from agent_runtime.tools.runtime import Runtime
 from transports.targets import HttpTarget, StdioTarget
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,7 +1,10 @@
-"""The in-process inference engine: models, paged KV cache, scheduler, sampler, async front."""
+"""The in-process inference engine: models, loading, paged KV cache, block manager, scheduler, attention
+backends, sampler, chat/tool formats, constrained decoding (grammars) and the async front.
 
-import os
+Knows nothing of MCP or of `agent_runtime`: it imports only torch, its model libraries and itself. Engine
+settings are one frozen `EngineConfig` (inference/config.py); environment variables are read in `envs`.
+"""
 
-# Spinning OpenMP workers steal the cores that the event loop, MCP servers and other processes need;
-# with passive waiting 2 threads stay fast when the CPU is shared (measured 3-8x on 2 busy cores).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from inference import envs
+
+envs.default_passive_omp()  # must run before any module of this package imports torch (see envs)

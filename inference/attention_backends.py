@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from inference import attention as reference
+from inference import envs
 from inference.errors import EngineError
 from inference.layer_ops import EAGER_OPS, LayerOps
 from inference.metadata import AttentionMetadata
@@ -53,7 +53,7 @@ def triton_available() -> bool:
 
 def triton_interpreted() -> bool:
     """Whether TRITON_INTERPRET is on, which lets Triton kernels run (slowly) on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+    return envs.flag(envs.TRITON_INTERPRET)
 
 
 def get_attention_backend(device: torch.device | str, name: str = "auto") -> AttentionBackend:
@@ -102,13 +102,13 @@ def _resolve(device_type: str, name: str) -> AttentionBackend:
     # imported here: triton must stay out of CPU-only engine imports
     from inference import triton_attention, triton_layers
 
-    spec = os.environ.get(triton_attention.TILES_ENV, "").strip()
+    spec = envs.text(envs.TRITON_TILES)
     if spec:
         try:
             triton_attention.set_tiles(triton_attention.Tiles.parse(spec))
         except ValueError as exc:
             raise AttentionBackendError(
-                f"{triton_attention.TILES_ENV}={spec!r}: {exc}",
+                f"{envs.TRITON_TILES}={spec!r}: {exc}",
                 hint="unset it for the default tiles; see docs/cuda.md for the names",
             ) from None
 

@@ -187,13 +187,6 @@ class BlockManager:
         seq.num_hashed_blocks = 0
         seq.last_block_hash = None
 
-    def reset_prefix_cache(self) -> None:
-        """Forget all cached hashes (blocks in use keep their KV; they just stop being shareable)."""
-        for bid in self._hash_to_block.values():
-            block = self.blocks[bid]
-            block.block_hash = block.parent_hash = block.token_ids = None
-        self._hash_to_block.clear()
-
     def _take_free(self) -> int:
         bid, _ = self._free.popitem(last=False)
         block = self.blocks[bid]

@@ -12,23 +12,22 @@ weights stay plain. Set AGENT_RUNTIME_CPU_PACKED_LINEAR=0 to keep plain weights 
 from __future__ import annotations
 
 import functools
-import os
 import types
 
 import structlog
 import torch
 from torch import nn
 
+from inference import envs
+
 log = structlog.get_logger(__name__)
 
-ENV = "AGENT_RUNTIME_CPU_PACKED_LINEAR"
 
 
 def packing_enabled() -> bool:
     """Whether this process packs CPU weights: this CPU can (`packing_supported`) and the variable does not turn
     it off."""
-    off = os.environ.get(ENV, "").strip().lower() in ("0", "false", "no", "off")
-    return not off and packing_supported()
+    return envs.flag(envs.CPU_PACKED_LINEAR, default=True) and packing_supported()
 
 
 @functools.cache

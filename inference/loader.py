@@ -17,6 +17,7 @@ import structlog
 import torch
 from torch import nn
 
+from inference import envs
 from inference.errors import DeviceUnavailableError, ModelLoadError
 from inference.model_config import ModelConfig, check_architecture, hf_config_from_dict, model_config_from_hf
 from inference.tokenizer import Tokenizer
@@ -127,8 +128,7 @@ def _cpu_has_fast_bf16() -> bool:
 
 
 def cache_root() -> Path:
-    env = os.environ.get("AGENT_RUNTIME_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "agent-runtime"
+    return envs.cache_dir()
 
 
 def smollm2_gguf_path() -> Path:
@@ -490,7 +490,7 @@ def _load_dummy(
 
 
 def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return envs.flag(envs.HF_HUB_OFFLINE)
 
 
 def _looks_like_hub_id(source: str) -> bool:

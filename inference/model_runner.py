@@ -396,11 +396,6 @@ class ModelRunner:
         )
         return self.decode_graphs
 
-    def prepare(self, items: SequenceT[tuple[Sequence, int]]) -> StepInputs:
-        """Flatten `(sequence, num_new_tokens)` pairs; each sequence's new tokens start at `num_computed_tokens`."""
-        host, sample_seqs = build_host_batch(items, self.block_size, self._tables)
-        return self._to_device(host, sample_seqs)
-
     def _to_device(self, host: HostBatch, sample_seqs: list[Sequence]) -> StepInputs:
         if self._stager is None:
             return zero_copy_inputs(host, sample_seqs, self.block_size)

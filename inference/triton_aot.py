@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
+
+from inference import envs
 
 # Per-block shared memory a kernel may opt into, in bytes (CUDA programming guide, "Technical Specifications").
 TARGETS: dict[str, tuple[int, int]] = {  # name -> (compute capability, shared memory per block)
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", action="append", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--json", action="store_true", help="one JSON object per model and dtype, no table")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if envs.flag(envs.TRITON_INTERPRET):
         print(
             "unset TRITON_INTERPRET: this compiles the kernels, it does not interpret them", file=sys.stderr
         )

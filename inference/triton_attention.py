@@ -22,7 +22,6 @@ _MAX_SPLITS = 16  # most KV partitions one decode sequence is split into
 _MIN_KEYS_PER_SPLIT = 256  # fewer keys per partition than this costs more in the reduction than it gains
 
 
-TILES_ENV = "AGENT_RUNTIME_TRITON_TILES"
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,33 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-REDACTED = "***"
-
-# Credentials that have a recognisable shape, wherever they appear in a free-text reason.
-_SECRET_SHAPES = re.compile(
-    r"(AKIA|ASIA)[0-9A-Z]{16}"  # AWS access key ids
-    r"|\b(sk|pk|rk)-[A-Za-z0-9_-]{16,}"  # OpenAI/Stripe-style keys
-    r"|\bgh[pousr]_[A-Za-z0-9]{20,}"  # GitHub tokens
-    r"|\bxox[abposr]-[A-Za-z0-9-]{10,}"  # Slack tokens
-    r"|(?i:bearer)\s+[A-Za-z0-9._~+/=-]{8,}"
-    r"|eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{5,}"  # JWTs
-    r"|(?i:(password|passwd|secret|token|api[_-]?key)\s*[=:]\s*)\S+"
-)
-
-
-def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """Replace known secret values and secret-shaped substrings."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, REDACTED)
-    return _SECRET_SHAPES.sub(REDACTED, text)
-
+from policies.secrets import redact
 
 # Built once: json.dumps with non-default options constructs a new encoder on every call.
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode

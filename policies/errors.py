@@ -17,14 +17,6 @@ class PolicyError(Exception):
         return self.reason if not self.hint else f"{self.reason} (hint: {self.hint})"
 
 
-class PolicyDenied(PolicyError):
-    """A capability check refused a call; `check` names which one (deny_list, arguments, path, egress...)."""
-
-    def __init__(self, check: str, reason: str, hint: str | None = None) -> None:
-        super().__init__(reason, hint)
-        self.check = check
-
-
 class BreakerOpenError(PolicyError):
     """The circuit breaker of a server (or tool) is open: the call failed fast without being sent."""
 
@@ -35,7 +27,3 @@ class BreakerOpenError(PolicyError):
         )
         self.name = name
         self.retry_in = retry_in
-
-
-class BudgetExhausted(PolicyError):
-    """An agent budget (steps, calls per tool, wall clock) is used up."""

@@ -1,43 +1,26 @@
-"""Stdio launch policy: which commands may be spawned, with no shell, and which environment they get.
+"""Stdio launch policy: which commands may be spawned, always without a shell.
 
-Parent secrets (AWS_*, tokens, keys) never reach a child unless the config names them for that server.
+A child's environment is not decided here: `transports.stdio.build_env` gives it the MCP SDK's short allowlist
+of parent variables plus exactly the server's configured `env`, so parent secrets never reach it.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-# What a child gets from the parent environment by default: enough to find binaries and a home.
-SAFE_INHERITED = (
-    "HOME",
-    "LOGNAME",
-    "PATH",
-    "SHELL",
-    "TERM",
-    "USER",
-    "LANG",
-    "LC_ALL",
-    "TMPDIR",
-    "SYSTEMROOT",
-)
 _SHELLS = frozenset(
     {"sh", "bash", "zsh", "dash", "ksh", "fish", "csh", "tcsh", "cmd", "cmd.exe", "powershell", "pwsh"}
 )
 _SHELL_META = re.compile(r"[;&|`$<>\n\r\x00]|\$\(")
-_SECRET_NAME = re.compile(
-    r"(^AWS_|^AZURE_|^GCP_|^GOOGLE_|TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|PRIVATE|CREDENTIAL|^SSH_AUTH_SOCK$)",
-    re.I,
-)
 
 
 @dataclass(frozen=True, slots=True)
 class LaunchPolicy:
     allowed_commands: tuple[str, ...] = ()  # globs on the command as written or its basename; empty: any
-    inherit: tuple[str, ...] = SAFE_INHERITED  # parent variables passed through (secret-looking ones never)
 
 
 def launch_problem(command: str, args: Sequence[str], policy: LaunchPolicy) -> str | None:
@@ -57,21 +40,3 @@ def launch_problem(command: str, args: Sequence[str], policy: LaunchPolicy) -> s
     if base in _SHELLS and "-c" in args and command not in policy.allowed_commands:
         return f"running {base} -c is a shell command line; list {command!r} explicitly to allow it"
     return None
-
-
-def child_environment(
-    configured: Mapping[str, str],
-    parent: Mapping[str, str] | None = None,
-    inherit: Iterable[str] = SAFE_INHERITED,
-) -> dict[str, str]:
-    """The full environment of a child: the inherited safe variables plus exactly what config sets."""
-    parent = os.environ if parent is None else parent
-    env = {k: parent[k] for k in inherit if k in parent and not _SECRET_NAME.search(k)}
-    # Exported bash functions (`() { ...`) are code, not data (Shellshock).
-    env = {k: v for k, v in env.items() if not v.startswith("()")}
-    env.update(configured)
-    return env
-
-
-def is_secret_name(name: str) -> bool:
-    return bool(_SECRET_NAME.search(name))

@@ -1,4 +1,4 @@
-"""Agents for the servers: starts the MCP runtime for a config, binds its agents (agent_runtime.agent) to the
+"""Agents for the servers: starts the MCP runtime for a config, binds its agents (agent_runtime.agents.loop) to the
 shared engine or the remote backend, and runs them as `AgentChunk` streams for agent-as-model requests and
 MCP `run_agent`."""
 
@@ -13,13 +13,24 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
+from agent_runtime.agents.events import (
+    FinalAnswer,
+    ModelReplyInvalid,
+    RunFinished,
+    Stopped,
+    ToolCallFinished,
+    ToolCallStarted,
+)
+from agent_runtime.agents.host import AgentHost
+from agent_runtime.agents.llm import LLMBackend, LocalEngineBackend
+from agent_runtime.agents.openai_backend import OpenAIChatBackend
 from agent_runtime.server.agents import AgentChunk
+from agent_runtime.server.errors import bad_request
+from agent_runtime.tools.runtime import Runtime
 
 if TYPE_CHECKING:
-    from agent_runtime.agent import AgentHost as LoopHost
-    from agent_runtime.config_types import RuntimeConfig
-    from agent_runtime.prom_metrics import ServerMetrics
-    from agent_runtime.runtime import Runtime
+    from agent_runtime.config.types import RuntimeConfig
+    from agent_runtime.server.metrics import ServerMetrics
 
 log = structlog.get_logger(__name__)
 
@@ -27,35 +38,24 @@ log = structlog.get_logger(__name__)
 _FINISH = {"max_steps": "length", "max_tool_calls": "length", "timeout": "length", "cancelled": "length"}
 
 
-class RuntimeAgentHost:
-    """The configured agents of one runtime (implements `server.agents.AgentHost`)."""
+class RuntimeAgents:
+    """The configured agents of one runtime (implements `server.agents.ServedAgents`)."""
 
-    def __init__(self, runtime: Runtime, loop_host: LoopHost) -> None:
+    def __init__(self, runtime: Runtime, host: AgentHost) -> None:
         self.runtime = runtime
-        self.loop_host = loop_host
+        self.host = host
 
     def names(self) -> list[str]:
-        return list(self.loop_host.agents)
+        return list(self.host.agents)
 
     def describe(self, name: str) -> str:
-        cfg = self.loop_host.agents[name]
+        cfg = self.host.agents[name]
         return cfg.description or f"agent {name!r} (tools: {', '.join(cfg.tools)})"
 
     async def stream(self, name: str, messages: list[dict[str, Any]]) -> AsyncIterator[AgentChunk]:
         """Run `name` with the last user message as the task and the earlier turns as history."""
-        from agent_runtime.agent import (
-            FinalAnswer,
-            ModelReplyInvalid,
-            RunFinished,
-            Stopped,
-            ToolCallFinished,
-            ToolCallStarted,
-        )
-
         task_index = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
         if task_index < 0:
-            from agent_runtime.server.errors import bad_request
-
             raise bad_request("an agent needs a user message as its task", param="messages")
         task = str(messages[task_index]["content"])
         history = [
@@ -63,7 +63,7 @@ class RuntimeAgentHost:
             for m in messages[:task_index]
             if m["role"] in ("user", "assistant")  # the agent writes its own system turn
         ]
-        agent = self.loop_host.agent(name)
+        agent = self.host.agent(name)
         async with aclosing(agent.stream(task, history=history)) as events:
             async for event in events:
                 if isinstance(event, ToolCallStarted):
@@ -107,16 +107,12 @@ class RuntimeAgentHost:
                     )
 
 
-def _backend_for(engine: Any, model: Any) -> Any:
+def _backend_for(engine: Any, model: Any) -> LLMBackend | None:
     """The agents' LLM backend: the server's own engine (shared, not owned), the remote server, or None to let
     the agent layer load the configured model on first use."""
     if engine is not None:
-        from agent_runtime.llm import LocalEngineBackend
-
         return LocalEngineBackend(engine, owns_engine=False)
     if getattr(model, "backend", None) == "openai":
-        from agent_runtime.openai_backend import OpenAIChatBackend
-
         return OpenAIChatBackend(model)
     return None
 
@@ -129,7 +125,7 @@ async def open_agent_host(
     model: Any = None,
     metrics: ServerMetrics | None = None,
     preload: bool = False,
-) -> AsyncIterator[RuntimeAgentHost | None]:
+) -> AsyncIterator[RuntimeAgents | None]:
     """Start the MCP servers of `config` and yield its agents (None without a config).
 
     `engine` (an AsyncEngine) is shared with the agents; otherwise `model` (validated settings: local
@@ -139,9 +135,6 @@ async def open_agent_host(
     if config is None:
         yield None
         return
-    from agent_runtime.agent import host_for
-    from agent_runtime.runtime import Runtime
-
     if getattr(model, "backend", None) == "openai":
         # The model section is ours to interpret here; the agent layer only knows local models.
         config = dataclasses.replace(
@@ -150,18 +143,18 @@ async def open_agent_host(
     async with Runtime(config) as runtime:
         if metrics is not None:
             metrics.attach_servers(runtime.servers, runtime.executor.monitor)
-        loop_host = host_for(runtime, backend=_backend_for(engine, model))
+        host = AgentHost(runtime, backend=_backend_for(engine, model))
         if model is not None and getattr(model, "backend", "local") != "openai" and engine is None:
-            loop_host.model = model  # command-line overrides of the model section
-        async with anyio.create_task_group() as tg:
+            host.model = model  # command-line overrides of the model section
+        async with host, anyio.create_task_group() as tg:
             if preload and engine is None:
-                tg.start_soon(_preload, loop_host)
-            yield RuntimeAgentHost(runtime, loop_host)
+                tg.start_soon(_preload, host)
+            yield RuntimeAgents(runtime, host)
             tg.cancel_scope.cancel()
 
 
-async def _preload(loop_host: LoopHost) -> None:
+async def _preload(host: AgentHost) -> None:
     try:
-        await loop_host.backend()
+        await host.backend()
     except Exception as exc:  # the first run reports it to its caller; here it is only logged
         log.warning("model preload failed", error=str(exc))

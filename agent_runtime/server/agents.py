@@ -1,5 +1,5 @@
 """What the HTTP and MCP servers need from the agent layer: the configured agents and a run that streams its
-steps and answer. `RuntimeAgentHost` (agent_host.py) implements it on the real agent loop."""
+steps and answer. `RuntimeAgents` (agent_host.py) implements it on the real agent loop."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class AgentChunk:
     completion_tokens: int = 0
 
 
-class AgentHost(Protocol):
+class ServedAgents(Protocol):
     def names(self) -> list[str]: ...
 
     def describe(self, name: str) -> str: ...

@@ -20,10 +20,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agent_runtime.prom_metrics import ServerMetrics, StreamTimer
 from agent_runtime.server import chat
-from agent_runtime.server.agents import AgentHost
+from agent_runtime.server.agents import ServedAgents
 from agent_runtime.server.errors import APIError, bad_request, internal, model_not_found, over_capacity
+from agent_runtime.server.metrics import ServerMetrics, StreamTimer
 from agent_runtime.server.schemas import (
     SSE_DONE,
     ChatCompletionRequest,
@@ -43,6 +43,8 @@ from agent_runtime.server.schemas import (
 from agent_runtime.server.security import SecurityMiddleware, SecuritySettings
 from agent_runtime.server.service import EngineService
 from agent_runtime.server.sse import EventStreamResponse, wait_disconnect
+from inference.errors import RequestError
+from inference.params import OutputKind, SamplingParams
 
 log = structlog.get_logger(__name__)
 
@@ -83,7 +85,7 @@ class OpenAIServer:
         engine: Any | None,
         *,
         settings: ServerSettings | None = None,
-        agents: AgentHost | None = None,
+        agents: ServedAgents | None = None,
         metrics: ServerMetrics | None = None,
         model_id: str | None = None,
     ) -> None:
@@ -428,9 +430,6 @@ class OpenAIServer:
         return self.service
 
     async def _params(self, args: dict[str, Any], logprobs: int | None, grammar: Any) -> Any:
-        from inference.errors import RequestError
-        from inference.params import OutputKind, SamplingParams
-
         # deltas on every output, totals on the final one: what streaming, metrics and final bodies need
         params = SamplingParams(**args, logprobs=logprobs, output_kind=OutputKind.DELTA)
         try:
@@ -468,7 +467,6 @@ class OpenAIServer:
         self, svc: EngineService, prompt: Any, params: Any, rid: str, timer: StreamTimer
     ) -> AsyncIterator[Any]:
         """Engine outputs with metrics observed; invalid requests become 400s before the first output."""
-        from inference.errors import RequestError
 
         timer.submitted()
         last = None
@@ -671,7 +669,7 @@ def create_app(
     engine: Any | None,
     *,
     settings: ServerSettings | None = None,
-    agents: AgentHost | None = None,
+    agents: ServedAgents | None = None,
     metrics: ServerMetrics | None = None,
     model_id: str | None = None,
 ) -> OpenAIServer:

@@ -7,9 +7,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent_runtime.grammar import GrammarSpec, ToolSchema, json_action_schema, json_schema_spec
 from agent_runtime.server.errors import APIError, bad_request
 from agent_runtime.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, call_id
+from inference.grammar import GrammarSpec, ToolSchema, json_action_schema, json_schema_spec
 
 MAX_PARALLEL_CALLS = 8
 

@@ -10,8 +10,8 @@ from typing import Any
 import anyio
 import structlog
 
-from agent_runtime.grammar import GrammarCompilerCache, GrammarError, GrammarLogitsProcessor, GrammarSpec
 from agent_runtime.server.errors import bad_request
+from inference.grammar import GrammarCompilerCache, GrammarError, GrammarLogitsProcessor, GrammarSpec
 
 log = structlog.get_logger(__name__)
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import anyio
 
-from agent_runtime.config_types import RuntimeConfig, RuntimeSettings, ServerConfig, ServerTimeouts
-from agent_runtime.executor import Executor
-from agent_runtime.registry import ToolRegistry
-from agent_runtime.supervisor import Supervisor
+from agent_runtime.config.types import RuntimeConfig, RuntimeSettings, ServerConfig, ServerTimeouts
+from agent_runtime.tools.executor import Executor
+from agent_runtime.tools.registry import ToolRegistry
+from agent_runtime.tools.supervisor import Supervisor
 from tests.conftest import EXAMPLES, PYTHON
 from transports.targets import HttpTarget, StdioTarget, Target, WebSocketTarget
 
@@ -79,7 +79,7 @@ def make_config(
     max_concurrent_calls: int | None = None,
     reconnect_delay: float = 0.05,
 ) -> RuntimeConfig:
-    from agent_runtime.config_types import ReconnectPolicy
+    from agent_runtime.config.types import ReconnectPolicy
 
     server = ServerConfig(
         name=name,

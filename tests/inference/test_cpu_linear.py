@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inference import cpu_linear
+from inference import cpu_linear, envs
 from inference.engine import LLMEngine
 from inference.loader import load_model
 from inference.metadata import AttentionMetadata
@@ -85,12 +85,12 @@ def test_only_bf16_on_the_cpu_and_only_when_enabled(monkeypatch: pytest.MonkeyPa
     assert (
         cpu_linear.pack_linear_weights(fp32) == 0
     )  # packing changes fp32 sums: the oracle dtype stays plain
-    monkeypatch.setenv(cpu_linear.ENV, "0")
+    monkeypatch.setenv(envs.CPU_PACKED_LINEAR, "0")
     bf16 = _model(True, torch.bfloat16)
     ModelRunner(bf16, bf16.config, num_blocks=8, block_size=4)
     assert not any(m.weight.is_mkldnn for m in bf16.modules() if isinstance(m, nn.Linear))
     assert bf16.packed_head is None
-    monkeypatch.delenv(cpu_linear.ENV)
+    monkeypatch.delenv(envs.CPU_PACKED_LINEAR)
     ModelRunner(bf16, bf16.config, num_blocks=8, block_size=4)  # the runner packs a CPU bf16 model
     assert bf16.packed_head is not None
 
@@ -103,7 +103,7 @@ def test_smollm2_generates_the_same_tokens_packed_and_plain(monkeypatch: pytest.
     prompts = ["The capital of France is", "def fibonacci(n):", "Tokyo weather today"]
     runs = []
     for enabled in ("0", "1"):
-        monkeypatch.setenv(cpu_linear.ENV, enabled)
+        monkeypatch.setenv(envs.CPU_PACKED_LINEAR, enabled)
         loaded = load_model("smollm2-135m-instruct", dtype="bfloat16")
         engine = LLMEngine(loaded, max_num_seqs=4)
         packed = loaded.model.packed_head is not None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from policies.egress import (
     url_values,
 )
 from policies.globs import ToolFilter
-from policies.launch import LaunchPolicy, child_environment, launch_problem
+from policies.launch import LaunchPolicy, launch_problem
 from policies.paths import PathPolicy, path_problem, path_values
 
 MiB = 1024 * 1024
@@ -300,31 +299,6 @@ def test_launch_allowlist_and_shell_syntax() -> None:
     assert "shell command line" in (launch_problem("bash", ["-c", "curl x | sh"], LaunchPolicy()) or "")
     assert launch_problem("bash", ["-c", "echo"], LaunchPolicy(allowed_commands=("bash",))) is None
     assert launch_problem(" python3", [], LaunchPolicy()) is not None
-
-
-def test_child_environment_never_leaks_parent_secrets() -> None:
-    parent = {
-        "PATH": "/usr/bin",
-        "HOME": "/home/u",
-        "AWS_SECRET_ACCESS_KEY": "s3cr3t",
-        "AWS_ACCESS_KEY_ID": "AKIA...",
-        "GITHUB_TOKEN": "ghp_x",
-        "OPENAI_API_KEY": "sk-x",
-        "RANDOM_VAR": "x",
-        "SHELL": "() { :; }; echo pwned",
-    }
-    env = child_environment({"MY_SETTING": "1", "SERVICE_TOKEN": "configured-explicitly"}, parent)
-    assert env == {
-        "PATH": "/usr/bin",
-        "HOME": "/home/u",
-        "MY_SETTING": "1",
-        "SERVICE_TOKEN": "configured-explicitly",
-    }
-    # secret-looking names are never inherited, even when asked for by name
-    assert "AWS_SECRET_ACCESS_KEY" not in child_environment(
-        {}, parent, inherit=["AWS_SECRET_ACCESS_KEY", "PATH"]
-    )
-    assert "AWS_SECRET_ACCESS_KEY" not in child_environment({}, {**os.environ, "AWS_SECRET_ACCESS_KEY": "x"})
 
 
 def test_fast_path_never_accepts_what_jsonschema_refuses() -> None:

@@ -23,6 +23,7 @@ from transports import (
     StdioTarget,
     connect,
 )
+from transports.stdio import build_env
 
 pytestmark = pytest.mark.anyio
 MiB = 1024 * 1024
@@ -229,6 +230,18 @@ async def test_env_is_allowlisted(monkeypatch: pytest.MonkeyPatch) -> None:
         assert await env("OPENAI_API_KEY") == "<unset>"
         assert await env("DEMO_SETTING") == "from-config"
         assert await env("PATH") == os.environ["PATH"]
+
+
+def test_build_env_is_the_sdk_allowlist_plus_exactly_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one source of a child's environment: parent secrets, other variables and exported bash functions
+    (Shellshock) never pass; what the config sets always does."""
+    monkeypatch.setenv("GITHUB_TOKEN", "ghp_do_not_leak")
+    monkeypatch.setenv("RANDOM_VAR", "x")
+    monkeypatch.setenv("SHELL", "() { :; }; echo pwned")
+    env = build_env(StdioTarget(command="srv", env={"MY_SETTING": "1", "SERVICE_TOKEN": "configured"}))
+    assert "GITHUB_TOKEN" not in env and "RANDOM_VAR" not in env and "SHELL" not in env
+    assert env["MY_SETTING"] == "1" and env["SERVICE_TOKEN"] == "configured"
+    assert env["PATH"] == os.environ["PATH"]
 
 
 async def test_cwd_and_stderr_log(tmp_path: os.PathLike[str]) -> None:

@@ -1,0 +1,199 @@
+"""What an agent run reports: the events it streams step by step, and the result it ends with."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from inference.formats import Message
+
+StopReason = Literal["max_steps", "max_tool_calls", "timeout", "model_error", "cancelled"]
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    model_seconds: float = 0.0
+    tool_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    steps: int = 0
+    tool_calls: int = 0
+
+    @property
+    def loop_seconds(self) -> float:
+        """Time spent in the loop itself: wall time minus model and tool time."""
+        return max(0.0, self.wall_seconds - self.model_seconds - self.tool_seconds)
+
+    def add(self, other: Usage) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+@dataclass(slots=True)
+class _Event:
+    type: ClassVar[str] = "event"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **dataclasses.asdict(self)}
+
+
+@dataclass(slots=True)
+class StepStarted(_Event):
+    type: ClassVar[str] = "step_start"
+    step: int
+
+
+@dataclass(slots=True)
+class TokenDelta(_Event):
+    type: ClassVar[str] = "token"
+    step: int
+    text: str
+
+
+@dataclass(slots=True)
+class ToolCallStarted(_Event):
+    type: ClassVar[str] = "tool_call"
+    step: int
+    call_id: str
+    name: str
+    arguments: dict[str, Any]
+    server: str | None
+
+
+@dataclass(slots=True)
+class ToolCallFinished(_Event):
+    type: ClassVar[str] = "tool_result"
+    step: int
+    call_id: str
+    name: str
+    server: str | None
+    outcome: str  # result | tool_error | denied | timeout | breaker_open | transport_failure | ...
+    duration: float
+    observation: str
+    is_error: bool
+    truncated: bool
+
+
+@dataclass(slots=True)
+class ModelReplyInvalid(_Event):
+    type: ClassVar[str] = "invalid_reply"
+    step: int
+    text: str
+    error: str
+
+
+@dataclass(slots=True)
+class FinalAnswer(_Event):
+    type: ClassVar[str] = "final_answer"
+    step: int
+    answer: str
+
+
+@dataclass(slots=True)
+class Stopped(_Event):
+    type: ClassVar[str] = "stopped"
+    step: int
+    reason: str
+    detail: str
+
+
+@dataclass(slots=True)
+class UsageReport(_Event):
+    type: ClassVar[str] = "usage"
+    usage: Usage
+
+
+@dataclass(slots=True)
+class RunFinished(_Event):
+    type: ClassVar[str] = "finished"
+    result: AgentResult
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "result": self.result.to_dict()}
+
+
+AgentEvent = (
+    StepStarted
+    | TokenDelta
+    | ToolCallStarted
+    | ToolCallFinished
+    | ModelReplyInvalid
+    | FinalAnswer
+    | Stopped
+    | UsageReport
+    | RunFinished
+)
+
+
+@dataclass(slots=True)
+class ToolCallRecord:
+    step: int
+    call_id: str
+    name: str
+    server: str | None
+    arguments: dict[str, Any]
+    outcome: str
+    observation: str
+    is_error: bool
+    truncated: bool
+    duration: float
+
+
+@dataclass(slots=True)
+class StepRecord:
+    index: int
+    model_text: str
+    thought: str | None
+    tool_calls: list[ToolCallRecord] = field(default_factory=list)
+    answer: str | None = None
+    error: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    model_seconds: float = 0.0
+    tool_seconds: float = 0.0
+
+
+@dataclass(slots=True)
+class AgentResult:
+    """How a run ended: `outcome` is `answer` or `stopped` (then `stop_reason` says which budget or error)."""
+
+    agent: str
+    task: str
+    outcome: Literal["answer", "stopped"]
+    answer: str | None
+    stop_reason: str | None
+    detail: str | None
+    steps: list[StepRecord]
+    usage: Usage
+    messages: list[Message]
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "answer"
+
+    @property
+    def tool_calls(self) -> list[ToolCallRecord]:
+        return [c for s in self.steps for c in s.tool_calls]
+
+    def to_dict(self) -> dict[str, Any]:
+        def msg(m: Message) -> dict[str, Any]:
+            out = dict(m)
+            if out.get("tool_calls"):
+                out["tool_calls"] = [dataclasses.asdict(c) for c in out["tool_calls"]]
+            return out
+
+        return {
+            "agent": self.agent,
+            "task": self.task,
+            "outcome": self.outcome,
+            "answer": self.answer,
+            "stop_reason": self.stop_reason,
+            "detail": self.detail,
+            "steps": [dataclasses.asdict(s) for s in self.steps],
+            "tool_calls": [dataclasses.asdict(c) for c in self.tool_calls],
+            "usage": {**dataclasses.asdict(self.usage), "loop_seconds": self.usage.loop_seconds},
+            "messages": [msg(m) for m in self.messages],
+        }

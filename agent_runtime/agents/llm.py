@@ -1,0 +1,197 @@
+"""The LLM backend interface the agent loop talks to, and its implementation on the in-process engine
+(chat template rendering, grammar-constrained sampling through the engine's logits-processor hook).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio
+import structlog
+
+from agent_runtime.config.agents import ModelSettings
+from inference.formats import detect_format
+from inference.grammar import GrammarCompilerCache, GrammarLogitsProcessor, GrammarSpec
+from inference.params import OutputKind, SamplingParams
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    """One model turn: chat messages (the template's shape), optional template tools, an optional grammar."""
+
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+    grammar: GrammarSpec | None = None
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    request_id: str | None = None
+
+
+@dataclass(slots=True)
+class GenerationChunk:
+    delta_text: str
+    text: str
+    finished: bool
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(slots=True)
+class BackendStats:
+    requests: int = 0
+    constrained_requests: int = 0
+    grammar_compiles: int = 0
+    grammar_seconds: float = 0.0  # compile time (cache misses)
+    rejected_tokens: int = 0  # tokens the grammar refused after sampling (should stay 0)
+    masked_steps: int = 0
+
+
+class LLMBackend(Protocol):
+    """Where the model runs. The loop only needs these; the local engine is one implementation."""
+
+    name: str
+    stats: BackendStats
+
+    def tool_format(self) -> str:
+        """`json`, `hermes`, `llama3` or `mistral`: the model's native tool format, else our protocol."""
+        ...
+
+    @property
+    def supports_grammar(self) -> bool: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(slots=True)
+class _Grammars:
+    cache: GrammarCompilerCache
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+
+class LocalEngineBackend:
+    """The in-process engine shared by every agent of a runtime; requests batch together in its scheduler."""
+
+    name = "local"
+
+    def __init__(self, engine: Any, *, owns_engine: bool = True) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.owns_engine = owns_engine
+        self.stats = BackendStats()
+        self._grammars: _Grammars | None = None
+        self._format: str | None = None
+
+    @classmethod
+    async def load(
+        cls, settings: ModelSettings, *, source: str | None = None, progress: bool = False
+    ) -> LocalEngineBackend:
+        """Load the model on a worker thread (the event loop keeps serving MCP traffic meanwhile)."""
+        from inference.async_engine import AsyncEngine
+
+        src = source or settings.source
+        started = time.perf_counter()
+
+        def load() -> Any:
+            return AsyncEngine.from_model(
+                src, dtype=settings.dtype, device=settings.device, progress=progress, **settings.engine_args()
+            )
+
+        engine = await anyio.to_thread.run_sync(load)
+        log.info("model ready", source=src, seconds=round(time.perf_counter() - started, 2))
+        return cls(engine)
+
+    # -- facts --------------------------------------------------------------------------------------------
+
+    def tool_format(self) -> str:
+        if self._format is None:
+            hf = self.tokenizer.hf
+            self._format = detect_format(
+                getattr(hf, "chat_template", None), self.tokenizer.has_tool_template()
+            )
+        return self._format
+
+    @property
+    def supports_grammar(self) -> bool:
+        return True
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def grammar_cache(self) -> GrammarCompilerCache:
+        if self._grammars is None:
+            vocab = int(getattr(self.engine.model_config, "vocab_size", 0) or len(self.tokenizer.hf))
+            self._grammars = _Grammars(GrammarCompilerCache(self.tokenizer.hf, vocab))
+        return self._grammars.cache
+
+    async def _processor(self, spec: GrammarSpec) -> Any:
+        cache = self.grammar_cache()
+        before = cache.compiles
+        started = time.perf_counter()
+        compiled = await anyio.to_thread.run_sync(cache.compile, spec)
+        if cache.compiles != before:
+            self.stats.grammar_compiles += 1
+            self.stats.grammar_seconds += time.perf_counter() - started
+        stops = tuple(self.tokenizer.eos_token_ids) or cache.stop_token_ids
+        return GrammarLogitsProcessor(compiled, cache.vocab_size, stops)
+
+    # -- generation ---------------------------------------------------------------------------------------
+
+    def render(self, request: GenerationRequest) -> list[int]:
+        return self.tokenizer.apply_chat_template(
+            request.messages, add_generation_prompt=True, tools=request.tools
+        )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        ids = self.render(request)
+        processor = await self._processor(request.grammar) if request.grammar is not None else None
+        params = SamplingParams(
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            logits_processor=processor,
+            output_kind=OutputKind.DELTA,  # the engine sends deltas; the running text is kept here
+        )
+        self.stats.requests += 1
+        if processor is not None:
+            self.stats.constrained_requests += 1
+        try:
+            text = ""
+            async for out in self.engine.generate(ids, params, request_id=request.request_id):
+                text = out.text if out.finished else text + out.delta_text
+                yield GenerationChunk(
+                    out.delta_text,
+                    text,
+                    out.finished,
+                    out.finish_reason,
+                    out.prompt_tokens,
+                    out.completion_tokens,
+                )
+        finally:
+            if processor is not None:
+                self.stats.rejected_tokens += processor.stats.rejected_tokens
+                self.stats.masked_steps += processor.stats.masked_steps
+
+    def metrics(self) -> Any:
+        return self.engine.metrics()
+
+    async def aclose(self) -> None:
+        if self.owns_engine:
+            await self.engine.aclose()

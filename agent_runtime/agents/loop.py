@@ -1,0 +1,434 @@
+"""The ReAct agent loop: the model picks tool calls or a final answer, tool results come back as
+observations, budgets end runs; every step is an event. Also multi-turn sessions.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
+import structlog
+
+from agent_runtime.agents.events import (
+    AgentEvent,
+    AgentResult,
+    FinalAnswer,
+    ModelReplyInvalid,
+    RunFinished,
+    StepRecord,
+    StepStarted,
+    Stopped,
+    TokenDelta,
+    ToolCallFinished,
+    ToolCallRecord,
+    ToolCallStarted,
+    Usage,
+    UsageReport,
+)
+from agent_runtime.agents.llm import GenerationRequest, LLMBackend
+from agent_runtime.agents.observations import Observation, observe, render_result
+from agent_runtime.config.agents import AgentConfig
+from agent_runtime.errors import AgentRuntimeError
+from inference.formats import (
+    DEFAULT_EXAMPLES,
+    ExampleCall,
+    Message,
+    ParsedAction,
+    ToolCall,
+    ToolSpec,
+    WorkedExample,
+    make_format,
+)
+
+if TYPE_CHECKING:
+    from agent_runtime.agents.host import AgentHost
+
+log = structlog.get_logger(__name__)
+
+
+class AgentError(AgentRuntimeError):
+    """An agent cannot be built (unknown name, no tools, a model that cannot be loaded)."""
+
+
+# -- the agent ----------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Budget:
+    steps: int = 0
+    tool_calls: int = 0
+
+
+class Agent:
+    """A configured agent bound to a runtime's tools and a backend; runs are independent and may overlap."""
+
+    def __init__(self, host: AgentHost, config: AgentConfig) -> None:
+        self.host = host
+        self.config = config
+        self.name = config.name
+
+    # -- tools ---------------------------------------------------------------------------------------------
+
+    def tools(self) -> list[ToolSpec]:
+        """The tools this agent sees now (globs over the live registry plus local tools)."""
+        specs: list[ToolSpec] = []
+        for entry in self.host.mcp_entries():
+            if not self.config.sees(entry.name):
+                continue
+            if self.config.approval == "never" and _destructive(entry.definition):
+                continue
+            d = entry.definition
+            specs.append(ToolSpec(entry.name, d.description or "", dict(d.input_schema or {}), entry.server))
+        for tool in self.host.runtime.local_tools:
+            if self.config.sees(tool.name):
+                specs.append(ToolSpec(tool.name, tool.description, tool.parameters, server=None))
+        return specs
+
+    def check_tools(self) -> list[ToolSpec]:
+        """The agent's tools, or a ConfigError naming the glob that matches nothing / the empty set."""
+        specs = self.tools()
+        names = [s.name for s in specs]
+        live_prefixes = self.host.live_prefixes()
+        all_prefixes = self.host.configured_prefixes()
+        for i, glob in enumerate(self.config.tools):
+            if any(fnmatch.fnmatchcase(n, glob) for n in names):
+                continue
+            lit = glob.split("*")[0].split("?")[0].split("[")[0]
+            down = [
+                p for p in all_prefixes if p not in live_prefixes and (p.startswith(lit) or lit.startswith(p))
+            ]
+            if down:  # its server is configured but not up yet: not the config's fault
+                log.warning(
+                    "tool glob matches no live tool; its server is not ready", agent=self.name, glob=glob
+                )
+                continue
+            raise self.host.config_error(
+                f"agents.{self.name}.tools[{i}]",
+                f"tool glob {glob!r} matches no tool",
+                "available: " + (", ".join(sorted(self.host.all_tool_names())[:12]) or "none"),
+            )
+        if not specs and self.config.tool_choice != "none":
+            raise self.host.config_error(
+                f"agents.{self.name}.tools",
+                f"agent {self.name!r} has no tools",
+                "check the tool globs and that the servers started (`agent-runtime tools list`)",
+            )
+        if (
+            self.config.tool_choice not in ("auto", "required", "none")
+            and self.config.tool_choice not in names
+        ):
+            raise self.host.config_error(
+                f"agents.{self.name}.tool_choice",
+                f"tool_choice names {self.config.tool_choice!r}, which this agent does not see",
+            )
+        return specs
+
+    # -- runs ----------------------------------------------------------------------------------------------
+
+    async def run(self, task: str, *, history: Sequence[Message] = ()) -> AgentResult:
+        result: AgentResult | None = None
+        async for event in self.stream(task, history=history):
+            if isinstance(event, RunFinished):
+                result = event.result
+        assert result is not None
+        return result
+
+    def session(self) -> AgentSession:
+        return AgentSession(self)
+
+    async def stream(self, task: str, *, history: Sequence[Message] = ()) -> AsyncIterator[AgentEvent]:
+        """Events of one run, ending with RunFinished (which carries the AgentResult)."""
+        cfg = self.config
+        backend = await self.host.backend(cfg.model)  # loads the model on first use (not counted below)
+        started = time.perf_counter()
+        deadline = time.monotonic() + cfg.timeout_secs
+        tools = self.tools()
+        fmt = make_format(cfg.tool_format if cfg.tool_format != "auto" else backend.tool_format())
+        examples = _examples(cfg)
+        by_name = {t.name: t for t in tools}
+        messages: list[Message] = [*history, {"role": "user", "content": task}]
+        steps: list[StepRecord] = []
+        usage = Usage()
+        budget = _Budget()
+        run_id = uuid.uuid4().hex[:12]
+        outcome: Literal["answer", "stopped"] = "stopped"
+        answer: str | None = None
+        stop_reason: str | None = "max_steps"
+        detail: str | None = f"no answer after {cfg.max_steps} steps"
+
+        for index in range(1, cfg.max_steps + 1):
+            if time.monotonic() >= deadline:
+                stop_reason, detail = "timeout", f"the run exceeded timeout_secs={cfg.timeout_secs:g}"
+                break
+            budget.steps = index
+            yield StepStarted(index)
+            # auto/required/none hold for every step; a named tool is forced on the first step only (forcing
+            # it again would loop on the same call until the budget ends the run).
+            choice = cfg.tool_choice
+            if index > 1 and choice not in ("auto", "required", "none"):
+                choice = "auto"
+            template_msgs, template_tools = fmt.messages(cfg.system_prompt, tools, examples, messages)
+            grammar = None
+            if cfg.constrained and backend.supports_grammar:
+                grammar = fmt.grammar(
+                    tools, choice, thoughts=cfg.thoughts, max_parallel=cfg.parallel_tool_calls
+                )
+            request = GenerationRequest(
+                template_msgs,
+                template_tools,
+                grammar,
+                max_tokens=cfg.max_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                seed=cfg.seed,
+                request_id=f"{self.name}-{run_id}-{index}",
+            )
+            step = StepRecord(index, "", None)
+            steps.append(step)
+            t0 = time.perf_counter()
+            text = ""
+            finish: str | None = None
+            timed_out = False
+            try:
+                # aclosing: leaving early (deadline, consumer gone) aborts the request in the engine now, not at GC.
+                async with aclosing(backend.generate(request)) as chunks:
+                    async for chunk in chunks:
+                        if chunk.delta_text:
+                            yield TokenDelta(index, chunk.delta_text)
+                        text = chunk.text
+                        step.prompt_tokens, step.completion_tokens = (
+                            chunk.prompt_tokens,
+                            chunk.completion_tokens,
+                        )
+                        if chunk.finished:
+                            finish = chunk.finish_reason
+                            break
+                        if time.monotonic() >= deadline:
+                            timed_out = True
+                            break
+            except Exception as exc:
+                if not getattr(exc, "user_facing", False) and not isinstance(
+                    exc, AgentRuntimeError | RuntimeError
+                ):
+                    raise
+                step.model_seconds = time.perf_counter() - t0
+                stop_reason, detail = "model_error", str(exc)
+                _account(usage, step)
+                break
+            step.model_seconds = time.perf_counter() - t0
+            step.model_text, step.finish_reason = text, finish
+            _account(usage, step)
+            if timed_out:
+                stop_reason, detail = "timeout", f"the run exceeded timeout_secs={cfg.timeout_secs:g}"
+                break
+            if finish in ("error", "abort"):
+                stop_reason, detail = "model_error", f"generation ended with {finish!r}"
+                break
+
+            action = fmt.parse(text)
+            step.thought = action.thought
+            if action.error is None and action.answer is None and not action.calls:
+                action = ParsedAction(error="the reply held neither a tool call nor an answer")
+            if action.error is not None:
+                why = action.error + (" (the reply was cut off at max_tokens)" if finish == "length" else "")
+                step.error = why
+                yield ModelReplyInvalid(index, text, why)
+                messages.append({"role": "assistant", "content": text})
+                messages.append(
+                    {"role": "user", "content": f"Error: {why}. Reply again following the format."}
+                )
+                continue
+            if action.answer is not None and not action.calls:
+                answer = action.answer
+                step.answer = answer
+                messages.append({"role": "assistant", "content": answer})
+                yield FinalAnswer(index, answer)
+                outcome, stop_reason, detail = "answer", None, None
+                break
+
+            calls = action.calls[: cfg.parallel_tool_calls]
+            if budget.tool_calls + len(calls) > cfg.max_tool_calls:
+                step.error = "tool-call budget exhausted"
+                stop_reason = "max_tool_calls"
+                detail = f"the model asked for more than max_tool_calls={cfg.max_tool_calls} tool calls"
+                messages.append({"role": "assistant", "content": text, "tool_calls": calls})
+                break
+            budget.tool_calls += len(calls)
+            for i, call in enumerate(calls):
+                call.id = f"call_{index}_{i}"
+                spec = by_name.get(call.name)
+                yield ToolCallStarted(
+                    index, call.id, call.name, call.arguments, spec.server if spec else None
+                )
+            messages.append({"role": "assistant", "content": text, "tool_calls": calls})
+            t1 = time.perf_counter()
+            records = await self._execute(index, calls, by_name, deadline, backend)
+            step.tool_seconds = time.perf_counter() - t1
+            usage.tool_seconds += step.tool_seconds
+            usage.tool_calls += len(records)
+            for rec in records:
+                step.tool_calls.append(rec)
+                messages.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": rec.call_id,
+                        "name": rec.name,
+                        "content": rec.observation,
+                    }
+                )
+                yield ToolCallFinished(
+                    index,
+                    rec.call_id,
+                    rec.name,
+                    rec.server,
+                    rec.outcome,
+                    rec.duration,
+                    rec.observation,
+                    rec.is_error,
+                    rec.truncated,
+                )
+
+        usage.steps = len(steps)
+        usage.wall_seconds = time.perf_counter() - started
+        if outcome == "stopped":
+            yield Stopped(len(steps), stop_reason or "max_steps", detail or "")
+        yield UsageReport(usage)
+        result = AgentResult(self.name, task, outcome, answer, stop_reason, detail, steps, usage, messages)
+        yield RunFinished(result)
+
+    async def _execute(
+        self,
+        step: int,
+        calls: list[ToolCall],
+        by_name: dict[str, ToolSpec],
+        deadline: float,
+        backend: LLMBackend,
+    ) -> list[ToolCallRecord]:
+        """Run a step's calls concurrently (bounded); records come back in call order, failures included."""
+        records: list[ToolCallRecord | None] = [None] * len(calls)
+        limiter = anyio.CapacityLimiter(max(1, self.config.parallel_tool_calls))
+
+        async def one(i: int, call: ToolCall) -> None:
+            async with limiter:
+                records[i] = await self._call_one(step, call, by_name.get(call.name), deadline, backend)
+
+        async with anyio.create_task_group() as tg:
+            for i, call in enumerate(calls):
+                tg.start_soon(one, i, call)
+        return [r for r in records if r is not None]
+
+    async def _call_one(
+        self, step: int, call: ToolCall, spec: ToolSpec | None, deadline: float, backend: LLMBackend
+    ) -> ToolCallRecord:
+        cfg = self.config
+        remaining = max(0.001, deadline - time.monotonic())
+        timeout = min(remaining, cfg.tool_timeout_secs) if cfg.tool_timeout_secs else remaining
+        started = time.perf_counter()
+        server = spec.server if spec else None
+        if spec is None:
+            kind, body, reason = "unknown_tool", "", f"{call.name!r} is not one of this agent's tools"
+        elif spec.server is None:
+            local = await self.host.runtime.local_tools.call(call.name, call.arguments, timeout=timeout)
+            kind, body, reason = local.kind, local.text, local.reason
+        else:
+            try:
+                outcome = await self.host.runtime.execute(
+                    call.name, call.arguments, agent=self.name, timeout=timeout
+                )
+            except Exception as exc:  # the executor promises outcomes; anything else still reaches the model
+                log.warning("tool call raised", tool=call.name, error=repr(exc))
+                kind, body, reason = "transport_failure", "", str(exc)
+            else:
+                kind, reason = outcome.kind, outcome.reason
+                body = render_result(outcome.result) if outcome.result is not None else ""
+                server = outcome.server or server
+        duration = time.perf_counter() - started
+        obs: Observation = observe(
+            kind,
+            body,
+            reason,
+            max_tokens=cfg.observation_max_tokens,
+            encode=backend.encode,
+            decode=backend.decode,
+        )
+        return ToolCallRecord(
+            step,
+            call.id,
+            call.name,
+            server,
+            call.arguments,
+            kind,
+            obs.text,
+            obs.is_error,
+            obs.truncated,
+            duration,
+        )
+
+
+def _examples(cfg: AgentConfig) -> list[WorkedExample]:
+    """The config's worked examples (validated pydantic models) as the formats take them; the built-in ones
+    when the config has none."""
+    if cfg.examples is None:
+        return list(DEFAULT_EXAMPLES)
+    return [
+        WorkedExample(
+            ex.task, tuple(ExampleCall(c.tool, dict(c.arguments), c.result) for c in ex.calls), ex.answer
+        )
+        for ex in cfg.examples
+    ]
+
+
+def _account(usage: Usage, step: StepRecord) -> None:
+    usage.prompt_tokens += step.prompt_tokens
+    usage.completion_tokens += step.completion_tokens
+    usage.model_seconds += step.model_seconds
+
+
+def _destructive(tool: Any) -> bool:
+    ann = getattr(tool, "annotations", None)
+    if ann is None:
+        return False
+    if getattr(ann, "read_only_hint", None) is True or getattr(ann, "readOnlyHint", None) is True:
+        return False
+    hint = getattr(ann, "destructive_hint", None)
+    if hint is None:
+        hint = getattr(ann, "destructiveHint", None)
+    return hint is not False  # MCP's default for a tool that is not read-only is "may be destructive"
+
+
+class AgentSession:
+    """A multi-turn conversation with one agent: each turn sees the previous turns' messages."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.history: list[Message] = []
+        self.results: list[AgentResult] = []
+
+    async def send(self, text: str) -> AgentResult:
+        result: AgentResult | None = None
+        async for event in self.stream(text):
+            if isinstance(event, RunFinished):
+                result = event.result
+        assert result is not None
+        return result
+
+    async def stream(self, text: str) -> AsyncIterator[AgentEvent]:
+        async for event in self.agent.stream(text, history=self.history):
+            if isinstance(event, RunFinished):
+                self.history = list(event.result.messages)
+                if event.result.outcome != "answer":
+                    # Keep the conversation well-formed for the next turn: an unanswered turn ends in a note.
+                    self.history.append(
+                        {"role": "assistant", "content": f"(stopped: {event.result.stop_reason})"}
+                    )
+                self.results.append(event.result)
+            yield event
+
+    def reset(self) -> None:
+        self.history.clear()

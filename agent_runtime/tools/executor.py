@@ -1,0 +1,749 @@
+"""The tool-call pipeline: every call is decided, bounded and recorded here, in DESIGN.md's order.
+
+allow/deny -> validate args -> path/URL checks -> approval -> concurrency limit -> breaker -> retry (only
+when safe) -> deadline -> supervisor.call_tool -> output cap/sanitise -> audit -> outcome. `execute` never
+raises for a failed call: every call ends in exactly one typed ToolOutcome (cancellation propagates).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import ipaddress
+import json
+import random
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
+
+from agent_runtime.config import secret_values
+from agent_runtime.config.policies import PolicyConfig, ToolPolicy, load_policies
+from agent_runtime.config.types import RuntimeConfig, ServerConfig
+from agent_runtime.errors import AgentRuntimeError
+from agent_runtime.logging import get_logger
+from agent_runtime.tools.audit import AuditLog
+from agent_runtime.tools.monitor import STALE_GRACE, Monitor
+from agent_runtime.tools.pins import PinStore
+from agent_runtime.tools.supervisor import LIVE_STATES, ServerUnavailable
+from policies.approval import ApprovalRequest, approval_reason, is_destructive
+from policies.arguments import ArgumentValidator
+from policies.audit import call_record, decision_record
+from policies.breaker import BreakerEvent, BreakerSet, CircuitBreaker, Permit
+from policies.clock import Clock, monotonic
+from policies.deadlines import Deadline, TimeoutPlan, plan_timeouts
+from policies.egress import IPAddress, egress_problem, has_urls, parse_target, url_values
+from policies.errors import BreakerOpenError
+from policies.limits import AgentBudget
+from policies.output import cap_result
+from policies.paths import PathPolicy, path_problem, path_values
+from policies.retry import RetryableFailure, call_with_retries, may_retry, tool_is_safe
+from transports.errors import CallTimeout, ConnectionLost, ServerRequestError, TransportError
+
+if TYPE_CHECKING:
+    from mcp_types import CallToolResult, Tool
+
+    from agent_runtime.tools.registry import RegistryChange, ToolEntry, ToolRegistry
+    from agent_runtime.tools.supervisor import Supervisor
+
+log = get_logger(__name__)  # structlog, imported on the first record that passes the level
+
+OutcomeKind = Literal[
+    "result",
+    "tool_error",
+    "denied",
+    "timeout",
+    "breaker_open",
+    "transport_failure",
+    "budget_exhausted",
+    "unknown_tool",
+]
+ApprovalHook = Callable[[ApprovalRequest], Awaitable[bool] | bool]
+Resolver = Callable[[str], Awaitable[list[IPAddress]]]
+DNS_TIMEOUT = 5.0
+
+
+@dataclass(slots=True)
+class ToolOutcome:
+    """How one call ended. `result` is set for `result` and (when the server sent one) `tool_error`."""
+
+    kind: OutcomeKind
+    tool: str
+    server: str | None
+    result: CallToolResult | None
+    reason: str | None
+    duration: float  # seconds, decisions included
+    attempts: int  # requests sent (0 when refused before sending)
+    truncated: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.kind == "result"
+
+    def text(self) -> str:
+        """The observation for an agent: the result's text, or what went wrong."""
+        body = _result_text(self.result) if self.result is not None else ""
+        if self.kind == "result":
+            return body
+        if self.kind == "tool_error":
+            return f"error: {body or self.reason or 'the tool failed'}"
+        return f"{self.kind.replace('_', ' ')}: {self.reason}"
+
+
+def _result_text(result: CallToolResult) -> str:
+    parts = []
+    for block in result.content:
+        text = getattr(block, "text", None)
+        if text is None:
+            resource = getattr(block, "resource", None)
+            text = getattr(resource, "text", None)
+        parts.append(text if text is not None else f"[{getattr(block, 'type', 'content')}]")
+    if not parts and result.structured_content is not None:
+        parts.append(json.dumps(result.structured_content, ensure_ascii=False))
+    return "\n".join(parts)
+
+
+async def resolve_host(host: str) -> list[IPAddress]:
+    """Every address `host` resolves to (the egress check judges all of them)."""
+    infos = await anyio.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+
+
+class ToolCallRefused(AgentRuntimeError):
+    """A call the pipeline refused or could not complete, for APIs that raise (Runtime.call_tool)."""
+
+    def __init__(self, outcome: ToolOutcome, hint: str | None = None) -> None:
+        super().__init__(f"{outcome.tool}: {outcome.kind.replace('_', ' ')}: {outcome.reason}", hint)
+        self.outcome = outcome
+
+
+def outcome_error(outcome: ToolOutcome) -> Exception:
+    """The typed exception for a failed outcome: transport errors keep their transport types."""
+    if outcome.kind == "timeout":
+        return CallTimeout(outcome.reason or "no reply before the deadline", "raise the tool's timeout")
+    if outcome.kind == "transport_failure":
+        return ConnectionLost(outcome.reason or "transport failure", None, sent=outcome.attempts > 0)
+    hints = {
+        "denied": "see the `policies` section of the config (and `agent-runtime tools approve`)",
+        "breaker_open": "the server failed repeatedly; `agent-runtime servers status` shows it",
+        "budget_exhausted": "the agent's budget is used up",
+        "unknown_tool": "`agent-runtime tools list` shows the available tools",
+    }
+    return ToolCallRefused(outcome, hints.get(outcome.kind))
+
+
+class _Failed(Exception):
+    """A failed attempt, carrying its outcome kind and whether its request left this process."""
+
+    def __init__(self, kind: OutcomeKind, reason: str, *, sent: bool = True) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+        self.sent = sent
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """Per tool definition, everything about its calls that the arguments do not change: resolved policy,
+    compiled schema, safety, allow/deny verdict, timeouts, limiter and breakers. Decided once (rebuilt
+    when the definition changes) so a call pays only for the checks that depend on its arguments."""
+
+    definition: Tool
+    server: ServerConfig
+    policy: ToolPolicy
+    validator: ArgumentValidator
+    safe: bool
+    approval: str | None
+    destructive: bool
+    path_policy: PathPolicy | None
+    denial: str | None  # the allow/deny lists judge the name only
+    plan: TimeoutPlan  # the timeouts of a call that neither the caller nor a budget shortens
+    limiter: anyio.CapacityLimiter  # the server's concurrency limit
+    breakers: list[CircuitBreaker]  # the server's breaker, then the tool's when configured
+
+
+def _plan_timeouts(
+    tool: str,
+    server: ServerConfig,
+    policy: ToolPolicy,
+    *,
+    caller: float | None = None,
+    budget_left: float | None = None,
+) -> TimeoutPlan:
+    """The timeouts of one call of `tool`: the server's settings, the policy's override, then any caller
+    timeout or agent budget (which only shorten them)."""
+    t = server.timeouts
+    return plan_timeouts(
+        tool,
+        connect=t.connect,
+        request=t.request,
+        tool_default=t.tool,
+        per_tool=t.per_tool,
+        policy_override=policy.timeout,
+        caller=caller,
+        budget_left=budget_left,
+    )
+
+
+@dataclass(slots=True)
+class _Call:
+    """One admitted call on its way through the call slots, the breakers and the retries."""
+
+    prep: _Prepared
+    server: str
+    tool: str  # the server's own name for the tool
+    args: dict[str, Any]
+    deadline: Deadline
+    attempt_timeout: float
+
+
+class Executor:
+    """Runs tool calls through the policy pipeline against a supervisor; one per runtime."""
+
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        registry: ToolRegistry,
+        config: RuntimeConfig,
+        *,
+        policies: PolicyConfig | None = None,
+        approval_hook: ApprovalHook | None = None,
+        clock: Clock = monotonic,
+        resolver: Resolver = resolve_host,
+        monitor: Monitor | None = None,
+        audit: AuditLog | None = None,
+        pins: PinStore | None = None,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
+        self.supervisor = supervisor
+        self.registry = registry
+        self.config = config
+        self.policies = policies if policies is not None else load_policies(config)
+        self.approval_hook = approval_hook
+        self.clock = clock
+        self.resolver = resolver
+        self.breakers = BreakerSet(clock, self._on_breaker)
+        self.monitor = monitor if monitor is not None else Monitor(supervisor, self.breakers)
+        if self.monitor.breakers is None:
+            self.monitor.breakers = self.breakers
+        self.audit = audit if audit is not None else AuditLog(self.policies.audit_path)
+        self.pins = (
+            pins if pins is not None else PinStore.open(self.policies.lock_file, self.policies.pinning)
+        )
+        self.rng = rng
+        self.sleep = sleep
+        self._prepared: dict[tuple[str, str], _Prepared] = {}
+        self._limiters: dict[str, anyio.CapacityLimiter] = {}
+        rt = config.runtime
+        self._global = anyio.CapacityLimiter(
+            self.policies.max_concurrent_calls_global or rt.max_concurrent_calls_global
+        )
+        # The global limit binds only when the servers' own limits add up to more than it; otherwise no
+        # call can ever find it full, and the call path skips it.
+        self._global_binds = sum(self._slot_count(s) for s in config.servers) > self._global.total_tokens
+        self._secrets = self._collect_secrets(config)
+        self._prefixes = sorted(((s.prefix, s) for s in config.servers if s.prefix), key=lambda p: -len(p[0]))
+        self._unsubscribe = registry.subscribe(self._on_registry_change)
+        for server in {e.server for e in registry.list()}:  # servers already listed before we subscribed
+            self.pins.observe(server, [e.definition for e in registry.list(server)])
+
+    # -- public -----------------------------------------------------------------------------------------
+
+    async def execute(
+        self,
+        name: str,
+        arguments: Mapping[str, Any] | None,
+        *,
+        agent: str | None = None,
+        budget: AgentBudget | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - shortens the tool's deadline, never extends it
+    ) -> ToolOutcome:
+        start = time.perf_counter()
+        if type(arguments) is dict:  # the common case, without the ABC isinstance check
+            args = dict(arguments)
+        elif arguments is None:
+            args = {}
+        elif isinstance(arguments, Mapping):
+            args = dict(arguments)
+        else:
+            return self._refuse("denied", name, None, {}, agent, start, "arguments must be a JSON object")
+        entry = self.registry.get(name)
+        if entry is None:
+            return await self._unresolved(name, args, agent, start)
+        server, tool = entry.server, entry.tool_name
+
+        if budget is not None:
+            why = budget.exhausted(name)
+            if why is not None:
+                return self._refuse("budget_exhausted", name, server, args, agent, start, why)
+            budget.charge(name)
+
+        prep = self._prepared.get((server, tool))
+        if prep is None or prep.definition is not entry.definition:
+            prep = self._prepare(entry)
+        why = (
+            prep.denial
+            or self._pin_problem(entry)
+            or prep.validator.problem(args)
+            or (None if prep.path_policy is None else self._path_problem(prep, args))
+        )
+        egress = prep.policy.egress
+        if why is None and egress is not None and has_urls(args, egress.url_args):
+            why = await self._egress_problem(prep, args)
+        if why is None and prep.approval is not None:
+            why = await self._approval_problem(prep, entry, args, agent)
+        if why is not None:
+            return self._refuse("denied", name, server, args, agent, start, why)
+
+        digest = args  # digested when the record is written, off the call's critical path
+        # Records are built only when someone reads them (a file, a listener, debug logs); written with
+        # the call record in one append at the end: one syscall per call, not two.
+        decision = (
+            decision_record(
+                agent=agent,
+                server=server,
+                tool=name,
+                digest=digest,
+                allowed=True,
+                reason=f"approved: {prep.approval}" if prep.approval else None,
+                secrets=self._secrets,
+            )
+            if self.audit.wants_records()
+            else None
+        )
+        if timeout is None and budget is None:
+            plan = prep.plan
+        else:
+            plan = _plan_timeouts(
+                tool,
+                prep.server,
+                prep.policy,
+                caller=timeout,
+                budget_left=budget.remaining_time() if budget is not None else None,
+            )
+        deadline = Deadline.after(plan.total, self.clock)
+        kind: OutcomeKind = "transport_failure"
+        result: CallToolResult | None = None
+        reason: str | None = None
+        attempts = 0
+        truncated = False
+        finished = False
+        try:
+            kind, result, reason, attempts = await self._call(
+                _Call(prep, server, tool, args, deadline, plan.attempt)
+            )
+            if result is not None:
+                result, truncated = cap_result(result, prep.policy.max_output_chars)
+            finished = True
+        finally:
+            duration = time.perf_counter() - start
+            cancelled = not finished  # the caller cancelled us mid-call (or a bug raised): still audited
+            self.monitor.record(server, "cancelled" if cancelled else kind, duration, reason, attempts)
+            if decision is not None:
+                self.audit.write(
+                    decision,
+                    call_record(
+                        agent=agent,
+                        server=server,
+                        tool=name,
+                        digest=digest,
+                        outcome="cancelled" if cancelled else kind,
+                        reason=reason,
+                        duration=duration,
+                        attempts=attempts,
+                        truncated=truncated,
+                        secrets=self._secrets,
+                    ),
+                )
+        return ToolOutcome(kind, name, server, result, reason, duration, attempts, truncated)
+
+    def health(self) -> list[Any]:
+        return self.monitor.snapshot()
+
+    async def serve(self) -> None:
+        """The executor's background work until cancelled: the stale-call sweep and the audit flusher.
+        Run it in the task group that owns the executor (the runtime's)."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.monitor.run)
+            tg.start_soon(self.audit.run)
+
+    def close(self) -> None:
+        self._unsubscribe()
+        self.audit.close()
+
+    # -- the call path ----------------------------------------------------------------------------------
+
+    async def _call(self, call: _Call) -> tuple[OutcomeKind, CallToolResult | None, str | None, int]:
+        """Take the call slots, then attempt; returns (kind, result, reason, requests sent)."""
+        limiter = call.prep.limiter
+        deadline = call.deadline
+        glob = self._global if self._global_binds else None
+        if glob is not None and not (_take(glob) or await self._wait_for_slot(glob, deadline)):
+            return "timeout", None, "no free call slot (global limit) before the deadline", 0
+        try:
+            if not (_take(limiter) or await self._wait_for_slot(limiter, deadline)):
+                return "timeout", None, f"no free call slot for {call.server} before the deadline", 0
+            try:
+                # The first attempt runs here directly: most calls succeed and pay for no retry loop.
+                try:
+                    result = await self._attempt(call, 1)
+                except RetryableFailure as failure:
+                    return await self._retry(failure, call)
+                except _Failed as failure:
+                    return failure.kind, None, failure.reason, int(failure.sent)
+                except BreakerOpenError as exc:
+                    return "breaker_open", None, exc.reason, 0
+                return _finished(result, 1)
+            finally:
+                limiter.release()
+        finally:
+            if glob is not None:
+                glob.release()
+
+    async def _wait_for_slot(self, limiter: anyio.CapacityLimiter, deadline: Deadline) -> bool:
+        """Wait for a call slot no later than the deadline (the free case is `_take`, without awaiting);
+        False when none came free in time."""
+        try:
+            with anyio.fail_after(deadline.remaining()):
+                await limiter.acquire()
+        except TimeoutError:
+            return False
+        return True
+
+    async def _attempt(self, call: _Call, n: int) -> CallToolResult:
+        """Attempt `n`: one request through the breakers, bounded by the deadline. A failure raises _Failed (final)
+        or RetryableFailure (whether another attempt is safe); BreakerOpenError passes through, never retried."""
+        prep, server, deadline = call.prep, call.server, call.deadline
+        breakers = prep.breakers
+        monitor = self.monitor
+        permits = _acquire_all(breakers)
+        verdict: Literal["success", "failure", "neutral"] = "neutral"
+        remaining = deadline.remaining()
+        if remaining <= 0:
+            _release(breakers, permits, "neutral")
+            raise _Failed("timeout", f"deadline passed before attempt {n}", sent=False)
+        now = anyio.current_time()
+        # Our hard bound past the transport's own timeout. While the monitor sweeps, the sweep is that
+        # bound (it cancels at deadline + STALE_GRACE, before this would): no timer per call.
+        scope = (
+            anyio.CancelScope()
+            if monitor.sweeping
+            else anyio.CancelScope(deadline=now + remaining + 2 * STALE_GRACE)
+        )
+        flight = monitor.track(server, call.tool, now + remaining, scope)
+        t0 = time.perf_counter()
+        try:
+            with scope:
+                result = await self.supervisor.call_tool(
+                    server,
+                    call.tool,
+                    call.args,
+                    timeout=max(0.001, round(min(call.attempt_timeout, remaining), 3)),
+                )
+                verdict = "neutral" if result.is_error else "success"
+                return result
+            verdict = "failure"  # our hard bound fired: the transport did not honour its timeout
+            stale = monitor.untrack(flight)
+            if not stale:
+                monitor.stats(server).stale_cancelled += 1
+            raise RetryableFailure(
+                _Failed("timeout", f"no reply within {remaining:.3g}s (cancelled past its deadline)"),
+                retry=prep.safe,
+            )
+        except CallTimeout as exc:
+            verdict = "failure"
+            raise RetryableFailure(_Failed("timeout", exc.reason), retry=prep.safe) from None
+        except ServerUnavailable as exc:
+            verdict = "failure"  # never left this process
+            raise RetryableFailure(_Failed("transport_failure", exc.reason, sent=False), retry=True) from None
+        except ConnectionLost as exc:
+            verdict = "failure"
+            retry = may_retry(sent=exc.sent, tool_safe=prep.safe)
+            raise RetryableFailure(
+                _Failed("transport_failure", exc.reason, sent=exc.sent), retry=retry
+            ) from None
+        except ServerRequestError as exc:
+            # The server is alive and answered; a JSON-RPC error is the tool's problem, not the transport's.
+            raise _Failed("tool_error", exc.reason) from None
+        except TransportError as exc:
+            verdict = "failure"
+            raise RetryableFailure(_Failed("transport_failure", exc.reason), retry=False) from None
+        finally:
+            monitor.untrack(flight)
+            _release(breakers, permits, verdict, time.perf_counter() - t0)
+
+    async def _retry(
+        self, first: RetryableFailure, call: _Call
+    ) -> tuple[OutcomeKind, CallToolResult | None, str | None, int]:
+        """Attempts 2.. of a call whose first attempt failed: only when safe, within the deadline."""
+        sent = int(getattr(first.cause, "sent", True))
+
+        async def attempt(n: int) -> CallToolResult:
+            nonlocal sent
+            try:
+                result = await self._attempt(call, n)
+            except RetryableFailure as failure:
+                sent += getattr(failure.cause, "sent", True)
+                raise
+            except _Failed as failure:
+                sent += failure.sent
+                raise
+            sent += 1
+            return result
+
+        def on_retry(next_attempt: int, cause: BaseException, wait: float) -> None:
+            log.info(
+                "retrying tool call",
+                server=call.server,
+                tool=call.tool,
+                attempt=next_attempt,
+                wait=round(wait, 3),
+                error=str(cause),
+            )
+
+        try:
+            result, _ = await call_with_retries(
+                attempt,
+                settings=call.prep.policy.retry,
+                deadline=call.deadline,
+                sleep=self.sleep,
+                rng=self.rng,
+                on_retry=on_retry,
+                first_failure=first,
+            )
+        except _Failed as failure:
+            return failure.kind, None, failure.reason, sent
+        except BreakerOpenError as exc:
+            return "breaker_open", None, exc.reason, sent
+        return _finished(result, sent)
+
+    async def _unresolved(
+        self, name: str, args: dict[str, Any], agent: str | None, start: float
+    ) -> ToolOutcome:
+        """No such tool right now: its server may be down (a transport failure the breaker counts)."""
+        server_cfg = next((s for prefix, s in self._prefixes if name.startswith(prefix)), None)
+        if server_cfg is not None:
+            try:
+                status = self.supervisor.server(server_cfg.name)
+            except Exception:
+                status = None
+            if status is not None and status.state not in LIVE_STATES:
+                breaker = self.breakers.get(
+                    server_cfg.name,
+                    self.policies.for_tool(server_cfg.name, name[len(server_cfg.prefix) :]).breaker,
+                )
+                try:
+                    permit = breaker.acquire()
+                except BreakerOpenError as exc:
+                    return self._refuse("breaker_open", name, server_cfg.name, args, agent, start, exc.reason)
+                breaker.record(permit, "failure", 0.0)
+                reason = ServerUnavailable(server_cfg.name, status.state, status.last_error).reason
+                return self._refuse("transport_failure", name, server_cfg.name, args, agent, start, reason)
+        names = [e.name for e in self.registry.list()]
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        reason = f"no tool named {name!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
+        return self._refuse(
+            "unknown_tool", name, server_cfg.name if server_cfg else None, args, agent, start, reason
+        )
+
+    # -- checks -----------------------------------------------------------------------------------------
+
+    def _prepare(self, entry: ToolEntry) -> _Prepared:
+        server, tool = entry.server, entry.tool_name
+        server_cfg = self.config.server(server)
+        policy = self.policies.for_tool(server, tool)
+        ann = entry.definition.annotations
+        read_only = ann.read_only_hint if ann is not None else None
+        destructive_hint = ann.destructive_hint if ann is not None else None
+        idempotent = ann.idempotent_hint if ann is not None else None
+        breakers = [self.breakers.get(server, policy.breaker)]
+        if policy.tool_breaker is not None:
+            breakers.append(self.breakers.get(f"{server}/{tool}", policy.tool_breaker))
+        prep = _Prepared(
+            definition=entry.definition,
+            server=server_cfg,
+            policy=policy,
+            validator=ArgumentValidator.compile(entry.definition.input_schema, policy.arguments),
+            safe=tool_is_safe(
+                configured=policy.safe,
+                trusted=server_cfg.trusted,
+                read_only_hint=read_only,
+                idempotent_hint=idempotent,
+            ),
+            approval=approval_reason(
+                policy.approval, read_only_hint=read_only, destructive_hint=destructive_hint
+            ),
+            destructive=is_destructive(read_only, destructive_hint),
+            path_policy=None
+            if policy.roots is None
+            else PathPolicy(policy.roots, policy.path_args, getattr(server_cfg.target, "cwd", None)),
+            denial=policy.filter.denial(server, tool),
+            plan=_plan_timeouts(tool, server_cfg, policy),
+            limiter=self._limiter(server, server_cfg),
+            breakers=breakers,
+        )
+        self._prepared[(server, tool)] = prep
+        return prep
+
+    def _pin_problem(self, entry: ToolEntry) -> str | None:
+        check = self.pins.check(entry.server, entry.definition)
+        if not check.quarantined:
+            return None
+        what = (
+            "is new since the server was approved"
+            if check.status == "new"
+            else f"changed ({', '.join(check.changed)}) since it was approved"
+        )
+        return f"tool {entry.name} is quarantined: it {what}; run `agent-runtime tools approve {entry.name}`"
+
+    def _path_problem(self, prep: _Prepared, args: dict[str, Any]) -> str | None:
+        if prep.path_policy is None:
+            return None
+        for where, value in path_values(args, prep.path_policy.path_args):
+            problem = path_problem(value, prep.path_policy)
+            if problem is not None:
+                return f"{where}: {problem}"
+        return None
+
+    async def _egress_problem(self, prep: _Prepared, args: dict[str, Any]) -> str | None:
+        policy = prep.policy.egress
+        assert policy is not None
+        for where, value, _declared in url_values(args, policy.url_args):
+            target = parse_target(where, value, policy)
+            resolved: list[IPAddress] = []
+            if target.problem is None and not target.allowed_host and not target.literal and target.host:
+                with anyio.move_on_after(DNS_TIMEOUT):
+                    try:
+                        resolved = await self.resolver(target.host)
+                    except (OSError, ValueError, UnicodeError) as exc:
+                        log.debug("egress resolution failed", host=target.host, error=str(exc))
+            problem = egress_problem(target, resolved, policy)
+            if problem is not None:
+                return problem
+        return None
+
+    async def _approval_problem(
+        self, prep: _Prepared, entry: ToolEntry, args: dict[str, Any], agent: str | None
+    ) -> str | None:
+        request = ApprovalRequest(
+            agent, entry.server, entry.tool_name, args, prep.destructive, prep.approval or ""
+        )
+        hook = self.approval_hook
+        if hook is None:
+            return f"approval required ({prep.approval}) and no approver is configured"
+        try:
+            with anyio.fail_after(self.policies.approval_timeout):
+                answer = hook(request)
+                if inspect.isawaitable(answer):
+                    answer = await answer
+        except TimeoutError:
+            return (
+                f"approval required ({prep.approval}); no answer within {self.policies.approval_timeout:g}s"
+            )
+        except Exception as exc:  # fail closed on any hook failure
+            log.warning("approval hook failed", tool=entry.name, error=repr(exc))
+            return f"approval required ({prep.approval}); the approver failed: {type(exc).__name__}"
+        if answer is not True:
+            return f"approval required ({prep.approval}) and was denied"
+        return None
+
+    # -- helpers ----------------------------------------------------------------------------------------
+
+    def _refuse(
+        self,
+        kind: OutcomeKind,
+        name: str,
+        server: str | None,
+        args: Mapping[str, Any],
+        agent: str | None,
+        start: float,
+        reason: str,
+    ) -> ToolOutcome:
+        digest = args if isinstance(args, Mapping) else {}
+        self.audit.write(
+            decision_record(
+                agent=agent,
+                server=server,
+                tool=name,
+                digest=digest,
+                allowed=False,
+                reason=f"{kind}: {reason}",
+                secrets=self._secrets,
+            )
+        )
+        duration = time.perf_counter() - start
+        if server is not None:
+            self.monitor.record(server, kind, duration, reason)
+        log.debug("tool call refused", tool=name, outcome=kind, reason=reason)
+        return ToolOutcome(kind, name, server, None, reason, duration, 0, False)
+
+    def _limiter(self, server: str, cfg: ServerConfig) -> anyio.CapacityLimiter:
+        limiter = self._limiters.get(server)
+        if limiter is None:
+            limiter = self._limiters[server] = anyio.CapacityLimiter(self._slot_count(cfg))
+        return limiter
+
+    def _slot_count(self, cfg: ServerConfig) -> int:
+        """The concurrency limit of one server: policies, else the server's config, else the runtime's."""
+        default = cfg.max_concurrent_calls or self.config.runtime.max_concurrent_calls
+        return self.policies.max_concurrent_calls(cfg.name, default) or default
+
+    def _on_breaker(self, event: BreakerEvent) -> None:
+        monitor = getattr(self, "monitor", None)
+        if monitor is not None:
+            monitor.on_breaker_event(event)
+
+    def _on_registry_change(self, change: RegistryChange) -> None:
+        # Runs inside the supervisor's owner task: it must never raise into it.
+        try:
+            entries = self.registry.list(change.server)
+            if entries:
+                self.pins.observe(change.server, [e.definition for e in entries])
+        except Exception:
+            log.exception("pinning the tools of a server failed", server=change.server)
+
+    @staticmethod
+    def _collect_secrets(config: RuntimeConfig) -> tuple[str, ...]:
+        return tuple(secret_values(config))
+
+
+def _take(limiter: anyio.CapacityLimiter) -> bool:
+    """One call slot if one is free now (the common case: no await, no cancel scope)."""
+    try:
+        limiter.acquire_nowait()
+    except anyio.WouldBlock:
+        return False
+    return True
+
+
+def _finished(result: CallToolResult, sent: int) -> tuple[OutcomeKind, CallToolResult, str | None, int]:
+    if result.is_error:
+        return "tool_error", result, "tool returned an error", sent
+    return "result", result, None, sent
+
+
+def _acquire_all(breakers: list[CircuitBreaker]) -> list[Permit]:
+    permits: list[Permit] = []
+    try:
+        for b in breakers:
+            permits.append(b.acquire())
+    except BreakerOpenError:
+        for b, p in zip(breakers, permits, strict=False):
+            b.record(p, "neutral")
+        raise
+    return permits
+
+
+def _release(
+    breakers: list[CircuitBreaker],
+    permits: list[Permit],
+    verdict: Literal["success", "failure", "neutral"],
+    duration: float | None = None,
+) -> None:
+    for b, p in zip(breakers, permits, strict=True):
+        if not p.done:
+            b.record(p, verdict, duration)

@@ -1,0 +1,190 @@
+"""The public Python API: `async with Runtime.from_config(...) as rt:` starts the servers; tools and calls go through it."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from agent_runtime.config import default_config_path, load_config
+from agent_runtime.config.types import RuntimeConfig
+from agent_runtime.errors import AgentRuntimeError, ConfigError
+from agent_runtime.tools.executor import ApprovalHook, Executor, ToolOutcome, outcome_error
+from agent_runtime.tools.local import LocalTool, LocalToolset
+from agent_runtime.tools.registry import ToolEntry, ToolRegistry
+from agent_runtime.tools.supervisor import LIVE_STATES, ServerStatus, ServerUnavailable, Supervisor
+
+if TYPE_CHECKING:
+    from mcp.types import CallToolResult
+
+    from agent_runtime.tools.monitor import ServerHealth
+    from policies.limits import AgentBudget
+
+
+class UnknownTool(AgentRuntimeError):
+    """No visible tool has that namespaced name (misspelt, or its server never listed it)."""
+
+    def __init__(self, name: str, suggestions: list[str]) -> None:
+        hint = (
+            f"did you mean {', '.join(repr(s) for s in suggestions)}?"
+            if suggestions
+            else "`agent-runtime tools list` shows the available tools"
+        )
+        super().__init__(f"no tool named {name!r}", hint)
+        self.name = name
+        self.suggestions = suggestions
+
+
+class Runtime:
+    """Owns a supervisor and its registry; an async context manager (start, wait for readiness, shut down)."""
+
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        *,
+        ready_timeout: float | None = None,
+        approval_hook: ApprovalHook | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = ToolRegistry()
+        self.supervisor = Supervisor(config, self.registry)
+        # Every tool call goes through the policy pipeline (DESIGN.md, "The path of one tool call").
+        self.executor: Executor = Executor(
+            self.supervisor, self.registry, config, approval_hook=approval_hook
+        )
+        self.local_tools = LocalToolset()  # Python functions offered to agents beside the MCP tools
+        self._on_close: list[Callable[[], Awaitable[None]]] = []
+        self._stack: contextlib.AsyncExitStack | None = None
+        # Readiness is bounded by the slowest server's startup timeout: a hung server ends up `failed`
+        # (and keeps retrying in the background) rather than blocking the runtime.
+        enabled = [s.timeouts.startup for s in config.servers if s.enabled]
+        self.ready_timeout = ready_timeout if ready_timeout is not None else (max(enabled, default=0.0) + 1.0)
+
+    @classmethod
+    def from_config(
+        cls, config: str | Path | RuntimeConfig | None = None, *, ready_timeout: float | None = None
+    ) -> Runtime:
+        """A runtime for a config file path, a RuntimeConfig, or the default config file when None."""
+        if not isinstance(config, RuntimeConfig):
+            path = Path(config) if config is not None else default_config_path()
+            if path is None:
+                raise ConfigError(
+                    "no config file: ./MCP_CONFIG.json does not exist and $AGENT_RUNTIME_CONFIG is not set",
+                    "pass a path or a RuntimeConfig to Runtime.from_config",
+                )
+            config = load_config(path)
+        return cls(config, ready_timeout=ready_timeout)
+
+    async def __aenter__(self) -> Runtime:
+        stack = contextlib.AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            await stack.enter_async_context(self._lifespan())
+        except BaseException as exc:
+            await stack.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return None
+        return await stack.__aexit__(*exc_info)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self) -> AsyncIterator[None]:
+        """Servers, then the executor's background work (stale-call sweep, audit flusher), then readiness.
+
+        Written as one structured block so a cancellation at any point (SIGTERM during startup) unwinds
+        every scope in order, in this task."""
+        async with self.supervisor:  # servers always stop, whatever happens below
+            body_error: BaseException | None = None
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self.executor.serve, name="executor")
+                    await self.supervisor.wait_ready(self.ready_timeout)
+                    try:
+                        yield
+                    except BaseException as exc:  # re-raised below as itself, not in an ExceptionGroup
+                        body_error = exc
+                    finally:
+                        with anyio.CancelScope(shield=True):
+                            for close in reversed(self._on_close):
+                                await close()
+                        tg.cancel_scope.cancel()  # its tasks only sleep and flush: they end at once
+            finally:
+                self.executor.close()
+            if body_error is not None:
+                raise body_error
+
+    async def execute(
+        self,
+        name: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        agent: str | None = None,
+        budget: AgentBudget | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - shortens the tool's deadline
+    ) -> ToolOutcome:
+        """Call a tool through the policy pipeline; never raises for a failed call (see ToolOutcome)."""
+        return await self.executor.execute(name, arguments, agent=agent, budget=budget, timeout=timeout)
+
+    def register_tool(
+        self, fn: Callable[..., Any] | LocalTool, *, name: str | None = None, description: str | None = None
+    ) -> LocalTool:
+        """Offer a Python function to this runtime's agents as a tool (schema from its type hints)."""
+        return self.local_tools.register(fn, name=name, description=description)
+
+    def on_close(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Await `callback` when the runtime shuts down, before its servers stop (last registered, first
+        called; shielded from cancellation). Agent hosts release their engine this way."""
+        self._on_close.append(callback)
+
+    def health(self) -> list[ServerHealth]:
+        """Per-server state, breaker, in-flight calls, counts, latency percentiles and process RSS/CPU."""
+        return self.executor.health()
+
+    def tools(self, server: str | None = None) -> list[ToolEntry]:
+        return self.registry.list(server)
+
+    def servers(self) -> list[ServerStatus]:
+        return self.supervisor.servers()
+
+    def resolve(self, name: str) -> ToolEntry:
+        """The registry entry for a namespaced tool name, or a typed error saying why there is none."""
+        entry = self.registry.get(name)
+        if entry is not None:
+            return entry
+        # A tool of a server that is down is "unavailable", not "unknown": say so, and why.
+        for status in self.supervisor.servers():
+            cfg = self.config.server(status.name)
+            if name.startswith(cfg.prefix) and status.state not in LIVE_STATES:
+                raise ServerUnavailable(status.name, status.state, status.last_error)
+        names = [e.name for e in self.registry.list()]
+        raise UnknownTool(name, difflib.get_close_matches(name, names, n=3, cutoff=0.5))
+
+    def tool_timeout(self, entry: ToolEntry) -> float:
+        timeouts = self.config.server(entry.server).timeouts
+        return timeouts.per_tool.get(entry.tool_name, timeouts.tool)
+
+    async def call_tool(
+        self,
+        name: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - per-request deadline for the transport
+    ) -> CallToolResult:
+        """Call a tool by namespaced name through the executor; tool errors come back as results with
+        is_error set, every other failure raises a typed error (UnknownTool, ServerUnavailable,
+        CallTimeout, ConnectionLost, ToolCallRefused)."""
+        outcome = await self.executor.execute(name, arguments, timeout=timeout)
+        if outcome.result is not None:
+            return outcome.result
+        if outcome.kind == "unknown_tool" or (outcome.kind == "transport_failure" and outcome.attempts == 0):
+            self.resolve(name)  # raises UnknownTool (with suggestions) or ServerUnavailable (with why)
+        raise outcome_error(outcome)

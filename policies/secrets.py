@@ -1,0 +1,58 @@
+"""What counts as a secret, and the one redaction every output goes through (logs, status, audit, errors).
+
+A secret is either a value the config holds under a secret-looking name (`is_secret_name`: tokens, keys,
+passwords, auth headers, cloud credentials), passed in as `known`, or a string with a credential's shape
+(GitHub/OpenAI/Slack/AWS keys, bearer tokens, JWTs, `password=...`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+
+REDACTED = "***"
+MIN_SECRET_LEN = 4  # shorter known values ("1", "on") would shred unrelated text if replaced everywhere
+
+# Names (header names, environment variables, config and log keys) whose values are credentials.
+_SECRET_NAME = re.compile(
+    r"(token|secret|passw|api[_-]?key|apikey|private|access[_-]?key|credential|auth|cookie|session|bearer"
+    r"|^AWS_|^AZURE_|^GCP_|^GOOGLE_|^SSH_AUTH_SOCK$)",
+    re.I,
+)
+
+# Credentials that have a recognisable shape, wherever they appear in free text.
+_SECRET_SHAPES = re.compile(
+    r"(AKIA|ASIA)[0-9A-Z]{16}"  # AWS access key ids
+    r"|\b(sk|pk|rk)-[A-Za-z0-9_-]{16,}"  # OpenAI/Stripe-style keys
+    r"|\bgh[pousr]_[A-Za-z0-9]{20,}"  # GitHub tokens
+    r"|\bxox[abposr]-[A-Za-z0-9-]{10,}"  # Slack tokens
+    r"|(?i:bearer)\s+[A-Za-z0-9._~+/=-]{8,}"
+    r"|eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{5,}"  # JWTs
+    r"|(?i:(password|passwd|secret|token|api[_-]?key)\s*[=:]\s*)\S+"
+)
+
+
+def is_secret_name(name: str) -> bool:
+    """True for header, environment variable and key names whose values are credentials."""
+    return bool(_SECRET_NAME.search(name))
+
+
+def redact(text: str, known: Iterable[str] = ()) -> str:
+    """`text` with every known secret value (pass them longest first) and every secret-shaped substring
+    replaced by ***."""
+    for secret in known:
+        if len(secret) >= MIN_SECRET_LEN:
+            text = text.replace(secret, REDACTED)
+    return _SECRET_SHAPES.sub(REDACTED, text)
+
+
+def redact_fields(event: MutableMapping[str, Any], known: Iterable[str] = ()) -> MutableMapping[str, Any]:
+    """A mapping (a log record) with values under secret-looking keys masked and strings redacted."""
+    known = tuple(known)
+    for key, value in list(event.items()):
+        if is_secret_name(str(key)):
+            event[key] = REDACTED
+        elif isinstance(value, str):
+            event[key] = redact(value, known)
+    return event

@@ -1,0 +1,78 @@
+"""The `model` section's device and GPU-memory settings, and the CLI flags that override them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from agent_runtime.cli import common, generate, run, serve
+from agent_runtime.config import load_config
+from agent_runtime.config.agents import ModelSettings, load_model_settings
+from agent_runtime.errors import ConfigError
+
+
+def config_with(tmp_path: Path, model: object) -> Path:
+    path = tmp_path / "MCP_CONFIG.json"
+    path.write_text(json.dumps({"mcpServers": {}, "model": model}, indent=2))
+    return path
+
+
+def test_defaults_are_auto_device_and_ninety_percent_of_the_gpu() -> None:
+    settings = ModelSettings()
+    assert settings.device == "auto" and settings.gpu_memory_utilization == 0.9
+    assert settings.engine_args()["gpu_memory_utilization"] == 0.9
+    assert settings.engine_args()["enforce_eager"] is False
+    assert "kv_cache_memory" not in settings.engine_args()  # unset: profiled on CUDA, RAM share on the CPU
+
+
+def test_model_section_accepts_devices_and_utilization(tmp_path: Path) -> None:
+    for device in ("auto", "cuda", "cpu"):
+        path = config_with(
+            tmp_path, {"device": device, "gpu_memory_utilization": 0.75, "enforce_eager": True}
+        )
+        settings = load_model_settings(load_config(path, env={}))
+        assert settings.device == device
+        assert settings.engine_args()["gpu_memory_utilization"] == 0.75
+        assert settings.engine_args()["enforce_eager"] is True
+
+
+@pytest.mark.parametrize(
+    ("model", "where"),
+    [
+        ({"device": "gpu"}, "model.device"),
+        ({"device": "cuda:0"}, "model.device"),
+        ({"gpu_memory_utilization": 1.5}, "model.gpu_memory_utilization"),
+        ({"gpu_memory_utilization": 0}, "model.gpu_memory_utilization"),
+    ],
+)
+def test_bad_values_are_config_errors_pointing_into_the_file(tmp_path: Path, model: dict, where: str) -> None:
+    path = config_with(tmp_path, model)
+    with pytest.raises(ConfigError) as info:
+        load_model_settings(load_config(path, env={}))
+    assert where in str(info.value)
+    assert f"{path.name}:" in str(info.value)  # file:line:column of the offending value
+
+
+def test_cli_device_flags(tmp_path: Path) -> None:
+    gen = argparse.ArgumentParser()
+    generate.add_arguments(gen)
+    assert gen.parse_args(["hi"]).device == "auto"
+    assert gen.parse_args(["hi", "--device", "cpu"]).device == "cpu"
+    with pytest.raises(SystemExit):
+        gen.parse_args(["hi", "--device", "tpu"])
+
+    serve_parser = argparse.ArgumentParser()
+    serve.add_arguments(serve_parser)
+    config = load_config(config_with(tmp_path, {"device": "cuda", "gpu_memory_utilization": 0.6}), env={})
+    assert common.resolve_model(config, serve_parser.parse_args([])).device == "cuda"  # the config's
+    flagged = common.resolve_model(config, serve_parser.parse_args(["--device", "cpu"]))
+    assert flagged.device == "cpu" and flagged.gpu_memory_utilization == 0.6  # the flag wins, the rest stays
+    assert common.resolve_model(None, serve_parser.parse_args([])).device == "auto"
+
+    run_parser = argparse.ArgumentParser()
+    run.add_arguments(run_parser)
+    assert run_parser.parse_args(["task"]).device is None  # no flag: the config decides
+    assert run_parser.parse_args(["task", "--device", "cuda"]).device == "cuda"
