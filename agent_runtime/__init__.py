@@ -58,7 +58,30 @@ _EXPORTS = {
     "parse_config": "agent_runtime.config",
 }
 
-__all__ = ["__version__", *sorted(_EXPORTS)]
+__all__ = [
+    "__version__",
+    "Agent",
+    "AgentError",
+    "AgentEvent",
+    "AgentHost",
+    "AgentResult",
+    "AgentRuntimeError",
+    "AgentSession",
+    "ConfigError",
+    "LLMBackend",
+    "LocalEngineBackend",
+    "LocalToolError",
+    "OpenAIChatBackend",
+    "RemoteLLMError",
+    "Runtime",
+    "RuntimeConfig",
+    "ServerUnavailable",
+    "ToolCallRefused",
+    "ToolOutcome",
+    "UnknownTool",
+    "load_config",
+    "parse_config",
+]
 
 
 def __getattr__(name: str) -> Any:

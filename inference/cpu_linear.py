@@ -23,7 +23,6 @@ from inference import envs
 log = structlog.get_logger(__name__)
 
 
-
 def packing_enabled() -> bool:
     """Whether this process packs CPU weights: this CPU can (`packing_supported`) and the variable does not turn
     it off."""

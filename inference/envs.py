@@ -13,7 +13,9 @@ from pathlib import Path
 from inference.errors import EngineError
 
 TRITON_INTERPRET = "TRITON_INTERPRET"  # Triton's own: run kernels under its interpreter (CPU tensors, tests)
-TRITON_TILES = "AGENT_RUNTIME_TRITON_TILES"  # attention tile sizes, e.g. "decode_block_n=64,prefill_block_m=32"
+TRITON_TILES = (
+    "AGENT_RUNTIME_TRITON_TILES"  # attention tile sizes, e.g. "decode_block_n=64,prefill_block_m=32"
+)
 CPU_PACKED_LINEAR = "AGENT_RUNTIME_CPU_PACKED_LINEAR"  # 0 keeps a bf16 model's CPU weights plain
 CACHE_DIR = "AGENT_RUNTIME_CACHE"  # converted GGUF folders and other caches (default ~/.cache/agent-runtime)
 HF_HUB_OFFLINE = "HF_HUB_OFFLINE"  # Hugging Face's own: never reach the hub

@@ -168,6 +168,8 @@ class GrammarCompilerCache:
         self.info = xgr.TokenizerInfo.from_huggingface(hf_tokenizer, vocab_size=self.vocab_size)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=max_threads)
         self.stop_token_ids: tuple[int, ...] = tuple(self.info.stop_token_ids)
+        # Fills the bitmasks of a step's constrained rows in one threaded call (GrammarLogitsProcessor.apply_batch).
+        self.batch_matcher = xgr.BatchGrammarMatcher(max_threads=max_threads)
         self._cache: dict[str, _Compiled] = {}
         self._lock = threading.Lock()
         self.compiles = 0
@@ -245,8 +247,17 @@ class GrammarLogitsProcessor:
     list shrank (a recompute after preemption may replay a shorter prefix).
     """
 
-    def __init__(self, compiled: xgr.CompiledGrammar, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
+    def __init__(
+        self,
+        compiled: xgr.CompiledGrammar,
+        vocab_size: int,
+        stop_token_ids: Sequence[int],
+        *,
+        batch_matcher: xgr.BatchGrammarMatcher | None = None,
+    ) -> None:
+        """`batch_matcher` (usually the compiler cache's) serves `apply_batch`; without one a batch makes its own."""
         self.matcher = xgr.GrammarMatcher(compiled)
+        self.batch_matcher = batch_matcher
         self.vocab_size = int(vocab_size)
         self.stop_token_ids = tuple(stop_token_ids)
         self._bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
@@ -319,7 +330,7 @@ class GrammarLogitsProcessor:
             return logits
         vocab = processors[live[0]].vocab_size
         bitmask = xgr.allocate_token_bitmask(logits.shape[0], vocab)
-        matcher = batch_matcher or _batch_matcher()
+        matcher = batch_matcher or processors[live[0]].batch_matcher or xgr.BatchGrammarMatcher(max_threads=2)
         matcher.batch_fill_next_token_bitmask([processors[i].matcher for i in live], bitmask, indices=live)
         xgr.apply_token_bitmask_inplace(
             logits, _on_device(bitmask, logits.device), vocab_size=vocab, indices=live
@@ -335,13 +346,3 @@ def _on_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return host
     return host.pin_memory().to(device, non_blocking=True)
-
-
-_BATCH: dict[str, xgr.BatchGrammarMatcher] = {}
-
-
-def _batch_matcher() -> xgr.BatchGrammarMatcher:
-    m = _BATCH.get("default")
-    if m is None:
-        m = _BATCH["default"] = xgr.BatchGrammarMatcher(max_threads=2)
-    return m

@@ -22,8 +22,6 @@ _MAX_SPLITS = 16  # most KV partitions one decode sequence is split into
 _MIN_KEYS_PER_SPLIT = 256  # fewer keys per partition than this costs more in the reduction than it gains
 
 
-
-
 @dataclass(frozen=True, slots=True)
 class Tiles:
     """Tile sizes and launch shape of the attention kernels (the KV-write and reduction kernels have no choices).

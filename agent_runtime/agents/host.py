@@ -69,7 +69,12 @@ class AgentHost:
             return existing
         async with self._lock:
             existing = self._backends.get(source)
-            if existing is None and source is None and self.model_override is None and self.model.backend == "openai":
+            if (
+                existing is None
+                and source is None
+                and self.model_override is None
+                and self.model.backend == "openai"
+            ):
                 # `model: {backend: "openai", base_url, api_key, model}`: the loop drives a remote server.
                 raw: Any = self.runtime.config.sections.get("model") or {}
                 settings = OpenAIBackendSettings.from_section(raw, self.runtime.config)

@@ -149,7 +149,7 @@ class LocalEngineBackend:
             self.stats.grammar_compiles += 1
             self.stats.grammar_seconds += time.perf_counter() - started
         stops = tuple(self.tokenizer.eos_token_ids) or cache.stop_token_ids
-        return GrammarLogitsProcessor(compiled, cache.vocab_size, stops)
+        return GrammarLogitsProcessor(compiled, cache.vocab_size, stops, batch_matcher=cache.batch_matcher)
 
     # -- generation ---------------------------------------------------------------------------------------
 

@@ -76,6 +76,7 @@ def config_from_args(args: argparse.Namespace) -> RuntimeConfig:
 
 def run_with_signals(main: Callable[[], Awaitable[int]]) -> int:
     """Run `main` under anyio; SIGINT/SIGTERM cancel it, so the runtime shuts its servers down (bounded)."""
+
     async def runner() -> int:
         result = 0
         async with anyio.create_task_group() as tg:

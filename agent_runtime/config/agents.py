@@ -92,7 +92,9 @@ class ModelSettings(BaseModel):
     """The `model` section: which model the local engine loads and how big its batches and KV cache are."""
 
     model_config = ConfigDict(extra="forbid")
-    backend: Literal["local", "openai"] = "local"  # `openai`: agent_runtime.agents.openai_backend reads the rest
+    backend: Literal["local", "openai"] = (
+        "local"  # `openai`: agent_runtime.agents.openai_backend reads the rest
+    )
     source: str = "smollm2-135m-instruct"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # auto: the GPU when torch sees one (bf16, fp16 on pre-Ampere cards), else the CPU (bf16 where it is fast)

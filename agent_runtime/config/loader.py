@@ -880,5 +880,3 @@ def section_error(config: RuntimeConfig, json_path: str, reason: str, hint: str 
         except (OSError, ValueError, UnicodeDecodeError, IndexError):
             pass  # the message still names the file and the JSON path
     return ConfigError(reason, hint, file=file, json_path=json_path, line=line, column=column)
-
-

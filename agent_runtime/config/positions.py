@@ -13,6 +13,7 @@ JsonPath = tuple[str | int, ...]
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _WS = re.compile(r"[ \t\n\r]*")
 
+
 def strip_jsonc(text: str) -> str:
     """Blank out // and /* */ comments and trailing commas (VS Code files are JSONC), keeping offsets."""
     if "/" not in text and "," not in text:

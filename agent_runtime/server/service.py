@@ -65,7 +65,9 @@ class EngineService:
                 str(exc), param="response_format" if spec.kind == "json_schema" else None
             ) from None
         self.grammar_specs[spec.key] = self.grammar_specs.get(spec.key, 0) + 1
-        return GrammarLogitsProcessor(compiled, cache.vocab_size, cache.stop_token_ids)
+        return GrammarLogitsProcessor(
+            compiled, cache.vocab_size, cache.stop_token_ids, batch_matcher=cache.batch_matcher
+        )
 
     async def stream(self, prompt: Any, params: Any, request_id: str) -> AsyncIterator[Any]:
         """Engine outputs for one request; leaving the loop early (or being cancelled) aborts it."""

@@ -78,7 +78,7 @@ async def test_tool_calls_through_the_backend(base_url: str) -> None:
         assert result.finish_reason == "tool_calls"
         (call,) = result.tool_calls
         assert call.name == "get_current_time"
-        assert isinstance(call.parsed_arguments()["timezone"], str)
+        assert isinstance(call.arguments["timezone"], str)
     assert plain.tool_calls[0].arguments == streamed.tool_calls[0].arguments
 
 

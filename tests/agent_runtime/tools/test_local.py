@@ -31,7 +31,6 @@ def test_schema_from_type_hints() -> None:
     assert p["properties"]["city"] == {"type": "string", "description": "city name"}
     assert p["properties"]["days"]["type"] == "integer" and p["properties"]["days"]["default"] == 3
     assert p["properties"]["unit"]["enum"] == ["C", "F"]
-    assert tool.spec().server is None
 
 
 def test_untyped_and_bad_names_are_refused() -> None:
