@@ -26,7 +26,7 @@ except ImportError as exc:  # pragma: no cover - triton ships with the dev envir
     pytest.skip(f"triton cannot be imported: {exc}", allow_module_level=True)
 
 from inference import attention as reference
-from inference import attention_backends
+from inference import attention_backends, envs
 from inference import triton_attention as tri
 from inference.attention_backends import (
     AttentionBackend,
@@ -259,11 +259,11 @@ def test_tiles_parse_validate_and_round_trip() -> None:
 def test_tiles_from_the_environment(monkeypatch: pytest.MonkeyPatch, restore_tiles: None) -> None:
     attention_backends._resolve.cache_clear()
     try:
-        monkeypatch.setenv(tri.TILES_ENV, "decode_block_n=64,prefill_stages=2")
+        monkeypatch.setenv(envs.TRITON_TILES, "decode_block_n=64,prefill_stages=2")
         assert get_attention_backend("cuda", "triton").name == "triton"
         assert tri.tiles() == tri.Tiles(decode_block_n=64, prefill_stages=2)
         attention_backends._resolve.cache_clear()
-        monkeypatch.setenv(tri.TILES_ENV, "decode_block_n=100")
+        monkeypatch.setenv(envs.TRITON_TILES, "decode_block_n=100")
         with pytest.raises(
             AttentionBackendError, match="AGENT_RUNTIME_TRITON_TILES='decode_block_n=100'"
         ) as err:
