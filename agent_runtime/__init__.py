@@ -59,7 +59,6 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "__version__",
     "Agent",
     "AgentError",
     "AgentEvent",
@@ -79,6 +78,7 @@ __all__ = [
     "ToolCallRefused",
     "ToolOutcome",
     "UnknownTool",
+    "__version__",
     "load_config",
     "parse_config",
 ]

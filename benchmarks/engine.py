@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
     from transformers import LlamaForCausalLM
 
+    from inference.config import EngineConfig
     from inference.engine import LLMEngine
     from inference.loader import _gguf_cache_dir, load_model, resolve_dtype, smollm2_gguf_path
     from inference.model_runner import configure_threads
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(dtype=dtype)
     vocab = loaded.config.vocab_size
     work = make_workload(n_req, (32, 512), out_range, vocab)
-    engine = LLMEngine(loaded, kv_cache_memory=640 * 2**20, max_model_len=2048, max_num_seqs=64)
+    engine = LLMEngine(loaded, EngineConfig(kv_cache_memory=640 * 2**20, max_model_len=2048, max_num_seqs=64))
     rng = random.Random(1)
     single_prompt = [rng.randrange(100, vocab - 100) for _ in range(32)]
     prefix = [rng.randrange(100, vocab - 100) for _ in range(1000)]

@@ -506,23 +506,24 @@ def build_engine(
 ) -> Any:
     """Our engine on dummy weights of `source`, sized by the benchmark's arguments (KV from a profiling step on
     CUDA; on the CPU, room for two longest requests)."""
+    from inference.config import EngineConfig
     from inference.engine import LLMEngine
     from inference.loader import load_model
 
     loaded = load_model(source, dtype=dtype, device=device, load_format="dummy")
-    kwargs: dict[str, Any] = dict(
+    kv_cache_memory = None  # CUDA: sized from a profiling step under the utilization
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        kv_cache_memory = max(256 * 2**20, 2 * args.max_model_len * loaded.config.kv_bytes_per_token())
+    config = EngineConfig(
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,  # the CPU ignores it
+        kv_cache_memory=kv_cache_memory,
     )
-    if device.type == "cuda":
-        kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        kwargs["kv_cache_memory"] = max(
-            256 * 2**20, 2 * args.max_model_len * loaded.config.kv_bytes_per_token()
-        )
-    return LLMEngine(loaded, **kwargs)
+    return LLMEngine(loaded, config)
 
 
 def _run_engine(

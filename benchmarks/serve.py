@@ -24,9 +24,12 @@ from typing import Any
 import anyio
 import httpx
 
+from inference.config import EngineConfig
+
 MODEL = "smollm2-135m-instruct"
 ROOT = Path(__file__).resolve().parent.parent
-ENGINE_ARGS = {"kv_cache_memory": 256 * 2**20, "max_model_len": 2048, "max_num_seqs": 64}
+# the in-process engine and the served one (command-line flags) get the same settings
+ENGINE = EngineConfig(kv_cache_memory=256 * 2**20, max_model_len=2048, max_num_seqs=64)
 
 
 @dataclass(slots=True)
@@ -142,11 +145,11 @@ def start_server(tmp: Path) -> tuple[subprocess.Popen[str], str]:
         "--port",
         "0",
         "--kv-cache-memory",
-        str(ENGINE_ARGS["kv_cache_memory"]),
+        str(ENGINE.kv_cache_memory),
         "--max-model-len",
-        str(ENGINE_ARGS["max_model_len"]),
+        str(ENGINE.max_model_len),
         "--max-num-seqs",
-        str(ENGINE_ARGS["max_num_seqs"]),
+        str(ENGINE.max_num_seqs),
     ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         f"[bold]serve benchmark[/]: {MODEL}, greedy, {args.max_tokens} tokens per request, levels {levels}"
     )
 
-    engine = AsyncEngine.from_model(MODEL, **ENGINE_ARGS)
+    engine = AsyncEngine.from_model(MODEL, ENGINE)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             proc, url = start_server(Path(tmp))

@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import structlog
 
+from inference.config import EngineConfig
 from inference.engine import LLMEngine, Prompt, RequestOutput
 from inference.errors import EngineError, EngineStoppedError, RequestError
 from inference.metrics import EngineMetrics
@@ -72,18 +73,19 @@ class AsyncEngine:
     def from_model(
         cls,
         source: str = "smollm2-135m-instruct",
+        config: EngineConfig | None = None,
         *,
         dtype: str = "auto",
         device: str = "cpu",
         load_format: str = "auto",
         progress: bool = False,
-        **engine_args: Any,
     ) -> AsyncEngine:
-        """Load a model (see inference.loader.load_model) and start an engine on it."""
+        """Load a model (see inference.loader.load_model) and start an engine on it with `config`'s settings
+        (the defaults when None)."""
         from inference.loader import load_model
 
         loaded = load_model(source, dtype=dtype, device=device, load_format=load_format, progress=progress)
-        return cls(LLMEngine(loaded, **engine_args))
+        return cls(LLMEngine(loaded, config))
 
     # ---- the async side ------------------------------------------------------------------------------
     async def generate(

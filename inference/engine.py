@@ -14,9 +14,10 @@ import torch
 
 from inference.attention_backends import get_attention_backend
 from inference.block_manager import BlockManager
+from inference.config import EngineConfig
 from inference.cuda_graphs import largest_graph_batch
-from inference.errors import EngineError, RequestError
-from inference.memory_profile import DEFAULT_GPU_MEMORY_UTILIZATION, StepLimits, plan_cuda_kv_blocks
+from inference.errors import RequestError
+from inference.memory_profile import StepLimits, plan_cuda_kv_blocks
 from inference.metrics import EngineMetrics, MetricsCollector
 from inference.model_runner import ModelRunner, make_current, plan_num_blocks
 from inference.params import OutputKind, SamplingParams
@@ -56,79 +57,37 @@ class RequestOutput:
 class LLMEngine:
     """Single-threaded: call `add_request`, `abort` and `step` from one thread (AsyncEngine's step thread)."""
 
-    def __init__(
-        self,
-        loaded: Any,
-        *,
-        kv_cache_memory: int | float | None = None,
-        num_blocks: int | None = None,
-        block_size: int = 16,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
-        max_model_len: int | None = None,
-        enable_prefix_caching: bool = True,
-        gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
-        enforce_eager: bool = False,
-        attention_backend: str = "auto",
-    ) -> None:
-        """KV cache size: `num_blocks` if given, else `kv_cache_memory` (bytes, or a fraction of free memory).
-        On CUDA without either, a profiling step measures peak memory and the cache gets what
-        `gpu_memory_utilization` of the GPU leaves (inference/memory_profile.py); on the CPU the default is a
-        quarter of free RAM, capped (inference/model_runner.py). `enforce_eager` turns CUDA-graph decode off.
-        `attention_backend` is "auto" (Triton on CUDA, the reference elsewhere), "reference" or "triton"
-        (inference/attention_backends.py)."""
-        if not (isinstance(gpu_memory_utilization, int | float) and 0 < gpu_memory_utilization <= 1):
-            raise EngineError(
-                f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}",
-                "use a fraction such as 0.9 (the share of the GPU's memory the engine may use)",
-            )
+    def __init__(self, loaded: Any, config: EngineConfig | None = None) -> None:
+        """Start an engine on a loaded model (inference.loader.load_model) with `config`'s settings (the
+        defaults when None; inference/config.py). Without `num_blocks` or `kv_cache_memory`, CUDA sizes the KV
+        cache from a profiling step (inference/memory_profile.py) and the CPU takes a capped share of free RAM
+        (inference/model_runner.py)."""
+        config = config if config is not None else EngineConfig()
+        self.config = config
         self.loaded = loaded
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         cfg = self.model_config
-        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.max_model_len = config.max_model_len_for(cfg)
         device = next(loaded.model.parameters()).device
         make_current(device)  # profiling, the runner and graph capture all run in this thread
-        if device.type == "cuda" and num_blocks is None and kv_cache_memory is None:
-            limits = StepLimits(
-                max_num_batched_tokens=max_num_batched_tokens,
-                max_num_seqs=max_num_seqs,
-                max_model_len=self.max_model_len,
-                block_size=block_size,
-                attention_backend=attention_backend,
-                decode_graph_rows=largest_graph_batch(
-                    device,
-                    get_attention_backend(device, attention_backend).name,
-                    cfg,
-                    max_num_seqs=max_num_seqs,
-                    enforce_eager=enforce_eager,
-                ),
+        planned = None
+        if device.type == "cuda" and config.num_blocks is None and config.kv_cache_memory is None:
+            graph_rows = largest_graph_batch(
+                device,
+                get_attention_backend(device, config.attention_backend).name,
+                cfg,
+                max_num_seqs=config.max_num_seqs,
+                enforce_eager=config.enforce_eager,
             )
-            num_blocks = plan_cuda_kv_blocks(
-                loaded.model, cfg, limits, gpu_memory_utilization=float(gpu_memory_utilization)
-            )
-        blocks = plan_num_blocks(
-            cfg,
-            device=device,
-            block_size=block_size,
-            max_model_len=self.max_model_len,
-            kv_cache_memory=kv_cache_memory,
-            num_blocks=num_blocks,
+            limits = StepLimits(config, self.max_model_len, decode_graph_rows=graph_rows)
+            planned = plan_cuda_kv_blocks(loaded.model, cfg, limits)
+        blocks = plan_num_blocks(cfg, config, device, planned=planned)
+        self.runner = ModelRunner(loaded.model, cfg, config, num_blocks=blocks)
+        self.block_manager = BlockManager(
+            blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
         )
-        self.runner = ModelRunner(
-            loaded.model,
-            cfg,
-            num_blocks=blocks,
-            block_size=block_size,
-            max_num_seqs=max_num_seqs,
-            max_model_len=self.max_model_len,
-            enforce_eager=enforce_eager,
-            attention_backend=attention_backend,
-        )
-        self.block_manager = BlockManager(blocks, block_size, enable_prefix_caching=enable_prefix_caching)
-        self.scheduler = Scheduler(
-            self.block_manager, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
-        )
+        self.scheduler = Scheduler(self.block_manager, config)
         self.sampler = Sampler()
         self.stats = MetricsCollector()
         self._seqs: dict[str, Sequence] = {}

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from inference.attention_backends import get_attention_backend, set_attention_backend
+from inference.config import EngineConfig
 from inference.errors import KVBudgetError
 from inference.metadata import AttentionMetadata
 from inference.model_config import ModelConfig
@@ -21,7 +22,6 @@ from inference.sampler import Sampler, SampleRequest
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 _GIB = float(2**30)
 _MIB = float(2**20)
 
@@ -123,25 +123,29 @@ def dummy_metadata(
     return positions.to(device), meta
 
 
+@dataclass(frozen=True, slots=True)
+class StepLimits:
+    """The largest work the engine will schedule, which the profiling steps run: a prefill of the config's
+    `max_num_batched_tokens` against a `max_model_len` context (the config's, for this model), `max_num_seqs`
+    sampled rows, and (when > 0) a decode graph of `decode_graph_rows`."""
+
+    config: EngineConfig
+    max_model_len: int
+    decode_graph_rows: int = 0
+
+
 @torch.inference_mode()
-def run_profile_step(
-    model: nn.Module,
-    config: ModelConfig,
-    *,
-    max_num_batched_tokens: int,
-    max_num_seqs: int,
-    max_model_len: int,
-    block_size: int,
-    attention_backend: str = "auto",
-) -> list[int]:
+def run_profile_step(model: nn.Module, config: ModelConfig, limits: StepLimits) -> list[int]:
     """The largest step the engine can schedule, on scratch memory: a prefill of `max_num_batched_tokens`
     tokens against a maximal context, then logits for `max_num_seqs` rows through the full sampler (top-k,
     top-p, min-p, penalties, logprobs, one generator per row). Returns the sampled ids (a real sync)."""
+    engine = limits.config
+    max_num_seqs, block_size = engine.max_num_seqs, engine.block_size
     device = next(model.parameters()).device
-    set_attention_backend(model, get_attention_backend(device, attention_backend))
-    query_lens = dummy_query_lens(max_num_batched_tokens, max_num_seqs, max_model_len)
+    set_attention_backend(model, get_attention_backend(device, engine.attention_backend))
+    query_lens = dummy_query_lens(engine.max_num_batched_tokens, max_num_seqs, limits.max_model_len)
     positions, meta = dummy_metadata(
-        query_lens, context_len=max_model_len, block_size=block_size, device=device
+        query_lens, context_len=limits.max_model_len, block_size=block_size, device=device
     )
     scratch = allocate_kv_cache(config, 1, block_size, device)
     input_ids = torch.zeros(positions.shape[0], dtype=torch.long, device=device)
@@ -182,19 +186,6 @@ def run_decode_profile_step(
     return model(torch.zeros(rows, dtype=torch.long, device=device), positions, meta, scratch)
 
 
-@dataclass(frozen=True, slots=True)
-class StepLimits:
-    """The largest work the engine will schedule, which the profiling steps run: a prefill of
-    `max_num_batched_tokens`, `max_num_seqs` sampled rows, and (when > 0) a decode graph of `decode_graph_rows`."""
-
-    max_num_batched_tokens: int
-    max_num_seqs: int
-    max_model_len: int
-    block_size: int
-    decode_graph_rows: int = 0
-    attention_backend: str = "auto"
-
-
 def _allocated_around(step: Callable[[], object]) -> tuple[int, int]:
     """(bytes torch had allocated before `step`, the most it held at once while `step` ran, to completion)."""
     before = torch.cuda.memory_allocated()
@@ -210,17 +201,7 @@ def profile_cuda_memory(model: nn.Module, config: ModelConfig, limits: StepLimit
     with torch.cuda.device(device):
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-        weights, peak = _allocated_around(
-            lambda: run_profile_step(
-                model,
-                config,
-                max_num_batched_tokens=limits.max_num_batched_tokens,
-                max_num_seqs=limits.max_num_seqs,
-                max_model_len=limits.max_model_len,
-                block_size=limits.block_size,
-                attention_backend=limits.attention_backend,
-            )
-        )
+        weights, peak = _allocated_around(lambda: run_profile_step(model, config, limits))
         graph_pool = 0
         if limits.decode_graph_rows > 0:
             before, decode_peak = _allocated_around(
@@ -229,7 +210,7 @@ def profile_cuda_memory(model: nn.Module, config: ModelConfig, limits: StepLimit
                     config,
                     rows=limits.decode_graph_rows,
                     max_model_len=limits.max_model_len,
-                    block_size=limits.block_size,
+                    block_size=limits.config.block_size,
                 )
             )
             graph_pool = decode_peak - before
@@ -246,12 +227,12 @@ def profile_cuda_memory(model: nn.Module, config: ModelConfig, limits: StepLimit
     )
 
 
-def plan_cuda_kv_blocks(
-    model: nn.Module, config: ModelConfig, limits: StepLimits, *, gpu_memory_utilization: float
-) -> int:
-    """Profile, then size the KV cache from what `gpu_memory_utilization` of the GPU leaves (in blocks)."""
+def plan_cuda_kv_blocks(model: nn.Module, config: ModelConfig, limits: StepLimits) -> int:
+    """Profile, then size the KV cache from what the config's `gpu_memory_utilization` of the GPU leaves (in
+    blocks)."""
     profile = profile_cuda_memory(model, config, limits)
-    block_size, max_model_len = limits.block_size, limits.max_model_len
+    gpu_memory_utilization = limits.config.gpu_memory_utilization
+    block_size, max_model_len = limits.config.block_size, limits.max_model_len
     bytes_per_block = config.kv_bytes_per_token() * block_size
     num_blocks = blocks_for_profile(
         profile,

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from inference.attention_backends import get_attention_backend, set_attention_backend
+from inference.config import EngineConfig
 from inference.cpu_linear import pack_linear_weights
 from inference.cuda_graphs import DecodeGraphRunner, cuda_graphs_unsupported
 from inference.errors import KVBudgetError
@@ -75,16 +76,15 @@ def allocate_kv_cache(
 
 
 def plan_num_blocks(
-    config: ModelConfig,
-    *,
-    device: torch.device,
-    block_size: int,
-    max_model_len: int,
-    kv_cache_memory: int | float | None,
-    num_blocks: int | None,
+    model_config: ModelConfig, config: EngineConfig, device: torch.device, *, planned: int | None = None
 ) -> int:
-    """Number of KV blocks (null block included) for the given budget; KVBudgetError if one request can't fit."""
-    per_block = config.kv_bytes_per_token() * block_size
+    """Number of KV blocks (null block included): `planned` (a count sized elsewhere: the CUDA memory profile),
+    else the config's `num_blocks`, else its `kv_cache_memory` budget, else a capped share of free memory.
+    KVBudgetError if one maximal request cannot fit."""
+    block_size, max_model_len = config.block_size, config.max_model_len_for(model_config)
+    kv_cache_memory = config.kv_cache_memory
+    num_blocks = planned if planned is not None else config.num_blocks
+    per_block = model_config.kv_bytes_per_token() * block_size
     need = -(-max_model_len // block_size) + 1
     if num_blocks is None:
         if kv_cache_memory is None:
@@ -339,37 +339,27 @@ class ModelRunner:
     """
 
     def __init__(
-        self,
-        model: nn.Module,
-        config: ModelConfig,
-        *,
-        num_blocks: int,
-        block_size: int,
-        attention_backend: str = "auto",
-        max_num_seqs: int = 64,
-        max_model_len: int | None = None,
-        enforce_eager: bool = False,
+        self, model: nn.Module, model_config: ModelConfig, engine_config: EngineConfig, *, num_blocks: int
     ) -> None:
+        """`num_blocks` is the planned KV cache size (plan_num_blocks), null block included."""
         self.model = model
-        self.config = config
-        self.block_size = block_size
+        self.model_config = model_config
+        self.engine_config = engine_config
+        self.block_size = engine_config.block_size
         self.num_blocks = num_blocks
-        self.max_num_seqs = max_num_seqs
-        self.max_model_len = min(
-            max_model_len or config.max_position_embeddings, config.max_position_embeddings
-        )
+        self.max_model_len = engine_config.max_model_len_for(model_config)
         self.device = next(model.parameters()).device
-        self.attention = get_attention_backend(self.device, attention_backend)
+        self.attention = get_attention_backend(self.device, engine_config.attention_backend)
         set_attention_backend(model, self.attention)
         configure_threads()
         if self.device.type == "cpu":
             pack_linear_weights(model)  # bf16 only; same results, about half the matmul time at decode sizes
-        self.kv_cache = allocate_kv_cache(config, num_blocks, block_size, self.device)
+        self.kv_cache = allocate_kv_cache(model_config, num_blocks, self.block_size, self.device)
         self._stager = HostStager(self.device) if self.device.type != "cpu" else None
         self._tables = BlockTableCache()
         self.decode_graphs: DecodeGraphRunner | None = None
         why_not = cuda_graphs_unsupported(
-            self.device, self.attention.name, config, enforce_eager=enforce_eager
+            self.device, self.attention.name, model_config, enforce_eager=engine_config.enforce_eager
         )
         if why_not is None:
             self.build_decode_graphs()
@@ -388,7 +378,7 @@ class ModelRunner:
         self.decode_graphs = DecodeGraphRunner(
             self.model,
             self.kv_cache,
-            max_num_seqs=self.max_num_seqs,
+            max_num_seqs=self.engine_config.max_num_seqs,
             max_model_len=self.max_model_len,
             block_size=self.block_size,
             capture=self.device.type == "cuda" if capture is None else capture,

@@ -8,6 +8,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from inference.block_manager import BlockManager
+from inference.config import EngineConfig
 from inference.sequence import Sequence, SequenceStatus
 
 
@@ -32,18 +33,11 @@ class Scheduler:
     """Decides which sequences run each step. Every sequence is either waiting (FIFO, preempted ones in
     front) or running; running sequences keep admission order so the newest is preempted first."""
 
-    def __init__(
-        self,
-        block_manager: BlockManager,
-        *,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
-    ) -> None:
-        if max_num_batched_tokens < 1 or max_num_seqs < 1:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+    def __init__(self, block_manager: BlockManager, config: EngineConfig) -> None:
+        """Each step schedules at most `config.max_num_batched_tokens` tokens of at most `config.max_num_seqs`
+        running sequences."""
         self.block_manager = block_manager
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
+        self.config = config
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -61,7 +55,8 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         items = batch.items
-        budget = self.max_num_batched_tokens
+        budget = self.config.max_num_batched_tokens
+        max_num_seqs = self.config.max_num_seqs
         allocate = self.block_manager.allocate
         scheduled: set[int] = set()
         # decodes first (one token each, latency-sensitive), then running prefill chunks, each in running order
@@ -97,7 +92,7 @@ class Scheduler:
             batch.preempted.append(seq)
         # admit waiting sequences only when nobody was preempted (otherwise they would just thrash)
         if not batch.preempted:
-            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            while self.waiting and budget > 0 and len(self.running) < max_num_seqs:
                 seq = self.waiting[0]
                 if not allocate(seq, min(seq.num_uncomputed_tokens, budget)):
                     break

@@ -6,18 +6,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import anyio
 import structlog
 
 from agent_runtime.config.agents import ModelSettings
+from inference.config import EngineConfig
 from inference.formats import detect_format
 from inference.grammar import GrammarCompilerCache, GrammarLogitsProcessor, GrammarSpec
 from inference.params import OutputKind, SamplingParams
 
 log = structlog.get_logger(__name__)
+
+
+def engine_config(settings: ModelSettings) -> EngineConfig:
+    """The engine's settings from the config file's `model` section: every field the two share by name (the
+    section's own pydantic checks ran at load; EngineConfig checks again)."""
+    shared = ModelSettings.model_fields.keys()
+    return EngineConfig(
+        **{f.name: getattr(settings, f.name) for f in fields(EngineConfig) if f.name in shared}
+    )
 
 
 @dataclass(slots=True)
@@ -107,7 +117,7 @@ class LocalEngineBackend:
 
         def load() -> Any:
             return AsyncEngine.from_model(
-                src, dtype=settings.dtype, device=settings.device, progress=progress, **settings.engine_args()
+                src, engine_config(settings), dtype=settings.dtype, device=settings.device, progress=progress
             )
 
         engine = await anyio.to_thread.run_sync(load)

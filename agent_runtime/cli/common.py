@@ -181,10 +181,11 @@ def resolve_model(config: RuntimeConfig | None, args: argparse.Namespace) -> Any
 
 def load_engine(settings: Any) -> tuple[Any, str]:
     """Start the in-process engine for validated ModelSettings; returns (engine, model name)."""
+    from agent_runtime.agents.llm import engine_config  # the engine's modules: only commands that run one
     from inference.async_engine import AsyncEngine  # torch: only commands that serve a local model
 
     engine = AsyncEngine.from_model(
-        settings.source, dtype=settings.dtype, device=settings.device, **settings.engine_args()
+        settings.source, engine_config(settings), dtype=settings.dtype, device=settings.device
     )
     return engine, os.path.basename(str(settings.source).rstrip("/"))
 

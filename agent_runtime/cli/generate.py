@@ -34,13 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
+    from inference.config import EngineConfig
     from inference.engine import LLMEngine
     from inference.loader import load_model
     from inference.params import OutputKind, SamplingParams
 
     prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty())
-    engine = LLMEngine(loaded, max_num_seqs=1)
+    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=1))
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt: str | list[dict[str, str]] = [*messages, {"role": "user", "content": prompt_text}]

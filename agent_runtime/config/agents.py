@@ -89,7 +89,9 @@ class AgentConfig(BaseModel):
 
 
 class ModelSettings(BaseModel):
-    """The `model` section: which model the local engine loads and how big its batches and KV cache are."""
+    """The `model` section: which model the local engine loads and how big its batches and KV cache are (the
+    engine's own settings type is `inference.config.EngineConfig`; `agent_runtime.agents.llm.engine_config`
+    converts, copying the fields the two share by name)."""
 
     model_config = ConfigDict(extra="forbid")
     backend: Literal["local", "openai"] = (
@@ -109,21 +111,6 @@ class ModelSettings(BaseModel):
     max_model_len: int | None = Field(default=None, ge=16)
     block_size: int = Field(default=16, ge=1, le=1024)
     enable_prefix_caching: bool = True
-
-    def engine_args(self) -> dict[str, Any]:
-        args: dict[str, Any] = {
-            "max_num_seqs": self.max_num_seqs,
-            "max_num_batched_tokens": self.max_num_batched_tokens,
-            "block_size": self.block_size,
-            "enable_prefix_caching": self.enable_prefix_caching,
-            "gpu_memory_utilization": self.gpu_memory_utilization,
-            "enforce_eager": self.enforce_eager,
-        }
-        if self.kv_cache_memory is not None:
-            args["kv_cache_memory"] = self.kv_cache_memory
-        if self.max_model_len is not None:
-            args["max_model_len"] = self.max_model_len
-        return args
 
 
 def _error(config: RuntimeConfig, base: tuple[str | int, ...], exc: ValidationError) -> ConfigError:

@@ -9,6 +9,7 @@ import anyio
 import pytest
 
 from inference.async_engine import AsyncEngine
+from inference.config import EngineConfig
 from inference.engine import LLMEngine
 from inference.errors import EngineStoppedError, RequestError
 from inference.loader import load_model
@@ -27,7 +28,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 @pytest.fixture
 async def engine(tiny: Any) -> Any:
-    async with AsyncEngine(LLMEngine(tiny, num_blocks=200, max_model_len=512)) as eng:
+    async with AsyncEngine(LLMEngine(tiny, EngineConfig(num_blocks=200, max_model_len=512))) as eng:
         yield eng
 
 
@@ -53,7 +54,8 @@ async def test_stream_matches_sync_engine(engine: AsyncEngine, tiny: Any) -> Non
         last = out
     assert last is not None and last.finished and last.finish_reason == "length"
     assert ids == last.token_ids and "".join(deltas) == last.text
-    expected = LLMEngine(tiny, num_blocks=200, max_model_len=512).generate([messages], greedy(12))[0]
+    config = EngineConfig(num_blocks=200, max_model_len=512)
+    expected = LLMEngine(tiny, config).generate([messages], greedy(12))[0]
     assert last.token_ids == expected.token_ids
 
 
@@ -129,7 +131,7 @@ async def test_the_step_thread_makes_the_model_device_current(
         real(device)
 
     monkeypatch.setattr(async_engine, "make_current", spy)
-    llm = LLMEngine(tiny, num_blocks=200, max_model_len=512)
+    llm = LLMEngine(tiny, EngineConfig(num_blocks=200, max_model_len=512))
     async with AsyncEngine(llm) as eng:
         async for _ in eng.generate([1, 2, 3], greedy(2)):
             pass
@@ -149,7 +151,7 @@ def test_make_current_selects_only_gpus(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 async def test_closed_engine_rejects(tiny: Any) -> None:
-    eng = AsyncEngine(LLMEngine(tiny, num_blocks=80))
+    eng = AsyncEngine(LLMEngine(tiny, EngineConfig(num_blocks=80)))
     await eng.aclose()
     with pytest.raises(EngineStoppedError):
         async for _ in eng.generate("hello", greedy(2)):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inference import cpu_linear, envs
+from inference.config import EngineConfig
 from inference.engine import LLMEngine
 from inference.loader import load_model
 from inference.metadata import AttentionMetadata
@@ -87,11 +88,12 @@ def test_only_bf16_on_the_cpu_and_only_when_enabled(monkeypatch: pytest.MonkeyPa
     )  # packing changes fp32 sums: the oracle dtype stays plain
     monkeypatch.setenv(envs.CPU_PACKED_LINEAR, "0")
     bf16 = _model(True, torch.bfloat16)
-    ModelRunner(bf16, bf16.config, num_blocks=8, block_size=4)
+    ModelRunner(bf16, bf16.config, EngineConfig(block_size=4), num_blocks=8)
     assert not any(m.weight.is_mkldnn for m in bf16.modules() if isinstance(m, nn.Linear))
     assert bf16.packed_head is None
     monkeypatch.delenv(envs.CPU_PACKED_LINEAR)
-    ModelRunner(bf16, bf16.config, num_blocks=8, block_size=4)  # the runner packs a CPU bf16 model
+    # the runner packs a CPU bf16 model
+    ModelRunner(bf16, bf16.config, EngineConfig(block_size=4), num_blocks=8)
     assert bf16.packed_head is not None
 
 
@@ -105,7 +107,7 @@ def test_smollm2_generates_the_same_tokens_packed_and_plain(monkeypatch: pytest.
     for enabled in ("0", "1"):
         monkeypatch.setenv(envs.CPU_PACKED_LINEAR, enabled)
         loaded = load_model("smollm2-135m-instruct", dtype="bfloat16")
-        engine = LLMEngine(loaded, max_num_seqs=4)
+        engine = LLMEngine(loaded, EngineConfig(max_num_seqs=4))
         packed = loaded.model.packed_head is not None
         assert packed == (enabled == "1")
         runs.append([o.token_ids for o in engine.generate(prompts, params)])
@@ -126,7 +128,7 @@ def test_a_cpu_that_cannot_pack_keeps_plain_weights(monkeypatch: pytest.MonkeyPa
         assert not cpu_linear.packing_supported() and not cpu_linear.packing_enabled()
         model = _model(True, torch.bfloat16)
         want = _logits(model)
-        ModelRunner(model, model.config, num_blocks=8, block_size=4)
+        ModelRunner(model, model.config, EngineConfig(block_size=4), num_blocks=8)
         assert not any(m.weight.is_mkldnn for m in model.modules() if isinstance(m, nn.Linear))
         assert model.packed_head is None
         assert torch.equal(_logits(model), want)

@@ -21,6 +21,7 @@ if not torch.cuda.is_available():
 
 from inference import attention as reference
 from inference.attention_backends import AttentionBackend, set_attention_backend
+from inference.config import EngineConfig
 from inference.cuda_graphs import (
     DecodeGraphRunner,
     cuda_graphs_unsupported,
@@ -106,12 +107,16 @@ def test_largest_graph_batch_is_what_the_memory_profile_reserves_for() -> None:
 
 def test_eager_runner_on_the_cpu_has_no_graphs_and_capture_needs_cuda() -> None:
     model = tiny_llama()
-    runner = ModelRunner(model, model.config, num_blocks=NUM_BLOCKS, block_size=BLOCK, max_num_seqs=8)
+    runner = ModelRunner(
+        model, model.config, EngineConfig(block_size=BLOCK, max_num_seqs=8), num_blocks=NUM_BLOCKS
+    )
     if not CAPTURE:
         assert runner.decode_graphs is None
         with pytest.raises(ValueError, match="cannot be captured"):
             runner.build_decode_graphs(capture=True)
-    eager = ModelRunner(model, model.config, num_blocks=NUM_BLOCKS, block_size=BLOCK, enforce_eager=True)
+    eager = ModelRunner(
+        model, model.config, EngineConfig(block_size=BLOCK, enforce_eager=True), num_blocks=NUM_BLOCKS
+    )
     assert eager.decode_graphs is None
 
 
@@ -161,12 +166,15 @@ def test_padded_static_decode_matches_eager_triton() -> None:
     (1e-5) and greedy tokens over decode steps that shrink the batch, pad it, and grow block tables."""
     model = tiny_llama()
     cfg = model.config
-    kw: dict[str, Any] = dict(
-        num_blocks=NUM_BLOCKS, block_size=BLOCK, attention_backend="triton", max_num_seqs=8,
-        max_model_len=MAX_MODEL_LEN, enforce_eager=True,
-    )  # fmt: skip
-    eager = ModelRunner(model, cfg, **kw)
-    static = ModelRunner(model, cfg, **kw)
+    config = EngineConfig(
+        block_size=BLOCK,
+        attention_backend="triton",
+        max_num_seqs=8,
+        max_model_len=MAX_MODEL_LEN,
+        enforce_eager=True,
+    )
+    eager = ModelRunner(model, cfg, config, num_blocks=NUM_BLOCKS)
+    static = ModelRunner(model, cfg, config, num_blocks=NUM_BLOCKS)
     graphs = static.build_decode_graphs(capture=CAPTURE, batch_sizes=(1, 2, 4, 8))
     rng = random.Random(0)
     # prompt lengths around page edges: 3 and 7 cross a page on the first or second decode, 8 starts a new one
@@ -220,10 +228,10 @@ def test_static_path_uses_fixed_buffers_and_a_fixed_launch() -> None:
         )
         return reference.paged_attention(q, kv, meta, scale)
 
-    runner = ModelRunner(
-        model, model.config, num_blocks=NUM_BLOCKS, block_size=BLOCK, attention_backend="reference",
-        max_num_seqs=4, max_model_len=MAX_MODEL_LEN,
-    )  # fmt: skip
+    config = EngineConfig(
+        block_size=BLOCK, attention_backend="reference", max_num_seqs=4, max_model_len=MAX_MODEL_LEN
+    )
+    runner = ModelRunner(model, model.config, config, num_blocks=NUM_BLOCKS)
     graphs = runner.build_decode_graphs(capture=False, batch_sizes=(2, 4))
     set_attention_backend(model, AttentionBackend("spy", reference.write_kv, spy))
     rng = random.Random(1)
@@ -265,9 +273,10 @@ def test_engine_generates_the_same_through_the_static_path(tiny: Any) -> None:
     ]
 
     def engine(static: bool) -> LLMEngine:
-        eng = LLMEngine(
-            tiny, num_blocks=200, block_size=4, max_num_seqs=12, max_num_batched_tokens=64, max_model_len=128
+        config = EngineConfig(
+            num_blocks=200, block_size=4, max_num_seqs=12, max_num_batched_tokens=64, max_model_len=128
         )
+        eng = LLMEngine(tiny, config)
         if static:
             eng.runner.build_decode_graphs(capture=CAPTURE, batch_sizes=(1, 2, 4, 8))
         elif eng.runner.decode_graphs is not None:  # a CUDA machine captures by default: compare with eager

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from inference.config import EngineConfig
 from inference.engine import LLMEngine
 from inference.errors import KVBudgetError, RequestError
 from inference.loader import load_model
@@ -38,40 +39,41 @@ TARGET = prompt_ids(70, 0)
 
 
 def test_same_tokens_alone_in_batch_chunked(tiny: Any) -> None:
-    alone = LLMEngine(tiny, num_blocks=128).generate([TARGET], greedy())[0].token_ids
+    alone = LLMEngine(tiny, EngineConfig(num_blocks=128)).generate([TARGET], greedy())[0].token_ids
     rng = random.Random(5)
     batch = [prompt_ids(rng.randint(3, 200), 100 + i) for i in range(31)]
     batch.insert(13, TARGET)
     params = [SamplingParams(temperature=0.0, max_tokens=rng.randint(4, 24), ignore_eos=True) for _ in batch]
     params[13] = greedy()
-    engine = LLMEngine(tiny, num_blocks=600, max_num_batched_tokens=256)
+    engine = LLMEngine(tiny, EngineConfig(num_blocks=600, max_num_batched_tokens=256))
     outs = engine.generate(batch, params)
     assert outs[13].token_ids == alone
     m = engine.metrics()
     assert m.batch_size_max > 16 and m.preemptions == 0
     assert [o.completion_tokens for o in outs] == [p.max_tokens for p in params]
     # chunked prefill: a 70-token prompt prefilled 16 tokens at a time
-    chunked = LLMEngine(tiny, num_blocks=128, max_num_batched_tokens=16)
+    chunked = LLMEngine(tiny, EngineConfig(num_blocks=128, max_num_batched_tokens=16))
     assert chunked.generate([TARGET], greedy())[0].token_ids == alone
     assert chunked.metrics().steps >= 5 + NEW - 1
 
 
 def test_same_tokens_after_preemption(tiny: Any) -> None:
-    alone = LLMEngine(tiny, num_blocks=128).generate([TARGET], greedy(40))[0].token_ids
+    alone = LLMEngine(tiny, EngineConfig(num_blocks=128)).generate([TARGET], greedy(40))[0].token_ids
     # 13 usable blocks of 16 tokens cannot hold four 110-token sequences at once
-    engine = LLMEngine(tiny, num_blocks=14, max_model_len=200)
+    engine = LLMEngine(tiny, EngineConfig(num_blocks=14, max_model_len=200))
     prompts = [TARGET, prompt_ids(70, 1), prompt_ids(70, 2), prompt_ids(70, 3)]
     outs = engine.generate(prompts, greedy(40))
     m = engine.metrics()
     assert m.preemptions > 0
     assert outs[0].token_ids == alone
+    roomy = EngineConfig(num_blocks=128)
     for p, o in zip(prompts[1:], outs[1:], strict=True):
-        assert o.token_ids == LLMEngine(tiny, num_blocks=128).generate([p], greedy(40))[0].token_ids
+        assert o.token_ids == LLMEngine(tiny, roomy).generate([p], greedy(40))[0].token_ids
     assert engine.block_manager.num_free_blocks == 13
 
 
 def test_same_tokens_with_prefix_cache_hit(tiny: Any) -> None:
-    engine = LLMEngine(tiny, num_blocks=128)
+    engine = LLMEngine(tiny, EngineConfig(num_blocks=128))
     first = engine.generate([TARGET], greedy())[0]
     assert engine.metrics().prefix_cache_hit_tokens == 0
     second = engine.generate([TARGET], greedy())[0]
@@ -82,26 +84,25 @@ def test_same_tokens_with_prefix_cache_hit(tiny: Any) -> None:
     other = TARGET[:48] + prompt_ids(20, 9)
     warm = engine.generate([other], greedy())[0].token_ids
     assert engine.metrics().prefix_cache_hit_tokens == 64 + 48
-    cold = (
-        LLMEngine(tiny, num_blocks=128, enable_prefix_caching=False).generate([other], greedy())[0].token_ids
-    )
+    uncached = EngineConfig(num_blocks=128, enable_prefix_caching=False)
+    cold = LLMEngine(tiny, uncached).generate([other], greedy())[0].token_ids
     assert warm == cold
 
 
 def test_seeded_sampling_is_batch_independent(tiny: Any) -> None:
     params = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=NEW, seed=1234, ignore_eos=True)
-    alone = LLMEngine(tiny, num_blocks=128).generate([TARGET], params)[0].token_ids
+    alone = LLMEngine(tiny, EngineConfig(num_blocks=128)).generate([TARGET], params)[0].token_ids
     others = [SamplingParams(temperature=1.0, max_tokens=8, seed=i) for i in range(5)]
-    outs = LLMEngine(tiny, num_blocks=256).generate(
+    outs = LLMEngine(tiny, EngineConfig(num_blocks=256)).generate(
         [prompt_ids(30, 50 + i) for i in range(5)] + [TARGET], [*others, params]
     )
     assert outs[-1].token_ids == alone
-    unseeded = LLMEngine(tiny, num_blocks=128).generate([TARGET], greedy())[0].token_ids
+    unseeded = LLMEngine(tiny, EngineConfig(num_blocks=128)).generate([TARGET], greedy())[0].token_ids
     assert alone != unseeded
 
 
 def test_stop_strings_and_stop_tokens(tiny: Any) -> None:
-    engine = LLMEngine(tiny, num_blocks=128)
+    engine = LLMEngine(tiny, EngineConfig(num_blocks=128))
     full = engine.generate([TARGET], greedy(24))[0]
     assert len(full.text) > 6
     stop = full.text[3:6]
@@ -131,7 +132,7 @@ def test_eos_stops_unless_ignored(tiny: Any) -> None:
         logits[eos] = 1e9
         return logits
 
-    engine = LLMEngine(tiny, num_blocks=128)
+    engine = LLMEngine(tiny, EngineConfig(num_blocks=128))
     stopped = engine.generate(
         [TARGET], SamplingParams(temperature=0, max_tokens=8, logits_processor=force_eos)
     )[0]
@@ -143,7 +144,7 @@ def test_eos_stops_unless_ignored(tiny: Any) -> None:
 
 
 def test_logprobs_and_deltas(tiny: Any) -> None:
-    engine = LLMEngine(tiny, num_blocks=128)
+    engine = LLMEngine(tiny, EngineConfig(num_blocks=128))
     engine.add_request("lp", TARGET, SamplingParams(temperature=0, max_tokens=6, logprobs=2, ignore_eos=True))
     deltas: list[int] = []
     final = None
@@ -158,7 +159,7 @@ def test_logprobs_and_deltas(tiny: Any) -> None:
 
 
 def test_bad_requests_fail_alone(tiny: Any) -> None:
-    engine = LLMEngine(tiny, num_blocks=128, max_model_len=256)
+    engine = LLMEngine(tiny, EngineConfig(num_blocks=128, max_model_len=256))
     engine.add_request("good", TARGET, greedy(4))
     for prompt, params in [
         ("", greedy()),
@@ -179,13 +180,13 @@ def test_bad_requests_fail_alone(tiny: Any) -> None:
 
 
 def test_length_capped_by_context(tiny: Any) -> None:
-    engine = LLMEngine(tiny, num_blocks=128, max_model_len=80)
+    engine = LLMEngine(tiny, EngineConfig(num_blocks=128, max_model_len=80))
     out = engine.generate([TARGET], greedy(100))[0]
     assert out.finish_reason == "length" and out.completion_tokens == 80 - len(TARGET)
 
 
 def test_abort_frees_blocks(tiny: Any) -> None:
-    engine = LLMEngine(tiny, num_blocks=80)
+    engine = LLMEngine(tiny, EngineConfig(num_blocks=80))
     free0 = engine.block_manager.num_free_blocks
     engine.add_request("a", TARGET, greedy(50))
     engine.add_request("b", prompt_ids(40, 3), greedy(50))
@@ -200,21 +201,21 @@ def test_abort_frees_blocks(tiny: Any) -> None:
 
 def test_kv_budget_error(tiny: Any) -> None:
     with pytest.raises(KVBudgetError) as info:
-        LLMEngine(tiny, kv_cache_memory=4096, max_model_len=1024)
+        LLMEngine(tiny, EngineConfig(kv_cache_memory=4096, max_model_len=1024))
     assert info.value.hint
     # a fraction of free memory works
-    engine = LLMEngine(tiny, kv_cache_memory=0.001, max_model_len=256)
+    engine = LLMEngine(tiny, EngineConfig(kv_cache_memory=0.001, max_model_len=256))
     assert engine.block_manager.num_usable_blocks >= 16
 
 
 def test_attention_backend_choice_and_its_errors(tiny: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from inference.attention_backends import AttentionBackendError
 
-    engine = LLMEngine(tiny, num_blocks=96, attention_backend="reference")
+    engine = LLMEngine(tiny, EngineConfig(num_blocks=96, attention_backend="reference"))
     assert engine.runner.attention.name == "reference"
     assert engine.runner.attention.layer_ops.name == "eager"
     with pytest.raises(AttentionBackendError, match="unknown attention backend 'flash'") as info:
-        LLMEngine(tiny, num_blocks=96, attention_backend="flash")
+        LLMEngine(tiny, EngineConfig(num_blocks=96, attention_backend="flash"))
     assert info.value.user_facing and "reference" in (info.value.hint or "")
     if not torch.cuda.is_available():  # Triton on the CPU only runs under the interpreter, for tests
         monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -223,6 +224,6 @@ def test_attention_backend_choice_and_its_errors(tiny: Any, monkeypatch: pytest.
         attention_backends._resolve.cache_clear()
         try:
             with pytest.raises(AttentionBackendError, match="does not run on cpu"):
-                LLMEngine(tiny, num_blocks=96, attention_backend="triton")
+                LLMEngine(tiny, EngineConfig(num_blocks=96, attention_backend="triton"))
         finally:
             attention_backends._resolve.cache_clear()

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from inference.async_engine import AsyncEngine
+from inference.config import EngineConfig
 from inference.engine import LLMEngine, RequestOutput
 from inference.errors import RequestError
 from inference.loader import load_model
@@ -140,7 +141,7 @@ def check_kinds(outs: dict[str, list[RequestOutput]], want_text: str, want_reaso
 def test_every_kind_adds_up_to_the_same_text(
     smol: Any, script: list[int], stop: tuple[str, ...], logprobs: int | None
 ) -> None:
-    engine = LLMEngine(smol, num_blocks=64)
+    engine = LLMEngine(smol, EngineConfig(num_blocks=64))
     outs = run_all(engine, {k.value: params(script, k, stop=stop, logprobs=logprobs) for k in KINDS})
     hits = [TEXT.find(s) for s in stop if s in TEXT]
     want = TEXT[: min(hits)] if hits else TEXT
@@ -161,13 +162,13 @@ def test_output_kind_is_validated_and_accepts_its_name(smol: Any, script: list[i
 
 
 def test_generate_returns_totals_whatever_the_kind(smol: Any, script: list[int]) -> None:
-    engine = LLMEngine(smol, num_blocks=64)
+    engine = LLMEngine(smol, EngineConfig(num_blocks=64))
     got = engine.generate([PROMPT] * 3, [params(script, k) for k in KINDS])
     assert [o.text for o in got] == [TEXT] * 3 and [o.token_ids for o in got] == [script] * 3
 
 
 def test_aborted_requests_end_with_their_totals(smol: Any, script: list[int]) -> None:
-    engine = LLMEngine(smol, num_blocks=64)
+    engine = LLMEngine(smol, EngineConfig(num_blocks=64))
     kinds = {k.value: params(script, k, stop=("never there",)) for k in KINDS}
     for rid, p in kinds.items():
         engine.add_request(rid, PROMPT, p)
@@ -188,7 +189,7 @@ def test_aborted_requests_end_with_their_totals(smol: Any, script: list[int]) ->
 
 @pytest.mark.anyio
 async def test_a_failed_step_ends_every_stream_with_a_final_output(smol: Any, script: list[int]) -> None:
-    engine = LLMEngine(smol, num_blocks=64)
+    engine = LLMEngine(smol, EngineConfig(num_blocks=64))
     run = engine.runner.run
     calls = 0
 

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 
+from inference.config import EngineConfig
 from inference.engine import LLMEngine
 from inference.loader import load_model
 from inference.params import SamplingParams
@@ -114,7 +115,7 @@ def test_tiny_models_match_transformers(tmp_path: Path, arch: str) -> None:
     hf = build_tiny_model(tmp_path, arch)
     hf.generation_config.eos_token_id = None
     loaded = load_model(str(tmp_path), dtype="float32")
-    engine = LLMEngine(loaded, num_blocks=80, block_size=16)
+    engine = LLMEngine(loaded, EngineConfig(num_blocks=80, block_size=16))
     outs = engine.generate(PROMPTS, greedy())
     for messages, out in zip(PROMPTS, outs, strict=True):
         ids = loaded.tokenizer.apply_chat_template(messages)
@@ -132,7 +133,7 @@ def test_smollm2_matches_transformers(smollm2: Any) -> None:
 
     hf = LlamaForCausalLM.from_pretrained(_gguf_cache_dir(smollm2_gguf_path()), dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
-    engine = LLMEngine(smollm2, num_blocks=96, max_model_len=1024)
+    engine = LLMEngine(smollm2, EngineConfig(num_blocks=96, max_model_len=1024))
     prompts = [
         [{"role": "user", "content": "What is the capital of France?"}],
         [{"role": "user", "content": "Write a haiku about the sea."}],

@@ -10,11 +10,13 @@ from typing import Any
 import pytest
 import torch
 
+from inference.config import EngineConfig
 from inference.engine import LLMEngine
 from inference.errors import EngineError, KVBudgetError
 from inference.loader import load_model
 from inference.memory_profile import (
     MemoryProfile,
+    StepLimits,
     blocks_for_profile,
     dummy_metadata,
     dummy_query_lens,
@@ -128,9 +130,8 @@ def test_profile_step_runs_the_full_budget_on_a_one_block_cache(tiny: Any) -> No
 
     layer0.forward = spy  # type: ignore[method-assign]
     try:
-        ids = run_profile_step(
-            model, cfg, max_num_batched_tokens=96, max_num_seqs=5, max_model_len=64, block_size=16
-        )
+        limits = StepLimits(EngineConfig(max_num_batched_tokens=96, max_num_seqs=5, block_size=16), 64)
+        ids = run_profile_step(model, cfg, limits)
     finally:
         hook.remove()
         del layer0.forward
@@ -186,9 +187,10 @@ def test_profile_bookkeeping_with_torch_cuda_statistics_faked(
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 1 * GiB)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (13 * GiB, 16 * GiB))
     monkeypatch.setattr(mp, "run_decode_profile_step", decode_spy)
-    limits = mp.StepLimits(
-        max_num_batched_tokens=64, max_num_seqs=4, max_model_len=64, block_size=16, decode_graph_rows=4
+    config = EngineConfig(
+        max_num_batched_tokens=64, max_num_seqs=4, block_size=16, gpu_memory_utilization=0.5
     )
+    limits = mp.StepLimits(config, max_model_len=64, decode_graph_rows=4)
     profile = mp.profile_cuda_memory(tiny.model, tiny.config, limits)
     assert decode_rows == [4]
     assert profile == MemoryProfile(
@@ -201,7 +203,7 @@ def test_profile_bookkeeping_with_torch_cuda_statistics_faked(
     )
     assert profile.non_torch == 2 * GiB
     allocated, peaks = iter([100 * MiB, 120 * MiB]), iter([900 * MiB, 160 * MiB])
-    blocks = mp.plan_cuda_kv_blocks(tiny.model, tiny.config, limits, gpu_memory_utilization=0.5)
+    blocks = mp.plan_cuda_kv_blocks(tiny.model, tiny.config, limits)
     per_block = tiny.config.kv_bytes_per_token() * 16
     assert blocks == (8 * GiB - 900 * MiB - 40 * MiB - 2 * GiB) // per_block
     # without decode graphs there is no decode step and no reserve
@@ -212,12 +214,12 @@ def test_profile_bookkeeping_with_torch_cuda_statistics_faked(
 
 def test_engine_validates_utilization_and_keeps_cpu_sizing(tiny: Any) -> None:
     with pytest.raises(EngineError, match="gpu_memory_utilization"):
-        LLMEngine(tiny, num_blocks=64, gpu_memory_utilization=1.5)
+        EngineConfig(num_blocks=64, gpu_memory_utilization=1.5)
     with pytest.raises(EngineError, match="gpu_memory_utilization"):
-        LLMEngine(tiny, num_blocks=64, gpu_memory_utilization=0)
+        EngineConfig(num_blocks=64, gpu_memory_utilization=0)
     # the CPU ignores the utilization: the byte budget decides, as before
-    a = LLMEngine(tiny, kv_cache_memory=4 * MiB, max_model_len=256, gpu_memory_utilization=0.1)
-    b = LLMEngine(tiny, kv_cache_memory=4 * MiB, max_model_len=256)
+    a = LLMEngine(tiny, EngineConfig(kv_cache_memory=4 * MiB, max_model_len=256, gpu_memory_utilization=0.1))
+    b = LLMEngine(tiny, EngineConfig(kv_cache_memory=4 * MiB, max_model_len=256))
     assert a.runner.num_blocks == b.runner.num_blocks == 4 * MiB // (tiny.config.kv_bytes_per_token() * 16)
 
 
@@ -229,14 +231,15 @@ def test_profiled_engine_on_cuda(tmp_path: Path) -> None:
     free, total = torch.cuda.mem_get_info()
     # a share that leaves about 256 MiB beyond what is in use now (CUDA context, weights, other processes)
     utilization = (total - free + 256 * MiB) / total
-    engine = LLMEngine(gpu, max_model_len=256, gpu_memory_utilization=utilization)
+    engine = LLMEngine(gpu, EngineConfig(max_model_len=256, gpu_memory_utilization=utilization))
     kv = engine.runner.kv_cache_bytes
     assert 64 * MiB <= kv <= 256 * MiB, kv / MiB  # the tiny model's step needs far less than 192 MiB
     cpu = LLMEngine(
-        load_model(str(tmp_path), dtype="float32", device="cpu"), num_blocks=64, max_model_len=256
+        load_model(str(tmp_path), dtype="float32", device="cpu"),
+        EngineConfig(num_blocks=64, max_model_len=256),
     )
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     prompt = list(range(3, 40))
     assert engine.generate([prompt], params)[0].token_ids == cpu.generate([prompt], params)[0].token_ids
     with pytest.raises(KVBudgetError, match="gpu_memory_utilization"):
-        LLMEngine(gpu, max_model_len=256, gpu_memory_utilization=(total - free) / total / 2)
+        LLMEngine(gpu, EngineConfig(max_model_len=256, gpu_memory_utilization=(total - free) / total / 2))

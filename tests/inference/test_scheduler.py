@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from inference.block_manager import BlockManager
+from inference.config import EngineConfig
 from inference.params import SamplingParams
 from inference.scheduler import Scheduler
 from inference.sequence import Sequence, SequenceStatus
@@ -24,7 +25,7 @@ def run_step(sched: Scheduler) -> list[tuple[str, int]]:
 
 
 def test_chunked_prefill_under_token_budget() -> None:
-    sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=10)
+    sched = Scheduler(BlockManager(64, 4), EngineConfig(max_num_seqs=8, max_num_batched_tokens=10))
     sched.add(seq("a", 25))
     assert run_step(sched) == [("a", 10)]
     assert run_step(sched) == [("a", 10)]
@@ -34,7 +35,7 @@ def test_chunked_prefill_under_token_budget() -> None:
 
 
 def test_decodes_first_then_prefill_chunks_then_new() -> None:
-    sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=8)
+    sched = Scheduler(BlockManager(64, 4), EngineConfig(max_num_seqs=8, max_num_batched_tokens=8))
     sched.add(seq("a", 3))
     run_step(sched)
     sched.add(seq("b", 20, 100))
@@ -45,7 +46,7 @@ def test_decodes_first_then_prefill_chunks_then_new() -> None:
 
 
 def test_max_num_seqs() -> None:
-    sched = Scheduler(BlockManager(64, 4), max_num_seqs=2, max_num_batched_tokens=100)
+    sched = Scheduler(BlockManager(64, 4), EngineConfig(max_num_seqs=2, max_num_batched_tokens=100))
     for r in "abc":
         sched.add(seq(r, 3, ord(r) * 10))
     assert [r for r, _ in run_step(sched)] == ["a", "b"]
@@ -54,7 +55,7 @@ def test_max_num_seqs() -> None:
 
 def test_preemption_newest_first_and_resume() -> None:
     # 6 usable blocks of 4 tokens; two sequences of 8 tokens each grow until blocks run out
-    sched = Scheduler(BlockManager(7, 4), max_num_seqs=4, max_num_batched_tokens=64)
+    sched = Scheduler(BlockManager(7, 4), EngineConfig(max_num_seqs=4, max_num_batched_tokens=64))
     a, b = seq("a", 8), seq("b", 8, 100)
     sched.add(a)
     sched.add(b)
@@ -78,7 +79,7 @@ def test_preemption_newest_first_and_resume() -> None:
 
 
 def test_lone_sequence_never_preempts_itself_forever() -> None:
-    sched = Scheduler(BlockManager(3, 4), max_num_seqs=4, max_num_batched_tokens=64)
+    sched = Scheduler(BlockManager(3, 4), EngineConfig(max_num_seqs=4, max_num_batched_tokens=64))
     a = seq("a", 5)
     sched.add(a)
     run_step(sched)
@@ -92,7 +93,7 @@ def test_lone_sequence_never_preempts_itself_forever() -> None:
 
 def test_finish_releases_blocks() -> None:
     bm = BlockManager(16, 4)
-    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
+    sched = Scheduler(bm, EngineConfig(max_num_seqs=4, max_num_batched_tokens=64))
     a = seq("a", 9)
     sched.add(a)
     run_step(sched)

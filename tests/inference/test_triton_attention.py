@@ -26,7 +26,7 @@ except ImportError as exc:  # pragma: no cover - triton ships with the dev envir
     pytest.skip(f"triton cannot be imported: {exc}", allow_module_level=True)
 
 from inference import attention as reference
-from inference import attention_backends
+from inference import attention_backends, envs
 from inference import triton_attention as tri
 from inference.attention_backends import (
     AttentionBackend,
@@ -259,11 +259,11 @@ def test_tiles_parse_validate_and_round_trip() -> None:
 def test_tiles_from_the_environment(monkeypatch: pytest.MonkeyPatch, restore_tiles: None) -> None:
     attention_backends._resolve.cache_clear()
     try:
-        monkeypatch.setenv(tri.TILES_ENV, "decode_block_n=64,prefill_stages=2")
+        monkeypatch.setenv(envs.TRITON_TILES, "decode_block_n=64,prefill_stages=2")
         assert get_attention_backend("cuda", "triton").name == "triton"
         assert tri.tiles() == tri.Tiles(decode_block_n=64, prefill_stages=2)
         attention_backends._resolve.cache_clear()
-        monkeypatch.setenv(tri.TILES_ENV, "decode_block_n=100")
+        monkeypatch.setenv(envs.TRITON_TILES, "decode_block_n=100")
         with pytest.raises(
             AttentionBackendError, match="AGENT_RUNTIME_TRITON_TILES='decode_block_n=100'"
         ) as err:
@@ -461,6 +461,7 @@ def test_engine_on_the_triton_backend_matches_transformers(tmp_path: Path, arch:
     """Greedy tokens of the whole engine on the Triton backend (attention kernels, fused layer kernels, decode
     through the graphs' static buffers: captured on a GPU, run eagerly here) equal transformers `generate` on the
     same fp32 weights, on the same device."""
+    from inference.config import EngineConfig
     from inference.engine import LLMEngine
     from inference.loader import load_model
     from tests.inference.test_hf_equivalence import PROMPTS, build_tiny_model, greedy, hf_greedy
@@ -468,7 +469,7 @@ def test_engine_on_the_triton_backend_matches_transformers(tmp_path: Path, arch:
     hf = build_tiny_model(tmp_path, arch).to(DEVICE)
     hf.generation_config.eos_token_id = None
     loaded = load_model(str(tmp_path), dtype="float32", device=DEVICE)
-    engine = LLMEngine(loaded, num_blocks=80, max_num_seqs=4, attention_backend="triton")
+    engine = LLMEngine(loaded, EngineConfig(num_blocks=80, max_num_seqs=4, attention_backend="triton"))
     runner = engine.runner
     assert runner.attention.name == "triton" and runner.attention.layer_ops.name == "triton"
     graphs = runner.decode_graphs if DEVICE.type == "cuda" else runner.build_decode_graphs(capture=False)

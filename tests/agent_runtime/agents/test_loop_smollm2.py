@@ -22,8 +22,9 @@ pytestmark = [pytest.mark.smollm2, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Any]:
     from inference.async_engine import AsyncEngine
+    from inference.config import EngineConfig
 
-    eng = AsyncEngine.from_model("smollm2-135m-instruct", dtype="float32", max_num_seqs=32)
+    eng = AsyncEngine.from_model("smollm2-135m-instruct", EngineConfig(max_num_seqs=32), dtype="float32")
     yield eng
     eng.close()
 

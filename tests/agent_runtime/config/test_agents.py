@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from agent_runtime.agents.llm import engine_config
 from agent_runtime.cli import common, generate, run, serve
 from agent_runtime.config import load_config
 from agent_runtime.config.agents import ModelSettings, load_model_settings
 from agent_runtime.errors import ConfigError
+from inference.config import EngineConfig
 
 
 def config_with(tmp_path: Path, model: object) -> Path:
@@ -23,9 +25,8 @@ def config_with(tmp_path: Path, model: object) -> Path:
 def test_defaults_are_auto_device_and_ninety_percent_of_the_gpu() -> None:
     settings = ModelSettings()
     assert settings.device == "auto" and settings.gpu_memory_utilization == 0.9
-    assert settings.engine_args()["gpu_memory_utilization"] == 0.9
-    assert settings.engine_args()["enforce_eager"] is False
-    assert "kv_cache_memory" not in settings.engine_args()  # unset: profiled on CUDA, RAM share on the CPU
+    # the engine's defaults; kv_cache_memory unset: profiled on CUDA, a share of RAM on the CPU
+    assert engine_config(settings) == EngineConfig()
 
 
 def test_model_section_accepts_devices_and_utilization(tmp_path: Path) -> None:
@@ -35,8 +36,8 @@ def test_model_section_accepts_devices_and_utilization(tmp_path: Path) -> None:
         )
         settings = load_model_settings(load_config(path, env={}))
         assert settings.device == device
-        assert settings.engine_args()["gpu_memory_utilization"] == 0.75
-        assert settings.engine_args()["enforce_eager"] is True
+        config = engine_config(settings)
+        assert config.gpu_memory_utilization == 0.75 and config.enforce_eager is True
 
 
 @pytest.mark.parametrize(

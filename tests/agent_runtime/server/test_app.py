@@ -83,8 +83,10 @@ class ServerThread:
 
 def small_engine() -> Any:
     from inference.async_engine import AsyncEngine
+    from inference.config import EngineConfig
 
-    return AsyncEngine.from_model(MODEL, kv_cache_memory=192 * 2**20, max_model_len=2048, max_num_seqs=64)
+    config = EngineConfig(kv_cache_memory=192 * 2**20, max_model_len=2048, max_num_seqs=64)
+    return AsyncEngine.from_model(MODEL, config)
 
 
 @pytest.fixture(scope="session")

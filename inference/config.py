@@ -1,0 +1,86 @@
+"""The engine's settings: one frozen `EngineConfig`, validated when it is built, taken by `LLMEngine`,
+`ModelRunner` and `Scheduler` (and `AsyncEngine.from_model`). Imports no torch: the config file's `model`
+section is turned into one without loading the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from inference.errors import EngineError
+
+if TYPE_CHECKING:
+    from inference.model_config import ModelConfig
+
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """How big the engine's batches and KV cache are, and how it runs on CUDA.
+
+    KV cache size: `num_blocks` if given, else `kv_cache_memory` (bytes, or a fraction <= 1 of free memory).
+    On CUDA without either, a profiling step measures peak memory and the cache gets what
+    `gpu_memory_utilization` of the GPU leaves (inference/memory_profile.py); on the CPU the default is a
+    quarter of free RAM, capped (inference/model_runner.py). `max_model_len` None is the model's
+    `max_position_embeddings` (see `max_model_len_for`). `enforce_eager` turns CUDA-graph decode off.
+    `attention_backend` is "auto" (Triton on CUDA, the reference elsewhere), "reference" or "triton"
+    (inference/attention_backends.py, which rejects other names).
+    """
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    kv_cache_memory: int | float | None = None
+    num_blocks: int | None = None
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
+    enforce_eager: bool = False
+    attention_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            _check_count(name, getattr(self, name))
+        for name in ("max_model_len", "num_blocks"):
+            if getattr(self, name) is not None:
+                _check_count(name, getattr(self, name))
+        memory = self.kv_cache_memory
+        if memory is not None and not (_is_number(memory) and memory > 0):
+            raise EngineError(
+                f"kv_cache_memory must be a positive number, got {memory!r}",
+                "give bytes (such as 536870912) or a fraction <= 1 of free memory (such as 0.3)",
+            )
+        utilization = self.gpu_memory_utilization
+        if not (_is_number(utilization) and 0 < utilization <= 1):
+            raise EngineError(
+                f"gpu_memory_utilization must be in (0, 1], got {utilization!r}",
+                "use a fraction such as 0.9 (the share of the GPU's memory the engine may use)",
+            )
+        for name in ("enable_prefix_caching", "enforce_eager"):
+            if not isinstance(getattr(self, name), bool):
+                raise EngineError(f"{name} must be true or false, got {getattr(self, name)!r}", "use a bool")
+        if not (isinstance(self.attention_backend, str) and self.attention_backend):
+            raise EngineError(
+                f"attention_backend must be a backend name, got {self.attention_backend!r}",
+                'use "auto", "reference" or "triton"',
+            )
+
+    def max_model_len_for(self, model_config: ModelConfig) -> int:
+        """The context length the engine serves for this model: `max_model_len`, at most the model's
+        `max_position_embeddings` (which it is when unset)."""
+        limit = model_config.max_position_embeddings
+        return min(self.max_model_len or limit, limit)
+
+
+def _check_count(name: str, value: object) -> None:
+    if not (_is_int(value) and value >= 1):  # type: ignore[operator]
+        raise EngineError(f"{name} must be an integer >= 1, got {value!r}", f"set {name} to 1 or more")
