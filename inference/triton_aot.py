@@ -139,15 +139,15 @@ def compile_only(capability: int) -> Iterator[list[_Capture]]:
     def num_decode_splits(num_seqs: int, kv_heads: int, max_context_len: int, _device: torch.device) -> int:
         return splits(num_seqs, kv_heads, max_context_len, torch.device("cuda", 0))
 
-    sm_count = triton_attention._sm_count
-    triton_attention._sm_count = lambda _index: sms  # type: ignore[assignment]
+    real_sm_count = triton_attention.sm_count
+    triton_attention.sm_count = lambda _index: sms  # type: ignore[assignment]
     triton_attention.num_decode_splits = num_decode_splits  # type: ignore[assignment]
     try:
         yield captures
     finally:
         JITFunction.run = real_run  # type: ignore[method-assign]
         driver.set_active(previous)
-        triton_attention._sm_count = sm_count
+        triton_attention.sm_count = real_sm_count
         triton_attention.num_decode_splits = splits
         for kernel, caches in touched.values():
             kernel.device_caches = caches

@@ -427,7 +427,8 @@ def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 
 
 @functools.cache
-def _sm_count(index: int) -> int:
+def sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device `index` (the AOT check substitutes its target's count)."""
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
@@ -435,7 +436,7 @@ def num_decode_splits(num_seqs: int, kv_heads: int, max_context_len: int, device
     """How many KV partitions each decode sequence uses: enough programs to fill the GPU when the batch is small."""
     # off CUDA (the interpreter runs programs one by one) there is nothing to fill; pretend a tiny GPU
     sms = (
-        _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        sm_count(device.index if device.index is not None else torch.cuda.current_device())
         if device.type == "cuda"
         else 4
     )

@@ -38,19 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     for name, mod, help_text in COMMANDS:
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         mod.add_arguments(cmd)
-        cmd.set_defaults(_module=mod)
+        cmd.set_defaults(command_module=mod)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "_module", None) is None:
+    if getattr(args, "command_module", None) is None:
         parser.print_help(sys.stderr)
         return 2
     configure_logging(args.log_level)
     try:
-        return int(args._module.run(args))
+        return int(args.command_module.run(args))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
