@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from agent_runtime.agents.llm import LLMBackend, LocalEngineBackend
     from agent_runtime.agents.loop import Agent, AgentError, AgentSession
     from agent_runtime.agents.openai_backend import OpenAIChatBackend, RemoteLLMError
-    from agent_runtime.config import RuntimeConfig, load_config, parse_config
+    from agent_runtime.config import RuntimeConfig, adhoc_config, load_config, parse_config, redact_config
     from agent_runtime.errors import AgentRuntimeError, ConfigError
     from agent_runtime.tools.executor import ToolCallRefused, ToolOutcome
     from agent_runtime.tools.local import LocalToolError
@@ -54,8 +54,10 @@ _EXPORTS = {
     "ToolCallRefused": "agent_runtime.tools.executor",
     "ToolOutcome": "agent_runtime.tools.executor",
     "UnknownTool": "agent_runtime.tools.runtime",
+    "adhoc_config": "agent_runtime.config",
     "load_config": "agent_runtime.config",
     "parse_config": "agent_runtime.config",
+    "redact_config": "agent_runtime.config",
 }
 
 __all__ = [
@@ -79,8 +81,10 @@ __all__ = [
     "ToolOutcome",
     "UnknownTool",
     "__version__",
+    "adhoc_config",
     "load_config",
     "parse_config",
+    "redact_config",
 ]
 
 
