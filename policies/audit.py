@@ -17,8 +17,14 @@ _LINE = json.JSONEncoder(ensure_ascii=False).encode
 
 
 def argument_digest(arguments: Mapping[str, Any] | None) -> str:
-    """SHA-256 of the canonical JSON of the arguments: correlates calls without storing their content."""
-    payload = _CANONICAL(arguments or {})
+    """SHA-256 of the canonical JSON of the arguments: correlates calls without storing their content.
+
+    Never raises: arguments JSON cannot encode (nested past the interpreter's recursion limit, integers of
+    4300+ digits, cycles) are recorded as unhashed rather than taking the audit writer down."""
+    try:
+        payload = _CANONICAL(arguments or {})
+    except Exception as exc:  # RecursionError, ValueError (digits, cycles), a default=str that raises
+        return f"unhashed: {type(exc).__name__}"
     return "sha256:" + hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()
 
 

@@ -79,7 +79,13 @@ class AuditLog:
                 if digest is None:
                     digest = digests[id(args)] = argument_digest(args)
                 record.args = digest
-        text = "".join(record.to_json() + "\n" for record in records)
+        lines = []
+        for record in records:
+            try:
+                lines.append(record.to_json() + "\n")
+            except Exception as exc:  # one bad record must not take the writer (and the runtime) down
+                log.error("audit record could not be encoded", tool=record.tool, error=repr(exc)[:200])
+        text = "".join(lines)
         with self._lock:
             try:
                 if self._file is None:
