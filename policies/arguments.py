@@ -44,9 +44,44 @@ def _bad_text(text: str) -> str | None:
     return None
 
 
+_FLAT_KEYS = 64
+_FLAT_BYTES = 64 * 1024
+
+
+def _flat_and_small(arguments: dict[Any, Any], limits: ArgumentLimits) -> bool:
+    """The common call in one pass, no stack: at most 64 ASCII keys whose values are ASCII strings, bools,
+    None, small ints and finite floats, 64 KiB at most all told. False only means "walk it properly"."""
+    if len(arguments) > _FLAT_KEYS or limits.max_items <= _FLAT_KEYS:
+        return False
+    budget = min(_FLAT_BYTES, limits.max_total_bytes, limits.max_string_bytes)
+    for key, value in arguments.items():
+        if type(key) is not str or not key.isascii():
+            return False
+        t = type(value)
+        if t is str:
+            if not value.isascii():
+                return False
+            budget -= len(value) + len(key)
+        elif t is int:
+            if value.bit_length() > 64:
+                return False
+            budget -= 8 + len(key)
+        elif t is bool or value is None:
+            budget -= 8 + len(key)
+        elif t is float:
+            if value - value != 0.0:  # NaN and +/-Infinity
+                return False
+            budget -= 8 + len(key)
+        else:
+            return False
+    return budget >= 0
+
+
 def limit_problem(arguments: Any, limits: ArgumentLimits) -> str | None:
     """Walk the arguments iteratively (a deep tree must not blow our own stack) and check the limits and
     that every value can travel as JSON: no lone surrogates, no NaN/Infinity, no integers past 2**1024."""
+    if type(arguments) is dict and _flat_and_small(arguments, limits):
+        return None
     total = 0
     items = 0
     stack: list[tuple[Any, int, str]] = [(arguments, 1, "arguments")]
@@ -143,22 +178,22 @@ def _fast_check(schema: Mapping[str, Any]) -> Any:
     if not isinstance(extra, bool):
         return None
 
+    required_keys = frozenset(required)
+    missing = object()
+
     def valid(arguments: Mapping[str, Any]) -> bool:
-        for name in required:
-            if name not in arguments:
-                return False
+        if required_keys and not required_keys <= arguments.keys():
+            return False
         for name, value in arguments.items():
-            if name not in props:
+            types = props.get(name, missing)
+            if types is None:
+                continue
+            if types is missing:
                 if not extra:
                     return False
                 continue
-            types = props[name]
-            if types is None:
-                continue
             # bool is an int in Python but not in JSON Schema
-            if isinstance(value, bool) and bool not in types:
-                return False
-            if not isinstance(value, types):
+            if not isinstance(value, types) or ((value is True or value is False) and bool not in types):
                 return False
         return True
 

@@ -74,10 +74,11 @@ def decision_record(
     allowed: bool,
     reason: str | None,
     secrets: Iterable[str] = (),
+    at: float | None = None,  # epoch seconds of the decision (default: now)
 ) -> AuditRecord:
     return AuditRecord(
         event="decision",
-        time=time.time(),
+        time=time.time() if at is None else at,
         agent=agent,
         server=server,
         tool=tool,
@@ -99,10 +100,11 @@ def call_record(
     attempts: int,
     truncated: bool,
     secrets: Iterable[str] = (),
+    at: float | None = None,  # epoch seconds of the outcome (default: now)
 ) -> AuditRecord:
     return AuditRecord(
         event="call",
-        time=time.time(),
+        time=time.time() if at is None else at,
         agent=agent,
         server=server,
         tool=tool,

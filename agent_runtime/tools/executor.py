@@ -31,7 +31,7 @@ from agent_runtime.tools.pins import PinStore
 from agent_runtime.tools.supervisor import LIVE_STATES, ServerUnavailable
 from policies.approval import ApprovalRequest, approval_reason, is_destructive
 from policies.arguments import ArgumentValidator
-from policies.audit import call_record, decision_record
+from policies.audit import decision_record
 from policies.breaker import BreakerEvent, BreakerSet, CircuitBreaker, Permit
 from policies.clock import Clock, monotonic
 from policies.deadlines import Deadline, TimeoutPlan, plan_timeouts
@@ -318,22 +318,10 @@ class Executor:
                 hint = "answer the approval prompt (a terminal is needed), or change the tool's `approval` policy"
                 return self._refuse("denied", name, server, args, agent, start, why, hint=hint)
 
-        digest = args  # digested when the record is written, off the call's critical path
-        # Records are built only when someone reads them (a file, a listener, debug logs); written with
-        # the call record in one append at the end: one syscall per call, not two.
-        decision = (
-            decision_record(
-                agent=agent,
-                server=server,
-                tool=name,
-                digest=digest,
-                allowed=True,
-                reason=f"approved: {prep.approval}" if prep.approval else None,
-                secrets=self._secrets,
-            )
-            if self.audit.wants_records()
-            else None
-        )
+        # Records only when someone reads them (a file, a listener, debug logs). The decision and the outcome
+        # go together at the end: with only a file to write, the audit writer builds both records (and
+        # digests the arguments) later, off the call's critical path.
+        decided_at = time.time() if self.audit.wants_records() else None
         if timeout is None and budget is None:
             plan = prep.plan
         else:
@@ -362,21 +350,20 @@ class Executor:
             duration = time.perf_counter() - start
             cancelled = not finished  # the caller cancelled us mid-call (or a bug raised): still audited
             self.monitor.record(server, "cancelled" if cancelled else kind, duration, reason, attempts)
-            if decision is not None:
-                self.audit.write(
-                    decision,
-                    call_record(
-                        agent=agent,
-                        server=server,
-                        tool=name,
-                        digest=digest,
-                        outcome="cancelled" if cancelled else kind,
-                        reason=reason,
-                        duration=duration,
-                        attempts=attempts,
-                        truncated=truncated,
-                        secrets=self._secrets,
-                    ),
+            if decided_at is not None:
+                self.audit.write_call(
+                    agent,
+                    server,
+                    name,
+                    args,
+                    prep.approval,
+                    decided_at,
+                    "cancelled" if cancelled else kind,
+                    reason,
+                    duration,
+                    attempts,
+                    truncated,
+                    self._secrets,
                 )
         return ToolOutcome(kind, name, server, result, reason, duration, attempts, truncated)
 
