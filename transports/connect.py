@@ -70,13 +70,14 @@ class _WatchedReadStream:
     CONNECTION_CLOSED at once, which is how a transport that would otherwise linger is declared dead.
     """
 
-    __slots__ = ("_closed", "_inner", "_lost", "_scope")
+    __slots__ = ("_closed", "_inner", "_lost", "_scope", "rejected")
 
     def __init__(self, inner: _ReceiveStream, closed: anyio.Event) -> None:
         self._inner = inner
         self._closed = closed
         self._lost = False
         self._scope: anyio.CancelScope | None = None
+        self.rejected: list[tuple[str, str]] = []  # malformed tools dropped from listings: (name, why)
 
     def lose(self) -> None:
         self._lost = True
@@ -92,7 +93,12 @@ class _WatchedReadStream:
             with anyio.CancelScope() as scope:
                 self._scope = scope
                 try:
-                    return await self._inner.receive()
+                    item = await self._inner.receive()
+                    if type(item) is SessionMessage and type(item.message) is types.JSONRPCResponse:
+                        tools = item.message.result.get("tools")
+                        if type(tools) is list:  # a tools/list page: keep its well-formed tools
+                            item.message.result["tools"] = _salvage_tools(tools, self.rejected)
+                    return item
                 except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
                     self._closed.set()
                     raise
@@ -120,6 +126,26 @@ class _WatchedReadStream:
         await self.aclose()
 
 
+def _salvage_tools(tools: list[Any], rejected: list[tuple[str, str]]) -> list[Any]:
+    """The well-formed entries of a tools/list page; each malformed one is reported in `rejected` with the
+    field at fault (one bad definition must not cost the server its other tools)."""
+    kept = []
+    for i, raw in enumerate(tools):
+        try:
+            types.Tool.model_validate(raw)
+        except ValidationError as exc:
+            name = raw.get("name") if isinstance(raw, dict) else None
+            shown = name if isinstance(name, str) else f"#{i}"
+            errors = exc.errors(include_url=False, include_input=False)
+            fields = "; ".join(
+                f"{'.'.join(str(part) for part in e['loc']) or 'definition'}: {e['msg']}" for e in errors[:3]
+            )
+            rejected.append((shown[:128], f"tools[{i}] ({shown[:128]!r}) is malformed: {fields}"))
+            continue
+        kept.append(raw)
+    return kept
+
+
 class _WatchedTransport:
     """Wraps any SDK-shaped transport so the client's read stream reports its end on `closed`."""
 
@@ -128,6 +154,7 @@ class _WatchedTransport:
         self._closed = closed
         self._read: _WatchedReadStream | None = None
         self._lost_before_open = False
+        self.rejected: list[tuple[str, str]] = []
 
     def lose(self, reason: str) -> None:
         if not self._closed.is_set():
@@ -141,6 +168,7 @@ class _WatchedTransport:
         assert self.inner is not None
         read_stream, write_stream = await self.inner.__aenter__()
         self._read = _WatchedReadStream(read_stream, self._closed)
+        self._read.rejected = self.rejected
         if self._lost_before_open:
             self._read.lose()
         return self._read, write_stream
@@ -162,14 +190,31 @@ class Connection:
     pid: int | None
     stderr: StderrRing | None
     closed: anyio.Event = field(default_factory=anyio.Event)
+    rejected: list[tuple[str, str]] | None = None  # where the read stream reports malformed listed tools
 
     @property
     def protocol_version(self) -> str:
         return self.client.protocol_version
 
     # The per-call `timeout` is the supervisor's contract (it owns deadlines per call), hence ASYNC109.
-    async def list_all_tools(self, *, timeout: float) -> list[types.Tool]:  # noqa: ASYNC109
-        """Every tool, following next_cursor to the end (at most PAGE_CAP pages), within `timeout` overall."""
+    async def list_all_tools(
+        self,
+        *,
+        timeout: float,  # noqa: ASYNC109
+        rejected: list[tuple[str, str]] | None = None,
+    ) -> list[types.Tool]:
+        """Every well-formed tool, following next_cursor to the end (at most PAGE_CAP pages), within `timeout`
+        overall; malformed entries are left out and, when given, reported in `rejected` as (name, why)."""
+        if self.rejected is not None:
+            self.rejected.clear()
+        try:
+            return await self._list_all_tools(timeout)
+        finally:
+            if rejected is not None and self.rejected is not None:
+                seen = {name for name, _ in rejected}
+                rejected.extend(r for r in self.rejected if r[0] not in seen)
+
+    async def _list_all_tools(self, timeout: float) -> list[types.Tool]:  # noqa: ASYNC109
         tools: list[types.Tool] = []
         cursor: str | None = None
         seen: set[str] = set()
@@ -363,6 +408,7 @@ async def connect(
                     pid=stdio.pid if stdio is not None else None,
                     stderr=stdio.stderr if stdio is not None else None,
                     closed=closed,
+                    rejected=watched.rejected,
                 )
                 caps = client.server_capabilities
                 watch = (

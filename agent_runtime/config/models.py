@@ -145,6 +145,7 @@ class ArgumentsModel(PolicyModel):
     max_string_bytes: int = Field(1024 * 1024 - 1, ge=1)
     max_depth: int = Field(32, ge=1, le=1000)
     max_total_bytes: int = Field(4 * 1024 * 1024 - 64 * 1024, ge=1)
+    max_validation_seconds: float = Field(0.1, gt=0, le=60)
 
 
 class LaunchModel(PolicyModel):

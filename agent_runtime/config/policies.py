@@ -70,6 +70,7 @@ class PolicyConfig:
     section: PoliciesModel | None
     base_dir: Path
     _cache: dict[tuple[str, str], ToolPolicy] = field(default_factory=dict)
+    has_file: bool = True  # False for ad-hoc servers (CLI flags): nothing is written beside a config file
 
     @property
     def model(self) -> PoliciesModel:
@@ -90,8 +91,11 @@ class PolicyConfig:
         return self.section.max_concurrent_calls_global if self.section is not None else None
 
     @property
-    def lock_file(self) -> Path:
+    def lock_file(self) -> Path | None:
+        """Where pins are kept; None (pins in memory only) for ad-hoc servers without a `lock_file`."""
         lock_file = self.section.lock_file if self.section is not None else None
+        if lock_file is None and not self.has_file:
+            return None
         return self._path(lock_file or LOCK_FILE_NAME)
 
     @property
@@ -213,7 +217,7 @@ def load_policies(config: RuntimeConfig) -> PolicyConfig:
     if not isinstance(raw, Mapping):
         raise _section_error(config, "policies", "the policies section must be a JSON object")
     if not raw:  # no section: every default, nothing to validate (and no pydantic to import)
-        return _checked_launch(config, PolicyConfig(None, base_dir))
+        return _checked_launch(config, PolicyConfig(None, base_dir, has_file=config.path is not None))
     from pydantic import ValidationError
 
     m = _models()
@@ -244,7 +248,7 @@ def load_policies(config: RuntimeConfig) -> PolicyConfig:
         if retry.max_backoff < retry.initial_backoff:
             path = ("policies", "servers", name, "retry") if name else ("policies", "retry")
             raise _section_error(config, _json_path(path), "max_backoff must be >= initial_backoff")
-    return _checked_launch(config, PolicyConfig(model, base_dir))
+    return _checked_launch(config, PolicyConfig(model, base_dir, has_file=config.path is not None))
 
 
 def _checked_launch(config: RuntimeConfig, policy: PolicyConfig) -> PolicyConfig:

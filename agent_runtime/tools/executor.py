@@ -31,7 +31,7 @@ from agent_runtime.tools.pins import PinStore
 from agent_runtime.tools.supervisor import LIVE_STATES, ServerUnavailable
 from policies.approval import ApprovalRequest, approval_reason, is_destructive
 from policies.arguments import ArgumentValidator
-from policies.audit import call_record, decision_record
+from policies.audit import decision_record
 from policies.breaker import BreakerEvent, BreakerSet, CircuitBreaker, Permit
 from policies.clock import Clock, monotonic
 from policies.deadlines import Deadline, TimeoutPlan, plan_timeouts
@@ -55,6 +55,7 @@ OutcomeKind = Literal[
     "result",
     "tool_error",
     "denied",
+    "invalid_arguments",
     "timeout",
     "breaker_open",
     "transport_failure",
@@ -64,6 +65,8 @@ OutcomeKind = Literal[
 ApprovalHook = Callable[[ApprovalRequest], Awaitable[bool] | bool]
 Resolver = Callable[[str], Awaitable[list[IPAddress]]]
 DNS_TIMEOUT = 5.0
+UNHASHED = "unhashed: over the argument limits"  # the audit's `args` for arguments nothing may walk again
+_DENY_LIST_HINT = "the `allow`/`deny` lists of the `policies` section refuse this tool"
 
 
 @dataclass(slots=True)
@@ -78,6 +81,7 @@ class ToolOutcome:
     duration: float  # seconds, decisions included
     attempts: int  # requests sent (0 when refused before sending)
     truncated: bool
+    hint: str | None = None  # what the user can do about a refusal (for the CLI and APIs that raise)
 
     @property
     def ok(self) -> bool:
@@ -127,12 +131,13 @@ def outcome_error(outcome: ToolOutcome) -> Exception:
     if outcome.kind == "transport_failure":
         return ConnectionLost(outcome.reason or "transport failure", None, sent=outcome.attempts > 0)
     hints = {
-        "denied": "see the `policies` section of the config (and `agent-runtime tools approve`)",
+        "denied": "see the `policies` section of the config",
+        "invalid_arguments": "`agent-runtime tools list --json` shows the tool's inputSchema",
         "breaker_open": "the server failed repeatedly; `agent-runtime servers status` shows it",
         "budget_exhausted": "the agent's budget is used up",
         "unknown_tool": "`agent-runtime tools list` shows the available tools",
     }
-    return ToolCallRefused(outcome, hints.get(outcome.kind))
+    return ToolCallRefused(outcome, outcome.hint or hints.get(outcome.kind))
 
 
 class _Failed(Exception):
@@ -160,6 +165,7 @@ class _Prepared:
     destructive: bool
     path_policy: PathPolicy | None
     denial: str | None  # the allow/deny lists judge the name only
+    validation_seconds: float  # the schema-validation budget of a call, within its deadline
     plan: TimeoutPlan  # the timeouts of a call that neither the caller nor a budget shortens
     limiter: anyio.CapacityLimiter  # the server's concurrency limit
     breakers: list[CircuitBreaker]  # the server's breaker, then the tool's when configured
@@ -270,7 +276,8 @@ class Executor:
         elif isinstance(arguments, Mapping):
             args = dict(arguments)
         else:
-            return self._refuse("denied", name, None, {}, agent, start, "arguments must be a JSON object")
+            why = f"arguments must be a JSON object, not {type(arguments).__name__}"
+            return self._refuse("invalid_arguments", name, None, {}, agent, start, why)
         entry = self.registry.get(name)
         if entry is None:
             return await self._unresolved(name, args, agent, start)
@@ -285,36 +292,36 @@ class Executor:
         prep = self._prepared.get((server, tool))
         if prep is None or prep.definition is not entry.definition:
             prep = self._prepare(entry)
-        why = (
-            prep.denial
-            or self._pin_problem(entry)
-            or prep.validator.problem(args)
-            or (None if prep.path_policy is None else self._path_problem(prep, args))
+        if prep.denial is not None:
+            return self._refuse("denied", name, server, args, agent, start, prep.denial, hint=_DENY_LIST_HINT)
+        why = self._pin_problem(entry)
+        if why is not None:
+            hint = f"review and approve it: `agent-runtime tools approve {name}`"
+            return self._refuse("denied", name, server, args, agent, start, why, hint=hint)
+        problem = prep.validator.check(
+            args, prep.validation_seconds if timeout is None else min(prep.validation_seconds, timeout)
         )
+        if problem is not None:
+            # Arguments over the limits are not digested for the audit: they may be too deep to encode.
+            return self._refuse(
+                problem.kind, name, server, args, agent, start, problem.reason, unhashed=problem.over_limits
+            )
+        why = None if prep.path_policy is None else self._path_problem(prep, args)
         egress = prep.policy.egress
         if why is None and egress is not None and has_urls(args, egress.url_args):
             why = await self._egress_problem(prep, args)
-        if why is None and prep.approval is not None:
-            why = await self._approval_problem(prep, entry, args, agent)
         if why is not None:
             return self._refuse("denied", name, server, args, agent, start, why)
+        if prep.approval is not None:
+            why = await self._approval_problem(prep, entry, args, agent)
+            if why is not None:
+                hint = "answer the approval prompt (a terminal is needed), or change the tool's `approval` policy"
+                return self._refuse("denied", name, server, args, agent, start, why, hint=hint)
 
-        digest = args  # digested when the record is written, off the call's critical path
-        # Records are built only when someone reads them (a file, a listener, debug logs); written with
-        # the call record in one append at the end: one syscall per call, not two.
-        decision = (
-            decision_record(
-                agent=agent,
-                server=server,
-                tool=name,
-                digest=digest,
-                allowed=True,
-                reason=f"approved: {prep.approval}" if prep.approval else None,
-                secrets=self._secrets,
-            )
-            if self.audit.wants_records()
-            else None
-        )
+        # Records only when someone reads them (a file, a listener, debug logs). The decision and the outcome
+        # go together at the end: with only a file to write, the audit writer builds both records (and
+        # digests the arguments) later, off the call's critical path.
+        decided_at = time.time() if self.audit.wants_records() else None
         if timeout is None and budget is None:
             plan = prep.plan
         else:
@@ -343,26 +350,30 @@ class Executor:
             duration = time.perf_counter() - start
             cancelled = not finished  # the caller cancelled us mid-call (or a bug raised): still audited
             self.monitor.record(server, "cancelled" if cancelled else kind, duration, reason, attempts)
-            if decision is not None:
-                self.audit.write(
-                    decision,
-                    call_record(
-                        agent=agent,
-                        server=server,
-                        tool=name,
-                        digest=digest,
-                        outcome="cancelled" if cancelled else kind,
-                        reason=reason,
-                        duration=duration,
-                        attempts=attempts,
-                        truncated=truncated,
-                        secrets=self._secrets,
-                    ),
+            if decided_at is not None:
+                self.audit.write_call(
+                    agent,
+                    server,
+                    name,
+                    args,
+                    prep.approval,
+                    decided_at,
+                    "cancelled" if cancelled else kind,
+                    reason,
+                    duration,
+                    attempts,
+                    truncated,
+                    self._secrets,
                 )
         return ToolOutcome(kind, name, server, result, reason, duration, attempts, truncated)
 
     def health(self) -> list[Any]:
         return self.monitor.snapshot()
+
+    def quarantined(self, entry: ToolEntry) -> bool:
+        """Whether the tool's current definition awaits approval (new, or changed since it was pinned):
+        its calls are denied, and it is not offered to agents or MCP hosts."""
+        return self.pins.check(entry.server, entry.definition).quarantined
 
     async def serve(self) -> None:
         """The executor's background work until cancelled: the stale-call sweep and the audit flusher.
@@ -524,7 +535,21 @@ class Executor:
     async def _unresolved(
         self, name: str, args: dict[str, Any], agent: str | None, start: float
     ) -> ToolOutcome:
-        """No such tool right now: its server may be down (a transport failure the breaker counts)."""
+        """No such tool right now: its definition may be invalid (denied, saying why), or its server may be
+        down (a transport failure the breaker counts)."""
+        invalid = self.registry.problem(name)
+        if invalid is not None and invalid.kind == "invalid_definition":
+            return self._refuse(
+                "denied",
+                name,
+                invalid.server,
+                args,
+                agent,
+                start,
+                f"the tool's definition is invalid: {invalid.detail}",
+                hint="the server offers a definition the runtime will not use; `agent-runtime tools list` "
+                "shows why",
+            )
         server_cfg = next((s for prefix, s in self._prefixes if name.startswith(prefix)), None)
         if server_cfg is not None:
             try:
@@ -560,6 +585,17 @@ class Executor:
         read_only = ann.read_only_hint if ann is not None else None
         destructive_hint = ann.destructive_hint if ann is not None else None
         idempotent = ann.idempotent_hint if ann is not None else None
+        plan = _plan_timeouts(tool, server_cfg, policy)
+        lowered = read_only is True or destructive_hint is False
+        if not server_cfg.trusted:  # an untrusted server's annotations may raise the bar, never lower it
+            read_only = idempotent = destructive_hint = None
+        approval = approval_reason(
+            policy.approval, read_only_hint=read_only, destructive_hint=destructive_hint
+        )
+        if approval is not None and lowered and not server_cfg.trusted and policy.approval == "destructive":
+            approval = (
+                "the server is not marked `trusted`, so its read-only/non-destructive hints are not believed"
+            )
         breakers = [self.breakers.get(server, policy.breaker)]
         if policy.tool_breaker is not None:
             breakers.append(self.breakers.get(f"{server}/{tool}", policy.tool_breaker))
@@ -574,15 +610,14 @@ class Executor:
                 read_only_hint=read_only,
                 idempotent_hint=idempotent,
             ),
-            approval=approval_reason(
-                policy.approval, read_only_hint=read_only, destructive_hint=destructive_hint
-            ),
+            approval=approval,
             destructive=is_destructive(read_only, destructive_hint),
             path_policy=None
             if policy.roots is None
             else PathPolicy(policy.roots, policy.path_args, getattr(server_cfg.target, "cwd", None)),
             denial=policy.filter.denial(server, tool),
-            plan=_plan_timeouts(tool, server_cfg, policy),
+            validation_seconds=min(policy.arguments.max_validation_seconds, plan.total),
+            plan=plan,
             limiter=self._limiter(server, server_cfg),
             breakers=breakers,
         )
@@ -598,7 +633,7 @@ class Executor:
             if check.status == "new"
             else f"changed ({', '.join(check.changed)}) since it was approved"
         )
-        return f"tool {entry.name} is quarantined: it {what}; run `agent-runtime tools approve {entry.name}`"
+        return f"tool {entry.name} is quarantined: it {what}"
 
     def _path_problem(self, prep: _Prepared, args: dict[str, Any]) -> str | None:
         if prep.path_policy is None:
@@ -662,8 +697,11 @@ class Executor:
         agent: str | None,
         start: float,
         reason: str,
+        *,
+        hint: str | None = None,
+        unhashed: bool = False,
     ) -> ToolOutcome:
-        digest = args if isinstance(args, Mapping) else {}
+        digest: str | Mapping[str, Any] = UNHASHED if unhashed else args if isinstance(args, Mapping) else {}
         self.audit.write(
             decision_record(
                 agent=agent,
@@ -679,7 +717,7 @@ class Executor:
         if server is not None:
             self.monitor.record(server, kind, duration, reason)
         log.debug("tool call refused", tool=name, outcome=kind, reason=reason)
-        return ToolOutcome(kind, name, server, None, reason, duration, 0, False)
+        return ToolOutcome(kind, name, server, None, reason, duration, 0, False, hint)
 
     def _limiter(self, server: str, cfg: ServerConfig) -> anyio.CapacityLimiter:
         limiter = self._limiters.get(server)

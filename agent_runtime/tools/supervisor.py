@@ -370,11 +370,12 @@ class Supervisor:
                     st.pid = conn.pid
                     st.protocol_version = conn.protocol_version
                     remaining = max(0.05, deadline - anyio.current_time())
-                    tools = await conn.list_all_tools(timeout=remaining)
+                    rejected: list[tuple[str, str]] = []
+                    tools = await conn.list_all_tools(timeout=remaining, rejected=rejected)
                     slot.attempt_scope = None  # from here on, stop is graceful: leave `connect` normally
                     if scope.cancel_called:
                         return reached_ready
-                    self.registry.set_server_tools(cfg.name, cfg.prefix, tools)
+                    self.registry.set_server_tools(cfg.name, cfg.prefix, tools, rejected)
                     slot.conn = conn
                     reached_ready = True
                     slot.settled = True
@@ -449,13 +450,14 @@ class Supervisor:
         while True:
             await slot.refresh.wait()
             slot.refresh = anyio.Event()  # notifications arriving during the fetch trigger one more fetch
+            rejected: list[tuple[str, str]] = []
             try:
-                tools = await conn.list_all_tools(timeout=cfg.timeouts.request)
+                tools = await conn.list_all_tools(timeout=cfg.timeouts.request, rejected=rejected)
             except Exception as exc:
                 # The session stays up; a dead transport is noticed through conn.closed.
                 log.warning("tool list refresh failed", server=cfg.name, error=describe_error(exc))
                 continue
-            change = self.registry.set_server_tools(cfg.name, cfg.prefix, tools)
+            change = self.registry.set_server_tools(cfg.name, cfg.prefix, tools, rejected)
             log.info(
                 "tools refreshed",
                 server=cfg.name,

@@ -31,7 +31,7 @@ async def test_result_audit_and_monitor(tmp_path: Path) -> None:
         assert out.ok and out.text() == "secret payload" and out.attempts == 1 and not out.truncated
         assert out.server == "faulty" and out.duration > 0
         denied = await h.executor.execute("faulty__echo", {"text": 5}, agent="a1")
-        assert_refused(denied)
+        assert_refused(denied, "invalid_arguments")
         h.executor.audit.flush()
         lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
         assert [(x["event"], x["decision"], x.get("outcome")) for x in lines] == [
@@ -52,7 +52,8 @@ async def test_unknown_tool(tmp_path: Path) -> None:
         assert_refused(out, "unknown_tool")
         assert "faulty__echo" in (out.reason or "")
         assert_refused(await h.executor.execute("nobody__echo", {}), "unknown_tool")
-        assert_refused(await h.executor.execute("faulty__echo", ["not", "an", "object"]))  # type: ignore[arg-type]
+        not_an_object = await h.executor.execute("faulty__echo", ["not", "an", "object"])  # type: ignore[arg-type]
+        assert_refused(not_an_object, "invalid_arguments")
         assert h.received() == []
 
 
@@ -86,8 +87,9 @@ async def test_argument_validation_hostile(tmp_path: Path) -> None:
             {"text": "ok", "extra": deep},  # deep nesting
             {"n_bytes": "ten"},
         ]:
-            assert_refused(await h.executor.execute("faulty__echo", args))
-        assert_refused(await h.executor.execute("faulty__big", {"n_bytes": True}))  # bool is not an integer
+            assert_refused(await h.executor.execute("faulty__echo", args), "invalid_arguments")
+        bool_for_int = await h.executor.execute("faulty__big", {"n_bytes": True})  # bool is not an integer
+        assert_refused(bool_for_int, "invalid_arguments")
         assert h.received() == []
 
 
@@ -183,8 +185,8 @@ async def test_approvals_fail_closed(tmp_path: Path) -> None:
         return hook
 
     policies = {"approval": "destructive", "approval_timeout": 0.3}
-    async with harness(tmp_path, policies=policies) as h:
-        # read-only tools need no approval
+    async with harness(tmp_path, policies=policies, trusted=True) as h:
+        # read-only tools of a trusted server need no approval
         assert (await h.executor.execute("faulty__echo", {"text": "x"})).ok
         # no hook, False, a non-bool truthy answer, an exception, a hang: all deny
         assert_refused(await h.executor.execute("faulty__delete", {"path": "/x"}))

@@ -27,6 +27,7 @@ KINDS = {
     "result",
     "tool_error",
     "denied",
+    "invalid_arguments",
     "timeout",
     "breaker_open",
     "transport_failure",
@@ -174,7 +175,7 @@ async def run_flapping(
     assert len(decisions) == calls
     allowed = sum(1 for r in decisions if r.decision == "allow")
     assert sum(call_records.values()) == allowed
-    refused = {"denied", "budget_exhausted", "unknown_tool"}
+    refused = {"denied", "invalid_arguments", "budget_exhausted", "unknown_tool"}
     for kind, n in counts.items():
         if kind not in refused and kind not in ("breaker_open", "transport_failure"):
             assert call_records[kind] == n, (kind, call_records, counts)
