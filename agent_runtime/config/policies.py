@@ -159,8 +159,12 @@ class PolicyConfig:
             egress=None
             if egress_on is False
             else EgressPolicy.of(
-                allow=(s.egress_allow if s.egress_allow is not None else g.egress_allow) or (),
+                allow=[
+                    *(getattr(egress_on, "allow", None) or ()),
+                    *((s.egress_allow if s.egress_allow is not None else g.egress_allow) or ()),
+                ],
                 url_args=pick("url_args") or (),
+                mode=getattr(egress_on, "mode", "public"),
             ),
             approval=pick("approval") or "never",
             max_output_chars=pick("max_output_chars") or DEFAULT_MAX_OUTPUT_CHARS,
@@ -273,6 +277,8 @@ def _known_keys(loc: tuple[Any, ...]) -> set[str]:
             model = m.ToolRules
         elif part == "launch":
             model = m.LaunchModel
+        elif part == "egress":
+            model = m.EgressModel
         elif isinstance(part, str) and part in {"breaker", "retry", "arguments"}:
             model = {"breaker": m.BreakerModel, "retry": m.RetryModel, "arguments": m.ArgumentsModel}[part]
     return set(model.model_fields)

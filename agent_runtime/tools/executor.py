@@ -8,6 +8,7 @@ raises for a failed call: every call ends in exactly one typed ToolOutcome (canc
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import ipaddress
 import json
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
+import anyio.to_thread
 
 from agent_runtime.config import secret_values
 from agent_runtime.config.policies import PolicyConfig, ToolPolicy, load_policies
@@ -35,7 +37,16 @@ from policies.audit import call_record, decision_record
 from policies.breaker import BreakerEvent, BreakerSet, CircuitBreaker, Permit
 from policies.clock import Clock, monotonic
 from policies.deadlines import Deadline, TimeoutPlan, plan_timeouts
-from policies.egress import IPAddress, egress_problem, has_urls, parse_target, url_values
+from policies.egress import (
+    EgressPolicy,
+    IPAddress,
+    UrlTarget,
+    egress_problem,
+    has_urls,
+    needs_resolution,
+    parse_target,
+    url_values,
+)
 from policies.errors import BreakerOpenError
 from policies.limits import AgentBudget
 from policies.output import cap_result
@@ -292,10 +303,15 @@ class Executor:
             or (None if prep.path_policy is None else self._path_problem(prep, args))
         )
         egress = prep.policy.egress
+        unresolved: list[UrlTarget] = []
         if why is None and egress is not None and has_urls(args, egress.url_args):
-            why = await self._egress_problem(prep, args)
+            why, unresolved = _egress_verdict(egress, args)
         if why is None and prep.approval is not None:
             why = await self._approval_problem(prep, entry, args, agent)
+        # DNS last: a call denied for any reason that does not need the host's addresses never looks it up.
+        if why is None and unresolved:
+            assert egress is not None
+            why = await self._egress_problem(egress, unresolved)
         if why is not None:
             return self._refuse("denied", name, server, args, agent, start, why)
 
@@ -609,18 +625,16 @@ class Executor:
                 return f"{where}: {problem}"
         return None
 
-    async def _egress_problem(self, prep: _Prepared, args: dict[str, Any]) -> str | None:
-        policy = prep.policy.egress
-        assert policy is not None
-        for where, value, _declared in url_values(args, policy.url_args):
-            target = parse_target(where, value, policy)
+    async def _egress_problem(self, policy: EgressPolicy, targets: list[UrlTarget]) -> str | None:
+        """Judge the URL targets whose verdict depends on what their hosts resolve to."""
+        for target in targets:
+            assert target.host is not None
             resolved: list[IPAddress] = []
-            if target.problem is None and not target.allowed_host and not target.literal and target.host:
-                with anyio.move_on_after(DNS_TIMEOUT):
-                    try:
-                        resolved = await self.resolver(target.host)
-                    except (OSError, ValueError, UnicodeError) as exc:
-                        log.debug("egress resolution failed", host=target.host, error=str(exc))
+            with anyio.move_on_after(DNS_TIMEOUT):
+                try:
+                    resolved = await self.resolver(target.host)
+                except (OSError, ValueError, UnicodeError) as exc:
+                    log.debug("egress resolution failed", host=target.host, error=str(exc))
             problem = egress_problem(target, resolved, policy)
             if problem is not None:
                 return problem
@@ -637,7 +651,13 @@ class Executor:
             return f"approval required ({prep.approval}) and no approver is configured"
         try:
             with anyio.fail_after(self.policies.approval_timeout):
-                answer = hook(request)
+                if _is_async_callable(hook):
+                    answer = hook(request)
+                else:
+                    # A synchronous hook (a prompt, a blocking HTTP call) runs in a worker thread so that it
+                    # cannot stall the event loop; past the deadline the thread is abandoned and the call
+                    # denied, whatever the hook answers later.
+                    answer = await anyio.to_thread.run_sync(hook, request, abandon_on_cancel=True)
                 if inspect.isawaitable(answer):
                     answer = await answer
         except TimeoutError:
@@ -709,6 +729,30 @@ class Executor:
     @staticmethod
     def _collect_secrets(config: RuntimeConfig) -> tuple[str, ...]:
         return tuple(secret_values(config))
+
+
+def _egress_verdict(policy: EgressPolicy, args: dict[str, Any]) -> tuple[str | None, list[UrlTarget]]:
+    """Every URL argument judged on its face (no DNS): the first problem, or the targets still to resolve."""
+    unresolved: list[UrlTarget] = []
+    for where, value, _declared in url_values(args, policy.url_args):
+        target = parse_target(where, value, policy)
+        if needs_resolution(target):
+            unresolved.append(target)
+            continue
+        problem = egress_problem(target, (), policy)
+        if problem is not None:
+            return problem, []
+    return None, unresolved
+
+
+def _is_async_callable(fn: object) -> bool:
+    """An `async def` function, or an object whose `__call__` is one (partials of either included)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = inspect.getattr_static(type(fn), "__call__", None)  # an instance with `async def __call__`
+    return inspect.iscoroutinefunction(call)
 
 
 def _take(limiter: anyio.CapacityLimiter) -> bool:

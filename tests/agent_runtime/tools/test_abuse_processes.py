@@ -1,0 +1,146 @@
+"""The abuse suite, part two: hostile arguments, servers and processes against the real pipeline.
+
+Each test drives a real server process (our faulty server, hostile examples beside it, or the npm
+filesystem server) and proves from the server's side what got through: relative and undeclared paths,
+egress allow-lists and DNS leaks, slow synchronous approvers, oversized messages at each transport,
+secrets in logs and status, and descendants that leave the process group.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from agent_runtime.tools.executor import ToolOutcome
+from policies.approval import ApprovalRequest
+from tests.agent_runtime.faulty_harness import harness
+from tests.conftest import PEERS
+from transports.targets import StdioTarget
+
+pytestmark = pytest.mark.anyio
+
+
+def assert_refused(outcome: ToolOutcome) -> None:
+    assert outcome.kind == "denied", outcome
+    assert outcome.attempts == 0 and outcome.result is None and outcome.reason
+
+
+# -- approvals --------------------------------------------------------------------------------------------
+
+
+async def test_a_slow_synchronous_approver_is_denied_at_the_deadline_without_blocking_the_loop(
+    tmp_path: Path,
+) -> None:
+    """A sync hook that sleeps 4 s under a 1 s approval_timeout: denied after about 1 s, and the event
+    loop keeps running meanwhile (a ticker task advances)."""
+    asked: list[ApprovalRequest] = []
+
+    def slow_yes(request: ApprovalRequest) -> bool:
+        asked.append(request)
+        time.sleep(4)
+        return True
+
+    policies = {"approval": "destructive", "approval_timeout": 1}
+    async with harness(tmp_path, policies=policies, approval_hook=slow_yes) as h:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await anyio.sleep(0.05)
+                ticks += 1
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            t0 = time.perf_counter()
+            out = await h.executor.execute("faulty__delete", {"path": "/x"})
+            elapsed = time.perf_counter() - t0
+            tg.cancel_scope.cancel()
+        assert_refused(out)
+        assert "no answer within 1s" in (out.reason or "")
+        assert elapsed < 3.0, elapsed
+        assert ticks >= 5, ticks  # the loop ran while the hook slept
+        assert len(asked) == 1 and h.received("delete") == []
+
+        # A sync hook that answers in time still approves.
+        h.executor.approval_hook = lambda request: True
+        assert (await h.executor.execute("faulty__delete", {"path": "/x"})).ok
+
+
+# -- egress -----------------------------------------------------------------------------------------------
+
+
+class RecordingResolver:
+    """An injectable resolver with a fixed table that records every name it was asked for."""
+
+    def __init__(self, table: dict[str, list[str]]) -> None:
+        self.table = table
+        self.lookups: list[str] = []
+
+    async def __call__(self, host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        self.lookups.append(host)
+        return [ipaddress.ip_address(a) for a in self.table.get(host, [])]
+
+
+async def test_egress_allowlist_mode_and_no_dns_for_denials(tmp_path: Path) -> None:
+    resolver = RecordingResolver(
+        {
+            "api.corp.example": ["93.184.216.34"],
+            "evil.example": ["93.184.216.35"],
+            "example.com": ["93.184.216.36"],
+            "via-net.example": ["127.0.0.1"],
+        }
+    )
+    policies = {"egress": {"mode": "allowlist", "allow": ["*.corp.example", "127.0.0.0/8"]}}
+    async with harness(tmp_path, policies=policies, resolver=resolver) as h:
+        # A listed host passes without a lookup; so does a literal address in a listed network.
+        assert (await h.executor.execute("faulty__fetch", {"url": "https://api.corp.example/x"})).ok
+        assert (await h.executor.execute("faulty__fetch", {"url": "http://127.0.0.1:9/"})).ok
+        assert resolver.lookups == []
+        # Public, but not on the list: denied.
+        for url in ["https://evil.example/", "http://93.184.216.35/", "https://example.com/"]:
+            out = await h.executor.execute("faulty__fetch", {"url": url})
+            assert_refused(out)
+            assert "allow-list" in (out.reason or ""), out
+        # Only a name that a listed network could admit is resolved (and judged by its addresses).
+        assert (await h.executor.execute("faulty__fetch", {"url": "http://via-net.example/"})).ok
+        assert resolver.lookups == ["evil.example", "example.com", "via-net.example"]
+        assert [e["arguments"]["url"] for e in h.received("fetch")] == [
+            "https://api.corp.example/x",
+            "http://127.0.0.1:9/",
+            "http://via-net.example/",
+        ]
+
+    # Host-only allow-list: nothing is ever resolved.
+    resolver = RecordingResolver({"evil.example": ["93.184.216.35"]})
+    policies = {"egress": {"mode": "allowlist", "allow": ["*.corp.example"]}}
+    async with harness(tmp_path, policies=policies, resolver=resolver, calls_log=tmp_path / "c2.jsonl") as h:
+        assert_refused(await h.executor.execute("faulty__fetch", {"url": "https://evil.example/"}))
+        assert resolver.lookups == []
+
+
+async def test_a_denied_call_never_resolves_the_model_chosen_host(tmp_path: Path) -> None:
+    """Default mode: a call denied for a reason that does not need DNS leaks no lookup."""
+    resolver = RecordingResolver({"leak.example": ["93.184.216.34"]})
+    policies = {"approval": "destructive", "approval_timeout": 1}
+    async with harness(tmp_path, policies=policies, resolver=resolver) as h:
+        # A second URL argument is refused outright (scheme): the first one's host is not looked up.
+        out = await h.executor.execute(
+            "faulty__write_file", {"path": "gopher://leak.example/", "content": "https://leak.example/a"}
+        )
+        assert_refused(out)
+        assert "scheme" in (out.reason or "")
+        # Denied by approval (no approver): no lookup either.
+        out = await h.executor.execute("faulty__delete", {"path": "https://leak.example/b"})
+        assert_refused(out)
+        assert resolver.lookups == []
+        # An allowed call resolves once.
+        assert (await h.executor.execute("faulty__fetch", {"url": "https://leak.example/c"})).ok
+        assert resolver.lookups == ["leak.example"]
