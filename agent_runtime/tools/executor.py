@@ -12,6 +12,7 @@ import functools
 import inspect
 import ipaddress
 import json
+import os
 import random
 import socket
 import time
@@ -50,9 +51,10 @@ from policies.egress import (
 from policies.errors import BreakerOpenError
 from policies.limits import AgentBudget
 from policies.output import cap_result
-from policies.paths import PathPolicy, path_problem, path_values
+from policies.paths import PathPolicy, path_problem, path_values, schema_path_names
 from policies.retry import RetryableFailure, call_with_retries, may_retry, tool_is_safe
 from transports.errors import CallTimeout, ConnectionLost, ServerRequestError, TransportError
+from transports.targets import StdioTarget
 
 if TYPE_CHECKING:
     from mcp_types import CallToolResult, Tool
@@ -596,7 +598,9 @@ class Executor:
             destructive=is_destructive(read_only, destructive_hint),
             path_policy=None
             if policy.roots is None
-            else PathPolicy(policy.roots, policy.path_args, getattr(server_cfg.target, "cwd", None)),
+            else server_path_policy(
+                policy.roots, policy.path_args, server_cfg, entry.definition.input_schema
+            ),
             denial=policy.filter.denial(server, tool),
             plan=_plan_timeouts(tool, server_cfg, policy),
             limiter=self._limiter(server, server_cfg),
@@ -619,8 +623,11 @@ class Executor:
     def _path_problem(self, prep: _Prepared, args: dict[str, Any]) -> str | None:
         if prep.path_policy is None:
             return None
-        for where, value in path_values(args, prep.path_policy.path_args):
-            problem = path_problem(value, prep.path_policy)
+        policy = prep.path_policy
+        for where, value in path_values(
+            args, policy.path_args, detect=policy.detect, schema_names=policy.schema_names
+        ):
+            problem = path_problem(value, policy)
             if problem is not None:
                 return f"{where}: {problem}"
         return None
@@ -729,6 +736,28 @@ class Executor:
     @staticmethod
     def _collect_secrets(config: RuntimeConfig) -> tuple[str, ...]:
         return tuple(secret_values(config))
+
+
+def server_path_policy(
+    roots: tuple[str, ...], path_args: tuple[str, ...], server: ServerConfig, input_schema: Any
+) -> PathPolicy:
+    """The path policy for one tool: where its server resolves relative paths (a stdio server: its
+    configured cwd, else the runtime's own, which it inherits; plus the directories named in its arguments;
+    a network server: unknown, so relative paths are denied) and which arguments its schema marks as paths."""
+    target = server.target
+    schema_names = schema_path_names(input_schema)
+    if not isinstance(target, StdioTarget):
+        return PathPolicy(roots, path_args, deny_relative=True, schema_names=schema_names)
+    cwd = target.cwd or os.getcwd()
+    bases = []
+    for arg in target.args:
+        value = arg.split("=", 1)[1] if arg.startswith("-") and "=" in arg else arg
+        if not value or "\x00" in value:
+            continue
+        candidate = os.path.join(cwd, os.path.expanduser(value))
+        if os.path.isdir(candidate):
+            bases.append(candidate)
+    return PathPolicy(roots, path_args, cwd, tuple(bases), schema_names=schema_names)
 
 
 def _egress_verdict(policy: EgressPolicy, args: dict[str, Any]) -> tuple[str | None, list[UrlTarget]]:

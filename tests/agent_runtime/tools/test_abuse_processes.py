@@ -144,3 +144,73 @@ async def test_a_denied_call_never_resolves_the_model_chosen_host(tmp_path: Path
         # An allowed call resolves once.
         assert (await h.executor.execute("faulty__fetch", {"url": "https://leak.example/c"})).ok
         assert resolver.lookups == ["leak.example"]
+
+
+# -- paths ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def wide(tmp_path: Path) -> Path:
+    """tmp/wide/{secret.txt, work/ok.txt}: the roots are wide/work, the server may see all of wide."""
+    base = tmp_path / "wide"
+    (base / "work").mkdir(parents=True)
+    (base / "secret.txt").write_text("the secret")
+    (base / "work" / "ok.txt").write_text("inside")
+    return base
+
+
+async def test_relative_paths_resolve_where_the_server_resolves_them(
+    tmp_path: Path, wide: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our faulty server reads relative paths against the working directory it inherited from the
+    runtime; the check must judge them there, not against roots[0]."""
+    monkeypatch.chdir(wide)  # the runtime's cwd, inherited by the server
+    policies = {"roots": [str(wide / "work")], "path_args": ["path"]}
+    async with harness(tmp_path, policies=policies) as h:
+        out = await h.executor.execute("faulty__read_file", {"path": "secret.txt"})
+        assert_refused(out)
+        assert "outside the allowed roots" in (out.reason or "")
+        assert (await h.executor.execute("faulty__read_file", {"path": "work/ok.txt"})).text() == "inside"
+        assert [e["arguments"]["path"] for e in h.received("read_file")] == ["work/ok.txt"]
+
+
+def filesystem_target(allowed: Path, cwd: Path) -> StdioTarget:
+    node = shutil.which("node")
+    entry = PEERS / "@modelcontextprotocol" / "server-filesystem" / "dist" / "index.js"
+    if node is None or not entry.exists():
+        pytest.skip("node or @modelcontextprotocol/server-filesystem missing (make peers)")
+    return StdioTarget(node, (str(entry), str(allowed)), cwd=str(cwd))
+
+
+async def test_relative_paths_with_the_real_filesystem_server(tmp_path: Path, wide: Path) -> None:
+    """server-filesystem resolves a relative path against its allowed directories (its arguments), here
+    wider than the roots; its cwd is inside the roots, so only its arguments tell where it reads."""
+    target = filesystem_target(wide, cwd=wide / "work")
+    policies = {"roots": [str(wide / "work")]}  # no path_args: `path` is found by name
+    async with harness(tmp_path, target, policies=policies) as h:
+        out = await h.executor.execute("faulty__read_text_file", {"path": "secret.txt"})
+        assert_refused(out)
+        assert "the secret" not in out.text()
+        inside = await h.executor.execute("faulty__read_text_file", {"path": str(wide / "work" / "ok.txt")})
+        assert inside.ok and inside.text() == "inside"
+        # Undeclared, absolute and outside: refused before it reaches the server.
+        assert_refused(await h.executor.execute("faulty__read_text_file", {"path": str(wide / "secret.txt")}))
+        moved = await h.executor.execute(
+            "faulty__move_file", {"source": str(wide / "work" / "ok.txt"), "destination": str(wide / "x.txt")}
+        )
+        assert_refused(moved)
+        assert (wide / "work" / "ok.txt").exists() and not (wide / "x.txt").exists()
+
+
+async def test_roots_without_path_args_check_path_like_arguments(tmp_path: Path, wide: Path) -> None:
+    """No path_args: arguments named like paths, or whose schema says so, are still confined."""
+    policies = {"roots": [str(wide / "work")]}
+    async with harness(tmp_path, policies=policies) as h:
+        for args in [{"path": str(wide / "secret.txt")}, {"path": "/etc/passwd"}]:
+            out = await h.executor.execute("faulty__read_file", args)
+            assert_refused(out)
+        assert_refused(await h.executor.execute("faulty__delete", {"path": "/etc"}))
+        assert (await h.executor.execute("faulty__read_file", {"path": str(wide / "work/ok.txt")})).ok
+        # Non-path strings are not paths: echo's `text` is free text.
+        assert (await h.executor.execute("faulty__echo", {"text": "/etc/passwd"})).ok
+        assert [e["arguments"]["path"] for e in h.received("read_file")] == [str(wide / "work/ok.txt")]
