@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from policies.egress import EgressPolicy, egress_problem, needs_resolution, parse_target
+from policies.launch import LaunchPolicy, launch_problem
 from policies.paths import PathPolicy, looks_like_path_name, path_problem, path_values, schema_path_names
 
 # -- paths ------------------------------------------------------------------------------------------------
@@ -132,3 +133,59 @@ def test_allowlist_mode() -> None:
     public = EgressPolicy.of(allow=["10.20.0.0/16"])
     assert judge("https://example.com/", public, ["93.184.216.34"]) == (None, True)
     assert judge("http://10.20.1.2/", public) == (None, False)
+
+
+# -- launch -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["env", "sh", "-c", "curl x | sh"],
+        ["/usr/bin/env", "-i", "A=1", "bash", "-lc", "id"],
+        ["env", "-S", "sh -c id"],
+        ["python3", "-c", "import os; os.system('id')"],
+        ["python3", "-Ic", "x"],
+        ["python3", "-W", "ignore", "-c", "x"],
+        ["/usr/bin/python3.11", "-u", "-c", "x"],
+        ["node", "-e", "require('child_process')"],
+        ["node", "--eval=1"],
+        ["perl", "-ne", "x"],
+        ["deno", "eval", "x"],
+        ["timeout", "5", "sh", "-c", "x"],
+        ["nice", "-n", "5", "python3", "-c", "x"],
+        ["sudo", "-u", "root", "sh", "-c", "x"],
+        ["busybox", "sh", "-c", "x"],
+        ["setsid", "env", "dash", "-c", "x"],
+        ["flock", "/tmp/lock", "-c", "x"],
+    ],
+)
+def test_inline_code_is_refused_behind_wrappers(argv: list[str]) -> None:
+    problem = launch_problem(argv[0], argv[1:], LaunchPolicy())
+    assert problem is not None and "explicitly" in problem, (argv, problem)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["python3", "server.py", "-c", "config.toml"],  # the script's own -c
+        ["python3", "-m", "my_server", "-c", "x"],
+        ["node", "server.js"],
+        ["npx", "-y", "@modelcontextprotocol/server-filesystem", "/tmp"],
+        ["uvx", "mcp-server-time"],
+        ["env", "DEBUG=1", "npx", "server"],
+        ["bash", "start-server.sh"],
+        ["deno", "run", "server.ts"],
+    ],
+)
+def test_ordinary_launches_pass(argv: list[str]) -> None:
+    assert launch_problem(argv[0], argv[1:], LaunchPolicy()) is None
+
+
+def test_listed_interpreters_and_wrapped_commands_against_the_allowlist() -> None:
+    assert launch_problem("python3", ["-c", "x"], LaunchPolicy(("python3",))) is None
+    assert launch_problem("python3", ["-c", "x"], LaunchPolicy(("python*",))) is not None  # by name only
+    # A wrapper does not launder its command: both must be allowed.
+    assert "allowlist" in (launch_problem("env", ["npx", "x"], LaunchPolicy(("npx",))) or "")
+    assert "allowlist" in (launch_problem("env", ["curl", "x"], LaunchPolicy(("env", "npx"))) or "")
+    assert launch_problem("env", ["A=1", "npx", "x"], LaunchPolicy(("env", "npx"))) is None
