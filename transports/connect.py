@@ -255,10 +255,10 @@ def _describe(target: Target) -> str:
 
 
 def _open_transport(
-    target: Target, on_lost: Callable[[str], None]
+    target: Target, on_lost: Callable[[str], None], redact: Callable[[str], str] | None = None
 ) -> tuple[contextlib.AbstractAsyncContextManager[Any], StdioTransport | None]:
     if isinstance(target, StdioTarget):
-        stdio = StdioTransport(target)
+        stdio = StdioTransport(target, redact=redact)
         return stdio, stdio
     if isinstance(target, HttpTarget):
         if target.kind == "sse":
@@ -323,17 +323,19 @@ async def connect(
     startup_timeout: float,
     message_handler: MessageHandlerFnT | None = None,
     client_name: str = "agent-runtime",
+    redact: Callable[[str], str] | None = None,
 ) -> AsyncIterator[Connection]:
     """Spawn/open, negotiate (2026-07-28 where supported, else 2025-11-25) and yield a Connection.
 
     Enter and exit in one task. Raises ConnectError / StartupTimeout on entry; exit closes everything
-    within a bound (stdio: eof_grace + term_grace + a few seconds).
+    within a bound (stdio: eof_grace + term_grace + a few seconds). `redact` cleans every stderr line of a
+    stdio server before it is kept, logged or written to its log file.
     """
     closed = anyio.Event()
     stop = anyio.Event()
     holder_done = anyio.Event()
     watched = _WatchedTransport(closed)
-    watched.inner, stdio = _open_transport(target, watched.lose)
+    watched.inner, stdio = _open_transport(target, watched.lose, redact)
     client = mcp.Client(
         watched,  # type: ignore[arg-type]
         mode="auto",

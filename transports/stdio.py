@@ -13,7 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import IO
 
@@ -27,6 +27,7 @@ from mcp.client.stdio import get_default_environment
 from mcp.shared.message import SessionMessage
 
 from transports.errors import ConnectError
+from transports.files import open_private
 from transports.targets import StdioTarget
 
 log = structlog.get_logger(__name__)
@@ -38,24 +39,32 @@ _REAP_TIMEOUT = 2.0  # after SIGKILL, time for the event loop to observe the dea
 _MAX_LOGGED_GARBAGE = 200  # characters of a bad stdout line that reach the log
 
 
+Redact = Callable[[str], str]
+
+
 class StderrRing:
-    """The last `maxlen` stderr lines of one server, optionally mirrored to a log file."""
+    """The last `maxlen` stderr lines of one server, optionally mirrored to a log file (created 0600, in a
+    directory created 0700). Every line goes through `redact` first: the ring, the file and the log records
+    made from it never hold what it removes (the caller's secrets)."""
 
-    __slots__ = ("_file", "_lines", "_log_path")
+    __slots__ = ("_file", "_lines", "_log_path", "_redact")
 
-    def __init__(self, maxlen: int, log_path: Path | None = None) -> None:
+    def __init__(self, maxlen: int, log_path: Path | None = None, redact: Redact | None = None) -> None:
         self._lines: collections.deque[str] = collections.deque(maxlen=max(1, maxlen))
         self._log_path = Path(log_path) if log_path is not None else None
         self._file: IO[str] | None = None
+        self._redact = redact
 
-    def append(self, line: str) -> None:
+    def append(self, line: str) -> str:
+        """Keep (and log to the file) one line; returns it as kept (redacted)."""
+        if self._redact is not None:
+            line = self._redact(line)
         self._lines.append(line)
         if self._log_path is None:
-            return
+            return line
         try:
             if self._file is None:
-                self._log_path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = open(self._log_path, "a", encoding="utf-8", buffering=1)
+                self._file = open_private(self._log_path, buffering=1)
             self._file.write(line + "\n")
         except OSError as exc:
             # A broken log file must not take the server's session down: keep the ring, drop the file.
@@ -64,6 +73,7 @@ class StderrRing:
             )
             self._log_path = None
             self.close()
+        return line
 
     def tail(self, n: int = 20) -> list[str]:
         if n <= 0:
@@ -110,9 +120,9 @@ def _prepare(target: StdioTarget) -> tuple[str, dict[str, str]]:
 class StdioTransport:
     """An SDK `Transport`: entering spawns the server and yields (read_stream, write_stream)."""
 
-    def __init__(self, target: StdioTarget) -> None:
+    def __init__(self, target: StdioTarget, *, redact: Redact | None = None) -> None:
         self.target = target
-        self.stderr = StderrRing(target.stderr_lines, target.stderr_log)
+        self.stderr = StderrRing(target.stderr_lines, target.stderr_log, redact)
         self.pid: int | None = None
         self.returncode: int | None = None
         self.exited = anyio.Event()
@@ -203,7 +213,7 @@ class StdioTransport:
                         start = end + 1
                         line = pending.decode("utf-8", "replace").rstrip("\r")
                         pending.clear()
-                        self.stderr.append(line)
+                        line = self.stderr.append(line)
                         log.debug("server stderr", pid=process.pid, line=line)
                     pending += chunk[start:]
             if pending:

@@ -8,7 +8,6 @@ local file costs microseconds, far less than a thread hop; the file is readable 
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,7 @@ import anyio
 
 from agent_runtime.logging import DEBUG, enabled_for, get_logger
 from policies.audit import AuditRecord, argument_digest
+from transports.files import open_private
 
 log = get_logger(__name__)  # structlog, imported on the first record that passes the level
 FLUSH_AT = 256  # queued records that force a flush from the call path
@@ -100,6 +100,4 @@ class AuditLog:
 
     @staticmethod
     def _open(path: Path) -> TextIO:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        return os.fdopen(fd, "a", encoding="utf-8")
+        return open_private(path)  # created 0600 (an existing file narrowed to it), its directory 0700

@@ -53,6 +53,7 @@ from policies.limits import AgentBudget
 from policies.output import cap_result
 from policies.paths import PathPolicy, path_problem, path_values, schema_path_names
 from policies.retry import RetryableFailure, call_with_retries, may_retry, tool_is_safe
+from policies.secrets import redact
 from transports.errors import CallTimeout, ConnectionLost, ServerRequestError, TransportError
 from transports.targets import StdioTarget
 
@@ -354,6 +355,8 @@ class Executor:
             kind, result, reason, attempts = await self._call(
                 _Call(prep, server, tool, args, deadline, plan.attempt)
             )
+            if reason is not None:  # server-supplied text (errors, stderr): no secrets in outcomes or stats
+                reason = redact(reason, self._secrets)
             if result is not None:
                 result, truncated = cap_result(result, prep.policy.max_output_chars)
             finished = True
@@ -691,6 +694,7 @@ class Executor:
         reason: str,
     ) -> ToolOutcome:
         digest = args if isinstance(args, Mapping) else {}
+        reason = redact(reason, self._secrets)
         self.audit.write(
             decision_record(
                 agent=agent,

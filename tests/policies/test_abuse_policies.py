@@ -11,6 +11,7 @@ import pytest
 from policies.egress import EgressPolicy, egress_problem, needs_resolution, parse_target
 from policies.launch import LaunchPolicy, launch_problem
 from policies.paths import PathPolicy, looks_like_path_name, path_problem, path_values, schema_path_names
+from policies.secrets import redact
 
 # -- paths ------------------------------------------------------------------------------------------------
 
@@ -189,3 +190,29 @@ def test_listed_interpreters_and_wrapped_commands_against_the_allowlist() -> Non
     assert "allowlist" in (launch_problem("env", ["npx", "x"], LaunchPolicy(("npx",))) or "")
     assert "allowlist" in (launch_problem("env", ["curl", "x"], LaunchPolicy(("env", "npx"))) or "")
     assert launch_problem("env", ["A=1", "npx", "x"], LaunchPolicy(("env", "npx"))) is None
+
+
+# -- redaction --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "gone", "kept"),
+    [
+        ('{"user": "svc", "password": "json-pw-1"}', "json-pw-1", '"password": "***"'),
+        ("AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG", "wJalr", "AWS_SECRET_ACCESS_KEY=***"),
+        ("Authorization: Basic dXNlcjpwYXNzd29yZA==", "dXNlcjpw", "Authorization: ***"),
+        ("postgres://svc:dsn-pw@db:5432/app", "dsn-pw", "postgres://svc:***@db"),
+        ("https://x.example/?api_key=k-123&q=1", "k-123", "q=1"),
+        ("client_secret: abc123", "abc123", "client_secret: ***"),
+        ("github_pat_11ABCDEFG0123456789_abcdefghijklmnop", "github_pat_11", ""),
+        ("-----BEGIN OPENSSH PRIVATE KEY-----b3BlbnNzaC1rZXk", "b3BlbnNz", ""),
+    ],
+)
+def test_more_secret_shapes(text: str, gone: str, kept: str) -> None:
+    out = redact(text)
+    assert gone not in out and kept in out, out
+
+
+def test_counts_of_tokens_are_not_secrets() -> None:
+    text = "usage: prompt_tokens=12 completion_tokens: 30 max_tokens=64"
+    assert redact(text) == text

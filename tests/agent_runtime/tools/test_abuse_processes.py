@@ -22,7 +22,7 @@ import pytest
 from agent_runtime.tools.executor import ToolOutcome
 from policies.approval import ApprovalRequest
 from tests.agent_runtime.faulty_harness import harness
-from tests.conftest import PEERS, PYTHON
+from tests.conftest import EXAMPLES, PEERS, PYTHON
 from transports.targets import StdioTarget
 
 pytestmark = pytest.mark.anyio
@@ -273,3 +273,101 @@ def test_config_check_warns_about_path_policies_that_check_nothing(tmp_path: Pat
     assert any("'c'" in w and "missing" in w for w in warnings), warnings
     assert len(warnings) == 3
     assert result.stderr.count("warning: ") == 3
+
+
+# -- secrets ----------------------------------------------------------------------------------------------
+
+SECRETS_SERVER = str(EXAMPLES / "servers" / "secrets_server.py")
+CONFIG_SECRET = "cfg-Zq81-not-for-logs-7c1d"
+SHAPED = [
+    "ghp_A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8",
+    "hunter2-correct-horse",
+    "eyJhbGciOiJIUzI1NiJ9",
+    "wJalrXUtnFEMI",
+    "json-pw-8d7f6e5c",
+    "dsn-pw-1a2b3c",
+]
+
+
+def assert_clean(text: str, where: str) -> None:
+    for secret in [CONFIG_SECRET, *SHAPED]:
+        assert secret not in text, f"{secret!r} in {where}: {text[:2000]}"
+
+
+def secrets_config(tmp_path: Path) -> Path:
+    doc = {
+        "mcpServers": {
+            "leaky": {
+                "command": PYTHON,
+                "args": [SECRETS_SERVER],
+                "env": {"SERVICE_TOKEN": CONFIG_SECRET},
+            }
+        },
+        "runtime": {"log_dir": "logs"},
+        "policies": {"audit_path": "audit/audit.jsonl"},
+    }
+    path = tmp_path / "MCP_CONFIG.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_secrets_never_reach_logs_status_errors_or_files_in_clear(tmp_path: Path) -> None:
+    """A server spills the config's secret and secret-shaped strings into its stderr, tool errors and
+    JSON-RPC errors: the server log, `servers status --json`, the CLI's own debug log, the audit log and
+    call outcomes show them redacted, and every file we create is readable by its owner only."""
+    config = secrets_config(tmp_path)
+    status = cli("--log-level", "debug", "servers", "status", "--config", str(config), "--json", cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert_clean(status.stdout, "servers status --json")
+    assert_clean(status.stderr, "the debug log")
+    data = json.loads(status.stdout)
+    (row,) = data["servers"]
+    assert any("***" in line for line in row["stderr_tail"]), row["stderr_tail"]
+
+    for tool, args in [
+        ("leaky__spill", {"text": f"again {CONFIG_SECRET} {SHAPED[0]}"}),
+        ("leaky__reject_with", {"text": f"upstream said password={SHAPED[1]} token {CONFIG_SECRET}"}),
+    ]:
+        call = cli(
+            "--log-level",
+            "debug",
+            "tools",
+            "call",
+            tool,
+            json.dumps(args),
+            "--config",
+            str(config),
+            "--json",
+            cwd=tmp_path,
+        )
+        assert_clean(call.stdout, f"tools call {tool}")
+        assert_clean(call.stderr, f"tools call {tool} (stderr)")
+
+    log = tmp_path / "logs" / "leaky.log"
+    text = log.read_text()
+    assert "secrets server starting" in text and "***" in text
+    assert_clean(text, "the server's stderr log")
+    assert mode(log) == 0o600, oct(mode(log))
+    audit = tmp_path / "audit" / "audit.jsonl"
+    assert audit.exists() and mode(audit) == 0o600
+    assert_clean(audit.read_text(), "the audit log")
+    lock = tmp_path / "agent-runtime.lock.json"
+    assert lock.exists() and mode(lock) == 0o600, oct(mode(lock))
+
+
+async def test_outcome_reasons_and_health_are_redacted(tmp_path: Path) -> None:
+    target = StdioTarget(PYTHON, (SECRETS_SERVER,), env={"SERVICE_TOKEN": CONFIG_SECRET})
+    async with harness(tmp_path, target) as h:
+        h.config = h.config  # the harness config holds no secrets: the shapes alone must go
+        out = await h.executor.execute(
+            "faulty__reject_with", {"text": f"bad {SHAPED[0]} password={SHAPED[1]}"}
+        )
+        assert out.kind == "tool_error", out
+        assert_clean(out.reason or "", "the outcome reason")
+        assert_clean(out.text(), "the observation")
+        row = next(r for r in h.executor.health() if r.name == "faulty")
+        assert_clean(json.dumps(row.to_dict()), "health")
