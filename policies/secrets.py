@@ -37,12 +37,17 @@ _SECRET_SHAPES = re.compile(
 # `name=value`, `name: value`, `"name": "value"` where the name says credential: the value goes, the name
 # stays (`password=***`). Names: password, passwd, secret, token, api key, access key, private key,
 # credential(s), authorization -- also inside longer names (AWS_SECRET_ACCESS_KEY, client_secret), but not
-# counts of tokens (`max_tokens=`, `prompt_tokens:`).
+# counts of tokens (`max_tokens=`, `prompt_tokens:`). In JSON only string values are replaced (inside their
+# quotes), so redacted JSON stays JSON.
+_NAMES = (
+    r"[A-Za-z0-9_.-]*(?:password|passwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key"
+    r"|credentials?|authorization)[A-Za-z0-9_.-]*(?<!tokens)"
+)
 _SECRET_ASSIGNMENT = re.compile(
-    r"(?i)(?P<key>[A-Za-z0-9_.-]*(?:password|passwd|secret|token|api[_-]?key|access[_-]?key"
-    r"|private[_-]?key|credentials?|authorization)[A-Za-z0-9_.-]*(?<!tokens)[\"']?\s*[=:]\s*[\"']?)"
+    rf"(?i)(?P<key>(?<![\w\"'.-]){_NAMES}\s*[=:]\s*[\"']?)"
     r"(?:(?:basic|bearer|token|digest)\s+)?(?P<value>[^\s\"',;&}]+)"
 )
+_JSON_SECRET = re.compile(rf'(?i)(?P<key>"{_NAMES}"\s*:\s*")(?P<value>(?:[^"\\]|\\.)+)(?=")')
 # Credentials in URLs: scheme://user:password@host.
 _URL_CREDENTIALS = re.compile(r"(?<=://)([^/\s:@]+):([^/\s@]+)@")
 
@@ -59,6 +64,7 @@ def redact(text: str, known: Iterable[str] = ()) -> str:
         if len(secret) >= MIN_SECRET_LEN:
             text = text.replace(secret, REDACTED)
     text = _SECRET_SHAPES.sub(REDACTED, text)
+    text = _JSON_SECRET.sub(_keep_key, text)
     text = _SECRET_ASSIGNMENT.sub(_keep_key, text)
     return _URL_CREDENTIALS.sub(rf"\1:{REDACTED}@", text)
 
