@@ -33,9 +33,12 @@ from transports.errors import (
     CallTimeout,
     ConnectError,
     ConnectionLost,
+    MessageTooLarge,
     ServerRequestError,
     StartupTimeout,
     TransportError,
+    is_too_large,
+    too_large_reason,
 )
 from transports.http import sse_transport, streamable_http_transport
 from transports.stdio import StderrRing, StdioTransport
@@ -222,6 +225,16 @@ class Connection:
     def _map_error(self, what: str, timeout: float, exc: Exception) -> TransportError | None:
         """The typed error for an SDK failure, or None for an exception that is not ours to map."""
         if isinstance(exc, MCPError):
+            if is_too_large(exc.message):
+                # Our stdio/WebSocket readers, our HTTP body cap (through the SDK) or httpx's SSE event cap
+                # dropped the reply while it streamed in: a typed failure, not the tool's error.
+                at = exc.message.find("a message")
+                detail = (
+                    exc.message[at:] if at >= 0 else too_large_reason(None, self.target.max_message_bytes)
+                )
+                return MessageTooLarge(
+                    f"{what}: {detail}", "raise max_message_bytes for this server, or ask the tool for less"
+                )
             if exc.code == types.CONNECTION_CLOSED:
                 return ConnectionLost(
                     f"{what}: connection to {_describe(self.target)} lost",

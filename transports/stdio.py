@@ -13,7 +13,8 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -26,8 +27,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from mcp.client.stdio import get_default_environment
 from mcp.shared.message import SessionMessage
 
-from transports.errors import ConnectError
+from transports.errors import ConnectError, too_large_reason
 from transports.files import open_private
+from transports.pending import PendingRequests
 from transports.targets import StdioTarget
 
 log = structlog.get_logger(__name__)
@@ -37,6 +39,8 @@ _STDOUT_DRAIN_GRACE = 0.1  # after exit, time for already-written stdout to arri
 _WRITER_FLUSH = 0.5  # bound for flushing accepted messages before stdin closes
 _REAP_TIMEOUT = 2.0  # after SIGKILL, time for the event loop to observe the death
 _MAX_LOGGED_GARBAGE = 200  # characters of a bad stdout line that reach the log
+_STDERR_LINE_LIMIT = 64 * 1024  # a longer stderr line is cut (kept: its first _STDERR_LINE_KEEP bytes)
+_STDERR_LINE_KEEP = 2048
 
 
 Redact = Callable[[str], str]
@@ -86,6 +90,71 @@ class StderrRing:
             self._file = None
 
 
+@dataclass(frozen=True, slots=True)
+class Oversized:
+    """A line longer than the limit, dropped as it streamed in: its size and its first and last bytes."""
+
+    size: int
+    head: bytes
+    tail: bytes
+
+
+class LineSplitter:
+    """Splits a byte stream into newline-terminated lines of at most `limit` bytes. A longer line is never
+    held whole: past the limit its bytes are counted and dropped, keeping `keep` bytes of each end."""
+
+    __slots__ = ("_head", "_keep", "_limit", "_pending", "_skipped", "_tail")
+
+    def __init__(self, limit: int, keep: int = 4096) -> None:
+        self._limit = limit
+        self._keep = keep
+        self._pending = bytearray()
+        self._skipped = 0  # > 0 while inside an oversized line: its size so far
+        self._head = b""
+        self._tail = b""
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an unfinished line held now (never more than the limit)."""
+        return len(self._pending)
+
+    def feed(self, chunk: bytes) -> Iterator[bytes | Oversized]:
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            piece = chunk[start:] if end < 0 else chunk[start:end]
+            if self._skipped:
+                self._skipped += len(piece)
+                self._tail = (self._tail + piece[-self._keep :])[-self._keep :]
+            elif len(self._pending) + len(piece) > self._limit:
+                pending = self._pending
+                self._head = bytes(pending[: self._keep]) + piece[: max(0, self._keep - len(pending))]
+                self._tail = (bytes(pending[-self._keep :]) + piece[-self._keep :])[-self._keep :]
+                self._skipped = len(pending) + len(piece)
+                self._pending = bytearray()
+            else:
+                self._pending += piece
+            if end < 0:
+                return
+            start = end + 1
+            if self._skipped:
+                yield Oversized(self._skipped, self._head, self._tail)
+                self._skipped, self._head, self._tail = 0, b"", b""
+            else:
+                line = bytes(self._pending)
+                self._pending.clear()
+                yield line
+
+    def flush(self) -> bytes | Oversized | None:
+        """What is left after the stream ended without a final newline (None: nothing)."""
+        if self._skipped:
+            rest: bytes | Oversized | None = Oversized(self._skipped, self._head, self._tail)
+        else:
+            rest = bytes(self._pending) or None
+        self._pending, self._skipped, self._head, self._tail = bytearray(), 0, b"", b""
+        return rest
+
+
 def resolve_command(command: str, env_path: str | None) -> str:
     """PATH (the child's) first, then the directory of sys.executable, so venv scripts resolve unactivated."""
     if os.sep in command:
@@ -123,6 +192,7 @@ class StdioTransport:
     def __init__(self, target: StdioTarget, *, redact: Redact | None = None) -> None:
         self.target = target
         self.stderr = StderrRing(target.stderr_lines, target.stderr_log, redact)
+        self.requests = PendingRequests()  # ours, unanswered: what an oversized reply fails
         self.pid: int | None = None
         self.returncode: int | None = None
         self.exited = anyio.Event()
@@ -182,20 +252,20 @@ class StdioTransport:
 
         async def stdout_reader() -> None:
             assert process.stdout is not None
-            pending = bytearray()
+            lines = LineSplitter(self.target.max_message_bytes)
             try:
                 with stdout_scope:
                     async with read_writer:
                         async for chunk in process.stdout:
-                            start = 0
-                            while (end := chunk.find(b"\n", start)) >= 0:
-                                pending += chunk[start:end]
-                                start = end + 1
-                                message = self._parse(bytes(pending))
-                                pending.clear()
+                            for line in lines.feed(chunk):
+                                if isinstance(line, Oversized):
+                                    for reply in self._oversized(line):
+                                        await read_writer.send(reply)
+                                    continue
+                                message = self._parse(line)
                                 if message is not None:
+                                    self.requests.answered(message.message)
                                     await read_writer.send(message)
-                            pending += chunk[start:]
             except (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError):
                 pass  # the session or the pipe is gone; EOF reaches the session either way
             finally:
@@ -204,20 +274,23 @@ class StdioTransport:
 
         async def stderr_reader() -> None:
             assert process.stderr is not None
-            pending = bytearray()
+            lines = LineSplitter(_STDERR_LINE_LIMIT, keep=_STDERR_LINE_KEEP)
+
+            def keep(line: bytes | Oversized) -> None:
+                if isinstance(line, Oversized):
+                    text = f"{line.head.decode('utf-8', 'replace')} [... a {line.size}-byte line, cut]"
+                else:
+                    text = line.decode("utf-8", "replace").rstrip("\r")
+                text = self.stderr.append(text)
+                log.debug("server stderr", pid=process.pid, line=text)
+
             with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError, OSError):
                 async for chunk in process.stderr:
-                    start = 0
-                    while (end := chunk.find(b"\n", start)) >= 0:
-                        pending += chunk[start:end]
-                        start = end + 1
-                        line = pending.decode("utf-8", "replace").rstrip("\r")
-                        pending.clear()
-                        line = self.stderr.append(line)
-                        log.debug("server stderr", pid=process.pid, line=line)
-                    pending += chunk[start:]
-            if pending:
-                self.stderr.append(pending.decode("utf-8", "replace"))
+                    for line in lines.feed(chunk):
+                        keep(line)
+            rest = lines.flush()
+            if rest:
+                keep(rest)
 
         async def stdin_writer() -> None:
             assert process.stdin is not None
@@ -225,6 +298,7 @@ class StdioTransport:
                 async with write_reader:
                     async for session_message in write_reader:
                         data = session_message.message.model_dump_json(by_alias=True, exclude_unset=True)
+                        self.requests.sent(session_message.message)  # before sending: the reply may be quick
                         await process.stdin.send(data.encode() + b"\n")
             except (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError):
                 # The server stopped reading: end the session instead of letting requests hang.
@@ -259,6 +333,19 @@ class StdioTransport:
                     read_stream.close()
                     self.stderr.close()
                 tg.cancel_scope.cancel()
+
+    def _oversized(self, line: Oversized) -> list[SessionMessage]:
+        """Error replies for the request an oversized stdout line answered (the line itself is gone)."""
+        reason = too_large_reason(line.size, self.target.max_message_bytes)
+        replies = self.requests.fail_oversized(line.head, line.tail, reason)
+        log.warning(
+            "dropped an oversized message from a stdio server",
+            command=self.target.command,
+            size=line.size,
+            limit=self.target.max_message_bytes,
+            failed_requests=len(replies),
+        )
+        return replies
 
     def _parse(self, line: bytes) -> SessionMessage | None:
         if not line.strip():

@@ -95,6 +95,7 @@ def _summary(config: Any) -> dict[str, Any]:
                 "jitter": r.reconnect.jitter,
             },
             "log_dir": str(r.log_dir) if r.log_dir else None,
+            "max_message_bytes": r.max_message_bytes,
         },
         "sections": sorted(config.sections),
     }

@@ -43,6 +43,7 @@ class Common(ConfigModel):
     bearer_token: str | None = None
     max_concurrent_calls: PositiveInt | None = None
     kill_grace_secs: PositiveSecs | None = None
+    max_message_bytes: PositiveInt | None = None  # one message from the server at most (runtime default)
 
 
 class ClaudeServer(Common):
@@ -103,6 +104,7 @@ class RuntimeSection(ConfigModel):
     shutdown_timeout_secs: PositiveSecs = 10.0
     reconnect: Reconnect = Field(default_factory=Reconnect)
     log_dir: str | None = None
+    max_message_bytes: PositiveInt | None = None  # per message read from any server (default 32 MiB)
 
 
 class MistralTop(ConfigModel):

@@ -8,20 +8,25 @@ secrets in logs and status, and descendants that leave the process group.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
+import resource
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import anyio
+import psutil
 import pytest
 
 from agent_runtime.tools.executor import ToolOutcome
+from agent_runtime.tools.supervisor import LIVE_STATES
 from policies.approval import ApprovalRequest
-from tests.agent_runtime.faulty_harness import harness
+from tests.agent_runtime.faulty_harness import harness, network_server
 from tests.conftest import EXAMPLES, PEERS, PYTHON
 from transports.targets import StdioTarget
 
@@ -371,3 +376,88 @@ async def test_outcome_reasons_and_health_are_redacted(tmp_path: Path) -> None:
         assert_clean(out.text(), "the observation")
         row = next(r for r in h.executor.health() if r.name == "faulty")
         assert_clean(json.dumps(row.to_dict()), "health")
+
+
+# -- message size caps at the transport --------------------------------------------------------------------
+
+MiB = 1024 * 1024
+
+
+class PeakRss:
+    """The growth of this process's peak RSS over a block: sampled by a thread every few milliseconds,
+    and read from the kernel's high-water mark (ru_maxrss) when the block raised it."""
+
+    def __init__(self) -> None:
+        self.grown = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakRss:
+        self._proc = psutil.Process()
+        self._before = self._proc.memory_info().rss
+        self._max_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self._peak = self._before
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self._peak = max(self._peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        max_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = max(self._peak, max_after if max_after > self._max_before else 0)
+        self.grown = peak - self._before
+
+
+def assert_too_large(out: ToolOutcome) -> None:
+    assert out.kind == "transport_failure", out
+    assert "exceeds the message size limit" in (out.reason or ""), out
+    assert out.attempts == 1 and out.result is None
+
+
+async def test_an_oversized_stdio_result_is_cut_at_the_transport(tmp_path: Path) -> None:
+    """A 64 MiB text result (a 128 MiB message: the text goes as content and as structured content) against
+    the default 32 MiB cap: a typed failure, the runtime's peak RSS grows by far less than the message (it
+    held the whole message, parsed, before), and the same server process answers the next call."""
+    async with harness(tmp_path) as h:
+        pid = h.supervisor.server("faulty").pid
+        assert (await h.executor.execute("faulty__big", {"n_bytes": 1000})).ok  # warm the call path
+        with PeakRss() as peak:
+            out = await h.executor.execute("faulty__big", {"n_bytes": 64 * MiB}, timeout=120)
+        assert_too_large(out)
+        assert "33554432 bytes" in (out.reason or "")
+        assert peak.grown < 64 * MiB, f"peak RSS grew by {peak.grown / MiB:.0f} MiB"
+        after = await h.executor.execute("faulty__echo", {"text": "still here"})
+        assert after.ok and after.text() == "still here"
+        assert h.supervisor.server("faulty").pid == pid  # the connection was kept, in sync
+        row = next(r for r in h.executor.health() if r.name == "faulty")
+        assert row.failures == 1 and "exceeds the message size limit" in (row.last_error or "")
+
+
+@pytest.mark.parametrize("kind", ["http", "ws"])
+async def test_an_oversized_network_result_is_cut_at_the_transport(tmp_path: Path, kind: str) -> None:
+    """HTTP (a JSON body, which the SDK would read whole) and WebSocket (one message) with a 2 MiB cap and a
+    12 MiB result: a typed failure, bounded memory, and the server reachable again afterwards."""
+    log = tmp_path / "calls.jsonl"
+    with network_server(kind, calls_log=log) as target:
+        target = dataclasses.replace(target, max_message_bytes=2 * MiB)
+        async with harness(tmp_path, target, calls_log=log) as h:
+            assert (await h.executor.execute("faulty__big", {"n_bytes": 1000})).ok
+            with PeakRss() as peak:
+                out = await h.executor.execute("faulty__big", {"n_bytes": 12 * MiB}, timeout=120)
+            assert_too_large(out)
+            assert peak.grown < 12 * MiB, f"peak RSS grew by {peak.grown / MiB:.0f} MiB"
+
+            def live() -> bool:
+                return h.supervisor.server("faulty").state in LIVE_STATES
+
+            assert await h.supervisor.wait_for(live, 30)
+            for _ in range(300):  # WebSocket: the 1009 close ends the session; it reconnects on its own
+                if (await h.executor.execute("faulty__echo", {"text": "again"})).ok:
+                    break
+                await anyio.sleep(0.1)
+            else:
+                pytest.fail("the server never answered again")
