@@ -1,7 +1,9 @@
 """stdio transport: spawn an MCP server in its own process group and exchange JSON-RPC lines with it.
 
-Our own (not the SDK's stdio_client) for: stderr captured into a ring, garbage stdout skipped, prompt EOF when
-the server dies even if a grandchild holds its stdout, and a shutdown that always reaps the whole group.
+Our own (not the SDK's stdio_client) for: stderr captured into a ring (redacted, lines capped), garbage stdout
+skipped, stdout lines capped at max_message_bytes, prompt EOF when the server dies even if a grandchild holds
+its stdout, and a shutdown that always reaps the whole group and every descendant that left it
+(transports.reaper).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import IO
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 import mcp_types as types
 import psutil
 import structlog
@@ -30,6 +33,14 @@ from mcp.shared.message import SessionMessage
 from transports.errors import ConnectError, too_large_reason
 from transports.files import open_private
 from transports.pending import PendingRequests
+from transports.reaper import (
+    MARKER,
+    SAMPLE_INTERVAL,
+    Lineage,
+    acquire_subreaper,
+    new_marker,
+    release_subreaper,
+)
 from transports.targets import StdioTarget
 
 log = structlog.get_logger(__name__)
@@ -193,6 +204,8 @@ class StdioTransport:
         self.target = target
         self.stderr = StderrRing(target.stderr_lines, target.stderr_log, redact)
         self.requests = PendingRequests()  # ours, unanswered: what an oversized reply fails
+        self.lineage: Lineage | None = None  # the server's descendants, once it runs
+        self._marker = new_marker()
         self.pid: int | None = None
         self.returncode: int | None = None
         self.exited = anyio.Event()
@@ -219,6 +232,7 @@ class StdioTransport:
     async def _spawn(self) -> anyio.abc.Process:
         t = self.target
         command, env = _prepare(t)
+        env[MARKER] = self._marker  # inherited by descendants: how shutdown finds those that leave the tree
         try:
             return await anyio.open_process(
                 [command, *t.args],
@@ -240,9 +254,15 @@ class StdioTransport:
     ) -> AsyncIterator[
         tuple[MemoryObjectReceiveStream[SessionMessage | Exception], MemoryObjectSendStream[SessionMessage]]
     ]:
-        process = await self._spawn()
+        acquire_subreaper()  # before the spawn: an orphan made during startup must come to us too
+        try:
+            process = await self._spawn()
+        except BaseException:
+            release_subreaper()
+            raise
         # No awaits between the spawn and the task group: a cancellation there would leak the process.
         self.pid = process.pid
+        lineage = self.lineage = Lineage(process.pid, self._marker)
         read_writer, read_stream = anyio.create_memory_object_stream[SessionMessage | Exception](0)
         write_stream, write_reader = anyio.create_memory_object_stream[SessionMessage](0)
         stdout_scope = anyio.CancelScope()
@@ -317,22 +337,34 @@ class StdioTransport:
                 await stdout_done.wait()
             stdout_scope.cancel()
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(stdout_reader)
-            tg.start_soon(stderr_reader)
-            tg.start_soon(stdin_writer)
-            tg.start_soon(exit_watcher)
-            try:
-                yield read_stream, write_stream
-            finally:
-                with anyio.CancelScope(shield=True):
-                    write_stream.close()
-                    with anyio.move_on_after(_WRITER_FLUSH):
-                        await writer_done.wait()
-                    await self._stop(process)
-                    read_stream.close()
-                    self.stderr.close()
-                tg.cancel_scope.cancel()
+        async def lineage_watcher() -> None:
+            # Descendants are remembered while they can still be found from the server: a later setsid or
+            # an exited parent does not hide them at shutdown.
+            while True:
+                with contextlib.suppress(OSError):
+                    lineage.sample()
+                await anyio.sleep(SAMPLE_INTERVAL)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stdout_reader)
+                tg.start_soon(stderr_reader)
+                tg.start_soon(stdin_writer)
+                tg.start_soon(exit_watcher)
+                tg.start_soon(lineage_watcher)
+                try:
+                    yield read_stream, write_stream
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        write_stream.close()
+                        with anyio.move_on_after(_WRITER_FLUSH):
+                            await writer_done.wait()
+                        await self._stop(process)
+                        read_stream.close()
+                        self.stderr.close()
+                    tg.cancel_scope.cancel()
+        finally:
+            release_subreaper()
 
     def _oversized(self, line: Oversized) -> list[SessionMessage]:
         """Error replies for the request an oversized stdout line answered (the line itself is gone)."""
@@ -363,25 +395,53 @@ class StdioTransport:
     async def _stop(self, process: anyio.abc.Process) -> None:
         """Close stdin, wait eof_grace, SIGTERM the group, wait term_grace, SIGKILL the group.
 
-        The group is signalled even when the server exited by itself: its grandchildren would survive otherwise.
+        The group is signalled even when the server exited by itself: its grandchildren would survive
+        otherwise. Descendants that left the group (setsid, double fork) are found by the lineage
+        (transports.reaper) and get the same signals; those adopted by us are reaped.
         """
         t = self.target
         pgid = process.pid  # start_new_session makes the server the leader of its own group
+        lineage = self.lineage
         with contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
             assert process.stdin is not None
             await process.stdin.aclose()
         await _wait_until(lambda: process.returncode is not None, t.eof_grace)
-        if process.returncode is None or _group_alive(pgid):
+        escaped: list[object] = []
+        if lineage is not None:
+            escaped = await anyio.to_thread.run_sync(lineage.sweep)
+
+        def descendants_alive() -> bool:
+            if lineage is None:
+                return False
+            lineage.reap()
+            return bool(lineage.alive())
+
+        if process.returncode is None or _group_alive(pgid) or escaped:
             _signal_group(pgid, signal.SIGTERM)
-            await _wait_until(lambda: process.returncode is not None and not _group_alive(pgid), t.term_grace)
-            if process.returncode is None or _group_alive(pgid):
-                log.warning("stdio server ignored SIGTERM; killing its process group", pid=process.pid)
+            if lineage is not None:
+                lineage.signal(signal.SIGTERM)
+            await _wait_until(
+                lambda: process.returncode is not None and not _group_alive(pgid) and not descendants_alive(),
+                t.term_grace,
+            )
+            if process.returncode is None or _group_alive(pgid) or descendants_alive():
+                log.warning(
+                    "stdio server or its descendants ignored SIGTERM; killing them",
+                    pid=process.pid,
+                    outside_group=len(escaped),
+                )
                 _signal_group(pgid, signal.SIGKILL)
+                if lineage is not None:
+                    lineage.signal(signal.SIGKILL)
                 if process.returncode is None:
                     with contextlib.suppress(ProcessLookupError):
                         process.kill()
-                if not await _wait_until(lambda: process.returncode is not None, _REAP_TIMEOUT):
-                    log.error("stdio server survived SIGKILL", pid=process.pid)
+                if not await _wait_until(
+                    lambda: process.returncode is not None and not descendants_alive(), _REAP_TIMEOUT
+                ):
+                    log.error("stdio server or a descendant survived SIGKILL", pid=process.pid)
+        if lineage is not None:
+            lineage.reap()
         self.returncode = process.returncode
         self.exited.set()
         for pipe in (process.stdout, process.stderr):

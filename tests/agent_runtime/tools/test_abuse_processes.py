@@ -8,6 +8,7 @@ secrets in logs and status, and descendants that leave the process group.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import json
@@ -461,3 +462,95 @@ async def test_an_oversized_network_result_is_cut_at_the_transport(tmp_path: Pat
                 await anyio.sleep(0.1)
             else:
                 pytest.fail("the server never answered again")
+
+
+# -- descendants that leave the process group ----------------------------------------------------------------
+
+SETSID_SERVER = str(EXAMPLES / "servers" / "setsid_server.py")
+
+
+def sleepers(pidfile: Path) -> list[int]:
+    return [int(x) for x in pidfile.read_text().split()] if pidfile.exists() else []
+
+
+def running(pid: int) -> bool:
+    """Alive, and not a zombie (a zombie of ours would mean nobody reaped it)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture
+def pidfile(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Where the sleepers write their pids; whatever survives a failing test is killed afterwards."""
+    path = tmp_path / "sleepers.txt"
+    started = time.time() - 1
+    yield path
+    for pid in sleepers(path):
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            if proc.create_time() >= started:
+                proc.kill()
+
+
+def our_zombies() -> list[int]:
+    return [p.pid for p in psutil.Process().children() if p.status() == psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.parametrize("exit_on_eof", [False, True], ids=["ignores-sigterm", "exits-on-eof"])
+async def test_setsid_grandchildren_do_not_outlive_the_runtime(
+    tmp_path: Path, pidfile: Path, exit_on_eof: bool
+) -> None:
+    """The Python API: a server that double-forks setsid sleepers ignoring SIGTERM (one before it
+    initializes, one from a tool call); after the runtime exits none is left running, none is a zombie of
+    ours, and this process is no longer a subreaper."""
+    from agent_runtime.config.types import RuntimeConfig, RuntimeSettings, ServerConfig, ServerTimeouts
+    from agent_runtime.tools.runtime import Runtime
+    from transports.reaper import is_subreaper
+
+    args = [SETSID_SERVER, str(pidfile), "--at-start", *(["--exit-on-eof"] if exit_on_eof else [])]
+    server = ServerConfig(
+        "setsid",
+        StdioTarget(PYTHON, tuple(args), eof_grace=1.0, term_grace=1.0),
+        timeouts=ServerTimeouts(startup=30.0),
+    )
+    config = RuntimeConfig(
+        (server,), RuntimeSettings(shutdown_timeout=15.0), path=tmp_path / "c.json", sections={}
+    )
+    zombies_before = set(our_zombies())
+    async with Runtime(config) as rt:
+        assert rt.servers()[0].state == "ready", rt.servers()
+        result = await rt.call_tool("setsid__spawn", {})
+        assert not result.is_error
+        pids = sleepers(pidfile)
+        assert len(pids) == 2 and all(running(p) for p in pids), pids
+        server_pid = rt.servers()[0].pid
+        for pid in pids:  # really outside the server's group and session
+            assert os.getpgid(pid) != server_pid and os.getsid(pid) != server_pid
+    for pid in pids:
+        assert not running(pid), f"sleeper {pid} outlived the runtime"
+    assert set(our_zombies()) <= zombies_before
+    assert not is_subreaper()
+
+
+def test_setsid_grandchildren_do_not_outlive_the_cli(tmp_path: Path, pidfile: Path) -> None:
+    doc = {
+        "mcpServers": {
+            "setsid": {
+                "command": PYTHON,
+                "args": [SETSID_SERVER, str(pidfile), "--at-start"],
+                "kill_grace_secs": 1,
+            }
+        }
+    }
+    path = tmp_path / "MCP_CONFIG.json"
+    path.write_text(json.dumps(doc))
+    result = cli("tools", "call", "setsid__spawn", "{}", "--config", str(path), cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    pids = sleepers(pidfile)
+    assert len(pids) == 2, (pids, result.stdout, result.stderr)
+    deadline = time.monotonic() + 5  # the CLI has exited; give the kernel a moment to finish the kills
+    while any(running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in pids if running(p)], "a sleeper outlived the CLI"
