@@ -368,7 +368,6 @@ def test_secrets_never_reach_logs_status_errors_or_files_in_clear(tmp_path: Path
 async def test_outcome_reasons_and_health_are_redacted(tmp_path: Path) -> None:
     target = StdioTarget(PYTHON, (SECRETS_SERVER,), env={"SERVICE_TOKEN": CONFIG_SECRET})
     async with harness(tmp_path, target) as h:
-        h.config = h.config  # the harness config holds no secrets: the shapes alone must go
         out = await h.executor.execute(
             "faulty__reject_with", {"text": f"bad {SHAPED[0]} password={SHAPED[1]}"}
         )
