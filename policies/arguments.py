@@ -179,18 +179,17 @@ def _fast_check(schema: Mapping[str, Any]) -> Any:
         return None
 
     required_keys = frozenset(required)
-    missing = object()
 
     def valid(arguments: Mapping[str, Any]) -> bool:
         if required_keys and not required_keys <= arguments.keys():
             return False
         for name, value in arguments.items():
-            types = props.get(name, missing)
-            if types is None:
-                continue
-            if types is missing:
+            if name not in props:
                 if not extra:
                     return False
+                continue
+            types = props[name]
+            if types is None:
                 continue
             # bool is an int in Python but not in JSON Schema
             if not isinstance(value, types) or ((value is True or value is False) and bool not in types):
@@ -232,7 +231,8 @@ class ArgumentValidator:
                 schema, default=jsonschema.Draft202012Validator
             )
             validator_cls.check_schema(schema)  # type: ignore[arg-type]  # types-jsonschema's protocol says dict; any Mapping works
-            validator = safe_validator_class(validator_cls)(schema, registry=Registry(retrieve=no_retrieval))
+            registry: Registry[Any] = Registry(retrieve=no_retrieval)  # type: ignore[call-arg]  # an attrs field mypy does not see
+            validator = safe_validator_class(validator_cls)(schema, registry=registry)
         except SchemaError as exc:
             return cls(None, f"the tool's inputSchema is invalid: {_short(exc.message)}", limits)
         except Exception as exc:  # RecursionError, a pattern `re` cannot compile...: fail closed

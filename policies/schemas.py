@@ -18,7 +18,7 @@ import functools
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from jsonschema.protocols import Validator
@@ -231,11 +231,12 @@ def safe_validator_class(base: type[Validator]) -> type[Validator]:
     for name, fn in replaced.items():
         if name in keywords:
             keywords[name] = fn
-    return jsonschema.validators.extend(base, validators={k: _charged(f) for k, f in keywords.items()})
+    extended = jsonschema.validators.extend(base, validators={k: _charged(f) for k, f in keywords.items()})
+    return cast("type[Validator]", extended)
 
 
 def no_retrieval(uri: str) -> Any:
     """The registry's `retrieve`: a schema never makes the runtime fetch or read anything."""
     from referencing.exceptions import NoSuchResource
 
-    raise NoSuchResource(ref=uri)
+    raise NoSuchResource(ref=uri)  # type: ignore[call-arg]  # an attrs exception: mypy does not see its fields

@@ -33,9 +33,12 @@ from transports.errors import (
     CallTimeout,
     ConnectError,
     ConnectionLost,
+    MessageTooLarge,
     ServerRequestError,
     StartupTimeout,
     TransportError,
+    is_too_large,
+    too_large_reason,
 )
 from transports.http import sse_transport, streamable_http_transport
 from transports.stdio import StderrRing, StdioTransport
@@ -275,6 +278,16 @@ class Connection:
     def _map_error(self, what: str, timeout: float, exc: Exception) -> TransportError | None:
         """The typed error for an SDK failure, or None for an exception that is not ours to map."""
         if isinstance(exc, MCPError):
+            if is_too_large(exc.message):
+                # Our stdio/WebSocket readers, our HTTP body cap (through the SDK) or httpx's SSE event cap
+                # dropped the reply while it streamed in: a typed failure, not the tool's error.
+                at = exc.message.find("a message")
+                detail = (
+                    exc.message[at:] if at >= 0 else too_large_reason(None, self.target.max_message_bytes)
+                )
+                return MessageTooLarge(
+                    f"{what}: {detail}", "raise max_message_bytes for this server, or ask the tool for less"
+                )
             if exc.code == types.CONNECTION_CLOSED:
                 return ConnectionLost(
                     f"{what}: connection to {_describe(self.target)} lost",
@@ -308,10 +321,10 @@ def _describe(target: Target) -> str:
 
 
 def _open_transport(
-    target: Target, on_lost: Callable[[str], None]
+    target: Target, on_lost: Callable[[str], None], redact: Callable[[str], str] | None = None
 ) -> tuple[contextlib.AbstractAsyncContextManager[Any], StdioTransport | None]:
     if isinstance(target, StdioTarget):
-        stdio = StdioTransport(target)
+        stdio = StdioTransport(target, redact=redact)
         return stdio, stdio
     if isinstance(target, HttpTarget):
         if target.kind == "sse":
@@ -376,17 +389,19 @@ async def connect(
     startup_timeout: float,
     message_handler: MessageHandlerFnT | None = None,
     client_name: str = "agent-runtime",
+    redact: Callable[[str], str] | None = None,
 ) -> AsyncIterator[Connection]:
     """Spawn/open, negotiate (2026-07-28 where supported, else 2025-11-25) and yield a Connection.
 
     Enter and exit in one task. Raises ConnectError / StartupTimeout on entry; exit closes everything
-    within a bound (stdio: eof_grace + term_grace + a few seconds).
+    within a bound (stdio: eof_grace + term_grace + a few seconds). `redact` cleans every stderr line of a
+    stdio server before it is kept, logged or written to its log file.
     """
     closed = anyio.Event()
     stop = anyio.Event()
     holder_done = anyio.Event()
     watched = _WatchedTransport(closed)
-    watched.inner, stdio = _open_transport(target, watched.lose)
+    watched.inner, stdio = _open_transport(target, watched.lose, redact)
     client = mcp.Client(
         watched,
         mode="auto",

@@ -8,17 +8,17 @@ local file costs microseconds, far less than a thread hop; the file is readable 
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any
 
 import anyio
 
 from agent_runtime.logging import DEBUG, enabled_for, get_logger
 from policies.audit import AuditRecord, argument_digest, call_record, decision_record
+from transports.files import open_private
 
 log = get_logger(__name__)  # structlog, imported on the first record that passes the level
 FLUSH_AT = 256  # queued records that force a flush from the call path
@@ -31,7 +31,7 @@ class AuditLog:
     def __init__(self, path: Path | None = None) -> None:
         self.path = path
         self.listeners: list[Callable[[AuditRecord], None]] = []
-        self._file: TextIO | None = None
+        self._file: IO[str] | None = None
         self._lock = threading.Lock()  # the engine thread never writes here, but sync callers might
         self._failed = False
         self._pending: list[
@@ -151,10 +151,8 @@ class AuditLog:
                 self._file = None
 
     @staticmethod
-    def _open(path: Path) -> TextIO:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        return os.fdopen(fd, "a", encoding="utf-8")
+    def _open(path: Path) -> IO[str]:
+        return open_private(path)  # created 0600 (an existing file narrowed to it), its directory 0700
 
 
 def _call_records(

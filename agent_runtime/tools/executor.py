@@ -8,9 +8,11 @@ raises for a failed call: every call ends in exactly one typed ToolOutcome (canc
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import ipaddress
 import json
+import os
 import random
 import socket
 import time
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
+import anyio.to_thread
 
 from agent_runtime.config import secret_values
 from agent_runtime.config.policies import PolicyConfig, ToolPolicy, load_policies
@@ -35,13 +38,24 @@ from policies.audit import decision_record
 from policies.breaker import BreakerEvent, BreakerSet, CircuitBreaker, Permit
 from policies.clock import Clock, monotonic
 from policies.deadlines import Deadline, TimeoutPlan, plan_timeouts
-from policies.egress import IPAddress, egress_problem, has_urls, parse_target, url_values
+from policies.egress import (
+    EgressPolicy,
+    IPAddress,
+    UrlTarget,
+    egress_problem,
+    has_urls,
+    needs_resolution,
+    parse_target,
+    url_values,
+)
 from policies.errors import BreakerOpenError
 from policies.limits import AgentBudget
 from policies.output import cap_result
-from policies.paths import PathPolicy, path_problem, path_values
+from policies.paths import PathPolicy, path_problem, path_values, schema_path_names
 from policies.retry import RetryableFailure, call_with_retries, may_retry, tool_is_safe
+from policies.secrets import redact
 from transports.errors import CallTimeout, ConnectionLost, ServerRequestError, TransportError
+from transports.targets import StdioTarget
 
 if TYPE_CHECKING:
     from mcp_types import CallToolResult, Tool
@@ -308,8 +322,9 @@ class Executor:
             )
         why = None if prep.path_policy is None else self._path_problem(prep, args)
         egress = prep.policy.egress
+        unresolved: list[UrlTarget] = []
         if why is None and egress is not None and has_urls(args, egress.url_args):
-            why = await self._egress_problem(prep, args)
+            why, unresolved = _egress_verdict(egress, args)
         if why is not None:
             return self._refuse("denied", name, server, args, agent, start, why)
         if prep.approval is not None:
@@ -317,6 +332,12 @@ class Executor:
             if why is not None:
                 hint = "answer the approval prompt (a terminal is needed), or change the tool's `approval` policy"
                 return self._refuse("denied", name, server, args, agent, start, why, hint=hint)
+        # DNS last: a call denied for any reason that does not need the host's addresses never looks it up.
+        if unresolved:
+            assert egress is not None
+            why = await self._egress_problem(egress, unresolved)
+            if why is not None:
+                return self._refuse("denied", name, server, args, agent, start, why)
 
         # Records only when someone reads them (a file, a listener, debug logs). The decision and the outcome
         # go together at the end: with only a file to write, the audit writer builds both records (and
@@ -343,6 +364,8 @@ class Executor:
             kind, result, reason, attempts = await self._call(
                 _Call(prep, server, tool, args, deadline, plan.attempt)
             )
+            if reason is not None:  # server-supplied text (errors, stderr): no secrets in outcomes or stats
+                reason = redact(reason, self._secrets)
             if result is not None:
                 result, truncated = cap_result(result, prep.policy.max_output_chars)
             finished = True
@@ -614,7 +637,9 @@ class Executor:
             destructive=is_destructive(read_only, destructive_hint),
             path_policy=None
             if policy.roots is None
-            else PathPolicy(policy.roots, policy.path_args, getattr(server_cfg.target, "cwd", None)),
+            else server_path_policy(
+                policy.roots, policy.path_args, server_cfg, entry.definition.input_schema
+            ),
             denial=policy.filter.denial(server, tool),
             validation_seconds=min(policy.arguments.max_validation_seconds, plan.total),
             plan=plan,
@@ -638,24 +663,25 @@ class Executor:
     def _path_problem(self, prep: _Prepared, args: dict[str, Any]) -> str | None:
         if prep.path_policy is None:
             return None
-        for where, value in path_values(args, prep.path_policy.path_args):
-            problem = path_problem(value, prep.path_policy)
+        policy = prep.path_policy
+        for where, value in path_values(
+            args, policy.path_args, detect=policy.detect, schema_names=policy.schema_names
+        ):
+            problem = path_problem(value, policy)
             if problem is not None:
                 return f"{where}: {problem}"
         return None
 
-    async def _egress_problem(self, prep: _Prepared, args: dict[str, Any]) -> str | None:
-        policy = prep.policy.egress
-        assert policy is not None
-        for where, value, _declared in url_values(args, policy.url_args):
-            target = parse_target(where, value, policy)
+    async def _egress_problem(self, policy: EgressPolicy, targets: list[UrlTarget]) -> str | None:
+        """Judge the URL targets whose verdict depends on what their hosts resolve to."""
+        for target in targets:
+            assert target.host is not None
             resolved: list[IPAddress] = []
-            if target.problem is None and not target.allowed_host and not target.literal and target.host:
-                with anyio.move_on_after(DNS_TIMEOUT):
-                    try:
-                        resolved = await self.resolver(target.host)
-                    except (OSError, ValueError, UnicodeError) as exc:
-                        log.debug("egress resolution failed", host=target.host, error=str(exc))
+            with anyio.move_on_after(DNS_TIMEOUT):
+                try:
+                    resolved = await self.resolver(target.host)
+                except (OSError, ValueError, UnicodeError) as exc:
+                    log.debug("egress resolution failed", host=target.host, error=str(exc))
             problem = egress_problem(target, resolved, policy)
             if problem is not None:
                 return problem
@@ -672,7 +698,13 @@ class Executor:
             return f"approval required ({prep.approval}) and no approver is configured"
         try:
             with anyio.fail_after(self.policies.approval_timeout):
-                answer = hook(request)
+                if _is_async_callable(hook):
+                    answer = hook(request)
+                else:
+                    # A synchronous hook (a prompt, a blocking HTTP call) runs in a worker thread so that it
+                    # cannot stall the event loop; past the deadline the thread is abandoned and the call
+                    # denied, whatever the hook answers later.
+                    answer = await anyio.to_thread.run_sync(hook, request, abandon_on_cancel=True)
                 if inspect.isawaitable(answer):
                     answer = await answer
         except TimeoutError:
@@ -702,6 +734,7 @@ class Executor:
         unhashed: bool = False,
     ) -> ToolOutcome:
         digest: str | Mapping[str, Any] = UNHASHED if unhashed else args if isinstance(args, Mapping) else {}
+        reason = redact(reason, self._secrets)
         self.audit.write(
             decision_record(
                 agent=agent,
@@ -747,6 +780,52 @@ class Executor:
     @staticmethod
     def _collect_secrets(config: RuntimeConfig) -> tuple[str, ...]:
         return tuple(secret_values(config))
+
+
+def server_path_policy(
+    roots: tuple[str, ...], path_args: tuple[str, ...], server: ServerConfig, input_schema: Any
+) -> PathPolicy:
+    """The path policy for one tool: where its server resolves relative paths (a stdio server: its
+    configured cwd, else the runtime's own, which it inherits; plus the directories named in its arguments;
+    a network server: unknown, so relative paths are denied) and which arguments its schema marks as paths."""
+    target = server.target
+    schema_names = schema_path_names(input_schema)
+    if not isinstance(target, StdioTarget):
+        return PathPolicy(roots, path_args, deny_relative=True, schema_names=schema_names)
+    cwd = target.cwd or os.getcwd()
+    bases = []
+    for arg in target.args:
+        value = arg.split("=", 1)[1] if arg.startswith("-") and "=" in arg else arg
+        if not value or "\x00" in value:
+            continue
+        candidate = os.path.join(cwd, os.path.expanduser(value))
+        if os.path.isdir(candidate):
+            bases.append(candidate)
+    return PathPolicy(roots, path_args, cwd, tuple(bases), schema_names=schema_names)
+
+
+def _egress_verdict(policy: EgressPolicy, args: dict[str, Any]) -> tuple[str | None, list[UrlTarget]]:
+    """Every URL argument judged on its face (no DNS): the first problem, or the targets still to resolve."""
+    unresolved: list[UrlTarget] = []
+    for where, value, _declared in url_values(args, policy.url_args):
+        target = parse_target(where, value, policy)
+        if needs_resolution(target):
+            unresolved.append(target)
+            continue
+        problem = egress_problem(target, (), policy)
+        if problem is not None:
+            return problem, []
+    return None, unresolved
+
+
+def _is_async_callable(fn: object) -> bool:
+    """An `async def` function, or an object whose `__call__` is one (partials of either included)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = inspect.getattr_static(type(fn), "__call__", None)  # an instance with `async def __call__`
+    return inspect.iscoroutinefunction(call)
 
 
 def _take(limiter: anyio.CapacityLimiter) -> bool:
