@@ -137,7 +137,9 @@ async def test_a_denied_call_never_resolves_the_model_chosen_host(tmp_path: Path
     """Default mode: a call denied for a reason that does not need DNS leaks no lookup."""
     resolver = RecordingResolver({"leak.example": ["93.184.216.34"]})
     policies = {"approval": "destructive", "approval_timeout": 1}
-    async with harness(tmp_path, policies=policies, resolver=resolver) as h:
+    # trusted: its fetch tool's read-only hint is believed, so that call needs no approval (an untrusted
+    # server's hints never lower the approval requirement)
+    async with harness(tmp_path, policies=policies, resolver=resolver, trusted=True) as h:
         # A second URL argument is refused outright (scheme): the first one's host is not looked up.
         out = await h.executor.execute(
             "faulty__write_file", {"path": "gopher://leak.example/", "content": "https://leak.example/a"}
