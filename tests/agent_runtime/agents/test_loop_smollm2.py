@@ -20,11 +20,12 @@ pytestmark = [pytest.mark.smollm2, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def engine() -> Iterator[Any]:
+def engine(smollm2_fp32: Any) -> Iterator[Any]:
     from inference.async_engine import AsyncEngine
     from inference.config import EngineConfig
+    from inference.engine import LLMEngine
 
-    eng = AsyncEngine.from_model("smollm2-135m-instruct", EngineConfig(max_num_seqs=32), dtype="float32")
+    eng = AsyncEngine(LLMEngine(smollm2_fp32, EngineConfig(max_num_seqs=32)))
     yield eng
     eng.close()
 
