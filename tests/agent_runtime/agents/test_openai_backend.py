@@ -111,7 +111,7 @@ class Flaky:
                 {"error": {"message": f"scripted {status}"}}, status_code=status, headers=headers
             )
         if self.stall:
-            await anyio.sleep(self.stall)
+            await anyio.sleep(self.stall)  # a server that must be slow: the client's timeout is under test
         if body.get("stream"):
 
             async def events() -> Any:
