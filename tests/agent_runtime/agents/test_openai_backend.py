@@ -19,7 +19,6 @@ from agent_runtime.agents.openai_backend import OpenAIBackend, OpenAIBackendSett
 from agent_runtime.errors import ConfigError
 from agent_runtime.server.app import create_app
 from tests.agent_runtime.server.test_app import MODEL, TIME_TOOL, ServerThread
-from tests.agent_runtime.server.test_app import engine as engine  # the shared session-scoped engine fixture
 from tests.conftest import EXAMPLES, PYTHON
 
 pytestmark = pytest.mark.anyio

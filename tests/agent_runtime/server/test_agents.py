@@ -12,7 +12,6 @@ import pytest
 from agent_runtime.server.agents import AgentChunk
 from agent_runtime.server.app import OpenAIServer, create_app
 from tests.agent_runtime.server.test_app import ServerThread
-from tests.agent_runtime.server.test_app import engine as engine  # the shared session-scoped engine fixture
 
 
 class ScriptedHost:

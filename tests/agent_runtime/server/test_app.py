@@ -84,22 +84,6 @@ class ServerThread:
         self.sock.close()
 
 
-def small_engine() -> Any:
-    from inference.async_engine import AsyncEngine
-    from inference.config import EngineConfig
-
-    config = EngineConfig(kv_cache_memory=192 * 2**20, max_model_len=2048, max_num_seqs=64)
-    return AsyncEngine.from_model(MODEL, config)
-
-
-@pytest.fixture(scope="session")
-def engine() -> Iterator[Any]:
-    """One engine for every serving test module (test_openai_backend imports this fixture)."""
-    eng = small_engine()
-    yield eng
-    eng.close()
-
-
 @pytest.fixture(scope="module")
 def server(engine: Any) -> Iterator[tuple[OpenAIServer, str]]:
     srv = create_app(engine, model_id=MODEL)
