@@ -30,10 +30,12 @@ peers: $(PEERS)
 demo: $(STAMP)
 	$(BIN)/agent-runtime run --config MCP_CONFIG.json "What time is it in Tokyo?"
 
+# pytest-xdist: one worker per core (at most 4: each may load the model); tests that share a session fixture or
+# a module's servers stay on one worker (tests/conftest.py). `pytest -q` alone runs the same suite serially.
 test: $(STAMP) $(PEERS)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

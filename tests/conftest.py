@@ -63,3 +63,21 @@ def wait_for_call_sync(log: Path, tool: str, count: int = 1, timeout: float = 20
     while logged_calls(log, tool) < count:
         assert time.monotonic() < deadline, f"no {tool} call reached the server within {timeout}s"
         time.sleep(0.01)
+
+
+# -- pytest-xdist (`make test` runs `-n auto --dist loadgroup`; plain `pytest -q` runs serially) ----------------
+
+# Tests that read one of these session fixtures run on the same worker, so it is built once for all of them.
+_SHARED_SESSION_FIXTURES = {"smollm2_fp32": "smollm2-fp32", "serving_engine": "serving-engine"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Give each test an xdist group: the group of the session fixture it shares, else its module (its module
+    fixtures, such as servers started once per module, are then built once too). An explicit
+    `pytest.mark.xdist_group` wins. Without xdist the marks do nothing."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        used = getattr(item, "fixturenames", ())  # every fixture the test needs, directly or not
+        shared = [group for name, group in _SHARED_SESSION_FIXTURES.items() if name in used]
+        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.nodeid.split("::")[0]))

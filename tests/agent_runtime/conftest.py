@@ -9,11 +9,11 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def engine() -> Iterator[Any]:
-    """The serving tests' engine (test_app, test_agents, test_openai_backend): the packaged SmolLM2 at the default
-    dtype behind the async front, started once. It lives here, not in a test module: a fixture imported into
-    another module is a second fixture, and a session-scoped one would load the model again for each importer.
-    Modules with an engine of their own (the agent loop's float32 one) override it by name."""
+def serving_engine() -> Iterator[Any]:
+    """The serving tests' engine (test_app, test_agents, test_openai_backend take it as their `engine`): the
+    packaged SmolLM2 at the default dtype behind the async front, started once. It lives here, not in a test
+    module: a fixture imported into another module is a second fixture, and a session-scoped one would load the
+    model again for each importer."""
     from inference.async_engine import AsyncEngine
     from inference.config import EngineConfig
 

@@ -25,6 +25,11 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(scope="module")
+def engine(serving_engine: Any) -> Any:
+    return serving_engine  # the session's serving engine (tests/agent_runtime/conftest.py)
+
+
+@pytest.fixture(scope="module")
 def base_url(engine: Any) -> Iterator[str]:
     with ServerThread(create_app(engine, model_id=MODEL).app) as st:
         yield st.url + "/v1"

@@ -119,6 +119,11 @@ def time_config(tmp: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
+def engine(serving_engine: Any) -> Any:
+    return serving_engine  # the session's serving engine (tests/agent_runtime/conftest.py)
+
+
+@pytest.fixture(scope="module")
 def agent_server(engine: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OpenAIServer, str]]:
     from contextlib import asynccontextmanager
 

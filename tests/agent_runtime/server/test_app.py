@@ -85,6 +85,11 @@ class ServerThread:
 
 
 @pytest.fixture(scope="module")
+def engine(serving_engine: Any) -> Any:
+    return serving_engine  # the session's serving engine (tests/agent_runtime/conftest.py)
+
+
+@pytest.fixture(scope="module")
 def server(engine: Any) -> Iterator[tuple[OpenAIServer, str]]:
     srv = create_app(engine, model_id=MODEL)
     with ServerThread(srv.app) as st:
