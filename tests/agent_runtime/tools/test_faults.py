@@ -155,11 +155,12 @@ async def run_flapping(
             args = {"text": "x"} if name == "faulty__echo" else {"payload": "p"}
             out = await h.executor.execute(name, args, timeout=tool_timeout_s)
             outcomes.append(out)
-            # Pacing that is part of the scenario (not a wait for something to happen): an agent backs off an open
-            # breaker, up to its retry time (capped: the run must stay short), and does not retry in a tight loop.
-            # Calls burnt on an open breaker while a respawn takes seconds on a loaded machine would otherwise
-            # leave too few to see the recovery.
+            # An agent does not hammer an open breaker: it waits until the server is up again (a respawn takes
+            # seconds on a loaded machine, and calls burnt meanwhile would leave too few to see the recovery),
+            # then backs off up to the breaker's retry time (capped: the run must stay short). Nor does it retry a
+            # failure in a tight loop. This pacing is part of the scenario, not a wait for something to happen.
             if out.kind == "breaker_open":
+                await h.supervisor.wait_for(lambda: h.supervisor.server("faulty").state in LIVE_STATES, 30)
                 row = next(r for r in h.executor.health() if r.name == "faulty")
                 await anyio.sleep(min(0.3, max(0.1, row.breaker_retry_in or 0.0)))
             elif not out.ok:
