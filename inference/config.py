@@ -33,7 +33,8 @@ class EngineConfig:
     quarter of free RAM, capped (inference/model_runner.py). `max_model_len` None is the model's
     `max_position_embeddings` (see `max_model_len_for`). `enforce_eager` turns CUDA-graph decode off.
     `attention_backend` is "auto" (Triton on CUDA, the reference elsewhere), "reference" or "triton"
-    (inference/attention_backends.py, which rejects other names).
+    (inference/attention_backends.py, which rejects other names). `max_loras` is how many LoRA adapters may be
+    resident on the device, and so run in one step (inference/lora.py).
     """
 
     max_num_seqs: int = 64
@@ -46,9 +47,10 @@ class EngineConfig:
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
     enforce_eager: bool = False
     attention_backend: str = "auto"
+    max_loras: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_loras"):
             _check_count(name, getattr(self, name))
         for name in ("max_model_len", "num_blocks"):
             if getattr(self, name) is not None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Mapping
 from collections.abc import Sequence as SequenceT
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import structlog
@@ -17,6 +19,7 @@ from inference.block_manager import BlockManager
 from inference.config import EngineConfig
 from inference.cuda_graphs import largest_graph_batch
 from inference.errors import RequestError
+from inference.lora import AdapterInfo, LoRAAdapter, LoRAManager
 from inference.memory_profile import StepLimits, plan_cuda_kv_blocks
 from inference.metrics import EngineMetrics, MetricsCollector
 from inference.model_runner import ModelRunner, make_current, plan_num_blocks
@@ -60,11 +63,18 @@ class RequestOutput:
 class LLMEngine:
     """Single-threaded: call `add_request`, `abort` and `step` from one thread (AsyncEngine's step thread)."""
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig | None = None,
+        *,
+        adapters: Mapping[str, str | Path] | None = None,
+    ) -> None:
         """Start an engine on a loaded model (inference.loader.load_model) with `config`'s settings (the
         defaults when None; inference/config.py). Without `num_blocks` or `kv_cache_memory`, CUDA sizes the KV
         cache from a profiling step (inference/memory_profile.py) and the CPU takes a capped share of free RAM
-        (inference/model_runner.py)."""
+        (inference/model_runner.py). `adapters` (name -> PEFT LoRA folder) are loaded at start (inference/lora.py);
+        AdapterError if one is bad."""
         config = config if config is not None else EngineConfig()
         self.config = config
         self.loaded = loaded
@@ -87,6 +97,10 @@ class LLMEngine:
             planned = plan_cuda_kv_blocks(loaded.model, cfg, limits)
         blocks = plan_num_blocks(cfg, config, device, planned=planned)
         self.runner = ModelRunner(loaded.model, cfg, config, num_blocks=blocks)
+        self.lora = LoRAManager(loaded.model, cfg, self.runner.device, config.max_loras)
+        self.runner.lora = self.lora
+        for name, path in (adapters or {}).items():
+            self.lora.load(name, path)
         self.block_manager = BlockManager(
             blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
         )
@@ -128,8 +142,11 @@ class LLMEngine:
         )
 
     def validate_request(self, prompt: Prompt, params: SamplingParams) -> list[int]:
-        """Check params and prompt and return the prompt's token ids; raises RequestError. Thread-safe."""
+        """Check params and prompt and return the prompt's token ids; raises RequestError (UnknownAdapterError
+        for an adapter that is not loaded). Thread-safe."""
         params.validate()
+        if params.adapter is not None:
+            self.lora.check(params.adapter)
         ids = self.tokenize(prompt)
         if not ids:
             raise RequestError("empty prompt", "send at least one token")
@@ -159,6 +176,8 @@ class LLMEngine:
         if request_id in self._seqs:
             raise RequestError(f"duplicate request id {request_id!r}", "use a unique request_id")
         seq = Sequence(request_id, ids, params)
+        if params.adapter is not None:  # KV computed under an adapter is cached under it alone
+            seq.cache_extra_key = self.lora.acquire(params.adapter)
         if arrival_time is not None:
             seq.arrival_time = arrival_time
         if not params.greedy and params.seed is not None:
@@ -176,6 +195,8 @@ class LLMEngine:
         if seq is None:
             return False
         self.scheduler.finish(seq, reason)
+        if seq.params.adapter is not None:
+            self.lora.release(seq.params.adapter)
         self.stats.record_finished()
         self._pending.append(self._output(seq, finished=True))
         return True
@@ -290,6 +311,8 @@ class LLMEngine:
                     self._cut_at_stop(seq, len(tail))
         self._seqs.pop(seq.request_id, None)
         self.scheduler.finish(seq, reason)
+        if seq.params.adapter is not None:
+            self.lora.release(seq.params.adapter)
         self.stats.record_finished()
 
     def _output(self, seq: Sequence, *, finished: bool) -> RequestOutput:
@@ -328,6 +351,24 @@ class LLMEngine:
             total_lps,
             delta_lps,
         )
+
+    # ---- adapters ------------------------------------------------------------------------------------
+    def load_adapter(self, name: str, path: str | Path | LoRAAdapter) -> AdapterInfo:
+        """Load a PEFT LoRA adapter under `name` (or register one read with `inference.lora.read_adapter`,
+        the slow part, which may run on any thread); AdapterError if it is bad or the name is taken."""
+        if isinstance(path, LoRAAdapter):
+            self.lora.add(path)
+        else:
+            self.lora.load(name, path)
+        return next(a for a in self.lora.list() if a.name == name)
+
+    def unload_adapter(self, name: str) -> bool:
+        """Unload an adapter: new requests on it are refused at once; requests in flight on it finish first.
+        True if it is gone now, False if it goes with its last request; UnknownAdapterError if not loaded."""
+        return self.lora.unload(name)
+
+    def adapters(self) -> list[AdapterInfo]:
+        return self.lora.list()
 
     # ---- conveniences --------------------------------------------------------------------------------
     def generate(

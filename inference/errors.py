@@ -35,3 +35,12 @@ class RequestError(EngineError):
 
 class EngineStoppedError(EngineError):
     """The engine was closed, or its step thread died, while a request was waiting on it."""
+
+
+class AdapterError(EngineError):
+    """A LoRA adapter cannot be loaded or used with this model (missing files, a module we do not adapt, a rank
+    or shape mismatch, an adapter made for another base model)."""
+
+
+class UnknownAdapterError(RequestError):
+    """A request names an adapter that is not loaded (or is being unloaded); other requests are unaffected."""

@@ -23,6 +23,7 @@ from inference.model_config import ModelConfig
 from inference.sequence import Sequence
 
 if TYPE_CHECKING:
+    from inference.lora import LoRAManager
     from inference.models.layers import CausalLM
 
 log = structlog.get_logger(__name__)
@@ -360,6 +361,7 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(model_config, num_blocks, self.block_size, self.device)
         self._stager = HostStager(self.device) if self.device.type != "cpu" else None
         self._tables = BlockTableCache()
+        self.lora: LoRAManager | None = None  # set by the engine: LoRA adapters applied per row group
         self.decode_graphs: DecodeGraphRunner | None = None
         why_not = cuda_graphs_unsupported(
             self.device, self.attention.name, model_config, enforce_eager=engine_config.enforce_eager
@@ -397,9 +399,21 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, items: SequenceT[tuple[Sequence, int]]) -> tuple[torch.Tensor | None, list[Sequence]]:
         """One forward pass; returns `[num_sampling, vocab]` float32 logits (or None) and the sequences they belong to."""
+        lora = self.lora
+        if lora is None:
+            return self._run(items, graphs_ok=True)
+        items = lora.begin_step(items)  # each adapter's rows contiguous
+        try:
+            return self._run(items, graphs_ok=not lora.active)  # graphs were captured without adapters
+        finally:
+            lora.end_step()
+
+    def _run(
+        self, items: SequenceT[tuple[Sequence, int]], *, graphs_ok: bool
+    ) -> tuple[torch.Tensor | None, list[Sequence]]:
         host, sample_seqs = build_host_batch(items, self.block_size, self._tables)
         graphs = self.decode_graphs
-        if graphs is not None and graphs.fits(host):
+        if graphs is not None and graphs_ok and graphs.fits(host):
             hidden = graphs.run(host)
             if not sample_seqs:
                 return None, []

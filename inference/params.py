@@ -51,6 +51,7 @@ class SamplingParams:
     logprobs: int | None = None
     logits_processor: LogitsProcessor | None = None
     output_kind: OutputKind = OutputKind.CUMULATIVE
+    adapter: str | None = None  # a loaded LoRA adapter's name (inference/lora.py); None is the base model
 
     @property
     def greedy(self) -> bool:
@@ -124,6 +125,11 @@ class SamplingParams:
             ),
             (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be >= 0", "stop_token_ids"),
             (self.seed is None or isinstance(self.seed, int), "seed must be an int or None", "seed"),
+            (
+                self.adapter is None or (isinstance(self.adapter, str) and bool(self.adapter)),
+                "adapter must be a non-empty adapter name or None",
+                "adapter",
+            ),
             (
                 self.logits_processor is None or callable(self.logits_processor),
                 "logits_processor must be callable",

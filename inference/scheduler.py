@@ -92,8 +92,16 @@ class Scheduler:
             batch.preempted.append(seq)
         # admit waiting sequences only when nobody was preempted (otherwise they would just thrash)
         if not batch.preempted:
+            adapters: set[str] | None = None  # LoRA adapters of the running sequences, gathered on first need
             while self.waiting and budget > 0 and len(self.running) < max_num_seqs:
                 seq = self.waiting[0]
+                adapter = seq.params.adapter
+                if adapter is not None:  # a step runs at most max_loras adapters (all resident at once)
+                    if adapters is None:
+                        adapters = {a for s in self.running if (a := s.params.adapter) is not None}
+                    if adapter not in adapters and len(adapters) >= self.config.max_loras:
+                        break
+                    adapters.add(adapter)
                 if not allocate(seq, min(seq.num_uncomputed_tokens, budget)):
                     break
                 self.waiting.popleft()

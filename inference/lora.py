@@ -1,0 +1,505 @@
+"""LoRA adapters in PEFT's format, served batched and unmerged: requests with different adapters (and none) share
+one step, and each adapter's low-rank update is added to its own rows only.
+
+An adapter folder holds `adapter_config.json` and `adapter_model.safetensors` as PEFT saves them. Our decoder fuses
+q/k/v into `qkv_proj` and gate/up into `gate_up_proj`; an adapter's per-projection matrices are stacked to match:
+for a fused layer `A` is the shards' `A` matrices side by side (`[in, sum of ranks]`) and `B` is block-diagonal
+(`[sum of ranks, out]`, each shard's `B` in its own output columns, zero elsewhere), with the scaling (`alpha / r`,
+or `alpha / sqrt(r)` with rsLoRA) folded into `B`. Then one layer's update for rows `x` is `(x @ A) @ B`.
+
+`LoRAManager` owns the adapters of one model. It registers adapters (host copies), keeps at most `max_loras` of
+them resident on the model's device (least recently used evicted first), and hooks the four projections of every
+layer: before a step the model runner orders the batch so that each adapter's rows are contiguous (`begin_step`),
+and each hooked projection adds `(x[a:b] @ A) @ B` to its output rows `a:b`, one pair of small matmuls per adapter
+in the step (a segmented gather-matmul). Rows without an adapter cost nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Sequence as SequenceT
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import torch
+from torch import nn
+
+from inference.errors import AdapterError, UnknownAdapterError
+from inference.model_config import ModelConfig
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
+
+    from inference.sequence import Sequence
+
+log = structlog.get_logger(__name__)
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+# Hugging Face projection name -> (our module under the layer, shard index in that module)
+TARGETS: dict[str, tuple[str, int]] = {
+    "q_proj": ("self_attn.qkv_proj", 0),
+    "k_proj": ("self_attn.qkv_proj", 1),
+    "v_proj": ("self_attn.qkv_proj", 2),
+    "o_proj": ("self_attn.o_proj", 0),
+    "gate_proj": ("mlp.gate_up_proj", 0),
+    "up_proj": ("mlp.gate_up_proj", 1),
+    "down_proj": ("mlp.down_proj", 0),
+}
+MODULES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
+)
+_NOT_MODULE = {"weight", "bias", "base_layer", "default"}
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_adapter_name(name: str) -> str:
+    """`name` if it can name an adapter (letters, digits, `.`, `_`, `-`; no `:`, which separates base and adapter
+    in an OpenAI model id), else AdapterError."""
+    if not isinstance(name, str) or not _ADAPTER_NAME.match(name):
+        raise AdapterError(
+            f"invalid adapter name {name!r}",
+            "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+        )
+    return name
+
+
+def _shapes(config: ModelConfig) -> dict[str, tuple[int, list[int]]]:
+    """Our module -> (input size, output size of each shard)."""
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    hidden, inter = config.hidden_size, config.intermediate_size
+    return {
+        "self_attn.qkv_proj": (hidden, [q, kv, kv]),
+        "self_attn.o_proj": (q, [hidden]),
+        "mlp.gate_up_proj": (hidden, [inter, inter]),
+        "mlp.down_proj": (inter, [hidden]),
+    }
+
+
+@dataclass(slots=True)
+class LoRAWeights:
+    """One adapted module of one layer, fused shards stacked: its update for rows `x` is `(x @ a_t) @ b_t`."""
+
+    a_t: torch.Tensor  # [in, R], R the sum of the adapted shards' ranks
+    b_t: torch.Tensor  # [R, out], block-diagonal over shards, scaling folded in
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update as a dense `[out, in]` weight (for merging)."""
+        return (self.a_t.float() @ self.b_t.float()).t()
+
+
+@dataclass(slots=True)
+class LoRAAdapter:
+    """A LoRA adapter read for one model: stacked weights per (layer, our module)."""
+
+    name: str
+    path: Path
+    rank: int
+    alpha: float
+    use_rslora: bool
+    base_model: str | None
+    target_modules: tuple[str, ...]  # Hugging Face projection names present in the file
+    modules: dict[tuple[int, str], LoRAWeights]
+    uid: int = 0  # unique per load: part of the prefix cache's block keys, so a reloaded name never reuses KV
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> LoRAAdapter:
+        moved = {
+            k: LoRAWeights(w.a_t.to(device, dtype).contiguous(), w.b_t.to(device, dtype).contiguous())
+            for k, w in self.modules.items()
+        }
+        return LoRAAdapter(
+            self.name,
+            self.path,
+            self.rank,
+            self.alpha,
+            self.use_rslora,
+            self.base_model,
+            self.target_modules,
+            moved,
+            self.uid,
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.a_t.nbytes + w.b_t.nbytes for w in self.modules.values())
+
+    def merge_into(self, model: nn.Module) -> None:
+        """Add this adapter's update to `model`'s plain (unpacked) linear weights in place: one adapter served
+        alone at base-model speed. Unmerging is reloading the model (subtracting would drift in low precision)."""
+        layers = _layers(model)
+        with torch.no_grad():
+            for (layer, module), w in self.modules.items():
+                linear = layers[layer].get_submodule(module)
+                if not isinstance(linear, nn.Linear) or linear.weight.is_mkldnn:
+                    raise AdapterError(
+                        f"cannot merge adapter {self.name!r} into layer {layer} {module}: not a plain linear weight",
+                        "merge before the engine packs the weights (before LLMEngine is built)",
+                    )
+                delta = w.delta_weight().to(linear.weight.device)
+                linear.weight.copy_((linear.weight.float() + delta).to(linear.weight.dtype))
+
+
+def _layers(model: nn.Module) -> nn.ModuleList:
+    layers = model.get_submodule("layers")
+    if not isinstance(layers, nn.ModuleList):
+        raise AdapterError(
+            f"{type(model).__name__} has no decoder layer list", "LoRA needs our Llama-family decoder"
+        )
+    return layers
+
+
+def _pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) -> Any:
+    """PEFT's rank_pattern/alpha_pattern lookup: the first key that matches the end of the module's name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def _read_config(name: str, folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_FILE
+    if not folder.is_dir():
+        raise AdapterError(
+            f"adapter {name!r}: {folder} is not a folder", "pass the folder PEFT saved (save_pretrained)"
+        )
+    if not path.is_file():
+        raise AdapterError(
+            f"adapter {name!r}: {path} is missing", "pass the folder PEFT saved (save_pretrained)"
+        )
+    try:
+        raw: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"adapter {name!r}: cannot read {path}: {exc}", "check the adapter files") from exc
+    kind = raw.get("peft_type", "LORA")
+    if kind != "LORA":
+        raise AdapterError(
+            f"adapter {name!r} is a {kind} adapter", "only LoRA adapters (peft_type LORA) are served"
+        )
+    unsupported = [
+        ("use_dora", bool(raw.get("use_dora"))),
+        ("bias", raw.get("bias", "none") not in (None, "none")),
+        ("modules_to_save", bool(raw.get("modules_to_save"))),
+    ]
+    for key, bad in unsupported:
+        if bad:
+            raise AdapterError(
+                f"adapter {name!r} uses {key}={raw.get(key)!r}, which is not supported",
+                "use a plain LoRA adapter (no DoRA, bias 'none', no modules_to_save)",
+            )
+    return raw
+
+
+def read_adapter(name: str, path: str | Path, config: ModelConfig) -> LoRAAdapter:
+    """Read a PEFT LoRA adapter for a model of `config`, in float32 on the CPU; AdapterError names what is wrong
+    (a missing file, a module we do not adapt, a rank or shape mismatch, an adapter for another base model)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    check_adapter_name(name)
+    folder = Path(path).expanduser()
+    raw = _read_config(name, folder)
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise AdapterError(
+            f"adapter {name!r}: {weights_path} is missing",
+            "save the adapter with safe_serialization (PEFT's default writes adapter_model.safetensors)",
+        )
+    try:
+        tensors = load_file(str(weights_path))
+    except (OSError, SafetensorError) as exc:
+        raise AdapterError(
+            f"adapter {name!r}: cannot read {weights_path}: {exc}", "check the adapter files"
+        ) from exc
+    base = raw.get("base_model_name_or_path")
+    trained_on = f" (it was made for {base})" if base else ""
+    r_default, alpha_default = int(raw.get("r", 8)), float(raw.get("lora_alpha", 8))
+    rank_pattern, alpha_pattern = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
+    rslora = bool(raw.get("use_rslora", False))
+    targets_config = raw.get("target_modules")
+    if isinstance(targets_config, list):
+        other = [t for t in targets_config if str(t).rsplit(".", 1)[-1] not in TARGETS]
+        if other:
+            raise AdapterError(
+                f"adapter {name!r} adapts {other[0]!r}, a module this runtime does not adapt",
+                f"LoRA is served on {', '.join(TARGETS)}; retrain without the other target modules",
+            )
+    # (layer, hf projection) -> {"A": tensor, "B": tensor}
+    found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        m = _KEY.match(key)
+        if m is None or m.group(2) not in TARGETS:
+            target = [p for p in key.split(".") if p not in _NOT_MODULE and not p.startswith("lora_")][-1]
+            raise AdapterError(
+                f"adapter {name!r} adapts {target!r} ({key}), a module this runtime does not adapt",
+                f"LoRA is served on {', '.join(TARGETS)}; retrain without the other target modules",
+            )
+        layer, proj, ab = int(m.group(1)), m.group(2), m.group(3)
+        if layer >= config.num_layers:
+            raise AdapterError(
+                f"adapter {name!r} adapts layer {layer}, but this model has {config.num_layers} layers{trained_on}",
+                "load an adapter trained on this base model",
+            )
+        found.setdefault((layer, proj), {})[ab] = tensor
+    if not found:
+        raise AdapterError(
+            f"adapter {name!r}: {weights_path} holds no LoRA weights", "check the adapter files"
+        )
+    shapes = _shapes(config)
+    # (layer, our module) -> [(shard, A [r, in], B [out, r], scaling)]
+    parts: dict[tuple[int, str], list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
+    max_rank = 0
+    for (layer, proj), ab in sorted(found.items()):
+        where = f"layer {layer} {proj}"
+        if set(ab) != {"A", "B"}:
+            missing = "lora_B" if "A" in ab else "lora_A"
+            raise AdapterError(
+                f"adapter {name!r}: {where} has no {missing} weight", "check the adapter files"
+            )
+        a, b = ab["A"], ab["B"]
+        module, shard = TARGETS[proj]
+        in_dim, outs = shapes[module]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_dim or b.shape[0] != outs[shard]:
+            raise AdapterError(
+                f"adapter {name!r}: {where} maps {tuple(a.shape[1:2])} -> {tuple(b.shape[:1])} features, this model's "
+                f"{proj} maps ({in_dim},) -> ({outs[shard]},){trained_on}",
+                "load an adapter trained on this base model (same hidden and intermediate sizes)",
+            )
+        module_name = f"model.layers.{layer}.{module.split('.')[0]}.{proj}"
+        r = int(_pattern_value(rank_pattern, module_name, r_default))
+        if a.shape[0] != r or b.shape[1] != r:
+            raise AdapterError(
+                f"adapter {name!r}: {where} has rank {a.shape[0]} (lora_A) / {b.shape[1]} (lora_B), "
+                f"but adapter_config.json says r={r}",
+                "the config and the weights must come from the same save_pretrained",
+            )
+        alpha = float(_pattern_value(alpha_pattern, module_name, alpha_default))
+        scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        parts.setdefault((layer, module), []).append((shard, a.float(), b.float(), scaling))
+        max_rank = max(max_rank, r)
+    modules: dict[tuple[int, str], LoRAWeights] = {}
+    for (layer, module), shard_parts in parts.items():
+        _in_dim, outs = shapes[module]
+        offsets = [sum(outs[:i]) for i in range(len(outs))]
+        total_rank = sum(a.shape[0] for _, a, _, _ in shard_parts)
+        a_t = torch.cat([a.t() for _, a, _, _ in shard_parts], dim=1)
+        b_t = torch.zeros(total_rank, sum(outs))
+        row = 0
+        for shard, a, b, scaling in shard_parts:
+            r = a.shape[0]
+            b_t[row : row + r, offsets[shard] : offsets[shard] + outs[shard]] = b.t() * scaling
+            row += r
+        modules[(layer, module)] = LoRAWeights(a_t.contiguous(), b_t)
+    targets = tuple(sorted({proj for _, proj in found}, key=list(TARGETS).index))
+    return LoRAAdapter(name, folder, max_rank, alpha_default, rslora, base, targets, modules)
+
+
+@dataclass(slots=True)
+class _Registered:
+    adapter: LoRAAdapter  # host copy in the model dtype
+    users: int = 0  # live requests on it
+    draining: bool = False  # unload asked: no new requests, removed when `users` reaches 0
+
+
+@dataclass(slots=True)
+class AdapterInfo:
+    """What `LoRAManager.list` reports for one adapter."""
+
+    name: str
+    path: str
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    resident: bool
+    active_requests: int
+    draining: bool
+
+
+@dataclass(slots=True)
+class _Segment:
+    adapter: LoRAAdapter
+    start: int
+    end: int
+
+
+@dataclass(slots=True)
+class LoRAManager:
+    """The adapters of one model: registration, residency (at most `max_loras` on the device, LRU), per-step
+    row segments and the forward hooks that apply them. Mutated only from the engine's step thread."""
+
+    model: nn.Module
+    config: ModelConfig
+    device: torch.device
+    max_loras: int = 4
+    _registered: dict[str, _Registered] = field(default_factory=dict)
+    _resident: OrderedDict[str, LoRAAdapter] = field(default_factory=OrderedDict)
+    _segments: list[_Segment] = field(default_factory=list)
+    _hooks: list[RemovableHandle] = field(default_factory=list)
+    _uids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    loads: int = 0  # adapters moved to the device (residency misses), for metrics and tests
+
+    # ---- registration ---------------------------------------------------------------------------------------
+    def load(self, name: str, path: str | Path) -> LoRAAdapter:
+        """Read and register an adapter under `name` (AdapterError if it is bad or the name is taken)."""
+        return self.add(read_adapter(name, path, self.config))
+
+    def add(self, adapter: LoRAAdapter) -> LoRAAdapter:
+        """Register an adapter read with `read_adapter` (the slow part, which any thread may do)."""
+        name = adapter.name
+        if name in self._registered:
+            raise AdapterError(f"adapter {name!r} is already loaded", "unload it first, or use another name")
+        host = adapter.to(torch.device("cpu"), self.config.dtype)
+        host.uid = next(self._uids)
+        self._registered[name] = _Registered(host)
+        if not self._hooks:
+            self._install_hooks()
+        log.info("adapter_loaded", adapter=name, rank=adapter.rank, modules=list(adapter.target_modules))
+        return host
+
+    def unload(self, name: str) -> bool:
+        """Stop accepting requests for `name`; it is removed now if no request uses it (True), else when its
+        last request ends (False). UnknownAdapterError if it is not loaded."""
+        reg = self._get(name)
+        reg.draining = True
+        if reg.users == 0:
+            self._remove(name)
+            return True
+        log.info("adapter_draining", adapter=name, requests=reg.users)
+        return False
+
+    def _remove(self, name: str) -> None:
+        del self._registered[name]
+        self._resident.pop(name, None)
+        log.info("adapter_unloaded", adapter=name)
+        if not self._registered:
+            for handle in self._hooks:
+                handle.remove()
+            self._hooks.clear()
+
+    def _get(self, name: str) -> _Registered:
+        reg = self._registered.get(name)
+        if reg is None:
+            known = ", ".join(sorted(self._registered)) or "none"
+            raise UnknownAdapterError(f"adapter {name!r} is not loaded", f"loaded adapters: {known}")
+        return reg
+
+    def check(self, name: str) -> None:
+        """UnknownAdapterError unless `name` is loaded and accepting requests (any thread)."""
+        reg = self._get(name)
+        if reg.draining:
+            raise UnknownAdapterError(f"adapter {name!r} is being unloaded", "send the request without it")
+
+    def acquire(self, name: str) -> tuple[Any, ...]:
+        """A new request on `name`: count it and return its prefix-cache key."""
+        self.check(name)
+        reg = self._registered[name]
+        reg.users += 1
+        return ("lora", reg.adapter.uid)
+
+    def release(self, name: str) -> None:
+        """A request on `name` ended; a draining adapter goes with its last request."""
+        reg = self._registered.get(name)
+        if reg is None:
+            return
+        reg.users -= 1
+        if reg.draining and reg.users <= 0:
+            self._remove(name)
+
+    def names(self) -> list[str]:
+        """Adapters accepting requests."""
+        return [n for n, r in self._registered.items() if not r.draining]
+
+    def list(self) -> list[AdapterInfo]:
+        return [
+            AdapterInfo(
+                n,
+                str(r.adapter.path),
+                r.adapter.rank,
+                r.adapter.alpha,
+                r.adapter.target_modules,
+                n in self._resident,
+                r.users,
+                r.draining,
+            )
+            for n, r in self._registered.items()
+        ]
+
+    # ---- residency and steps ---------------------------------------------------------------------------------
+    def _resident_adapter(self, name: str, pinned: set[str]) -> LoRAAdapter:
+        adapter = self._resident.get(name)
+        if adapter is not None:
+            self._resident.move_to_end(name)
+            return adapter
+        while len(self._resident) >= self.max_loras:
+            victim = next((n for n in self._resident if n not in pinned), None)
+            if victim is None:  # the scheduler keeps a step's adapters within max_loras
+                raise AdapterError(
+                    f"a step needs more than max_loras={self.max_loras} adapters", "raise max_loras"
+                )
+            del self._resident[victim]
+        host = self._registered[name].adapter
+        adapter = host if self.device.type == "cpu" else host.to(self.device, self.config.dtype)
+        self._resident[name] = adapter
+        self.loads += 1
+        return adapter
+
+    def begin_step(self, items: SequenceT[tuple[Sequence, int]]) -> SequenceT[tuple[Sequence, int]]:
+        """Order a step's `(sequence, new tokens)` pairs so that each adapter's rows are contiguous (base rows
+        first, the rest by adapter, stable), make those adapters resident and remember their row ranges for the
+        hooks. Returns the items in their new order (unchanged when no row has an adapter)."""
+        self._segments.clear()
+        if not self._registered:
+            return items
+        key: Callable[[tuple[Sequence, int]], str] = lambda item: item[0].params.adapter or ""  # noqa: E731
+        names = {key(item) for item in items}
+        names.discard("")
+        if not names:
+            return items
+        ordered = sorted(items, key=key)  # stable: each group keeps the scheduler's order
+        pinned: set[str] = set()
+        row = 0
+        for name, group in itertools.groupby(ordered, key=key):
+            n = sum(k for _, k in group)
+            if name:
+                pinned.add(name)
+                self._segments.append(_Segment(self._resident_adapter(name, pinned), row, row + n))
+            row += n
+        return ordered
+
+    def end_step(self) -> None:
+        self._segments.clear()
+
+    @property
+    def active(self) -> bool:
+        """Whether the current step has rows with an adapter."""
+        return bool(self._segments)
+
+    def _install_hooks(self) -> None:
+        for i, layer in enumerate(_layers(self.model)):
+            for module in MODULES:
+                hook = _LoRAHook(self._segments, (i, module))
+                self._hooks.append(layer.get_submodule(module).register_forward_hook(hook))
+
+
+@dataclass(slots=True)
+class _LoRAHook:
+    """Adds each segment's low-rank update to one module's output rows, in place."""
+
+    segments: list[_Segment]
+    key: tuple[int, str]
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+        if not self.segments:
+            return
+        x = args[0]
+        for seg in self.segments:
+            w = seg.adapter.modules.get(self.key)
+            if w is not None:
+                out[seg.start : seg.end].addmm_(x[seg.start : seg.end] @ w.a_t, w.b_t)
