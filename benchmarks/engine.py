@@ -2,7 +2,8 @@
 
 Run `python -m benchmarks.engine [--dtype auto|bf16|fp32] [--quick] [--cb-requests N]`. Greedy, EOS ignored, one run
 per figure, every peer measured in the same process at the same dtype. Prints a table of figures and ratios;
-exits 0. `--device cuda` runs the GPU benchmark instead (benchmarks/engine_cuda.py).
+exits 0. `--device cuda` runs the GPU benchmark instead (benchmarks/engine_cuda.py), `--adapters N` the LoRA benchmark
+(benchmarks/engine_lora.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import os
 import random
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -189,7 +191,17 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="run the continuous-batching comparison on the first N requests only (both sides); default all",
     )
+    parser.add_argument(
+        "--adapters",
+        type=int,
+        default=0,
+        help="N > 0 runs the LoRA benchmark instead (benchmarks/engine_lora.py: the workload over N adapters)",
+    )
     args, rest = parser.parse_known_args(argv)
+    if args.adapters:
+        from benchmarks import engine_lora
+
+        return engine_lora.main(argv if argv is not None else sys.argv[1:])
     if args.device == "cuda":
         from benchmarks import engine_cuda
 

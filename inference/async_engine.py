@@ -8,8 +8,11 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+from typing import Any, TypeVar
 
 import anyio
 import structlog
@@ -17,6 +20,7 @@ import structlog
 from inference.config import EngineConfig
 from inference.engine import LLMEngine, Prompt, RequestOutput
 from inference.errors import EngineError, EngineStoppedError, RequestError
+from inference.lora import AdapterInfo, read_adapter
 from inference.metrics import EngineMetrics
 from inference.model_runner import make_current
 from inference.params import SamplingParams
@@ -26,6 +30,7 @@ log = structlog.get_logger(__name__)
 # consumers re-check engine health at least this often while waiting for output
 _POLL_S = 1.0
 _JOIN_S = 10.0
+T = TypeVar("T")
 
 
 class _Mailbox:
@@ -79,13 +84,49 @@ class AsyncEngine:
         device: str = "cpu",
         load_format: str = "auto",
         progress: bool = False,
+        adapters: Mapping[str, str | Path] | None = None,
     ) -> AsyncEngine:
         """Load a model (see inference.loader.load_model) and start an engine on it with `config`'s settings
-        (the defaults when None)."""
+        (the defaults when None) and the LoRA `adapters` (name -> PEFT adapter folder)."""
         from inference.loader import load_model
 
         loaded = load_model(source, dtype=dtype, device=device, load_format=load_format, progress=progress)
-        return cls(LLMEngine(loaded, config))
+        return cls(LLMEngine(loaded, config, adapters=adapters))
+
+    # ---- adapters (inference/lora.py) ----------------------------------------------------------------
+    async def load_adapter(self, name: str, path: str | Path) -> AdapterInfo:
+        """Load a LoRA adapter while serving: the files are read on a worker thread, then the step thread
+        registers it between two steps. AdapterError if it is bad or the name is taken."""
+        self._check_running()
+        adapter = await anyio.to_thread.run_sync(read_adapter, name, path, self.model_config)
+        return await self._call(lambda: self.engine.load_adapter(name, adapter))
+
+    async def unload_adapter(self, name: str) -> bool:
+        """Unload an adapter: new requests on it are refused at once, requests in flight on it finish first
+        (True if it is gone now, False if it goes with its last request). UnknownAdapterError if not loaded."""
+        return await self._call(lambda: self.engine.unload_adapter(name))
+
+    def adapters(self) -> list[AdapterInfo]:
+        """The loaded adapters (a snapshot; any thread)."""
+        return self.engine.adapters()
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the step thread between two steps and return its result (or raise its error)."""
+        self._check_running()
+        fut: Future[T] = Future()
+        self._send(("call", fn, fut))
+
+        def wait() -> T:
+            while True:
+                try:
+                    return fut.result(_POLL_S)
+                except FutureTimeout:
+                    if not self._thread.is_alive():
+                        raise EngineStoppedError(
+                            "the inference engine stopped", "create a new engine"
+                        ) from None
+
+        return await anyio.to_thread.run_sync(wait, abandon_on_cancel=True)
 
     # ---- the async side ------------------------------------------------------------------------------
     async def generate(
@@ -214,6 +255,13 @@ class AsyncEngine:
                     self._deliver([_failed(rid, len(ids))])
             elif cmd[0] == "abort":
                 self.engine.abort(cmd[1])
+            elif cmd[0] == "call":
+                _, fn, fut = cmd
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except Exception as exc:  # the caller's error (AdapterError, ...), raised in its task
+                        fut.set_exception(exc)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         if not outputs:

@@ -414,7 +414,7 @@ class LoRAManager:
 
     def names(self) -> list[str]:
         """Adapters accepting requests."""
-        return [n for n, r in self._registered.items() if not r.draining]
+        return [n for n, r in list(self._registered.items()) if not r.draining]  # copied: any thread may ask
 
     def list(self) -> list[AdapterInfo]:
         return [
@@ -428,7 +428,7 @@ class LoRAManager:
                 r.users,
                 r.draining,
             )
-            for n, r in self._registered.items()
+            for n, r in list(self._registered.items())  # copied: any thread may ask
         ]
 
     # ---- residency and steps ---------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int | None = None
     request_id: str | None = None
+    adapter: str | None = None  # a LoRA adapter loaded in the engine (None: the base model)
 
 
 @dataclass(slots=True)
@@ -117,7 +118,12 @@ class LocalEngineBackend:
 
         def load() -> Any:
             return AsyncEngine.from_model(
-                src, engine_config(settings), dtype=settings.dtype, device=settings.device, progress=progress
+                src,
+                engine_config(settings),
+                dtype=settings.dtype,
+                device=settings.device,
+                progress=progress,
+                adapters=settings.adapters,
             )
 
         engine = await anyio.to_thread.run_sync(load)
@@ -178,6 +184,7 @@ class LocalEngineBackend:
             seed=request.seed,
             logits_processor=processor,
             output_kind=OutputKind.DELTA,  # the engine sends deltas; the running text is kept here
+            adapter=request.adapter,
         )
         self.stats.requests += 1
         if processor is not None:

@@ -196,6 +196,7 @@ class Agent:
                 top_p=cfg.top_p,
                 seed=cfg.seed,
                 request_id=f"{self.name}-{run_id}-{index}",
+                adapter=cfg.adapter,
             )
             step = StepRecord(index, "", None)
             steps.append(step)

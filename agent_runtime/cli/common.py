@@ -180,6 +180,9 @@ def resolve_model(config: RuntimeConfig | None, args: argparse.Namespace) -> Any
         "kv_cache_memory": getattr(args, "kv_cache_memory", None),
     }
     update = {k: v for k, v in overrides.items() if v is not None}
+    adapters = parse_adapters(getattr(args, "adapter", None))
+    if adapters:
+        update["adapters"] = {**settings.adapters, **adapters}
     return ModelSettings.model_validate({**settings.model_dump(), **update}) if update else settings
 
 
@@ -189,7 +192,11 @@ def load_engine(settings: Any) -> tuple[Any, str]:
     from inference.async_engine import AsyncEngine  # torch: only commands that serve a local model
 
     engine = AsyncEngine.from_model(
-        settings.source, engine_config(settings), dtype=settings.dtype, device=settings.device
+        settings.source,
+        engine_config(settings),
+        dtype=settings.dtype,
+        device=settings.device,
+        adapters=settings.adapters,
     )
     return engine, os.path.basename(str(settings.source).rstrip("/"))
 
@@ -240,6 +247,29 @@ def uvicorn_server(app: Any) -> Any:
     return Server(config)
 
 
+def add_adapter_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=None,
+        metavar="NAME=PATH",
+        help="load a LoRA adapter (PEFT folder) under NAME; repeatable; adds to the config's model.adapters",
+    )
+
+
+def parse_adapters(values: list[str] | None) -> dict[str, str]:
+    """`--adapter NAME=PATH` values as a dict; AgentRuntimeError for one without `=`."""
+    adapters: dict[str, str] = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise AgentRuntimeError(
+                f"--adapter {value!r} is not NAME=PATH", "pass e.g. --adapter tools=./adapters/tools"
+            )
+        adapters[name] = path
+    return adapters
+
+
 def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", default=None, help="config file (default ./MCP_CONFIG.json)")
     parser.add_argument(
@@ -247,6 +277,7 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", default=None, help="model source overriding the config's `model` section")
     add_device_argument(parser)
+    add_adapter_argument(parser)
     parser.add_argument("--quiet", "-q", action="store_true", help="no live view, only the answer")
 
 
@@ -261,6 +292,9 @@ async def open_agent(args: argparse.Namespace, console: Any) -> AsyncIterator[Ag
     host.model_override = args.model
     if getattr(args, "device", None) is not None:
         host.model = host.model.model_copy(update={"device": args.device})
+    adapters = parse_adapters(getattr(args, "adapter", None))
+    if adapters:
+        host.model = host.model.model_copy(update={"adapters": {**host.model.adapters, **adapters}})
     if args.agent not in host.agents:
         host.agent(args.agent)  # raises the typed "no agent named ..." error
     live = console is not None and console.is_terminal

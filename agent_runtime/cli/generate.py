@@ -1,11 +1,12 @@
-"""`agent-runtime generate [--model M] [--max-tokens N] [--temperature T] [--chat] PROMPT`: stream a completion."""
+"""`agent-runtime generate [--model M] [--adapter NAME=PATH] [--max-tokens N] [--temperature T] [--chat] PROMPT`:
+stream a completion (under the LoRA adapter, when one is given)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from agent_runtime.cli.common import add_device_argument
+from agent_runtime.cli.common import add_adapter_argument, add_device_argument, parse_adapters
 
 # torch and the engine are imported inside run(): building the parser must stay cheap for every command.
 
@@ -27,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", default=None, help="system message (with --chat)")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 where fast), bf16, fp16 or fp32")
     add_device_argument(parser, from_config=False)
+    add_adapter_argument(parser)  # the prompt runs under the last one given
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--stats", action="store_true", help="print timing figures to stderr at the end")
 
@@ -40,8 +42,9 @@ def run(args: argparse.Namespace) -> int:
     from inference.params import OutputKind, SamplingParams
 
     prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    adapters = parse_adapters(args.adapter)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty())
-    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=1))
+    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=1), adapters=adapters)
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt: str | list[dict[str, str]] = [*messages, {"role": "user", "content": prompt_text}]
@@ -54,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=tuple(args.stop),
         output_kind=OutputKind.DELTA,  # only deltas and the final counts are read
+        adapter=list(adapters)[-1] if adapters else None,
     )
     started = time.perf_counter()
     engine.add_request("cli", prompt, params)

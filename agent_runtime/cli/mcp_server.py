@@ -10,6 +10,7 @@ from typing import Any
 
 from agent_runtime.cli.common import (
     API_KEY_ENV,
+    add_adapter_argument,
     add_device_argument,
     add_kv_argument,
     bind_socket,
@@ -38,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model to load, overriding the config")
     parser.add_argument("--dtype", default=None, help="auto, bfloat16, float16 or float32")
     add_device_argument(parser)
+    add_adapter_argument(parser)
     add_kv_argument(parser)
     parser.add_argument(
         "--api-key",

@@ -17,6 +17,7 @@ import anyio.abc
 
 from agent_runtime.cli.common import (
     API_KEY_ENV,
+    add_adapter_argument,
     add_device_argument,
     add_kv_argument,
     bind_socket,
@@ -42,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", help="the model id clients use (default: the model name)")
     parser.add_argument("--dtype", default=None, help="auto, bfloat16, float16 or float32")
     add_device_argument(parser)
+    add_adapter_argument(parser)
     parser.add_argument(
         "--api-key",
         default=None,

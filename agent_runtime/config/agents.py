@@ -60,6 +60,7 @@ class AgentConfig(BaseModel):
     observation_max_tokens: int = Field(default=512, ge=16, le=100_000)
     examples: list[WorkedExampleModel] | None = None  # None: the built-in generic examples
     model: str | None = None  # a model source overriding the `model` section for this agent
+    adapter: str | None = None  # a LoRA adapter of the model's `adapters` that this agent's turns run under
 
     @field_validator("tools")
     @classmethod
@@ -111,6 +112,9 @@ class ModelSettings(BaseModel):
     max_model_len: int | None = Field(default=None, ge=16)
     block_size: int = Field(default=16, ge=1, le=1024)
     enable_prefix_caching: bool = True
+    # LoRA adapters in PEFT's format, name -> folder (docs/adapters.md); agents pick one with `adapter`
+    adapters: dict[str, str] = Field(default_factory=dict)
+    max_loras: int = Field(default=4, ge=1, le=256)  # adapters resident at once (and so in one step)
 
 
 def _error(config: RuntimeConfig, base: tuple[str | int, ...], exc: ValidationError) -> ConfigError:

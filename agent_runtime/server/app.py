@@ -26,6 +26,7 @@ from agent_runtime.server.errors import APIError, bad_request, internal, model_n
 from agent_runtime.server.metrics import ServerMetrics, StreamTimer
 from agent_runtime.server.schemas import (
     SSE_DONE,
+    AdapterLoadRequest,
     ChatCompletionRequest,
     CompletionRequest,
     ContentChunks,
@@ -43,14 +44,14 @@ from agent_runtime.server.schemas import (
 from agent_runtime.server.security import SecurityMiddleware, SecuritySettings
 from agent_runtime.server.service import EngineService
 from agent_runtime.server.sse import EventStreamResponse, wait_disconnect
-from inference.errors import RequestError
+from inference.errors import AdapterError, RequestError
 from inference.params import OutputKind, SamplingParams
 
 log = structlog.get_logger(__name__)
 
 B = TypeVar("B", bound=BaseModel)
 
-ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/adapters")
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request", recorded in metrics only
 
 
@@ -108,6 +109,8 @@ class OpenAIServer:
             Route("/v1/models/{model_id:path}", self.get_model, methods=["GET"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/adapters", self.load_adapter, methods=["POST"]),
+            Route("/v1/adapters/{name}", self.unload_adapter, methods=["DELETE"]),
         ]
         starlette = Starlette(
             routes=routes,
@@ -127,7 +130,10 @@ class OpenAIServer:
     # -- model names ---------------------------------------------------------------------------------------
 
     def model_ids(self) -> list[str]:
+        """The engine's model, then `model:adapter` for each LoRA adapter it serves, then the agents."""
         ids = [self.service.model_id] if self.service is not None else []
+        if self.service is not None:
+            ids += [f"{self.service.model_id}:{a}" for a in self.service.adapter_names()]
         ids += [a for a in (self.agents.names() if self.agents else []) if a not in ids]
         return ids
 
@@ -138,6 +144,15 @@ class OpenAIServer:
                 owned_by="agent-runtime",
                 created=self.created,
                 kind="model",
+                max_model_len=self.service.max_model_len,
+            )
+        if self.service is not None and model_id.startswith(f"{self.service.model_id}:"):
+            return model_card(
+                model_id,
+                owned_by="agent-runtime",
+                created=self.created,
+                kind="adapter",
+                parent=self.service.model_id,
                 max_model_len=self.service.max_model_len,
             )
         assert self.agents is not None
@@ -179,11 +194,12 @@ class OpenAIServer:
         req = await _parse(request, ChatCompletionRequest)
         if self.agents is not None and req.model in self.agents.names():
             return await self._agent_chat(request, req)
-        svc = self._engine_for(req.model)
+        svc, adapter = self._engine_for(req.model)
         plan = chat.build_chat(req, tool_role_ok=svc.tool_role_ok)
         args = chat.sampling_args(req, req.output_limit or svc.max_model_len)
         top_n = (req.top_logprobs or 0) if req.logprobs else None
         params = await self._params(args, top_n, plan.grammar)
+        params.adapter = adapter
         rid = new_id("chatcmpl")
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
         outputs = await self._start(request, svc, plan.messages, params, rid, arrival)
@@ -279,9 +295,10 @@ class OpenAIServer:
         req = await _parse(request, CompletionRequest)
         if self.agents is not None and req.model in self.agents.names():
             raise bad_request(f"{req.model!r} is an agent: use /v1/chat/completions", param="model")
-        svc = self._engine_for(req.model)
+        svc, adapter = self._engine_for(req.model)
         prompt = req.prompt_value()
         params = await self._params(chat.sampling_args(req, req.max_tokens), req.logprobs, None)
+        params.adapter = adapter
         rid = new_id("cmpl")
         echo = ""
         if req.echo:
@@ -426,10 +443,48 @@ class OpenAIServer:
 
     # -- shared ------------------------------------------------------------------------------------------
 
-    def _engine_for(self, model: str) -> EngineService:
-        if self.service is None or model != self.service.model_id:
-            raise model_not_found(model, self.model_ids())
-        return self.service
+    def _engine_for(self, model: str) -> tuple[EngineService, str | None]:
+        """The engine and LoRA adapter of a model id: the served name, or `name:adapter`."""
+        svc = self.service
+        if svc is not None:
+            if model == svc.model_id:
+                return svc, None
+            base, _, adapter = model.partition(":")
+            if base == svc.model_id and adapter in svc.adapter_names():
+                return svc, adapter
+        raise model_not_found(model, self.model_ids())
+
+    # -- adapters ------------------------------------------------------------------------------------------
+
+    async def load_adapter(self, request: Request) -> Response:
+        """`POST /v1/adapters {"name", "path"}`: load a PEFT LoRA folder from the server's disk while serving."""
+        req = await _parse(request, AdapterLoadRequest)
+        engine = self._adapter_engine()
+        try:
+            info = await engine.load_adapter(req.name, req.path)
+        except AdapterError as exc:
+            conflict = req.name in (self.service.adapter_names() if self.service else [])
+            raise APIError(
+                409 if conflict else 400, exc.reason, param="name" if conflict else "path"
+            ) from None
+        model_id = f"{self.service.model_id if self.service else ''}:{info.name}"
+        return JSONResponse({"id": model_id, "object": "adapter", **_adapter_json(info)})
+
+    async def unload_adapter(self, request: Request) -> Response:
+        """`DELETE /v1/adapters/NAME`: refuse new requests on it now; requests in flight finish first."""
+        name = request.path_params["name"]
+        engine = self._adapter_engine()
+        try:
+            gone = await engine.unload_adapter(name)
+        except RequestError as exc:
+            raise APIError(404, exc.reason, param="name", code="adapter_not_found") from None
+        return JSONResponse({"name": name, "object": "adapter", "deleted": True, "draining": not gone})
+
+    def _adapter_engine(self) -> Any:
+        engine = self.service.engine if self.service is not None else None
+        if engine is None or not hasattr(engine, "load_adapter"):
+            raise APIError(404, "this server runs no local engine to load adapters into", code="not_found")
+        return engine
 
     async def _params(self, args: dict[str, Any], logprobs: int | None, grammar: Any) -> Any:
         # deltas on every output, totals on the final one: what streaming, metrics and final bodies need
@@ -639,7 +694,7 @@ class _MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        route = path if path in ROUTES else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+        route = _route_of(path)
         start = time.perf_counter()
         status = 500
         started = False
@@ -665,6 +720,27 @@ class _MetricsMiddleware:
             if status in (401, 413, 421, 429, 403):
                 self.metrics.rejected.labels(str(status)).inc()
             self.metrics.observe_http(route, scope["method"], status, time.perf_counter() - start)
+
+
+def _route_of(path: str) -> str:
+    """The metrics label of a request path: a route, a route template, or "other"."""
+    if path in ROUTES:
+        return path
+    for prefix, template in (("/v1/models/", "/v1/models/{id}"), ("/v1/adapters/", "/v1/adapters/{name}")):
+        if path.startswith(prefix):
+            return template
+    return "other"
+
+
+def _adapter_json(info: Any) -> dict[str, Any]:
+    """An `inference.lora.AdapterInfo` as the adapter endpoints answer it."""
+    return {
+        "name": info.name,
+        "path": info.path,
+        "rank": info.rank,
+        "alpha": info.alpha,
+        "target_modules": list(info.target_modules),
+    }
 
 
 def create_app(

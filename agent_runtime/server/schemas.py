@@ -202,6 +202,14 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+class AdapterLoadRequest(BaseModel):
+    """`POST /v1/adapters`: a PEFT LoRA folder on the server's disk, served as `model:name`."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64)
+    path: str = Field(min_length=1)
+
+
 def model_card(model_id: str, *, owned_by: str, created: int, kind: str, **extra: Any) -> dict[str, Any]:
     return {
         "id": model_id,

@@ -51,6 +51,11 @@ class EngineService:
     def metrics(self) -> Any:
         return self.engine.metrics()
 
+    def adapter_names(self) -> list[str]:
+        """The LoRA adapters the engine serves now (none for an engine without adapter support)."""
+        adapters = getattr(self.engine, "adapters", None)
+        return [a.name for a in adapters() if not a.draining] if adapters is not None else []
+
     async def grammar_processor(self, spec: GrammarSpec) -> Any:
         """A fresh logits processor for `spec`; compilation (cached per spec) runs off the event loop."""
         async with self._grammar_lock:
