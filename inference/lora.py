@@ -463,13 +463,11 @@ class LoRAManager:
         if not names:
             return items
         ordered = sorted(items, key=key)  # stable: each group keeps the scheduler's order
-        pinned: set[str] = set()
         row = 0
         for name, group in itertools.groupby(ordered, key=key):
             n = sum(k for _, k in group)
-            if name:
-                pinned.add(name)
-                self._segments.append(_Segment(self._resident_adapter(name, pinned), row, row + n))
+            if name:  # never evict an adapter this step needs
+                self._segments.append(_Segment(self._resident_adapter(name, names), row, row + n))
             row += n
         return ordered
 

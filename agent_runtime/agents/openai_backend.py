@@ -465,6 +465,8 @@ class OpenAIChatBackend:
             top_p=request.top_p,
             seed=request.seed,
             response_format=response_format,
+            # an agent's LoRA adapter on a remote server of ours (or vLLM-style): the `model:adapter` model id
+            extra={"model": f"{self.settings.model}:{request.adapter}"} if request.adapter else None,
         ):
             if delta.finish_reason is None:
                 text += delta.text

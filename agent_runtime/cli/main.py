@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from agent_runtime import __version__
-from agent_runtime.cli import chat, generate, mcp_server, run, serve, servers, tools
+from agent_runtime.cli import adapters, chat, generate, mcp_server, run, serve, servers, tools
 from agent_runtime.cli import config as config_command
 from agent_runtime.errors import is_user_facing
 from agent_runtime.logging import configure_logging
@@ -27,6 +27,7 @@ COMMANDS: tuple[tuple[str, ModuleType, str], ...] = (
     ("chat", chat, "chat with an agent in a REPL"),
     ("serve", serve, "serve the OpenAI-compatible HTTP API"),
     ("mcp-server", mcp_server, "serve agents to MCP hosts (Claude Desktop) over stdio or HTTP"),
+    ("adapters", adapters, "list, load and unload the LoRA adapters of a running server"),
 )
 
 

@@ -11,8 +11,8 @@ import pytest
 from agent_runtime.agents.llm import engine_config
 from agent_runtime.cli import common, generate, run, serve
 from agent_runtime.config import load_config
-from agent_runtime.config.agents import ModelSettings, load_model_settings
-from agent_runtime.errors import ConfigError
+from agent_runtime.config.agents import ModelSettings, load_agents, load_model_settings
+from agent_runtime.errors import AgentRuntimeError, ConfigError
 from inference.config import EngineConfig
 
 
@@ -77,3 +77,33 @@ def test_cli_device_flags(tmp_path: Path) -> None:
     run.add_arguments(run_parser)
     assert run_parser.parse_args(["task"]).device is None  # no flag: the config decides
     assert run_parser.parse_args(["task", "--device", "cuda"]).device == "cuda"
+
+
+def test_adapters_in_config_flags_and_agents(tmp_path: Path) -> None:
+    model = {"adapters": {"tools": "./adapters/tools"}, "max_loras": 2}
+    config = load_config(config_with(tmp_path, model), env={})
+    settings = load_model_settings(config)
+    assert settings.adapters == {"tools": "./adapters/tools"}
+    assert engine_config(settings).max_loras == 2
+    serve_parser = argparse.ArgumentParser()
+    serve.add_arguments(serve_parser)
+    flagged = common.resolve_model(
+        config, serve_parser.parse_args(["--adapter", "sql=/a/sql", "--adapter", "x=y"])
+    )
+    assert flagged.adapters == {
+        "tools": "./adapters/tools",
+        "sql": "/a/sql",
+        "x": "y",
+    }  # added to the config's
+    with pytest.raises(AgentRuntimeError, match="not NAME=PATH"):
+        common.resolve_model(config, serve_parser.parse_args(["--adapter", "nopath"]))
+    for add in (generate.add_arguments, run.add_arguments):
+        parser = argparse.ArgumentParser()
+        add(parser)
+        args = ["hi", "--adapter", "a=b"]
+        assert common.parse_adapters(parser.parse_args(args).adapter) == {"a": "b"}
+    with pytest.raises(ConfigError, match="max_loras"):
+        load_model_settings(load_config(config_with(tmp_path, {"max_loras": 0}), env={}))
+    path = tmp_path / "agents.json"
+    path.write_text(json.dumps({"mcpServers": {}, "agents": {"sql": {"adapter": "sql"}}}))
+    assert load_agents(load_config(path, env={}))["sql"].adapter == "sql"

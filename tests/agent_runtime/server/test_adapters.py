@@ -4,6 +4,7 @@ adapters made in the test."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -141,3 +142,21 @@ async def test_async_engine_unload_drains_in_flight(folders: dict[str, Path]) ->
         assert info.rank == 2
     finally:
         await engine.aclose()
+
+
+def test_adapters_command_against_the_server(
+    served: tuple[str, AsyncEngine], folders: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent_runtime.cli.main import main
+
+    url, engine = served
+    assert main(["adapters", "load", "cli", str(folders["second"]), "--url", url, "--api-key", KEY]) == 0
+    assert json.loads(capsys.readouterr().out)["id"] == "tiny:cli"
+    assert main(["adapters", "list", "--url", url, "--api-key", KEY]) == 0
+    assert json.loads(capsys.readouterr().out) == ["tiny:plain", "tiny:cli"]
+    assert main(["adapters", "unload", "cli", "--url", url, "--api-key", KEY]) == 0
+    assert json.loads(capsys.readouterr().out)["deleted"] is True
+    assert main(["adapters", "unload", "cli", "--url", url, "--api-key", KEY]) == 2
+    assert "404" in capsys.readouterr().err
+    assert main(["adapters", "load", "x", str(folders["second"]), "--url", url, "--api-key", "wrong"]) == 2
+    assert [a.name for a in engine.adapters()] == ["plain"]
