@@ -1,4 +1,4 @@
-"""LoRA adapters (inference/lora.py) equal PEFT on tiny random Llama and Qwen2 models: logits, greedy tokens, and
+"""LoRA adapters (inference/lora.py) equal PEFT on tiny random Llama, Qwen2 and Qwen3 models: logits, greedy tokens, and
 batches that mix adapters and the base model; typed errors for bad adapters and requests; hot unload drains."""
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class Tiny:
     paths: dict[str, Path]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
 def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     kind = request.param
     root = tmp_path_factory.mktemp(f"lora-{kind}")
