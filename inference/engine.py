@@ -360,7 +360,7 @@ class LLMEngine:
             self.lora.add(path)
         else:
             self.lora.load(name, path)
-        return next(a for a in self.lora.list() if a.name == name)
+        return next(a for a in self.lora.describe() if a.name == name)
 
     def unload_adapter(self, name: str) -> bool:
         """Unload an adapter: new requests on it are refused at once; requests in flight on it finish first.
@@ -368,7 +368,7 @@ class LLMEngine:
         return self.lora.unload(name)
 
     def adapters(self) -> list[AdapterInfo]:
-        return self.lora.list()
+        return self.lora.describe()
 
     # ---- conveniences --------------------------------------------------------------------------------
     def generate(

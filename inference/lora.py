@@ -310,7 +310,7 @@ class _Registered:
 
 @dataclass(slots=True)
 class AdapterInfo:
-    """What `LoRAManager.list` reports for one adapter."""
+    """What `LoRAManager.describe` reports for one adapter."""
 
     name: str
     path: str
@@ -330,6 +330,31 @@ class _Segment:
 
 
 @dataclass(slots=True)
+class _Padded:
+    """A step's adapter rows laid out as `[k, width]` (a short group padded by repeating its last row), so that one
+    pair of batched matmuls serves every adapter of the step instead of a pair per adapter."""
+
+    rows: torch.Tensor  # [k * width] rows of the module input
+    valid: torch.Tensor  # positions of the real rows in the padded layout
+    dest: torch.Tensor  # their rows in the module output
+    k: int
+    width: int
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # per module: [k, in, R], [k, R, out]
+
+
+@dataclass(slots=True)
+class _StepPlan:
+    """What the hooks apply in the current step (shared by the manager and every hook; empty between steps)."""
+
+    segments: list[_Segment] = field(default_factory=list)
+    padded: _Padded | None = None
+
+    def clear(self) -> None:
+        self.segments.clear()
+        self.padded = None
+
+
+@dataclass(slots=True)
 class LoRAManager:
     """The adapters of one model: registration, residency (at most `max_loras` on the device, LRU), per-step
     row segments and the forward hooks that apply them. Mutated only from the engine's step thread."""
@@ -338,9 +363,15 @@ class LoRAManager:
     config: ModelConfig
     device: torch.device
     max_loras: int = 4
+    # Several adapters in a step share one padded batched matmul while the padded rows are at most `pad_limit` times
+    # the real ones (decode steps, balanced chunks); else a matmul pair per adapter. 0: always per adapter.
+    pad_limit: float = 2.0
     _registered: dict[str, _Registered] = field(default_factory=dict)
     _resident: OrderedDict[str, LoRAAdapter] = field(default_factory=OrderedDict)
-    _segments: list[_Segment] = field(default_factory=list)
+    _plan: _StepPlan = field(default_factory=_StepPlan)
+    _stacks: OrderedDict[tuple[int, ...], dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]] = field(
+        default_factory=OrderedDict
+    )
     _hooks: list[RemovableHandle] = field(default_factory=list)
     _uids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     loads: int = 0  # adapters moved to the device (residency misses), for metrics and tests
@@ -416,7 +447,7 @@ class LoRAManager:
         """Adapters accepting requests."""
         return [n for n, r in list(self._registered.items()) if not r.draining]  # copied: any thread may ask
 
-    def list(self) -> list[AdapterInfo]:
+    def describe(self) -> list[AdapterInfo]:
         return [
             AdapterInfo(
                 n,
@@ -454,7 +485,7 @@ class LoRAManager:
         """Order a step's `(sequence, new tokens)` pairs so that each adapter's rows are contiguous (base rows
         first, the rest by adapter, stable), make those adapters resident and remember their row ranges for the
         hooks. Returns the items in their new order (unchanged when no row has an adapter)."""
-        self._segments.clear()
+        self._plan.clear()
         if not self._registered:
             return items
         key: Callable[[tuple[Sequence, int]], str] = lambda item: item[0].params.adapter or ""  # noqa: E731
@@ -464,25 +495,76 @@ class LoRAManager:
             return items
         ordered = sorted(items, key=key)  # stable: each group keeps the scheduler's order
         row = 0
+        segments = self._plan.segments
         for name, group in itertools.groupby(ordered, key=key):
             n = sum(k for _, k in group)
             if name:  # never evict an adapter this step needs
-                self._segments.append(_Segment(self._resident_adapter(name, names), row, row + n))
+                segments.append(_Segment(self._resident_adapter(name, names), row, row + n))
             row += n
+        width = max(s.end - s.start for s in segments)
+        real = sum(s.end - s.start for s in segments)
+        if len(segments) > 1 and len(segments) * width <= self.pad_limit * real:
+            self._plan.padded = self._padded(segments, width)
         return ordered
 
+    def _padded(self, segments: list[_Segment], width: int) -> _Padded:
+        rows: list[int] = []
+        valid: list[int] = []
+        dest: list[int] = []
+        for i, seg in enumerate(segments):
+            n = seg.end - seg.start
+            rows += [seg.start + min(j, n - 1) for j in range(width)]
+            valid += range(i * width, i * width + n)
+            dest += range(seg.start, seg.end)
+        index = torch.tensor(rows + valid + dest, dtype=torch.int64).to(self.device)
+        r, v = len(rows), len(valid)
+        stack = self._stack(tuple(s.adapter for s in segments))
+        return _Padded(index[:r], index[r : r + v], index[r + v :], len(segments), width, stack)
+
+    def _stack(
+        self, adapters: tuple[LoRAAdapter, ...]
+    ) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+        """Per module, the adapters' A and B stacked (`[k, in, R]`, `[k, R, out]`, ranks zero-padded to the
+        largest, zeros for an adapter without the module); kept for the last few adapter combinations."""
+        key = tuple(a.uid for a in adapters)
+        stack = self._stacks.get(key)
+        if stack is not None:
+            self._stacks.move_to_end(key)
+            return stack
+        stack = {}
+        for module in {m for a in adapters for m in a.modules}:
+            ws = [a.modules.get(module) for a in adapters]
+            present = [w for w in ws if w is not None]
+            rank = max(w.a_t.shape[1] for w in present)
+            a_stack = present[0].a_t.new_zeros(len(ws), present[0].a_t.shape[0], rank)
+            b_stack = present[0].b_t.new_zeros(len(ws), rank, present[0].b_t.shape[1])
+            for i, w in enumerate(ws):
+                if w is not None:
+                    a_stack[i, :, : w.a_t.shape[1]] = w.a_t
+                    b_stack[i, : w.b_t.shape[0]] = w.b_t
+            stack[module] = (a_stack, b_stack)
+        self._stacks[key] = stack
+        while len(self._stacks) > 4:
+            self._stacks.popitem(last=False)
+        return stack
+
     def end_step(self) -> None:
-        self._segments.clear()
+        self._plan.clear()
 
     @property
     def active(self) -> bool:
         """Whether the current step has rows with an adapter."""
-        return bool(self._segments)
+        return bool(self._plan.segments)
+
+    @property
+    def padded_step(self) -> bool:
+        """Whether the current step applies its adapters with the padded batched matmul."""
+        return self._plan.padded is not None
 
     def _install_hooks(self) -> None:
         for i, layer in enumerate(_layers(self.model)):
             for module in MODULES:
-                hook = _LoRAHook(self._segments, (i, module))
+                hook = _LoRAHook(self._plan, (i, module))
                 self._hooks.append(layer.get_submodule(module).register_forward_hook(hook))
 
 
@@ -490,14 +572,24 @@ class LoRAManager:
 class _LoRAHook:
     """Adds each segment's low-rank update to one module's output rows, in place."""
 
-    segments: list[_Segment]
+    plan: _StepPlan
     key: tuple[int, str]
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
-        if not self.segments:
+        plan = self.plan
+        if not plan.segments:
             return
         x = args[0]
-        for seg in self.segments:
+        padded = plan.padded
+        if padded is not None:
+            stacked = padded.weights.get(self.key)
+            if stacked is not None:
+                a_stack, b_stack = stacked
+                xp = x.index_select(0, padded.rows).view(padded.k, padded.width, x.shape[-1])
+                delta = torch.bmm(torch.bmm(xp, a_stack), b_stack).view(padded.k * padded.width, -1)
+                out.index_add_(0, padded.dest, delta.index_select(0, padded.valid))
+            return
+        for seg in plan.segments:
             w = seg.adapter.modules.get(self.key)
             if w is not None:
                 out[seg.start : seg.end].addmm_(x[seg.start : seg.end] @ w.a_t, w.b_t)

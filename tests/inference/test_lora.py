@@ -84,9 +84,10 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 def prefill_logits(
     loaded: LoadedModel, rows: list[tuple[list[int], str | None]], manager: LoRAManager
-) -> list[torch.Tensor]:
+) -> tuple[list[torch.Tensor], bool]:
     """One batched prefill of several prompts, each under its adapter (or none): every position's logits per
-    prompt. Goes through the manager's step ordering like the model runner does."""
+    prompt, and whether the padded batched update ran. Goes through the manager's step ordering like the model
+    runner does."""
     c = loaded.config
     bs = 4
     seqs = [Sequence(f"r{i}", ids, SamplingParams(adapter=a)) for i, (ids, a) in enumerate(rows)]
@@ -114,14 +115,18 @@ def prefill_logits(
             block_size=bs,
         )
         logits = loaded.model.compute_logits(loaded.model(torch.tensor(ids), torch.tensor(pos), meta, kv))
+        padded = manager.padded_step
     finally:
         manager.end_step()
     by_id = {s.request_id: logits[starts[i] : starts[i + 1]] for i, (s, _) in enumerate(items)}
-    return [by_id[s.request_id] for s in seqs]
+    return [by_id[s.request_id] for s in seqs], padded
 
 
-def test_logits_equal_peft(tiny: Tiny) -> None:
-    manager = LoRAManager(tiny.loaded.model, tiny.loaded.config, torch.device("cpu"), max_loras=4)
+@pytest.mark.parametrize("pad_limit", [0.0, 2.0], ids=["matmul-per-adapter", "padded-batched"])
+def test_logits_equal_peft(tiny: Tiny, pad_limit: float) -> None:
+    manager = LoRAManager(
+        tiny.loaded.model, tiny.loaded.config, torch.device("cpu"), max_loras=4, pad_limit=pad_limit
+    )
     for name, path in tiny.paths.items():
         manager.load(name, path)
     prompts = [PROMPT, PROMPT[2:13], PROMPT[::-1], PROMPT[:7]]
@@ -131,7 +136,8 @@ def test_logits_equal_peft(tiny: Tiny) -> None:
         (prompts[2], "rslora"),
     ]
     rows.append((prompts[3], "pattern"))
-    ours = prefill_logits(tiny.loaded, rows, manager)
+    ours, padded = prefill_logits(tiny.loaded, rows, manager)
+    assert padded == (pad_limit > 0)  # both update paths are tested
     with torch.no_grad():
         for (ids, name), got in zip(rows, ours, strict=True):
             model = tiny.hf if name is None else tiny.peft[name]
@@ -169,10 +175,10 @@ def test_prefix_cache_never_shares_kv_across_adapters(tiny: Tiny) -> None:
     prompt = PROMPT + PROMPT  # 34 tokens: 8 full blocks
 
     def cached(adapter: str | None) -> tuple[int, list[int]]:
-        rid = engine.add_request(None, prompt, greedy(4, adapter))
-        seq = engine._seqs[rid]
+        before = engine.block_manager.prefix_hit_tokens
+        engine.add_request(None, prompt, greedy(4, adapter))
         outs = [o for _ in range(6) for o in engine.step() if o.finished]
-        return seq.num_cached_tokens, outs[0].token_ids
+        return engine.block_manager.prefix_hit_tokens - before, outs[0].token_ids
 
     assert cached("plain")[0] == 0
     hit, tokens = cached("plain")
