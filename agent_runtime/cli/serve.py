@@ -60,6 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"require `Authorization: Bearer KEY` (default ${API_KEY_ENV}; mandatory off loopback)",
     )
     parser.add_argument(
+        "--api-key-file",
+        default=None,
+        metavar="FILE",
+        help="read the API key from FILE (a container secret); overrides --api-key",
+    )
+    parser.add_argument(
         "--allowed-host", action="append", default=[], metavar="NAME", help="extra Host header name to accept"
     )
     parser.add_argument(
@@ -91,6 +97,18 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     from agent_runtime.server.security import SecuritySettings
 
     key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    key_file = getattr(args, "api_key_file", None)
+    if key_file:
+        try:
+            with open(key_file, encoding="utf-8") as f:
+                key = f.read().strip() or None
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read --api-key-file {key_file}: {exc.strerror or exc}",
+                "mount the secret file readable by the server's user",
+            ) from None
+        if key is None:
+            raise ConfigError(f"--api-key-file {key_file} is empty", "write the key into the file")
     security = SecuritySettings(
         bind_host=args.host,
         api_key=key,

@@ -3,8 +3,14 @@ starting answers /health and refuses the API until the engine and agents are att
 
 from __future__ import annotations
 
-import httpx
+import argparse
+from pathlib import Path
 
+import httpx
+import pytest
+
+from agent_runtime.cli.serve import settings_from_args
+from agent_runtime.errors import ConfigError
 from agent_runtime.server.app import ServerSettings, create_app
 from agent_runtime.server.security import SecuritySettings
 from tests.agent_runtime.server.test_app import ServerThread
@@ -63,3 +69,20 @@ def test_request_ids_in_headers_and_error_bodies() -> None:
             assert rid != sent and len(rid) == 32 and rid.isalnum()
             ids.add(rid)
         assert len(ids) == 4
+
+
+def test_api_key_from_a_file(tmp_path: Path) -> None:
+    """A container secret: `--api-key-file` wins over `--api-key`; a missing or empty file is a usage error."""
+    secret = tmp_path / "api_key"
+    secret.write_text("sk-from-file\n")
+    args = argparse.Namespace(
+        host="0.0.0.0", api_key="sk-flag", api_key_file=str(secret), allowed_host=[], allowed_origin=[],
+        max_body_bytes=4 * 2**20, max_concurrent=8, served_model_name=None,
+    )  # fmt: skip
+    assert settings_from_args(args).security.api_key == "sk-from-file"
+    secret.write_text("\n")
+    with pytest.raises(ConfigError, match="empty"):
+        settings_from_args(args)
+    args.api_key_file = str(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="cannot read"):
+        settings_from_args(args)
