@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
+import anyio.abc
 import anyio.from_thread
 import anyio.lowlevel
 
@@ -160,9 +161,10 @@ async def _serve(
         finally:
             http_done.set()
 
-    async def watch_signals() -> None:
+    async def watch_signals(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         nonlocal exit_code
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
             async for signum in signals:
                 print(f"{signal.Signals(signum).name}: shutting down", file=sys.stderr)
                 exit_code = 0 if signum == signal.SIGTERM else 128 + signum
@@ -175,7 +177,9 @@ async def _serve(
                 log.info("draining", in_flight=server.capacity.in_flight, grace_seconds=args.drain_seconds)
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(watch_signals)
+        # The handler is in place before anything is announced or served: a SIGTERM right after LISTENING (or
+        # while the model loads) is a graceful stop, not the default action.
+        await tg.start(watch_signals)
         tg.start_soon(serve_http)
         log.info("http server up; loading the model and starting MCP servers", url=url)
         try:
