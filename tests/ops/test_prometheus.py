@@ -1,9 +1,10 @@
 """Prometheus against what `agent-runtime serve` really exports: the alert rules pass promtool's checks and unit
-tests, every metric they read is one /metrics serves, and a real Prometheus (the Debian binary on 127.0.0.1)
+tests, every metric they and the Grafana dashboard read is one /metrics serves, and a real Prometheus (the Debian binary on 127.0.0.1)
 scrapes a running server, loads the rules and answers queries for our metrics over its HTTP API."""
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -17,10 +18,12 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import EXAMPLES
 from tests.ops.conftest import ALERTS, ALERTS_TEST, Served, tool
 
 pytestmark = pytest.mark.smollm2
 MODEL = "smollm2-135m-instruct"
+DASHBOARD = EXAMPLES / "grafana_dashboard.json"
 SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created")}
 SELECTOR = re.compile(r"\b(agent_runtime_[a-z0-9_]+)(?:\{([^}]*)\})?")
 MATCHER = re.compile(r'(\w+)\s*(?:=~|!~|!=|=)\s*"')
@@ -62,7 +65,7 @@ def test_promtool_checks_and_unit_tests_the_rules() -> None:
     assert fired == {r["alert"] for r in rules()}
 
 
-def test_the_rules_read_metrics_that_serve_exports(served: Served) -> None:
+def test_the_rules_and_the_dashboard_read_metrics_that_serve_exports(served: Served) -> None:
     http = httpx.Client(base_url=served.url, timeout=60)
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
     assert r.status_code == 200  # the labelled series (TTFT by model, requests by route) exist from now on
@@ -80,17 +83,22 @@ def test_the_rules_read_metrics_that_serve_exports(served: Served) -> None:
         return labels
 
     exported = wait_until(scrape, 30, "the time MCP server up in /metrics")
+    readers = [(rule["alert"], rule["expr"]) for rule in rules()]
+    dashboard = json.loads(DASHBOARD.read_text())
+    readers += [
+        (f"dashboard panel {panel['title']!r}", target["expr"])
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+    ]
     used = 0
-    for rule in rules():
-        for name, selector in SELECTOR.findall(rule["expr"]):
+    for reader, expr in readers:
+        for name, selector in SELECTOR.findall(expr):
             used += 1
-            assert name in exported, f"{rule['alert']} reads {name}, which /metrics does not serve"
+            assert name in exported, f"{reader} reads {name}, which /metrics does not serve"
             wanted = set(MATCHER.findall(selector)) - {"le", "job", "instance"}
-            if exported[name]:  # a series exists: the labels the rule matches on must be its labels
-                assert wanted <= exported[name], (
-                    f"{rule['alert']}: {name} has no label {wanted - exported[name]}"
-                )
-    assert used >= 9
+            if exported[name]:  # a series exists: the labels matched on must be its labels
+                assert wanted <= exported[name], f"{reader}: {name} has no label {wanted - exported[name]}"
+    assert used >= 40
 
 
 @pytest.fixture
