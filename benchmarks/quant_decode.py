@@ -1,0 +1,219 @@
+"""One batch-1 decode step of SmolLM2-135M on the CPU, model forward + logits, per weight layout.
+
+Run `python -m benchmarks.quant_decode [--context 128] [--steps 20] [--rounds 5] [--variants a,b] [--compile]
+[--profile VARIANT]`. Variants (all load the packaged SmolLM2 GGUF through inference.loader):
+
+- `fp32`, `bf16`: plain `nn.Linear` weights; `bf16 packed`: oneDNN-packed (inference/cpu_linear, the engine's
+  bf16 CPU default);
+- `bf16 int8`, `bf16 int4`: in-situ quantization of the bf16 model (inference.quant.quantize_model; the tied head
+  becomes a quantized `lm_head`, the embedding stays bf16 for the lookup);
+- `bf16 gguf`: the GGUF's own blocks as int4 (Q4_1 -> int4 g32, Q8_0 head -> two int4 planes, both exact);
+  `bf16 gguf int8-head`: the same with the Q8_0 head re-quantized to per-channel int8;
+- `fp32 gguf`: the GGUF int4 layers in a float32 model (the layers cast to bf16 and back).
+
+Each step is the model's forward over one new token at position `--context - 1` against a zeroed paged cache (the
+reference attention backend, as the engine on the CPU) and `compute_logits`: what the model runner does per
+decode step, without scheduling or sampling. Variants run in interleaved rounds; the table shows the median step
+time and tokens/s. `--compile` also compiles the bf16 int4 (GGUF) model's forward with `torch.compile` (inductor,
+C++ backend) for this one decode shape and reports the compile time and the step time. `--profile VARIANT`
+prints torch.profiler's op table for 20 eager steps of that variant. Exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch
+from torch import nn
+
+VARIANTS = (
+    "fp32",
+    "bf16",
+    "bf16 packed",
+    "bf16 int8",
+    "bf16 int4",
+    "bf16 gguf",
+    "bf16 gguf int8-head",
+    "fp32 gguf",
+)
+
+
+@dataclass(slots=True)
+class DecodeInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: object
+    kv_cache: torch.Tensor
+
+
+def decode_inputs(model: nn.Module, context: int, block_size: int = 16) -> DecodeInputs:
+    """One sequence, one new token at position `context - 1`, blocks 1.. of a zeroed cache (block 0 is null)."""
+    from inference.metadata import AttentionMetadata
+    from inference.model_runner import allocate_kv_cache
+
+    config = model.config
+    blocks = -(-context // block_size)
+    kv = allocate_kv_cache(config, blocks + 1, block_size, torch.device("cpu"))
+    pos = context - 1
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor([(1 + pos // block_size) * block_size + pos % block_size]),
+        query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
+        context_lens=torch.tensor([context], dtype=torch.int32),
+        block_tables=torch.arange(1, blocks + 1, dtype=torch.int32).reshape(1, blocks),
+        max_query_len=1,
+        max_context_len=context,
+        block_size=block_size,
+    )
+    return DecodeInputs(torch.tensor([1234]), torch.tensor([pos]), meta, kv)
+
+
+def step_fn(
+    model: nn.Module, inputs: DecodeInputs, forward: Callable | None = None
+) -> Callable[[], torch.Tensor]:
+    fwd = forward or model
+
+    def step() -> torch.Tensor:
+        inputs.meta.backend_cache = None
+        with torch.inference_mode():
+            hidden = fwd(inputs.input_ids, inputs.positions, inputs.meta, inputs.kv_cache)
+            return model.compute_logits(hidden)
+
+    return step
+
+
+def build_variants(names: list[str]) -> dict[str, nn.Module]:
+    from inference.cpu_linear import pack_linear_weights
+    from inference.gguf_quant import gguf_quant_weights, install_quant_weights
+    from inference.loader import load_model, smollm2_gguf_path
+    from inference.quant import quantize_model
+
+    models: dict[str, nn.Module] = {}
+    base: dict[str, nn.Module] = {}
+
+    def loaded(dtype: str) -> nn.Module:
+        if dtype not in base:
+            base[dtype] = load_model("smollm2-135m-instruct", dtype=dtype).model
+        return copy.deepcopy(base[dtype])
+
+    gguf: dict[str, object] = {}
+
+    def gguf_weights(head: str | None) -> dict:
+        key = head or "same"
+        if key not in gguf:
+            gguf[key] = gguf_quant_weights(smollm2_gguf_path(), "auto", head_mode=head)[0]  # type: ignore[arg-type]
+        return gguf[key]  # type: ignore[return-value]
+
+    for name in names:
+        dtype = "float32" if name.startswith("fp32") else "bfloat16"
+        m = loaded(dtype)
+        if name == "bf16 packed":
+            pack_linear_weights(m)
+        elif name == "bf16 int8":
+            quantize_model(m, "int8")
+        elif name == "bf16 int4":
+            quantize_model(m, "int4", group_size=32)
+        elif name in ("bf16 gguf", "fp32 gguf"):
+            install_quant_weights(m, gguf_weights(None))
+        elif name == "bf16 gguf int8-head":
+            install_quant_weights(m, gguf_weights("int8"))
+        models[name] = m
+    return models
+
+
+def time_steps(fn: Callable[[], torch.Tensor], steps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--profile", default="", help="a variant to profile with torch.profiler")
+    args = ap.parse_args()
+    from inference.model_runner import configure_threads
+
+    configure_threads()
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    models = build_variants(names)
+    fns = {}
+    for name, m in models.items():
+        fns[name] = step_fn(m, decode_inputs(m, args.context))
+        for _ in range(3):
+            fns[name]()
+    ref = fns[names[0]]().float()
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    print(f"load average {os.getloadavg()[0]:.2f}, {torch.get_num_threads()} threads, context {args.context}")
+    for _ in range(args.rounds):
+        for name, fn in fns.items():
+            times[name].append(time_steps(fn, args.steps))
+    base = statistics.median(times[names[0]])
+    print(
+        f"{'variant':24s} {'ms/step':>8s} {'tok/s':>7s} {'vs ' + names[0]:>10s}  logits max|diff| vs {names[0]}"
+    )
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        diff = (fns[name]().float() - ref).abs().max().item()
+        print(f"{name:24s} {med * 1e3:8.2f} {1 / med:7.1f} {base / med:9.2f}x  {diff:.3f}")
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    if args.profile:
+        profile(fns[args.profile], args.profile)
+    if args.compile:
+        compile_decode(models, args)
+
+
+def profile(fn: Callable[[], torch.Tensor], name: str) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(20):
+            fn()
+    print(f"\nprofile of 20 eager decode steps, {name}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def compile_decode(models: dict[str, nn.Module], args: argparse.Namespace) -> None:
+    """torch.compile the forward of one model for this decode shape; compile time and step time vs eager."""
+    name = "bf16 gguf" if "bf16 gguf" in models else next(iter(models))
+    m = models[name]
+    inputs = decode_inputs(m, args.context)
+    eager = step_fn(m, inputs)
+    compiled_forward = torch.compile(m.forward, dynamic=False, fullgraph=False)
+    compiled = step_fn(m, inputs, compiled_forward)
+    t0 = time.perf_counter()
+    try:
+        out = compiled()
+    except Exception as exc:  # report, not crash: this is what the benchmark is asking
+        print(f"\ntorch.compile of {name}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+        return
+    compile_s = time.perf_counter() - t0
+    for _ in range(3):
+        compiled()
+    diff = (out.float() - eager().float()).abs().max().item()
+    te, tc = [], []
+    for _ in range(args.rounds):
+        te.append(time_steps(eager, args.steps))
+        tc.append(time_steps(compiled, args.steps))
+    e, c = statistics.median(te), statistics.median(tc)
+    print(
+        f"\ntorch.compile of {name} (inductor, dynamic=False): first call {compile_s:.1f} s; "
+        f"eager {e * 1e3:.2f} ms/step, compiled {c * 1e3:.2f} ms/step ({e / c:.2f}x); logits max|diff| {diff:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
