@@ -9,14 +9,16 @@ Run `python -m benchmarks.quant_decode [--context 128] [--steps 20] [--rounds 5]
   becomes a quantized `lm_head`, the embedding stays bf16 for the lookup);
 - `bf16 gguf`: the GGUF's own blocks as int4 (Q4_1 -> int4 g32, Q8_0 head -> two int4 planes, both exact);
   `bf16 gguf int8-head`: the same with the Q8_0 head re-quantized to per-channel int8;
-- `fp32 gguf`: the GGUF int4 layers in a float32 model (the layers cast to bf16 and back).
+- `fp32 gguf`: the GGUF int4 layers in a float32 model (the layers cast to bf16 and back);
+- `fp32 w8a8`: int8 weights with activations quantized per call (fbgemm's dynamic linear), float32 model.
 
 Each step is the model's forward over one new token at position `--context - 1` against a zeroed paged cache (the
 reference attention backend, as the engine on the CPU) and `compute_logits`: what the model runner does per
 decode step, without scheduling or sampling. Variants run in interleaved rounds; the table shows the median step
 time and tokens/s. `--compile` also compiles the bf16 int4 (GGUF) model's forward with `torch.compile` (inductor,
 C++ backend) for this one decode shape and reports the compile time and the step time. `--profile VARIANT`
-prints torch.profiler's op table for 20 eager steps of that variant. Exits 0.
+prints torch.profiler's op table for 20 eager steps of that variant. `--ppl-tokens N` adds each variant's
+perplexity on the first N tokens of docs/engine.md (a quick quality check, not a standard data set). Exits 0.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ VARIANTS = (
     "bf16 gguf",
     "bf16 gguf int8-head",
     "fp32 gguf",
+    "fp32 w8a8",
 )
 
 
@@ -73,6 +76,51 @@ def decode_inputs(model: nn.Module, context: int, block_size: int = 16) -> Decod
         block_size=block_size,
     )
     return DecodeInputs(torch.tensor([1234]), torch.tensor([pos]), meta, kv)
+
+
+def prefill_inputs(model: nn.Module, ids: list[int], block_size: int = 16) -> DecodeInputs:
+    """One sequence of `ids` prefilled in one step into blocks 1.. of a zeroed cache."""
+    from inference.metadata import AttentionMetadata
+    from inference.model_runner import allocate_kv_cache
+
+    n = len(ids)
+    blocks = -(-n // block_size)
+    kv = allocate_kv_cache(model.config, blocks + 1, block_size, torch.device("cpu"))
+    pos = torch.arange(n)
+    meta = AttentionMetadata(
+        slot_mapping=(1 + pos // block_size) * block_size + pos % block_size,
+        query_start_loc=torch.tensor([0, n], dtype=torch.int32),
+        context_lens=torch.tensor([n], dtype=torch.int32),
+        block_tables=torch.arange(1, blocks + 1, dtype=torch.int32).reshape(1, blocks),
+        max_query_len=n,
+        max_context_len=n,
+        block_size=block_size,
+    )
+    return DecodeInputs(torch.tensor(ids), pos, meta, kv)
+
+
+def perplexity(model: nn.Module, ids: list[int]) -> float:
+    """exp(mean next-token NLL) of `ids` under the model, in one prefill."""
+    inputs = prefill_inputs(model, ids)
+    with torch.inference_mode():
+        hidden = model(inputs.input_ids, inputs.positions, inputs.meta, inputs.kv_cache)
+        logits = model.compute_logits(hidden[:-1])
+        nll = torch.nn.functional.cross_entropy(logits, inputs.input_ids[1:])
+    return float(torch.exp(nll))
+
+
+def text_ids(tokens: int) -> list[int]:
+    """The first `tokens` tokens of this repository's docs/engine.md (English prose with code), SmolLM2's
+    tokenizer."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from inference.loader import converted_gguf, smollm2_gguf_path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "engine.md").read_text()
+    tok = AutoTokenizer.from_pretrained(str(converted_gguf(smollm2_gguf_path())))
+    return tok(text)["input_ids"][:tokens]
 
 
 def step_fn(
@@ -118,6 +166,8 @@ def build_variants(names: list[str]) -> dict[str, nn.Module]:
             pack_linear_weights(m)
         elif name == "bf16 int8":
             quantize_model(m, "int8")
+        elif name == "fp32 w8a8":
+            quantize_model(m, "w8a8")
         elif name == "bf16 int4":
             quantize_model(m, "int4", group_size=32)
         elif name in ("bf16 gguf", "fp32 gguf"):
@@ -143,6 +193,9 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--profile", default="", help="a variant to profile with torch.profiler")
+    ap.add_argument(
+        "--ppl-tokens", type=int, default=0, help="also the perplexity of this many tokens of text"
+    )
     args = ap.parse_args()
     from inference.model_runner import configure_threads
 
@@ -169,6 +222,11 @@ def main() -> None:
         diff = (fns[name]().float() - ref).abs().max().item()
         print(f"{name:24s} {med * 1e3:8.2f} {1 / med:7.1f} {base / med:9.2f}x  {diff:.3f}")
     print(f"load average {os.getloadavg()[0]:.2f}")
+    if args.ppl_tokens:
+        ids = text_ids(args.ppl_tokens)
+        print(f"\nperplexity of the first {len(ids)} tokens of docs/engine.md (one prefill)")
+        for name, m in models.items():
+            print(f"  {name:24s} {perplexity(m, ids):8.3f}")
     if args.profile:
         profile(fns[args.profile], args.profile)
     if args.compile:

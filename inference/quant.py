@@ -44,8 +44,9 @@ from inference.errors import ModelLoadError
 
 log = structlog.get_logger(__name__)
 
-QuantMode = Literal["none", "int8", "int4"]
-QUANT_MODES: tuple[str, ...] = ("none", "int8", "int4")
+# "w8a8": int8 weights and dynamically quantized int8 activations (fbgemm), an experiment (DynamicInt8Linear)
+QuantMode = Literal["none", "int8", "int4", "w8a8"]
+QUANT_MODES: tuple[str, ...] = ("none", "int8", "int4", "w8a8")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_GROUP_SIZE = 32
 KernelName = Literal["int8", "int4"]
@@ -299,6 +300,51 @@ class QuantLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
 
+class DynamicInt8Linear(nn.Module):
+    """W8A8 dynamic: per-channel int8 weights, and activations quantized to uint8 per call (one scale per call,
+    from the batch's min/max), multiplied in int8 by fbgemm (`quantized::linear_dynamic`, AVX2 and up) in float32.
+    Not weight-only: the activation rounding changes the numerics (as llama.cpp's Q8 activations do); measured
+    faster than every weight-only kernel here from 1 to 64 rows (docs/quant_notes.md). torch 2.13 warns that
+    its quantized-tensor API is deprecated: an experiment, not a default."""
+
+    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the deprecation notice of quantized tensors
+            q = torch._make_per_channel_quantized_tensor(
+                weight.qweight, weight.scales.double(), torch.zeros(self.out_features, dtype=torch.long), 0
+            )
+        b = None if bias is None else bias.detach().float()
+        self.packed = torch.ops.quantized.linear_prepack(q, b)
+        self.weight_nbytes = weight.qweight.numel() + 8 * self.out_features
+
+    def weight_bytes(self) -> int:
+        return self.weight_nbytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        lead = x.shape[:-1]
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float(), self.packed)
+        return y.to(dtype).reshape(*lead, self.out_features)
+
+
+@functools.cache
+def dynamic_int8_available() -> bool:
+    """Whether fbgemm's dynamic int8 linear runs here (x86 with AVX2 or better)."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False
+    try:
+        layer = DynamicInt8Linear(quantize_int8(torch.randn(16, 32)))
+        layer(torch.randn(2, 32))
+    except (RuntimeError, AttributeError) as exc:
+        log.info("dynamic_int8_unavailable", reason=str(exc).splitlines()[0][:200])
+        return False
+    return True
+
+
 def dequantize_linear(layer: QuantLinear) -> torch.Tensor:
     """The `[N, K]` weight the layer multiplies by, read back through its own kernel with an identity input (as
     float32; the kernel's bf16 output rounds each value to bf16, and a sum of planes is rounded once per plane):
@@ -376,7 +422,7 @@ def quantize_model(
     with torch.no_grad():
         for parent, child_name, child in targets:
             layer = _quantized_layer(child.weight, child.bias, mode, group_size)
-            report.fallback_layers += int(layer.fallback)
+            report.fallback_layers += int(getattr(layer, "fallback", False))
             report.layers += 1
             setattr(parent, child_name, layer)
         embed = getattr(model, "embed_tokens", None)
@@ -388,7 +434,7 @@ def quantize_model(
             and embed.weight.device.type == "cpu"
         ):
             head = _quantized_layer(embed.weight, None, mode, group_size)
-            report.fallback_layers += int(head.fallback)
+            report.fallback_layers += int(getattr(head, "fallback", False))
             report.layers += 1
             model.lm_head = head
             if getattr(model, "packed_head", None) is not None:
@@ -410,7 +456,13 @@ def _quantized_layer(
     bias: torch.Tensor | None,
     mode: QuantMode,
     group_size: int,
-) -> QuantLinear:
+) -> QuantLinear | DynamicInt8Linear:
+    if mode == "w8a8":
+        if not dynamic_int8_available():
+            raise QuantError(
+                "w8a8 needs fbgemm, which this torch build or CPU lacks", hint="use int8 or int4"
+            )
+        return DynamicInt8Linear(quantize_int8(weight), bias)
     if mode == "int8":
         return QuantLinear(quantize_int8(weight), bias)
     return QuantLinear([quantize_int4(weight, group_size)], bias)
