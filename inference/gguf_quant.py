@@ -108,15 +108,17 @@ def _as_int8(w: QuantWeight) -> Int8Weight:
     return quantize_int8(dequantize_weight(w))
 
 
-def convert_tensor(tensor: Any, mode: GGUFMode) -> QuantWeight:
-    """One GGUF matrix (a `ReaderTensor`) in our layout. `auto`: int4 planes for the types that map exactly
-    (INT4_TYPES), int8 re-quantized per row otherwise (Q6_K); float tensors are quantized (int4 g32 in
-    `auto`/`int4`, per-channel int8 in `int8`)."""
+def convert_tensor(tensor: Any, mode: GGUFMode) -> QuantWeight | None:
+    """One GGUF matrix (a `ReaderTensor`) in our layout. `auto` keeps the file's choice: int4 planes for the types
+    that map exactly (INT4_TYPES), int8 re-quantized per row otherwise (Q6_K), and None for float tensors (they
+    stay on the float path). `int4`/`int8` re-target every tensor, float ones quantized like ISQ."""
     from gguf import GGMLQuantizationType as T
 
     shape = _torch_shape(tensor)
     qtype = T(int(tensor.tensor_type))
     if qtype.name in FLOAT_TYPES:
+        if mode == "auto":
+            return None
         from gguf.quants import dequantize
 
         w = torch.from_numpy(np.ascontiguousarray(dequantize(tensor.data, qtype)).reshape(shape))
@@ -162,6 +164,8 @@ def gguf_quant_weights(
             continue
         module, shard = _LAYER_LINEARS[parts[2]]
         w = convert_tensor(tensor, mode)
+        if w is None:
+            continue  # a float tensor in `auto`: the float loader keeps it
         if unpermute_qk and parts[2] in ("attn_q", "attn_k"):
             rows = _unpermute_rows(_torch_shape(tensor)[0], n_head if parts[2] == "attn_q" else n_kv)
             w = _take_rows(w, rows)
@@ -174,11 +178,14 @@ def gguf_quant_weights(
     for full, got in shards.items():
         need = _SHARDS[full.split(".", 2)[2]]
         if sorted(got) != list(range(need)):
-            raise QuantError(f"GGUF file {path} lacks shards of {full}: has {sorted(got)}")
+            # in `auto`, some shards float and some quantized: the whole fused layer stays on the float path
+            if mode != "auto":
+                raise QuantError(f"GGUF file {path} lacks shards of {full}: has {sorted(got)}")
+            continue
         out[full] = _stack_rows([got[i] for i in range(need)])
     head = by_name.get("output.weight") or by_name.get("token_embd.weight")
-    if head is not None:
-        hw = convert_tensor(head, head_mode or mode)
+    hw = None if head is None else convert_tensor(head, head_mode or mode)
+    if head is not None and hw is not None:
         _count(counts, head, hw)
         out["lm_head"] = hw
     report = GGUFQuantReport(counts, sum(_bytes(w) for w in out.values()))
