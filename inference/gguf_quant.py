@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from inference.quant import (
     quantize_int4,
     quantize_int8,
 )
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 GGUFMode = Literal["int4", "int8", "auto"]
 
@@ -129,7 +132,7 @@ def convert_tensor(tensor: Any, mode: GGUFMode) -> QuantWeight | None:
 
 
 def gguf_quant_weights(
-    path: str | Path,
+    path: str | Path | GGUFReader,
     mode: GGUFMode = "auto",
     *,
     head_mode: GGUFMode | None = None,
@@ -137,10 +140,11 @@ def gguf_quant_weights(
 ) -> tuple[dict[str, QuantWeight], GGUFQuantReport]:
     """`{our module name: QuantWeight}` for every linear of the GGUF model at `path` (`layers.3.mlp.down_proj`,
     `lm_head`); `head_mode` for the output head (default `mode`). `unpermute_qk` defaults to the `llama`
-    architecture's need (its converter interleaves q/k rows for llama.cpp's RoPE)."""
+    architecture's need (its converter interleaves q/k rows for llama.cpp's RoPE). `path` may be an open
+    `GGUFReader` (parsing one takes seconds: its tokenizer's strings)."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(path))
+    reader = path if isinstance(path, GGUFReader) else GGUFReader(str(path))
     arch_field = reader.fields.get("general.architecture")
     arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else "unknown"
     if unpermute_qk is None:
@@ -149,7 +153,7 @@ def gguf_quant_weights(
     def scalar(key: str) -> int:
         field = reader.fields.get(f"{arch}.{key}")
         if field is None:
-            raise QuantError(f"GGUF file {path} has no {arch}.{key}")
+            raise QuantError(f"GGUF file {reader.data.filename} has no {arch}.{key}")
         return int(field.parts[field.data[0]][0])
 
     n_head = scalar("attention.head_count")
@@ -180,7 +184,9 @@ def gguf_quant_weights(
         if sorted(got) != list(range(need)):
             # in `auto`, some shards float and some quantized: the whole fused layer stays on the float path
             if mode != "auto":
-                raise QuantError(f"GGUF file {path} lacks shards of {full}: has {sorted(got)}")
+                raise QuantError(
+                    f"GGUF file {reader.data.filename} lacks shards of {full}: has {sorted(got)}"
+                )
             continue
         out[full] = _stack_rows([got[i] for i in range(need)])
     head = by_name.get("output.weight") or by_name.get("token_embd.weight")

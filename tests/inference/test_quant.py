@@ -327,17 +327,19 @@ def smollm2_reader() -> Iterator[GGUFReader]:
 @pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "blk.7.ffn_down.weight", "token_embd.weight"])
 def test_smollm2_tensors_convert_exactly(smollm2_reader: GGUFReader, name: str) -> None:
     tensor = next(t for t in smollm2_reader.tensors if t.name == name)
-    shape = (int(tensor.shape[1]), int(tensor.shape[0]))
-    want = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
-    got = dequantize_weight(gguf_to_int4(tensor.data, tensor.tensor_type, shape)).numpy()
+    data = tensor.data[:4096]  # the embedding's first 4096 rows are enough
+    shape = (int(data.shape[0]), int(tensor.shape[0]))
+    want = dequantize(data, tensor.tensor_type).reshape(shape)
+    got = dequantize_weight(gguf_to_int4(data, tensor.tensor_type, shape)).numpy()
     np.testing.assert_array_equal(got, want)
 
 
 def test_smollm2_layers_map_onto_our_fused_parameters(smollm2_reader: GGUFReader) -> None:
     """q/k/v stack into qkv_proj with llama.cpp's q/k row interleaving undone, as the float loader does."""
-    weights, report = gguf_quant_weights(smollm2_gguf_path(), "auto", head_mode="int8")
-    assert report.tensors == {"Q4_1->int4x1": 210, "Q8_0->int8": 1}
-    assert isinstance(weights["lm_head"], Int8Weight)
+    weights, report = gguf_quant_weights(smollm2_reader, "auto")
+    assert report.tensors == {"Q4_1->int4x1": 210, "Q8_0->int4x2": 1}  # the tied head from the Q8_0 embedding
+    head = weights["lm_head"]
+    assert isinstance(head, list) and len(head) == 2 and head[0].shape == (49152, 576)
     by_name = {t.name: t for t in smollm2_reader.tensors}
 
     def deq(name: str) -> torch.Tensor:
