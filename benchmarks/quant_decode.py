@@ -8,7 +8,8 @@ Run `python -m benchmarks.quant_decode [--context 128] [--steps 20] [--rounds 5]
 - `bf16 int8`, `bf16 int4`: in-situ quantization of the bf16 model (inference.quant.quantize_model; the tied head
   becomes a quantized `lm_head`, the embedding stays bf16 for the lookup);
 - `bf16 gguf`: the GGUF's own blocks as int4 (Q4_1 -> int4 g32, Q8_0 head -> two int4 planes, both exact);
-  `bf16 gguf int8-head`: the same with the Q8_0 head re-quantized to per-channel int8;
+  `bf16 gguf int8-head`: the same with the Q8_0 head re-quantized to per-channel int8; `bf16 gguf compact`: that,
+  and the embedding lookup reading the head's int8 codes (one copy of the table);
 - `fp32 gguf`: the GGUF int4 layers in a float32 model (the layers cast to bf16 and back);
 - `fp32 w8a8`: int8 weights with activations quantized per call (fbgemm's dynamic linear), float32 model.
 
@@ -45,6 +46,7 @@ VARIANTS = (
     "bf16 int4",
     "bf16 gguf",
     "bf16 gguf int8-head",
+    "bf16 gguf compact",
     "fp32 gguf",
     "fp32 w8a8",
 )
@@ -141,7 +143,7 @@ def step_fn(
 
 def build_variants(names: list[str]) -> dict[str, nn.Module]:
     from inference.cpu_linear import pack_linear_weights
-    from inference.gguf_quant import gguf_quant_weights, install_quant_weights
+    from inference.gguf_quant import gguf_quant_weights, install_quant_weights, tie_embedding_to_head
     from inference.loader import load_model, smollm2_gguf_path
     from inference.quant import quantize_model
 
@@ -176,6 +178,9 @@ def build_variants(names: list[str]) -> dict[str, nn.Module]:
             install_quant_weights(m, gguf_weights(None))
         elif name == "bf16 gguf int8-head":
             install_quant_weights(m, gguf_weights("int8"))
+        elif name == "bf16 gguf compact":
+            install_quant_weights(m, gguf_weights("int8"))
+            tie_embedding_to_head(m)
         models[name] = m
     return models
 

@@ -24,6 +24,7 @@ from torch import nn
 from inference.quant import (
     Int4Weight,
     Int8Weight,
+    QuantEmbedding,
     QuantError,
     QuantLinear,
     QuantWeight,
@@ -227,3 +228,18 @@ def install_quant_weights(model: nn.Module, weights: dict[str, QuantWeight]) -> 
     if hasattr(model, "packed_head"):
         model.packed_head = None
     return done
+
+
+def tie_embedding_to_head(model: nn.Module) -> bool:
+    """Give a model whose `lm_head` is a per-channel int8 `QuantLinear` an embedding that reads the same int8 codes
+    (`QuantEmbedding.shared_with`): one copy of the table instead of a bf16 embedding plus a quantized head. Lossy for
+    the lookup when the head was re-quantized (Q8_0 -> int8 per row). Returns whether it did."""
+    head = getattr(model, "lm_head", None)
+    embed = getattr(model, "embed_tokens", None)
+    if not (isinstance(head, QuantLinear) and head.mode == "int8" and not head.fallback):
+        return False
+    if not isinstance(embed, nn.Embedding) or embed.weight.shape != (head.out_features, head.in_features):
+        return False
+    shared = Int8Weight(head.qweight0, head.scales0.float())
+    model.embed_tokens = QuantEmbedding.shared_with(shared, embed.weight.dtype)
+    return True

@@ -300,6 +300,58 @@ class QuantLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
 
+class QuantEmbedding(nn.Module):
+    """An embedding table held as int8 rows: `table[i] = codes[i] * scales[i]`, with one scale per row
+    (`scales` [V]: the per-channel `Int8Weight` of a tied head, so that head and lookup share one copy) or one per
+    group of 32 columns (`scales` [V, H / 32]: GGUF Q8_0 blocks, exact). Rows are dequantized on lookup, in float32,
+    then cast to `dtype`."""
+
+    def __init__(
+        self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+    ) -> None:
+        super().__init__()
+        if codes.dtype != torch.int8 or codes.dim() != 2:
+            raise QuantError("an int8 embedding needs int8 [rows, dim] codes")
+        rows, dim = codes.shape
+        per_row = scales.dim() == 1
+        if scales.shape[0] != rows or (not per_row and dim % scales.shape[1]):
+            raise QuantError(f"embedding scales {tuple(scales.shape)} do not fit codes {tuple(codes.shape)}")
+        self.num_embeddings, self.embedding_dim = int(rows), int(dim)
+        self.group_size = dim if per_row else dim // int(scales.shape[1])
+        self.dtype = dtype
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales if per_row else scales.float())
+
+    @classmethod
+    def shared_with(cls, head: Int8Weight, dtype: torch.dtype = torch.bfloat16) -> QuantEmbedding:
+        """The lookup of a tied head's per-channel int8 weight, sharing its codes (no second copy)."""
+        return cls(head.qweight, head.scales, dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = self.codes.index_select(0, flat).float()
+        scales = self.scales.index_select(0, flat).float()
+        if scales.dim() == 1:
+            out = rows * scales[:, None]
+        else:
+            out = (rows.view(flat.shape[0], -1, self.group_size) * scales[..., None]).view(flat.shape[0], -1)
+        return out.to(self.dtype).reshape(*ids.shape, self.embedding_dim)
+
+
+def gguf_q8_0_embedding(
+    data: np.ndarray, shape: Sequence[int], dtype: torch.dtype = torch.bfloat16
+) -> QuantEmbedding:
+    """A GGUF Q8_0 embedding table `[rows, dim]` as a `QuantEmbedding`, exact: its int8 values and fp16 block
+    scales (as float32), 1.125 bytes a value instead of bf16's 2."""
+    rows = int(shape[0])
+    b = _blocks(data, rows, 34)
+    if b.shape[1] * 32 != int(shape[1]):
+        raise QuantError(f"Q8_0 data of {b.shape[1]} blocks a row does not match {int(shape[1])} columns")
+    codes = torch.from_numpy(np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(rows, -1))
+    scales = torch.from_numpy(_f16(b[..., 0:2]))
+    return QuantEmbedding(codes, scales, dtype)
+
+
 class DynamicInt8Linear(nn.Module):
     """W8A8 dynamic: per-channel int8 weights, and activations quantized to uint8 per call (one scale per call,
     from the batch's min/max), multiplied in int8 by fbgemm (`quantized::linear_dynamic`, AVX2 and up) in float32.

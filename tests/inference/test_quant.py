@@ -16,7 +16,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize, quantize
 
 from inference.errors import EngineError, ModelLoadError
-from inference.gguf_quant import gguf_quant_weights
+from inference.gguf_quant import gguf_quant_weights, tie_embedding_to_head
 from inference.loader import _unpermute, smollm2_gguf_path
 from inference.metadata import AttentionMetadata
 from inference.models.llama import LlamaForCausalLM
@@ -24,14 +24,17 @@ from inference.quant import (
     KERNEL_DTYPE,
     Int4Weight,
     Int8Weight,
+    QuantEmbedding,
     QuantLinear,
     UnsupportedQuantTypeError,
     as_kernel_sees,
     dequantize_linear,
     dequantize_weight,
+    gguf_q8_0_embedding,
     gguf_to_int4,
     gguf_to_int8,
     kernel_available,
+    model_weight_bytes,
     quantize_int4,
     quantize_int8,
     quantize_model,
@@ -358,3 +361,38 @@ def test_smollm2_layers_map_onto_our_fused_parameters(smollm2_reader: GGUFReader
     assert torch.equal(dequantize_weight(fused), qkv)
     gate_up = torch.cat([deq("blk.5.ffn_gate.weight"), deq("blk.5.ffn_up.weight")])
     assert torch.equal(dequantize_weight(weights["layers.5.mlp.gate_up_proj"]), gate_up)
+
+
+# ---- int8 embeddings -------------------------------------------------------------------------------------------
+
+
+def test_q8_0_embedding_looks_up_exact_rows() -> None:
+    w = _weight(100, 64).numpy()
+    raw = quantize(w, T.Q8_0)
+    table = torch.from_numpy(dequantize(raw, T.Q8_0).reshape(100, 64))
+    emb = gguf_q8_0_embedding(raw, (100, 64), torch.float32)
+    ids = torch.tensor([[0, 1, 99], [5, 5, 42]])
+    got = emb(ids)
+    assert got.shape == (2, 3, 64) and torch.equal(got, table[ids])
+    assert got.dtype == torch.float32
+    with pytest.raises(ModelLoadError, match="blocks a row"):
+        gguf_q8_0_embedding(raw, (100, 96))
+
+
+@needs_int8
+def test_tied_int8_head_and_embedding_share_one_table() -> None:
+    model = _tiny_model(torch.bfloat16)
+    quantize_model(model, "int8")
+    assert isinstance(model.lm_head, QuantLinear)
+    before = model_weight_bytes(model)
+    assert tie_embedding_to_head(model)
+    assert isinstance(model.embed_tokens, QuantEmbedding)
+    assert model.embed_tokens.codes.data_ptr() == model.lm_head.qweight0.data_ptr()
+    # the bf16 table (96 x 64) is gone; the shared codes are counted once
+    assert model_weight_bytes(model) == before - 96 * 64 * 2 + 96 * 4
+    ids = torch.tensor([3, 1, 4])
+    head = model.lm_head
+    want = (head.qweight0.float() * head.scales0.float()[:, None])[ids].bfloat16()
+    assert torch.equal(model.embed_tokens(ids), want)
+    assert _forward_logits(model).isfinite().all()
+    assert not tie_embedding_to_head(_tiny_model(torch.bfloat16))  # no int8 head: nothing to share
