@@ -205,6 +205,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     from inference.model_runner import configure_threads
+    from inference.quant import model_weight_bytes
 
     configure_threads()
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
@@ -222,12 +223,14 @@ def main() -> None:
             times[name].append(time_steps(fn, args.steps))
     base = statistics.median(times[names[0]])
     print(
-        f"{'variant':24s} {'ms/step':>8s} {'tok/s':>7s} {'vs ' + names[0]:>10s}  logits max|diff| vs {names[0]}"
+        f"{'variant':24s} {'ms/step':>8s} {'tok/s':>7s} {'vs ' + names[0]:>10s} {'weights MiB':>12s}"
+        f"  logits max|diff| vs {names[0]}"
     )
     for name, ts in times.items():
         med = statistics.median(ts)
         diff = (fns[name]().float() - ref).abs().max().item()
-        print(f"{name:24s} {med * 1e3:8.2f} {1 / med:7.1f} {base / med:9.2f}x  {diff:.3f}")
+        mib = model_weight_bytes(models[name]) / 2**20
+        print(f"{name:24s} {med * 1e3:8.2f} {1 / med:7.1f} {base / med:9.2f}x {mib:12.1f}  {diff:.3f}")
     print(f"load average {os.getloadavg()[0]:.2f}")
     if args.ppl_tokens:
         ids = text_ids(args.ppl_tokens)

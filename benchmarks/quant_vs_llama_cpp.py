@@ -9,7 +9,8 @@ our variants, since the cores are shared; the table shows medians and the ratio 
 
 - `bf16 packed`: the engine's CPU default today (oneDNN-packed bf16 linears);
 - `gguf int4`: the GGUF's Q4_1 layers as int4 g32 and its Q8_0 head as two int4 planes (both exact);
-- `gguf int4 int8-head`: the same with the head re-quantized to per-channel int8 (inference/gguf_quant.py).
+- `gguf int4 int8-head`: the same with the head re-quantized to per-channel int8 (inference/gguf_quant.py);
+- `gguf compact`: that, with the embedding lookup reading the head's int8 codes (weights smaller than the file).
 
 Exits 0.
 """
@@ -33,19 +34,21 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 DEFAULT_LLAMA_PYTHON = "/work/peers/llama-venv/bin/python"
-VARIANTS = ("bf16 packed", "gguf int4", "gguf int4 int8-head")
+VARIANTS = ("bf16 packed", "gguf int4", "gguf int4 int8-head", "gguf compact")
 
 
 def build_engine(variant: str) -> Any:
     from inference.engine import LLMEngine
-    from inference.gguf_quant import gguf_quant_weights, install_quant_weights
+    from inference.gguf_quant import gguf_quant_weights, install_quant_weights, tie_embedding_to_head
     from inference.loader import load_model, smollm2_gguf_path
 
     loaded = load_model(dtype="bfloat16")
     if variant != "bf16 packed":
-        head = "int8" if variant.endswith("int8-head") else None
+        head = "int8" if variant.endswith(("int8-head", "compact")) else None
         weights, _ = gguf_quant_weights(smollm2_gguf_path(), "auto", head_mode=head)  # type: ignore[arg-type]
         install_quant_weights(loaded.model, weights)
+        if variant == "gguf compact":
+            tie_embedding_to_head(loaded.model)
     return LLMEngine(loaded, kv_cache_memory=256 * 2**20, max_model_len=2048, max_num_seqs=8)
 
 
