@@ -13,7 +13,9 @@ ISQ) and reports the weight bytes before and after. A weight may be a sum of int
 that is how GGUF types with more than 4 bits per value (Q8_0, Q5_K) stay exact with the int4 kernel.
 
 `gguf_to_int8` / `gguf_to_int4` take a GGUF tensor's raw blocks (as `gguf.GGUFReader` gives them: uint8
-`[rows, bytes per row]`) and produce our codes and scales without a float copy of the weight:
+`[rows, bytes per row]`) and produce our codes and float32 scales without a float copy of the weight. "Exact"
+below is of those codes and scales against `gguf.quants.dequantize`; the kernels then hold the scales in bf16
+(8 significant bits against fp16's 11), a relative error of at most 2^-8 per scale (docs/quant_notes.md):
 
 | GGUF type | our layout | exact? |
 | --- | --- | --- |
@@ -24,8 +26,10 @@ that is how GGUF types with more than 4 bits per value (Q8_0, Q5_K) stay exact w
 | Q8_0 | two int4 planes (high nibble, low nibble), group 32, or int8 re-quantized per row | planes: yes; int8: no |
 | Q6_K | int8 re-quantized per row (16-wide sub-blocks: no int4 group of 16) | no |
 
-Other types raise `UnsupportedQuantTypeError` naming the type. Kernels are probed once per process on a tiny
-weight (`kernel_available`): a CPU or torch build without one falls back to dequantized weights.
+Other types raise `UnsupportedQuantTypeError` naming the type. `QuantEmbedding` holds an embedding table as int8
+rows (Q8_0's own blocks, or the codes of a tied int8 head). Kernels are probed once per process on a tiny weight
+(`kernel_available`) and shapes checked (`kernel_fits`): a CPU, torch build or shape without one falls back to
+dequantized weights.
 """
 
 from __future__ import annotations
