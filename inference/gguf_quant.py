@@ -28,6 +28,7 @@ from inference.quant import (
     QuantError,
     QuantLinear,
     QuantWeight,
+    dequantize_weight,
     gguf_to_int4,
     gguf_to_int8,
     quantize_int4,
@@ -105,11 +106,7 @@ def _stack_rows(parts: Sequence[QuantWeight]) -> QuantWeight:
 
 
 def _as_int8(w: QuantWeight) -> Int8Weight:
-    if isinstance(w, Int8Weight):
-        return w
-    from inference.quant import dequantize_weight
-
-    return quantize_int8(dequantize_weight(w))
+    return w if isinstance(w, Int8Weight) else quantize_int8(dequantize_weight(w))
 
 
 def convert_tensor(tensor: Any, mode: GGUFMode) -> QuantWeight | None:
