@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import structlog
 
-from inference.config import EngineConfig
+from inference.config import DEFAULT_QUANTIZE_GROUP_SIZE, EngineConfig
 from inference.engine import LLMEngine, Prompt, RequestOutput
 from inference.errors import EngineError, EngineStoppedError, RequestError
 from inference.metrics import EngineMetrics
@@ -79,12 +79,22 @@ class AsyncEngine:
         device: str = "cpu",
         load_format: str = "auto",
         progress: bool = False,
+        quantize: str = "auto",
+        quantize_group_size: int = DEFAULT_QUANTIZE_GROUP_SIZE,
     ) -> AsyncEngine:
-        """Load a model (see inference.loader.load_model) and start an engine on it with `config`'s settings
-        (the defaults when None)."""
+        """Load a model (see inference.loader.load_model: `quantize` is "auto", "none", "int8" or "int4") and
+        start an engine on it with `config`'s settings (the defaults when None)."""
         from inference.loader import load_model
 
-        loaded = load_model(source, dtype=dtype, device=device, load_format=load_format, progress=progress)
+        loaded = load_model(
+            source,
+            dtype=dtype,
+            device=device,
+            load_format=load_format,
+            progress=progress,
+            quantize=quantize,
+            quantize_group_size=quantize_group_size,
+        )
         return cls(LLMEngine(loaded, config))
 
     # ---- the async side ------------------------------------------------------------------------------

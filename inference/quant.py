@@ -8,28 +8,35 @@ Two layouts, each run by a torch CPU kernel that reads the quantized weight and 
   `aten._convert_weight_to_int4pack_for_cpu` (the packed layout depends on the CPU's vector width: pack at load,
   never cache it on disk).
 
-`QuantLinear` replaces an `nn.Linear`; `quantize_model` swaps a model's linears in place (in-situ quantization,
-ISQ) and reports the weight bytes before and after. A weight may be a sum of int4 planes (`Int4Weight` list):
-that is how GGUF types with more than 4 bits per value (Q8_0, Q5_K) stay exact with the int4 kernel.
+Both kernels are vectorized for bfloat16 only (their float32 path is scalar, 10-40x slower), so `QuantLinear`
+runs them in bf16 and casts other inputs in and out. They tile the rows by four and re-read the weight per tile:
+fastest at decode sizes, slower than a dense bf16 matmul from about 16 rows (int8) or 64 rows (int4). Above those
+row counts (`DENSE_ROWS`) a layer dequantizes its weight to bf16, a slice at a time, and runs a dense matmul: the
+weights stay quantized in memory and prefill is not held back by the decode kernels (docs/engine.md).
 
-`gguf_to_int8` / `gguf_to_int4` take a GGUF tensor's raw blocks (as `gguf.GGUFReader` gives them: uint8
-`[rows, bytes per row]`) and produce our codes and float32 scales without a float copy of the weight. "Exact"
-below is of those codes and scales against `gguf.quants.dequantize`; the kernels then hold the scales in bf16
-(8 significant bits against fp16's 11), a relative error of at most 2^-8 per scale (docs/quant_notes.md):
+`QuantLinear` replaces an `nn.Linear`; `quantize_model` swaps a model's linears in place (in-situ quantization,
+ISQ; the output head always per-channel int8: int4 there costs ~4% perplexity) and reports the weight bytes
+before and after. A weight may be a sum of int4 planes (`Int4Weight` list): that is how GGUF types with more than 4
+bits per value (Q8_0, Q5_K) can stay exact with the int4 kernel.
+
+`gguf_to_int8` / `gguf_to_int4` take a GGUF tensor's raw blocks (uint8 `[rows, bytes per row]`, as
+`inference.gguf_file` and `gguf.GGUFReader` give them) and produce our codes and float32 scales without a float
+copy of the weight. "Exact" below is of those codes and scales against `gguf.quants.dequantize`; the kernels then
+hold the scales in bf16 (8 significant bits against fp16's 11), a relative error of at most 2^-8 per scale:
 
 | GGUF type | our layout | exact? |
 | --- | --- | --- |
 | Q4_0 | int4, group 32, scale d, zero 0 | yes |
 | Q4_1 | int4, group 32, scale d, zero m + 8d | yes up to fp32 rounding of the zero (<= 1 ulp) |
 | Q4_K | int4, group 32, scale d*sc, zero 8*d*sc - dmin*m | yes up to fp32 rounding of the zero |
-| Q5_K | two int4 planes (high bit, low nibble), group 32 | yes up to fp32 rounding of the zero |
+| Q5_K | two int4 planes (high bit, low nibble), group 32, or int8 re-quantized per row | planes: yes; int8: no |
 | Q8_0 | two int4 planes (high nibble, low nibble), group 32, or int8 re-quantized per row | planes: yes; int8: no |
 | Q6_K | int8 re-quantized per row (16-wide sub-blocks: no int4 group of 16) | no |
 
 Other types raise `UnsupportedQuantTypeError` naming the type. `QuantEmbedding` holds an embedding table as int8
 rows (Q8_0's own blocks, or the codes of a tied int8 head). Kernels are probed once per process on a tiny weight
-(`kernel_available`) and shapes checked (`kernel_fits`): a CPU, torch build or shape without one falls back to
-dequantized weights.
+(`kernel_available`) and shapes checked (`kernel_fits`): a CPU, torch build or shape without one keeps the layer
+dequantized (logged), never an error in the middle of a generation.
 """
 
 from __future__ import annotations
@@ -44,26 +51,20 @@ import structlog
 import torch
 from torch import nn
 
-from inference.errors import ModelLoadError
+from inference.config import DEFAULT_QUANTIZE_GROUP_SIZE, QUANTIZE_GROUP_SIZES
+from inference.errors import QuantError, UnsupportedQuantTypeError
 
 log = structlog.get_logger(__name__)
 
-# "w8a8": int8 weights and dynamically quantized int8 activations (fbgemm), an experiment (DynamicInt8Linear)
-QuantMode = Literal["none", "int8", "int4", "w8a8"]
-QUANT_MODES: tuple[str, ...] = ("none", "int8", "int4", "w8a8")
-INT4_GROUP_SIZES = (32, 64, 128, 256)
-DEFAULT_GROUP_SIZE = 32
 KernelName = Literal["int8", "int4"]
 # The dtype the kernels run in: torch vectorizes them on x86 for bfloat16 only.
 KERNEL_DTYPE = torch.bfloat16
-
-
-class QuantError(ModelLoadError):
-    """A weight cannot be quantized or loaded into our quantized layouts."""
-
-
-class UnsupportedQuantTypeError(QuantError):
-    """A GGUF tensor is stored in a quantization type we cannot load into our int8/int4 layouts."""
+# Above this many rows a layer dequantizes its weight and runs a dense bf16 matmul instead of the kernel
+# (measured on AVX512 with 2 threads: the int8 kernel loses to the dense path from ~32 rows, int4 from ~128 at
+# SmolLM2's shapes; docs/engine.md, benchmarks/quant_kernels.py --dense).
+DENSE_ROWS: dict[KernelName, int] = {"int8": 16, "int4": 64}
+# Dense path: dequantize at most about this many weights at a time (a few MB of bf16, reused by the allocator)
+_DENSE_CHUNK = 1 << 21
 
 
 # ---- unpacked codes ------------------------------------------------------------------------------------------
@@ -131,14 +132,21 @@ def dequantize_weight(weight: QuantWeight) -> torch.Tensor:
     return total
 
 
+def quant_weight_bytes(weight: QuantWeight) -> int:
+    """Bytes in the kernels' layouts (int4 codes packed two per byte, bf16 scales and zeros)."""
+    if isinstance(weight, Int8Weight):
+        return weight.qweight.numel() + 2 * weight.scales.numel()
+    return sum(p.codes.numel() // 2 + 2 * (p.scales.numel() + p.zeros.numel()) for p in weight)
+
+
 # ---- quantizing float weights (ISQ) ---------------------------------------------------------------------------
 
 
 def check_group_size(group_size: int, in_features: int) -> None:
-    if group_size not in INT4_GROUP_SIZES:
+    if group_size not in QUANTIZE_GROUP_SIZES:
         raise QuantError(
             f"int4 group size {group_size} is not supported",
-            hint=f"use one of {', '.join(map(str, INT4_GROUP_SIZES))}",
+            hint=f"use one of {', '.join(map(str, QUANTIZE_GROUP_SIZES))}",
         )
     if in_features % group_size:
         raise QuantError(
@@ -156,7 +164,7 @@ def quantize_int8(weight: torch.Tensor) -> Int8Weight:
     return Int8Weight(q.contiguous(), scales.contiguous())
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> Int4Weight:
+def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_QUANTIZE_GROUP_SIZE) -> Int4Weight:
     """Asymmetric group-wise int4 of a float `[N, K]` weight: per group of `group_size` inputs,
     scale = (max - min) / 15 and codes round((w - min) / scale), stored as the kernel's zero = min + 8 * scale."""
     n, k = weight.shape
@@ -176,17 +184,21 @@ def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) ->
 
 def pack_int4(weight: Int4Weight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed uint8 weight, `[K // g, N, 2]` scale-and-zero in `dtype`) for `_weight_int4pack_mm_for_cpu`."""
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.codes.to(torch.int32).contiguous(), 1)
+    packed: torch.Tensor = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        weight.codes.to(torch.int32).contiguous(), 1
+    )
     scale_zero = torch.stack([weight.scales.t(), weight.zeros.t()], dim=-1).to(dtype).contiguous()
     return packed, scale_zero
 
 
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_zero: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_zero)
+    out: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_zero)
+    return out
 
 
 def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten._weight_int8pack_mm(x, qweight, scales)
+    out: torch.Tensor = torch.ops.aten._weight_int8pack_mm(x, qweight, scales)
+    return out
 
 
 @functools.cache
@@ -207,11 +219,21 @@ def kernel_available(name: KernelName) -> bool:
             out = int4_mm(x, packed, 32, sz)
             ref = x.float() @ q4.dequantize().t()
     except (RuntimeError, NotImplementedError, AttributeError) as exc:
-        log.info("quant_kernel_unavailable", kernel=name, reason=str(exc).splitlines()[0][:200])
+        log.warning(
+            "quant_kernel_unavailable",
+            kernel=name,
+            reason=str(exc).splitlines()[0][:200],
+            fallback="dequantized bf16 weights (no memory saved)",
+        )
         return False
     ok = bool(torch.allclose(out.float(), ref, rtol=0.05, atol=0.05))
     if not ok:
-        log.warning("quant_kernel_wrong", kernel=name, max_error=float((out.float() - ref).abs().max()))
+        log.warning(
+            "quant_kernel_wrong",
+            kernel=name,
+            max_error=float((out.float() - ref).abs().max()),
+            fallback="dequantized bf16 weights (no memory saved)",
+        )
     return ok
 
 
@@ -224,15 +246,67 @@ def kernel_fits(name: KernelName, out_features: int, in_features: int) -> bool:
     return out_features % 16 == 0
 
 
+@dataclass(frozen=True, slots=True)
+class Int4Layout:
+    """How `_convert_weight_to_int4pack_for_cpu` laid out the codes on this CPU (ATen's int4mm_kernel.cpp): for
+    each block of `block` output rows and each input k, `block / 2` bytes; byte j holds rows j (low nibble) and
+    j + block/2 (high) when `halves` (AVX512: 64-row blocks, AVX2: 32), rows 2j and 2j + 1 otherwise."""
+
+    block: int
+    halves: bool
+
+    def unpack_kmajor(self, packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+        """uint8 codes `[K, N]` (transposed: the dense path multiplies by `W.T`) of output rows `n` of a packed
+        weight slice `[n * K / 2]` bytes, `n` a multiple of `block`."""
+        b = self.block
+        src = packed.reshape(n // b, k, b // 2).permute(1, 0, 2)  # [K, blocks, b/2]: runs of b/2 bytes
+        codes = torch.empty(k, n // b, b, dtype=torch.uint8)
+        lo, hi = (
+            (codes[..., : b // 2], codes[..., b // 2 :])
+            if self.halves
+            else (codes[..., 0::2], codes[..., 1::2])
+        )
+        torch.bitwise_and(src, 15, out=lo)
+        torch.bitwise_right_shift(src, 4, out=hi)
+        return codes.view(k, n)
+
+
+_LAYOUT_CANDIDATES = (Int4Layout(64, True), Int4Layout(32, True), Int4Layout(32, False))
+
+
+@functools.cache
+def int4_layout() -> Int4Layout | None:
+    """This CPU's packed int4 layout, found once per process by packing known codes and reading them back with
+    each known layout; None (logged: int4 layers then run the kernel at every row count) if none matches."""
+    if not kernel_available("int4"):
+        return None
+    n, k = 128, 64
+    codes = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    for layout in _LAYOUT_CANDIDATES:
+        if torch.equal(layout.unpack_kmajor(packed, n, k).t().to(torch.int32), codes):
+            return layout
+    log.warning(
+        "int4_layout_unknown", hint="int4 layers run the int4 kernel at every row count (slower prefill)"
+    )
+    return None
+
+
 class QuantLinear(nn.Module):
     """`y = x @ W.T + b` with W held quantized: int8 per channel, or a sum of int4 group-wise planes.
 
     The kernels run in bfloat16 (`KERNEL_DTYPE`; their scales are stored in it): on x86 torch vectorizes them for
-    bf16 only, and their float32 path is scalar (10-40x slower, measured). Inputs of another dtype are cast in
-    and the output cast back, so a float32 model runs them too. Without the kernel on this CPU
-    (`kernel_available`), or for a shape it cannot take (`kernel_fits`), the weight is kept dequantized
+    bf16 only. Inputs of another dtype are cast in and the output cast back, so a float32 model runs them too. Up
+    to `dense_rows` rows (`DENSE_ROWS` of the mode) a call runs the kernel; above, the layer dequantizes its weight
+    to bf16 a slice at a time and runs dense matmuls (int4 needs this CPU's packed layout, `int4_layout`, and an
+    output size that is a multiple of its block; otherwise the kernel runs at every size). Without the kernel on
+    this CPU (`kernel_available`), or for a shape it cannot take (`kernel_fits`), the weight is kept dequantized
     (`fallback`) and the layer runs `F.linear` in the input's dtype: correct, no memory saved.
     """
+
+    qweight0: torch.Tensor
+    scales0: torch.Tensor
+    dense: torch.Tensor | None
 
     def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -253,12 +327,15 @@ class QuantLinear(nn.Module):
         self.fallback = not (
             kernel_available(self.mode) and kernel_fits(self.mode, self.out_features, self.in_features)
         )
+        self.dense_rows = DENSE_ROWS[self.mode]
+        layout = int4_layout() if self.mode == "int4" and not self.fallback else None
+        self.layout = layout if layout is not None and self.out_features % layout.block == 0 else None
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        # buffers (so that `.to()`, `state_dict` and memory accounting see them): `dense` in the fallback, else
+        # buffers (so that `state_dict` and memory accounting see them): `dense` in the fallback, else
         # `qweight{i}` / `scales{i}` per plane
-        self.dense: torch.Tensor | None
         self.register_buffer("dense", dequantize_weight(weight) if self.fallback else None)
-        for i, plane in enumerate([] if self.fallback else planes):
+        kept: Sequence[Int8Weight | Int4Weight] = [] if self.fallback else planes
+        for i, plane in enumerate(kept):
             if isinstance(plane, Int8Weight):
                 q, s = plane.qweight.contiguous(), plane.scales.to(KERNEL_DTYPE).contiguous()
             else:
@@ -268,9 +345,14 @@ class QuantLinear(nn.Module):
 
     def planes(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(packed weight, scales) per plane; empty in the fallback."""
-        if self.dense is not None:
+        if self.fallback:
             return []
-        return [(getattr(self, f"qweight{i}"), getattr(self, f"scales{i}")) for i in range(self.num_planes)]
+        out = []
+        for i in range(self.num_planes):
+            q, s = self._buffers[f"qweight{i}"], self._buffers[f"scales{i}"]
+            assert q is not None and s is not None
+            out.append((q, s))
+        return out
 
     def weight_bytes(self) -> int:
         """Bytes of the weight as stored (codes and scales, bias excluded)."""
@@ -290,7 +372,9 @@ class QuantLinear(nn.Module):
         else:
             if x2.dtype != KERNEL_DTYPE:
                 x2 = x2.to(KERNEL_DTYPE)
-            if self.mode == "int8":
+            if x2.shape[0] > self.dense_rows and (self.mode == "int8" or self.layout is not None):
+                y = self._dense_forward(x2)
+            elif self.mode == "int8":
                 y = int8_mm(x2, self.qweight0, self.scales0)
             else:
                 y = int4_mm(x2, self.qweight0, self.group_size, self.scales0)
@@ -302,6 +386,40 @@ class QuantLinear(nn.Module):
         if y.dtype != dtype:
             y = y.to(dtype)
         return y.reshape(*lead, self.out_features)
+
+    def dense_weight_t(self, start: int, stop: int) -> torch.Tensor:
+        """`W[start:stop].T` dequantized to bf16, `[K, stop - start]` (rows a multiple of the int4 layout's
+        block), the weight the dense path multiplies by."""
+        k = self.in_features
+        planes = self.planes()
+        if self.mode == "int8":
+            q, s = planes[0]
+            return (q[start:stop].to(KERNEL_DTYPE) * s[start:stop, None]).t()
+        layout = self.layout
+        assert layout is not None
+        g = self.group_size
+        total: torch.Tensor | None = None
+        for packed, sz in planes:
+            codes = layout.unpack_kmajor(packed.view(-1)[start * k // 2 : stop * k // 2], stop - start, k)
+            s, z = sz[:, start:stop, 0], sz[:, start:stop, 1]
+            w = codes.view(k // g, g, stop - start).to(KERNEL_DTYPE)
+            w = w.mul_(s[:, None, :]).add_((z - 8 * s)[:, None, :]).view(k, stop - start)
+            total = w if total is None else total.add_(w)
+        assert total is not None
+        return total
+
+    def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        step = max(1, _DENSE_CHUNK // k)
+        if self.layout is not None:
+            step = max(self.layout.block, step // self.layout.block * self.layout.block)
+        if step >= n:
+            return torch.mm(x, self.dense_weight_t(0, n))
+        out = x.new_empty(x.shape[0], n)
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            out[:, start:stop] = torch.mm(x, self.dense_weight_t(start, stop))
+        return out
 
 
 class QuantEmbedding(nn.Module):
@@ -331,6 +449,9 @@ class QuantEmbedding(nn.Module):
         """The lookup of a tied head's per-channel int8 weight, sharing its codes (no second copy)."""
         return cls(head.qweight, head.scales, dtype)
 
+    codes: torch.Tensor
+    scales: torch.Tensor
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         rows = self.codes.index_select(0, flat).float()
@@ -356,61 +477,17 @@ def gguf_q8_0_embedding(
     return QuantEmbedding(codes, scales, dtype)
 
 
-class DynamicInt8Linear(nn.Module):
-    """W8A8 dynamic: per-channel int8 weights, and activations quantized to uint8 per call (one scale per call,
-    from the batch's min/max), multiplied in int8 by fbgemm (`quantized::linear_dynamic`, AVX2 and up) in float32.
-    Not weight-only: the activation rounding changes the numerics (as llama.cpp's Q8 activations do); measured
-    faster than every weight-only kernel here from 1 to 64 rows (docs/quant_notes.md). torch 2.13 warns that
-    its quantized-tensor API is deprecated: an experiment, not a default."""
-
-    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # the deprecation notice of quantized tensors
-            q = torch._make_per_channel_quantized_tensor(
-                weight.qweight, weight.scales.double(), torch.zeros(self.out_features, dtype=torch.long), 0
-            )
-        b = None if bias is None else bias.detach().float()
-        self.packed = torch.ops.quantized.linear_prepack(q, b)
-        self.weight_nbytes = weight.qweight.numel() + 8 * self.out_features
-
-    def weight_bytes(self) -> int:
-        return self.weight_nbytes
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        lead = x.shape[:-1]
-        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float(), self.packed)
-        return y.to(dtype).reshape(*lead, self.out_features)
-
-
-@functools.cache
-def dynamic_int8_available() -> bool:
-    """Whether fbgemm's dynamic int8 linear runs here (x86 with AVX2 or better)."""
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
-        return False
-    try:
-        layer = DynamicInt8Linear(quantize_int8(torch.randn(16, 32)))
-        layer(torch.randn(2, 32))
-    except (RuntimeError, AttributeError) as exc:
-        log.info("dynamic_int8_unavailable", reason=str(exc).splitlines()[0][:200])
-        return False
-    return True
-
-
-def dequantize_linear(layer: QuantLinear) -> torch.Tensor:
-    """The `[N, K]` weight the layer multiplies by, read back through its own kernel with an identity input (as
-    float32; the kernel's bf16 output rounds each value to bf16, and a sum of planes is rounded once per plane):
-    what the layer computes, whatever the packed layout of this CPU."""
+def dequantize_linear(layer: QuantLinear, *, dense: bool = False) -> torch.Tensor:
+    """The `[N, K]` weight the layer multiplies by, read back through its kernel (or with `dense`, its dense path)
+    with an identity input, as float32 (the bf16 output rounds each value to bf16): what the layer computes,
+    whatever the packed layout of this CPU."""
     eye = torch.eye(layer.in_features, dtype=KERNEL_DTYPE)
-    bias, layer.bias = layer.bias, None
+    bias, rows, layer.bias = layer.bias, layer.dense_rows, None
+    layer.dense_rows = 0 if dense else layer.in_features
     try:
-        out = layer(eye).float()
+        out: torch.Tensor = layer(eye).float()
     finally:
-        layer.bias = bias
+        layer.bias, layer.dense_rows = bias, rows
     return out.t().contiguous()
 
 
@@ -419,15 +496,35 @@ def dequantize_linear(layer: QuantLinear) -> torch.Tensor:
 
 @dataclass(slots=True)
 class QuantReport:
-    """What `quantize_model` did: layers swapped, and the model's weight bytes (parameters and buffers) before and
-    after."""
+    """What quantization did to a model: its mode, the layers it quantized (and those left dense because this CPU
+    or their shape has no kernel), and the model's weight bytes (parameters and buffers) before and after."""
 
     mode: str
     group_size: int
     layers: int
     bytes_before: int
     bytes_after: int
-    fallback_layers: int
+    fallback_layers: int = 0
+    source: str = "isq"  # "isq" (quantized at load) or "gguf" (the file's own blocks)
+
+    def log(self) -> None:
+        log.info(
+            "model_quantized",
+            mode=self.mode,
+            source=self.source,
+            group_size=self.group_size,
+            layers=self.layers,
+            dense_fallback_layers=self.fallback_layers,
+            weights_mib_before=round(self.bytes_before / 2**20, 1),
+            weights_mib_after=round(self.bytes_after / 2**20, 1),
+        )
+
+    def describe(self) -> str:
+        """One line for `generate --stats` and logs."""
+        return (
+            f"{self.mode} weights ({self.source}): {self.bytes_before / 2**20:.1f} -> "
+            f"{self.bytes_after / 2**20:.1f} MiB"
+        )
 
 
 def model_weight_bytes(model: nn.Module) -> int:
@@ -446,24 +543,24 @@ def model_weight_bytes(model: nn.Module) -> int:
 
 def quantize_model(
     model: nn.Module,
-    mode: QuantMode,
+    mode: KernelName,
     *,
-    group_size: int = DEFAULT_GROUP_SIZE,
-    include_tied_head: bool = True,
+    group_size: int = DEFAULT_QUANTIZE_GROUP_SIZE,
     skip: Callable[[str, nn.Linear], bool] | None = None,
 ) -> QuantReport:
     """Replace every plain CPU `nn.Linear` of `model` by a `QuantLinear` (in place) and return the model's weight
-    bytes before and after (`model_weight_bytes`). A model with a tied head (an `embed_tokens` embedding and `lm_head` None) gets a quantized
-    `lm_head` built from the embedding when `include_tied_head` (the embedding stays for the lookup).
-    Weights already packed for oneDNN (`is_mkldnn`) are left alone: quantize before
-    `pack_linear_weights`.
+    bytes before and after (`model_weight_bytes`). `mode` is the layers' layout; the output head (`lm_head`) is
+    per-channel int8 in both modes, and a model with a tied head (an `embed_tokens` embedding and `lm_head` None)
+    gets an int8 `lm_head` built from the embedding (which stays, for the lookup). A layer whose input size is no
+    multiple of `group_size` takes int8 instead of int4. Weights already packed for oneDNN (`is_mkldnn`) are left
+    alone: quantize before `pack_linear_weights`.
     """
-    if mode not in QUANT_MODES:
-        raise QuantError(f"unknown quantization {mode!r}", hint=f"use one of {', '.join(QUANT_MODES)}")
+    if mode not in ("int8", "int4"):
+        raise QuantError(f"unknown quantization {mode!r}", hint="use int8 or int4")
+    if group_size not in QUANTIZE_GROUP_SIZES:
+        check_group_size(group_size, group_size)
     before = model_weight_bytes(model)
-    report = QuantReport(mode, group_size if mode == "int4" else 0, 0, before, before, 0)
-    if mode == "none":
-        return report
+    report = QuantReport(mode, group_size if mode == "int4" else 0, 0, before, before)
     targets: list[tuple[nn.Module, str, nn.Linear]] = []
     for parent_name, parent in model.named_modules():
         for child_name, child in parent.named_children():
@@ -477,51 +574,36 @@ def quantize_model(
                 targets.append((parent, child_name, child))
     with torch.no_grad():
         for parent, child_name, child in targets:
-            layer = _quantized_layer(child.weight, child.bias, mode, group_size)
-            report.fallback_layers += int(getattr(layer, "fallback", False))
+            layer_mode: KernelName = "int8" if child_name == "lm_head" else mode
+            layer = quantized_layer(child.weight, child.bias, layer_mode, group_size)
+            report.fallback_layers += int(layer.fallback)
             report.layers += 1
             setattr(parent, child_name, layer)
         embed = getattr(model, "embed_tokens", None)
         if (
-            include_tied_head
-            and hasattr(model, "lm_head")
+            hasattr(model, "lm_head")
             and model.lm_head is None
             and isinstance(embed, nn.Embedding)
             and embed.weight.device.type == "cpu"
         ):
-            head = _quantized_layer(embed.weight, None, mode, group_size)
-            report.fallback_layers += int(getattr(head, "fallback", False))
+            head = quantized_layer(embed.weight, None, "int8", group_size)
+            report.fallback_layers += int(head.fallback)
             report.layers += 1
             model.lm_head = head
             if getattr(model, "packed_head", None) is not None:
                 model.packed_head = None
     report.bytes_after = model_weight_bytes(model)
-    log.info(
-        "model_quantized",
-        mode=mode,
-        group_size=report.group_size,
-        layers=report.layers,
-        mib_before=round(report.bytes_before / 2**20, 1),
-        mib_after=round(report.bytes_after / 2**20, 1),
-    )
     return report
 
 
-def _quantized_layer(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    mode: QuantMode,
-    group_size: int,
-) -> QuantLinear | DynamicInt8Linear:
-    if mode == "w8a8":
-        if not dynamic_int8_available():
-            raise QuantError(
-                "w8a8 needs fbgemm, which this torch build or CPU lacks", hint="use int8 or int4"
-            )
-        return DynamicInt8Linear(quantize_int8(weight), bias)
-    if mode == "int8":
-        return QuantLinear(quantize_int8(weight), bias)
-    return QuantLinear([quantize_int4(weight, group_size)], bias)
+def quantized_layer(
+    weight: torch.Tensor, bias: torch.Tensor | None, mode: KernelName, group_size: int
+) -> QuantLinear:
+    """A `QuantLinear` of a float weight: int8 per channel, or int4 group-wise (int8 when the input size is no
+    multiple of `group_size`)."""
+    if mode == "int4" and weight.shape[1] % group_size == 0:
+        return QuantLinear([quantize_int4(weight, group_size)], bias)
+    return QuantLinear(quantize_int8(weight), bias)
 
 
 # ---- GGUF blocks -----------------------------------------------------------------------------------------------
@@ -639,29 +721,31 @@ def _q6_k_values(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def gguf_to_int8(data: np.ndarray, tensor_type: int, shape: Sequence[int]) -> Int8Weight:
     """int8 per-channel weight of a GGUF matrix `[N, K]` from its raw blocks, re-quantized per row from the block
-    values (computed one block row at a time in float64, never a float copy of the whole matrix). Lossy: a row's
-    scale is its largest value / 127. Q8_0, Q6_K, Q4_0, Q4_1, Q4_K, Q5_K; UnsupportedQuantTypeError otherwise."""
+    values (in float32, exact for Q8_0 and Q6_K products; a slice of rows at a time, never a float copy of the
+    whole matrix). Lossy: a row's scale is its largest value / 127. Q8_0, Q6_K, Q4_0, Q4_1, Q4_K, Q5_K;
+    UnsupportedQuantTypeError otherwise."""
     from gguf import GGMLQuantizationType as T
 
     rows, cols = int(shape[0]), int(shape[1])
     qtype = T(int(tensor_type))
-    if qtype == T.Q8_0:
-        b = _blocks(data, rows, 34)
-        ints = b[..., 2:].view(np.int8).astype(np.float64)
-        d = _f16(b[..., 0:2]).astype(np.float64)[..., None]
-        values = ints * d
-    elif qtype == T.Q6_K:
-        ints6, d6 = _q6_k_values(_blocks(data, rows, 210))
-        values = ints6.astype(np.float64) * d6.astype(np.float64)
-    elif qtype in (T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K):
-        return quantize_int8(dequantize_weight(gguf_to_int4(data, tensor_type, shape)))
-    else:
+    if qtype not in (T.Q8_0, T.Q6_K, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K):
         raise _unsupported(qtype.name, cols, "int8")
-    values = values.reshape(rows, cols)
-    amax = np.abs(values).max(axis=1)
-    scales = np.where(amax > 0, amax / 127.0, 1.0)
-    q = np.clip(np.rint(values / scales[:, None]), -127, 127).astype(np.int8)
-    return Int8Weight(torch.from_numpy(q), torch.from_numpy(scales.astype(np.float32)))
+    raw = np.ascontiguousarray(data).view(np.uint8).reshape(rows, -1)
+    step = max(1, (1 << 22) // max(cols, 1))
+    parts = []
+    for start in range(0, rows, step):
+        chunk = raw[start : start + step]
+        n = chunk.shape[0]
+        if qtype == T.Q8_0:
+            b = _blocks(chunk, n, 34)
+            values = b[..., 2:].view(np.int8).astype(np.float32) * _f16(b[..., 0:2])[..., None]
+            parts.append(quantize_int8(torch.from_numpy(values.reshape(n, cols))))
+        elif qtype == T.Q6_K:
+            ints6, d6 = _q6_k_values(_blocks(chunk, n, 210))
+            parts.append(quantize_int8(torch.from_numpy((ints6.astype(np.float32) * d6).reshape(n, cols))))
+        else:
+            parts.append(quantize_int8(dequantize_weight(gguf_to_int4(chunk, tensor_type, (n, cols)))))
+    return Int8Weight(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]))
 
 
 def _unsupported(name: str, cols: int, target: str) -> UnsupportedQuantTypeError:

@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFReader
 from gguf.quants import dequantize, quantize
 
-from inference.errors import EngineError, ModelLoadError
-from inference.gguf_quant import gguf_quant_weights, tie_embedding_to_head
+from inference.errors import EngineError, ModelLoadError, UnsupportedQuantTypeError
+from inference.gguf_file import GGUFFile
+from inference.gguf_quant import gguf_linear_weights, tie_embedding_to_head
 from inference.loader import _unpermute, smollm2_gguf_path
 from inference.metadata import AttentionMetadata
 from inference.models.llama import LlamaForCausalLM
@@ -26,7 +26,6 @@ from inference.quant import (
     Int8Weight,
     QuantEmbedding,
     QuantLinear,
-    UnsupportedQuantTypeError,
     as_kernel_sees,
     dequantize_linear,
     dequantize_weight,
@@ -218,6 +217,7 @@ def test_quantize_model_swaps_linears_and_reports_bytes(mode: str, dtype: torch.
     assert report.layers == linears + 1  # and the tied head
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert isinstance(model.lm_head, QuantLinear)
+    assert model.lm_head.mode == "int8"  # the head is int8 in every mode (int4 there costs perplexity)
     params = sum(p.numel() for p in _tiny_model(dtype).parameters())
     assert report.bytes_before == params * (4 if dtype == torch.float32 else 2)
     # the tiny model's embedding (kept for the lookup) is a fifth of it; the linears shrink 2-8x
@@ -232,11 +232,11 @@ def test_quantize_model_swaps_linears_and_reports_bytes(mode: str, dtype: torch.
     assert torch.equal(after.argmax(-1)[-1:], before.argmax(-1)[-1:]) or mode == "int4"
 
 
-def test_quantize_model_none_is_a_no_op() -> None:
+def test_quantize_model_rejects_unknown_modes() -> None:
     model = _tiny_model(torch.float32)
-    assert quantize_model(model, "none").layers == 0
-    with pytest.raises(ModelLoadError, match="unknown quantization"):
-        quantize_model(model, "int3")  # type: ignore[arg-type]
+    for mode in ("none", "int3"):
+        with pytest.raises(ModelLoadError, match="unknown quantization"):
+            quantize_model(model, mode)  # type: ignore[arg-type]
 
 
 # ---- GGUF blocks -------------------------------------------------------------------------------------------------
@@ -319,16 +319,16 @@ def test_unsupported_gguf_type_is_a_typed_error_naming_it(qtype: T) -> None:
 
 
 @pytest.fixture(scope="module")
-def smollm2_reader() -> Iterator[GGUFReader]:
+def smollm2_reader() -> Iterator[GGUFFile]:
     try:
         path = smollm2_gguf_path()
     except ModelLoadError as exc:
         pytest.skip(f"the packaged SmolLM2 GGUF is not installed: {exc}")
-    yield GGUFReader(str(path))
+    yield GGUFFile(path)
 
 
 @pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "blk.7.ffn_down.weight", "token_embd.weight"])
-def test_smollm2_tensors_convert_exactly(smollm2_reader: GGUFReader, name: str) -> None:
+def test_smollm2_tensors_convert_exactly(smollm2_reader: GGUFFile, name: str) -> None:
     tensor = next(t for t in smollm2_reader.tensors if t.name == name)
     data = tensor.data[:4096]  # the embedding's first 4096 rows are enough
     shape = (int(data.shape[0]), int(tensor.shape[0]))
@@ -337,12 +337,12 @@ def test_smollm2_tensors_convert_exactly(smollm2_reader: GGUFReader, name: str) 
     np.testing.assert_array_equal(got, want)
 
 
-def test_smollm2_layers_map_onto_our_fused_parameters(smollm2_reader: GGUFReader) -> None:
+def test_smollm2_layers_map_onto_our_fused_parameters(smollm2_reader: GGUFFile) -> None:
     """q/k/v stack into qkv_proj with llama.cpp's q/k row interleaving undone, as the float loader does."""
-    weights, report = gguf_quant_weights(smollm2_reader, "auto")
-    assert report.tensors == {"Q4_1->int4x1": 210, "Q8_0->int4x2": 1}  # the tied head from the Q8_0 embedding
+    weights, counts = gguf_linear_weights(smollm2_reader, "auto", 32)
+    assert counts == {"Q4_1->int4 g32": 210, "Q8_0->int8": 1}  # the tied head from the Q8_0 embedding
     head = weights["lm_head"]
-    assert isinstance(head, list) and len(head) == 2 and head[0].shape == (49152, 576)
+    assert isinstance(head, Int8Weight) and head.shape == (49152, 576)
     by_name = {t.name: t for t in smollm2_reader.tensors}
 
     def deq(name: str) -> torch.Tensor:
