@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from agent_runtime.cli.common import add_device_argument
+from agent_runtime.cli.common import add_device_argument, add_quantize_argument
 
 # torch and the engine are imported inside run(): building the parser must stay cheap for every command.
 
@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", default=None, help="system message (with --chat)")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 where fast), bf16, fp16 or fp32")
     add_device_argument(parser, from_config=False)
+    add_quantize_argument(parser, from_config=False)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--stats", action="store_true", help="print timing figures to stderr at the end")
 
@@ -40,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
     from inference.params import OutputKind, SamplingParams
 
     prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty())
+    loaded = load_model(
+        args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, progress=sys.stderr.isatty()
+    )
     engine = LLMEngine(loaded, EngineConfig(max_num_seqs=1))
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -76,4 +79,6 @@ def run(args: argparse.Namespace) -> int:
             f"{final.completion_tokens / elapsed:.1f} tok/s]",
             file=sys.stderr,
         )
+        quant = loaded.quantization
+        print(f"[{quant.describe() if quant is not None else 'float weights'}]", file=sys.stderr)
     return 0

@@ -12,6 +12,7 @@ from agent_runtime.cli.common import (
     API_KEY_ENV,
     add_device_argument,
     add_kv_argument,
+    add_quantize_argument,
     bind_socket,
     resolve_model,
     run_with_signals,
@@ -38,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model to load, overriding the config")
     parser.add_argument("--dtype", default=None, help="auto, bfloat16, float16 or float32")
     add_device_argument(parser)
+    add_quantize_argument(parser)
     add_kv_argument(parser)
     parser.add_argument(
         "--api-key",

@@ -18,6 +18,7 @@ from agent_runtime.cli.common import (
     API_KEY_ENV,
     add_device_argument,
     add_kv_argument,
+    add_quantize_argument,
     bind_socket,
     load_engine,
     resolve_model,
@@ -41,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", help="the model id clients use (default: the model name)")
     parser.add_argument("--dtype", default=None, help="auto, bfloat16, float16 or float32")
     add_device_argument(parser)
+    add_quantize_argument(parser)
     parser.add_argument(
         "--api-key",
         default=None,
