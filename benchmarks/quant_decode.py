@@ -1,188 +1,125 @@
-"""One batch-1 decode step of SmolLM2-135M on the CPU, model forward + logits, per weight layout.
+"""SmolLM2-135M on the CPU per weight layout: one batch-1 decode step, one prefill, the weight memory and (with
+`--perplexity`) the perplexity of a fixed text.
 
-Run `python -m benchmarks.quant_decode [--context 128] [--steps 20] [--rounds 5] [--variants a,b] [--compile]
-[--profile VARIANT]`. Variants (all load the packaged SmolLM2 GGUF through inference.loader):
+Run `python -m benchmarks.quant_decode [--variants fp32,bf16,int8,int4,gguf] [--context 128] [--steps 20]
+[--rounds 5] [--prefill 512] [--perplexity] [--ppl-tokens N] [--profile VARIANT]`. Each variant is what
+`inference.loader.load_model` builds (then the model runner's oneDNN packing, as the engine does):
 
-- `fp32`, `bf16`: plain `nn.Linear` weights; `bf16 packed`: oneDNN-packed (inference/cpu_linear, the engine's
-  bf16 CPU default);
-- `bf16 int8`, `bf16 int4`: in-situ quantization of the bf16 model (inference.quant.quantize_model; the tied head
-  becomes a quantized `lm_head`, the embedding stays bf16 for the lookup);
-- `bf16 gguf`: the GGUF's own blocks as int4 (Q4_1 -> int4 g32, Q8_0 head -> two int4 planes, both exact);
-  `bf16 gguf int8-head`: the same with the Q8_0 head re-quantized to per-channel int8; `bf16 gguf compact`: that,
-  and the embedding lookup reading the head's int8 codes (one copy of the table);
-- `fp32 gguf`: the GGUF int4 layers in a float32 model (the layers cast to bf16 and back);
-- `fp32 w8a8`: int8 weights with activations quantized per call (fbgemm's dynamic linear), float32 model.
+- `fp32`, `bf16`: float weights, the packaged GGUF dequantized (`quantize="none"`);
+- `int8`, `int4`: in-situ quantization (`quantize="int8"/"int4"`) of the dequantized float model, loaded from its
+  converted folder (a float source, as a Hugging Face folder would be), bf16; `int4 g64`, `int4 g128` other
+  group sizes;
+- `gguf`: the GGUF's own blocks kept (`quantize="auto"` on a bf16 model: Q4_1 -> int4, the Q8_0 tied head -> int8);
+  `gguf int8`: the file re-targeted to int8 (`quantize="int8"` on the GGUF).
 
-Each step is the model's forward over one new token at position `--context - 1` against a zeroed paged cache (the
-reference attention backend, as the engine on the CPU) and `compute_logits`: what the model runner does per
-decode step, without scheduling or sampling. Variants run in interleaved rounds; the table shows the median step
-time and tokens/s. `--compile` also compiles the bf16 int4 (GGUF) model's forward with `torch.compile` (inductor,
-C++ backend) for this one decode shape and reports the compile time and the step time. `--profile VARIANT`
-prints torch.profiler's op table for 20 eager steps of that variant. `--ppl-tokens N` adds each variant's
-perplexity on the first N tokens of docs/engine.md (a quick quality check, not a standard data set). Exits 0.
+A decode step is the model's forward over one new token at position `--context - 1` against a zeroed paged cache
+plus `compute_logits` (what the runner does per decode step, without scheduling or sampling); a prefill step is
+`--prefill` tokens in one forward (the quantized layers' dense path). Variants run in interleaved rounds; medians.
+`--perplexity` prints each variant's perplexity of benchmarks/perplexity_sample.txt (the engine docs' sections on
+the KV cache, scheduling and sampling, copied as they stood when quantization was added: English technical prose,
+1979 SmolLM2 tokens; not a standard data set, a relative check) in one prefill, and its change against bf16
+(targets: int8 within 1%, int4 within 5%). Exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import functools
 import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 from torch import nn
 
-VARIANTS = (
-    "fp32",
-    "bf16",
-    "bf16 packed",
-    "bf16 int8",
-    "bf16 int4",
-    "bf16 gguf",
-    "bf16 gguf int8-head",
-    "bf16 gguf compact",
-    "fp32 gguf",
-    "fp32 w8a8",
-)
+SAMPLE = Path(__file__).resolve().parent / "perplexity_sample.txt"
+VARIANTS = ("fp32", "bf16", "int8", "int4", "gguf")
+ALL_VARIANTS = (*VARIANTS, "int4 g64", "int4 g128", "gguf int8")
 
 
 @dataclass(slots=True)
-class DecodeInputs:
+class StepInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
     meta: object
     kv_cache: torch.Tensor
 
 
-def decode_inputs(model: nn.Module, context: int, block_size: int = 16) -> DecodeInputs:
-    """One sequence, one new token at position `context - 1`, blocks 1.. of a zeroed cache (block 0 is null)."""
+def _inputs(model: nn.Module, ids: list[int], start: int, block_size: int = 16) -> StepInputs:
+    """`ids` at positions start.. of one sequence whose blocks are 1.. of a zeroed cache (block 0 is null)."""
     from inference.metadata import AttentionMetadata
     from inference.model_runner import allocate_kv_cache
 
-    config = model.config
-    blocks = -(-context // block_size)
-    kv = allocate_kv_cache(config, blocks + 1, block_size, torch.device("cpu"))
-    pos = context - 1
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor([(1 + pos // block_size) * block_size + pos % block_size]),
-        query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
-        context_lens=torch.tensor([context], dtype=torch.int32),
-        block_tables=torch.arange(1, blocks + 1, dtype=torch.int32).reshape(1, blocks),
-        max_query_len=1,
-        max_context_len=context,
-        block_size=block_size,
-    )
-    return DecodeInputs(torch.tensor([1234]), torch.tensor([pos]), meta, kv)
-
-
-def prefill_inputs(model: nn.Module, ids: list[int], block_size: int = 16) -> DecodeInputs:
-    """One sequence of `ids` prefilled in one step into blocks 1.. of a zeroed cache."""
-    from inference.metadata import AttentionMetadata
-    from inference.model_runner import allocate_kv_cache
-
-    n = len(ids)
-    blocks = -(-n // block_size)
-    kv = allocate_kv_cache(model.config, blocks + 1, block_size, torch.device("cpu"))
-    pos = torch.arange(n)
+    n, end = len(ids), start + len(ids)
+    blocks = -(-end // block_size)
+    kv = allocate_kv_cache(model.config, blocks + 1, block_size, torch.device("cpu"))  # type: ignore[arg-type]
+    pos = torch.arange(start, end)
     meta = AttentionMetadata(
         slot_mapping=(1 + pos // block_size) * block_size + pos % block_size,
         query_start_loc=torch.tensor([0, n], dtype=torch.int32),
-        context_lens=torch.tensor([n], dtype=torch.int32),
+        context_lens=torch.tensor([end], dtype=torch.int32),
         block_tables=torch.arange(1, blocks + 1, dtype=torch.int32).reshape(1, blocks),
         max_query_len=n,
-        max_context_len=n,
+        max_context_len=end,
         block_size=block_size,
     )
-    return DecodeInputs(torch.tensor(ids), pos, meta, kv)
+    return StepInputs(torch.tensor(ids), pos, meta, kv)
 
 
-def perplexity(model: nn.Module, ids: list[int]) -> float:
-    """exp(mean next-token NLL) of `ids` under the model, in one prefill."""
-    inputs = prefill_inputs(model, ids)
-    with torch.inference_mode():
-        hidden = model(inputs.input_ids, inputs.positions, inputs.meta, inputs.kv_cache)
-        logits = model.compute_logits(hidden[:-1])
-        nll = torch.nn.functional.cross_entropy(logits, inputs.input_ids[1:])
-    return float(torch.exp(nll))
-
-
-def text_ids(tokens: int) -> list[int]:
-    """The first `tokens` tokens of this repository's docs/engine.md (English prose with code), SmolLM2's
-    tokenizer."""
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
-    from inference.loader import converted_gguf, smollm2_gguf_path
-
-    text = (Path(__file__).resolve().parent.parent / "docs" / "engine.md").read_text()
-    tok = AutoTokenizer.from_pretrained(str(converted_gguf(smollm2_gguf_path())))
-    return tok(text)["input_ids"][:tokens]
-
-
-def step_fn(
-    model: nn.Module, inputs: DecodeInputs, forward: Callable | None = None
-) -> Callable[[], torch.Tensor]:
-    fwd = forward or model
-
+def step_fn(model: nn.Module, inputs: StepInputs, all_logits: bool = False) -> Callable[[], torch.Tensor]:
     def step() -> torch.Tensor:
-        inputs.meta.backend_cache = None
-        # a compiled graph that writes the (non-inference) KV cache cannot run under inference_mode
-        with torch.no_grad() if forward is not None else torch.inference_mode():
-            hidden = fwd(inputs.input_ids, inputs.positions, inputs.meta, inputs.kv_cache)
-            return model.compute_logits(hidden)
+        with torch.inference_mode():
+            hidden = model(inputs.input_ids, inputs.positions, inputs.meta, inputs.kv_cache)
+            return model.compute_logits(hidden if all_logits else hidden[-1:])  # type: ignore[operator]
 
     return step
 
 
-def build_variants(names: list[str]) -> dict[str, nn.Module]:
+def perplexity(model: nn.Module, ids: list[int]) -> float:
+    """exp(mean next-token NLL) of `ids` under the model, in one prefill."""
+    logits = step_fn(model, _inputs(model, ids, 0), all_logits=True)()
+    nll = torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:]))
+    return float(torch.exp(nll))
+
+
+def sample_ids(tokens: int = 0) -> list[int]:
+    """SmolLM2's token ids of benchmarks/perplexity_sample.txt (the first `tokens`, all when 0)."""
+    from transformers import AutoTokenizer
+
+    from inference.loader import converted_gguf, smollm2_gguf_path
+
+    tok = AutoTokenizer.from_pretrained(str(converted_gguf(smollm2_gguf_path(), weights=False)))
+    ids: list[int] = tok(SAMPLE.read_text())["input_ids"]
+    return ids[:tokens] if tokens else ids
+
+
+def load_variant(name: str) -> tuple[nn.Module, str]:
+    """(model, one-line description of its weights) for a variant name."""
     from inference.cpu_linear import pack_linear_weights
-    from inference.gguf_quant import gguf_quant_weights, install_quant_weights, tie_embedding_to_head
-    from inference.loader import load_model, smollm2_gguf_path
-    from inference.quant import quantize_model
+    from inference.loader import converted_gguf, load_model, smollm2_gguf_path
 
-    models: dict[str, nn.Module] = {}
-    base: dict[str, nn.Module] = {}
-
-    def loaded(dtype: str) -> nn.Module:
-        if dtype not in base:
-            base[dtype] = load_model("smollm2-135m-instruct", dtype=dtype).model
-        return copy.deepcopy(base[dtype])
-
-    gguf: dict[str, object] = {}
-
-    def gguf_weights(head: str | None) -> dict:
-        key = head or "same"
-        if key not in gguf:
-            gguf[key] = gguf_quant_weights(smollm2_gguf_path(), "auto", head_mode=head)[0]  # type: ignore[arg-type]
-        return gguf[key]  # type: ignore[return-value]
-
-    for name in names:
-        dtype = "float32" if name.startswith("fp32") else "bfloat16"
-        m = loaded(dtype)
-        if name == "bf16 packed":
-            pack_linear_weights(m)
-        elif name == "bf16 int8":
-            quantize_model(m, "int8")
-        elif name == "fp32 w8a8":
-            quantize_model(m, "w8a8")
-        elif name == "bf16 int4":
-            quantize_model(m, "int4", group_size=32)
-        elif name in ("bf16 gguf", "fp32 gguf"):
-            install_quant_weights(m, gguf_weights(None))
-        elif name == "bf16 gguf int8-head":
-            install_quant_weights(m, gguf_weights("int8"))
-        elif name == "bf16 gguf compact":
-            install_quant_weights(m, gguf_weights("int8"))
-            tie_embedding_to_head(m)
-        models[name] = m
-    return models
+    gguf = smollm2_gguf_path()
+    float_folder = converted_gguf(gguf)
+    if name in ("fp32", "bf16"):
+        loaded = load_model(gguf, dtype="float32" if name == "fp32" else "bfloat16", quantize="none")
+    elif name.startswith("int"):
+        mode, _, group = name.partition(" g")
+        loaded = load_model(
+            float_folder, dtype="bfloat16", quantize=mode, quantize_group_size=int(group or 32)
+        )
+    elif name == "gguf":
+        loaded = load_model(gguf, dtype="bfloat16", quantize="auto")
+    elif name == "gguf int8":
+        loaded = load_model(gguf, dtype="bfloat16", quantize="int8")
+    else:
+        raise SystemExit(f"unknown variant {name!r}; known: {', '.join(ALL_VARIANTS)}")
+    pack_linear_weights(loaded.model)  # as the model runner does (bf16 float weights only)
+    quant = loaded.quantization
+    return loaded.model, quant.describe() if quant is not None else f"{name} float weights"
 
 
 def time_steps(fn: Callable[[], torch.Tensor], steps: int) -> float:
@@ -193,54 +130,70 @@ def time_steps(fn: Callable[[], torch.Tensor], steps: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(ALL_VARIANTS)}")
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--profile", default="", help="a variant to profile with torch.profiler")
+    ap.add_argument("--prefill", type=int, default=512, help="tokens of the timed prefill step (0: none)")
     ap.add_argument(
-        "--ppl-tokens", type=int, default=0, help="also the perplexity of this many tokens of text"
+        "--perplexity", action="store_true", help="perplexity of benchmarks/perplexity_sample.txt"
     )
+    ap.add_argument("--ppl-tokens", type=int, default=0, help="only the sample's first N tokens")
+    ap.add_argument("--no-timing", action="store_true", help="perplexity only")
+    ap.add_argument("--profile", default="", help="a variant to profile with torch.profiler")
     args = ap.parse_args()
     from inference.model_runner import configure_threads
     from inference.quant import model_weight_bytes
 
     configure_threads()
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    models = build_variants(names)
-    fns = {}
-    for name, m in models.items():
-        fns[name] = step_fn(m, decode_inputs(m, args.context))
-        for _ in range(3):
-            fns[name]()
-    ref = fns[names[0]]().float()
-    times: dict[str, list[float]] = {n: [] for n in fns}
-    print(f"load average {os.getloadavg()[0]:.2f}, {torch.get_num_threads()} threads, context {args.context}")
-    for _ in range(args.rounds):
-        for name, fn in fns.items():
-            times[name].append(time_steps(fn, args.steps))
-    base = statistics.median(times[names[0]])
-    print(
-        f"{'variant':24s} {'ms/step':>8s} {'tok/s':>7s} {'vs ' + names[0]:>10s} {'weights MiB':>12s}"
-        f"  logits max|diff| vs {names[0]}"
-    )
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        diff = (fns[name]().float() - ref).abs().max().item()
-        mib = model_weight_bytes(models[name]) / 2**20
-        print(f"{name:24s} {med * 1e3:8.2f} {1 / med:7.1f} {base / med:9.2f}x {mib:12.1f}  {diff:.3f}")
-    print(f"load average {os.getloadavg()[0]:.2f}")
-    if args.ppl_tokens:
-        ids = text_ids(args.ppl_tokens)
-        print(f"\nperplexity of the first {len(ids)} tokens of docs/engine.md (one prefill)")
-        for name, m in models.items():
-            print(f"  {name:24s} {perplexity(m, ids):8.3f}")
+    models: dict[str, nn.Module] = {}
+    for name in names:
+        models[name], what = load_variant(name)
+        print(f"{name:10s} {what}")
+    print(f"\nload average {os.getloadavg()[0]:.2f}, {torch.get_num_threads()} threads")
+    if not args.no_timing:
+        decode = {n: step_fn(m, _inputs(m, [1234], args.context - 1)) for n, m in models.items()}
+        prompt = list(range(1000, 1000 + args.prefill))
+        prefill = {n: step_fn(m, _inputs(m, prompt, 0)) for n, m in models.items()} if args.prefill else {}
+        for fn in [*decode.values(), *prefill.values()]:
+            fn()
+        times: dict[str, list[float]] = {n: [] for n in models}
+        ptimes: dict[str, list[float]] = {n: [] for n in models}
+        for _ in range(args.rounds):
+            for name in models:
+                times[name].append(time_steps(decode[name], args.steps))
+                if prefill:
+                    ptimes[name].append(time_steps(prefill[name], 1))
+        base = names[1] if len(names) > 1 and names[0] == "fp32" else names[0]
+        print(
+            f"{'variant':10s} {'decode ms':>9s} {'tok/s':>7s} {'vs ' + base:>9s} {'prefill ms':>10s} "
+            f"{'vs ' + base:>9s} {'weights MiB':>11s}"
+        )
+        for name in models:
+            med = statistics.median(times[name])
+            pre = statistics.median(ptimes[name]) if prefill else float("nan")
+            pre_base = statistics.median(ptimes[base]) if prefill else float("nan")
+            print(
+                f"{name:10s} {med * 1e3:9.2f} {1 / med:7.1f} {statistics.median(times[base]) / med:8.2f}x "
+                f"{pre * 1e3:10.1f} {pre_base / pre:8.2f}x {model_weight_bytes(models[name]) / 2**20:11.1f}"
+            )
+        print(
+            f"load average {os.getloadavg()[0]:.2f}; prefill of {args.prefill} tokens, decode at {args.context}"
+        )
+    if args.perplexity:
+        ids = sample_ids(args.ppl_tokens)
+        print(f"\nperplexity of benchmarks/perplexity_sample.txt, {len(ids)} tokens, one prefill")
+        ppl = {name: perplexity(m, ids) for name, m in models.items()}
+        for name, value in ppl.items():
+            rel = f"{(value / ppl['bf16'] - 1) * 100:+.2f}% vs bf16" if "bf16" in ppl else ""
+            print(f"  {name:10s} {value:8.3f}  {rel}")
     if args.profile:
-        profile(fns[args.profile], args.profile)
-    if args.compile:
-        compile_decode(models, args)
+        profile(
+            step_fn(models[args.profile], _inputs(models[args.profile], [1234], args.context - 1)),
+            args.profile,
+        )
 
 
 def profile(fn: Callable[[], torch.Tensor], name: str) -> None:
@@ -252,76 +205,6 @@ def profile(fn: Callable[[], torch.Tensor], name: str) -> None:
             fn()
     print(f"\nprofile of 20 eager decode steps, {name}")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-
-
-def static_decode_attention(
-    q: torch.Tensor, kv_layer: torch.Tensor, meta: object, scale: float
-) -> torch.Tensor:
-    """Decode attention with shapes fixed by the block-table width (no host sync, no data-dependent sizes), so that
-    a whole decode step compiles into one graph: gather every block of the (padded) tables, mask past each
-    context. The reference backend sizes its gathers from the lengths on the host, which breaks the graph."""
-    batch, heads, head_dim = q.shape
-    block_size, kv_heads = kv_layer.shape[2], kv_layer.shape[3]
-    width = meta.block_tables.shape[1]  # type: ignore[attr-defined]
-    ids = meta.block_tables.long().reshape(-1)  # type: ignore[attr-defined]
-    length = width * block_size
-    k = kv_layer[0].index_select(0, ids).view(batch, length, kv_heads, head_dim).transpose(1, 2)
-    v = kv_layer[1].index_select(0, ids).view(batch, length, kv_heads, head_dim).transpose(1, 2)
-    lens = meta.context_lens.long()  # type: ignore[attr-defined]
-    mask = (torch.arange(length, device=q.device)[None, :] < lens[:, None]).view(batch, 1, 1, length)
-    qg = q.view(batch, kv_heads, heads // kv_heads, head_dim)
-    out = torch.nn.functional.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
-    return out.reshape(batch, heads, head_dim)
-
-
-def compile_decode(models: dict[str, nn.Module], args: argparse.Namespace) -> None:
-    """torch.compile one model's forward for this decode shape: compile time, step time vs eager, graph breaks."""
-    from inference import attention as reference
-    from inference.attention_backends import REFERENCE, AttentionBackend, set_attention_backend
-
-    name = "bf16 gguf" if "bf16 gguf" in models else next(iter(models))
-    m = models[name]
-    inputs = decode_inputs(m, args.context)
-    eager = step_fn(m, inputs)
-    want = eager()
-    static = AttentionBackend("static-decode", reference.write_kv, static_decode_attention)
-    results = []
-    for label, backend, fullgraph in (
-        ("reference attention", REFERENCE, False),
-        ("static attention", static, True),
-    ):
-        set_attention_backend(m, backend)
-        eager_b = step_fn(m, inputs)
-        torch._dynamo.reset()
-        # the undecorated forward: its @inference_mode would make the KV cache write fail to compile
-        plain_forward = functools.partial(type(m).forward.__wrapped__, m)
-        compiled_forward = torch.compile(plain_forward, dynamic=False, fullgraph=fullgraph)
-        compiled = step_fn(m, inputs, compiled_forward)
-        t0 = time.perf_counter()
-        try:
-            out = compiled()
-        except Exception as exc:  # report, not crash: this is what the benchmark asks
-            print(f"\ntorch.compile of {name}, {label}: failed: {type(exc).__name__}: {str(exc)[:300]}")
-            continue
-        compile_s = time.perf_counter() - t0
-        for _ in range(3):
-            compiled()
-        te, tc = [], []
-        for _ in range(args.rounds):
-            te.append(time_steps(eager_b, args.steps))
-            tc.append(time_steps(compiled, args.steps))
-        same = bool(torch.equal(out.argmax(-1), want.argmax(-1)))
-        diff = (out.float() - want.float()).abs().max().item()
-        results.append((label, compile_s, statistics.median(te), statistics.median(tc), same, diff))
-    set_attention_backend(m, REFERENCE)
-    print(
-        f"\ntorch.compile of the {name} model's forward (inductor, dynamic=False), batch 1, context {args.context}"
-    )
-    for label, compile_s, e, c, same, diff in results:
-        print(
-            f"  {label:20s} first call {compile_s:6.1f} s; eager {e * 1e3:6.2f} ms/step, compiled {c * 1e3:6.2f} "
-            f"ms/step ({e / c:.2f}x); same argmax {same}, logits max|diff| {diff:.3f}"
-        )
 
 
 if __name__ == "__main__":
