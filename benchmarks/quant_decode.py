@@ -173,11 +173,14 @@ def main() -> None:
         )
         for name in models:
             med = statistics.median(times[name])
-            pre = statistics.median(ptimes[name]) if prefill else float("nan")
-            pre_base = statistics.median(ptimes[base]) if prefill else float("nan")
+            if prefill:
+                pre = statistics.median(ptimes[name])
+                pre_cols = f"{pre * 1e3:10.1f} {statistics.median(ptimes[base]) / pre:8.2f}x"
+            else:
+                pre_cols = f"{'-':>10s} {'-':>9s}"
             print(
                 f"{name:10s} {med * 1e3:9.2f} {1 / med:7.1f} {statistics.median(times[base]) / med:8.2f}x "
-                f"{pre * 1e3:10.1f} {pre_base / pre:8.2f}x {model_weight_bytes(models[name]) / 2**20:11.1f}"
+                f"{pre_cols} {model_weight_bytes(models[name]) / 2**20:11.1f}"
             )
         print(
             f"load average {os.getloadavg()[0]:.2f}; prefill of {args.prefill} tokens, decode at {args.context}"

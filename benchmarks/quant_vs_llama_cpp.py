@@ -5,12 +5,13 @@ Run `python -m benchmarks.quant_vs_llama_cpp [--llama-python /work/peers/llama-v
 virtual environment: never a dependency of this project); without it the peer column is empty. Both sides get the
 same token ids: a 100-token prompt then 128 greedy tokens (EOS ignored), and a cold 1000-token prompt for the time
 to first token (no prefix cache on either side: a fresh prompt each time). Rounds alternate the peer and each of
-our variants, since the cores are shared; the table shows medians and the ratio to llama.cpp. Our variants:
+our variants, since the cores are shared; the table shows medians and the ratio to llama.cpp. Our variants (what `inference.loader.load_model` builds, bf16, then the engine's model runner):
 
-- `bf16 packed`: the engine's CPU default today (oneDNN-packed bf16 linears);
-- `gguf int4`: the GGUF's Q4_1 layers as int4 g32 and its Q8_0 head as two int4 planes (both exact);
-- `gguf int4 int8-head`: the same with the head re-quantized to per-channel int8 (inference/gguf_quant.py);
-- `gguf compact`: that, with the embedding lookup reading the head's int8 codes (weights smaller than the file).
+- `bf16`: float weights, the GGUF dequantized (`quantize="none"`; oneDNN-packed bf16 linears), the CPU path before
+  quantization existed;
+- `gguf`: the default (`quantize="auto"`): the GGUF's Q4_1 layers kept as int4 group 32 (exact codes), its Q8_0
+  embedding as int8 rows, the tied head per-channel int8;
+- `gguf int8`: the file re-targeted to per-channel int8 (`quantize="int8"`).
 
 Exits 0.
 """
@@ -34,22 +35,20 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 DEFAULT_LLAMA_PYTHON = "/work/peers/llama-venv/bin/python"
-VARIANTS = ("bf16 packed", "gguf int4", "gguf int4 int8-head", "gguf compact")
+VARIANTS = ("bf16", "gguf", "gguf int8")
+_QUANTIZE = {"bf16": "none", "gguf": "auto", "gguf int8": "int8"}
 
 
 def build_engine(variant: str) -> Any:
+    from inference.config import EngineConfig
     from inference.engine import LLMEngine
-    from inference.gguf_quant import gguf_quant_weights, install_quant_weights, tie_embedding_to_head
-    from inference.loader import load_model, smollm2_gguf_path
+    from inference.loader import load_model
 
-    loaded = load_model(dtype="bfloat16")
-    if variant != "bf16 packed":
-        head = "int8" if variant.endswith(("int8-head", "compact")) else None
-        weights, _ = gguf_quant_weights(smollm2_gguf_path(), "auto", head_mode=head)  # type: ignore[arg-type]
-        install_quant_weights(loaded.model, weights)
-        if variant == "gguf compact":
-            tie_embedding_to_head(loaded.model)
-    return LLMEngine(loaded, kv_cache_memory=256 * 2**20, max_model_len=2048, max_num_seqs=8)
+    if variant not in _QUANTIZE:
+        raise SystemExit(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    loaded = load_model(dtype="bfloat16", quantize=_QUANTIZE[variant])
+    config = EngineConfig(kv_cache_memory=256 * 2**20, max_model_len=2048, max_num_seqs=8)
+    return LLMEngine(loaded, config)
 
 
 def ours_single(engine: Any, prompt: list[int], n: int) -> float:
@@ -131,9 +130,16 @@ def main() -> None:
     )
     print(
         f"SmolLM2-135M Q4_1, {torch.get_num_threads()} threads, {args.rounds} rounds, "
-        f"load average {min(loads):.1f}-{max(loads):.1f} (shared cores: compare within this table only)"
+        f"load average {min(loads):.1f}-{max(loads):.1f} (shared cores: compare within this table only); "
+        f"file {gguf.stat().st_size / 2**20:.1f} MiB"
     )
-    print(f"{'':22s} {'tok/s':>8s} {'vs llama.cpp':>12s} {'TTFT 1000 (ms)':>15s} {'llama.cpp/ours':>15s}")
+    from inference.quant import model_weight_bytes
+
+    file_mib = gguf.stat().st_size / 2**20
+    print(
+        f"{'':22s} {'tok/s':>8s} {'vs llama.cpp':>12s} {'TTFT 1000 (ms)':>15s} {'llama.cpp/ours':>15s} "
+        f"{'weights MiB':>12s} {'vs file':>8s}"
+    )
     for name, r in results.items():
         if not r["tok_s"]:
             print(f"{name:22s} {'n/a':>8s}")
@@ -141,7 +147,13 @@ def main() -> None:
         tok, ttft = statistics.median(r["tok_s"]), statistics.median(r["ttft_ms"])
         tok_ratio = f"{tok / peer_tok:.2f}x" if peer_tok else ""
         ttft_ratio = f"{peer_ttft / ttft:.2f}x" if peer_ttft else ""
-        print(f"{name:22s} {tok:8.1f} {tok_ratio:>12s} {ttft:15.0f} {ttft_ratio:>15s}")
+        weights = (
+            f"{model_weight_bytes(engines[name].loaded.model) / 2**20:12.1f} "
+            f"{model_weight_bytes(engines[name].loaded.model) / 2**20 / file_mib:7.2f}x"
+            if name in engines
+            else f"{'(mapped)':>12s}"
+        )
+        print(f"{name:22s} {tok:8.1f} {tok_ratio:>12s} {ttft:15.0f} {ttft_ratio:>15s} {weights}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ What each GGUF type becomes (`mode` "auto" keeps the file's choice; "int8" / "in
 | GGUF type | auto | int8 | int4 |
 | --- | --- | --- | --- |
 | Q4_0, Q4_1, Q4_K | int4 group 32, exact codes | int8 per row | int4 group 32, exact codes |
-| Q5_K, Q6_K, Q8_0 | int8 per row (re-quantized: one kernel) | int8 per row | int4, `group_size` |
+| Q5_0, Q5_1, Q5_K, Q6_K, Q8_0 | int8 per row (re-quantized: one kernel) | int8 per row | int4, `group_size` |
 | F32, F16, BF16 | int8 per row | int8 per row | int4, `group_size` |
 | anything else | UnsupportedQuantTypeError naming the tensor and type | same | same |
 
@@ -65,7 +65,7 @@ _LAYER_LINEARS = {
 _SHARDS = {"self_attn.qkv_proj": 3, "mlp.gate_up_proj": 2}
 _UNFUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 EXACT_INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # one int4 plane of group 32, codes as stored
-WIDE_TYPES = ("Q5_K", "Q6_K", "Q8_0")  # more than 4 bits a value
+WIDE_TYPES = ("Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")  # more than 4 bits a value
 FLOAT_TYPES = ("F32", "F16", "BF16")
 SUPPORTED_TYPES = EXACT_INT4_TYPES + WIDE_TYPES + FLOAT_TYPES
 

@@ -28,9 +28,14 @@ from inference.errors import (
 )
 from inference.gguf_file import GGUFFile
 from inference.gguf_file import hf_name as gguf_hf_name
-from inference.gguf_quant import build_quantized_model, check_supported_types, has_quantized_linears
+from inference.gguf_quant import (
+    build_quantized_model,
+    check_supported_types,
+    has_quantized_linears,
+    tie_embedding_to_head,
+)
 from inference.model_config import ModelConfig, check_architecture, hf_config_from_dict, model_config_from_hf
-from inference.quant import KernelName, QuantReport, kernel_available, quantize_model
+from inference.quant import KernelName, QuantReport, kernel_available, model_weight_bytes, quantize_model
 from inference.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -505,7 +510,8 @@ def _gguf_quantize_mode(
     return "auto"
 
 
-def _check_quantize(quantize: str, group_size: int, device: torch.device) -> None:
+def check_quantize_device(quantize: str, group_size: int, device: torch.device) -> None:
+    """QuantError for an unknown mode or group size; QuantizeUnsupportedError for int8/int4 off the CPU."""
     try:
         check_quantize(quantize, group_size)
     except EngineError as exc:
@@ -623,7 +629,7 @@ def load_model(
         dev.type == "cuda" and dev.index is None
     ):  # one concrete GPU for the weights, the cache and memory stats
         dev = torch.device("cuda", torch.cuda.current_device())
-    _check_quantize(quantize, quantize_group_size, dev)
+    check_quantize_device(quantize, quantize_group_size, dev)
     started = time.perf_counter()
     if load_format == "dummy":
         loaded = _load_dummy(source, dtype, dev, progress)
@@ -631,7 +637,11 @@ def load_model(
         loaded = _load_real(source, dtype, dev, load_format, progress, quantize, quantize_group_size)
     if loaded.quantization is None and quantize in ("int8", "int4"):
         mode: KernelName = "int8" if quantize == "int8" else "int4"
-        loaded.quantization = quantize_model(loaded.model, mode, group_size=quantize_group_size)
+        report = quantize_model(loaded.model, mode, group_size=quantize_group_size)
+        # a tied model's lookup reads the int8 head's codes: one int8 table instead of it plus the float one
+        if loaded.config.tie_word_embeddings and tie_embedding_to_head(loaded.model):
+            report.bytes_after = model_weight_bytes(loaded.model)
+        loaded.quantization = report
     if loaded.quantization is not None:
         loaded.quantization.log()
     dtype_name = str(loaded.config.dtype).removeprefix("torch.")

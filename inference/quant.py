@@ -17,7 +17,7 @@ weights stay quantized in memory and prefill is not held back by the decode kern
 `QuantLinear` replaces an `nn.Linear`; `quantize_model` swaps a model's linears in place (in-situ quantization,
 ISQ; the output head always per-channel int8: int4 there costs ~4% perplexity) and reports the weight bytes
 before and after. A weight may be a sum of int4 planes (`Int4Weight` list): that is how GGUF types with more than 4
-bits per value (Q8_0, Q5_K) can stay exact with the int4 kernel.
+bits per value (Q8_0, Q5_0, Q5_1, Q5_K) can stay exact with the int4 kernel.
 
 `gguf_to_int8` / `gguf_to_int4` take a GGUF tensor's raw blocks (uint8 `[rows, bytes per row]`, as
 `inference.gguf_file` and `gguf.GGUFReader` give them) and produce our codes and float32 scales without a float
@@ -30,6 +30,7 @@ hold the scales in bf16 (8 significant bits against fp16's 11), a relative error
 | Q4_1 | int4, group 32, scale d, zero m + 8d | yes up to fp32 rounding of the zero (<= 1 ulp) |
 | Q4_K | int4, group 32, scale d*sc, zero 8*d*sc - dmin*m | yes up to fp32 rounding of the zero |
 | Q5_K | two int4 planes (high bit, low nibble), group 32, or int8 re-quantized per row | planes: yes; int8: no |
+| Q5_0, Q5_1 | two int4 planes (high bit, low nibble), group 32, or int8 re-quantized per row | planes: yes; int8: no |
 | Q8_0 | two int4 planes (high nibble, low nibble), group 32, or int8 re-quantized per row | planes: yes; int8: no |
 | Q6_K | int8 re-quantized per row (16-wide sub-blocks: no int4 group of 16) | no |
 
@@ -572,9 +573,11 @@ def quantize_model(
                 and (skip is None or not skip(full, child))
             ):
                 targets.append((parent, child_name, child))
+    widened = 0  # int4 layers whose input size is no multiple of the group size: int8 instead
     with torch.no_grad():
         for parent, child_name, child in targets:
             layer_mode: KernelName = "int8" if child_name == "lm_head" else mode
+            widened += int(layer_mode == "int4" and child.weight.shape[1] % group_size != 0)
             layer = quantized_layer(child.weight, child.bias, layer_mode, group_size)
             report.fallback_layers += int(layer.fallback)
             report.layers += 1
@@ -593,6 +596,14 @@ def quantize_model(
             if getattr(model, "packed_head", None) is not None:
                 model.packed_head = None
     report.bytes_after = model_weight_bytes(model)
+    if widened:
+        report.source = f"isq, {widened} layers int8: inputs not a multiple of {group_size}"
+        log.warning(
+            "int4_group_size_unfit",
+            group_size=group_size,
+            int8_layers=widened,
+            hint="a group size that divides the hidden size (32 fits every model we run)",
+        )
     return report
 
 
@@ -669,7 +680,7 @@ def _q_k_codes_scales(blocks: np.ndarray, five_bit: bool) -> tuple[np.ndarray, n
 def gguf_to_int4(data: np.ndarray, tensor_type: int, shape: Sequence[int]) -> list[Int4Weight]:
     """int4 planes (group 32) of a GGUF matrix `[N, K]` (`shape` in torch order, rows first) from its raw blocks.
 
-    Q4_0/Q4_1/Q4_K give one plane, Q8_0/Q5_K two (their sum is the weight). Raises UnsupportedQuantTypeError
+    Q4_0/Q4_1/Q4_K give one plane, Q8_0/Q5_0/Q5_1/Q5_K two (their sum is the weight). Raises UnsupportedQuantTypeError
     for other types.
     """
     from gguf import GGMLQuantizationType as T
@@ -692,6 +703,19 @@ def gguf_to_int4(data: np.ndarray, tensor_type: int, shape: Sequence[int]) -> li
         return [
             _int4((hi + 8).astype(np.uint8), np.float32(16) * d, np.zeros_like(d), rows),
             _int4(lo.astype(np.uint8), d, np.float32(8) * d, rows),
+        ]
+    if qtype in (T.Q5_0, T.Q5_1):
+        # d (fp16), [m (fp16),] qh (32 fifth bits, bit e of element e), qs (16 bytes of nibbles, as Q4_0)
+        has_min = qtype == T.Q5_1
+        b = _blocks(data, rows, 24 if has_min else 22)
+        d = _f16(b[..., 0:2])
+        m = _f16(b[..., 2:4]) if has_min else np.float32(-16) * d  # Q5_0: (q - 16) * d
+        off = 8 if has_min else 6
+        qh = np.ascontiguousarray(b[..., off - 4 : off]).view("<u4")[..., 0]
+        bits = ((qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+        return [
+            _int4(bits + 8, np.float32(16) * d, np.zeros_like(d), rows),
+            _int4(_nibbles_32(b[..., off:]), d, m + np.float32(8) * d, rows),
         ]
     if qtype in (T.Q4_K, T.Q5_K):
         five = qtype == T.Q5_K
@@ -722,13 +746,13 @@ def _q6_k_values(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def gguf_to_int8(data: np.ndarray, tensor_type: int, shape: Sequence[int]) -> Int8Weight:
     """int8 per-channel weight of a GGUF matrix `[N, K]` from its raw blocks, re-quantized per row from the block
     values (in float32, exact for Q8_0 and Q6_K products; a slice of rows at a time, never a float copy of the
-    whole matrix). Lossy: a row's scale is its largest value / 127. Q8_0, Q6_K, Q4_0, Q4_1, Q4_K, Q5_K;
+    whole matrix). Lossy: a row's scale is its largest value / 127. Q8_0, Q6_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K;
     UnsupportedQuantTypeError otherwise."""
     from gguf import GGMLQuantizationType as T
 
     rows, cols = int(shape[0]), int(shape[1])
     qtype = T(int(tensor_type))
-    if qtype not in (T.Q8_0, T.Q6_K, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K):
+    if qtype not in (T.Q8_0, T.Q6_K, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_0, T.Q5_1, T.Q5_K):
         raise _unsupported(qtype.name, cols, "int8")
     raw = np.ascontiguousarray(data).view(np.uint8).reshape(rows, -1)
     step = max(1, (1 << 22) // max(cols, 1))
@@ -751,6 +775,6 @@ def gguf_to_int8(data: np.ndarray, tensor_type: int, shape: Sequence[int]) -> In
 def _unsupported(name: str, cols: int, target: str) -> UnsupportedQuantTypeError:
     return UnsupportedQuantTypeError(
         f"GGUF tensor type {name} cannot be loaded into our {target} layout",
-        hint="supported: Q4_0, Q4_1, Q4_K, Q5_K, Q8_0 (int4); Q8_0, Q6_K and those (int8); "
+        hint="supported: Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q8_0 (int4); Q6_K and those (int8); "
         "or load the GGUF dequantized (model.quantize: none)",
     )

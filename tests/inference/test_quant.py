@@ -269,19 +269,19 @@ def _synthetic(qtype: T, rows: int = 64, cols: int = 512) -> np.ndarray:
     return quantize(w, qtype)
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q5_K])
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q5_0, T.Q5_1, T.Q5_K])
 def test_gguf_blocks_to_int4_planes_are_exact(qtype: T) -> None:
     raw = _synthetic(qtype)
     want = dequantize(raw, qtype).reshape(64, 512)
     planes = gguf_to_int4(raw, qtype, (64, 512))
-    assert len(planes) == (2 if qtype in (T.Q8_0, T.Q5_K) else 1)
+    assert len(planes) == (2 if qtype in (T.Q8_0, T.Q5_0, T.Q5_1, T.Q5_K) else 1)
     assert all(p.group_size == 32 and int(p.codes.max()) <= 15 for p in planes)
     got = dequantize_weight(planes).numpy()
     # the codes and float32 scales reproduce gguf's dequantization; the zero term (m + 8 d) may round by one ulp
     np.testing.assert_allclose(got, want, rtol=0, atol=float(np.abs(want).max()) * 2**-22)
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q6_K, T.Q4_1, T.Q4_K, T.Q5_K])
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q6_K, T.Q4_1, T.Q4_K, T.Q5_0, T.Q5_K])
 def test_gguf_blocks_to_int8_within_half_a_step(qtype: T) -> None:
     raw = _synthetic(qtype)
     want = torch.from_numpy(dequantize(raw, qtype).reshape(64, 512))
@@ -304,7 +304,7 @@ def test_bf16_scales_of_gguf_int4_stay_within_a_bf16_rounding() -> None:
     assert np.all(np.abs(got - want) <= bound + 1e-9)
 
 
-@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.IQ4_NL, T.Q5_0])
+@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.IQ4_NL, T.TQ1_0])
 def test_unsupported_gguf_type_is_a_typed_error_naming_it(qtype: T) -> None:
     raw = np.zeros((4, 256), dtype=np.uint8)
     for convert in (gguf_to_int4, gguf_to_int8):
