@@ -16,7 +16,8 @@ the ratio to llama.cpp, and our weights' memory against the file's size. Our var
   quantization existed (SmolLM2 only by default: it writes a float32 copy of the model to the cache);
 - `gguf`: the default (`quantize="auto"`): 4-bit blocks kept as int4 group 32 (exact codes), wider ones as
   per-channel int8, a Q8_0 embedding read from its own blocks, the head per-channel int8;
-- `gguf int8`: the file re-targeted to per-channel int8 (`quantize="int8"`).
+- `gguf int8`: the file re-targeted to per-channel int8 (`quantize="int8"`);
+- `gguf int4`: re-targeted to int4 (`quantize="int4"`: 4-bit blocks kept, wider ones re-quantized to int4 g32).
 
 Exits 0.
 """
@@ -40,8 +41,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 DEFAULT_LLAMA_PYTHON = "/work/peers/llama-venv/bin/python"
-VARIANTS = ("bf16", "gguf", "gguf int8")
-_QUANTIZE = {"bf16": "none", "gguf": "auto", "gguf int8": "int8"}
+VARIANTS = ("bf16", "gguf", "gguf int8", "gguf int4")
+_QUANTIZE = {"bf16": "none", "gguf": "auto", "gguf int8": "int8", "gguf int4": "int4"}
 
 
 def build_engine(variant: str, gguf: Path) -> Any:
@@ -103,7 +104,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--ttft-tokens", type=int, default=1000, help="0: no time-to-first-token figure")
     ap.add_argument(
-        "--variants", default=None, help=f"of {', '.join(VARIANTS)} (default: all for SmolLM2, else gguf)"
+        "--variants",
+        default=None,
+        help=f"of {', '.join(VARIANTS)} (default: the first three for SmolLM2, else gguf)",
     )
     args = ap.parse_args()
     from inference.loader import smollm2_gguf_path
@@ -112,7 +115,7 @@ def main() -> None:
 
     configure_threads()
     gguf = args.gguf or smollm2_gguf_path()
-    default_variants = VARIANTS if args.gguf is None else ("gguf",)
+    default_variants = VARIANTS[:3] if args.gguf is None else ("gguf",)
     names = [v.strip() for v in (args.variants or ",".join(default_variants)).split(",") if v.strip()]
     engines = {name: build_engine(name, gguf) for name in names}
     vocab = next(iter(engines.values())).model_config.vocab_size
