@@ -183,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         default="cpu",
         help="cuda runs the GPU benchmark (benchmarks/engine_cuda.py: Qwen3-0.6B dummy weights, 256 requests)",
     )
+    parser.add_argument(
+        "--quantize",
+        choices=["auto", "none", "int8", "int4"],
+        default="auto",
+        help="our weights (load_model's quantize): auto keeps the GGUF's int4/int8 blocks in bf16; none is float, "
+        "as the transformers peer",
+    )
     parser.add_argument("--quick", action="store_true", help="16 requests and shorter outputs")
     parser.add_argument("--skip-cb", action="store_true", help="leave out transformers' continuous batching")
     parser.add_argument(
@@ -230,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         f"[bold]engine benchmark[/] SmolLM2-135M, {dtype_label}, {threads} threads, {n_req} requests, "
         f"load average {os.getloadavg()[0]:.1f} (other processes share the cores)"
     )
-    loaded = load_model(dtype=dtype)
+    loaded = load_model(dtype=dtype, quantize=args.quantize)
+    if loaded.quantization is not None:
+        dtype_label += f", ours {loaded.quantization.describe()}"
     vocab = loaded.config.vocab_size
     work = make_workload(n_req, (32, 512), out_range, vocab)
     engine = LLMEngine(loaded, EngineConfig(kv_cache_memory=640 * 2**20, max_model_len=2048, max_num_seqs=64))

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import anyio
 import structlog
 
-from inference.config import EngineConfig
+from inference.config import DEFAULT_QUANTIZE_GROUP_SIZE, EngineConfig
 from inference.engine import LLMEngine, Prompt, RequestOutput
 from inference.errors import EngineError, EngineStoppedError, RequestError
 from inference.lora import AdapterInfo, read_adapter
@@ -84,13 +84,24 @@ class AsyncEngine:
         device: str = "cpu",
         load_format: str = "auto",
         progress: bool = False,
+        quantize: str = "auto",
+        quantize_group_size: int = DEFAULT_QUANTIZE_GROUP_SIZE,
         adapters: Mapping[str, str | Path] | None = None,
     ) -> AsyncEngine:
-        """Load a model (see inference.loader.load_model) and start an engine on it with `config`'s settings
-        (the defaults when None) and the LoRA `adapters` (name -> PEFT adapter folder)."""
+        """Load a model (see inference.loader.load_model: `quantize` is "auto", "none", "int8" or "int4") and
+        start an engine on it with `config`'s settings (the defaults when None) and the LoRA `adapters` (name ->
+        PEFT adapter folder)."""
         from inference.loader import load_model
 
-        loaded = load_model(source, dtype=dtype, device=device, load_format=load_format, progress=progress)
+        loaded = load_model(
+            source,
+            dtype=dtype,
+            device=device,
+            load_format=load_format,
+            progress=progress,
+            quantize=quantize,
+            quantize_group_size=quantize_group_size,
+        )
         return cls(LLMEngine(loaded, config, adapters=adapters))
 
     # ---- adapters (inference/lora.py) ----------------------------------------------------------------

@@ -44,3 +44,19 @@ class AdapterError(EngineError):
 
 class UnknownAdapterError(RequestError):
     """A request names an adapter that is not loaded (or is being unloaded); other requests are unaffected."""
+
+
+class QuantError(ModelLoadError):
+    """Weights cannot be quantized, or loaded into our quantized layouts (inference/quant.py)."""
+
+
+class UnsupportedQuantTypeError(QuantError):
+    """A GGUF tensor is stored in a quantization type we cannot keep in our int8/int4 layouts."""
+
+
+class QuantizeUnsupportedError(QuantError):
+    """The requested quantization cannot run where the model is placed (CUDA, for now)."""
+
+
+class GGUFFormatError(ModelLoadError):
+    """A GGUF file is truncated or malformed."""

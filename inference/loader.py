@@ -1,4 +1,5 @@
-"""Loads a model for the engine: local HF folders, GGUF files (dequantised, cached), hub ids, builtins, dummy weights."""
+"""Loads a model for the engine: local HF folders, GGUF files (kept quantized, or dequantised and cached), hub
+ids, builtins, dummy weights; quantizes at load when asked (inference/quant.py)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,30 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 import torch
 
 from inference import envs
-from inference.errors import DeviceUnavailableError, ModelLoadError
+from inference.config import DEFAULT_QUANTIZE_GROUP_SIZE, check_quantize
+from inference.errors import (
+    DeviceUnavailableError,
+    EngineError,
+    ModelLoadError,
+    QuantError,
+    QuantizeUnsupportedError,
+)
+from inference.gguf_file import GGUFFile
+from inference.gguf_file import hf_name as gguf_hf_name
+from inference.gguf_quant import (
+    build_quantized_model,
+    check_supported_types,
+    has_quantized_linears,
+    tie_embedding_to_head,
+)
 from inference.model_config import ModelConfig, check_architecture, hf_config_from_dict, model_config_from_hf
+from inference.quant import KernelName, QuantReport, kernel_available, model_weight_bytes, quantize_model
 from inference.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -42,6 +59,7 @@ class LoadedModel:
     config: ModelConfig
     tokenizer: Tokenizer
     source: str
+    quantization: QuantReport | None = None  # what quantization did (None: float weights)
 
 
 # ---- small helpers -------------------------------------------------------------------------------------------
@@ -321,58 +339,25 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-_GGUF_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+def _open_gguf(path: Path) -> GGUFFile:
+    """The file's header and tensor table (GGUFFormatError when truncated or malformed), of an architecture we run."""
+    gguf = GGUFFile(path)
+    if gguf.architecture not in _GGUF_ARCHS:
+        raise ModelLoadError(
+            f"GGUF architecture {gguf.architecture!r} of {path.name} is not supported",
+            hint=f"supported GGUF architectures: {', '.join(_GGUF_ARCHS)}",
+        )
+    return gguf
 
 
-def _gguf_hf_name(name: str) -> str | None:
-    parts = name.split(".")
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _GGUF_LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
-    if len(parts) == 2 and parts[0] in _GGUF_TOP_NAMES:
-        return f"{_GGUF_TOP_NAMES[parts[0]]}.{parts[1]}"
-    return None
-
-
-def _gguf_scalar(reader: Any, key: str) -> Any:
-    field = reader.fields.get(key)
-    if field is None or not field.data:
-        return None
-    return field.parts[field.data[0]][0]
-
-
-def _convert_gguf(path: Path, target: Path, progress: bool) -> None:
-    """Dequantise a GGUF into an HF-style folder (config.json, float32 model.safetensors, tokenizer files)."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-    from safetensors.torch import save_file
+def _convert_gguf_meta(gguf: GGUFFile, target: Path) -> None:
+    """The GGUF's config.json and tokenizer files in an HF-style folder; the float weights are added by
+    `_write_gguf_float_weights` only when the float path needs them."""
     from transformers import AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    path = gguf.path
     started = time.perf_counter()
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:  # a corrupt file fails in numpy, struct or ValueError alike
-        raise ModelLoadError(f"cannot read GGUF file {path}: {exc}", hint="is it a GGUF model file?") from exc
-    arch_field = reader.fields.get("general.architecture")
-    arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else "unknown"
-    if arch not in _GGUF_ARCHS:
-        raise ModelLoadError(
-            f"GGUF architecture {arch!r} of {path.name} is not supported",
-            hint=f"supported GGUF architectures: {', '.join(_GGUF_ARCHS)}",
-        )
     try:
         parsed = load_gguf_checkpoint(str(path), return_tensors=False)
     except (ValueError, KeyError) as exc:
@@ -382,36 +367,17 @@ def _convert_gguf(path: Path, target: Path, progress: bool) -> None:
     raw["architectures"] = [check_architecture({"model_type": raw.get("model_type")}, str(path))]
     # transformers' GGUF config mapping drops attention.key_length (Qwen3's head_dim is not hidden/heads) and
     # takes the vocabulary size from the token list, which may be shorter than the (padded) embedding.
-    key_length = _gguf_scalar(reader, f"{arch}.attention.key_length")
+    key_length = gguf.arch_int("attention.key_length")
     if key_length is not None:
-        raw["head_dim"] = int(key_length)
-    for t in reader.tensors:
-        if t.name == "token_embd.weight":
-            raw["vocab_size"] = int(t.shape[-1])
+        raw["head_dim"] = key_length
+    embd = gguf.by_name.get("token_embd.weight")
+    if embd is not None:
+        raw["vocab_size"] = int(embd.shape[-1])
     hf = hf_config_from_dict(raw, str(path))
-    n_heads, n_kv = hf.num_attention_heads, hf.num_key_value_heads
-
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        tensors: dict[str, torch.Tensor] = {}
-        bar = _Progress(progress, f"dequantising {path.name}", len(reader.tensors))
-        try:
-            for t in reader.tensors:
-                name = _gguf_hf_name(t.name)
-                if name is None:
-                    log.debug("gguf_tensor_skipped", tensor=t.name)
-                    bar.advance()
-                    continue
-                w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()
-                if arch == "llama" and name.split(".")[-2] in ("q_proj", "k_proj"):
-                    w = _unpermute(w, n_heads if ".q_proj." in name else n_kv)
-                tensors[name] = w.contiguous()
-                bar.advance()
-        finally:
-            bar.close()
-        save_file(tensors, str(tmp / "model.safetensors"))
         hf.save_pretrained(str(tmp))
         try:
             tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -427,32 +393,134 @@ def _convert_gguf(path: Path, target: Path, progress: bool) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    log.info("gguf_metadata_converted", file=str(path), seconds=round(time.perf_counter() - started, 2))
+
+
+def _write_gguf_float_weights(gguf: GGUFFile, target: Path, progress: bool) -> None:
+    """Dequantise every tensor of the GGUF into `target/model.safetensors` (float32), written atomically."""
+    from gguf.quants import dequantize
+    from safetensors.torch import save_file
+
+    started = time.perf_counter()
+    config = hf_config_from_dict(_read_json(target / "config.json"), str(target / "config.json"))
+    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
+    tensors: dict[str, torch.Tensor] = {}
+    bar = _Progress(progress, f"dequantising {gguf.path.name}", len(gguf.tensors))
+    try:
+        for t in gguf.tensors:
+            name = gguf_hf_name(t.name)
+            if name is None:
+                log.debug("gguf_tensor_skipped", tensor=t.name)
+                bar.advance()
+                continue
+            try:
+                values = dequantize(t.data, t.tensor_type)
+            except NotImplementedError as exc:
+                raise ModelLoadError(
+                    f"GGUF tensor {t.name} of {gguf.path.name} has type {t.type_name}, which cannot be dequantized",
+                    hint="load another quantization of the model",
+                ) from exc
+            w = torch.from_numpy(values.copy()).float()
+            if gguf.architecture == "llama" and name.split(".")[-2] in ("q_proj", "k_proj"):
+                w = _unpermute(w, n_heads if ".q_proj." in name else n_kv)
+            tensors[name] = w.contiguous()
+            bar.advance()
+    finally:
+        bar.close()
+    tmp = target / f"model.safetensors.tmp{os.getpid()}"
+    try:
+        save_file(tensors, str(tmp))
+        os.replace(tmp, target / "model.safetensors")  # atomic, as the folder itself
+    finally:
+        tmp.unlink(missing_ok=True)
     log.info(
-        "gguf_converted", file=str(path), cache=str(target), seconds=round(time.perf_counter() - started, 2)
+        "gguf_converted",
+        file=str(gguf.path),
+        cache=str(target),
+        seconds=round(time.perf_counter() - started, 2),
     )
 
 
-def converted_gguf(path: Path, progress: bool = False) -> Path:
-    """The model cache's HF folder (config, safetensors, tokenizer) for the GGUF file `path`, converted on first
-    use."""
+def converted_gguf(path: Path, progress: bool = False, *, weights: bool = True) -> Path:
+    """The model cache's HF folder for the GGUF file `path`, converted on first use: config.json and tokenizer
+    files, and with `weights` the float32 model.safetensors of the float path (dequantised once)."""
     cached = _gguf_cache_dir(path)
-    if not (cached / "source.json").is_file():
+    has_meta = (cached / "source.json").is_file()
+    if has_meta and (not weights or (cached / "model.safetensors").is_file()):
+        return cached
+    gguf = _open_gguf(path)
+    if not has_meta:
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ModelLoadError(
                 f"cannot create the model cache {cached.parent}: {exc}", hint="set AGENT_RUNTIME_CACHE"
             ) from exc
-        _convert_gguf(path, cached, progress)
+        _convert_gguf_meta(gguf, cached)
+    if weights and not (cached / "model.safetensors").is_file():
+        _write_gguf_float_weights(gguf, cached, progress)
     return cached
 
 
-def _load_gguf(path: Path, dtype: str | torch.dtype, device: torch.device, progress: bool) -> LoadedModel:
+def _load_gguf(
+    path: Path, dtype: str | torch.dtype, device: torch.device, progress: bool, quantize: str, group_size: int
+) -> LoadedModel:
     if not path.is_file():
         raise ModelLoadError(f"GGUF file {path} does not exist", hint="check the path")
-    loaded = _load_hf_folder(converted_gguf(path, progress), dtype, device, progress)
-    loaded.source = str(path)
-    return loaded
+    gguf = _open_gguf(path)
+    model_dtype = resolve_dtype(dtype, device)
+    mode = _gguf_quantize_mode(quantize, device, model_dtype, has_quantized_linears(gguf))
+    if mode == "none":
+        loaded = _load_hf_folder(converted_gguf(path, progress), model_dtype, device, progress)
+        loaded.source = str(path)
+        return loaded
+    check_supported_types(gguf)
+    folder = converted_gguf(path, progress, weights=False)
+    cfg_path = folder / "config.json"
+    hf = hf_config_from_dict(_read_json(cfg_path), str(cfg_path))
+    config = model_config_from_hf(hf, model_dtype, where=str(path), generation_eos=_generation_eos(folder))
+    model, report = build_quantized_model(gguf, config, mode, group_size)
+    tokenizer = _load_tokenizer(folder, config.eos_token_ids)
+    return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=str(path), quantization=report)
+
+
+def _gguf_quantize_mode(
+    quantize: str, device: torch.device, dtype: torch.dtype, quantized_file: bool
+) -> Literal["none", "auto", "int8", "int4"]:
+    """What a GGUF file loads as: "auto" keeps its quantized blocks on a bf16 CPU model whose kernels this CPU
+    runs; float otherwise ("none"). Explicit modes were checked against the device by `_check_quantize`."""
+    if quantize == "int8":
+        return "int8"
+    if quantize == "int4":
+        return "int4"
+    if quantize == "none":
+        return "none"
+    if device.type != "cpu" or not quantized_file:
+        return "none"
+    if dtype != torch.bfloat16:
+        log.info(
+            "gguf_loaded_as_float",
+            reason=f"the model runs in {str(dtype).removeprefix('torch.')}; the quantized kernels run in bfloat16",
+            hint="dtype bfloat16, or quantize int4 / int8, keeps the file's quantization",
+        )
+        return "none"
+    if not (kernel_available("int4") and kernel_available("int8")):
+        log.warning("gguf_loaded_as_float", reason="this CPU or torch build lacks the int4/int8 kernels")
+        return "none"
+    return "auto"
+
+
+def check_quantize_device(quantize: str, group_size: int, device: torch.device) -> None:
+    """QuantError for an unknown mode or group size; QuantizeUnsupportedError for int8/int4 off the CPU."""
+    try:
+        check_quantize(quantize, group_size)
+    except EngineError as exc:
+        raise QuantError(exc.reason, exc.hint) from None
+    if quantize in ("int8", "int4") and device.type != "cpu":
+        raise QuantizeUnsupportedError(
+            f"quantize {quantize} is not supported on {device.type.upper()} yet (the int8/int4 kernels are CPU ones)",
+            hint="use quantize auto or none on the GPU (a GGUF loads dequantized there), or device cpu",
+        )
 
 
 def _dummy_config_path(source: str | Path) -> Path:
@@ -536,12 +604,21 @@ def load_model(
     device: str | torch.device = "cpu",
     load_format: str = "auto",
     progress: bool = False,
+    quantize: str = "auto",
+    quantize_group_size: int = DEFAULT_QUANTIZE_GROUP_SIZE,
 ) -> LoadedModel:
     """Load a model and its tokenizer from a builtin name, a local folder, a .gguf file or a hub id.
 
     `device` is "auto" (the GPU when torch sees one, else the CPU), "cpu" or "cuda[:N]"; see resolve_device.
     load_format "dummy" builds random (seeded) weights from a config.json path or a builtin config name
     (see inference/configs/).
+
+    `quantize` (inference.config.QUANTIZE_MODES): "auto" keeps a GGUF file's quantized blocks when the model runs
+    in bfloat16 on the CPU (dequantized float otherwise, and for other sources); "none" loads float weights (the
+    path the exactness tests check against transformers); "int8" / "int4" quantize the linear layers (int4
+    group-wise, `quantize_group_size` inputs per scale; a GGUF re-targeted from its blocks, never through a float
+    model), CPU only. The output head is per-channel int8 in every quantized mode. `LoadedModel.quantization`
+    reports the weight bytes before and after.
     """
     if load_format not in LOAD_FORMATS:
         raise ModelLoadError(
@@ -552,11 +629,21 @@ def load_model(
         dev.type == "cuda" and dev.index is None
     ):  # one concrete GPU for the weights, the cache and memory stats
         dev = torch.device("cuda", torch.cuda.current_device())
+    check_quantize_device(quantize, quantize_group_size, dev)
     started = time.perf_counter()
     if load_format == "dummy":
         loaded = _load_dummy(source, dtype, dev, progress)
     else:
-        loaded = _load_real(source, dtype, dev, load_format, progress)
+        loaded = _load_real(source, dtype, dev, load_format, progress, quantize, quantize_group_size)
+    if loaded.quantization is None and quantize in ("int8", "int4"):
+        mode: KernelName = "int8" if quantize == "int8" else "int4"
+        report = quantize_model(loaded.model, mode, group_size=quantize_group_size)
+        # a tied model's lookup reads the int8 head's codes: one int8 table instead of it plus the float one
+        if loaded.config.tie_word_embeddings and tie_embedding_to_head(loaded.model):
+            report.bytes_after = model_weight_bytes(loaded.model)
+        loaded.quantization = report
+    if loaded.quantization is not None:
+        loaded.quantization.log()
     dtype_name = str(loaded.config.dtype).removeprefix("torch.")
     log.info(
         "model_loaded",
@@ -579,10 +666,16 @@ def load_model(
 
 
 def _load_real(
-    source: str | Path, dtype: str | torch.dtype, device: torch.device, load_format: str, progress: bool
+    source: str | Path,
+    dtype: str | torch.dtype,
+    device: torch.device,
+    load_format: str,
+    progress: bool,
+    quantize: str,
+    group_size: int,
 ) -> LoadedModel:
     if isinstance(source, str) and source == DEFAULT_MODEL:
-        loaded = _load_gguf(smollm2_gguf_path(), dtype, device, progress)
+        loaded = _load_gguf(smollm2_gguf_path(), dtype, device, progress, quantize, group_size)
         loaded.source = DEFAULT_MODEL
         return loaded
     path = Path(source).expanduser()
@@ -591,7 +684,7 @@ def _load_real(
             raise ModelLoadError(
                 f"{path} is a file, not a model folder", hint="pass a folder or a .gguf file"
             )
-        return _load_gguf(path, dtype, device, progress)
+        return _load_gguf(path, dtype, device, progress, quantize, group_size)
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         has_st = any(path.glob("*.safetensors"))
@@ -600,7 +693,7 @@ def _load_real(
                 raise ModelLoadError(
                     f"{path} holds {len(ggufs)} .gguf files", hint="pass the path of the .gguf file to load"
                 )
-            return _load_gguf(ggufs[0], dtype, device, progress)
+            return _load_gguf(ggufs[0], dtype, device, progress, quantize, group_size)
         return _load_hf_folder(path, dtype, device, progress)
     if isinstance(source, str) and _looks_like_hub_id(source) and load_format != "gguf":
         return _load_hf_folder(_hub_snapshot(source), dtype, device, progress)

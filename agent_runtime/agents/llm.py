@@ -30,6 +30,15 @@ def engine_config(settings: ModelSettings) -> EngineConfig:
     )
 
 
+# The `model` section's fields that are arguments of `inference.loader.load_model` (and AsyncEngine.from_model)
+LOAD_OPTIONS = ("dtype", "device", "quantize", "quantize_group_size")
+
+
+def load_options(settings: ModelSettings) -> dict[str, Any]:
+    """The loader's keyword arguments from the config file's `model` section (how the weights are loaded)."""
+    return {name: getattr(settings, name) for name in LOAD_OPTIONS}
+
+
 @dataclass(slots=True)
 class GenerationRequest:
     """One model turn: chat messages (the template's shape), optional template tools, an optional grammar."""
@@ -120,10 +129,9 @@ class LocalEngineBackend:
             return AsyncEngine.from_model(
                 src,
                 engine_config(settings),
-                dtype=settings.dtype,
-                device=settings.device,
                 progress=progress,
                 adapters=settings.adapters,
+                **load_options(settings),
             )
 
         engine = await anyio.to_thread.run_sync(load)

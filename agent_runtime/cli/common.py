@@ -126,6 +126,26 @@ def add_device_argument(parser: argparse.ArgumentParser, *, from_config: bool = 
     )
 
 
+QUANTIZE_CHOICES = (
+    "auto",
+    "none",
+    "int8",
+    "int4",
+)  # inference.config.QUANTIZE_MODES (torch-free, not imported)
+
+
+def add_quantize_argument(parser: argparse.ArgumentParser, *, from_config: bool = True) -> None:
+    """`--quantize auto|none|int8|int4`; with `from_config` it overrides the config's `model.quantize`."""
+    where = "the config's `model.quantize`, else auto" if from_config else "auto"
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        default=None if from_config else "auto",
+        help=f"model weights (default: {where}: a GGUF stays quantized on a bf16 CPU model, else float): none "
+        "(float), int8 or int4 (quantized at load, CPU only)",
+    )
+
+
 def add_kv_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kv-cache-memory",
@@ -175,6 +195,7 @@ def resolve_model(config: RuntimeConfig | None, args: argparse.Namespace) -> Any
         "source": getattr(args, "model", None),
         "dtype": getattr(args, "dtype", None),
         "device": getattr(args, "device", None),
+        "quantize": getattr(args, "quantize", None),
         "max_num_seqs": getattr(args, "max_num_seqs", None),
         "max_model_len": getattr(args, "max_model_len", None),
         "kv_cache_memory": getattr(args, "kv_cache_memory", None),
@@ -188,15 +209,12 @@ def resolve_model(config: RuntimeConfig | None, args: argparse.Namespace) -> Any
 
 def load_engine(settings: Any) -> tuple[Any, str]:
     """Start the in-process engine for validated ModelSettings; returns (engine, model name)."""
-    from agent_runtime.agents.llm import engine_config  # the engine's modules: only commands that run one
+    # the engine's modules: only commands that run one
+    from agent_runtime.agents.llm import engine_config, load_options
     from inference.async_engine import AsyncEngine  # torch: only commands that serve a local model
 
     engine = AsyncEngine.from_model(
-        settings.source,
-        engine_config(settings),
-        dtype=settings.dtype,
-        device=settings.device,
-        adapters=settings.adapters,
+        settings.source, engine_config(settings), adapters=settings.adapters, **load_options(settings)
     )
     return engine, os.path.basename(str(settings.source).rstrip("/"))
 
@@ -280,6 +298,7 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model source overriding the config's `model` section")
     add_device_argument(parser)
     add_adapter_argument(parser)
+    add_quantize_argument(parser)
     parser.add_argument("--quiet", "-q", action="store_true", help="no live view, only the answer")
 
 
@@ -292,8 +311,9 @@ async def open_agent(args: argparse.Namespace, console: Any) -> AsyncIterator[Ag
     rt = Runtime.from_config(args.config)
     host = AgentHost(rt)  # validates the agents and model sections before any server starts
     host.model_override = args.model
-    if getattr(args, "device", None) is not None:
-        host.model = host.model.model_copy(update={"device": args.device})
+    flags = {k: getattr(args, k, None) for k in ("device", "quantize")}
+    if any(v is not None for v in flags.values()):
+        host.model = host.model.model_copy(update={k: v for k, v in flags.items() if v is not None})
     adapters = parse_adapters(getattr(args, "adapter", None))
     if adapters:
         host.model = host.model.model_copy(update={"adapters": {**host.model.adapters, **adapters}})

@@ -6,7 +6,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from agent_runtime.cli.common import add_adapter_argument, add_device_argument, parse_adapters
+from agent_runtime.cli.common import (
+    add_adapter_argument,
+    add_device_argument,
+    add_quantize_argument,
+    parse_adapters,
+)
 
 # torch and the engine are imported inside run(): building the parser must stay cheap for every command.
 
@@ -29,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto (bf16 where fast), bf16, fp16 or fp32")
     add_device_argument(parser, from_config=False)
     add_adapter_argument(parser)  # the prompt runs under the last one given
+    add_quantize_argument(parser, from_config=False)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--stats", action="store_true", help="print timing figures to stderr at the end")
 
@@ -43,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
 
     prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
     adapters = parse_adapters(args.adapter)
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty())
+    loaded = load_model(
+        args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, progress=sys.stderr.isatty()
+    )
     engine = LLMEngine(loaded, EngineConfig(max_num_seqs=1), adapters=adapters)
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -80,4 +88,6 @@ def run(args: argparse.Namespace) -> int:
             f"{final.completion_tokens / elapsed:.1f} tok/s]",
             file=sys.stderr,
         )
+        quant = loaded.quantization
+        print(f"[{quant.describe() if quant is not None else 'float weights'}]", file=sys.stderr)
     return 0

@@ -13,6 +13,7 @@ from agent_runtime.cli.common import (
     add_adapter_argument,
     add_device_argument,
     add_kv_argument,
+    add_quantize_argument,
     bind_socket,
     resolve_model,
     run_with_signals,
@@ -40,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="auto, bfloat16, float16 or float32")
     add_device_argument(parser)
     add_adapter_argument(parser)
+    add_quantize_argument(parser)
     add_kv_argument(parser)
     parser.add_argument(
         "--api-key",

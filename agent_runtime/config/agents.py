@@ -90,9 +90,10 @@ class AgentConfig(BaseModel):
 
 
 class ModelSettings(BaseModel):
-    """The `model` section: which model the local engine loads and how big its batches and KV cache are (the
-    engine's own settings type is `inference.config.EngineConfig`; `agent_runtime.agents.llm.engine_config`
-    converts, copying the fields the two share by name)."""
+    """The `model` section: which model the local engine loads, how (dtype, device, quantization: the loader's
+    arguments, `agent_runtime.agents.llm.load_options`) and how big its batches and KV cache are (the engine's own
+    settings type is `inference.config.EngineConfig`; `agent_runtime.agents.llm.engine_config` converts, copying
+    the fields the two share by name)."""
 
     model_config = ConfigDict(extra="forbid")
     backend: Literal["local", "openai"] = (
@@ -115,6 +116,9 @@ class ModelSettings(BaseModel):
     # LoRA adapters in PEFT's format, name -> folder (docs/adapters.md); agents pick one with `adapter`
     adapters: dict[str, str] = Field(default_factory=dict)
     max_loras: int = Field(default=4, ge=1, le=256)  # adapters resident at once (and so in one step)
+    # weights: auto (a GGUF stays quantized on a bf16 CPU model, else float), none (float), int8 or int4 (CPU)
+    quantize: Literal["auto", "none", "int8", "int4"] = "auto"
+    quantize_group_size: Literal[32, 64, 128, 256] = 32  # int4: inputs per scale
 
 
 def _error(config: RuntimeConfig, base: tuple[str | int, ...], exc: ValidationError) -> ConfigError:

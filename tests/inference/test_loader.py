@@ -68,7 +68,8 @@ def test_second_gguf_load_uses_the_cache(smol: LoadedModel, monkeypatch: pytest.
     def no_conversion(*_: object) -> None:
         raise AssertionError("the GGUF was converted again")
 
-    monkeypatch.setattr(loader_mod, "_convert_gguf", no_conversion)
+    monkeypatch.setattr(loader_mod, "_convert_gguf_meta", no_conversion)
+    monkeypatch.setattr(loader_mod, "_write_gguf_float_weights", no_conversion)
     again = load_model("smollm2-135m-instruct", dtype=torch.float32)
     for (name, a), (_, b) in zip(
         smol.model.state_dict().items(), again.model.state_dict().items(), strict=True
@@ -360,7 +361,7 @@ def test_a_file_that_is_not_gguf_is_a_load_error(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("AGENT_RUNTIME_CACHE", str(tmp_path / "cache"))
     bogus = tmp_path / "model.gguf"
     bogus.write_text("not a gguf file at all")
-    with pytest.raises(ModelLoadError, match="cannot read GGUF"):
+    with pytest.raises(ModelLoadError, match="not a GGUF file"):
         load_model(bogus)
     (tmp_path / "weights.bin").write_bytes(b"\0")
     with pytest.raises(ModelLoadError, match="not a model folder"):

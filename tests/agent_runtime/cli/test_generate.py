@@ -1,5 +1,5 @@
-"""`agent-runtime generate` as a user runs it: the embedded SmolLM2, greedy text on stdout, stats on stderr,
-and the `--device` error path (one line, exit 2, no traceback)."""
+"""`agent-runtime generate` as a user runs it: the embedded SmolLM2, greedy text on stdout, stats on stderr
+(the weight memory with `--quantize`), and the `--device` error path (one line, exit 2, no traceback)."""
 
 from __future__ import annotations
 
@@ -49,3 +49,17 @@ def test_generate_on_a_missing_gpu_is_a_one_line_error() -> None:
     assert run.stderr.startswith("error: CUDA was requested but no CUDA device is available")
     assert "hint:" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_generate_quantized_prints_the_weight_memory() -> None:
+    """`--quantize int8` re-targets the GGUF's blocks; `--stats` prints the weights' memory before and after."""
+    run = _generate(
+        "--quantize", "int8", "--dtype", "bfloat16", "--temperature", "0", "--max-tokens", "4", "--stats",
+        "--device", "cpu", "The capital of France is",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "Paris" in run.stdout
+    stats = [line for line in run.stderr.splitlines() if "weights (" in line]
+    assert stats and "int8 weights (gguf Q4_1->int8: 210" in stats[-1]
+    before, after = (float(x) for x in stats[-1].split(": ")[-1].removesuffix(" MiB]").split(" -> "))
+    assert after < 0.7 * before

@@ -1,4 +1,4 @@
-"""The `model` section's device and GPU-memory settings, and the CLI flags that override them."""
+"""The `model` section's device, GPU-memory and quantization settings, and the CLI flags that override them."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent_runtime.agents.llm import engine_config
-from agent_runtime.cli import common, generate, run, serve
+from agent_runtime.agents.llm import engine_config, load_options
+from agent_runtime.cli import common, generate, mcp_server, run, serve
 from agent_runtime.config import load_config
 from agent_runtime.config.agents import ModelSettings, load_agents, load_model_settings
 from agent_runtime.errors import AgentRuntimeError, ConfigError
@@ -47,6 +47,9 @@ def test_model_section_accepts_devices_and_utilization(tmp_path: Path) -> None:
         ({"device": "cuda:0"}, "model.device"),
         ({"gpu_memory_utilization": 1.5}, "model.gpu_memory_utilization"),
         ({"gpu_memory_utilization": 0}, "model.gpu_memory_utilization"),
+        ({"quantize": "int3"}, "model.quantize"),
+        ({"quantize": "q4_k"}, "model.quantize"),
+        ({"quantize_group_size": 48}, "model.quantize_group_size"),
     ],
 )
 def test_bad_values_are_config_errors_pointing_into_the_file(tmp_path: Path, model: dict, where: str) -> None:
@@ -107,3 +110,43 @@ def test_adapters_in_config_flags_and_agents(tmp_path: Path) -> None:
     path = tmp_path / "agents.json"
     path.write_text(json.dumps({"mcpServers": {}, "agents": {"sql": {"adapter": "sql"}}}))
     assert load_agents(load_config(path, env={}))["sql"].adapter == "sql"
+
+
+def test_quantize_settings_are_loader_options(tmp_path: Path) -> None:
+    default = ModelSettings()
+    assert default.quantize == "auto" and default.quantize_group_size == 32
+    assert load_options(default) == {
+        "dtype": "auto",
+        "device": "auto",
+        "quantize": "auto",
+        "quantize_group_size": 32,
+    }
+    path = config_with(tmp_path, {"quantize": "int4", "quantize_group_size": 128, "device": "cpu"})
+    settings = load_model_settings(load_config(path, env={}))
+    options = load_options(settings)
+    assert options["quantize"] == "int4" and options["quantize_group_size"] == 128
+    assert engine_config(settings) == EngineConfig()  # how weights load is no engine setting
+
+
+def test_cli_quantize_flags(tmp_path: Path) -> None:
+    gen = argparse.ArgumentParser()
+    generate.add_arguments(gen)
+    assert gen.parse_args(["hi"]).quantize == "auto"
+    assert gen.parse_args(["hi", "--quantize", "int8"]).quantize == "int8"
+    with pytest.raises(SystemExit):
+        gen.parse_args(["hi", "--quantize", "q4"])
+
+    serve_parser = argparse.ArgumentParser()
+    serve.add_arguments(serve_parser)
+    config = load_config(config_with(tmp_path, {"quantize": "int8", "quantize_group_size": 64}), env={})
+    assert common.resolve_model(config, serve_parser.parse_args([])).quantize == "int8"  # the config's
+    flagged = common.resolve_model(config, serve_parser.parse_args(["--quantize", "none"]))
+    assert flagged.quantize == "none" and flagged.quantize_group_size == 64  # the flag wins, the rest stays
+    assert common.resolve_model(None, serve_parser.parse_args([])).quantize == "auto"
+
+    for module in (run, mcp_server):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        args = ["task"] if module is run else []
+        assert parser.parse_args(args).quantize is None  # no flag: the config decides
+        assert parser.parse_args([*args, "--quantize", "int4"]).quantize == "int4"

@@ -1,0 +1,138 @@
+"""llama.cpp as a peer for the CPU benchmarks: single-stream greedy decode and time to first token, as JSON.
+
+Run by the python of a separate virtual environment that has `llama-cpp-python` (never a dependency of this
+project, never in CI), for instance one built with
+`python3 -m venv /work/peers/llama-venv && /work/peers/llama-venv/bin/pip install llama-cpp-python` (on an AMX
+CPU add `CMAKE_ARGS="-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF"`: its AMX matmul segfaulted here):
+
+    /work/peers/llama-venv/bin/python benchmarks/llama_cpp_peer.py --model SmolLM2.gguf [--threads 2]
+        [--prompt-tokens 100] [--new-tokens 128] [--ttft-tokens 1000] [--repeats 3] [--prompts FILE.json]
+
+It imports nothing from this repository, so `benchmarks/engine.py` can run it as a subprocess and read the one
+JSON object it prints on stdout. Prompts are random token ids (seeded, ids 100 .. vocab - 100 as in
+benchmarks/engine.py), or the token-id lists of `--prompts` (a JSON list of lists; the first is the decode prompt,
+the second, if any, the TTFT prompt). Greedy (top_k 1), EOS ignored (the generator runs until told to stop), the
+KV cache reset before each run (no prefix reuse). Figures: `tok_s` = new tokens / wall time of prompt + decode
+(as benchmarks/engine.py's single-stream row), `decode_tok_s` = tokens after the first / time after the first,
+`ttft_ms` = wall time from the call to the first token; medians over `--repeats`, and every run's figure, with
+the load average before and after (the machine is shared: compare only with runs made next to it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+# llama-cpp-python's wheel built here uses OpenMP; spinning OpenMP threads collapse when other processes share the
+# cores (measured 3.4 vs 24 tok/s on a loaded 2-core machine), and our engine's benchmark waits passively too.
+# Set before llama_cpp loads libgomp.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _generate(llm: Any, prompt: list[int], n: int) -> tuple[float, float, int]:
+    """(seconds to the first token, seconds in all, tokens) of a greedy run of `n` new tokens."""
+    llm.reset()
+    t0 = time.perf_counter()
+    first = 0.0
+    count = 0
+    for _tok in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        count += 1
+        if count == 1:
+            first = time.perf_counter() - t0
+        if count >= n:
+            break
+    return first, time.perf_counter() - t0, count
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="path of a .gguf file")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=100)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--ttft-tokens", type=int, default=1000, help="0 skips the TTFT figure")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--n-batch", type=int, default=2048, help="llama.cpp's logical batch (its CLI default)")
+    ap.add_argument("--n-ubatch", type=int, default=512, help="llama.cpp's physical batch (its CLI default)")
+    ap.add_argument("--n-ctx", type=int, default=2048)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompts", help="JSON file: a list of token-id lists")
+    args = ap.parse_args()
+
+    import llama_cpp
+
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(
+        model_path=args.model,
+        n_ctx=max(args.n_ctx, args.ttft_tokens + 8, args.prompt_tokens + args.new_tokens + 8),
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        n_batch=args.n_batch,
+        n_ubatch=args.n_ubatch,
+        seed=args.seed,
+        verbose=False,
+    )
+    load_s = time.perf_counter() - t0
+    vocab = llm.n_vocab()
+    rng = random.Random(args.seed)
+    given: list[list[int]] = []
+    if args.prompts:
+        with open(args.prompts) as f:
+            given = [[int(t) for t in p] for p in json.load(f)]
+
+    def prompt(i: int, n: int) -> list[int]:
+        if i < len(given):
+            return given[i]
+        return [rng.randrange(100, vocab - 100) for _ in range(n)]
+
+    decode_prompt = prompt(0, args.prompt_tokens)
+    _generate(llm, decode_prompt, 4)  # warm-up
+    runs = []
+    for _ in range(args.repeats):
+        first, total, count = _generate(llm, decode_prompt, args.new_tokens)
+        runs.append(
+            {
+                "ttft_ms": first * 1000,
+                "seconds": total,
+                "tok_s": count / total,
+                "decode_tok_s": (count - 1) / (total - first) if count > 1 else 0.0,
+            }
+        )
+    result: dict[str, Any] = {
+        "peer": "llama.cpp",
+        "llama_cpp_python": getattr(llama_cpp, "__version__", "?"),
+        "model": os.path.abspath(args.model),
+        "threads": args.threads,
+        "load_s": load_s,
+        "single": {
+            "prompt_tokens": len(decode_prompt),
+            "new_tokens": args.new_tokens,
+            "tok_s": statistics.median(r["tok_s"] for r in runs),
+            "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
+            "runs": runs,
+        },
+    }
+    if args.ttft_tokens:
+        ttft_prompt = prompt(1, args.ttft_tokens)
+        times = []
+        for _ in range(args.repeats):
+            first, _total, _count = _generate(llm, ttft_prompt, 1)
+            times.append(first * 1000)
+        result["ttft"] = {"prompt_tokens": len(ttft_prompt), "ms": statistics.median(times), "runs_ms": times}
+    result["loadavg"] = [load_before, os.getloadavg()[0]]
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
