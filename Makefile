@@ -30,14 +30,14 @@ peers: $(PEERS)
 demo: $(STAMP)
 	$(BIN)/agent-runtime run --config MCP_CONFIG.json "What time is it in Tokyo?"
 
-test: $(STAMP) $(PEERS)
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+test: lint $(PEERS)
 	$(BIN)/python -m pytest -q
 
+# mypy reads its settings (files, strict packages) from pyproject.toml.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # What a GPU machine without a package index needs beside the checkout (docs/cuda.md, "Running on a GPU").
 gpu-kit: $(STAMP)

@@ -96,7 +96,7 @@ async def _run(sup: Supervisor, ex: Executor, calls: int, kills: int) -> dict[st
             opened = anyio.Event()
             unsubscribe_at = ex.breakers.on_change
 
-            def on_change(event, _prev=unsubscribe_at, _opened=opened):  # type: ignore[no-untyped-def]
+            def on_change(event, _prev=unsubscribe_at, _opened=opened):  # type: ignore[no-untyped-def]  # defaults bind loop values
                 if _prev is not None:
                     _prev(event)
                 if event.new is BreakerState.OPEN:

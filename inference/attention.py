@@ -76,9 +76,9 @@ def _decode_plan(
     if cache is None:
         cache = meta.backend_cache = {}
     key = ("reference_decode", num_seqs, block_size)
-    plan = cache.get(key)
-    if plan is not None:
-        return plan
+    cached: _DecodePlan | None = cache.get(key)
+    if cached is not None:
+        return cached
     lens = meta.context_lens[:num_seqs].long().cpu()
     order = torch.argsort(lens, descending=True, stable=True)
     sorted_lens = lens[order]

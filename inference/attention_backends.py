@@ -74,10 +74,10 @@ def set_attention_backend(model: nn.Module, backend: AttentionBackend) -> int:
     count = 0
     for module in model.modules():
         if hasattr(module, "attn_backend"):
-            module.attn_backend = backend
+            module.attn_backend = backend  # type: ignore[assignment]  # nn.Module's stubs: Tensor | Module
             count += 1
         if hasattr(module, "layer_ops"):
-            module.layer_ops = backend.layer_ops
+            module.layer_ops = backend.layer_ops  # type: ignore[assignment]  # nn.Module's stubs: Tensor | Module
     return count
 
 

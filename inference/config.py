@@ -5,7 +5,7 @@ section is turned into one without loading the engine."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeGuard
 
 from inference.errors import EngineError
 
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -82,5 +82,5 @@ class EngineConfig:
 
 
 def _check_count(name: str, value: object) -> None:
-    if not (_is_int(value) and value >= 1):  # type: ignore[operator]
+    if not (_is_int(value) and value >= 1):
         raise EngineError(f"{name} must be an integer >= 1, got {value!r}", f"set {name} to 1 or more")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import types
+from typing import TypeGuard
 
 import structlog
 import torch
@@ -46,12 +47,14 @@ def packing_supported() -> bool:
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """A `[out, in]` bf16 CPU weight in oneDNN's layout for `linear`; the batch-size hint 1 is the decode case (the
     packed weight serves every batch size, measured faster than the plain one from 1 to 1000 rows here)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+    packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+    return packed
 
 
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for a weight from `pack_weight`."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return out
 
 
 def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -62,7 +65,7 @@ def _plain_cpu_bf16(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and not weight.is_mkldnn
 
 
-def packable(module: nn.Module) -> bool:
+def packable(module: nn.Module) -> TypeGuard[nn.Linear]:
     return isinstance(module, nn.Linear) and _plain_cpu_bf16(module.weight)
 
 
@@ -84,7 +87,7 @@ def pack_linear_weights(model: nn.Module) -> int:
     with torch.no_grad():
         for module in linears:
             module.weight = nn.Parameter(pack_weight(module.weight), requires_grad=False)
-            module.forward = types.MethodType(_forward, module)  # type: ignore[method-assign]
+            module.forward = types.MethodType(_forward, module)  # type: ignore[method-assign]  # this layer only
         if tied_head:
-            model.packed_head = pack_weight(embed.weight)  # type: ignore[union-attr]
+            model.packed_head = pack_weight(embed.weight)  # type: ignore[union-attr]  # tied_head: an nn.Embedding
     return len(linears) + int(tied_head)

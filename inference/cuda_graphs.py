@@ -6,13 +6,18 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Sequence as SequenceT
+from typing import TYPE_CHECKING
 
 import structlog
 import torch
-from torch import nn
 
 from inference.metadata import AttentionMetadata, HostBatch
 from inference.model_config import ModelConfig
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE
+
+    from inference.models.layers import CausalLM
 
 log = structlog.get_logger(__name__)
 
@@ -64,7 +69,7 @@ class DecodeGraphRunner:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: CausalLM,
         kv_cache: torch.Tensor,
         *,
         max_num_seqs: int,
@@ -108,7 +113,7 @@ class DecodeGraphRunner:
         # set after each step's copies: the staging buffers are rewritten only once those copies are done
         self._staged = torch.cuda.Event() if pin else None
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._pool: tuple[int, int] | None = None
+        self._pool: _POOL_HANDLE | None = None  # what CUDAGraph.pool() returns
         if capture:
             self._capture_all()
 

@@ -7,7 +7,7 @@ import itertools
 import time
 from collections.abc import Sequence as SequenceT
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 import torch
@@ -24,6 +24,9 @@ from inference.params import OutputKind, SamplingParams
 from inference.sampler import Sampler
 from inference.scheduler import Scheduler
 from inference.sequence import Sequence
+
+if TYPE_CHECKING:
+    from inference.loader import LoadedModel
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +60,7 @@ class RequestOutput:
 class LLMEngine:
     """Single-threaded: call `add_request`, `abort` and `step` from one thread (AsyncEngine's step thread)."""
 
-    def __init__(self, loaded: Any, config: EngineConfig | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
         """Start an engine on a loaded model (inference.loader.load_model) with `config`'s settings (the
         defaults when None; inference/config.py). Without `num_blocks` or `kv_cache_memory`, CUDA sizes the KV
         cache from a profiling step (inference/memory_profile.py) and the CPU takes a capped share of free RAM
@@ -110,7 +113,8 @@ class LLMEngine:
             return self.tokenizer.encode(prompt)
         if isinstance(prompt, list | tuple) and prompt and all(isinstance(m, dict) for m in prompt):
             try:
-                return self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
+                messages = cast(SequenceT[dict[str, Any]], prompt)  # all dicts, checked above
+                return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
             except Exception as exc:  # a template error is the caller's malformed messages
                 raise RequestError(
                     f"chat template failed: {exc}", "check the messages' roles and content"
@@ -118,7 +122,7 @@ class LLMEngine:
         if isinstance(prompt, list | tuple) and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt
         ):
-            return list(prompt)
+            return list(cast(SequenceT[int], prompt))  # all ints, checked above
         raise RequestError(
             "prompt must be text, token ids or chat messages", "pass str, list[int] or list[dict]"
         )
@@ -335,8 +339,8 @@ class LLMEngine:
         if isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and not isinstance(prompts[0], str | list | tuple)
         ):
-            prompts = [prompts]  # type: ignore[list-item]
-        plist = list(prompts)  # type: ignore[arg-type]
+            prompts = [prompts]
+        plist = list(prompts)
         if params is None or isinstance(params, SamplingParams):
             param_list = [params or SamplingParams()] * len(plist)
         else:

@@ -497,7 +497,7 @@ class MistralFormat(_TemplateFormat):
         return structural_tag_spec({"type": "structural_tag", "format": fmt})
 
 
-FORMATS: dict[str, type] = {
+FORMATS: dict[str, type[ToolFormat]] = {
     "json": JsonProtocol,
     "hermes": HermesFormat,
     "llama3": Llama3Format,

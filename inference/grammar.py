@@ -83,7 +83,7 @@ def _hoist_defs(schema: dict[str, Any], prefix: str, root_defs: dict[str, Any]) 
             return [rewrite(v) for v in node]
         return node
 
-    rewritten = rewrite(schema)
+    rewritten: dict[str, Any] = rewrite(schema)
     for name in [local[k] for k in local]:
         root_defs[name] = rewrite(root_defs[name])
     return rewritten

@@ -11,16 +11,18 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
-from torch import nn
 
 from inference import envs
 from inference.errors import DeviceUnavailableError, ModelLoadError
 from inference.model_config import ModelConfig, check_architecture, hf_config_from_dict, model_config_from_hf
 from inference.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from inference.models.layers import CausalLM
 
 log = structlog.get_logger(__name__)
 
@@ -36,7 +38,7 @@ _CACHE_FORMAT = 1  # bump when the cached layout changes
 
 @dataclass(slots=True)
 class LoadedModel:
-    model: nn.Module
+    model: CausalLM
     config: ModelConfig
     tokenizer: Tokenizer
     source: str
@@ -151,7 +153,8 @@ def smollm2_gguf_path() -> Path:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        raw: dict[str, Any] = json.loads(path.read_text())
+        return raw
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"cannot read {path}: {exc}", hint="check the model files") from exc
 
@@ -191,7 +194,7 @@ class _Progress:
 # ---- building the model --------------------------------------------------------------------------------------
 
 
-def _empty_model(config: ModelConfig, device: torch.device) -> nn.Module:
+def _empty_model(config: ModelConfig, device: torch.device) -> CausalLM:
     """Our model with allocated but unset parameters (no random init: loading overwrites them)."""
     from inference.models import build_model
 
@@ -206,10 +209,10 @@ def _empty_model(config: ModelConfig, device: torch.device) -> nn.Module:
 
 def _model_from_weights(
     config: ModelConfig, device: torch.device, weights: Iterator[tuple[str, torch.Tensor]], where: str
-) -> nn.Module:
+) -> CausalLM:
     model = _empty_model(config, device)
     try:
-        model.load_weights(weights)  # type: ignore[operator]
+        model.load_weights(weights)
     except KeyError as exc:
         raise ModelLoadError(
             f"{where}: {exc.args[0]}", hint="the checkpoint does not match its config.json"
@@ -219,7 +222,7 @@ def _model_from_weights(
     return model
 
 
-def _dummy_model(config: ModelConfig, device: torch.device, seed: int = 0) -> nn.Module:
+def _dummy_model(config: ModelConfig, device: torch.device, seed: int = 0) -> CausalLM:
     """Random weights drawn from a fixed seed (same values on every load), norms at one."""
     model = _empty_model(config, device)
     gen = torch.Generator(device="cpu").manual_seed(seed)

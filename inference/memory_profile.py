@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 import torch
-from torch import nn
 
 from inference.attention_backends import get_attention_backend, set_attention_backend
 from inference.config import EngineConfig
@@ -19,6 +19,9 @@ from inference.model_config import ModelConfig
 from inference.model_runner import allocate_kv_cache
 from inference.params import SamplingParams
 from inference.sampler import Sampler, SampleRequest
+
+if TYPE_CHECKING:
+    from inference.models.layers import CausalLM
 
 log = structlog.get_logger(__name__)
 
@@ -135,7 +138,7 @@ class StepLimits:
 
 
 @torch.inference_mode()
-def run_profile_step(model: nn.Module, config: ModelConfig, limits: StepLimits) -> list[int]:
+def run_profile_step(model: CausalLM, config: ModelConfig, limits: StepLimits) -> list[int]:
     """The largest step the engine can schedule, on scratch memory: a prefill of `max_num_batched_tokens`
     tokens against a maximal context, then logits for `max_num_seqs` rows through the full sampler (top-k,
     top-p, min-p, penalties, logprobs, one generator per row). Returns the sampled ids (a real sync)."""
@@ -173,7 +176,7 @@ def run_profile_step(model: nn.Module, config: ModelConfig, limits: StepLimits) 
 
 @torch.inference_mode()
 def run_decode_profile_step(
-    model: nn.Module, config: ModelConfig, *, rows: int, max_model_len: int, block_size: int
+    model: CausalLM, config: ModelConfig, *, rows: int, max_model_len: int, block_size: int
 ) -> torch.Tensor:
     """One decode step of `rows` sequences shaped as a captured graph runs it (context bound `max_model_len`, so
     the widest split-KV launch), on a one-block scratch cache; returns the hidden states. Its transient memory is
@@ -183,7 +186,8 @@ def run_decode_profile_step(
         [1] * rows, context_len=max_model_len, block_size=block_size, device=device
     )
     scratch = allocate_kv_cache(config, 1, block_size, device)
-    return model(torch.zeros(rows, dtype=torch.long, device=device), positions, meta, scratch)
+    hidden: torch.Tensor = model(torch.zeros(rows, dtype=torch.long, device=device), positions, meta, scratch)
+    return hidden
 
 
 def _allocated_around(step: Callable[[], object]) -> tuple[int, int]:
@@ -195,7 +199,7 @@ def _allocated_around(step: Callable[[], object]) -> tuple[int, int]:
     return before, torch.cuda.max_memory_allocated()
 
 
-def profile_cuda_memory(model: nn.Module, config: ModelConfig, limits: StepLimits) -> MemoryProfile:
+def profile_cuda_memory(model: CausalLM, config: ModelConfig, limits: StepLimits) -> MemoryProfile:
     """Run the profiling steps on the model's GPU and read torch's peaks and the driver's free memory."""
     device = next(model.parameters()).device
     with torch.cuda.device(device):
@@ -227,7 +231,7 @@ def profile_cuda_memory(model: nn.Module, config: ModelConfig, limits: StepLimit
     )
 
 
-def plan_cuda_kv_blocks(model: nn.Module, config: ModelConfig, limits: StepLimits) -> int:
+def plan_cuda_kv_blocks(model: CausalLM, config: ModelConfig, limits: StepLimits) -> int:
     """Profile, then size the KV cache from what the config's `gpu_memory_utilization` of the GPU leaves (in
     blocks)."""
     profile = profile_cuda_memory(model, config, limits)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,7 @@ class AttentionMetadata:
     block_size: int = 16
     # Per-step work a backend derives once from the fields above and reuses in every layer (the reference
     # decode keeps its length-sorted chunk plan here); None until a backend fills it.
-    backend_cache: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    backend_cache: dict[Hashable, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:

@@ -34,7 +34,7 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int
     rope_theta: float
-    rope_scaling: dict | None  # HF rope parameters (rope_type, factor, ...) when not plain RoPE
+    rope_scaling: dict[str, Any] | None  # HF rope parameters (rope_type, factor, ...) when not plain RoPE
     rms_norm_eps: float
     tie_word_embeddings: bool
     attention_bias: bool  # q/k/v projections carry a bias (Qwen2)
@@ -64,7 +64,7 @@ def check_architecture(raw: dict[str, Any], where: str) -> str:
     archs = raw.get("architectures") or []
     for arch in archs:
         if arch in SUPPORTED_ARCHITECTURES:
-            return arch
+            return str(arch)
     model_type = raw.get("model_type")
     if not archs and model_type in _MODEL_TYPE_TO_ARCH:
         return _MODEL_TYPE_TO_ARCH[model_type]

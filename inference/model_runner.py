@@ -7,11 +7,11 @@ import itertools
 import os
 from collections.abc import Sequence as SequenceT
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import structlog
 import torch
-from torch import nn
 
 from inference.attention_backends import get_attention_backend, set_attention_backend
 from inference.config import EngineConfig
@@ -21,6 +21,9 @@ from inference.errors import KVBudgetError
 from inference.metadata import AttentionMetadata, HostBatch
 from inference.model_config import ModelConfig
 from inference.sequence import Sequence
+
+if TYPE_CHECKING:
+    from inference.models.layers import CausalLM
 
 log = structlog.get_logger(__name__)
 
@@ -339,7 +342,7 @@ class ModelRunner:
     """
 
     def __init__(
-        self, model: nn.Module, model_config: ModelConfig, engine_config: EngineConfig, *, num_blocks: int
+        self, model: CausalLM, model_config: ModelConfig, engine_config: EngineConfig, *, num_blocks: int
     ) -> None:
         """`num_blocks` is the planned KV cache size (plan_num_blocks), null block included."""
         self.model = model

@@ -115,13 +115,13 @@ class Sampler:
         raw_lp = torch.log_softmax(x.index_select(0, dev_i["lp"]), dim=-1) if lp_rows else None
         for i in singles:
             row = x[i]
-            out = params[i].logits_processor(requests[i].output_token_ids, row)  # type: ignore[misc]
+            out = params[i].logits_processor(requests[i].output_token_ids, row)  # type: ignore[misc]  # singles have a hook
             if out is not row:
                 row.copy_(out)
         for key, rows in groups.items():
             procs = [params[i].logits_processor for i in rows]
             idx = dev_i[key]
-            sub = type(procs[0]).apply_batch(  # type: ignore[attr-defined]
+            sub = type(procs[0]).apply_batch(  # type: ignore[union-attr]  # grouped: classes with apply_batch
                 procs, [requests[i].output_token_ids for i in rows], x.index_select(0, idx)
             )
             x.index_copy_(0, idx, sub)
@@ -151,8 +151,10 @@ class Sampler:
             top_vals = host[3].tolist() if top_n else None
             for j, i in enumerate(lp_rows):
                 n = params[i].logprobs or 0
-                top = list(zip(top_ids[j][:n], top_vals[j][:n], strict=True)) if top_ids and top_vals else []
-                logprobs[i] = {"token_id": token_ids[i], "logprob": chosen[j], "top": top}
+                pairs = (
+                    list(zip(top_ids[j][:n], top_vals[j][:n], strict=True)) if top_ids and top_vals else []
+                )
+                logprobs[i] = {"token_id": token_ids[i], "logprob": chosen[j], "top": pairs}
         return SampleResult(token_ids, logprobs)
 
     def shared_generator(self, device: torch.device) -> torch.Generator:
@@ -237,8 +239,8 @@ class _PenaltyPlan:
                 new = list(out)
                 states.append(None)
             else:
-                new = list(out[st.num_output :])  # type: ignore[union-attr]
-                states.append(st)  # type: ignore[arg-type]
+                new = list(out[st.num_output :])
+                states.append(st)
             out_rows += [j] * len(new)
             out_toks += new
             num_outputs.append(len(out))
@@ -274,8 +276,8 @@ class _PenaltyPlan:
         if any(st is None for st in self.states):
             zero_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
             zero_counts = torch.zeros(vocab, dtype=torch.int32, device=device)
-        mask = torch.stack([st.prompt_mask if st is not None else zero_mask for st in self.states])  # type: ignore[misc]
-        counts = torch.stack([st.output_counts if st is not None else zero_counts for st in self.states])  # type: ignore[misc]
+        mask = torch.stack([st.prompt_mask if st is not None else zero_mask for st in self.states])  # type: ignore[misc]  # zero_* are set when a state is None
+        counts = torch.stack([st.output_counts if st is not None else zero_counts for st in self.states])  # type: ignore[misc]  # zero_* are set when a state is None
         if self.num_prompt_tokens:
             mask.index_put_(
                 (dev_i["pen_prompt_rows"], dev_i["pen_prompt_toks"]),

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from inference.errors import RequestError
 
+_DecodeStream: type[DecodeStream] | None
 try:  # tokenizers >= 0.21
-    from tokenizers.decoders import DecodeStream as _DecodeStream
+    from tokenizers.decoders import DecodeStream
+
+    _DecodeStream = DecodeStream
 except ImportError:  # pragma: no cover - older tokenizers: the Python detokenizer does the work
     _DecodeStream = None
 
-_PROBE_TOOL = {
+_PROBE_TOOL: dict[str, Any] = {
     "type": "function",
     "function": {
         "name": "zz_probe_tool_7f3a",
@@ -61,6 +64,8 @@ class IncrementalDetokenizer:
         self._prefix = 0  # start of the context window re-decoded with new tokens
         self._read = 0  # tokens before this index are already emitted
         tables = tokenizer.piece_tables()  # None unless the tokenizer is byte-level
+        self._pieces: dict[int, bytes] | None
+        self._texts: dict[int, str] | None
         self._pieces, self._texts = tables if tables is not None else (None, None)
         self._fast = self._pieces is not None  # the byte path has the stream
         self._pending = b""  # the byte path: the bytes of the held-back tokens (ids[read:])
@@ -77,12 +82,12 @@ class IncrementalDetokenizer:
                 self._fast = False
                 return self._add_slowly()
             if not self._pending:  # most tokens: whole characters on their own, text cached by id
-                text = self._texts.get(token_id)  # type: ignore[union-attr]
+                text = self._texts.get(token_id)  # type: ignore[union-attr]  # _fast: the tables are set
                 if text is not None:
                     if text:
                         self._prefix, self._read = self._read, n
                     return text  # "" for special tokens and ids past the vocabulary
-            piece = self._pieces.get(token_id)  # type: ignore[union-attr]
+            piece = self._pieces.get(token_id)  # type: ignore[union-attr]  # _fast: the tables are set
             if piece is None:
                 piece = self._tok.piece_bytes(token_id)
             if not piece:  # special tokens and ids past the vocabulary decode to nothing
@@ -211,7 +216,8 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         limit = self._vocab_limit
         valid = [int(i) for i in ids if 0 <= int(i) < limit]
-        return self.hf.decode(valid, skip_special_tokens=skip_special_tokens)
+        # a list of ids decodes to one str (a batch of lists would give a list)
+        return cast(str, self.hf.decode(valid, skip_special_tokens=skip_special_tokens))
 
     def render_chat(
         self,
@@ -290,7 +296,7 @@ class Tokenizer:
     def detokenizer(self) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self)
 
-    def decode_stream(self, context: Sequence[int] = ()) -> Any:
+    def decode_stream(self, context: Sequence[int] = ()) -> DecodeStream | None:
         """A Rust incremental decoder that has already seen `context` (None without a fast backend)."""
         if self.backend is None or _DecodeStream is None:
             return None

@@ -130,7 +130,7 @@ def compile_only(capability: int) -> Iterator[list[_Capture]]:
     # lookup where nothing was active before
     previous = getattr(driver, "_active", None)
     driver.set_active(_TargetDriver(GPUTarget("cuda", capability, 32)))
-    JITFunction.run = run  # type: ignore[method-assign]
+    JITFunction.run = run
     # The split-KV choice reads the GPU's multiprocessor count, and pretends a tiny GPU for CPU tensors: ask it as
     # for a tensor on the target.
     splits = triton_attention.num_decode_splits
@@ -140,12 +140,12 @@ def compile_only(capability: int) -> Iterator[list[_Capture]]:
         return splits(num_seqs, kv_heads, max_context_len, torch.device("cuda", 0))
 
     real_sm_count = triton_attention.sm_count
-    triton_attention.sm_count = lambda _index: sms  # type: ignore[assignment]
-    triton_attention.num_decode_splits = num_decode_splits  # type: ignore[assignment]
+    triton_attention.sm_count = lambda _index: sms  # type: ignore[assignment]  # patched, restored below
+    triton_attention.num_decode_splits = num_decode_splits  # type: ignore[assignment]  # patched, restored below
     try:
         yield captures
     finally:
-        JITFunction.run = real_run  # type: ignore[method-assign]
+        JITFunction.run = real_run
         driver.set_active(previous)
         triton_attention.sm_count = real_sm_count
         triton_attention.num_decode_splits = splits

@@ -388,7 +388,8 @@ INTERPRETED: bool = type(_write_kv_kernel).__name__ == "InterpretedFunction"
 
 
 def _pow2(n: int, floor: int = 1) -> int:
-    return max(floor, triton.next_power_of_2(n))
+    p: int = triton.next_power_of_2(n)
+    return max(floor, p)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

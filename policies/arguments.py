@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:  # jsonschema costs ~25 ms to import: only a tool with an inputSchema needs it
     from jsonschema.protocols import Validator
@@ -41,7 +41,7 @@ def limit_problem(arguments: Any, limits: ArgumentLimits) -> str | None:
             if depth > limits.max_depth:
                 return f"{where} is nested deeper than {limits.max_depth} levels"
             if is_map:
-                for key, child in value.items():
+                for key, child in cast(Mapping[Any, Any], value).items():
                     if not isinstance(key, str):
                         return f"{where} has a non-string key {key!r}"
                     total += len(key)
@@ -139,7 +139,7 @@ class ArgumentValidator:
             validator_cls = jsonschema.validators.validator_for(
                 schema, default=jsonschema.Draft202012Validator
             )
-            validator_cls.check_schema(schema)
+            validator_cls.check_schema(schema)  # type: ignore[arg-type]  # types-jsonschema's protocol says dict; any Mapping works
         except SchemaError as exc:
             return cls(None, f"the tool's inputSchema is invalid: {exc.message}", limits)
         return cls(validator_cls(schema), None, limits, _fast_check(schema))

@@ -8,7 +8,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from mcp_types import CallToolResult
+    from mcp_types import CallToolResult, TextContent
 
 
 _MCP_TYPES: Any = None
@@ -112,7 +112,7 @@ def cap_result(
 def _small_and_clean(result: CallToolResult, max_chars: int) -> bool:
     """Whether the result fits the cap and needs no sanitising. One pass for the common result (plain
     text blocks of printable ASCII); anything else takes the general check."""
-    text_type = _mt().TextContent
+    text_type: type[TextContent] = _mt().TextContent
     total = 0
     for block in result.content:
         if type(block) is not text_type or not (block.text.isascii() and block.text.isprintable()):

@@ -16,7 +16,7 @@ import contextlib
 import importlib.metadata
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import mcp
@@ -55,6 +55,14 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree wi
     _VERSION = "0"
 
 
+class _ReceiveStream(Protocol):
+    """What a transport's read stream offers (anyio's memory stream, or our own for WebSocket/stdio)."""
+
+    async def receive(self) -> SessionMessage | Exception: ...
+
+    async def aclose(self) -> None: ...
+
+
 class _WatchedReadStream:
     """The transport's read stream, setting `closed` when it ends (EOF or closed under the reader).
 
@@ -64,7 +72,7 @@ class _WatchedReadStream:
 
     __slots__ = ("_closed", "_inner", "_lost", "_scope")
 
-    def __init__(self, inner: Any, closed: anyio.Event) -> None:
+    def __init__(self, inner: _ReceiveStream, closed: anyio.Event) -> None:
         self._inner = inner
         self._closed = closed
         self._lost = False
@@ -335,7 +343,7 @@ async def connect(
     watched = _WatchedTransport(closed)
     watched.inner, stdio = _open_transport(target, watched.lose)
     client = mcp.Client(
-        watched,  # type: ignore[arg-type]
+        watched,
         mode="auto",
         message_handler=message_handler,
         client_info=types.Implementation(name=client_name, version=_VERSION),

@@ -7,14 +7,14 @@ target.max_sse_event_size (the SDK defaults to 1 MiB, which breaks large tool re
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from urllib.parse import urljoin, urlparse
 
 import anyio
 import httpx2
 import mcp_types as types
 import structlog
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from mcp.client._transport import TransportStreams
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import request_within_origin, sse_within_origin
 from mcp.shared.message import SessionMessage
@@ -24,7 +24,9 @@ from transports.targets import HttpTarget
 
 log = structlog.get_logger(__name__)
 
-Streams = tuple[MemoryObjectReceiveStream[SessionMessage | Exception], MemoryObjectSendStream[SessionMessage]]
+# The SDK's transport streams: its own streamable HTTP client yields context-aware wrappers, ours yield
+# anyio memory streams; both satisfy these protocols.
+Streams = TransportStreams
 OnLost = Callable[[str], None]
 
 # Errors that mean the server (or the network path to it) is gone; timeouts are not among them, since an
@@ -77,9 +79,9 @@ class _WatchdogTransport(httpx2.AsyncBaseTransport):
         await self._inner.aclose()
 
 
-def request_headers(headers: dict[str, str] | object, bearer_token: str | None) -> dict[str, str]:
+def request_headers(headers: Mapping[str, str], bearer_token: str | None) -> dict[str, str]:
     """The target's headers plus `Authorization: Bearer` when a token is set (the token wins)."""
-    merged = dict(headers)  # type: ignore[call-overload]
+    merged = dict(headers)
     if bearer_token:
         for key in [k for k in merged if k.lower() == "authorization"]:
             del merged[key]
@@ -112,7 +114,7 @@ async def streamable_http_transport(
             max_sse_event_size=target.max_sse_event_size,
         ) as streams,
     ):
-        yield streams  # type: ignore[misc]
+        yield streams
 
 
 @contextlib.asynccontextmanager

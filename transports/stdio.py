@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import TracebackType
 from typing import IO
 
 import anyio
@@ -132,9 +133,14 @@ class StdioTransport:
         self._cm = self._open()
         return await self._cm.__aenter__()
 
-    async def __aexit__(self, *exc_info: object) -> bool | None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
         assert self._cm is not None
-        return await self._cm.__aexit__(*exc_info)  # type: ignore[arg-type]
+        return await self._cm.__aexit__(exc_type, exc, tb)
 
     async def _spawn(self) -> anyio.abc.Process:
         t = self.target

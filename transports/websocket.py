@@ -15,6 +15,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from mcp.shared.message import SessionMessage
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.typing import Subprotocol
 
 from transports.errors import ConnectError
 from transports.http import request_headers
@@ -22,7 +23,7 @@ from transports.targets import WebSocketTarget
 
 log = structlog.get_logger(__name__)
 
-SUBPROTOCOL = "mcp"
+SUBPROTOCOL = Subprotocol("mcp")
 
 Streams = tuple[MemoryObjectReceiveStream[SessionMessage | Exception], MemoryObjectSendStream[SessionMessage]]
 
@@ -33,7 +34,7 @@ async def websocket_transport(target: WebSocketTarget) -> AsyncIterator[Streams]
     try:
         ws = await ws_connect(
             target.url,
-            subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+            subprotocols=[SUBPROTOCOL],
             additional_headers=request_headers(target.headers, target.bearer_token),
             open_timeout=target.open_timeout,
             ping_interval=target.ping_interval,

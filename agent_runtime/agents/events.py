@@ -41,20 +41,20 @@ class _Event:
 
 @dataclass(slots=True)
 class StepStarted(_Event):
-    type: ClassVar[str] = "step_start"
+    type: ClassVar[Literal["step_start"]] = "step_start"
     step: int
 
 
 @dataclass(slots=True)
 class TokenDelta(_Event):
-    type: ClassVar[str] = "token"
+    type: ClassVar[Literal["token"]] = "token"
     step: int
     text: str
 
 
 @dataclass(slots=True)
 class ToolCallStarted(_Event):
-    type: ClassVar[str] = "tool_call"
+    type: ClassVar[Literal["tool_call"]] = "tool_call"
     step: int
     call_id: str
     name: str
@@ -64,7 +64,7 @@ class ToolCallStarted(_Event):
 
 @dataclass(slots=True)
 class ToolCallFinished(_Event):
-    type: ClassVar[str] = "tool_result"
+    type: ClassVar[Literal["tool_result"]] = "tool_result"
     step: int
     call_id: str
     name: str
@@ -78,7 +78,7 @@ class ToolCallFinished(_Event):
 
 @dataclass(slots=True)
 class ModelReplyInvalid(_Event):
-    type: ClassVar[str] = "invalid_reply"
+    type: ClassVar[Literal["invalid_reply"]] = "invalid_reply"
     step: int
     text: str
     error: str
@@ -86,14 +86,14 @@ class ModelReplyInvalid(_Event):
 
 @dataclass(slots=True)
 class FinalAnswer(_Event):
-    type: ClassVar[str] = "final_answer"
+    type: ClassVar[Literal["final_answer"]] = "final_answer"
     step: int
     answer: str
 
 
 @dataclass(slots=True)
 class Stopped(_Event):
-    type: ClassVar[str] = "stopped"
+    type: ClassVar[Literal["stopped"]] = "stopped"
     step: int
     reason: str
     detail: str
@@ -101,13 +101,13 @@ class Stopped(_Event):
 
 @dataclass(slots=True)
 class UsageReport(_Event):
-    type: ClassVar[str] = "usage"
+    type: ClassVar[Literal["usage"]] = "usage"
     usage: Usage
 
 
 @dataclass(slots=True)
 class RunFinished(_Event):
-    type: ClassVar[str] = "finished"
+    type: ClassVar[Literal["finished"]] = "finished"
     result: AgentResult
 
     def to_dict(self) -> dict[str, Any]:

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
@@ -81,7 +81,7 @@ class LLMBackend(Protocol):
 
     def decode(self, ids: list[int]) -> str: ...
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]: ...
 
     async def aclose(self) -> None: ...
 
@@ -168,7 +168,7 @@ class LocalEngineBackend:
             request.messages, add_generation_prompt=True, tools=request.tools
         )
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         ids = self.render(request)
         processor = await self._processor(request.grammar) if request.grammar is not None else None
         params = SamplingParams(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import fnmatch
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -142,7 +142,7 @@ class Agent:
     def session(self) -> AgentSession:
         return AgentSession(self)
 
-    async def stream(self, task: str, *, history: Sequence[Message] = ()) -> AsyncIterator[AgentEvent]:
+    async def stream(self, task: str, *, history: Sequence[Message] = ()) -> AsyncGenerator[AgentEvent, None]:
         """Events of one run, ending with RunFinished (which carries the AgentResult)."""
         cfg = self.config
         backend = await self.host.backend(cfg.model)  # loads the model on first use (not counted below)
@@ -331,6 +331,7 @@ class Agent:
         timeout = min(remaining, cfg.tool_timeout_secs) if cfg.tool_timeout_secs else remaining
         started = time.perf_counter()
         server = spec.server if spec else None
+        reason: str | None
         if spec is None:
             kind, body, reason = "unknown_tool", "", f"{call.name!r} is not one of this agent's tools"
         elif spec.server is None:

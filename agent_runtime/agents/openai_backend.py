@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -450,7 +450,7 @@ class OpenAIChatBackend:
             out.append(msg)
         return out
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         response_format = None
         if request.grammar is not None and self._grammar and request.grammar.kind == "json_schema":
             schema = json.loads(request.grammar.payload)

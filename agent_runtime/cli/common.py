@@ -221,7 +221,7 @@ def uvicorn_server(app: Any) -> Any:
     import uvicorn  # only the HTTP servers need it
 
     class Server(uvicorn.Server):
-        def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
+        def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]  # uvicorn: a @contextmanager, typed by its private class
             return _no_signal_capture()
 
     config = uvicorn.Config(
@@ -285,26 +285,23 @@ class LiveView:
         c = self.console
         if c is None:
             return
-        t = event.type
-        if t == "step_start":
-            c.print(f"[bold cyan]step {event.step}[/]")  # type: ignore[union-attr]
-        elif t == "tool_call":
-            args = json.dumps(event.arguments, ensure_ascii=False)  # type: ignore[union-attr]
-            server = f" [dim]({event.server})[/]" if event.server else ""  # type: ignore[union-attr]
-            c.print(f"  [yellow]→ {escape(event.name)}[/]{server} {escape(args)}")  # type: ignore[union-attr]
-        elif t == "tool_result":
-            style = "red" if event.is_error else "green"  # type: ignore[union-attr]
-            body = event.observation  # type: ignore[union-attr]
+        if event.type == "step_start":
+            c.print(f"[bold cyan]step {event.step}[/]")
+        elif event.type == "tool_call":
+            args = json.dumps(event.arguments, ensure_ascii=False)
+            server = f" [dim]({event.server})[/]" if event.server else ""
+            c.print(f"  [yellow]→ {escape(event.name)}[/]{server} {escape(args)}")
+        elif event.type == "tool_result":
+            style = "red" if event.is_error else "green"
+            body = event.observation
             short = body if len(body) <= 300 else body[:300] + "…"
-            c.print(
-                f"  [{style}]← {event.outcome}[/] [dim]{event.duration * 1000:.0f} ms[/] {escape(short)}"  # type: ignore[union-attr]
-            )
-        elif t == "invalid_reply":
-            c.print(f"  [red]invalid reply:[/] {escape(event.error)}")  # type: ignore[union-attr]
-        elif t == "stopped":
-            c.print(f"[bold red]stopped: {event.reason}[/] {escape(event.detail)}")  # type: ignore[union-attr]
-        elif t == "usage":
-            u = event.usage  # type: ignore[union-attr]
+            c.print(f"  [{style}]← {event.outcome}[/] [dim]{event.duration * 1000:.0f} ms[/] {escape(short)}")
+        elif event.type == "invalid_reply":
+            c.print(f"  [red]invalid reply:[/] {escape(event.error)}")
+        elif event.type == "stopped":
+            c.print(f"[bold red]stopped: {event.reason}[/] {escape(event.detail)}")
+        elif event.type == "usage":
+            u = event.usage
             c.print(
                 f"[dim]{u.steps} steps, {u.tool_calls} tool calls, {u.prompt_tokens}+{u.completion_tokens} tokens, "
                 f"model {u.model_seconds:.2f} s, tools {u.tool_seconds:.2f} s, total {u.wall_seconds:.2f} s[/]"

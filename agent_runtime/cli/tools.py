@@ -172,7 +172,7 @@ def _call(args: argparse.Namespace) -> int:
 
 
 def _print_result(result: CallToolResult, *, as_json: bool) -> None:
-    texts = [c.text for c in result.content if getattr(c, "type", None) == "text"]
+    texts = [c.text for c in result.content if c.type == "text"]
     if as_json:
         doc = {
             "is_error": bool(result.is_error),
@@ -184,14 +184,13 @@ def _print_result(result: CallToolResult, *, as_json: bool) -> None:
         return
     out = sys.stderr if result.is_error else sys.stdout
     for c in result.content:
-        kind = getattr(c, "type", None)
-        if kind == "text":
+        if c.type == "text":
             print(c.text, file=out)
-        elif kind in ("image", "audio"):
-            print(f"[{kind} {c.mime_type}, {len(c.data) * 3 // 4} bytes]", file=out)
-        elif kind == "resource_link":
+        elif c.type == "image" or c.type == "audio":
+            print(f"[{c.type} {c.mime_type}, {len(c.data) * 3 // 4} bytes]", file=out)
+        elif c.type == "resource_link":
             print(f"[resource link {c.uri}]", file=out)
-        elif kind == "resource":
+        elif c.type == "resource":
             res = c.resource
             text = getattr(res, "text", None)
             print(

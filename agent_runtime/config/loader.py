@@ -13,7 +13,7 @@ import shlex
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlsplit
 
 from agent_runtime.config.positions import JsonPath, Positions, format_path, parse_path, strip_jsonc
@@ -216,10 +216,10 @@ def _pydantic_error(doc: _Doc, exc: ValidationError, path: JsonPath, model: type
         bound = ctx.get("gt", ctx.get("ge", ctx.get("le")))
         return doc.error(loc, f"must be {op} {bound:g}" if isinstance(bound, int | float) else err["msg"])
     reason = _MESSAGES.get(kind, err["msg"])
-    hint = None
+    tip = None
     if kind == "string_type":
-        hint = 'quote the value, e.g. "8080"'
-    return doc.error(loc, reason, hint)
+        tip = 'quote the value, e.g. "8080"'
+    return doc.error(loc, reason, tip)
 
 
 _ALIASES = {
@@ -559,7 +559,7 @@ def _build_server(
                 url=spec.url, headers=spec.headers, bearer_token=c.bearer_token, open_timeout=timeouts.connect
             )
         else:
-            default_read = HttpTarget.__dataclass_fields__["read_timeout"].default
+            default_read = cast(float, HttpTarget.__dataclass_fields__["read_timeout"].default)
             target = HttpTarget(
                 url=spec.url,
                 kind="sse" if spec.transport == "sse" else "streamable_http",

@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import json
 import re
-from json.decoder import scanstring
+from json.decoder import scanstring  # type: ignore[attr-defined]  # typeshed omits json.decoder.scanstring
 from json.scanner import NUMBER_RE
 
 JsonPath = tuple[str | int, ...]
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _WS = re.compile(r"[ \t\n\r]*")
+
+
+def _skip_ws(text: str, i: int) -> int:
+    """The offset of the first non-whitespace character at or after `i`."""
+    m = _WS.match(text, i)
+    return m.end() if m is not None else i  # the pattern matches the empty string: always a match
 
 
 def strip_jsonc(text: str) -> str:
@@ -62,14 +68,14 @@ class Positions:
         self.values: dict[JsonPath, int] = {}
         self.keys: dict[JsonPath, int] = {}
         self.duplicates: list[JsonPath] = []
-        self._scan(_WS.match(text, 0).end(), ())
+        self._scan(_skip_ws(text, 0), ())
 
     def _scan(self, i: int, path: JsonPath) -> int:
         text = self.text
         self.values[path] = i
         c = text[i]
         if c == "{":
-            i = _WS.match(text, i + 1).end()
+            i = _skip_ws(text, i + 1)
             if text[i] == "}":
                 return i + 1
             while True:
@@ -79,23 +85,23 @@ class Positions:
                 if child in self.keys:
                     self.duplicates.append(child)
                 self.keys[child] = key_at
-                i = _WS.match(text, i).end() + 1  # the ':'
-                i = self._scan(_WS.match(text, i).end(), child)
-                i = _WS.match(text, i).end()
+                i = _skip_ws(text, i) + 1  # the ':'
+                i = self._scan(_skip_ws(text, i), child)
+                i = _skip_ws(text, i)
                 if text[i] == "}":
                     return i + 1
-                i = _WS.match(text, i + 1).end()
+                i = _skip_ws(text, i + 1)
         if c == "[":
-            i = _WS.match(text, i + 1).end()
+            i = _skip_ws(text, i + 1)
             if text[i] == "]":
                 return i + 1
             index = 0
             while True:
                 i = self._scan(i, (*path, index))
-                i = _WS.match(text, i).end()
+                i = _skip_ws(text, i)
                 if text[i] == "]":
                     return i + 1
-                i = _WS.match(text, i + 1).end()
+                i = _skip_ws(text, i + 1)
                 index += 1
         if c == '"':
             return scanstring(text, i + 1)[1]

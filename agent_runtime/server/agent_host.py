@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +52,7 @@ class RuntimeAgents:
         cfg = self.host.agents[name]
         return cfg.description or f"agent {name!r} (tools: {', '.join(cfg.tools)})"
 
-    async def stream(self, name: str, messages: list[dict[str, Any]]) -> AsyncIterator[AgentChunk]:
+    async def stream(self, name: str, messages: list[dict[str, Any]]) -> AsyncGenerator[AgentChunk, None]:
         """Run `name` with the last user message as the task and the earlier turns as history."""
         task_index = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
         if task_index < 0:

@@ -3,7 +3,7 @@ steps and answer. `RuntimeAgents` (agent_host.py) implements it on the real agen
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -25,7 +25,7 @@ class ServedAgents(Protocol):
 
     def describe(self, name: str) -> str: ...
 
-    def stream(self, name: str, messages: list[dict[str, Any]]) -> AsyncIterator[AgentChunk]:
+    def stream(self, name: str, messages: list[dict[str, Any]]) -> AsyncGenerator[AgentChunk, None]:
         """Run agent `name` on a conversation (the last user message is the task). Cancelling the consumer
         cancels the run, its model requests and its in-flight tool calls."""
         ...

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -174,7 +174,7 @@ class OpenAIServer:
 
     # -- chat completions ----------------------------------------------------------------------------------
 
-    async def chat_completions(self, request: Request) -> Response:
+    async def chat_completions(self, request: Request) -> Response | EventStreamResponse:
         arrival = time.perf_counter()
         req = await _parse(request, ChatCompletionRequest)
         if self.agents is not None and req.model in self.agents.names():
@@ -224,11 +224,11 @@ class OpenAIServer:
         svc: EngineService,
         req: ChatCompletionRequest,
         plan: chat.ChatPlan,
-        outputs: AsyncIterator[Any],
+        outputs: AsyncGenerator[Any, None],
         rid: str,
         include_usage: bool,
         top_n: int | None,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         created = now()
         chunk = _chunk_encoder(req.model, rid, created, include_usage)
 
@@ -274,7 +274,7 @@ class OpenAIServer:
 
     # -- text completions ------------------------------------------------------------------------------------
 
-    async def completions(self, request: Request) -> Response:
+    async def completions(self, request: Request) -> Response | EventStreamResponse:
         arrival = time.perf_counter()
         req = await _parse(request, CompletionRequest)
         if self.agents is not None and req.model in self.agents.names():
@@ -321,11 +321,11 @@ class OpenAIServer:
         self,
         svc: EngineService,
         req: CompletionRequest,
-        outputs: AsyncIterator[Any],
+        outputs: AsyncGenerator[Any, None],
         rid: str,
         echo: str,
         include_usage: bool,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         created = now()
 
         def chunk(text: str | None, **kw: Any) -> bytes:
@@ -361,7 +361,9 @@ class OpenAIServer:
 
     # -- agents as models ------------------------------------------------------------------------------------
 
-    async def _agent_chat(self, request: Request, req: ChatCompletionRequest) -> Response:
+    async def _agent_chat(
+        self, request: Request, req: ChatCompletionRequest
+    ) -> Response | EventStreamResponse:
         assert self.agents is not None
         if req.tools:
             raise bad_request(
@@ -396,7 +398,7 @@ class OpenAIServer:
 
     async def _agent_stream(
         self, req: ChatCompletionRequest, messages: list[dict[str, Any]], rid: str, include_usage: bool
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         assert self.agents is not None
         created = now()
         chunk = _chunk_encoder(req.model, rid, created, include_usage)
@@ -443,7 +445,7 @@ class OpenAIServer:
 
     async def _start(
         self, request: Request, svc: EngineService, prompt: Any, params: Any, rid: str, arrival: float
-    ) -> AsyncIterator[Any] | None:
+    ) -> AsyncGenerator[Any, None] | None:
         """Take a capacity slot and submit; returns the output stream once the engine accepted the request
         (so a bad request is still a 400), or None when the client left first. On success the caller owns
         the slot and must release it when the stream ends."""
@@ -465,7 +467,7 @@ class OpenAIServer:
 
     async def _outputs(
         self, svc: EngineService, prompt: Any, params: Any, rid: str, timer: StreamTimer
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """Engine outputs with metrics observed; invalid requests become 400s before the first output."""
 
         timer.submitted()
@@ -512,7 +514,7 @@ def _text_or_400(m: Any, index: int) -> str:
         raise bad_request(str(exc), param=f"messages[{index}].content") from None
 
 
-async def _collect(outputs: AsyncIterator[Any]) -> tuple[Any, list[dict[str, Any]]]:
+async def _collect(outputs: AsyncGenerator[Any, None]) -> tuple[Any, list[dict[str, Any]]]:
     final = None
     async with aclosing(outputs) as stream:
         async for out in stream:
@@ -521,7 +523,7 @@ async def _collect(outputs: AsyncIterator[Any]) -> tuple[Any, list[dict[str, Any
     return final, lps
 
 
-async def _agent_final(chunks: AsyncIterator[Any]) -> Any:
+async def _agent_final(chunks: AsyncGenerator[Any, None]) -> Any:
     final = None
     async with aclosing(chunks) as stream:
         async for item in stream:
@@ -561,7 +563,7 @@ async def _until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
     return result[0] if result else None
 
 
-async def _guarded(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _guarded(chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
     """A stream that fails after its 200 header ends with an OpenAI error event and `[DONE]` (clients raise
     on it) instead of a cut connection; the cause is logged, not sent."""
     try:
@@ -578,7 +580,7 @@ async def _guarded(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         yield SSE_DONE
 
 
-async def _first(outputs: AsyncIterator[Any]) -> tuple[Any]:
+async def _first(outputs: AsyncGenerator[Any, None]) -> tuple[Any]:
     """The first engine output: an invalid request fails here, before any response header is sent."""
     try:
         return (await outputs.__anext__(),)
@@ -586,7 +588,7 @@ async def _first(outputs: AsyncIterator[Any]) -> tuple[Any]:
         return (None,)
 
 
-async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+async def _prepend(first: Any, rest: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
     async with aclosing(rest) as stream:
         if first is not None:
             yield first

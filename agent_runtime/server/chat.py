@@ -112,7 +112,7 @@ def build_chat(req: ChatCompletionRequest, *, tool_role_ok: bool, is_agent: bool
         _add_system(messages, _tool_prompt(req, choice))
     elif req.response_format is not None and req.response_format.type != "text":
         rf = req.response_format
-        schema = {"type": "object"} if rf.type == "json_object" else dict(rf.json_schema.schema_ or {})  # type: ignore[union-attr]
+        schema = {"type": "object"} if rf.type == "json_object" else dict(rf.json_schema.schema_ or {})  # type: ignore[union-attr]  # set for json_schema (validated)
         plan.grammar = json_schema_spec(schema)
         plan.json_mode = True
     return plan

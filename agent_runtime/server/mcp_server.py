@@ -112,10 +112,8 @@ class AgentMCPServer:
     ) -> types.CallToolResult:
         args = params.arguments or {}
         if params.name == LIST_AGENTS:
-            rows = [
-                {"name": n, "description": self.agents.describe(n)}
-                for n in (self.agents.names() if self.agents else [])
-            ]
+            agents = self.agents
+            rows = [{"name": n, "description": agents.describe(n)} for n in agents.names()] if agents else []
             return _text(json.dumps(rows, ensure_ascii=False), structured={"agents": rows})
         if params.name == RUN_AGENT:
             return await self._run_agent(ctx, args)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from prometheus_client import (
@@ -19,6 +19,9 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+if TYPE_CHECKING:
+    from agent_runtime.tools.monitor import Monitor
 
 NS = "agent_runtime"
 
@@ -110,11 +113,9 @@ class ServerMetrics:
         """Export the engine snapshot returned by `metrics()` (an inference.metrics.EngineMetrics)."""
         self.registry.register(_EngineCollector(model, metrics))
 
-    def attach_servers(
-        self, servers: Callable[[], list[Any]], stats: Callable[[], dict[str, Any]] | None = None
-    ) -> None:
-        """Export per-MCP-server state from `servers()` (ServerStatus list) and, when given, the monitor's
-        per-server call statistics from `stats()` (name -> object/dict with calls, errors)."""
+    def attach_servers(self, servers: Callable[[], list[Any]], stats: Monitor | None = None) -> None:
+        """Export per-MCP-server state from `servers()` (ServerStatus list) and, when given, the per-server
+        call statistics the `stats` monitor keeps (agent_runtime.tools.monitor)."""
         self.registry.register(_McpCollector(servers, stats))
 
     # -- observations ---------------------------------------------------------------------------------------
@@ -250,7 +251,7 @@ class _McpCollector(Collector):
     recorded since the previous scrape, so it stays cumulative as Prometheus requires.
     """
 
-    def __init__(self, servers: Callable[[], list[Any]], monitor: Any | None) -> None:
+    def __init__(self, servers: Callable[[], list[Any]], monitor: Monitor | None) -> None:
         self.servers = servers
         self.monitor = monitor
         self._seen: dict[str, int] = {}  # latency-bearing calls already folded in, per server

@@ -176,7 +176,7 @@ class CompletionRequest(_Sampling):
         p = self.prompt
         if isinstance(p, list) and p and isinstance(p[0], str):
             return str(p[0])
-        return p  # type: ignore[return-value]
+        return p  # type: ignore[return-value]  # not list[str]: _one_prompt keeps it non-empty, handled above
 
 
 # -- responses ---------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ constrained answers, and a request stream whose cancellation aborts the engine r
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
@@ -69,7 +69,7 @@ class EngineService:
             compiled, cache.vocab_size, cache.stop_token_ids, batch_matcher=cache.batch_matcher
         )
 
-    async def stream(self, prompt: Any, params: Any, request_id: str) -> AsyncIterator[Any]:
+    async def stream(self, prompt: Any, params: Any, request_id: str) -> AsyncGenerator[Any, None]:
         """Engine outputs for one request; leaving the loop early (or being cancelled) aborts it."""
         async with aclosing(self.engine.generate(prompt, params, request_id=request_id)) as outputs:
             async for out in outputs:

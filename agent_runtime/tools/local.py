@@ -7,7 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, get_type_hints
 
@@ -109,7 +109,7 @@ class LocalToolset:
     def names(self) -> list[str]:
         return list(self._tools)
 
-    def __iter__(self) -> Iterable[LocalTool]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[LocalTool]:
         return iter(self._tools.values())
 
     async def call(self, name: str, arguments: Mapping[str, Any], *, timeout: float) -> LocalOutcome:  # noqa: ASYNC109

@@ -7,6 +7,7 @@ back as soon as only one offer remains. Invalid names are reported and skipped, 
 
 from __future__ import annotations
 
+import builtins
 import difflib
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -206,10 +207,10 @@ class ToolRegistry:
     def count(self, server: str) -> int:
         return sum(1 for e in self._table.values() if e.server == server)
 
-    def problems(self, server: str | None = None) -> list[RegistryProblem]:
+    def problems(self, server: str | None = None) -> builtins.list[RegistryProblem]:
         """Invalid names and collisions, for display (`tools list` shows them)."""
         found = [p for problems in self._invalid.values() for p in problems] + self._collisions
         return [p for p in found if server is None or p.server == server]
 
-    def close_matches(self, name: str, n: int = 3) -> list[str]:
+    def close_matches(self, name: str, n: int = 3) -> builtins.list[str]:
         return difflib.get_close_matches(name, list(self._table), n=n, cutoff=0.5)

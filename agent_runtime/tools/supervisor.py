@@ -24,6 +24,7 @@ from policies.secrets import redact
 from transports.targets import HttpTarget, StdioTarget, Target, WebSocketTarget
 
 if TYPE_CHECKING:  # the transports package pulls in the MCP SDK (~0.8 s); imported when a server starts
+    from mcp.client.session import MessageHandlerFnT
     from mcp.types import CallToolResult
 
     from transports import Connection
@@ -399,9 +400,9 @@ class Supervisor:
             err = describe_error(exc)
             if isinstance(exc, BaseExceptionGroup) or not getattr(exc, "user_facing", False):
                 log.debug("server attempt failed", server=cfg.name, exc_info=True)
-            tail = getattr(exc, "stderr_tail", None)
-            if tail:
-                st.stderr_tail = list(tail)[-20:]
+            exc_tail = getattr(exc, "stderr_tail", None)
+            if exc_tail:
+                st.stderr_tail = list(exc_tail)[-20:]
             slot.conn = None
             self.registry.remove_server(cfg.name)
             if not slot.stop.is_set():
@@ -464,7 +465,7 @@ class Supervisor:
             )
             self._set_state(slot, slot.status.state, error=slot.status.last_error)
 
-    def _message_handler(self, slot: _Slot) -> Callable[[Any], Any]:
+    def _message_handler(self, slot: _Slot) -> MessageHandlerFnT:
         async def handle(message: Any) -> None:
             # Both eras arrive here: 2025-era servers notify unprompted, and on 2026-07-28 sessions
             # `connect` keeps a subscriptions/listen stream open whose events the SDK tees to this handler.

@@ -221,7 +221,7 @@ async def _serve_stdio(mcp: MCPServer, garbage: bool) -> None:
         print("demo server starting (banner on stdout, not JSON)", flush=True)
         stdin = anyio.wrap_file(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8"))
         stdout = anyio.wrap_file(_GarbageWriter(io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8")))
-        streams = stdio_server(stdin, stdout)  # type: ignore[arg-type]
+        streams = stdio_server(stdin, stdout)  # type: ignore[arg-type]  # a wrapped writer that corrupts output on purpose
     else:
         streams = stdio_server()
     async with streams as (read_stream, write_stream):

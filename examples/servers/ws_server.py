@@ -73,7 +73,7 @@ async def serve_websocket(
         handler,
         host,
         port,
-        subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+        subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]  # websockets wants its Subprotocol NewType
         max_size=max_message_size,
         compression=None,
     ) as ws_server:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from inference.model_config import ModelConfig
+from inference.models.layers import CausalLM
 from inference.models.llama import LlamaForCausalLM
 
-MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
@@ -15,9 +14,9 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 }
 
 
-def build_model(config: ModelConfig) -> nn.Module:
+def build_model(config: ModelConfig) -> CausalLM:
     """An uninitialised model of `config.architecture` (parameters allocated, values arbitrary)."""
     return MODEL_REGISTRY[config.architecture](config)
 
 
-__all__ = ["MODEL_REGISTRY", "LlamaForCausalLM", "build_model"]
+__all__ = ["MODEL_REGISTRY", "CausalLM", "LlamaForCausalLM", "build_model"]

@@ -3,11 +3,29 @@ Their elementwise work goes through the model's `LayerOps` (inference/layer_ops.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from inference.layer_ops import EAGER_OPS, LayerOps, Tensor
 from inference.model_config import ModelConfig
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
+
+
+class CausalLM(nn.Module):
+    """What the engine calls on a model beyond nn.Module's own: `model(input_ids [T], positions [T], meta,
+    kv_cache) -> hidden [T, hidden]`, `compute_logits(hidden) -> float32 logits`, and `load_weights` of
+    Hugging Face-named tensors. Our decoders derive from it."""
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
+        raise NotImplementedError
 
 
 class RMSNorm(nn.Module):
@@ -29,7 +47,7 @@ class RMSNorm(nn.Module):
         return self.layer_ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
-def _hf_rope_config(config: ModelConfig):
+def _hf_rope_config(config: ModelConfig) -> LlamaConfig:
     from transformers import LlamaConfig
 
     params = dict(config.rope_scaling or {"rope_type": "default"})
@@ -70,7 +88,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.dynamic = bool(config.rope_scaling) and config.rope_scaling["rope_type"] == "dynamic"
+        self.dynamic = bool(config.rope_scaling and config.rope_scaling["rope_type"] == "dynamic")
         # Plain attributes, not buffers: models are built on the meta device and materialised with to_empty(),
         # which would leave buffers uninitialised; the tables follow the model's device and dtype on first use.
         with torch.device("cpu"):
@@ -118,4 +136,5 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.layer_ops.silu_and_mul(self.gate_up_proj(x)))
+        out: Tensor = self.down_proj(self.layer_ops.silu_and_mul(self.gate_up_proj(x)))
+        return out

@@ -12,7 +12,7 @@ from inference.cpu_linear import packed_linear
 from inference.layer_ops import EAGER_OPS, LayerOps
 from inference.metadata import AttentionMetadata
 from inference.model_config import ModelConfig
-from inference.models.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from inference.models.layers import CausalLM, GatedMLP, RMSNorm, RotaryEmbedding
 
 
 class Attention(nn.Module):
@@ -63,7 +63,8 @@ class Attention(nn.Module):
         )
         self.attn_backend.write_kv(kv_layer, k, v, meta.slot_mapping)
         o = self.attn_backend.paged_attention(q, kv_layer, meta, self.scale)
-        return self.o_proj(o.reshape(t, self.q_size))
+        out: torch.Tensor = self.o_proj(o.reshape(t, self.q_size))
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -105,7 +106,7 @@ _PACKED = {
 }
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """`model(input_ids [T], positions [T], meta, kv_cache) -> hidden [T, hidden]`; `compute_logits` -> float32."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -137,13 +138,15 @@ class LlamaForCausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, rope, meta, kv_cache[:, i])
         if residual is None:
-            return self.norm(x)
+            normed: torch.Tensor = self.norm(x)
+            return normed
         return self.norm.forward_add(x, residual)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:
-            return self.lm_head(hidden).float()
+            logits: torch.Tensor = self.lm_head(hidden)
+            return logits.float()
         if self.packed_head is not None:
             return packed_linear(hidden, self.packed_head, None).float()
         return torch.nn.functional.linear(hidden, self.embed_tokens.weight).float()
