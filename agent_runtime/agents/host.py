@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -10,6 +11,7 @@ import anyio
 from agent_runtime.agents.llm import LLMBackend, LocalEngineBackend
 from agent_runtime.agents.loop import Agent, AgentError
 from agent_runtime.agents.openai_backend import OpenAIBackendSettings, OpenAIChatBackend
+from agent_runtime.agents.routing import Embedder, Routing, route
 from agent_runtime.config import section_error
 from agent_runtime.config.agents import ModelSettings, load_agents, load_model_settings
 from agent_runtime.errors import ConfigError
@@ -17,6 +19,7 @@ from agent_runtime.errors import ConfigError
 if TYPE_CHECKING:
     from agent_runtime.tools.registry import ToolEntry
     from agent_runtime.tools.runtime import Runtime
+    from inference.formats import ToolSpec
 
 
 class AgentHost:
@@ -38,6 +41,7 @@ class AgentHost:
         if backend is not None:
             self._backends[None] = backend
         self._lock = anyio.Lock()
+        self._embedder: Embedder | bool | None = False  # False: not looked for yet; None: not installed
         runtime.on_close(self.aclose)
 
     async def __aenter__(self) -> AgentHost:
@@ -85,6 +89,16 @@ class AgentHost:
                 )
                 self._backends[source] = existing
         return existing
+
+    async def route(self, query: str, tools: Sequence[ToolSpec]) -> Routing:
+        """Score `tools` for `query` (lexical, plus the packaged sentence encoder when installed), off the loop."""
+        if self._embedder is False:
+            async with self._lock:
+                if self._embedder is False:
+                    self._embedder = await anyio.to_thread.run_sync(Embedder.installed)
+        embedder = self._embedder if isinstance(self._embedder, Embedder) else None
+        triples = [(t.name, t.description, t.parameters) for t in tools]
+        return await anyio.to_thread.run_sync(route, query, triples, embedder)
 
     def agent(self, name: str = "default") -> Agent:
         """A configured agent; raises AgentError for an unknown name and ConfigError for tools it cannot have."""

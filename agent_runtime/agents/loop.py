@@ -5,6 +5,7 @@ observations, budgets end runs; every step is an event. Also multi-turn sessions
 from __future__ import annotations
 
 import fnmatch
+import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -28,9 +29,12 @@ from agent_runtime.agents.events import (
     ToolCallFinished,
     ToolCallRecord,
     ToolCallStarted,
+    ToolsRouted,
     Usage,
     UsageReport,
 )
+from agent_runtime.agents.grounding import GroundingContext
+from agent_runtime.agents.guided import guided_turn
 from agent_runtime.agents.llm import GenerationRequest, LLMBackend
 from agent_runtime.agents.observations import Observation, observe, render_result
 from agent_runtime.config.agents import AgentConfig
@@ -48,6 +52,7 @@ from inference.formats import (
 
 if TYPE_CHECKING:
     from agent_runtime.agents.host import AgentHost
+    from agent_runtime.agents.routing import Routing
 
 log = structlog.get_logger(__name__)
 
@@ -153,6 +158,24 @@ class Agent:
         examples = _examples(cfg)
         by_name = {t.name: t for t in tools}
         messages: list[Message] = [*history, {"role": "user", "content": task}]
+        guided = (
+            cfg.guided and cfg.constrained and backend.supports_prefix and fmt.name == "json" and bool(tools)
+        )
+        routing: Routing | None = None
+        offered = tools
+        grounding = GroundingContext()
+        for msg in messages:
+            grounding.add(str(msg.get("content") or ""))
+        if guided:
+            # The tools that fit the task, fixed for the run: the prompt stays the same from step to step, so
+            # each step's prompt is served from the prefix cache up to the previous step's end.
+            routing = await self.host.route(task, tools)
+            picked = set(routing.top(cfg.route_tools))
+            if cfg.tool_choice not in ("auto", "required", "none"):
+                picked.add(cfg.tool_choice)
+            offered = [t for t in tools if t.name in picked]
+            yield ToolsRouted(0, [t.name for t in offered], routing.to_dict())
+        seen_calls: dict[str, ToolCallRecord] = {}
         steps: list[StepRecord] = []
         usage = Usage()
         budget = _Budget()
@@ -173,9 +196,9 @@ class Agent:
             choice = cfg.tool_choice
             if index > 1 and choice not in ("auto", "required", "none"):
                 choice = "auto"
-            template_msgs, template_tools = fmt.messages(cfg.system_prompt, tools, examples, messages)
+            template_msgs, template_tools = fmt.messages(cfg.system_prompt, offered, examples, messages)
             grammar = None
-            if cfg.constrained and backend.supports_grammar:
+            if cfg.constrained and backend.supports_grammar and not guided:
                 grammar = fmt.grammar(
                     tools, choice, thoughts=cfg.thoughts, max_parallel=cfg.parallel_tool_calls
                 )
@@ -196,22 +219,56 @@ class Agent:
             finish: str | None = None
             timed_out = False
             try:
-                # aclosing: leaving early (deadline, consumer gone) aborts the request in the engine now, not at GC.
-                async with aclosing(backend.generate(request)) as chunks:
-                    async for chunk in chunks:
-                        if chunk.delta_text:
-                            yield TokenDelta(index, chunk.delta_text)
-                        text = chunk.text
-                        step.prompt_tokens, step.completion_tokens = (
-                            chunk.prompt_tokens,
-                            chunk.completion_tokens,
-                        )
-                        if chunk.finished:
-                            finish = chunk.finish_reason
-                            break
-                        if time.monotonic() >= deadline:
-                            timed_out = True
-                            break
+                if guided:
+                    candidates = [t.name for t in offered]
+                    if choice not in ("auto", "required", "none"):
+                        candidates = [choice]
+                    elif choice == "none":
+                        candidates = []
+                    # A task that clearly matches a tool gets a call first: a small model otherwise answers from
+                    # what it believes (a time, a file's content) instead of looking it up.
+                    first_call = index == 1 and routing is not None and routing.confident
+                    allow_answer = choice != "required" and not (first_call and choice == "auto")
+                    turn = guided_turn(
+                        backend,
+                        request,
+                        offered,
+                        candidates,
+                        grounding,
+                        allow_answer=allow_answer or not candidates,
+                        deadline=deadline,
+                    )
+                    async with aclosing(turn) as progress:
+                        async for p in progress:
+                            if p.delta:
+                                yield TokenDelta(index, p.delta)
+                            text = p.text
+                            step.prompt_tokens, step.completion_tokens = p.prompt_tokens, p.completion_tokens
+                            step.cached_tokens = p.cached_tokens
+                            if p.finished:
+                                finish = p.finish_reason
+                                break
+                            if time.monotonic() >= deadline:
+                                timed_out = True
+                                break
+                else:
+                    # aclosing: leaving early (deadline, consumer gone) aborts the request in the engine now.
+                    async with aclosing(backend.generate(request)) as chunks:
+                        async for chunk in chunks:
+                            if chunk.delta_text:
+                                yield TokenDelta(index, chunk.delta_text)
+                            text = chunk.text
+                            step.prompt_tokens, step.completion_tokens = (
+                                chunk.prompt_tokens,
+                                chunk.completion_tokens,
+                            )
+                            step.cached_tokens = chunk.cached_tokens
+                            if chunk.finished:
+                                finish = chunk.finish_reason
+                                break
+                            if time.monotonic() >= deadline:
+                                timed_out = True
+                                break
             except Exception as exc:
                 if not getattr(exc, "user_facing", False) and not isinstance(
                     exc, AgentRuntimeError | RuntimeError
@@ -268,12 +325,13 @@ class Agent:
                 )
             messages.append({"role": "assistant", "content": text, "tool_calls": calls})
             t1 = time.perf_counter()
-            records = await self._execute(index, calls, by_name, deadline, backend)
+            records = await self._execute(index, calls, by_name, deadline, backend, seen_calls)
             step.tool_seconds = time.perf_counter() - t1
             usage.tool_seconds += step.tool_seconds
             usage.tool_calls += len(records)
             for rec in records:
                 step.tool_calls.append(rec)
+                grounding.add(rec.observation)
                 messages.append(
                     {
                         "role": "tool",
@@ -299,7 +357,18 @@ class Agent:
         if outcome == "stopped":
             yield Stopped(len(steps), stop_reason or "max_steps", detail or "")
         yield UsageReport(usage)
-        result = AgentResult(self.name, task, outcome, answer, stop_reason, detail, steps, usage, messages)
+        result = AgentResult(
+            self.name,
+            task,
+            outcome,
+            answer,
+            stop_reason,
+            detail,
+            steps,
+            usage,
+            messages,
+            routing={"offered": [t.name for t in offered], **routing.to_dict()} if routing else None,
+        )
         yield RunFinished(result)
 
     async def _execute(
@@ -309,14 +378,24 @@ class Agent:
         by_name: dict[str, ToolSpec],
         deadline: float,
         backend: LLMBackend,
+        seen: dict[str, ToolCallRecord],
     ) -> list[ToolCallRecord]:
-        """Run a step's calls concurrently (bounded); records come back in call order, failures included."""
+        """Run a step's calls concurrently (bounded); records come back in call order, failures included.
+        A call identical to one made earlier in the run is not sent again: the model gets the earlier result
+        with a note, so a model stuck on one call cannot spend the run repeating it."""
         records: list[ToolCallRecord | None] = [None] * len(calls)
         limiter = anyio.CapacityLimiter(max(1, self.config.parallel_tool_calls))
 
         async def one(i: int, call: ToolCall) -> None:
+            key = _call_key(call)
+            earlier = seen.get(key)
+            if earlier is not None:
+                records[i] = _repeated(step, call, earlier)
+                return
             async with limiter:
-                records[i] = await self._call_one(step, call, by_name.get(call.name), deadline, backend)
+                rec = await self._call_one(step, call, by_name.get(call.name), deadline, backend)
+            seen[key] = rec
+            records[i] = rec
 
         async with anyio.create_task_group() as tg:
             for i, call in enumerate(calls):
@@ -385,8 +464,37 @@ def _examples(cfg: AgentConfig) -> list[WorkedExample]:
     ]
 
 
+def _call_key(call: ToolCall) -> str:
+    return json.dumps([call.name, call.arguments], sort_keys=True, ensure_ascii=False, default=str)
+
+
+def _repeated(step: int, call: ToolCall, earlier: ToolCallRecord) -> ToolCallRecord:
+    note = (
+        f"You already called {call.name} with these arguments (step {earlier.step}); it was not sent again. "
+        + (
+            "Use its result below, or answer."
+            if not earlier.is_error
+            else "Change the arguments or the tool."
+        )
+        + f"\n{earlier.observation}"
+    )
+    return ToolCallRecord(
+        step,
+        call.id,
+        call.name,
+        earlier.server,
+        call.arguments,
+        "repeated",
+        note,
+        earlier.is_error,
+        False,
+        0.0,
+    )
+
+
 def _account(usage: Usage, step: StepRecord) -> None:
     usage.prompt_tokens += step.prompt_tokens
+    usage.cached_tokens += step.cached_tokens
     usage.completion_tokens += step.completion_tokens
     usage.model_seconds += step.model_seconds
 

