@@ -42,6 +42,7 @@ PEER_PYTHON = ROOT / ".venv-smolagents" / "bin" / "python"
 NPM = ROOT / ".peers" / "node_modules" / "@modelcontextprotocol"
 TIME_SERVER = ROOT / "tests" / "agent_runtime" / "fixed_clock_time_server.py"
 SERVERS = ("time", "filesystem", "everything", "memory", "git")
+TASK_KINDS = {t["id"]: t["kind"] for t in json.loads(TASKS_FILE.read_text(encoding="utf-8"))["tasks"]}
 # A config with no server leaves an agent no tool at all: tasks that need none get this one as a distractor.
 NO_TOOL_DISTRACTOR = ("time",)
 
@@ -467,6 +468,8 @@ def prepare(task: Task, mode: str, root: Path) -> tuple[Fixtures, Path, str]:
 
 # == Verdicts ==================================================================================================
 
+NOT_RUN = "not_run"  # the peer's time budget ended before this task: left out of the totals
+
 
 def _norm(name: str) -> str:
     return name.replace("-", "_").lower()
@@ -482,6 +485,8 @@ def _repeated(calls: Sequence[CallRecord]) -> bool:
 
 
 def judge(task: Task, fx: Fixtures, run: RunRecord, agent: str, mode: str) -> Verdict:
+    if run.stop_reason == NOT_RUN:
+        return Verdict(agent, mode, task.id, False, None, None, None, "not run", run)
     answer_ok = check_text(task.answer, run.answer) if task.answer is not None else None
     state_ok = check_state(task.state, fx) if task.state is not None else None
     called = [any(_matches(exp, c.name) for c in run.calls) for exp in task.tools]
@@ -666,7 +671,7 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x"
 
 
-def print_report(verdicts: list[Verdict], peer_error: str | None, args: argparse.Namespace) -> None:
+def print_report(verdicts: list[Verdict], peer_error: str | None, title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -674,6 +679,7 @@ def print_report(verdicts: list[Verdict], peer_error: str | None, args: argparse
     groups: dict[tuple[str, str], list[Verdict]] = {}
     for v in verdicts:
         groups.setdefault((v.agent, v.mode), []).append(v)
+    ran = {key: [v for v in vs if v.reason != "not run"] for key, vs in sorted(groups.items())}
 
     detail = Table(title="agent eval: per task", show_lines=False)
     for col in ("task", "agent", "mode", "ok", "answer", "state", "tools", "steps", "tokens", "wall s", "cache", "reason"):  # fmt: skip
@@ -692,23 +698,40 @@ def print_report(verdicts: list[Verdict], peer_error: str | None, args: argparse
         )  # fmt: skip
     console.print(detail)
 
-    summary = Table(title=f"agent eval: totals (SmolLM2-135M, {args.dtype}, max_steps {args.max_steps})")
+    kinds = Table(title="solved by kind of task")
+    kinds.add_column("kind")
+    for key in ran:
+        kinds.add_column(f"{key[0]} ({key[1]})")
+    for kind in dict.fromkeys(TASK_KINDS.get(v.task, "?") for v in verdicts):
+        cells = []
+        for vs in ran.values():
+            mine = [v for v in vs if TASK_KINDS.get(v.task, "?") == kind]
+            cells.append(f"{sum(v.success for v in mine)}/{len(mine)}" if mine else "-")
+        kinds.add_row(kind, *cells)
+    console.print(kinds)
+
+    summary = Table(title=f"agent eval: totals ({title})")
     for col in ("agent / mode", "tasks solved", "tool-call acc.", "median steps", "median wall s", "prefix cache", "tokens"):  # fmt: skip
         summary.add_column(col)
-    tots = {key: totals(f"{key[0]} ({key[1]})", vs) for key, vs in sorted(groups.items())}
-    for t in tots.values():
+    tots = {key: totals(f"{key[0]} ({key[1]})", vs) for key, vs in ran.items()}
+    for key, t in tots.items():
+        missing = len(groups[key]) - len(ran[key])
         summary.add_row(
-            t.label, f"{t.solved}/{t.n} ({_pct(t.solved_rate)})", _pct(t.tool_acc), f"{t.median_steps:g}",
-            f"{t.median_wall:.1f}", _pct(t.cache_share), str(t.tokens),
+            t.label + (f", {missing} not run" if missing else ""), f"{t.solved}/{t.n} ({_pct(t.solved_rate)})",
+            _pct(t.tool_acc), f"{t.median_steps:g}", f"{t.median_wall:.1f}", _pct(t.cache_share), str(t.tokens),
         )  # fmt: skip
     for mode in ("all", "single"):
-        ours, peer = tots.get(("ours", mode)), tots.get(("peer", mode))
-        if ours and peer:
-            summary.add_row(
-                f"ratio ours/peer ({mode})", _ratio(ours.solved_rate, peer.solved_rate),
-                _ratio(ours.tool_acc, peer.tool_acc), _ratio(ours.median_steps, peer.median_steps),
-                _ratio(ours.median_wall, peer.median_wall), "", _ratio(ours.tokens, peer.tokens),
-            )  # fmt: skip
+        peer_ran = {v.task for v in ran.get(("peer", mode), [])}
+        if ("ours", mode) not in ran or not peer_ran:
+            continue
+        # both on the same tasks: the ones the peer ran
+        ours = totals("ours", [v for v in ran[("ours", mode)] if v.task in peer_ran])
+        peer = tots[("peer", mode)]
+        summary.add_row(
+            f"ratio ours/peer ({mode}, {len(peer_ran)} tasks)", _ratio(ours.solved_rate, peer.solved_rate),
+            _ratio(ours.tool_acc, peer.tool_acc), _ratio(ours.median_steps, peer.median_steps),
+            _ratio(ours.median_wall, peer.median_wall), "", _ratio(ours.tokens, peer.tokens),
+        )  # fmt: skip
     console.print(summary)
 
     reasons = Table(title="why failures failed")
@@ -726,6 +749,24 @@ def print_report(verdicts: list[Verdict], peer_error: str | None, args: argparse
 
 def verdict_dict(v: Verdict) -> dict[str, Any]:
     return dataclasses.asdict(v)
+
+
+def verdict_from_dict(d: Mapping[str, Any]) -> Verdict:
+    run = RunRecord.from_dict(d["run"])
+    body = {k: v for k, v in d.items() if k != "run"}
+    if run.error == "no peer result":  # written before `not_run` existed
+        run.stop_reason, body["reason"] = NOT_RUN, "not run"
+    return Verdict(**body, run=run)
+
+
+def report_from(path: Path) -> None:
+    """Print the tables of a run saved with --json."""
+    saved = json.loads(path.read_text())
+    a = saved.get("args", {})
+    title = f"SmolLM2-135M, {a.get('dtype', '?')}, max_steps {a.get('max_steps', '?')}"
+    print_report([verdict_from_dict(v) for v in saved["verdicts"]], saved.get("peer_error"), title)
+    if saved.get("machine"):
+        print(saved["machine"])
 
 
 # == Main ======================================================================================================
@@ -781,7 +822,7 @@ async def evaluate(args: argparse.Namespace) -> tuple[list[Verdict], str | None]
         folder = await anyio.to_thread.run_sync(ours_model_folder)
         results, peer_error[0] = await run_peer(jobs, args, work, folder, advance)
         for job in jobs:
-            run = results.get(job.key) or RunRecord(stop_reason="harness_error", error="no peer result")
+            run = results.get(job.key) or RunRecord(stop_reason=NOT_RUN, error="no peer result")
             verdicts.append(judge(job.task, job.fx, run, "peer", job.mode))
 
     try:
@@ -835,12 +876,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--concurrent", action="store_true", help="run ours and the peer at the same time (shared cores)"
     )
+    parser.add_argument("--report", type=Path, help="only print the tables of a run saved with --json")
     parser.add_argument("--json", type=Path, help="write every verdict and run record here")
     parser.add_argument("--keep", action="store_true", help="keep the per-task folders (printed at the end)")
     args = parser.parse_args(argv)
+    if args.report:
+        report_from(args.report)
+        return 0
     load_before = os.getloadavg()[0]
     verdicts, peer_error = anyio.run(evaluate, args)
-    print_report(verdicts, peer_error, args)
+    print_report(verdicts, peer_error, f"SmolLM2-135M, {args.dtype}, max_steps {args.max_steps}")
     load = f"load average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     print(f"{os.cpu_count()} cores, {load}")
     if args.json:

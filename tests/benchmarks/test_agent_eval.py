@@ -233,3 +233,17 @@ def test_success_and_tool_accuracy(tmp_path: Path) -> None:
     assert ok.success and ok.reason == "" and ok.tool_ok is False  # right answer, not from the right tool
     none = judge(_task([]), fx, RunRecord(answer="Paris"), "ours", "all")
     assert none.tool_ok is None and none.reason == "wrong answer (no tool needed)"
+
+
+def test_saved_verdicts_read_back_and_a_peer_task_not_run_is_marked(tmp_path: Path) -> None:
+    from benchmarks.agent_eval import NOT_RUN, verdict_dict, verdict_from_dict
+
+    run = RunRecord(
+        answer="It is 14:26.", calls=[CallRecord("get_current_time", {"timezone": "Asia/Tokyo"}, "result")]
+    )
+    verdict = judge(_task(["get_current_time"]), Fixtures(tmp_path), run, "ours", "single")
+    assert verdict_from_dict(json.loads(json.dumps(verdict_dict(verdict)))) == verdict
+    skipped = judge(
+        _task(["get_current_time"]), Fixtures(tmp_path), RunRecord(stop_reason=NOT_RUN), "peer", "all"
+    )
+    assert skipped.reason == "not run" and not skipped.success
