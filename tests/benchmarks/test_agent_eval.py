@@ -144,11 +144,17 @@ def test_answer_checker(task_id: str) -> None:
     assert not check_text(spec, None)
 
 
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Fixtures:
+    """Fixtures built once; tests that change them work on a copy (building runs a dozen git commands)."""
+    return build_fixtures(tmp_path_factory.mktemp("pristine") / "fx")
+
+
 @pytest.mark.parametrize("task_id", sorted(STATES))
-def test_state_checker(task_id: str, tmp_path: Path) -> None:
+def test_state_checker(task_id: str, tmp_path: Path, pristine: Fixtures) -> None:
     spec = TASKS[task_id].state
     assert spec is not None
-    fx = build_fixtures(tmp_path / "fx")
+    fx = Fixtures(Path(shutil.copytree(pristine.root, tmp_path / "fx")))
     assert not check_state(spec, fx)  # nothing done yet
     STATES[task_id](fx)
     assert check_state(spec, fx)
@@ -166,8 +172,8 @@ def test_numbers_and_times_as_people_write_them() -> None:
     assert check_text({"time": "22:00"}, "10 PM") and not check_text({"time": "22:00"}, "10 AM")
 
 
-def test_fixtures_hold_what_the_tasks_ask_about(tmp_path: Path) -> None:
-    fx = build_fixtures(tmp_path)
+def test_fixtures_hold_what_the_tasks_ask_about(pristine: Fixtures) -> None:
+    fx = pristine
     names = {p.name for p in fx.files.iterdir()}
     assert {"notes.txt", "budget.csv", "todo.md", "contacts.json", "projects"} <= names
     assert {p.name for p in (fx.files / "projects").iterdir()} == {"alpha.txt", "beta.txt"}
