@@ -489,6 +489,13 @@ def judge(task: Task, fx: Fixtures, run: RunRecord, agent: str, mode: str) -> Ve
         return Verdict(agent, mode, task.id, False, None, None, None, "not run", run)
     answer_ok = check_text(task.answer, run.answer) if task.answer is not None else None
     state_ok = check_state(task.state, fx) if task.state is not None else None
+    return verdict(task, run, agent, mode, answer_ok, state_ok)
+
+
+def verdict(
+    task: Task, run: RunRecord, agent: str, mode: str, answer_ok: bool | None, state_ok: bool | None
+) -> Verdict:
+    """The verdict once the checks ran (also used to re-classify a saved run with the current rules)."""
     called = [any(_matches(exp, c.name) for c in run.calls) for exp in task.tools]
     accepted = [any(_matches(exp, c.name) and c.outcome == "result" for c in run.calls) for exp in task.tools]
     tool_ok = all(accepted) if task.tools else None
@@ -511,11 +518,11 @@ def classify(
     if run.stop_reason == "model_error":
         return "model error"
     if task.tools:
-        if not run.calls:
-            if run.stop_reason == "timeout":
-                return "timeout"
+        if not run.calls:  # never a valid call: an unparsable reply says more than the budget that ended it
             if run.parse_errors:
                 return "parse error"
+            if run.stop_reason == "timeout":
+                return "timeout"
             return "invented answer" if run.answer is not None else "no tool call"
         if not any(called):
             return "wrong tool"
@@ -751,20 +758,32 @@ def verdict_dict(v: Verdict) -> dict[str, Any]:
     return dataclasses.asdict(v)
 
 
-def verdict_from_dict(d: Mapping[str, Any]) -> Verdict:
+def verdict_from_dict(d: Mapping[str, Any], tasks: Mapping[str, Task] | None = None) -> Verdict:
+    """A saved verdict; given the tasks, its tool accuracy and reason are re-derived with the current rules."""
     run = RunRecord.from_dict(d["run"])
     body = {k: v for k, v in d.items() if k != "run"}
     if run.error == "no peer result":  # written before `not_run` existed
-        run.stop_reason, body["reason"] = NOT_RUN, "not run"
-    return Verdict(**body, run=run)
+        run.stop_reason = NOT_RUN
+    task = (tasks or {}).get(body["task"])
+    if run.stop_reason == NOT_RUN or task is None:
+        return Verdict(
+            **{**body, "reason": "not run" if run.stop_reason == NOT_RUN else body["reason"]}, run=run
+        )
+    return verdict(task, run, body["agent"], body["mode"], body["answer_ok"], body["state_ok"])
 
 
 def report_from(path: Path) -> None:
-    """Print the tables of a run saved with --json."""
-    saved = json.loads(path.read_text())
+    """Print the tables of a run saved with --json (or of its .partial.jsonl, one verdict a line)."""
+    if path.suffix == ".jsonl":
+        lines = path.read_text(encoding="utf-8").splitlines()
+        saved: dict[str, Any] = {"verdicts": [json.loads(line) for line in lines if line.strip()]}
+    else:
+        saved = json.loads(path.read_text(encoding="utf-8"))
     a = saved.get("args", {})
     title = f"SmolLM2-135M, {a.get('dtype', '?')}, max_steps {a.get('max_steps', '?')}"
-    print_report([verdict_from_dict(v) for v in saved["verdicts"]], saved.get("peer_error"), title)
+    tasks = {t.id: t for t in load_tasks()}
+    verdicts = [verdict_from_dict(v, tasks) for v in saved["verdicts"]]
+    print_report(verdicts, saved.get("peer_error"), title)
     if saved.get("machine"):
         print(saved["machine"])
 
@@ -789,6 +808,14 @@ async def evaluate(args: argparse.Namespace) -> tuple[list[Verdict], str | None]
     peer_error: list[str | None] = [None]
     work = Path(tempfile.mkdtemp(prefix="agent-eval-"))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    partial = args.json.with_suffix(".partial.jsonl") if args.json else None
+
+    def keep(v: Verdict) -> None:
+        """Every verdict as it comes, so that a run stopped half-way still tells what it measured."""
+        verdicts.append(v)
+        if partial is not None:
+            with partial.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(verdict_dict(v)) + "\n")
 
     async def ours(progress: Progress, bar: Any) -> None:
         backend = await load_ours(args.dtype)
@@ -802,7 +829,7 @@ async def evaluate(args: argparse.Namespace) -> tuple[list[Verdict], str | None]
                         backend, config, text, max_steps=args.max_steps, max_tokens=args.max_tokens,
                         seconds=args.timeout,
                     )  # fmt: skip
-                    verdicts.append(judge(task, fx, run, "ours", mode))
+                    keep(judge(task, fx, run, "ours", mode))
                     progress.advance(bar)
         finally:
             await close_ours(backend)
@@ -823,7 +850,7 @@ async def evaluate(args: argparse.Namespace) -> tuple[list[Verdict], str | None]
         results, peer_error[0] = await run_peer(jobs, args, work, folder, advance)
         for job in jobs:
             run = results.get(job.key) or RunRecord(stop_reason=NOT_RUN, error="no peer result")
-            verdicts.append(judge(job.task, job.fx, run, "peer", job.mode))
+            keep(judge(job.task, job.fx, run, "peer", job.mode))
 
     try:
         with Progress(*columns, transient=False) as progress:
@@ -877,7 +904,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--concurrent", action="store_true", help="run ours and the peer at the same time (shared cores)"
     )
     parser.add_argument("--report", type=Path, help="only print the tables of a run saved with --json")
-    parser.add_argument("--json", type=Path, help="write every verdict and run record here")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="write every verdict and run record here (and each as it comes to PATH.partial.jsonl)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the per-task folders (printed at the end)")
     args = parser.parse_args(argv)
     if args.report:

@@ -222,6 +222,7 @@ def _task(tools: list[str], answer: dict[str, object] | None = None) -> Task:
         (RunRecord(stop_reason="max_tool_calls", calls=[CallRecord("get_current_time", {}, "result")]),
          "budget exhausted"),
         (RunRecord(stop_reason="timeout"), "timeout"),
+        (RunRecord(stop_reason="timeout", parse_errors=2), "parse error"),
         (RunRecord(answer="It is 9:00.", calls=[CallRecord("get_current_time", {}, "result")]), "wrong answer"),
         (RunRecord(stop_reason="harness_error"), "harness error"),
     ],
@@ -247,8 +248,10 @@ def test_saved_verdicts_read_back_and_a_peer_task_not_run_is_marked(tmp_path: Pa
     run = RunRecord(
         answer="It is 14:26.", calls=[CallRecord("get_current_time", {"timezone": "Asia/Tokyo"}, "result")]
     )
-    verdict = judge(_task(["get_current_time"]), Fixtures(tmp_path), run, "ours", "single")
+    verdict_task = _task(["get_current_time"])
+    verdict = judge(verdict_task, Fixtures(tmp_path), run, "ours", "single")
     assert verdict_from_dict(json.loads(json.dumps(verdict_dict(verdict)))) == verdict
+    assert verdict_from_dict(json.loads(json.dumps(verdict_dict(verdict))), {"t": verdict_task}) == verdict
     skipped = judge(
         _task(["get_current_time"]), Fixtures(tmp_path), RunRecord(stop_reason=NOT_RUN), "peer", "all"
     )
