@@ -47,7 +47,7 @@ TASK_KINDS = {t["id"]: t["kind"] for t in json.loads(TASKS_FILE.read_text(encodi
 NO_TOOL_DISTRACTOR = ("time",)
 
 
-# == Our runtime: every use of its API is in this section (the package layout is being restructured) =========
+# == Our runtime: every use of its API is in this section ===================================================
 
 
 def ours_model_folder() -> Path:
@@ -59,8 +59,8 @@ def ours_model_folder() -> Path:
 
 async def load_ours(dtype: str) -> Any:
     """The shared backend: one engine, loaded once and reused by every task's runtime (not owned by them)."""
-    from agent_runtime.agent_config import ModelSettings
-    from agent_runtime.llm import LocalEngineBackend
+    from agent_runtime import LocalEngineBackend
+    from agent_runtime.config.agents import ModelSettings
     from agent_runtime.logging import configure_logging
 
     configure_logging("error")  # the servers' stderr and tool errors are results here, not news
@@ -77,20 +77,17 @@ async def run_ours(
     backend: Any, config: Path, text: str, *, max_steps: int, max_tokens: int, seconds: float
 ) -> RunRecord:
     """One task on our runtime: start the config's servers, run the default agent, return a neutral record."""
-    from agent_runtime.agent import host_for
-    from agent_runtime.runtime import Runtime
+    from agent_runtime import AgentHost, Runtime
 
-    before = backend.metrics().prefix_cache_hit_tokens
     started = time.perf_counter()
     try:
         with anyio.fail_after(seconds + 60):  # the agent's own timeout_secs should end it first
-            async with Runtime.from_config(config) as rt:
-                host = host_for(rt, backend=backend)
+            async with Runtime.from_config(config) as rt, AgentHost(rt, backend=backend) as host:
                 default = host.agents["default"]
                 host.agents["default"] = default.model_copy(
                     update={"max_steps": max_steps, "max_tokens": max_tokens, "timeout_secs": seconds}
                 )
-                result = await rt.agent("default").run(text)
+                result = await host.agent("default").run(text)
     except TimeoutError:
         return RunRecord(
             stop_reason="timeout", wall_seconds=time.perf_counter() - started, error="hard timeout"
@@ -115,7 +112,7 @@ async def run_ours(
         prompt_tokens=result.usage.prompt_tokens,
         completion_tokens=result.usage.completion_tokens,
         wall_seconds=result.usage.wall_seconds,
-        cached_tokens=backend.metrics().prefix_cache_hit_tokens - before,
+        cached_tokens=result.usage.cached_tokens,
         calls=calls,
         parse_errors=sum(1 for s in result.steps if s.error and not s.tool_calls),
         error=result.detail,

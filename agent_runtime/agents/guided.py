@@ -40,15 +40,17 @@ class TurnProgress:
 
 
 def decision_spec(candidates: Sequence[str], *, allow_answer: bool) -> Any:
-    """The first stage: `{"tool": "<one of the candidates>"` (the arguments follow in stage two), or a whole
-    answer `{"answer": "..."}`."""
+    """The first stage, after the turn's opening `{"`: `tool": "<one of the candidates>"` (the arguments follow
+    in stage two), or a whole answer `answer": "..."}`."""
     alternatives: list[list[Mapping[str, Any]]] = []
     if candidates:
-        alternatives.append([{"literal": CALL_PREFIX}, {"choice": list(candidates)}, {"literal": '"'}])
+        alternatives.append(
+            [{"literal": CALL_PREFIX[len(DECIDE_PREFIX) :]}, {"choice": list(candidates)}, {"literal": '"'}]
+        )
     if allow_answer or not candidates:
         alternatives.append(
             [
-                {"literal": ANSWER_PREFIX},
+                {"literal": ANSWER_PREFIX[len(DECIDE_PREFIX) :]},
                 {"json_schema": {"type": "string", "minLength": 1}},
                 {"literal": "}"},
             ]

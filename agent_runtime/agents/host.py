@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from agent_runtime.agents.grounding import evidence
 from agent_runtime.agents.llm import LLMBackend, LocalEngineBackend
 from agent_runtime.agents.loop import Agent, AgentError
 from agent_runtime.agents.openai_backend import OpenAIBackendSettings, OpenAIChatBackend
@@ -98,7 +99,7 @@ class AgentHost:
                     self._embedder = await anyio.to_thread.run_sync(Embedder.installed)
         embedder = self._embedder if isinstance(self._embedder, Embedder) else None
         triples = [(t.name, t.description, t.parameters) for t in tools]
-        return await anyio.to_thread.run_sync(route, query, triples, embedder)
+        return await anyio.to_thread.run_sync(route, query, triples, embedder, evidence)
 
     def agent(self, name: str = "default") -> Agent:
         """A configured agent; raises AgentError for an unknown name and ConfigError for tools it cannot have."""

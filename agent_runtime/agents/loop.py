@@ -225,10 +225,13 @@ class Agent:
                         candidates = [choice]
                     elif choice == "none":
                         candidates = []
-                    # A task that clearly matches a tool gets a call first: a small model otherwise answers from
-                    # what it believes (a time, a file's content) instead of looking it up.
-                    first_call = index == 1 and routing is not None and routing.confident
-                    allow_answer = choice != "required" and not (first_call and choice == "auto")
+                    # A task that clearly matches a tool gets that tool's call first: a small model otherwise
+                    # answers from what it believes (a time, a file's content) instead of looking it up, and
+                    # picks among tools worse than the routing does.
+                    first_call = index == 1 and routing is not None and routing.confident and choice == "auto"
+                    if first_call and routing is not None:
+                        candidates = routing.top(1)
+                    allow_answer = choice != "required" and not first_call
                     turn = guided_turn(
                         backend,
                         request,

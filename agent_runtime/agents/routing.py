@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,28 +18,36 @@ _WORD = re.compile(r"[A-Za-z][a-z]+|[A-Z]+(?![a-z])|\d+")
 _STOP = frozenset(
     "a an the of to in on at for from by with and or is are be was it its this that these those my your our "
     "me you i we they he she what which who whom how when where there here do does did can could would should "
-    "will shall may might please hey hi just now then than into out up down about as if so not no yes all any "
+    "will shall may might please hey hi just then than into out up down about as if so not no yes all any "
     "some get give tell show let make use using via one two".split()
 )
-# Everyday words people use for what tools call otherwise. Both directions are added, so a task saying
-# "add" reaches a tool documented as "sum", and a task saying "folder" one documented as "directory".
+# Everyday words people use for what tools call otherwise. Each group is added whole for any of its words, so
+# a task saying "add" reaches a tool documented as "sum", and one saying "folder" a tool about a "directory".
 _SYNONYMS: tuple[tuple[str, ...], ...] = (
     ("add", "sum", "plus", "total", "addition"),
     ("time", "clock", "hour"),
+    ("current", "now", "currently", "today", "present", "moment"),
     ("timezone", "zone", "city"),
-    ("convert", "conversion", "translate"),
-    ("date", "day", "today", "weekday"),
-    ("folder", "directory", "dir"),
+    ("convert", "conversion", "translate", "equivalent"),
+    ("date", "day", "weekday"),
+    ("folder", "directory", "dir", "subfolder"),
     ("file", "document", "txt"),
     ("list", "listing", "contents", "inside", "ls"),
-    ("read", "open", "content", "contents", "view", "cat", "says", "written"),
-    ("write", "create", "save", "store", "put", "new"),
+    ("read", "open", "content", "contents", "view", "cat", "says", "written", "details", "according"),
+    ("write", "create", "save", "put", "new"),
     ("rename", "move", "mv"),
     ("delete", "remove", "rm"),
     ("search", "find", "lookup", "look", "grep"),
     ("echo", "repeat", "back", "say"),
-    ("remember", "memory", "memorize", "store", "entity", "entities", "graph", "knowledge", "observation"),
-    ("commit", "git", "repo", "repository", "branch", "log", "history", "status", "staged", "uncommitted"),
+    ("remember", "memorize", "store", "note", "create", "record"),
+    ("person", "people", "entity", "entities", "company", "organization", "place", "thing"),
+    ("knowledge", "graph", "memory", "stored"),
+    ("status", "uncommitted", "changed", "modified", "pending", "dirty"),
+    ("log", "history", "last", "latest", "recent", "previous", "first", "author", "who", "made"),
+    ("branch", "branches"),
+    ("commit", "committed", "commits"),
+    ("stage", "staged", "staging"),
+    ("repo", "repository", "git"),
     ("weather", "temperature", "forecast", "conditions"),
     ("url", "web", "page", "website", "fetch", "download", "http"),
 )
@@ -199,11 +207,18 @@ SEMANTIC_CONFIDENT = 0.15
 SEMANTIC_WEIGHT = 2.0  # cosine similarities (0-1) against BM25 normalised to the best tool (0-1)
 
 
+EVIDENCE_WEIGHT = 0.5  # times grounding.evidence: per required argument the task does or does not supply
+
+
 def route(
-    query: str, tools: Sequence[tuple[str, str, Mapping[str, Any]]], embedder: Embedder | None
+    query: str,
+    tools: Sequence[tuple[str, str, Mapping[str, Any]]],
+    embedder: Embedder | None,
+    evidence: Callable[[Mapping[str, Any], str, str], float] | None = None,
 ) -> Routing:
     """Score every tool for `query`: BM25 normalised to the best, plus the encoder's similarity when there is
-    one (it knows that "add" and "sum" are alike, which no word list covers)."""
+    one (it knows that "add" and "sum" are alike, which no word list covers), plus how well the query supplies
+    the tool's required arguments (`evidence`, for tools that have some relevance already)."""
     lexical = ToolIndex(tools).scores(query)
     best_lexical = max((s.score for s in lexical), default=0.0)
     combined = {s.name: (s.score / best_lexical if best_lexical > 0 else 0.0) for s in lexical}
@@ -213,5 +228,9 @@ def route(
         for (name, _, _), sim in zip(tools, sims, strict=True):
             combined[name] += SEMANTIC_WEIGHT * sim
         confident = confident or max(sims) >= SEMANTIC_CONFIDENT
+    if evidence is not None:
+        for name, description, parameters in tools:
+            if combined[name] > 0:
+                combined[name] += EVIDENCE_WEIGHT * evidence(parameters, query, description)
     ranked = sorted((ToolScore(n, round(s, 4)) for n, s in combined.items()), key=lambda t: -t.score)
     return Routing(ranked, confident)
