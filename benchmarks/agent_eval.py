@@ -57,24 +57,34 @@ def ours_model_folder() -> Path:
     return converted_gguf(smollm2_gguf_path())
 
 
-async def load_ours(dtype: str) -> Any:
+@dataclass(slots=True)
+class Ours:
+    """What every task's runtime shares: one engine (not owned by the runtimes) and the routing encoder."""
+
+    backend: Any
+    embedder: Any
+
+
+async def load_ours(dtype: str) -> Ours:
     """The shared backend: one engine, loaded once and reused by every task's runtime (not owned by them)."""
     from agent_runtime import LocalEngineBackend
+    from agent_runtime.agents.routing import Embedder
     from agent_runtime.config.agents import ModelSettings
     from agent_runtime.logging import configure_logging
 
     configure_logging("error")  # the servers' stderr and tool errors are results here, not news
 
     loaded = await LocalEngineBackend.load(ModelSettings(dtype=dtype, device="cpu", max_num_seqs=8))
-    return LocalEngineBackend(loaded.engine, owns_engine=False)
+    embedder = await anyio.to_thread.run_sync(Embedder.installed)
+    return Ours(LocalEngineBackend(loaded.engine, owns_engine=False), embedder)
 
 
-async def close_ours(backend: Any) -> None:
-    await backend.engine.aclose()
+async def close_ours(ours: Ours) -> None:
+    await ours.backend.engine.aclose()
 
 
 async def run_ours(
-    backend: Any, config: Path, text: str, *, max_steps: int, max_tokens: int, seconds: float
+    ours: Ours, config: Path, text: str, *, max_steps: int, max_tokens: int, seconds: float
 ) -> RunRecord:
     """One task on our runtime: start the config's servers, run the default agent, return a neutral record."""
     from agent_runtime import AgentHost, Runtime
@@ -82,7 +92,13 @@ async def run_ours(
     started = time.perf_counter()
     try:
         with anyio.fail_after(seconds + 60):  # the agent's own timeout_secs should end it first
-            async with Runtime.from_config(config) as rt, AgentHost(rt, backend=backend) as host:
+            async with (
+                Runtime.from_config(config) as rt,
+                AgentHost(rt, backend=ours.backend, embedder=ours.embedder) as host,
+            ):
+                host.examples = (
+                    None  # every task from a cold start: no examples remembered from earlier tasks
+                )
                 default = host.agents["default"]
                 host.agents["default"] = default.model_copy(
                     update={"max_steps": max_steps, "max_tokens": max_tokens, "timeout_secs": seconds}
@@ -815,7 +831,7 @@ async def evaluate(args: argparse.Namespace) -> tuple[list[Verdict], str | None]
                 f.write(json.dumps(verdict_dict(v)) + "\n")
 
     async def ours(progress: Progress, bar: Any) -> None:
-        backend = await load_ours(args.dtype)
+        shared = await load_ours(args.dtype)
         try:
             for mode in modes:
                 for task in tasks:
@@ -823,13 +839,13 @@ async def evaluate(args: argparse.Namespace) -> tuple[list[Verdict], str | None]
                     root = work / "ours" / mode / task.id
                     fx, config, text = await anyio.to_thread.run_sync(prepare, task, mode, root)
                     run = await run_ours(
-                        backend, config, text, max_steps=args.max_steps, max_tokens=args.max_tokens,
+                        shared, config, text, max_steps=args.max_steps, max_tokens=args.max_tokens,
                         seconds=args.timeout,
                     )  # fmt: skip
                     keep(judge(task, fx, run, "ours", mode))
                     progress.advance(bar)
         finally:
-            await close_ours(backend)
+            await close_ours(shared)
 
     async def peer(progress: Progress, bar: Any) -> None:
         jobs: list[PeerJob] = []

@@ -30,6 +30,7 @@ class ToolSpec:
     description: str
     parameters: Mapping[str, Any]
     server: str | None = None  # None for local (Python) tools
+    read_only: bool | None = None  # the server's readOnlyHint (None: not stated)
 
     def schema(self) -> ToolSchema:
         return ToolSchema(self.name, self.parameters)

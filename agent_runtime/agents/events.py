@@ -96,6 +96,18 @@ class ModelReplyInvalid(_Event):
 
 
 @dataclass(slots=True)
+class AnswerUnverified(_Event):
+    """The answer states values that neither the task nor any tool result contains; with `retrying` the model
+    is asked once more, else the answer stands, marked unverified in the result."""
+
+    type: ClassVar[Literal["answer_unverified"]] = "answer_unverified"
+    step: int
+    answer: str
+    values: list[str]
+    retrying: bool
+
+
+@dataclass(slots=True)
 class FinalAnswer(_Event):
     type: ClassVar[Literal["final_answer"]] = "final_answer"
     step: int
@@ -132,6 +144,7 @@ AgentEvent = (
     | ToolCallStarted
     | ToolCallFinished
     | ModelReplyInvalid
+    | AnswerUnverified
     | FinalAnswer
     | Stopped
     | UsageReport

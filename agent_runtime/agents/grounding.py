@@ -1,13 +1,17 @@
-"""Argument grounding: a tool's input schema tightened for one call from what the run has seen, so a small model
-copies values instead of inventing them.
+"""Argument grounding: a tool's input schema narrowed for one call to the values the run has seen, so a small
+model copies values instead of inventing them, and routing's measure of which tool's inputs a task supplies.
 
-- Path-like string arguments must start with a directory the run has seen (an absolute path in the task or in
-  an observation, or a directory the server reported), so a file name is put where the task said.
-- Timezone arguments whose documentation says IANA are limited to the IANA names this machine knows.
+- A path argument is one of the paths the run has seen (written in the task or in a tool result), or a
+  folder it has seen plus a name the task uses ("a folder called archive inside /x" -> `/x/archive`).
+- A timezone argument documented as IANA is one of the zones of the places the run names (`New York` ->
+  America/New_York), else any zone this machine knows; an `HH:MM` time is one of the clock times the task
+  states (`3 pm` -> 15:00) when it states some.
+- A pair of arguments named source/target (or from/to) over the same values takes them in the order the task
+  names them ("9:00 in New York ... in Tokyo": New York is the source).
 - Optional arguments nobody asked for are left out (a model that fills `head` or `dryRun` by itself breaks
   calls that needed none of them).
 
-Values stay JSON-valid for the original schema: grounding only narrows it, the executor still validates.
+Values stay valid for the original schema: grounding only narrows it, and the executor still validates.
 """
 
 from __future__ import annotations
@@ -22,44 +26,57 @@ from typing import Any
 from agent_runtime.agents.routing import words
 
 _PATH_NAME = re.compile(
-    r"(^|_|-)(path|paths|file|filename|dir|directory|folder|source|destination|src|dst)$", re.I
+    r"(^|_|-)(path|paths|file|files|filename|dir|directory|folder|source|destination|src|dst)$", re.I
 )
 _ABS_PATH = re.compile(r"(?<![\w.])(/(?:[\w.@%+~-]+/?)+)")
 _IANA_HINT = re.compile(r"\bIANA\b|\btimezone name\b|America/New_York|Europe/London", re.I)
 _TZ_NAME = re.compile(r"time_?zone|tz$", re.I)
 _HHMM = re.compile(r"HH:MM", re.I)
-_CLOCK_VALUE = re.compile(r"\b\d{1,2}(:\d{2})\b|\b\d{1,2}\s*(am|pm|a\.m\.|p\.m\.)", re.I)
+_CLOCK_VALUE = re.compile(
+    r"\b(\d{1,2}):(\d{2})\s*(am|pm|a\.m\.|p\.m\.)?|\b(\d{1,2})\s*(am|pm|a\.m\.|p\.m\.)|\b(noon|midnight)\b",
+    re.I,
+)
 _NUMBER_VALUE = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.])")
-_FILE_VALUE = re.compile(r"(/[\w.@%+~-]+)+|\b[\w-]+\.[a-z0-9]{1,5}\b")
 _FILE_NAME = re.compile(r"\b[\w-]+\.[A-Za-z0-9]{1,5}\b")
+_NAME_WORD = re.compile(
+    r"""['"`]([\w.-]{1,64})['"`]|\b([\w-]+\.[A-Za-z0-9]{1,5})\b|\b([A-Za-z][\w-]{1,40})\b"""
+)
 _DIRECTORY_WORDS = re.compile(r"\b(directory|directories|folder|folders|dir)\b", re.I)
 _FILE_WORDS = re.compile(r"\b(file|files|text|contents?)\b", re.I)
+_SOURCE = re.compile(r"^(source|from|origin|src)(_|$)", re.I)
+_TARGET = re.compile(r"^(target|to|destination|dest|dst)(_|$)", re.I)
+MAX_PATH_CANDIDATES = 64
 
 
 @functools.cache
 def iana_timezones() -> tuple[str, ...]:
     """The IANA zone names this machine knows (zoneinfo), sorted; empty when it has none."""
-    try:
-        from zoneinfo import available_timezones  # the stdlib's tz database reader
-    except ImportError:  # pragma: no cover - Python 3.9+ always has it
-        return ()
+    from zoneinfo import available_timezones  # the stdlib's reader of the system's tz database
+
     return tuple(sorted(z for z in available_timezones() if "/" in z or z == "UTC"))
+
+
+def _clean_path(raw: str) -> str:
+    return raw.rstrip("/.,;:'\")]}?!") or "/"
 
 
 @dataclass(slots=True)
 class GroundingContext:
-    """What a run has seen that arguments may be copied from: the task, observations, known directories."""
+    """What a run has seen that arguments may be copied from: the task and the tools' results, in order."""
 
     texts: list[str] = field(default_factory=list)
-    directories: set[str] = field(default_factory=set)
+    paths: list[str] = field(default_factory=list)  # absolute paths, in order of first mention
 
     def add(self, text: str) -> None:
         self.texts.append(text)
-        for path in _ABS_PATH.findall(text):
-            clean = path.rstrip("/.,;:'\")]}") or "/"
-            if clean != "/":
-                self.directories.add(clean.rsplit("/", 1)[0] or "/")
-                self.directories.add(clean)
+        for raw in _ABS_PATH.findall(text):
+            path = _clean_path(raw)
+            if path != "/" and path not in self.paths:
+                self.paths.append(path)
+
+    @property
+    def task(self) -> str:
+        return self.texts[0] if self.texts else ""
 
     def mentions(self, name: str) -> bool:
         """Whether the run's text mentions an argument's name (its words), e.g. `head` or `exclude patterns`."""
@@ -68,6 +85,47 @@ class GroundingContext:
             return False
         seen = {w for t in self.texts for w in words(t)}
         return wanted <= seen
+
+    def path_candidates(self) -> list[str]:
+        """Every path seen, then each seen folder joined with a name the task uses (quoted names, file names
+        and plain words), bounded."""
+        out = list(self.paths)
+        folders = [p for p in self.paths if not _FILE_NAME.fullmatch(p.rsplit("/", 1)[-1])]
+        names: list[str] = []
+        for quoted, filename, word in _NAME_WORD.findall(self.task):
+            name = quoted or filename or word
+            if name and "/" not in name and name.lower() not in names:
+                names.append(name)
+        for folder in folders:
+            for name in names:
+                candidate = f"{folder.rstrip('/')}/{name}"
+                if candidate not in out:
+                    out.append(candidate)
+                if len(out) >= MAX_PATH_CANDIDATES:
+                    return out
+        return out
+
+
+def clock_values(text: str) -> list[str]:
+    """The clock times `text` states, as 24-hour HH:MM (`3 pm` -> 15:00, `9:00` -> 09:00), in order."""
+    out: list[str] = []
+    for m in _CLOCK_VALUE.finditer(text):
+        if m.group(6):
+            value = "12:00" if m.group(6).lower() == "noon" else "00:00"
+        else:
+            hour = int(m.group(1) or m.group(4))
+            minute = m.group(2) or "00"
+            suffix = (m.group(3) or m.group(5) or "").lower()
+            if suffix.startswith("p") and hour < 12:
+                hour += 12
+            if suffix.startswith("a") and hour == 12:
+                hour = 0
+            if hour > 23 or int(minute) > 59:
+                continue
+            value = f"{hour:02d}:{minute}"
+        if value not in out:
+            out.append(value)
+    return out
 
 
 def is_path_argument(name: str, schema: Mapping[str, Any]) -> bool:
@@ -102,17 +160,17 @@ def zones_named_in(texts: Iterable[str]) -> list[str]:
 
 def evidence(parameters: Mapping[str, Any], text: str, description: str = "") -> float:
     """How well `text` supplies a tool's required arguments: +0.5 for each required argument with a value of
-    its kind in the text (numbers for numbers, a clock time for an HH:MM time, a path or file name for a
-    path, a named place for a timezone, one of an enum's values), -1 for each without; and for a path, +0.5
-    when the path's kind (a file name, or a folder) is what the tool's description is about. Routing adds it
+    its kind in the text (numbers for numbers, a clock time for an HH:MM time, a path for a path: each value
+    serves one argument, a place for a timezone, one of an enum's values), -1 for each without; and +0.5 when
+    the path given is of the kind the tool's description is about (a file name, or a folder). Routing adds it
     to the relevance score: of two tools that fit the words of a task, the one whose inputs it gives wins."""
     props = parameters.get("properties")
     if not isinstance(props, Mapping):
         return 0.0
     numbers = len(_NUMBER_VALUE.findall(text))
-    score = 0.0
-    has = 0.5
+    paths = len({_clean_path(p) for p in _ABS_PATH.findall(text)}) or len(_FILE_NAME.findall(text))
     first_line = description.strip().split("\n", 1)[0]
+    score = 0.0
     for name in parameters.get("required") or ():
         schema = props.get(name)
         if not isinstance(schema, Mapping):
@@ -121,18 +179,19 @@ def evidence(parameters: Mapping[str, Any], text: str, description: str = "") ->
         desc = str(schema.get("description", ""))
         if kind in ("number", "integer"):
             numbers -= 1
-            score += has if numbers >= 0 else -1.0
+            score += 0.5 if numbers >= 0 else -1.0
         elif kind == "string" and "enum" in schema:
-            score += has if any(str(v).lower() in text.lower() for v in schema["enum"]) else -1.0
+            score += 0.5 if any(str(v).lower() in text.lower() for v in schema["enum"]) else -1.0
         elif kind == "string" and _HHMM.search(desc):
-            score += has if _CLOCK_VALUE.search(text) else -1.0
+            score += 0.5 if clock_values(text) else -1.0
         elif kind == "string" and is_timezone_argument(name, schema):
-            score += has if zones_named_in([text]) else -1.0
+            score += 0.5 if zones_named_in([text]) else -1.0
         elif is_path_argument(name, schema):
-            if not _FILE_VALUE.search(text):
+            paths -= 1
+            if paths < 0:
                 score -= 1.0
                 continue
-            score += has
+            score += 0.5
             names_a_file = bool(_FILE_NAME.search(text))
             about_folders = bool(_DIRECTORY_WORDS.search(first_line)) and not _FILE_WORDS.search(first_line)
             about_files = bool(_FILE_WORDS.search(first_line)) and not _DIRECTORY_WORDS.search(first_line)
@@ -141,40 +200,68 @@ def evidence(parameters: Mapping[str, Any], text: str, description: str = "") ->
     return score
 
 
-def _prefix_pattern(directories: Iterable[str]) -> str:
-    alts = sorted({re.escape(d.rstrip("/")) for d in directories if d and d != "/"}, key=len, reverse=True)
-    return "^(" + "|".join(alts) + ")(/[^/]+)*/?$"
+def _narrow(name: str, schema: dict[str, Any], context: GroundingContext) -> None:
+    """Narrow one string (or string array) argument in place."""
+    if schema.get("type") == "array" and is_path_argument(name, schema):
+        items = schema.get("items")
+        candidates = context.path_candidates()
+        if (
+            isinstance(items, Mapping)
+            and items.get("type") == "string"
+            and candidates
+            and "enum" not in items
+        ):
+            schema["items"] = {**items, "enum": candidates}
+        return
+    if schema.get("type") != "string" or "enum" in schema or "pattern" in schema:
+        return
+    if is_timezone_argument(name, schema) and iana_timezones():
+        schema["enum"] = zones_named_in(context.texts) or list(iana_timezones())
+    elif _HHMM.search(str(schema.get("description", ""))):
+        clocks = clock_values(context.task)
+        if clocks:
+            schema["enum"] = clocks
+        else:
+            schema["pattern"] = "^([01][0-9]|2[0-3]):[0-5][0-9]$"
+    elif is_path_argument(name, schema):
+        candidates = context.path_candidates()
+        if candidates:
+            schema["enum"] = candidates
+
+
+def _order_pairs(props: dict[str, Any]) -> None:
+    """A source/target pair over the same candidates takes them in the order the task names them."""
+    for source, s in props.items():
+        if not _SOURCE.match(source) or not isinstance(s, dict) or not isinstance(s.get("enum"), list):
+            continue
+        rest = _SOURCE.sub("", source)
+        for target, t in props.items():
+            if target == source or not _TARGET.match(target) or _TARGET.sub("", target) != rest:
+                continue
+            if isinstance(t, dict) and t.get("enum") == s["enum"] and len(s["enum"]) >= 2:
+                s["enum"] = s["enum"][:1]
+                t["enum"] = t["enum"][1:]
 
 
 def ground_schema(parameters: Mapping[str, Any], context: GroundingContext) -> dict[str, Any]:
-    """`parameters` (an object schema) narrowed for this call; the original when nothing applies."""
+    """`parameters` (an object schema) narrowed for this call; a copy of the original when nothing applies."""
     props = parameters.get("properties")
     if not isinstance(props, Mapping) or not props:
         return dict(parameters)
     required = set(parameters.get("required") or ())
     out = copy.deepcopy(dict(parameters))
-    new_props: dict[str, Any] = {}
+    narrowed: dict[str, Any] = {}
     for name, schema in props.items():
         if not isinstance(schema, Mapping):
-            new_props[name] = schema
+            narrowed[name] = schema
             continue
         if name not in required and not context.mentions(name):
             continue  # optional and never asked for: not offered
         s = copy.deepcopy(dict(schema))
-        if s.get("type") == "string" and "enum" not in s and "pattern" not in s:
-            if is_timezone_argument(name, s) and iana_timezones():
-                # the zones of the places the run names, when it names some; else any valid zone
-                s["enum"] = zones_named_in(context.texts) or list(iana_timezones())
-            elif _HHMM.search(str(s.get("description", ""))):
-                s["pattern"] = "^([01][0-9]|2[0-3]):[0-5][0-9]$"
-            elif is_path_argument(name, s) and context.directories:
-                s["pattern"] = _prefix_pattern(context.directories)
-        elif s.get("type") == "array" and is_path_argument(name, s) and context.directories:
-            items = s.get("items")
-            if isinstance(items, Mapping) and items.get("type") == "string" and "pattern" not in items:
-                s["items"] = {**items, "pattern": _prefix_pattern(context.directories)}
-        new_props[name] = s
-    out["properties"] = new_props
+        _narrow(name, s, context)
+        narrowed[name] = s
+    _order_pairs(narrowed)
+    out["properties"] = narrowed
     if "required" in out:
-        out["required"] = [r for r in out["required"] if r in new_props]
+        out["required"] = [r for r in out["required"] if r in narrowed]
     return out

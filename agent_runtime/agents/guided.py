@@ -106,6 +106,9 @@ async def guided_turn(
     async for p in _stream(backend, decide, progress, DECIDE_PREFIX):
         yield p
     head = progress.text
+    if head.startswith(ANSWER_PREFIX) and progress.finish_reason == "length":
+        # An answer cut at max_tokens is still an answer: close its string so it parses (the text says so).
+        progress.text = close_answer(head)
     if not head.startswith(CALL_PREFIX) or progress.finish_reason not in ("stop", None):
         progress.finished = True
         yield progress
@@ -133,6 +136,18 @@ async def guided_turn(
         yield p
     progress.finished = True
     yield progress
+
+
+def close_answer(text: str) -> str:
+    """`{"answer": "...` cut short, completed as valid JSON (dropping a half-written escape at its end)."""
+    for cut in range(0, 8):
+        candidate = (text[: len(text) - cut] if cut else text) + ' [cut at max_tokens]"}'
+        try:
+            json.loads(candidate)
+        except ValueError:
+            continue
+        return candidate
+    return '{"answer": "(the answer was cut at max_tokens)"}'
 
 
 def describe_call(name: str, arguments: Mapping[str, Any]) -> str:

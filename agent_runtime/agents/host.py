@@ -29,10 +29,13 @@ class AgentHost:
     Use it as an async context manager (`async with AgentHost(rt) as agents:`); leaving it releases the
     backends it loaded (the engine and its thread). The runtime also releases them when it shuts down, so a
     host that is never entered cannot outlive its runtime. Pass `backend` to share an engine the caller owns
-    (`LocalEngineBackend(engine, owns_engine=False)`) or a remote one.
+    (`LocalEngineBackend(engine, owns_engine=False)`) or a remote one, and `embedder` to share the routing
+    encoder between hosts (it loads on a host's first guided run otherwise, when its package is installed).
     """
 
-    def __init__(self, runtime: Runtime, *, backend: LLMBackend | None = None) -> None:
+    def __init__(
+        self, runtime: Runtime, *, backend: LLMBackend | None = None, embedder: Embedder | None = None
+    ) -> None:
         self.runtime = runtime
         self.agents = load_agents(runtime.config)  # validates the sections before any server starts
         self.model: ModelSettings = load_model_settings(runtime.config)
@@ -42,7 +45,8 @@ class AgentHost:
         if backend is not None:
             self._backends[None] = backend
         self._lock = anyio.Lock()
-        self._embedder: Embedder | bool | None = False  # False: not looked for yet; None: not installed
+        # the sentence encoder routing uses; False: not looked for yet, None: not installed
+        self._embedder: Embedder | bool | None = embedder if embedder is not None else False
         runtime.on_close(self.aclose)
 
     async def __aenter__(self) -> AgentHost:
@@ -98,8 +102,7 @@ class AgentHost:
                 if self._embedder is False:
                     self._embedder = await anyio.to_thread.run_sync(Embedder.installed)
         embedder = self._embedder if isinstance(self._embedder, Embedder) else None
-        triples = [(t.name, t.description, t.parameters) for t in tools]
-        return await anyio.to_thread.run_sync(route, query, triples, embedder, evidence)
+        return await anyio.to_thread.run_sync(route, query, tools, embedder, evidence)
 
     def agent(self, name: str = "default") -> Agent:
         """A configured agent; raises AgentError for an unknown name and ConfigError for tools it cannot have."""

@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 import structlog
 
+from agent_runtime.agents.checks import failure_summary, ungrounded_values
 from agent_runtime.agents.events import (
     AgentEvent,
     AgentResult,
+    AnswerUnverified,
     FinalAnswer,
     ModelReplyInvalid,
     RunFinished,
@@ -33,6 +35,7 @@ from agent_runtime.agents.events import (
     Usage,
     UsageReport,
 )
+from agent_runtime.agents.examples import CallMemory, examples_for
 from agent_runtime.agents.grounding import GroundingContext
 from agent_runtime.agents.guided import guided_turn
 from agent_runtime.agents.llm import GenerationRequest, LLMBackend
@@ -89,7 +92,10 @@ class Agent:
             if self.config.approval == "never" and _destructive(entry.definition):
                 continue
             d = entry.definition
-            specs.append(ToolSpec(entry.name, d.description or "", dict(d.input_schema or {}), entry.server))
+            read_only = d.annotations.read_only_hint if d.annotations is not None else None
+            specs.append(
+                ToolSpec(entry.name, d.description or "", dict(d.input_schema or {}), entry.server, read_only)
+            )
         for tool in self.host.runtime.local_tools:
             if self.config.sees(tool.name):
                 specs.append(ToolSpec(tool.name, tool.description, tool.parameters, server=None))
@@ -176,6 +182,11 @@ class Agent:
             offered = [t for t in tools if t.name in picked]
             yield ToolsRouted(0, [t.name for t in offered], routing.to_dict())
         seen_calls: dict[str, ToolCallRecord] = {}
+        memory = self.host.examples if cfg.learn_examples else None
+        if cfg.examples is None and memory is not None:
+            examples = examples_for(offered, memory) or examples
+        verified: bool | None = None
+        rechecked = False
         steps: list[StepRecord] = []
         usage = Usage()
         budget = _Budget()
@@ -225,13 +236,15 @@ class Agent:
                         candidates = [choice]
                     elif choice == "none":
                         candidates = []
-                    # A task that clearly matches a tool gets that tool's call first: a small model otherwise
+                    # A task that clearly matches a tool gets a call before any answer: a small model otherwise
                     # answers from what it believes (a time, a file's content) instead of looking it up, and
-                    # picks among tools worse than the routing does.
-                    first_call = index == 1 and routing is not None and routing.confident and choice == "auto"
-                    if first_call and routing is not None:
-                        candidates = routing.top(1)
-                    allow_answer = choice != "required" and not first_call
+                    # picks among tools worse than the routing does. So until a call has worked, the next call
+                    # is the best routed tool not yet tried (after a failure, the model may fix the arguments
+                    # of the same tool once: an identical call is never sent again).
+                    forced = _next_routed(routing, steps, cfg.route_tools) if choice == "auto" else None
+                    if forced is not None:
+                        candidates = [forced]
+                    allow_answer = choice != "required" and forced is None
                     turn = guided_turn(
                         backend,
                         request,
@@ -306,6 +319,27 @@ class Agent:
                 continue
             if action.answer is not None and not action.calls:
                 answer = action.answer
+                made = [c for s in steps for c in s.tool_calls]
+                failed = failure_summary(made)
+                if failed is not None:
+                    answer = failed  # every call failed: say so, never a value the tools did not give
+                elif made:
+                    sources = [task, *(c.observation for c in made if not c.is_error)]
+                    missing = ungrounded_values(answer, sources)
+                    verified = not missing
+                    if missing and not rechecked and index < cfg.max_steps:
+                        rechecked = True
+                        step.error = f"the answer states {', '.join(missing[:3])}, which no tool result gave"
+                        yield AnswerUnverified(index, answer, missing, retrying=True)
+                        messages.append({"role": "assistant", "content": answer})
+                        messages.append(
+                            {"role": "user", "content": _RECHECK.format(values=", ".join(missing[:3]))}
+                        )
+                        continue
+                    if missing:
+                        yield AnswerUnverified(index, answer, missing, retrying=False)
+                    elif memory is not None:
+                        self._remember(memory, task, made, by_name, answer)
                 step.answer = answer
                 messages.append({"role": "assistant", "content": answer})
                 yield FinalAnswer(index, answer)
@@ -371,8 +405,24 @@ class Agent:
             usage,
             messages,
             routing={"offered": [t.name for t in offered], **routing.to_dict()} if routing else None,
+            verified=verified if outcome == "answer" else None,
         )
         yield RunFinished(result)
+
+    def _remember(
+        self,
+        memory: CallMemory,
+        task: str,
+        calls: Sequence[ToolCallRecord],
+        by_name: dict[str, ToolSpec],
+        answer: str,
+    ) -> None:
+        """Keep a verified run's successful calls as examples for later runs (single-call runs only: a
+        multi-step run's calls are not each an example of answering its task)."""
+        good = [c for c in calls if c.outcome == "result"]
+        spec = by_name.get(good[0].name) if len(good) == 1 and len(calls) == 1 else None
+        if spec is not None:
+            memory.remember(spec, task, good[0].arguments, good[0].observation, answer)
 
     async def _execute(
         self,
@@ -465,6 +515,26 @@ def _examples(cfg: AgentConfig) -> list[WorkedExample]:
         )
         for ex in cfg.examples
     ]
+
+
+def _next_routed(routing: Routing | None, steps: Sequence[StepRecord], limit: int) -> str | None:
+    """While no call of a confidently routed run has returned a result: the routed tool to call next (the
+    best one, then after it failed twice, the next best); None once a call worked or the routed tools ran out."""
+    if routing is None or not routing.confident:
+        return None
+    calls = [c for s in steps for c in s.tool_calls]
+    if any(c.outcome == "result" for c in calls):
+        return None
+    for name in routing.top(limit):
+        if sum(1 for c in calls if c.name == name) < 2:
+            return name
+    return None
+
+
+_RECHECK = (
+    "Your answer states {values}, which none of the tool results above contains. Answer again using only "
+    "values from the tool results."
+)
 
 
 def _call_key(call: ToolCall) -> str:

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from inference.formats import ToolSpec
+
 _WORD = re.compile(r"[A-Za-z][a-z]+|[A-Z]+(?![a-z])|\d+")
 _STOP = frozenset(
     "a an the of to in on at for from by with and or is are be was it its this that these those my your our "
@@ -207,30 +209,56 @@ SEMANTIC_CONFIDENT = 0.15
 SEMANTIC_WEIGHT = 2.0  # cosine similarities (0-1) against BM25 normalised to the best tool (0-1)
 
 
-EVIDENCE_WEIGHT = 0.5  # times grounding.evidence: per required argument the task does or does not supply
+EVIDENCE_WEIGHT = 0.75  # times grounding.evidence: per required argument the task does or does not supply
+INTENT_WEIGHT = 0.4  # a question favours tools that only read, a request to change something the others
+_ACTION = re.compile(
+    r"\b(create|make|write|save|store|put|append|rename|move|delete|remove|stage|commit|push|remember|"
+    r"record|update|edit|change|insert|send|mkdir)\b",
+    re.I,
+)
+_QUESTION = re.compile(
+    r"\?\s*$|^\s*(what|who|which|when|where|how|is|are|does|do|did|can|could|tell|list)\b", re.I
+)
+
+
+def intent(query: str) -> str | None:
+    """`read` for a question, `change` for a request to change something, None when the words do not say."""
+    if query.rstrip().endswith("?"):
+        return "read"
+    if _ACTION.search(query):
+        return "change"
+    if _QUESTION.search(query):
+        return "read"
+    return None
 
 
 def route(
     query: str,
-    tools: Sequence[tuple[str, str, Mapping[str, Any]]],
+    tools: Sequence[ToolSpec],
     embedder: Embedder | None,
     evidence: Callable[[Mapping[str, Any], str, str], float] | None = None,
 ) -> Routing:
     """Score every tool for `query`: BM25 normalised to the best, plus the encoder's similarity when there is
     one (it knows that "add" and "sum" are alike, which no word list covers), plus how well the query supplies
-    the tool's required arguments (`evidence`, for tools that have some relevance already)."""
-    lexical = ToolIndex(tools).scores(query)
+    the tool's required arguments (`evidence`), plus the query's intent against the server's read-only hint
+    (a question is answered by reading, not by committing), for tools that have some relevance already."""
+    triples = [(t.name, t.description, t.parameters) for t in tools]
+    lexical = ToolIndex(triples).scores(query)
     best_lexical = max((s.score for s in lexical), default=0.0)
     combined = {s.name: (s.score / best_lexical if best_lexical > 0 else 0.0) for s in lexical}
     confident = best_lexical >= LEXICAL_CONFIDENT
     if embedder is not None and tools:
-        sims = embedder.similarities(query, [tool_text(n, d.split("\n")[0], p) for n, d, p in tools])
-        for (name, _, _), sim in zip(tools, sims, strict=True):
-            combined[name] += SEMANTIC_WEIGHT * sim
+        sims = embedder.similarities(query, [tool_text(n, d.split("\n")[0], p) for n, d, p in triples])
+        for tool, sim in zip(tools, sims, strict=True):
+            combined[tool.name] += SEMANTIC_WEIGHT * sim
         confident = confident or max(sims) >= SEMANTIC_CONFIDENT
-    if evidence is not None:
-        for name, description, parameters in tools:
-            if combined[name] > 0:
-                combined[name] += EVIDENCE_WEIGHT * evidence(parameters, query, description)
+    wants = intent(query)
+    for tool in tools:
+        if combined[tool.name] <= 0:
+            continue
+        if evidence is not None:
+            combined[tool.name] += EVIDENCE_WEIGHT * evidence(tool.parameters, query, tool.description)
+        if wants is not None and tool.read_only is not None:
+            combined[tool.name] += INTENT_WEIGHT * (1 if (wants == "read") == tool.read_only else -1)
     ranked = sorted((ToolScore(n, round(s, 4)) for n, s in combined.items()), key=lambda t: -t.score)
     return Routing(ranked, confident)
