@@ -16,12 +16,14 @@ tests: it always exits 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -621,6 +623,7 @@ async def run_peer(
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
+            start_new_session=True,  # its own process group: a kill takes the MCP servers it started too
         )
         try:
             with anyio.fail_after(budget):
@@ -632,7 +635,8 @@ async def run_peer(
             error = f"peer run exceeded {budget} s"
         finally:
             if proc.returncode is None:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 with anyio.CancelScope(shield=True):
                     await proc.wait()
     collect()
