@@ -9,8 +9,8 @@ from collections.abc import Iterable, Sequence
 
 from agent_runtime.agents.events import ToolCallRecord
 
-_DATE = re.compile(r"\b\d{4}-\d{2}-\d{2}\b")
-_CLOCK = re.compile(r"\b(\d{1,2}):(\d{2})(?::\d{2})?\s*(am|pm|a\.m\.|p\.m\.)?", re.I)
+_DATE = re.compile(r"(?<!\d)\d{4}-\d{2}-\d{2}(?!\d)")
+_CLOCK = re.compile(r"(?<!\d)(\d{1,2}):(\d{2})(?::\d{2})?\s*(am|pm|a\.m\.|p\.m\.)?", re.I)
 _NUMBER = re.compile(r"(?<![\w.:-])-?\d+(?:[.,]\d+)*(?![\w:])")
 
 

@@ -43,6 +43,11 @@ _NAME_WORD = re.compile(
 )
 _DIRECTORY_WORDS = re.compile(r"\b(directory|directories|folder|folders|dir)\b", re.I)
 _FILE_WORDS = re.compile(r"\b(file|files|text|contents?)\b", re.I)
+_QUOTED = re.compile(r"""['"`]([\w./:+-]{1,40})['"`]""")
+_CHOICE_WORDS = re.compile(r"\bor\b|\bone of\b|\beither\b|\|", re.I)
+_CALLED = re.compile(r"\b(?:called|named|titled)\s+['\"`]?([\w.-]{1,64})", re.I)
+MAX_FREE_STRING = 400  # characters of a string argument nothing else bounds: a small model's loops end there
+MAX_FREE_ITEMS = 16  # items of an array argument nothing else bounds, for the same reason
 _SOURCE = re.compile(r"^(source|from|origin|src)(_|$)", re.I)
 _TARGET = re.compile(r"^(target|to|destination|dest|dst)(_|$)", re.I)
 MAX_PATH_CANDIDATES = 64
@@ -86,24 +91,18 @@ class GroundingContext:
         seen = {w for t in self.texts for w in words(t)}
         return wanted <= seen
 
-    def path_candidates(self) -> list[str]:
-        """Every path seen, then each seen folder joined with a name the task uses (quoted names, file names
-        and plain words), bounded."""
-        out = list(self.paths)
+    def path_candidates(self, *, creating: bool = False) -> list[str]:
+        """Every path seen, and each seen folder joined with a name the task gives something ("a folder called
+        archive", a quoted name, a file name), bounded. When `creating` and the task names the new thing, only
+        the joined paths (and the files seen): a tool that makes something must not get the folder itself."""
         folders = [p for p in self.paths if not _FILE_NAME.fullmatch(p.rsplit("/", 1)[-1])]
-        names: list[str] = []
-        for quoted, filename, word in _NAME_WORD.findall(self.task):
-            name = quoted or filename or word
-            if name and "/" not in name and name.lower() not in names:
-                names.append(name)
-        for folder in folders:
-            for name in names:
-                candidate = f"{folder.rstrip('/')}/{name}"
-                if candidate not in out:
-                    out.append(candidate)
-                if len(out) >= MAX_PATH_CANDIDATES:
-                    return out
-        return out
+        named = [m.group(1) for m in _CALLED.finditer(self.task)]
+        names = list(dict.fromkeys([*named, *_QUOTED.findall(self.task), *_FILE_NAME.findall(self.task)]))
+        joined = [f"{f.rstrip('/')}/{n}" for f in folders for n in names if "/" not in n]
+        if creating and named:
+            files = [p for p in self.paths if p not in folders]
+            return list(dict.fromkeys([*joined, *files]))[:MAX_PATH_CANDIDATES]
+        return list(dict.fromkeys([*self.paths, *joined]))[:MAX_PATH_CANDIDATES]
 
 
 def clock_values(text: str) -> list[str]:
@@ -169,6 +168,7 @@ def evidence(parameters: Mapping[str, Any], text: str, description: str = "") ->
         return 0.0
     numbers = len(_NUMBER_VALUE.findall(text))
     paths = len({_clean_path(p) for p in _ABS_PATH.findall(text)}) or len(_FILE_NAME.findall(text))
+    zones = len(zones_named_in([text]))
     first_line = description.strip().split("\n", 1)[0]
     score = 0.0
     for name in parameters.get("required") or ():
@@ -185,7 +185,8 @@ def evidence(parameters: Mapping[str, Any], text: str, description: str = "") ->
         elif kind == "string" and _HHMM.search(desc):
             score += 0.5 if clock_values(text) else -1.0
         elif kind == "string" and is_timezone_argument(name, schema):
-            score += 0.5 if zones_named_in([text]) else -1.0
+            zones -= 1  # each place serves one zone argument
+            score += 0.5 if zones >= 0 else -1.0
         elif is_path_argument(name, schema):
             paths -= 1
             if paths < 0:
@@ -200,11 +201,19 @@ def evidence(parameters: Mapping[str, Any], text: str, description: str = "") ->
     return score
 
 
-def _narrow(name: str, schema: dict[str, Any], context: GroundingContext) -> None:
+def quoted_choices(description: str) -> list[str]:
+    """The values a description offers as a choice ("'local', 'remote' or 'all'"), else none."""
+    values = list(dict.fromkeys(_QUOTED.findall(description)))
+    return values if len(values) >= 2 and _CHOICE_WORDS.search(description) else []
+
+
+def _narrow(name: str, schema: dict[str, Any], context: GroundingContext, *, creating: bool) -> None:
     """Narrow one string (or string array) argument in place."""
+    if schema.get("type") == "array" and "maxItems" not in schema:
+        schema["maxItems"] = MAX_FREE_ITEMS
     if schema.get("type") == "array" and is_path_argument(name, schema):
         items = schema.get("items")
-        candidates = context.path_candidates()
+        candidates = context.path_candidates(creating=creating)
         if (
             isinstance(items, Mapping)
             and items.get("type") == "string"
@@ -224,9 +233,13 @@ def _narrow(name: str, schema: dict[str, Any], context: GroundingContext) -> Non
         else:
             schema["pattern"] = "^([01][0-9]|2[0-3]):[0-5][0-9]$"
     elif is_path_argument(name, schema):
-        candidates = context.path_candidates()
+        candidates = context.path_candidates(creating=creating)
         if candidates:
             schema["enum"] = candidates
+    elif choices := quoted_choices(str(schema.get("description", ""))):
+        schema["enum"] = choices
+    elif "maxLength" not in schema and "format" not in schema:
+        schema["maxLength"] = MAX_FREE_STRING
 
 
 def _order_pairs(props: dict[str, Any]) -> None:
@@ -243,8 +256,11 @@ def _order_pairs(props: dict[str, Any]) -> None:
                 t["enum"] = t["enum"][1:]
 
 
-def ground_schema(parameters: Mapping[str, Any], context: GroundingContext) -> dict[str, Any]:
-    """`parameters` (an object schema) narrowed for this call; a copy of the original when nothing applies."""
+def ground_schema(
+    parameters: Mapping[str, Any], context: GroundingContext, *, read_only: bool | None = None
+) -> dict[str, Any]:
+    """`parameters` (an object schema) narrowed for this call; a copy of the original when nothing applies.
+    `read_only` is the tool's hint: a tool that is not read-only may be making what the task names."""
     props = parameters.get("properties")
     if not isinstance(props, Mapping) or not props:
         return dict(parameters)
@@ -258,7 +274,7 @@ def ground_schema(parameters: Mapping[str, Any], context: GroundingContext) -> d
         if name not in required and not context.mentions(name):
             continue  # optional and never asked for: not offered
         s = copy.deepcopy(dict(schema))
-        _narrow(name, s, context)
+        _narrow(name, s, context, creating=read_only is False)
         narrowed[name] = s
     _order_pairs(narrowed)
     out["properties"] = narrowed

@@ -22,6 +22,9 @@ from inference.formats import ToolSpec
 from inference.grammar import normalise_parameters, sequence_spec
 
 DECIDE_PREFIX = '{"'
+# On the decision stage, whose answers are free text: a small model otherwise loops ("24:53:53.000000...").
+ANSWER_FREQUENCY_PENALTY = 0.6
+ARGUMENTS_FREQUENCY_PENALTY = 0.3  # lighter: arguments copy paths whose parts repeat
 CALL_PREFIX = '{"tool": "'
 ANSWER_PREFIX = '{"answer": '
 
@@ -102,6 +105,7 @@ async def guided_turn(
         seed=base.seed,
         request_id=f"{base.request_id}-decide" if base.request_id else None,
         assistant_prefix=DECIDE_PREFIX,
+        frequency_penalty=ANSWER_FREQUENCY_PENALTY if allow_answer else 0.0,
     )
     async for p in _stream(backend, decide, progress, DECIDE_PREFIX):
         yield p
@@ -119,7 +123,7 @@ async def guided_turn(
         progress.finished = True
         yield progress
         return
-    schema = ground_schema(spec.parameters, context)
+    schema = ground_schema(spec.parameters, context, read_only=spec.read_only)
     prefix = f'{CALL_PREFIX}{name}", "arguments": '
     args = GenerationRequest(
         base.messages,
@@ -131,6 +135,7 @@ async def guided_turn(
         seed=base.seed,
         request_id=f"{base.request_id}-args" if base.request_id else None,
         assistant_prefix=prefix,
+        frequency_penalty=ARGUMENTS_FREQUENCY_PENALTY,
     )
     async for p in _stream(backend, args, progress, prefix):
         yield p

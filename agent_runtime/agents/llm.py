@@ -46,6 +46,7 @@ class GenerationRequest:
     # Text the assistant's turn already starts with: the model continues it (a two-stage action's tool name,
     # the start of its arguments). Not repeated in the chunks' text.
     assistant_prefix: str = ""
+    frequency_penalty: float = 0.0  # on the output's own tokens (breaks a small model's loops: "0000...")
 
 
 @dataclass(slots=True)
@@ -245,6 +246,7 @@ class LocalEngineBackend:
             temperature=request.temperature,
             top_p=request.top_p,
             seed=request.seed,
+            frequency_penalty=request.frequency_penalty,
             logits_processor=processor,
             output_kind=OutputKind.DELTA,  # the engine sends deltas; the running text is kept here
         )

@@ -39,7 +39,7 @@ from agent_runtime.agents.examples import CallMemory, examples_for
 from agent_runtime.agents.grounding import GroundingContext
 from agent_runtime.agents.guided import guided_turn
 from agent_runtime.agents.llm import GenerationRequest, LLMBackend
-from agent_runtime.agents.observations import Observation, observe, render_result
+from agent_runtime.agents.observations import Observation, flat_lines, observe, render_result
 from agent_runtime.config.agents import AgentConfig
 from agent_runtime.errors import AgentRuntimeError
 from inference.formats import (
@@ -245,6 +245,8 @@ class Agent:
                     if forced is not None:
                         candidates = [forced]
                     allow_answer = choice != "required" and forced is None
+                    if index == cfg.max_steps and choice != "required" and _worked(steps):
+                        candidates = []  # the last step answers from what the calls returned
                     turn = guided_turn(
                         backend,
                         request,
@@ -362,13 +364,16 @@ class Agent:
                 )
             messages.append({"role": "assistant", "content": text, "tool_calls": calls})
             t1 = time.perf_counter()
-            records = await self._execute(index, calls, by_name, deadline, backend, seen_calls)
+            records = await self._execute(index, calls, by_name, deadline, backend, seen_calls, flat=guided)
             step.tool_seconds = time.perf_counter() - t1
             usage.tool_seconds += step.tool_seconds
             usage.tool_calls += len(records)
             for rec in records:
                 step.tool_calls.append(rec)
                 grounding.add(rec.observation)
+                spec = by_name.get(rec.name)
+                if rec.outcome == "result" and spec is not None and spec.read_only is not True:
+                    seen_calls.clear()  # it may have changed what an earlier call saw: repeats are fair again
                 messages.append(
                     {
                         "role": "tool",
@@ -432,6 +437,8 @@ class Agent:
         deadline: float,
         backend: LLMBackend,
         seen: dict[str, ToolCallRecord],
+        *,
+        flat: bool = False,
     ) -> list[ToolCallRecord]:
         """Run a step's calls concurrently (bounded); records come back in call order, failures included.
         A call identical to one made earlier in the run is not sent again: the model gets the earlier result
@@ -446,7 +453,7 @@ class Agent:
                 records[i] = _repeated(step, call, earlier)
                 return
             async with limiter:
-                rec = await self._call_one(step, call, by_name.get(call.name), deadline, backend)
+                rec = await self._call_one(step, call, by_name.get(call.name), deadline, backend, flat=flat)
             seen[key] = rec
             records[i] = rec
 
@@ -456,8 +463,16 @@ class Agent:
         return [r for r in records if r is not None]
 
     async def _call_one(
-        self, step: int, call: ToolCall, spec: ToolSpec | None, deadline: float, backend: LLMBackend
+        self,
+        step: int,
+        call: ToolCall,
+        spec: ToolSpec | None,
+        deadline: float,
+        backend: LLMBackend,
+        *,
+        flat: bool = False,
     ) -> ToolCallRecord:
+        """One call, its outcome rendered as the observation the model sees (`flat`: JSON as key: value lines)."""
         cfg = self.config
         remaining = max(0.001, deadline - time.monotonic())
         timeout = min(remaining, cfg.tool_timeout_secs) if cfg.tool_timeout_secs else remaining
@@ -480,6 +495,8 @@ class Agent:
             else:
                 kind, reason = outcome.kind, outcome.reason
                 body = render_result(outcome.result) if outcome.result is not None else ""
+                if flat:
+                    body = flat_lines(body)
                 server = outcome.server or server
         duration = time.perf_counter() - started
         obs: Observation = observe(
@@ -517,16 +534,20 @@ def _examples(cfg: AgentConfig) -> list[WorkedExample]:
     ]
 
 
+def _worked(steps: Sequence[StepRecord]) -> bool:
+    return any(c.outcome == "result" for s in steps for c in s.tool_calls)
+
+
 def _next_routed(routing: Routing | None, steps: Sequence[StepRecord], limit: int) -> str | None:
     """While no call of a confidently routed run has returned a result: the routed tool to call next (the
-    best one, then after it failed twice, the next best); None once a call worked or the routed tools ran out."""
+    best one, then after it failed, the next best); None once a call worked or the routed tools ran out."""
     if routing is None or not routing.confident:
         return None
     calls = [c for s in steps for c in s.tool_calls]
     if any(c.outcome == "result" for c in calls):
         return None
     for name in routing.top(limit):
-        if sum(1 for c in calls if c.name == name) < 2:
+        if not any(c.name == name for c in calls):
             return name
     return None
 

@@ -203,10 +203,10 @@ class Routing:
         return {"confident": self.confident, "scores": {s.name: s.score for s in self.scores[:8]}}
 
 
-# A task whose best tool scores below these is probably one for no tool ("What is the capital of France?").
-LEXICAL_CONFIDENT = 3.0
-SEMANTIC_CONFIDENT = 0.15
 SEMANTIC_WEIGHT = 2.0  # cosine similarities (0-1) against BM25 normalised to the best tool (0-1)
+# A task whose best tool scores below this (words, meaning, inputs and intent together) is probably one for no
+# tool ("What is the capital of France?", "What is 7 times 8?" beside a time server).
+CONFIDENT = 0.6
 
 
 EVIDENCE_WEIGHT = 0.75  # times grounding.evidence: per required argument the task does or does not supply
@@ -246,12 +246,10 @@ def route(
     lexical = ToolIndex(triples).scores(query)
     best_lexical = max((s.score for s in lexical), default=0.0)
     combined = {s.name: (s.score / best_lexical if best_lexical > 0 else 0.0) for s in lexical}
-    confident = best_lexical >= LEXICAL_CONFIDENT
     if embedder is not None and tools:
         sims = embedder.similarities(query, [tool_text(n, d.split("\n")[0], p) for n, d, p in triples])
         for tool, sim in zip(tools, sims, strict=True):
             combined[tool.name] += SEMANTIC_WEIGHT * sim
-        confident = confident or max(sims) >= SEMANTIC_CONFIDENT
     wants = intent(query)
     for tool in tools:
         if combined[tool.name] <= 0:
@@ -261,4 +259,4 @@ def route(
         if wants is not None and tool.read_only is not None:
             combined[tool.name] += INTENT_WEIGHT * (1 if (wants == "read") == tool.read_only else -1)
     ranked = sorted((ToolScore(n, round(s, 4)) for n, s in combined.items()), key=lambda t: -t.score)
-    return Routing(ranked, confident)
+    return Routing(ranked, bool(ranked) and ranked[0].score >= CONFIDENT)
