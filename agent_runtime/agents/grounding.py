@@ -267,6 +267,15 @@ def ground_schema(
     required = set(parameters.get("required") or ())
     out = copy.deepcopy(dict(parameters))
     narrowed: dict[str, Any] = {}
+    # A tool that changes something and whose only required inputs are paths makes what the task names there
+    # ("a folder called archive" -> .../archive); one with a name argument of its own (`branch_name`) takes
+    # the name there and its path stays a path the run has seen.
+    names_elsewhere = any(
+        isinstance(s, Mapping) and s.get("type") == "string" and not is_path_argument(n, s)
+        for n, s in props.items()
+        if n in required
+    )
+    creating = read_only is False and not names_elsewhere
     for name, schema in props.items():
         if not isinstance(schema, Mapping):
             narrowed[name] = schema
@@ -274,7 +283,7 @@ def ground_schema(
         if name not in required and not context.mentions(name):
             continue  # optional and never asked for: not offered
         s = copy.deepcopy(dict(schema))
-        _narrow(name, s, context, creating=read_only is False)
+        _narrow(name, s, context, creating=creating)
         narrowed[name] = s
     _order_pairs(narrowed)
     out["properties"] = narrowed

@@ -12,7 +12,7 @@ from agent_runtime.agents.grounding import evidence
 from agent_runtime.agents.llm import LLMBackend, LocalEngineBackend
 from agent_runtime.agents.loop import Agent, AgentError
 from agent_runtime.agents.openai_backend import OpenAIBackendSettings, OpenAIChatBackend
-from agent_runtime.agents.routing import Embedder, Routing, route
+from agent_runtime.agents.routing import Embedder, Routing, plan_route
 from agent_runtime.config import section_error
 from agent_runtime.config.agents import ModelSettings, load_agents, load_model_settings
 from agent_runtime.errors import ConfigError
@@ -102,7 +102,7 @@ class AgentHost:
                 if self._embedder is False:
                     self._embedder = await anyio.to_thread.run_sync(Embedder.installed)
         embedder = self._embedder if isinstance(self._embedder, Embedder) else None
-        return await anyio.to_thread.run_sync(route, query, tools, embedder, evidence)
+        return await anyio.to_thread.run_sync(plan_route, query, tools, embedder, evidence)
 
     def agent(self, name: str = "default") -> Agent:
         """A configured agent; raises AgentError for an unknown name and ConfigError for tools it cannot have."""

@@ -539,11 +539,14 @@ def _worked(steps: Sequence[StepRecord]) -> bool:
 
 
 def _next_routed(routing: Routing | None, steps: Sequence[StepRecord], limit: int) -> str | None:
-    """While no call of a confidently routed run has returned a result: the routed tool to call next (the
-    best one, then after it failed, the next best); None once a call worked or the routed tools ran out."""
+    """The tool a confidently routed run calls next, or None when the model decides. A task in several parts
+    (`routing.plan`) calls each part's tool in order, once each; otherwise, until a call returns a result, the
+    best routed tool not tried yet (after a failure, the next best)."""
     if routing is None or not routing.confident:
         return None
     calls = [c for s in steps for c in s.tool_calls]
+    if routing.plan:
+        return next((name for name in routing.plan if not any(c.name == name for c in calls)), None)
     if any(c.outcome == "result" for c in calls):
         return None
     for name in routing.top(limit):

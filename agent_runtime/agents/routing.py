@@ -191,16 +191,23 @@ class Embedder:
 
 @dataclass(frozen=True, slots=True)
 class Routing:
-    """A run's routing: every tool's combined score (best first) and whether the best is a confident match."""
+    """A run's routing: every tool's combined score (best first), whether the best is a confident match, and
+    for a task that asks for several things in turn, the tool of each part in order (`plan`)."""
 
     scores: list[ToolScore]
     confident: bool
+    plan: tuple[str, ...] = ()
 
     def top(self, limit: int) -> list[str]:
-        return [s.name for s in self.scores[:limit] if s.score > 0]
+        picked = [s.name for s in self.scores[:limit] if s.score > 0]
+        return picked + [n for n in self.plan if n not in picked]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"confident": self.confident, "scores": {s.name: s.score for s in self.scores[:8]}}
+        return {
+            "confident": self.confident,
+            "plan": list(self.plan),
+            "scores": {s.name: s.score for s in self.scores[:8]},
+        }
 
 
 SEMANTIC_WEIGHT = 2.0  # cosine similarities (0-1) against BM25 normalised to the best tool (0-1)
@@ -230,6 +237,33 @@ def intent(query: str) -> str | None:
     if _QUESTION.search(query):
         return "read"
     return None
+
+
+# Where a task asks for one thing after another: sentences, and clauses joined by "and"/"then" or a comma.
+_CLAUSE = re.compile(r"[.;!?]\s+|,\s*(?:and\s+|then\s+)?|\s+and\s+(?:then\s+)?|\s+then\s+", re.I)
+MIN_CLAUSE_WORDS = 3
+
+
+def plan_route(
+    query: str,
+    tools: Sequence[ToolSpec],
+    embedder: Embedder | None,
+    evidence: Callable[[Mapping[str, Any], str, str], float] | None = None,
+) -> Routing:
+    """`route` for the whole task, plus a plan when the task asks to change something and its parts (clauses
+    with a few content words each) route confidently to two or more different tools: "Read X, add up the
+    amounts and write the total to Y" is read, then write, in that order. (A question in several parts is
+    still one lookup: "In X, which item is furniture?" is not a read and then a search.)"""
+    whole = route(query, tools, embedder, evidence)
+    steps: list[str] = []
+    clauses = [c for c in _CLAUSE.split(query) if len(words(c)) >= MIN_CLAUSE_WORDS]
+    if len(clauses) >= 2 and intent(query) == "change":
+        for clause in clauses:
+            part = route(clause, tools, embedder, evidence)
+            if part.confident and part.scores[0].name not in steps:
+                steps.append(part.scores[0].name)
+    plan = tuple(steps) if len(steps) >= 2 else ()
+    return Routing(whole.scores, whole.confident, plan)
 
 
 def route(
