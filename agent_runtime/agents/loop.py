@@ -45,6 +45,7 @@ from agent_runtime.errors import AgentRuntimeError
 from inference.formats import (
     DEFAULT_EXAMPLES,
     ExampleCall,
+    JsonProtocol,
     Message,
     ParsedAction,
     ToolCall,
@@ -207,7 +208,14 @@ class Agent:
             choice = cfg.tool_choice
             if index > 1 and choice not in ("auto", "required", "none"):
                 choice = "auto"
-            template_msgs, template_tools = fmt.messages(cfg.system_prompt, offered, examples, messages)
+            if guided and isinstance(fmt, JsonProtocol):
+                # the routed tools come with the task: the system turn and the examples stay the same from run
+                # to run, so the prefix cache serves them to every run, not only to the next step of this one
+                template_msgs, template_tools = fmt.messages(
+                    cfg.system_prompt, offered, examples, messages, task_index=len(history)
+                )
+            else:
+                template_msgs, template_tools = fmt.messages(cfg.system_prompt, offered, examples, messages)
             grammar = None
             if cfg.constrained and backend.supports_grammar and not guided:
                 grammar = fmt.grammar(

@@ -23,7 +23,7 @@ from agent_runtime.agents.grounding import (
 )
 from agent_runtime.agents.guided import arguments_spec, close_answer, decision_spec
 from agent_runtime.agents.observations import flat_lines
-from agent_runtime.agents.routing import ToolIndex, intent, route, words
+from agent_runtime.agents.routing import ToolIndex, intent, plan_route, route, words
 from inference.formats import ToolSpec
 from inference.grammar import GrammarCompilerCache, GrammarSpec
 
@@ -179,6 +179,42 @@ def test_paths_are_the_ones_seen_and_a_created_thing_gets_its_name() -> None:
         "/tmp/x/files/notes.txt"
         in ground_schema(FS_TOOLS[0].parameters, context)["properties"]["path"]["enum"]
     )
+
+
+def test_a_tool_with_a_name_argument_keeps_its_path_among_the_paths_seen() -> None:
+    create_branch = {
+        "type": "object",
+        "properties": {"repo_path": {"type": "string"}, "branch_name": {"type": "string"}},
+        "required": ["repo_path", "branch_name"],
+    }
+    context = GroundingContext()
+    context.add("Create a new branch called release-1.0 in the repo at /tmp/x/repo")
+    grounded = ground_schema(create_branch, context, read_only=False)
+    assert grounded["properties"]["repo_path"]["enum"][0] == "/tmp/x/repo"
+
+
+def test_a_task_in_several_parts_routes_each_part_in_order() -> None:
+    write = ToolSpec(
+        "fs__write_file",
+        "Create a new file or completely overwrite an existing file with new content.",
+        {
+            "type": "object",
+            "properties": {"path": PATH, "content": {"type": "string"}},
+            "required": ["path", "content"],
+        },
+        "fs",
+        False,
+    )
+    tools = [*FS_TOOLS, write, *TIME_TOOLS]
+    r = plan_route(
+        "Find out the current time in Tokyo and save it to /tmp/f/tokyo_time.txt.", tools, None, evidence
+    )
+    assert r.plan == ("time__get_current_time", "fs__write_file")
+    assert set(r.plan) <= set(r.top(1))  # the plan's tools are offered whatever the whole task's ranking
+    question = plan_route(
+        "In /tmp/f/budget.csv, which item is in the furniture category?", tools, None, evidence
+    )
+    assert question.plan == ()  # a question is one lookup, not a read and then a search
 
 
 def test_optional_arguments_nobody_asked_for_are_not_offered() -> None:
