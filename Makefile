@@ -31,8 +31,10 @@ peers: $(PEERS)
 demo: $(STAMP)
 	$(BIN)/agent-runtime run --config MCP_CONFIG.json "What time is it in Tokyo?"
 
+# pytest-xdist: one worker per core (at most 4: each may load the model); tests that share a session fixture or
+# a module's servers stay on one worker (tests/conftest.py). `pytest -q` alone runs the same suite serially.
 test: lint $(PEERS)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
 
 # mypy reads its settings (files, strict packages) from pyproject.toml.
 lint: $(STAMP)

@@ -7,7 +7,7 @@ CLI's cold start and the tool-call path pay nothing for records below the config
 from __future__ import annotations
 
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +19,22 @@ _LEVELS |= {"critical": CRITICAL, "fatal": CRITICAL}
 
 
 def redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """A structlog processor: values under secret-looking keys masked, secret-shaped strings redacted."""
-    return redact_fields(event)
+    """A structlog processor: values under secret-looking keys masked, the secrets of every loaded config
+    (`register_secrets`) and secret-shaped strings redacted."""
+    return redact_fields(event, _known_secrets)
+
+
+# The secret values of every config a runtime in this process was built from (longest first), so that log
+# records from any module -- transports included, which know nothing of configs -- are redacted with them.
+_known_secrets: tuple[str, ...] = ()
+
+
+def register_secrets(values: Iterable[str]) -> None:
+    """Add secret values (tokens, keys, passwords of a config) that every log record must not show."""
+    global _known_secrets
+    merged = set(_known_secrets) | {v for v in values if v}
+    if len(merged) != len(_known_secrets):
+        _known_secrets = tuple(sorted(merged, key=len, reverse=True))
 
 
 @dataclass(slots=True)
@@ -69,6 +83,7 @@ def _apply(settings: _Settings) -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso"),
+            structlog.processors.format_exc_info,  # tracebacks as text, so that they are redacted too
             redact_event,
             renderer,
         ],

@@ -17,8 +17,14 @@ _LINE = json.JSONEncoder(ensure_ascii=False).encode
 
 
 def argument_digest(arguments: Mapping[str, Any] | None) -> str:
-    """SHA-256 of the canonical JSON of the arguments: correlates calls without storing their content."""
-    payload = _CANONICAL(arguments or {})
+    """SHA-256 of the canonical JSON of the arguments: correlates calls without storing their content.
+
+    Never raises: arguments JSON cannot encode (nested past the interpreter's recursion limit, integers of
+    4300+ digits, cycles) are recorded as unhashed rather than taking the audit writer down."""
+    try:
+        payload = _CANONICAL(arguments or {})
+    except Exception as exc:  # RecursionError, ValueError (digits, cycles), a default=str that raises
+        return f"unhashed: {type(exc).__name__}"
     return "sha256:" + hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()
 
 
@@ -68,10 +74,11 @@ def decision_record(
     allowed: bool,
     reason: str | None,
     secrets: Iterable[str] = (),
+    at: float | None = None,  # epoch seconds of the decision (default: now)
 ) -> AuditRecord:
     return AuditRecord(
         event="decision",
-        time=time.time(),
+        time=time.time() if at is None else at,
         agent=agent,
         server=server,
         tool=tool,
@@ -93,10 +100,11 @@ def call_record(
     attempts: int,
     truncated: bool,
     secrets: Iterable[str] = (),
+    at: float | None = None,  # epoch seconds of the outcome (default: now)
 ) -> AuditRecord:
     return AuditRecord(
         event="call",
-        time=time.time(),
+        time=time.time() if at is None else at,
         agent=agent,
         server=server,
         tool=tool,

@@ -1,7 +1,13 @@
-"""Network egress for URL arguments: deny loopback, private, link-local, metadata and other non-global
-addresses, in every encoding a resolver accepts, unless the host or network is allow-listed.
+"""Network egress for URL arguments, in one of two modes:
 
-Pure: the caller resolves host names (the executor uses anyio.getaddrinfo) and passes the addresses in.
+- `public` (the default): deny loopback, private, link-local, metadata and other non-global addresses, in
+  every encoding a resolver accepts, unless the host or network is listed as an exception;
+- `allowlist`: only listed hosts (globs) and networks (CIDR) are reachable; everything else is denied.
+
+Pure: the caller resolves host names (the executor uses anyio.getaddrinfo) and passes the addresses in. A
+host is resolved only when its verdict depends on its addresses (`needs_resolution`): a URL refused on its
+face, an allow-listed host, an address literal, or (allow-list mode) a name no listed network could admit
+is judged without a lookup, so a denied call does not leak the name through DNS.
 Literal hosts are parsed the way `inet_aton` does (`127.1`, `2130706433`, `0x7f.0.0.1`, octal parts), so
 that what a server's resolver would connect to is what gets judged.
 """
@@ -15,7 +21,7 @@ import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -50,16 +56,24 @@ _EXTRA_BLOCKED: tuple[IPNetwork, ...] = (
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
+EgressMode = Literal["public", "allowlist"]
+
+
 @dataclass(frozen=True, slots=True)
 class EgressPolicy:
     allow_hosts: tuple[str, ...] = ()  # host globs let through without an address check
     allow_networks: tuple[IPNetwork, ...] = ()  # addresses inside are let through
     url_args: tuple[str, ...] = ()  # argument names (globs) that must hold URLs with an allowed scheme
     schemes: frozenset[str] = field(default=URL_SCHEMES)
+    mode: EgressMode = "public"  # allowlist: nothing but allow_hosts / allow_networks is reachable
 
     @classmethod
     def of(
-        cls, allow: Iterable[str] = (), url_args: Iterable[str] = (), schemes: Iterable[str] = URL_SCHEMES
+        cls,
+        allow: Iterable[str] = (),
+        url_args: Iterable[str] = (),
+        schemes: Iterable[str] = URL_SCHEMES,
+        mode: EgressMode = "public",
     ) -> EgressPolicy:
         """`allow` mixes host globs and CIDR networks."""
         hosts, nets = [], []
@@ -68,7 +82,7 @@ class EgressPolicy:
                 nets.append(ipaddress.ip_network(entry, strict=False))
             except ValueError:
                 hosts.append(entry.lower().rstrip("."))
-        return cls(tuple(hosts), tuple(nets), tuple(url_args), frozenset(s.lower() for s in schemes))
+        return cls(tuple(hosts), tuple(nets), tuple(url_args), frozenset(s.lower() for s in schemes), mode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +158,17 @@ def parse_target(where: str, url: str, policy: EgressPolicy) -> UrlTarget:
     literal = literal_addresses(host)
     if not allowed and not literal and any(fnmatchcase(host, p) for p in _NAMES_LOCAL):
         return UrlTarget(where, url, host, (), False, f"host {host!r} in {where} is a local name")
+    if policy.mode == "allowlist" and not allowed and not literal and not policy.allow_networks:
+        # No listed network could admit it: refused by name, without resolving it.
+        return UrlTarget(
+            where, url, host, (), False, f"host {host!r} in {where} is not on the egress allow-list"
+        )
     return UrlTarget(where, url, host, literal, allowed, None)
+
+
+def needs_resolution(target: UrlTarget) -> bool:
+    """Whether the verdict on `target` depends on the addresses its host resolves to."""
+    return target.problem is None and not target.allowed_host and not target.literal and bool(target.host)
 
 
 def normalise_host(raw: str) -> str | None:
@@ -224,6 +248,11 @@ def egress_problem(target: UrlTarget, resolved: Sequence[IPAddress], policy: Egr
     addresses = target.literal or tuple(resolved)
     if not addresses:
         return f"host {target.host!r} in {target.where} did not resolve"
+    if policy.mode == "allowlist":
+        for addr in addresses:
+            if not any(addr.version == net.version and addr in net for net in policy.allow_networks):
+                return f"URL in {target.where} reaches {addr}, which is not on the egress allow-list"
+        return None
     for addr in addresses:
         if any(addr.version == net.version and addr in net for net in policy.allow_networks):
             continue

@@ -1,7 +1,7 @@
 """Tool-definition pinning against rug pulls, and signs of poisoning in tool descriptions.
 
-A definition's pin is the SHA-256 of the canonical JSON (sorted keys, no spaces, UTF-8) of its name,
-description, input and output schemas and annotations. A pinned tool whose pin changes, or a tool new to
+A definition's pin is the SHA-256 of the canonical JSON (sorted keys, no spaces, UTF-8) of everything of it
+that reaches a model or a host: its name, title, description, input and output schemas and annotations. A pinned tool whose pin changes, or a tool new to
 an already-pinned server, is quarantined until a user approves it.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-PINNED_FIELDS = ("name", "description", "inputSchema", "outputSchema", "annotations")
+PINNED_FIELDS = ("name", "title", "description", "inputSchema", "outputSchema", "annotations")
 
 PinStatus = Literal["new", "pinned", "changed"]
 

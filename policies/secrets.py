@@ -21,16 +21,35 @@ _SECRET_NAME = re.compile(
     re.I,
 )
 
-# Credentials that have a recognisable shape, wherever they appear in free text.
+# Credentials that have a recognisable shape, wherever they appear in free text (replaced whole).
 _SECRET_SHAPES = re.compile(
     r"(AKIA|ASIA)[0-9A-Z]{16}"  # AWS access key ids
-    r"|\b(sk|pk|rk)-[A-Za-z0-9_-]{16,}"  # OpenAI/Stripe-style keys
-    r"|\bgh[pousr]_[A-Za-z0-9]{20,}"  # GitHub tokens
+    r"|\b(sk|pk|rk)-[A-Za-z0-9_-]{16,}"  # OpenAI/Anthropic/Stripe-style keys
+    r"|\bgh[pousr]_[A-Za-z0-9]{20,}|\bgithub_pat_[A-Za-z0-9_]{20,}"  # GitHub tokens
+    r"|\bglpat-[A-Za-z0-9_-]{20,}|\bnpm_[A-Za-z0-9]{30,}|\bhf_[A-Za-z0-9]{30,}"  # GitLab, npm, Hugging Face
+    r"|\bAIza[0-9A-Za-z_-]{30,}"  # Google API keys
     r"|\bxox[abposr]-[A-Za-z0-9-]{10,}"  # Slack tokens
     r"|(?i:bearer)\s+[A-Za-z0-9._~+/=-]{8,}"
     r"|eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{5,}"  # JWTs
-    r"|(?i:(password|passwd|secret|token|api[_-]?key)\s*[=:]\s*)\S+"
+    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)",  # PEM private keys
+    re.DOTALL,
 )
+# `name=value`, `name: value`, `"name": "value"` where the name says credential: the value goes, the name
+# stays (`password=***`). Names: password, passwd, secret, token, api key, access key, private key,
+# credential(s), authorization -- also inside longer names (AWS_SECRET_ACCESS_KEY, client_secret), but not
+# counts of tokens (`max_tokens=`, `prompt_tokens:`). In JSON only string values are replaced (inside their
+# quotes), so redacted JSON stays JSON.
+_NAMES = (
+    r"[A-Za-z0-9_.-]*(?:password|passwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key"
+    r"|credentials?|authorization)[A-Za-z0-9_.-]*(?<!tokens)"
+)
+_SECRET_ASSIGNMENT = re.compile(
+    rf"(?i)(?P<key>(?<![\w\"'.-]){_NAMES}\s*[=:]\s*[\"']?)"
+    r"(?:(?:basic|bearer|token|digest)\s+)?(?P<value>[^\s\"',;&}]+)"
+)
+_JSON_SECRET = re.compile(rf'(?i)(?P<key>"{_NAMES}"\s*:\s*")(?P<value>(?:[^"\\]|\\.)+)(?=")')
+# Credentials in URLs: scheme://user:password@host.
+_URL_CREDENTIALS = re.compile(r"(?<=://)([^/\s:@]+):([^/\s@]+)@")
 
 
 def is_secret_name(name: str) -> bool:
@@ -44,7 +63,14 @@ def redact(text: str, known: Iterable[str] = ()) -> str:
     for secret in known:
         if len(secret) >= MIN_SECRET_LEN:
             text = text.replace(secret, REDACTED)
-    return _SECRET_SHAPES.sub(REDACTED, text)
+    text = _SECRET_SHAPES.sub(REDACTED, text)
+    text = _JSON_SECRET.sub(_keep_key, text)
+    text = _SECRET_ASSIGNMENT.sub(_keep_key, text)
+    return _URL_CREDENTIALS.sub(rf"\1:{REDACTED}@", text)
+
+
+def _keep_key(match: re.Match[str]) -> str:
+    return match.group("key") + (REDACTED if match.group("value") != REDACTED else match.group("value"))
 
 
 def redact_fields(event: MutableMapping[str, Any], known: Iterable[str] = ()) -> MutableMapping[str, Any]:
@@ -55,4 +81,6 @@ def redact_fields(event: MutableMapping[str, Any], known: Iterable[str] = ()) ->
             event[key] = REDACTED
         elif isinstance(value, str):
             event[key] = redact(value, known)
+        elif isinstance(value, list | tuple) and any(isinstance(v, str) for v in value):
+            event[key] = [redact(v, known) if isinstance(v, str) else v for v in value]
     return event

@@ -1,10 +1,15 @@
-"""Shared test fixtures: the anyio backend and paths to the example servers and npm peers."""
+"""Shared test fixtures: the anyio backend, paths to the example servers and npm peers, and the packaged
+SmolLM2 loaded once per session."""
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,3 +21,63 @@ PYTHON = sys.executable
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp32() -> Any:
+    """The packaged SmolLM2 in float32 on the CPU (inference.loader.LoadedModel), loaded once for every test
+    that reads it: loading takes seconds, and nothing mutates a float32 model (only bfloat16 weights are packed
+    in place), so engines built on it with different EngineConfigs stay independent."""
+    from inference.loader import load_model  # torch: only the tests that need the model pay the import
+
+    return load_model("smollm2-135m-instruct", dtype="float32")
+
+
+def model_cache_env() -> dict[str, str]:
+    """Environment for CLI subprocesses that run with a throwaway HOME: the converted-GGUF cache stays the one
+    the rest of the suite fills, so each process loads the model instead of converting the GGUF again."""
+    from inference import envs  # no torch: the environment-variable module alone
+
+    return {envs.CACHE_DIR: str(envs.cache_dir())}
+
+
+def logged_calls(log: Path, tool: str) -> int:
+    """How many `tool` calls a server's --calls-log holds (the demo and faulty servers write one JSON line per
+    call as it arrives, before acting on it)."""
+    if not log.exists():
+        return 0
+    return sum(json.loads(line)["tool"] == tool for line in log.read_text().splitlines() if line.strip())
+
+
+async def wait_for_call(log: Path, tool: str, count: int = 1, timeout: float = 20.0) -> None:  # noqa: ASYNC109
+    """Until `count` calls of `tool` have reached the server (its --calls-log says so): polled, as nothing
+    crosses the process boundary to wait on."""
+    with anyio.fail_after(timeout):
+        while logged_calls(log, tool) < count:  # noqa: ASYNC110 - another process writes the log
+            await anyio.sleep(0.01)
+
+
+def wait_for_call_sync(log: Path, tool: str, count: int = 1, timeout: float = 20.0) -> None:
+    """`wait_for_call` for tests without an event loop."""
+    deadline = time.monotonic() + timeout
+    while logged_calls(log, tool) < count:
+        assert time.monotonic() < deadline, f"no {tool} call reached the server within {timeout}s"
+        time.sleep(0.01)
+
+
+# -- pytest-xdist (`make test` runs `-n auto --dist loadgroup`; plain `pytest -q` runs serially) ----------------
+
+# Tests that read one of these session fixtures run on the same worker, so it is built once for all of them.
+_SHARED_SESSION_FIXTURES = {"smollm2_fp32": "smollm2-fp32", "serving_engine": "serving-engine"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Give each test an xdist group: the group of the session fixture it shares, else its module (its module
+    fixtures, such as servers started once per module, are then built once too). An explicit
+    `pytest.mark.xdist_group` wins. Without xdist the marks do nothing."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        used = getattr(item, "fixturenames", ())  # every fixture the test needs, directly or not
+        shared = [group for name, group in _SHARED_SESSION_FIXTURES.items() if name in used]
+        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.nodeid.split("::")[0]))

@@ -33,9 +33,12 @@ from transports.errors import (
     CallTimeout,
     ConnectError,
     ConnectionLost,
+    MessageTooLarge,
     ServerRequestError,
     StartupTimeout,
     TransportError,
+    is_too_large,
+    too_large_reason,
 )
 from transports.http import sse_transport, streamable_http_transport
 from transports.stdio import StderrRing, StdioTransport
@@ -70,13 +73,14 @@ class _WatchedReadStream:
     CONNECTION_CLOSED at once, which is how a transport that would otherwise linger is declared dead.
     """
 
-    __slots__ = ("_closed", "_inner", "_lost", "_scope")
+    __slots__ = ("_closed", "_inner", "_lost", "_scope", "rejected")
 
     def __init__(self, inner: _ReceiveStream, closed: anyio.Event) -> None:
         self._inner = inner
         self._closed = closed
         self._lost = False
         self._scope: anyio.CancelScope | None = None
+        self.rejected: list[tuple[str, str]] = []  # malformed tools dropped from listings: (name, why)
 
     def lose(self) -> None:
         self._lost = True
@@ -92,7 +96,12 @@ class _WatchedReadStream:
             with anyio.CancelScope() as scope:
                 self._scope = scope
                 try:
-                    return await self._inner.receive()
+                    item = await self._inner.receive()
+                    if type(item) is SessionMessage and type(item.message) is types.JSONRPCResponse:
+                        tools = item.message.result.get("tools")
+                        if type(tools) is list:  # a tools/list page: keep its well-formed tools
+                            item.message.result["tools"] = _salvage_tools(tools, self.rejected)
+                    return item
                 except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
                     self._closed.set()
                     raise
@@ -120,6 +129,26 @@ class _WatchedReadStream:
         await self.aclose()
 
 
+def _salvage_tools(tools: list[Any], rejected: list[tuple[str, str]]) -> list[Any]:
+    """The well-formed entries of a tools/list page; each malformed one is reported in `rejected` with the
+    field at fault (one bad definition must not cost the server its other tools)."""
+    kept = []
+    for i, raw in enumerate(tools):
+        try:
+            types.Tool.model_validate(raw)
+        except ValidationError as exc:
+            name = raw.get("name") if isinstance(raw, dict) else None
+            shown = name if isinstance(name, str) else f"#{i}"
+            errors = exc.errors(include_url=False, include_input=False)
+            fields = "; ".join(
+                f"{'.'.join(str(part) for part in e['loc']) or 'definition'}: {e['msg']}" for e in errors[:3]
+            )
+            rejected.append((shown[:128], f"tools[{i}] ({shown[:128]!r}) is malformed: {fields}"))
+            continue
+        kept.append(raw)
+    return kept
+
+
 class _WatchedTransport:
     """Wraps any SDK-shaped transport so the client's read stream reports its end on `closed`."""
 
@@ -128,6 +157,7 @@ class _WatchedTransport:
         self._closed = closed
         self._read: _WatchedReadStream | None = None
         self._lost_before_open = False
+        self.rejected: list[tuple[str, str]] = []
 
     def lose(self, reason: str) -> None:
         if not self._closed.is_set():
@@ -141,6 +171,7 @@ class _WatchedTransport:
         assert self.inner is not None
         read_stream, write_stream = await self.inner.__aenter__()
         self._read = _WatchedReadStream(read_stream, self._closed)
+        self._read.rejected = self.rejected
         if self._lost_before_open:
             self._read.lose()
         return self._read, write_stream
@@ -162,14 +193,31 @@ class Connection:
     pid: int | None
     stderr: StderrRing | None
     closed: anyio.Event = field(default_factory=anyio.Event)
+    rejected: list[tuple[str, str]] | None = None  # where the read stream reports malformed listed tools
 
     @property
     def protocol_version(self) -> str:
         return self.client.protocol_version
 
     # The per-call `timeout` is the supervisor's contract (it owns deadlines per call), hence ASYNC109.
-    async def list_all_tools(self, *, timeout: float) -> list[types.Tool]:  # noqa: ASYNC109
-        """Every tool, following next_cursor to the end (at most PAGE_CAP pages), within `timeout` overall."""
+    async def list_all_tools(
+        self,
+        *,
+        timeout: float,  # noqa: ASYNC109
+        rejected: list[tuple[str, str]] | None = None,
+    ) -> list[types.Tool]:
+        """Every well-formed tool, following next_cursor to the end (at most PAGE_CAP pages), within `timeout`
+        overall; malformed entries are left out and, when given, reported in `rejected` as (name, why)."""
+        if self.rejected is not None:
+            self.rejected.clear()
+        try:
+            return await self._list_all_tools(timeout)
+        finally:
+            if rejected is not None and self.rejected is not None:
+                seen = {name for name, _ in rejected}
+                rejected.extend(r for r in self.rejected if r[0] not in seen)
+
+    async def _list_all_tools(self, timeout: float) -> list[types.Tool]:  # noqa: ASYNC109
         tools: list[types.Tool] = []
         cursor: str | None = None
         seen: set[str] = set()
@@ -230,6 +278,16 @@ class Connection:
     def _map_error(self, what: str, timeout: float, exc: Exception) -> TransportError | None:
         """The typed error for an SDK failure, or None for an exception that is not ours to map."""
         if isinstance(exc, MCPError):
+            if is_too_large(exc.message):
+                # Our stdio/WebSocket readers, our HTTP body cap (through the SDK) or httpx's SSE event cap
+                # dropped the reply while it streamed in: a typed failure, not the tool's error.
+                at = exc.message.find("a message")
+                detail = (
+                    exc.message[at:] if at >= 0 else too_large_reason(None, self.target.max_message_bytes)
+                )
+                return MessageTooLarge(
+                    f"{what}: {detail}", "raise max_message_bytes for this server, or ask the tool for less"
+                )
             if exc.code == types.CONNECTION_CLOSED:
                 return ConnectionLost(
                     f"{what}: connection to {_describe(self.target)} lost",
@@ -263,10 +321,10 @@ def _describe(target: Target) -> str:
 
 
 def _open_transport(
-    target: Target, on_lost: Callable[[str], None]
+    target: Target, on_lost: Callable[[str], None], redact: Callable[[str], str] | None = None
 ) -> tuple[contextlib.AbstractAsyncContextManager[Any], StdioTransport | None]:
     if isinstance(target, StdioTarget):
-        stdio = StdioTransport(target)
+        stdio = StdioTransport(target, redact=redact)
         return stdio, stdio
     if isinstance(target, HttpTarget):
         if target.kind == "sse":
@@ -331,17 +389,19 @@ async def connect(
     startup_timeout: float,
     message_handler: MessageHandlerFnT | None = None,
     client_name: str = "agent-runtime",
+    redact: Callable[[str], str] | None = None,
 ) -> AsyncIterator[Connection]:
     """Spawn/open, negotiate (2026-07-28 where supported, else 2025-11-25) and yield a Connection.
 
     Enter and exit in one task. Raises ConnectError / StartupTimeout on entry; exit closes everything
-    within a bound (stdio: eof_grace + term_grace + a few seconds).
+    within a bound (stdio: eof_grace + term_grace + a few seconds). `redact` cleans every stderr line of a
+    stdio server before it is kept, logged or written to its log file.
     """
     closed = anyio.Event()
     stop = anyio.Event()
     holder_done = anyio.Event()
     watched = _WatchedTransport(closed)
-    watched.inner, stdio = _open_transport(target, watched.lose)
+    watched.inner, stdio = _open_transport(target, watched.lose, redact)
     client = mcp.Client(
         watched,
         mode="auto",
@@ -363,6 +423,7 @@ async def connect(
                     pid=stdio.pid if stdio is not None else None,
                     stderr=stdio.stderr if stdio is not None else None,
                     closed=closed,
+                    rejected=watched.rejected,
                 )
                 caps = client.server_capabilities
                 watch = (

@@ -57,3 +57,23 @@ class ServerRequestError(TransportError):
         self.code = code
         self.message = message
         self.data = data
+
+
+# In the message of every oversize failure, whichever layer reports it (our stdio and WebSocket readers, our
+# HTTP body cap through the SDK, httpx's SSE event cap): how `connect` recognises it.
+TOO_LARGE_MARK = "exceeds the message size limit"
+_SSE_TOO_LARGE = "Server-sent event exceeded the"
+
+
+def too_large_reason(size: int | None, limit: int) -> str:
+    what = f"a message of {size} bytes" if size is not None else "a message"
+    return f"{what} from the server {TOO_LARGE_MARK} of {limit} bytes (max_message_bytes)"
+
+
+def is_too_large(message: str) -> bool:
+    return TOO_LARGE_MARK in message or _SSE_TOO_LARGE in message
+
+
+class MessageTooLarge(TransportError):
+    """The server sent a message (the answer to this request) larger than the transport accepts; it was
+    dropped while it streamed in, never held in memory whole."""

@@ -1,7 +1,8 @@
 """HTTP transports: streamable HTTP (the SDK's client, tuned) and legacy HTTP+SSE (ours, for its event size cap).
 
-Both send the target's headers and bearer token, use its connect/read timeouts and accept SSE events up to
-target.max_sse_event_size (the SDK defaults to 1 MiB, which breaks large tool results).
+Both send the target's headers and bearer token, use its connect/read timeouts and accept messages up to
+target.max_message_bytes: an SSE event (the SDK defaults to 1 MiB, which breaks large tool results) or a
+JSON response body (which the SDK would read whole, however large), cut while it streams in.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import request_within_origin, sse_within_origin
 from mcp.shared.message import SessionMessage
 
-from transports.errors import ConnectError
+from transports.errors import ConnectError, too_large_reason
 from transports.targets import HttpTarget
 
 log = structlog.get_logger(__name__)
@@ -34,14 +35,27 @@ OnLost = Callable[[str], None]
 _LOST = (httpx2.ConnectError, httpx2.ReadError, httpx2.WriteError, httpx2.RemoteProtocolError)
 
 
+class BodyTooLarge(httpx2.StreamError):
+    """A JSON response body over max_message_bytes: raised while it streams in (the SDK turns a StreamError
+    into an error reply for its request, and `connect` recognises the message)."""
+
+    def __init__(self, size: int | None, limit: int) -> None:
+        super().__init__(too_large_reason(size, limit))
+
+
 class _WatchedByteStream(httpx2.AsyncByteStream):
-    def __init__(self, inner: httpx2.AsyncByteStream, on_lost: OnLost) -> None:
+    def __init__(self, inner: httpx2.AsyncByteStream, on_lost: OnLost, limit: int | None = None) -> None:
         self._inner = inner
         self._on_lost = on_lost
+        self._limit = limit  # a cap on the whole body (JSON responses; SSE events are capped per event)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        seen = 0
         try:
             async for part in self._inner:
+                seen += len(part)
+                if self._limit is not None and seen > self._limit:
+                    raise BodyTooLarge(None, self._limit)
                 yield part
         except _LOST as exc:
             self._on_lost(f"{type(exc).__name__}: {exc}")
@@ -59,9 +73,10 @@ class _WatchdogTransport(httpx2.AsyncBaseTransport):
     carries a session id means the server forgot the session (it restarted): also lost.
     """
 
-    def __init__(self, on_lost: OnLost) -> None:
+    def __init__(self, on_lost: OnLost, max_body: int | None = None) -> None:
         self._inner = httpx2.AsyncHTTPTransport()
         self._on_lost = on_lost
+        self._max_body = max_body
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         try:
@@ -72,7 +87,10 @@ class _WatchdogTransport(httpx2.AsyncBaseTransport):
         if response.status_code == 404 and "mcp-session-id" in request.headers:
             self._on_lost("the server no longer knows this session (HTTP 404)")
         assert isinstance(response.stream, httpx2.AsyncByteStream)
-        response.stream = _WatchedByteStream(response.stream, self._on_lost)
+        limit = None
+        if response.headers.get("content-type", "").lower().startswith("application/json"):
+            limit = self._max_body
+        response.stream = _WatchedByteStream(response.stream, self._on_lost, limit)
         return response
 
     async def aclose(self) -> None:
@@ -94,7 +112,7 @@ def _http_client(target: HttpTarget, on_lost: OnLost | None = None) -> httpx2.As
     return httpx2.AsyncClient(
         headers=request_headers(target.headers, target.bearer_token),
         timeout=timeout,
-        transport=_WatchdogTransport(on_lost) if on_lost is not None else None,
+        transport=_WatchdogTransport(on_lost, target.max_message_bytes) if on_lost is not None else None,
     )
 
 
@@ -111,7 +129,7 @@ async def streamable_http_transport(
         streamable_http_client(
             target.url,
             http_client=http,
-            max_sse_event_size=target.max_sse_event_size,
+            max_sse_event_size=target.max_message_bytes,
         ) as streams,
     ):
         yield streams
@@ -126,7 +144,7 @@ async def sse_transport(target: HttpTarget) -> AsyncIterator[Streams]:
     """
     async with _http_client(target) as http:
         try:
-            source_cm = sse_within_origin(http, target.url, max_event_size=target.max_sse_event_size)
+            source_cm = sse_within_origin(http, target.url, max_event_size=target.max_message_bytes)
             event_source = await source_cm.__aenter__()
         except httpx2.HTTPError as exc:
             raise ConnectError(f"could not open SSE stream at {target.url}: {exc}", "check the URL") from exc

@@ -8,6 +8,11 @@ from pathlib import Path
 from typing import Literal
 
 MiB = 1024 * 1024
+# The largest single message (stdio line, HTTP JSON body, SSE event, WebSocket message) a transport reads
+# from a server: past it the message is dropped while it streams in, and the request it answers fails with
+# MessageTooLarge. Tool outputs are cut to max_output_chars (64 K characters) anyway; a result's text is
+# often sent twice (content and structuredContent), so 32 MiB still lets an 8 MiB text result through.
+DEFAULT_MAX_MESSAGE_BYTES = 32 * MiB
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +27,7 @@ class StdioTarget:
     stderr_lines: int = 200  # size of the in-memory ring of recent stderr lines
     eof_grace: float = 2.0  # seconds to wait for exit after stdin closes
     term_grace: float = 2.0  # seconds to wait after SIGTERM before SIGKILL
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # one stdout line at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +40,7 @@ class HttpTarget:
     bearer_token: str | None = None
     connect_timeout: float = 10.0
     read_timeout: float = 300.0
-    max_sse_event_size: int = 64 * MiB
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # one JSON response body or SSE event at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +53,7 @@ class WebSocketTarget:
     open_timeout: float = 10.0
     ping_interval: float | None = 20.0
     close_timeout: float = 2.0
-    max_message_size: int = 64 * MiB
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # one WebSocket message at most
 
 
 Target = StdioTarget | HttpTarget | WebSocketTarget

@@ -15,10 +15,12 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from mcp.shared.message import SessionMessage
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.frames import CloseCode
 from websockets.typing import Subprotocol
 
-from transports.errors import ConnectError
+from transports.errors import ConnectError, too_large_reason
 from transports.http import request_headers
+from transports.pending import PendingRequests
 from transports.targets import WebSocketTarget
 
 log = structlog.get_logger(__name__)
@@ -40,7 +42,7 @@ async def websocket_transport(target: WebSocketTarget) -> AsyncIterator[Streams]
             ping_interval=target.ping_interval,
             ping_timeout=target.ping_interval,
             close_timeout=target.close_timeout,
-            max_size=target.max_message_size,
+            max_size=target.max_message_bytes,  # websockets fails the connection (1009) past it
             compression=None,  # MCP payloads are small or already large JSON; deflate costs more than it saves
         )
     except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
@@ -57,19 +59,32 @@ async def websocket_transport(target: WebSocketTarget) -> AsyncIterator[Streams]
     read_writer, read_stream = anyio.create_memory_object_stream[SessionMessage | Exception](0)
     write_stream, write_reader = anyio.create_memory_object_stream[SessionMessage](0)
 
+    requests = PendingRequests()  # ours, unanswered: what an oversized message fails
+
     async def reader() -> None:
         try:
             async with read_writer:
-                async for frame in ws:
-                    text = frame if isinstance(frame, str) else frame.decode("utf-8", "replace")
-                    try:
-                        message = types.jsonrpc_message_adapter.validate_json(text, by_name=False)
-                    except ValueError:
-                        log.warning("skipped a non-JSON-RPC WebSocket frame", url=target.url)
-                        continue
-                    await read_writer.send(SessionMessage(message))
-        except ConnectionClosed as exc:
-            log.info("WebSocket closed", url=target.url, code=exc.code)
+                try:
+                    async for frame in ws:
+                        text = frame if isinstance(frame, str) else frame.decode("utf-8", "replace")
+                        try:
+                            message = types.jsonrpc_message_adapter.validate_json(text, by_name=False)
+                        except ValueError:
+                            log.warning("skipped a non-JSON-RPC WebSocket frame", url=target.url)
+                            continue
+                        requests.answered(message)
+                        await read_writer.send(SessionMessage(message))
+                except ConnectionClosed as exc:
+                    log.info("WebSocket closed", url=target.url, code=exc.code)
+                    if _too_big(exc):
+                        # websockets refused a message over max_size and closed the connection: say so to
+                        # every request still waiting, rather than a bare "connection closed".
+                        reason = (
+                            too_large_reason(None, target.max_message_bytes) + "; the connection was closed"
+                        )
+                        log.warning("WebSocket message over max_message_bytes", url=target.url)
+                        for reply in requests.fail_all(reason):
+                            await read_writer.send(reply)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
 
@@ -77,6 +92,7 @@ async def websocket_transport(target: WebSocketTarget) -> AsyncIterator[Streams]
         try:
             async with write_reader:
                 async for session_message in write_reader:
+                    requests.sent(session_message.message)
                     await ws.send(session_message.message.model_dump_json(by_alias=True, exclude_unset=True))
         except (ConnectionClosed, anyio.BrokenResourceError, anyio.ClosedResourceError):
             read_writer.close()  # the socket is gone: pending requests must see EOF, not hang
@@ -94,3 +110,10 @@ async def websocket_transport(target: WebSocketTarget) -> AsyncIterator[Streams]
                     await ws.close()
                 read_stream.close()
             tg.cancel_scope.cancel()
+
+
+def _too_big(exc: ConnectionClosed) -> bool:
+    """The connection ended because a message exceeded max_size (close code 1009, sent by us)."""
+    return any(
+        frame is not None and frame.code == CloseCode.MESSAGE_TOO_BIG for frame in (exc.sent, exc.rcvd)
+    )

@@ -56,7 +56,12 @@ class AgentHost:
         await self.aclose()
 
     def mcp_entries(self) -> list[ToolEntry]:
-        return list(self.runtime.tools())
+        """The MCP tools agents may see: quarantined ones (awaiting approval) are not offered."""
+        return self.runtime.offered_tools()
+
+    def quarantined_names(self) -> list[str]:
+        offered = {e.name for e in self.mcp_entries()}
+        return [e.name for e in self.runtime.tools() if e.name not in offered]
 
     def all_tool_names(self) -> list[str]:
         return [e.name for e in self.mcp_entries()] + self.runtime.local_tools.names()
@@ -65,7 +70,7 @@ class AgentHost:
         return [s.prefix for s in self.runtime.config.servers if s.enabled]
 
     def live_prefixes(self) -> list[str]:
-        names = {e.server for e in self.mcp_entries()}
+        names = {e.server for e in self.runtime.tools()}
         return [s.prefix for s in self.runtime.config.servers if s.name in names]
 
     def config_error(self, json_path: str, reason: str, hint: str | None = None) -> ConfigError:

@@ -108,8 +108,16 @@ class Agent:
         names = [s.name for s in specs]
         live_prefixes = self.host.live_prefixes()
         all_prefixes = self.host.configured_prefixes()
+        quarantined = self.host.quarantined_names()
         for i, glob in enumerate(self.config.tools):
             if any(fnmatch.fnmatchcase(n, glob) for n in names):
+                continue
+            if any(fnmatch.fnmatchcase(n, glob) for n in quarantined):
+                log.warning(
+                    "tool glob matches only quarantined tools; `agent-runtime tools approve` reviews them",
+                    agent=self.name,
+                    glob=glob,
+                )
                 continue
             lit = glob.split("*")[0].split("?")[0].split("[")[0]
             down = [

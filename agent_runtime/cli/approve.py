@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"approved {entry.name}")
             else:
                 remaining += check.quarantined
-        print(f"lock file: {store.lock.path if store.lock else '-'}")
+        where = store.lock.path if store.lock else None
+        print(f"lock file: {where or '(none: ad-hoc servers are pinned in memory, for this run only)'}")
         return 1 if remaining else 0
 
     return run_with_signals(main)

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.abc
 
 from agent_runtime.config import RuntimeConfig, adhoc_config, default_config_path, load_config
 from agent_runtime.errors import AgentRuntimeError, ConfigError
@@ -81,9 +82,12 @@ def run_with_signals(main: Callable[[], Awaitable[int]]) -> int:
         result = 0
         async with anyio.create_task_group() as tg:
 
-            async def watch_signals() -> None:
+            async def watch_signals(
+                *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+            ) -> None:
                 nonlocal result
                 with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    task_status.started()
                     async for signum in signals:
                         print(f"{signal.Signals(signum).name}: shutting down", file=sys.stderr)
                         result = 128 + signum
@@ -95,7 +99,7 @@ def run_with_signals(main: Callable[[], Awaitable[int]]) -> int:
                 result = await main()
                 tg.cancel_scope.cancel()
 
-            tg.start_soon(watch_signals)
+            await tg.start(watch_signals)  # before main: a signal at any point of it is a clean shutdown
             tg.start_soon(body)
         return result
 

@@ -1,4 +1,6 @@
-"""`agent-runtime config check [FILE] [--json]`: validate a config file and print its normalised servers."""
+"""`agent-runtime config check [FILE] [--json]`: validate a config file (its policies section and the launch
+policy included) and print its normalised servers, with warnings about policies that may not confine what
+their author meant."""
 
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent_runtime.config import default_config_path, load_config
+    from agent_runtime.config import default_config_path, load_config, redact_config
+    from agent_runtime.config.policies import load_policies, policy_warnings
     from agent_runtime.errors import ConfigError
 
     path = args.file or default_config_path()
@@ -37,10 +40,15 @@ def run(args: argparse.Namespace) -> int:
             "pass FILE, create ./MCP_CONFIG.json or set AGENT_RUNTIME_CONFIG (see docs/config.md)",
         )
     config = load_config(path)
+    # The policies section too: its errors, and the launch policy applied to every stdio server (a refused
+    # command is a config error here, exit 2, not only when something would be spawned).
+    warnings = policy_warnings(config, load_policies(config))
     if args.json:
-        _print_json(config)
+        _print_json(config, warnings)
     else:
         _print_table(config)
+    for warning in warnings:
+        print(f"warning: {redact_config(warning, config)}", file=sys.stderr)
     return 0
 
 
@@ -87,18 +95,20 @@ def _summary(config: Any) -> dict[str, Any]:
                 "jitter": r.reconnect.jitter,
             },
             "log_dir": str(r.log_dir) if r.log_dir else None,
+            "max_message_bytes": r.max_message_bytes,
         },
         "sections": sorted(config.sections),
     }
 
 
-def _print_json(config: Any) -> None:
+def _print_json(config: Any, warnings: list[str]) -> None:
     import json
 
     from agent_runtime.config import redact_config
 
     # Secret fields are masked structurally; the final pass catches secrets embedded anywhere else (args, URLs).
-    sys.stdout.write(redact_config(json.dumps(_summary(config), indent=2), config) + "\n")
+    summary = _summary(config) | {"warnings": warnings}
+    sys.stdout.write(redact_config(json.dumps(summary, indent=2), config) + "\n")
 
 
 def _print_table(config: Any) -> None:

@@ -13,6 +13,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.abc
 
 from agent_runtime.cli.common import (
     API_KEY_ENV,
@@ -125,12 +126,14 @@ async def _serve(
         )
         server = create_app(engine, settings=settings, agents=agents, metrics=metrics, model_id=model_name)
         uv = uvicorn_server(server.app)
-        print(f"LISTENING {url_of(sock)}", flush=True)
         async with anyio.create_task_group() as tg:
 
-            async def watch_signals() -> None:
+            async def watch_signals(
+                *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+            ) -> None:
                 nonlocal exit_code
                 with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    task_status.started()
                     async for signum in signals:
                         print(f"{signal.Signals(signum).name}: shutting down", file=sys.stderr)
                         exit_code = 0 if signum == signal.SIGTERM else 128 + signum
@@ -138,7 +141,10 @@ async def _serve(
                             uv.force_exit = True
                         uv.should_exit = True
 
-            tg.start_soon(watch_signals)
+            # The handler is in place before anyone learns the address: a SIGTERM right after LISTENING is a
+            # graceful stop, not the default action.
+            await tg.start(watch_signals)
+            print(f"LISTENING {url_of(sock)}", flush=True)
             await uv.serve(sockets=[sock])
             tg.cancel_scope.cancel()
     return exit_code

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -39,11 +40,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lst.add_argument("--server", metavar="NAME", help="only the tools of this server")
     add_server_source_arguments(lst)
     call = sub.add_parser("call", help="call one tool and print its result")
-    call.add_argument("name", help="namespaced tool name, e.g. time__get_current_time")
-    call.add_argument("arguments", nargs="?", default="{}", help="arguments as a JSON object (default {})")
-    call.add_argument("--timeout", type=float, default=None, metavar="S", help="per-call timeout in seconds")
+    call.add_argument(
+        "name",
+        help="namespaced tool name, e.g. time__get_current_time (the bare tool name when only one server has it)",
+    )
+    call.add_argument(
+        "arguments",
+        nargs="?",
+        default="{}",
+        help="arguments as a JSON object (default {}); @FILE reads them from a file, - from stdin",
+    )
+    call.add_argument(
+        "--timeout", type=_seconds, default=None, metavar="S", help="per-call timeout in seconds (> 0)"
+    )
     add_server_source_arguments(call)
     approve.add_arguments(sub.add_parser("approve", help="approve new or changed tool definitions (pinning)"))
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the timeout must be a positive, finite number of seconds"
+        )
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,7 +100,7 @@ def _list(args: argparse.Namespace) -> int:
             }
             print(json.dumps(doc, indent=2))
         else:
-            _print_tools_table(entries)
+            _print_tools_table(entries, flags)
             for name, tool_flag_list in flags.items():
                 for flag in tool_flag_list:
                     print(f"warning: {name}: {flag}", file=sys.stderr)
@@ -109,36 +132,89 @@ def _problem_dict(p: RegistryProblem) -> dict[str, Any]:
     return {"kind": p.kind, "name": p.name, "server": p.server, "tool_name": p.tool_name, "detail": p.detail}
 
 
-def _print_tools_table(entries: list[ToolEntry]) -> None:
+def _print_tools_table(entries: list[ToolEntry], flags: dict[str, list[str]]) -> None:
     from rich.console import Console  # ~0.1 s: `tools list --json` never needs it
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"{len(entries)} tools")
     table.add_column("tool", no_wrap=True)
     table.add_column("server")
+    table.add_column("flags")
     table.add_column("description", overflow="fold")
     for e in entries:
         desc = (e.definition.description or "").strip().splitlines()
-        table.add_row(e.name, e.server, desc[0] if desc else "")
+        marks = flags.get(e.name, [])
+        shown = [
+            "quarantined" if any(f.startswith("quarantined") for f in marks) else "",
+            "suspicious" if any(f.startswith("suspicious") for f in marks) else "",
+        ]
+        # Server text is shown as text: rich markup in a description must not style (or hide) anything.
+        table.add_row(
+            escape(e.name), escape(e.server), " ".join(m for m in shown if m), escape(desc[0] if desc else "")
+        )
     Console().print(table)
 
 
 # -- call ------------------------------------------------------------------------------------------------
 
 
+_EXAMPLE = """pass a JSON object, e.g. '{"timezone": "Asia/Tokyo"}'"""
+MAX_INT_DIGITS = 300
+
+
+def _read_arguments(text: str) -> str:
+    """The argument text itself, or that of `@FILE` / `-` (stdin): argv caps one argument at 128 KiB."""
+    if text == "-":
+        return sys.stdin.read()
+    if text.startswith("@"):
+        path = text[1:]
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"cannot read tool arguments from {path!r}: {exc}", "@FILE names a JSON file"
+            ) from None
+    return text
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number (JSON has no NaN or Infinity)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range for a double")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {digits} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
 def _parse_arguments(text: str) -> dict[str, Any]:
+    """Strict JSON: NaN, Infinity, numbers that overflow a double and integers of more than 300 digits are
+    usage errors (they would be sent as null, or cannot be encoded again), as is nesting JSON cannot parse."""
+    text = _read_arguments(text)
     try:
-        value = json.loads(text)
+        value = json.loads(
+            text, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_bounded_int
+        )
     except json.JSONDecodeError as exc:
         raise ConfigError(
-            f"tool arguments are not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
-            """pass a JSON object, e.g. '{"timezone": "Asia/Tokyo"}'""",
+            f"tool arguments are not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", _EXAMPLE
         ) from None
+    except RecursionError:
+        raise ConfigError("tool arguments are nested too deeply to parse", _EXAMPLE) from None
+    except ValueError as exc:
+        raise ConfigError(f"tool arguments are not valid: {exc}", _EXAMPLE) from None
     if not isinstance(value, dict):
-        raise ConfigError(
-            f"tool arguments must be a JSON object, not {type(value).__name__}",
-            """pass a JSON object, e.g. '{"timezone": "Asia/Tokyo"}'""",
-        )
+        raise ConfigError(f"tool arguments must be a JSON object, not {type(value).__name__}", _EXAMPLE)
     return value
 
 
@@ -157,8 +233,9 @@ def _call(args: argparse.Namespace) -> int:
 
         rt: Runtime
         async with open_runtime(config, args) as rt:
+            name = _qualified(rt, args.name)
             try:
-                result = await rt.call_tool(args.name, arguments, timeout=args.timeout)
+                result = await rt.call_tool(name, arguments, timeout=args.timeout)
             except (ServerUnavailable, TransportError, ToolCallRefused) as exc:
                 # The call failed (never sent, lost, timed out, refused by a policy): exit 1, not a usage error.
                 if args.json:
@@ -169,6 +246,16 @@ def _call(args: argparse.Namespace) -> int:
         return 1 if result.is_error else 0
 
     return run_with_signals(main)
+
+
+def _qualified(rt: Runtime, name: str) -> str:
+    """`name` as given when some tool has it; else the one namespaced tool whose server calls it `name`
+    (`tools call --stdio CMD echo`); unchanged when none or several do (the call then says so)."""
+    if rt.registry.get(name) is not None:
+        return name
+    owners = {e.name for e in rt.tools() if e.tool_name == name}
+    owners |= {p.name for p in rt.registry.problems() if p.tool_name == name and p.kind != "collision"}
+    return owners.pop() if len(owners) == 1 else name
 
 
 def _print_result(result: CallToolResult, *, as_json: bool) -> None:

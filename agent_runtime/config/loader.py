@@ -520,6 +520,7 @@ def _build_server(
 ) -> ServerConfig:
     c = spec.common
     timeouts = _timeouts(doc, spec, runtime, explicit_tool)
+    max_message = c.max_message_bytes or runtime.max_message_bytes
     target: Target
     if spec.transport == "stdio":
         assert spec.command is not None
@@ -535,7 +536,7 @@ def _build_server(
             if not _ENV_NAME.match(key):
                 raise doc.error((*spec.key_paths["env"], key), f"invalid environment variable name {key!r}")
         cwd = str(_resolve(doc, spec.cwd)) if spec.cwd else None
-        kw: dict[str, Any] = {}
+        kw: dict[str, Any] = {"max_message_bytes": max_message}
         if c.kill_grace_secs is not None:
             kw["term_grace"] = c.kill_grace_secs
         stderr_log = runtime.log_dir / f"{name}.log" if runtime.log_dir else None
@@ -556,7 +557,11 @@ def _build_server(
         longest = max([timeouts.request, timeouts.tool, *timeouts.per_tool.values()])
         if spec.transport == "websocket":
             target = WebSocketTarget(
-                url=spec.url, headers=spec.headers, bearer_token=c.bearer_token, open_timeout=timeouts.connect
+                url=spec.url,
+                headers=spec.headers,
+                bearer_token=c.bearer_token,
+                open_timeout=timeouts.connect,
+                max_message_bytes=max_message,
             )
         else:
             default_read = cast(float, HttpTarget.__dataclass_fields__["read_timeout"].default)
@@ -568,6 +573,7 @@ def _build_server(
                 connect_timeout=timeouts.connect,
                 # a stream must not be cut by the read timeout before the slowest tool's own deadline
                 read_timeout=max(default_read, longest),
+                max_message_bytes=max_message,
             )
     return ServerConfig(
         name=name,
@@ -648,6 +654,7 @@ def _runtime(doc: _Doc, data: dict[str, Any], mistral: bool) -> tuple[RuntimeSet
             jitter=rc.jitter,
         ),
         log_dir=_resolve(doc, r.log_dir) if r.log_dir else None,
+        max_message_bytes=r.max_message_bytes or base.max_message_bytes,
     )
     return settings, r.tool_timeout_secs is not None
 

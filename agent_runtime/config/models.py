@@ -7,9 +7,9 @@ validation errors into located ConfigErrors.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from agent_runtime.config.types import DEFAULT_APPROVAL_TIMEOUT, DEFAULT_PINNING, PinningMode
 from policies.approval import ApprovalMode
@@ -43,6 +43,7 @@ class Common(ConfigModel):
     bearer_token: str | None = None
     max_concurrent_calls: PositiveInt | None = None
     kill_grace_secs: PositiveSecs | None = None
+    max_message_bytes: PositiveInt | None = None  # one message from the server at most (runtime default)
 
 
 class ClaudeServer(Common):
@@ -103,6 +104,7 @@ class RuntimeSection(ConfigModel):
     shutdown_timeout_secs: PositiveSecs = 10.0
     reconnect: Reconnect = Field(default_factory=Reconnect)
     log_dir: str | None = None
+    max_message_bytes: PositiveInt | None = None  # per message read from any server (default 32 MiB)
 
 
 class MistralTop(ConfigModel):
@@ -145,6 +147,7 @@ class ArgumentsModel(PolicyModel):
     max_string_bytes: int = Field(1024 * 1024 - 1, ge=1)
     max_depth: int = Field(32, ge=1, le=1000)
     max_total_bytes: int = Field(4 * 1024 * 1024 - 64 * 1024, ge=1)
+    max_validation_seconds: float = Field(0.1, gt=0, le=60)
 
 
 class LaunchModel(PolicyModel):
@@ -152,6 +155,14 @@ class LaunchModel(PolicyModel):
     environment is minimal already (transports.stdio.build_env: the SDK's safe set + the server's env)."""
 
     allowed_commands: list[str] = Field(default_factory=list)  # globs; empty allows any command
+
+
+class EgressModel(PolicyModel):
+    """`egress: {"mode": "allowlist", "allow": [...]}`: only listed hosts and networks are reachable.
+    `{"mode": "public"}` is the default (`egress: true`): public addresses, `allow` listing exceptions."""
+
+    mode: Literal["public", "allowlist"] = "public"
+    allow: list[str] = Field(default_factory=list)  # host globs and CIDR networks
 
 
 class ToolRules(PolicyModel):
@@ -175,7 +186,7 @@ class Rules(PolicyModel):
     roots: list[str] | None = None  # path confinement; unset: off
     path_args: list[str] | None = None
     url_args: list[str] | None = None
-    egress: bool | None = None  # check URL arguments (on by default)
+    egress: bool | EgressModel | None = None  # check URL arguments (on by default); or a mode object
     egress_allow: list[str] | None = None  # host globs and CIDR networks
     approval: ApprovalMode | None = None
     max_output_chars: int | None = Field(None, ge=1)
@@ -185,6 +196,12 @@ class Rules(PolicyModel):
     breaker: BreakerModel | None = None  # fields set here replace the global ones, field by field
     retry: RetryModel | None = None
     arguments: ArgumentsModel | None = None
+
+    @field_validator("egress", mode="before")
+    @classmethod
+    def _egress_object(cls, value: Any) -> Any:
+        # An object is validated as EgressModel itself, so its errors name `egress.mode`, not a union branch.
+        return EgressModel.model_validate(value) if isinstance(value, dict) else value
 
 
 class ServerRules(Rules):

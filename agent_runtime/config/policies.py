@@ -70,6 +70,7 @@ class PolicyConfig:
     section: PoliciesModel | None
     base_dir: Path
     _cache: dict[tuple[str, str], ToolPolicy] = field(default_factory=dict)
+    has_file: bool = True  # False for ad-hoc servers (CLI flags): nothing is written beside a config file
 
     @property
     def model(self) -> PoliciesModel:
@@ -90,14 +91,17 @@ class PolicyConfig:
         return self.section.max_concurrent_calls_global if self.section is not None else None
 
     @property
-    def lock_file(self) -> Path:
+    def lock_file(self) -> Path | None:
+        """Where pins are kept; None (pins in memory only) for ad-hoc servers without a `lock_file`."""
         lock_file = self.section.lock_file if self.section is not None else None
-        return self._path(lock_file or LOCK_FILE_NAME)
+        if lock_file is None and not self.has_file:
+            return None
+        return self.resolve_path(lock_file or LOCK_FILE_NAME)
 
     @property
     def audit_path(self) -> Path | None:
         audit_path = self.section.audit_path if self.section is not None else None
-        return self._path(audit_path) if audit_path else None
+        return self.resolve_path(audit_path) if audit_path else None
 
     @property
     def launch(self) -> LaunchPolicy:
@@ -154,13 +158,17 @@ class PolicyConfig:
             filter=ToolFilter.of(
                 s.allow if s.allow is not None else (g.allow or []), [*(g.deny or []), *(s.deny or [])]
             ),
-            roots=tuple(str(self._path(r)) for r in roots) if roots is not None else None,
+            roots=tuple(str(self.resolve_path(r)) for r in roots) if roots is not None else None,
             path_args=tuple(pick("path_args") or ()),
             egress=None
             if egress_on is False
             else EgressPolicy.of(
-                allow=(s.egress_allow if s.egress_allow is not None else g.egress_allow) or (),
+                allow=[
+                    *(getattr(egress_on, "allow", None) or ()),
+                    *((s.egress_allow if s.egress_allow is not None else g.egress_allow) or ()),
+                ],
                 url_args=pick("url_args") or (),
+                mode=getattr(egress_on, "mode", "public"),
             ),
             approval=pick("approval") or "never",
             max_output_chars=pick("max_output_chars") or DEFAULT_MAX_OUTPUT_CHARS,
@@ -172,7 +180,8 @@ class PolicyConfig:
             arguments=ArgumentLimits(**m.ArgumentsModel(**_layered(g.arguments, s.arguments)).model_dump()),
         )
 
-    def _path(self, value: str) -> Path:
+    def resolve_path(self, value: str) -> Path:
+        """A path of the section (roots, files), relative to the config file's directory."""
         p = Path(value).expanduser()
         return p if p.is_absolute() else (self.base_dir / p).resolve()
 
@@ -213,7 +222,7 @@ def load_policies(config: RuntimeConfig) -> PolicyConfig:
     if not isinstance(raw, Mapping):
         raise _section_error(config, "policies", "the policies section must be a JSON object")
     if not raw:  # no section: every default, nothing to validate (and no pydantic to import)
-        return _checked_launch(config, PolicyConfig(None, base_dir))
+        return _checked_launch(config, PolicyConfig(None, base_dir, has_file=config.path is not None))
     from pydantic import ValidationError
 
     m = _models()
@@ -244,7 +253,7 @@ def load_policies(config: RuntimeConfig) -> PolicyConfig:
         if retry.max_backoff < retry.initial_backoff:
             path = ("policies", "servers", name, "retry") if name else ("policies", "retry")
             raise _section_error(config, _json_path(path), "max_backoff must be >= initial_backoff")
-    return _checked_launch(config, PolicyConfig(model, base_dir))
+    return _checked_launch(config, PolicyConfig(model, base_dir, has_file=config.path is not None))
 
 
 def _checked_launch(config: RuntimeConfig, policy: PolicyConfig) -> PolicyConfig:
@@ -263,6 +272,53 @@ def _checked_launch(config: RuntimeConfig, policy: PolicyConfig) -> PolicyConfig
     return policy
 
 
+def policy_warnings(config: RuntimeConfig, policy: PolicyConfig) -> list[str]:
+    """What `config check` points out about path confinement that loads fine but may not do what its author
+    meant: path_args where no roots apply (nothing is confined), roots whose path_args exclude every
+    detected name and declare none (only `file:` URIs are checked), roots that do not exist, and roots on a
+    network server (judged against this machine's files, relative paths denied)."""
+    g = policy.section
+    if g is None:
+        return []
+    m = _models()
+    warnings: list[str] = []
+    for server in config.servers:
+        s = g.servers.get(server.name) or m.ServerRules()
+        roots = s.roots if s.roots is not None else g.roots
+        tool_path_args = [r.path_args for r in s.tools.values() if r.path_args is not None] + [
+            r.path_args
+            for pat, r in g.tools.items()
+            if r.path_args is not None and ("/" not in pat or fnmatchcase(server.name, pat.split("/", 1)[0]))
+        ]
+        path_args = s.path_args if s.path_args is not None else g.path_args
+        where = f"server {server.name!r}"
+        if roots is None:
+            if path_args or any(tool_path_args):
+                warnings.append(
+                    f"{where}: path_args is set but no roots apply, so no path is confined; "
+                    "set policies.roots (or policies.servers.<name>.roots)"
+                )
+            continue
+        if not roots:
+            warnings.append(f"{where}: roots is empty, so every path-like argument is denied")
+        positive = [p for p in (path_args or []) if not p.startswith("!")]
+        if not positive and any(p in ("!*", "!**") for p in (path_args or [])) and not any(tool_path_args):
+            warnings.append(
+                f"{where}: roots are set but path_args excludes every argument name, so only file: URIs "
+                "are checked; list the names that hold paths"
+            )
+        for root in roots:
+            resolved = policy.resolve_path(root)
+            if not resolved.is_dir():
+                warnings.append(f"{where}: root {str(resolved)!r} is not an existing directory")
+        if not isinstance(server.target, StdioTarget):
+            warnings.append(
+                f"{where}: roots on a network server are judged against this machine's files and its "
+                "relative paths are denied; the server's own filesystem is not known here"
+            )
+    return warnings
+
+
 def _known_keys(loc: tuple[Any, ...]) -> set[str]:
     m = _models()
     model: type[BaseModel] = m.PoliciesModel
@@ -273,6 +329,8 @@ def _known_keys(loc: tuple[Any, ...]) -> set[str]:
             model = m.ToolRules
         elif part == "launch":
             model = m.LaunchModel
+        elif part == "egress":
+            model = m.EgressModel
         elif isinstance(part, str) and part in {"breaker", "retry", "arguments"}:
             model = {"breaker": m.BreakerModel, "retry": m.RetryModel, "arguments": m.ArgumentsModel}[part]
     return set(model.model_fields)

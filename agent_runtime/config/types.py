@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from transports.targets import Target
+from transports.targets import DEFAULT_MAX_MESSAGE_BYTES, Target
 
 PinningMode = Literal["tofu", "strict", "off"]
 # Defaults of the policies section that start-up reads, so a file without the section never imports pydantic.
@@ -59,6 +59,9 @@ class RuntimeSettings:
     shutdown_timeout: float = 10.0
     reconnect: ReconnectPolicy = field(default_factory=ReconnectPolicy)
     log_dir: Path | None = None  # server stderr logs go here when set
+    max_message_bytes: int = (
+        DEFAULT_MAX_MESSAGE_BYTES  # the transports' per-message cap (servers may override)
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,7 +89,7 @@ class AgentMCPServer:
 
     def _reexported(self) -> Iterator[types.Tool]:
         assert self.runtime is not None
-        for entry in self.runtime.tools():
+        for entry in self.runtime.offered_tools():  # quarantined tools are not shown until approved
             if entry.name in OWN_TOOLS:
                 continue  # our own names win; the namespaced prefix makes this rare
             d = entry.definition

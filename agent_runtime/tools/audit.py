@@ -8,16 +8,17 @@ local file costs microseconds, far less than a thread hop; the file is readable 
 
 from __future__ import annotations
 
-import os
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TextIO
+from typing import IO, Any
 
 import anyio
 
 from agent_runtime.logging import DEBUG, enabled_for, get_logger
-from policies.audit import AuditRecord, argument_digest
+from policies.audit import AuditRecord, argument_digest, call_record, decision_record
+from transports.files import open_private
 
 log = get_logger(__name__)  # structlog, imported on the first record that passes the level
 FLUSH_AT = 256  # queued records that force a flush from the call path
@@ -30,10 +31,12 @@ class AuditLog:
     def __init__(self, path: Path | None = None) -> None:
         self.path = path
         self.listeners: list[Callable[[AuditRecord], None]] = []
-        self._file: TextIO | None = None
+        self._file: IO[str] | None = None
         self._lock = threading.Lock()  # the engine thread never writes here, but sync callers might
         self._failed = False
-        self._pending: list[AuditRecord] = []
+        self._pending: list[
+            AuditRecord | tuple[Any, ...]
+        ] = []  # records, or executed calls to make records of
 
     def wants_records(self) -> bool:
         """Whether a record written now reaches anyone (the file, a listener, debug logs): the call path
@@ -53,6 +56,43 @@ class AuditLog:
         if len(self._pending) >= FLUSH_AT:
             self.flush()
 
+    def write_call(
+        self,
+        agent: str | None,
+        server: str,
+        tool: str,
+        args: Mapping[str, Any],
+        approval: str | None,
+        decided_at: float,
+        outcome: str,
+        reason: str | None,
+        duration: float,
+        attempts: int,
+        truncated: bool,
+        secrets: tuple[str, ...],
+    ) -> None:
+        """An executed call's two records (its `allow` decision and its outcome). With only a file to write
+        them to, they are built by the flusher, off the call's critical path."""
+        entry = (
+            agent,
+            server,
+            tool,
+            args,
+            approval,
+            decided_at,
+            outcome,
+            reason,
+            duration,
+            attempts,
+            truncated,
+        )
+        if self.listeners or self.path is None:
+            self.write(*_call_records(entry, secrets, time.time()))
+            return
+        self._pending.append((*entry, secrets, time.time()))
+        if len(self._pending) >= FLUSH_AT:
+            self.flush()
+
     async def run(self, interval: float = FLUSH_INTERVAL) -> None:
         """Flush queued records until cancelled (then once more)."""
         if self.path is None:  # records never queue without a file: no wake-up every interval
@@ -68,7 +108,13 @@ class AuditLog:
     def flush(self) -> None:
         if not self._pending or self.path is None:
             return
-        records, self._pending = self._pending, []
+        pending, self._pending = self._pending, []
+        records: list[AuditRecord] = []
+        for item in pending:
+            if isinstance(item, AuditRecord):
+                records.append(item)
+            else:
+                records.extend(_call_records(item[:11], item[11], item[12]))
         # A call's decision and outcome records share its arguments: digest them once. The records keep the
         # argument objects alive until the loop ends, so their ids cannot be reused meanwhile.
         digests: dict[int, str] = {}
@@ -79,7 +125,13 @@ class AuditLog:
                 if digest is None:
                     digest = digests[id(args)] = argument_digest(args)
                 record.args = digest
-        text = "".join(record.to_json() + "\n" for record in records)
+        lines = []
+        for record in records:
+            try:
+                lines.append(record.to_json() + "\n")
+            except Exception as exc:  # one bad record must not take the writer (and the runtime) down
+                log.error("audit record could not be encoded", tool=record.tool, error=repr(exc)[:200])
+        text = "".join(lines)
         with self._lock:
             try:
                 if self._file is None:
@@ -99,7 +151,36 @@ class AuditLog:
                 self._file = None
 
     @staticmethod
-    def _open(path: Path) -> TextIO:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        return os.fdopen(fd, "a", encoding="utf-8")
+    def _open(path: Path) -> IO[str]:
+        return open_private(path)  # created 0600 (an existing file narrowed to it), its directory 0700
+
+
+def _call_records(
+    entry: tuple[Any, ...], secrets: tuple[str, ...], finished_at: float
+) -> tuple[AuditRecord, AuditRecord]:
+    agent, server, tool, args, approval, decided_at, outcome, reason, duration, attempts, truncated = entry
+    return (
+        decision_record(
+            agent=agent,
+            server=server,
+            tool=tool,
+            digest=args,
+            allowed=True,
+            reason=f"approved: {approval}" if approval else None,
+            secrets=secrets,
+            at=decided_at,
+        ),
+        call_record(
+            agent=agent,
+            server=server,
+            tool=tool,
+            digest=args,
+            outcome=outcome,
+            reason=reason,
+            duration=duration,
+            attempts=attempts,
+            truncated=truncated,
+            secrets=secrets,
+            at=finished_at,
+        ),
+    )

@@ -8,9 +8,11 @@ raises for a failed call: every call ends in exactly one typed ToolOutcome (canc
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import ipaddress
 import json
+import os
 import random
 import socket
 import time
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
+import anyio.to_thread
 
 from agent_runtime.config import secret_values
 from agent_runtime.config.policies import PolicyConfig, ToolPolicy, load_policies
@@ -31,17 +34,28 @@ from agent_runtime.tools.pins import PinStore
 from agent_runtime.tools.supervisor import LIVE_STATES, ServerUnavailable
 from policies.approval import ApprovalRequest, approval_reason, is_destructive
 from policies.arguments import ArgumentValidator
-from policies.audit import call_record, decision_record
+from policies.audit import decision_record
 from policies.breaker import BreakerEvent, BreakerSet, CircuitBreaker, Permit
 from policies.clock import Clock, monotonic
 from policies.deadlines import Deadline, TimeoutPlan, plan_timeouts
-from policies.egress import IPAddress, egress_problem, has_urls, parse_target, url_values
+from policies.egress import (
+    EgressPolicy,
+    IPAddress,
+    UrlTarget,
+    egress_problem,
+    has_urls,
+    needs_resolution,
+    parse_target,
+    url_values,
+)
 from policies.errors import BreakerOpenError
 from policies.limits import AgentBudget
 from policies.output import cap_result
-from policies.paths import PathPolicy, path_problem, path_values
+from policies.paths import PathPolicy, path_problem, path_values, schema_path_names
 from policies.retry import RetryableFailure, call_with_retries, may_retry, tool_is_safe
+from policies.secrets import redact
 from transports.errors import CallTimeout, ConnectionLost, ServerRequestError, TransportError
+from transports.targets import StdioTarget
 
 if TYPE_CHECKING:
     from mcp_types import CallToolResult, Tool
@@ -55,6 +69,7 @@ OutcomeKind = Literal[
     "result",
     "tool_error",
     "denied",
+    "invalid_arguments",
     "timeout",
     "breaker_open",
     "transport_failure",
@@ -64,6 +79,8 @@ OutcomeKind = Literal[
 ApprovalHook = Callable[[ApprovalRequest], Awaitable[bool] | bool]
 Resolver = Callable[[str], Awaitable[list[IPAddress]]]
 DNS_TIMEOUT = 5.0
+UNHASHED = "unhashed: over the argument limits"  # the audit's `args` for arguments nothing may walk again
+_DENY_LIST_HINT = "the `allow`/`deny` lists of the `policies` section refuse this tool"
 
 
 @dataclass(slots=True)
@@ -78,6 +95,7 @@ class ToolOutcome:
     duration: float  # seconds, decisions included
     attempts: int  # requests sent (0 when refused before sending)
     truncated: bool
+    hint: str | None = None  # what the user can do about a refusal (for the CLI and APIs that raise)
 
     @property
     def ok(self) -> bool:
@@ -127,12 +145,13 @@ def outcome_error(outcome: ToolOutcome) -> Exception:
     if outcome.kind == "transport_failure":
         return ConnectionLost(outcome.reason or "transport failure", None, sent=outcome.attempts > 0)
     hints = {
-        "denied": "see the `policies` section of the config (and `agent-runtime tools approve`)",
+        "denied": "see the `policies` section of the config",
+        "invalid_arguments": "`agent-runtime tools list --json` shows the tool's inputSchema",
         "breaker_open": "the server failed repeatedly; `agent-runtime servers status` shows it",
         "budget_exhausted": "the agent's budget is used up",
         "unknown_tool": "`agent-runtime tools list` shows the available tools",
     }
-    return ToolCallRefused(outcome, hints.get(outcome.kind))
+    return ToolCallRefused(outcome, outcome.hint or hints.get(outcome.kind))
 
 
 class _Failed(Exception):
@@ -160,6 +179,7 @@ class _Prepared:
     destructive: bool
     path_policy: PathPolicy | None
     denial: str | None  # the allow/deny lists judge the name only
+    validation_seconds: float  # the schema-validation budget of a call, within its deadline
     plan: TimeoutPlan  # the timeouts of a call that neither the caller nor a budget shortens
     limiter: anyio.CapacityLimiter  # the server's concurrency limit
     breakers: list[CircuitBreaker]  # the server's breaker, then the tool's when configured
@@ -270,7 +290,8 @@ class Executor:
         elif isinstance(arguments, Mapping):
             args = dict(arguments)
         else:
-            return self._refuse("denied", name, None, {}, agent, start, "arguments must be a JSON object")
+            why = f"arguments must be a JSON object, not {type(arguments).__name__}"
+            return self._refuse("invalid_arguments", name, None, {}, agent, start, why)
         entry = self.registry.get(name)
         if entry is None:
             return await self._unresolved(name, args, agent, start)
@@ -285,36 +306,43 @@ class Executor:
         prep = self._prepared.get((server, tool))
         if prep is None or prep.definition is not entry.definition:
             prep = self._prepare(entry)
-        why = (
-            prep.denial
-            or self._pin_problem(entry)
-            or prep.validator.problem(args)
-            or (None if prep.path_policy is None else self._path_problem(prep, args))
+        if prep.denial is not None:
+            return self._refuse("denied", name, server, args, agent, start, prep.denial, hint=_DENY_LIST_HINT)
+        why = self._pin_problem(entry)
+        if why is not None:
+            hint = f"review and approve it: `agent-runtime tools approve {name}`"
+            return self._refuse("denied", name, server, args, agent, start, why, hint=hint)
+        problem = prep.validator.check(
+            args, prep.validation_seconds if timeout is None else min(prep.validation_seconds, timeout)
         )
+        if problem is not None:
+            # Arguments over the limits are not digested for the audit: they may be too deep to encode.
+            return self._refuse(
+                problem.kind, name, server, args, agent, start, problem.reason, unhashed=problem.over_limits
+            )
+        why = None if prep.path_policy is None else self._path_problem(prep, args)
         egress = prep.policy.egress
+        unresolved: list[UrlTarget] = []
         if why is None and egress is not None and has_urls(args, egress.url_args):
-            why = await self._egress_problem(prep, args)
-        if why is None and prep.approval is not None:
-            why = await self._approval_problem(prep, entry, args, agent)
+            why, unresolved = _egress_verdict(egress, args)
         if why is not None:
             return self._refuse("denied", name, server, args, agent, start, why)
+        if prep.approval is not None:
+            why = await self._approval_problem(prep, entry, args, agent)
+            if why is not None:
+                hint = "answer the approval prompt (a terminal is needed), or change the tool's `approval` policy"
+                return self._refuse("denied", name, server, args, agent, start, why, hint=hint)
+        # DNS last: a call denied for any reason that does not need the host's addresses never looks it up.
+        if unresolved:
+            assert egress is not None
+            why = await self._egress_problem(egress, unresolved)
+            if why is not None:
+                return self._refuse("denied", name, server, args, agent, start, why)
 
-        digest = args  # digested when the record is written, off the call's critical path
-        # Records are built only when someone reads them (a file, a listener, debug logs); written with
-        # the call record in one append at the end: one syscall per call, not two.
-        decision = (
-            decision_record(
-                agent=agent,
-                server=server,
-                tool=name,
-                digest=digest,
-                allowed=True,
-                reason=f"approved: {prep.approval}" if prep.approval else None,
-                secrets=self._secrets,
-            )
-            if self.audit.wants_records()
-            else None
-        )
+        # Records only when someone reads them (a file, a listener, debug logs). The decision and the outcome
+        # go together at the end: with only a file to write, the audit writer builds both records (and
+        # digests the arguments) later, off the call's critical path.
+        decided_at = time.time() if self.audit.wants_records() else None
         if timeout is None and budget is None:
             plan = prep.plan
         else:
@@ -336,6 +364,8 @@ class Executor:
             kind, result, reason, attempts = await self._call(
                 _Call(prep, server, tool, args, deadline, plan.attempt)
             )
+            if reason is not None:  # server-supplied text (errors, stderr): no secrets in outcomes or stats
+                reason = redact(reason, self._secrets)
             if result is not None:
                 result, truncated = cap_result(result, prep.policy.max_output_chars)
             finished = True
@@ -343,26 +373,30 @@ class Executor:
             duration = time.perf_counter() - start
             cancelled = not finished  # the caller cancelled us mid-call (or a bug raised): still audited
             self.monitor.record(server, "cancelled" if cancelled else kind, duration, reason, attempts)
-            if decision is not None:
-                self.audit.write(
-                    decision,
-                    call_record(
-                        agent=agent,
-                        server=server,
-                        tool=name,
-                        digest=digest,
-                        outcome="cancelled" if cancelled else kind,
-                        reason=reason,
-                        duration=duration,
-                        attempts=attempts,
-                        truncated=truncated,
-                        secrets=self._secrets,
-                    ),
+            if decided_at is not None:
+                self.audit.write_call(
+                    agent,
+                    server,
+                    name,
+                    args,
+                    prep.approval,
+                    decided_at,
+                    "cancelled" if cancelled else kind,
+                    reason,
+                    duration,
+                    attempts,
+                    truncated,
+                    self._secrets,
                 )
         return ToolOutcome(kind, name, server, result, reason, duration, attempts, truncated)
 
     def health(self) -> list[Any]:
         return self.monitor.snapshot()
+
+    def quarantined(self, entry: ToolEntry) -> bool:
+        """Whether the tool's current definition awaits approval (new, or changed since it was pinned):
+        its calls are denied, and it is not offered to agents or MCP hosts."""
+        return self.pins.check(entry.server, entry.definition).quarantined
 
     async def serve(self) -> None:
         """The executor's background work until cancelled: the stale-call sweep and the audit flusher.
@@ -524,7 +558,21 @@ class Executor:
     async def _unresolved(
         self, name: str, args: dict[str, Any], agent: str | None, start: float
     ) -> ToolOutcome:
-        """No such tool right now: its server may be down (a transport failure the breaker counts)."""
+        """No such tool right now: its definition may be invalid (denied, saying why), or its server may be
+        down (a transport failure the breaker counts)."""
+        invalid = self.registry.problem(name)
+        if invalid is not None and invalid.kind == "invalid_definition":
+            return self._refuse(
+                "denied",
+                name,
+                invalid.server,
+                args,
+                agent,
+                start,
+                f"the tool's definition is invalid: {invalid.detail}",
+                hint="the server offers a definition the runtime will not use; `agent-runtime tools list` "
+                "shows why",
+            )
         server_cfg = next((s for prefix, s in self._prefixes if name.startswith(prefix)), None)
         if server_cfg is not None:
             try:
@@ -560,6 +608,17 @@ class Executor:
         read_only = ann.read_only_hint if ann is not None else None
         destructive_hint = ann.destructive_hint if ann is not None else None
         idempotent = ann.idempotent_hint if ann is not None else None
+        plan = _plan_timeouts(tool, server_cfg, policy)
+        lowered = read_only is True or destructive_hint is False
+        if not server_cfg.trusted:  # an untrusted server's annotations may raise the bar, never lower it
+            read_only = idempotent = destructive_hint = None
+        approval = approval_reason(
+            policy.approval, read_only_hint=read_only, destructive_hint=destructive_hint
+        )
+        if approval is not None and lowered and not server_cfg.trusted and policy.approval == "destructive":
+            approval = (
+                "the server is not marked `trusted`, so its read-only/non-destructive hints are not believed"
+            )
         breakers = [self.breakers.get(server, policy.breaker)]
         if policy.tool_breaker is not None:
             breakers.append(self.breakers.get(f"{server}/{tool}", policy.tool_breaker))
@@ -574,15 +633,16 @@ class Executor:
                 read_only_hint=read_only,
                 idempotent_hint=idempotent,
             ),
-            approval=approval_reason(
-                policy.approval, read_only_hint=read_only, destructive_hint=destructive_hint
-            ),
+            approval=approval,
             destructive=is_destructive(read_only, destructive_hint),
             path_policy=None
             if policy.roots is None
-            else PathPolicy(policy.roots, policy.path_args, getattr(server_cfg.target, "cwd", None)),
+            else server_path_policy(
+                policy.roots, policy.path_args, server_cfg, entry.definition.input_schema
+            ),
             denial=policy.filter.denial(server, tool),
-            plan=_plan_timeouts(tool, server_cfg, policy),
+            validation_seconds=min(policy.arguments.max_validation_seconds, plan.total),
+            plan=plan,
             limiter=self._limiter(server, server_cfg),
             breakers=breakers,
         )
@@ -598,29 +658,30 @@ class Executor:
             if check.status == "new"
             else f"changed ({', '.join(check.changed)}) since it was approved"
         )
-        return f"tool {entry.name} is quarantined: it {what}; run `agent-runtime tools approve {entry.name}`"
+        return f"tool {entry.name} is quarantined: it {what}"
 
     def _path_problem(self, prep: _Prepared, args: dict[str, Any]) -> str | None:
         if prep.path_policy is None:
             return None
-        for where, value in path_values(args, prep.path_policy.path_args):
-            problem = path_problem(value, prep.path_policy)
+        policy = prep.path_policy
+        for where, value in path_values(
+            args, policy.path_args, detect=policy.detect, schema_names=policy.schema_names
+        ):
+            problem = path_problem(value, policy)
             if problem is not None:
                 return f"{where}: {problem}"
         return None
 
-    async def _egress_problem(self, prep: _Prepared, args: dict[str, Any]) -> str | None:
-        policy = prep.policy.egress
-        assert policy is not None
-        for where, value, _declared in url_values(args, policy.url_args):
-            target = parse_target(where, value, policy)
+    async def _egress_problem(self, policy: EgressPolicy, targets: list[UrlTarget]) -> str | None:
+        """Judge the URL targets whose verdict depends on what their hosts resolve to."""
+        for target in targets:
+            assert target.host is not None
             resolved: list[IPAddress] = []
-            if target.problem is None and not target.allowed_host and not target.literal and target.host:
-                with anyio.move_on_after(DNS_TIMEOUT):
-                    try:
-                        resolved = await self.resolver(target.host)
-                    except (OSError, ValueError, UnicodeError) as exc:
-                        log.debug("egress resolution failed", host=target.host, error=str(exc))
+            with anyio.move_on_after(DNS_TIMEOUT):
+                try:
+                    resolved = await self.resolver(target.host)
+                except (OSError, ValueError, UnicodeError) as exc:
+                    log.debug("egress resolution failed", host=target.host, error=str(exc))
             problem = egress_problem(target, resolved, policy)
             if problem is not None:
                 return problem
@@ -637,7 +698,13 @@ class Executor:
             return f"approval required ({prep.approval}) and no approver is configured"
         try:
             with anyio.fail_after(self.policies.approval_timeout):
-                answer = hook(request)
+                if _is_async_callable(hook):
+                    answer = hook(request)
+                else:
+                    # A synchronous hook (a prompt, a blocking HTTP call) runs in a worker thread so that it
+                    # cannot stall the event loop; past the deadline the thread is abandoned and the call
+                    # denied, whatever the hook answers later.
+                    answer = await anyio.to_thread.run_sync(hook, request, abandon_on_cancel=True)
                 if inspect.isawaitable(answer):
                     answer = await answer
         except TimeoutError:
@@ -662,8 +729,12 @@ class Executor:
         agent: str | None,
         start: float,
         reason: str,
+        *,
+        hint: str | None = None,
+        unhashed: bool = False,
     ) -> ToolOutcome:
-        digest = args if isinstance(args, Mapping) else {}
+        digest: str | Mapping[str, Any] = UNHASHED if unhashed else args if isinstance(args, Mapping) else {}
+        reason = redact(reason, self._secrets)
         self.audit.write(
             decision_record(
                 agent=agent,
@@ -679,7 +750,7 @@ class Executor:
         if server is not None:
             self.monitor.record(server, kind, duration, reason)
         log.debug("tool call refused", tool=name, outcome=kind, reason=reason)
-        return ToolOutcome(kind, name, server, None, reason, duration, 0, False)
+        return ToolOutcome(kind, name, server, None, reason, duration, 0, False, hint)
 
     def _limiter(self, server: str, cfg: ServerConfig) -> anyio.CapacityLimiter:
         limiter = self._limiters.get(server)
@@ -709,6 +780,52 @@ class Executor:
     @staticmethod
     def _collect_secrets(config: RuntimeConfig) -> tuple[str, ...]:
         return tuple(secret_values(config))
+
+
+def server_path_policy(
+    roots: tuple[str, ...], path_args: tuple[str, ...], server: ServerConfig, input_schema: Any
+) -> PathPolicy:
+    """The path policy for one tool: where its server resolves relative paths (a stdio server: its
+    configured cwd, else the runtime's own, which it inherits; plus the directories named in its arguments;
+    a network server: unknown, so relative paths are denied) and which arguments its schema marks as paths."""
+    target = server.target
+    schema_names = schema_path_names(input_schema)
+    if not isinstance(target, StdioTarget):
+        return PathPolicy(roots, path_args, deny_relative=True, schema_names=schema_names)
+    cwd = target.cwd or os.getcwd()
+    bases = []
+    for arg in target.args:
+        value = arg.split("=", 1)[1] if arg.startswith("-") and "=" in arg else arg
+        if not value or "\x00" in value:
+            continue
+        candidate = os.path.join(cwd, os.path.expanduser(value))
+        if os.path.isdir(candidate):
+            bases.append(candidate)
+    return PathPolicy(roots, path_args, cwd, tuple(bases), schema_names=schema_names)
+
+
+def _egress_verdict(policy: EgressPolicy, args: dict[str, Any]) -> tuple[str | None, list[UrlTarget]]:
+    """Every URL argument judged on its face (no DNS): the first problem, or the targets still to resolve."""
+    unresolved: list[UrlTarget] = []
+    for where, value, _declared in url_values(args, policy.url_args):
+        target = parse_target(where, value, policy)
+        if needs_resolution(target):
+            unresolved.append(target)
+            continue
+        problem = egress_problem(target, (), policy)
+        if problem is not None:
+            return problem, []
+    return None, unresolved
+
+
+def _is_async_callable(fn: object) -> bool:
+    """An `async def` function, or an object whose `__call__` is one (partials of either included)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = inspect.getattr_static(type(fn), "__call__", None)  # an instance with `async def __call__`
+    return inspect.iscoroutinefunction(call)
 
 
 def _take(limiter: anyio.CapacityLimiter) -> bool:

@@ -134,7 +134,7 @@ class Monitor:
             s.timeouts += 1
         elif kind == "breaker_open":
             s.breaker_open += 1
-        elif kind in ("denied", "budget_exhausted"):
+        elif kind in ("denied", "invalid_arguments", "budget_exhausted"):
             s.denied += 1
         if kind in ("result", "tool_error", "transport_failure", "timeout"):
             s.latencies.append(duration)

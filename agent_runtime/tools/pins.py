@@ -35,14 +35,18 @@ def wire_definition(tool: Tool) -> dict[str, Any]:
 
 
 class LockFile:
-    """`{"version": 1, "servers": {name: {"tools": {tool: {"sha256", "approved_at", "definition"}}}}}`."""
+    """`{"version": 1, "servers": {name: {"tools": {tool: {"sha256", "approved_at", "definition"}}}}}`.
 
-    def __init__(self, path: Path) -> None:
+    With `path` None the pins live in memory only (ad-hoc servers: nothing is written to the cwd)."""
+
+    def __init__(self, path: Path | None) -> None:
         self.path = path
         self.servers: dict[str, dict[str, dict[str, Any]]] = {}
         self.load()
 
     def load(self) -> None:
+        if self.path is None:
+            return
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -65,6 +69,8 @@ class LockFile:
 
     def save(self) -> None:
         """Atomic replace: a crash never leaves a half-written lock file."""
+        if self.path is None:
+            return
         data = {
             "version": LOCK_VERSION,
             "servers": {
@@ -101,7 +107,7 @@ class PinStore:
     _cache: dict[tuple[str, str], tuple[Any, PinCheck]] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, path: Path, mode: PinningMode) -> PinStore:
+    def open(cls, path: Path | None, mode: PinningMode) -> PinStore:
         return cls(None if mode == "off" else LockFile(path), mode)
 
     def observe(self, server: str, tools: Iterable[Tool]) -> dict[str, PinCheck]:

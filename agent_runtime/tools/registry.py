@@ -2,7 +2,10 @@
 
 Collision policy (the safe choice): a namespaced name offered more than once is kept out of the table
 entirely and reported, so no call can reach a server other than the one the caller meant; the name comes
-back as soon as only one offer remains. Invalid names are reported and skipped, never rewritten.
+back as soon as only one offer remains. Invalid names are reported and skipped, never rewritten; so are
+invalid definitions (a malformed entry of the listing, or a schema the runtime will not apply: a reference
+that leaves the document, a pattern no safe engine compiles, nesting past the bounds), one tool at a time:
+the server's other tools stay.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import TYPE_CHECKING, Literal
 import anyio
 
 from agent_runtime.logging import get_logger
+from policies.schemas import schema_problems
 
 if TYPE_CHECKING:  # mcp costs ~0.8 s to import; the CLI must not pay it when no server is configured
     from mcp.types import Tool
@@ -44,7 +48,7 @@ class ToolEntry:
 class RegistryProblem:
     """A tool offered by a server that is not in the table, and why."""
 
-    kind: Literal["invalid_name", "collision"]
+    kind: Literal["invalid_name", "invalid_definition", "collision"]
     name: str  # the namespaced name (as it would have been)
     server: str
     tool_name: str
@@ -83,12 +87,38 @@ class ToolRegistry:
 
     # -- updates ----------------------------------------------------------------------------------------
 
-    def set_server_tools(self, server: str, prefix: str, tools: Sequence[Tool]) -> RegistryChange:
-        """Replace everything `server` offers with `tools` (its complete current listing)."""
+    def set_server_tools(
+        self,
+        server: str,
+        prefix: str,
+        tools: Sequence[Tool],
+        rejected: Sequence[tuple[str, str]] = (),
+    ) -> RegistryChange:
+        """Replace everything `server` offers with `tools` (its complete current listing); `rejected` are
+        `(tool name, why)` for entries of the listing that were not even well-formed tool definitions."""
         entries: list[ToolEntry] = []
-        invalid: list[RegistryProblem] = []
+        invalid: list[RegistryProblem] = [
+            RegistryProblem(
+                "invalid_definition", prefix + tool_name, server, tool_name, f"{detail}; tool skipped"
+            )
+            for tool_name, detail in rejected
+        ]
         for tool in tools:
             name = prefix + tool.name
+            bad = schema_problems(tool.input_schema, "inputSchema") + schema_problems(
+                tool.output_schema, "outputSchema"
+            )
+            if bad:
+                invalid.append(
+                    RegistryProblem(
+                        "invalid_definition",
+                        name,
+                        server,
+                        tool.name,
+                        f"tool {tool.name!r}: " + "; ".join(bad) + "; tool skipped",
+                    )
+                )
+                continue
             if not valid_tool_name(name):
                 invalid.append(
                     RegistryProblem(
@@ -206,6 +236,14 @@ class ToolRegistry:
 
     def count(self, server: str) -> int:
         return sum(1 for e in self._table.values() if e.server == server)
+
+    def problem(self, name: str) -> RegistryProblem | None:
+        """Why the namespaced `name` is offered but not callable (an invalid name or definition), or None."""
+        for problems in self._invalid.values():
+            for p in problems:
+                if p.name == name:
+                    return p
+        return None
 
     def problems(self, server: str | None = None) -> builtins.list[RegistryProblem]:
         """Invalid names and collisions, for display (`tools list` shows them)."""

@@ -150,7 +150,13 @@ class Runtime:
         return self.executor.health()
 
     def tools(self, server: str | None = None) -> list[ToolEntry]:
+        """Every listed tool (quarantined ones included: `tools list` shows them, flagged)."""
         return self.registry.list(server)
+
+    def offered_tools(self, server: str | None = None) -> list[ToolEntry]:
+        """The tools a model or an MCP host may be shown: listed and not quarantined (a changed description
+        must not reach a prompt before a user approved it)."""
+        return [e for e in self.registry.list(server) if not self.executor.quarantined(e)]
 
     def servers(self) -> list[ServerStatus]:
         return self.supervisor.servers()

@@ -7,6 +7,7 @@ the live `Connection`, and shutdown is a signal (an Event, or a cancel scope own
 from __future__ import annotations
 
 import enum
+import functools
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -16,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 
+from agent_runtime.config import secret_values
 from agent_runtime.config.types import ReconnectPolicy, RuntimeConfig, ServerConfig
 from agent_runtime.errors import AgentRuntimeError
-from agent_runtime.logging import get_logger
+from agent_runtime.logging import get_logger, register_secrets
 from agent_runtime.tools.registry import ToolRegistry
 from policies.secrets import redact
 from transports.targets import HttpTarget, StdioTarget, Target, WebSocketTarget
@@ -174,6 +176,10 @@ class Supervisor:
         self._changed = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self._closing = False
+        # Every secret of the config (servers' and sections'), longest first: what server stderr, errors and
+        # log records must never show. Registered with logging so records from any module are redacted.
+        self._secrets = tuple(secret_values(config))
+        register_secrets(self._secrets)
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -265,7 +271,7 @@ class Supervisor:
             st.protocol_version,
             self.registry.count(st.name),
             st.retry_at,
-            [redact(line, slot.config.secrets) for line in tail],
+            [redact(line, self._secrets) for line in tail],
         )
 
     def _slot(self, name: str) -> _Slot:
@@ -310,7 +316,7 @@ class Supervisor:
     def _set_state(self, slot: _Slot, state: ServerState, *, error: str | None = None) -> None:
         st = slot.status
         if error is not None:
-            error = redact(error, slot.config.secrets)
+            error = redact(error, self._secrets)
         if st.state is not state or st.last_error != error:
             if st.state is not state:
                 st.since = time.time()
@@ -366,15 +372,17 @@ class Supervisor:
                     startup_timeout=cfg.timeouts.startup,
                     message_handler=handler,
                     client_name=self._client_name,
+                    redact=functools.partial(redact, known=self._secrets),
                 ) as conn:
                     st.pid = conn.pid
                     st.protocol_version = conn.protocol_version
                     remaining = max(0.05, deadline - anyio.current_time())
-                    tools = await conn.list_all_tools(timeout=remaining)
+                    rejected: list[tuple[str, str]] = []
+                    tools = await conn.list_all_tools(timeout=remaining, rejected=rejected)
                     slot.attempt_scope = None  # from here on, stop is graceful: leave `connect` normally
                     if scope.cancel_called:
                         return reached_ready
-                    self.registry.set_server_tools(cfg.name, cfg.prefix, tools)
+                    self.registry.set_server_tools(cfg.name, cfg.prefix, tools, rejected)
                     slot.conn = conn
                     reached_ready = True
                     slot.settled = True
@@ -449,13 +457,14 @@ class Supervisor:
         while True:
             await slot.refresh.wait()
             slot.refresh = anyio.Event()  # notifications arriving during the fetch trigger one more fetch
+            rejected: list[tuple[str, str]] = []
             try:
-                tools = await conn.list_all_tools(timeout=cfg.timeouts.request)
+                tools = await conn.list_all_tools(timeout=cfg.timeouts.request, rejected=rejected)
             except Exception as exc:
                 # The session stays up; a dead transport is noticed through conn.closed.
                 log.warning("tool list refresh failed", server=cfg.name, error=describe_error(exc))
                 continue
-            change = self.registry.set_server_tools(cfg.name, cfg.prefix, tools)
+            change = self.registry.set_server_tools(cfg.name, cfg.prefix, tools, rejected)
             log.info(
                 "tools refreshed",
                 server=cfg.name,

@@ -4,13 +4,15 @@
 
 HTTP/SSE/WS print `LISTENING <url>` on stdout once bound (port 0 picks a free port). Misbehaviour flags for
 tests: --garbage-stdout, --exit-during-init, --hang-in-init, --ignore-sigterm, --spawn-grandchild-and-exit,
---page-size N (paginate tools/list), --extra-tools N (register N filler tools).
+--page-size N (paginate tools/list), --extra-tools N (register N filler tools), --calls-log PATH (append a
+JSON line for each `sleep` call as it arrives, before sleeping: tests wait on it instead of guessing).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import signal
 import socket
@@ -52,8 +54,11 @@ def _spawn_sleeper() -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
 
 
-def build_server(page_size: int | None = None, extra_tools: int = 0) -> MCPServer:
+def build_server(
+    page_size: int | None = None, extra_tools: int = 0, calls_log: str | None = None
+) -> MCPServer:
     mcp = MCPServer("demo", instructions="Demo tools for agent-runtime tests.")
+    log = open(calls_log, "a", encoding="utf-8") if calls_log else None  # open as long as the server runs
 
     @mcp.tool()
     def echo(text: str) -> str:
@@ -68,6 +73,9 @@ def build_server(page_size: int | None = None, extra_tools: int = 0) -> MCPServe
     @mcp.tool()
     async def sleep(seconds: float) -> str:
         """Sleep for the given number of seconds, then answer."""
+        if log is not None:
+            log.write(json.dumps({"tool": "sleep", "pid": os.getpid(), "seconds": seconds}) + "\n")
+            log.flush()
         await anyio.sleep(seconds)
         return f"slept {seconds}"
 
@@ -242,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hang-in-init", action="store_true")
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--spawn-grandchild-and-exit", action="store_true")
+    parser.add_argument("--calls-log", default=None)
     args = parser.parse_args(argv)
 
     _misbehave_before_imports()  # no-op when already done at import time
@@ -249,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         child = _spawn_sleeper()  # spawned before stdio_server diverts fd 1: it holds the real stdout pipe
         print(f"GRANDCHILD {child.pid}", file=sys.stderr, flush=True)
 
-    mcp = build_server(page_size=args.page_size, extra_tools=args.extra_tools)
+    mcp = build_server(page_size=args.page_size, extra_tools=args.extra_tools, calls_log=args.calls_log)
     if args.transport == "stdio":
         anyio.run(_serve_stdio, mcp, args.garbage_stdout)
     elif args.transport == "ws":

@@ -17,11 +17,8 @@ pytestmark = pytest.mark.smollm2
 
 
 @pytest.fixture(scope="module")
-def cache() -> GrammarCompilerCache:
-    from inference.loader import load_model
-
-    loaded = load_model("smollm2-135m-instruct", dtype="float32")
-    return GrammarCompilerCache(loaded.tokenizer.hf, loaded.config.vocab_size)
+def cache(smollm2_fp32: Any) -> GrammarCompilerCache:
+    return GrammarCompilerCache(smollm2_fp32.tokenizer.hf, smollm2_fp32.config.vocab_size)
 
 
 def _random_value_schema(rng: random.Random, depth: int) -> dict[str, Any]:
@@ -55,9 +52,8 @@ def _random_object(rng: random.Random, depth: int) -> dict[str, Any]:
     return {"type": "object", "properties": props, "required": required}
 
 
-def _structural_ids(cache: GrammarCompilerCache) -> list[int]:
+def _structural_ids(cache: GrammarCompilerCache, vocab: list[bytes]) -> list[int]:
     # Bias random decoding towards short completions so most samples terminate within the step limit.
-    vocab = cache.info.decoded_vocab
     wanted = {b'"', b"}", b"]", b",", b"0", b"1", b"5", b"true", b" ", b"{", b"["}
     return [i for i, tok in enumerate(vocab) if tok in wanted] + list(cache.stop_token_ids)
 
@@ -65,7 +61,10 @@ def _structural_ids(cache: GrammarCompilerCache) -> list[int]:
 def test_two_hundred_random_actions_parse_and_validate(cache: GrammarCompilerCache) -> None:
     rng = random.Random(7)
     gen = torch.Generator().manual_seed(7)
-    bias_ids = torch.tensor(_structural_ids(cache))
+    vocab = (
+        cache.info.decoded_vocab
+    )  # the property rebuilds the whole list (0.5 s) on every read: read it once
+    bias_ids = torch.tensor(_structural_ids(cache, vocab))
     done = unterminated = calls = 0
     while done < 200:
         tools = [ToolSchema(f"srv__tool{i}", _random_object(rng, 0)) for i in range(rng.randint(1, 3))]
@@ -90,7 +89,7 @@ def test_two_hundred_random_actions_parse_and_validate(cache: GrammarCompilerCac
                 assert unterminated < 100, "random decoding rarely terminates: the test lost its power"
                 continue
             assert proc.stats.rejected_tokens == 0
-            text = cache_decode(cache, out)
+            text = b"".join(vocab[i] for i in out).decode("utf-8")
             json.loads(text)  # the whole reply is one JSON value
             action = parse_json_protocol(text)
             assert action.error is None, (text, action)
@@ -104,16 +103,6 @@ def test_two_hundred_random_actions_parse_and_validate(cache: GrammarCompilerCac
                 calls += 1
             done += 1
     assert calls >= 100  # most actions were tool calls, not answers
-
-
-_VOCABS: dict[int, list[bytes]] = {}
-
-
-def cache_decode(cache: GrammarCompilerCache, ids: list[int]) -> str:
-    vocab = _VOCABS.setdefault(
-        id(cache), cache.info.decoded_vocab
-    )  # the property rebuilds the list each time
-    return b"".join(vocab[i] for i in ids).decode("utf-8")
 
 
 def test_schema_embeds_definitions_and_choices() -> None:

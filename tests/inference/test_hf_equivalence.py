@@ -146,5 +146,5 @@ def test_smollm2_matches_transformers(smollm2: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def smollm2() -> Any:
-    return load_model(dtype="float32")
+def smollm2(smollm2_fp32: Any) -> Any:
+    return smollm2_fp32

@@ -25,8 +25,8 @@ SMOL_NEW_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def smol() -> LoadedModel:
-    return load_model("smollm2-135m-instruct", dtype=torch.float32)
+def smol(smollm2_fp32: LoadedModel) -> LoadedModel:
+    return smollm2_fp32
 
 
 def test_smollm2_greedy_equals_transformers_gguf_load(smol: LoadedModel) -> None:

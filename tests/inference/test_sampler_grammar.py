@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -29,11 +30,8 @@ TOOLS = [
 
 
 @pytest.fixture(scope="module")
-def cache() -> GrammarCompilerCache:
-    from inference.loader import load_model
-
-    loaded = load_model("smollm2-135m-instruct", dtype="float32")
-    return GrammarCompilerCache(loaded.tokenizer.hf, loaded.config.vocab_size)
+def cache(smollm2_fp32: Any) -> GrammarCompilerCache:
+    return GrammarCompilerCache(smollm2_fp32.tokenizer.hf, smollm2_fp32.config.vocab_size)
 
 
 def test_batched_grammar_rows_decode_like_single_rows(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import copy
 import random
+from typing import Any
 
 import pytest
 
 from inference.errors import RequestError
-from inference.loader import load_model
 from inference.tokenizer import Tokenizer
 
 TEXTS = [
@@ -19,8 +19,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return load_model("smollm2-135m-instruct", dtype="float32").tokenizer
+def tok(smollm2_fp32: Any) -> Tokenizer:
+    return smollm2_fp32.tokenizer
 
 
 def test_encode_decode_round_trip(tok: Tokenizer) -> None:

@@ -323,7 +323,11 @@ def test_fast_path_never_accepts_what_jsonschema_refuses() -> None:
     v = ArgumentValidator.compile(schema)
     assert v.fast is not None
     scalars = st.one_of(
-        st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=5)
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=5),
     )
     values = st.one_of(
         scalars, st.lists(scalars, max_size=2), st.dictionaries(st.text(max_size=3), scalars, max_size=2)

@@ -18,7 +18,7 @@ def test_hash_is_canonical_and_covers_the_pinned_fields() -> None:
         "inputSchema": {"properties": {"path": {"type": "string"}}, "type": "object"},
         "description": "Read a file.",
         "name": "read_file",
-        "title": "ignored: not pinned",
+        "_meta": {"ignored": "not shown to a model"},
     }
     assert definition_hash(TOOL) == definition_hash(reordered)
     assert len(definition_hash(TOOL)) == 64
@@ -27,6 +27,7 @@ def test_hash_is_canonical_and_covers_the_pinned_fields() -> None:
         ("inputSchema", {"type": "object", "properties": {"path": {"type": "string"}, "x": {}}}),
         ("annotations", {"readOnlyHint": False}),
         ("outputSchema", {"type": "object"}),
+        ("title", "Read a file (and mail it to the author)"),  # hosts show titles: pinned too
     ]:
         assert definition_hash({**TOOL, key: value}) != definition_hash(TOOL)
 

@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -67,18 +68,20 @@ def listening_demo(*flags: str, timeout: float = 20.0) -> Iterator[tuple[subproc
 
 @contextmanager
 def everything_server(
-    mode: str, path: str, timeout: float = 30.0
+    mode: str, path: str, timeout: float = 30.0, log: Path | None = None
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """Start server-everything in `mode` (sse|streamableHttp) on a free port; yield (process, endpoint URL)."""
+    """Start server-everything in `mode` (sse|streamableHttp) on a free port; yield (process, endpoint URL).
+    With `log`, its stdout and stderr (a line per message it receives) go to that file."""
     port = _free_port()
-    proc = subprocess.Popen(
-        ["node", str(EVERYTHING), mode],
-        env={**os.environ, "PORT": str(port)},
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    with open(log or os.devnull, "wb") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            ["node", str(EVERYTHING), mode],
+            env={**os.environ, "PORT": str(port)},
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + timeout
         while True:

@@ -1,6 +1,6 @@
-"""Per-call overhead of Connection.call_tool versus the raw SDK Client on the same server (printed, not asserted).
-
-Run with `-s` to see the numbers; the full benchmark lives in benchmarks/.
+"""Sequential calls through Connection.call_tool and through the raw SDK Client on the same server: every call
+answers its own request. The per-call p50 of each is printed, never asserted (`-s` shows it); the benchmark with
+enough calls to compare them is `python -m benchmarks.tool_calls`.
 """
 
 from __future__ import annotations
@@ -18,25 +18,19 @@ from tests.transports.conftest import DEMO, demo_target, listening_demo
 from transports import HttpTarget, connect
 
 pytestmark = pytest.mark.anyio
-CALLS = 500
-WARMUP = 20
-BUDGET_S = (
-    8.0  # per side: on a loaded 2-core box HTTP calls can be slow; stop early rather than stall the suite
-)
+CALLS = 100  # enough to show a p50 in the output; the benchmark's numbers come from benchmarks/
+WARMUP = 10
 
 
 async def _p50_ms(call: Callable[[str], Awaitable[str]]) -> tuple[float, int]:
     for i in range(WARMUP):
         assert await call(f"w{i}") == f"w{i}"
     samples: list[float] = []
-    deadline = time.perf_counter() + BUDGET_S
     for i in range(CALLS):
-        if time.perf_counter() > deadline:
-            break
         start = time.perf_counter()
         text = await call(f"m{i}")
         samples.append(time.perf_counter() - start)
-        assert text == f"m{i}"
+        assert text == f"m{i}"  # each answer is its own request's, in order
     return statistics.median(samples) * 1000, len(samples)
 
 
@@ -63,11 +57,9 @@ async def _compare(label: str, ours_target: object, raw_server: object) -> tuple
 
 
 async def test_overhead_stdio() -> None:
-    ours, raw = await _compare("stdio", demo_target(), StdioServerParameters(command=PYTHON, args=[DEMO]))
-    assert ours > 0 and raw > 0
+    await _compare("stdio", demo_target(), StdioServerParameters(command=PYTHON, args=[DEMO]))
 
 
 async def test_overhead_streamable_http() -> None:
     with listening_demo("--transport", "http") as (_, url):
-        ours, raw = await _compare("http", HttpTarget(url=url), url)
-    assert ours > 0 and raw > 0
+        await _compare("http", HttpTarget(url=url), url)

@@ -20,11 +20,12 @@ pytestmark = [pytest.mark.smollm2, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def engine() -> Iterator[Any]:
+def engine(smollm2_fp32: Any) -> Iterator[Any]:
     from inference.async_engine import AsyncEngine
     from inference.config import EngineConfig
+    from inference.engine import LLMEngine
 
-    eng = AsyncEngine.from_model("smollm2-135m-instruct", EngineConfig(max_num_seqs=32), dtype="float32")
+    eng = AsyncEngine(LLMEngine(smollm2_fp32, EngineConfig(max_num_seqs=32)))
     yield eng
     eng.close()
 
@@ -52,15 +53,15 @@ async def test_tokyo_calls_get_current_time_and_answers_from_the_result(tmp_path
     assert result.usage.steps == 2 and result.usage.tool_calls == 1
 
 
-CITIES = [
-    "Tokyo", "London", "Paris", "Sydney", "Berlin", "Moscow", "Madrid", "Rome",
-    "Cairo", "Toronto", "Chicago", "Dubai", "Singapore", "Lisbon", "Vienna", "Seoul",
-]  # fmt: skip
+# Eight agents batch as sixteen did, for half the sequential reference runs (the test's cost). Here the model's
+# Toronto call is a tool error (it asks for Canada/Toronto) and its Dubai reply runs to max_tokens: the batch mixes
+# both kinds of step with plain calls.
+CITIES = ["Tokyo", "London", "Sydney", "Cairo", "Toronto", "Dubai", "Singapore", "Seoul"]
 
 
 @pytest.mark.anyio
-async def test_sixteen_agents_at_once_equal_one_by_one_and_batch(tmp_path: Path, engine: Any) -> None:
-    # One step each (the tool call) keeps sixteen sequential runs short.
+async def test_eight_agents_at_once_equal_one_by_one_and_batch(tmp_path: Path, engine: Any) -> None:
+    # One step each (the tool call) keeps the sequential runs short.
     cfg = write_config(tmp_path, {"time": time_server()}, {"default": time_agent(max_steps=1, max_tokens=40)})
     async with Runtime.from_config(cfg) as rt:
         host = _host(rt, engine)
@@ -83,7 +84,7 @@ async def test_sixteen_agents_at_once_equal_one_by_one_and_batch(tmp_path: Path,
         assert [(c.name, c.arguments) for c in conc.tool_calls] == [
             (c.name, c.arguments) for c in seq.tool_calls
         ]
-    assert metrics.batch_size_max >= 8, metrics.batch_size_max
+    assert metrics.batch_size_max >= len(tasks) // 2, metrics.batch_size_max
     concurrent_steps = metrics.steps - before
     sequential_tokens = sum(r.usage.completion_tokens for r in sequential)
     assert concurrent_steps < sequential_tokens / 2, (concurrent_steps, sequential_tokens)

@@ -19,10 +19,14 @@ from agent_runtime.agents.openai_backend import OpenAIBackend, OpenAIBackendSett
 from agent_runtime.errors import ConfigError
 from agent_runtime.server.app import create_app
 from tests.agent_runtime.server.test_app import MODEL, TIME_TOOL, ServerThread
-from tests.agent_runtime.server.test_app import engine as engine  # the shared session-scoped engine fixture
 from tests.conftest import EXAMPLES, PYTHON
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def engine(serving_engine: Any) -> Any:
+    return serving_engine  # the session's serving engine (tests/agent_runtime/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +115,7 @@ class Flaky:
                 {"error": {"message": f"scripted {status}"}}, status_code=status, headers=headers
             )
         if self.stall:
-            await anyio.sleep(self.stall)
+            await anyio.sleep(self.stall)  # a server that must be slow: the client's timeout is under test
         if body.get("stream"):
 
             async def events() -> Any:

@@ -9,15 +9,18 @@ from pathlib import Path
 import pytest
 
 from tests.agent_runtime.agent_fixtures import time_agent, time_server, write_config
-from tests.conftest import PYTHON, ROOT
+from tests.conftest import PYTHON, ROOT, model_cache_env
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.slow]
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    # A fresh HOME (no user config or pins leak in), but the suite's model cache: converting the GGUF again
+    # in every run would cost more than the run itself.
+    env = {"PATH": str(Path(PYTHON).parent) + ":/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(cwd)}
     return subprocess.run(
         [PYTHON, "-m", "agent_runtime", "run", *args], cwd=cwd, capture_output=True, text=True, timeout=240,
-        env={"PATH": str(Path(PYTHON).parent) + ":/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(cwd)},
+        env={**env, **model_cache_env()},
     )  # fmt: skip
 
 

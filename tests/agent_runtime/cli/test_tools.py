@@ -8,13 +8,12 @@ import os
 import shlex
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import EXAMPLES, PYTHON, ROOT
+from tests.conftest import EXAMPLES, PYTHON, ROOT, wait_for_call_sync
 
 DEMO = f"{shlex.quote(PYTHON)} {shlex.quote(str(EXAMPLES / 'servers' / 'demo_server.py'))}"
 ADHOC = ["--stdio", DEMO]  # ad-hoc server named after the script: demo_server
@@ -115,22 +114,20 @@ def test_time_server_from_a_config_file(tmp_path: Path) -> None:
     }
 
 
-def test_sigterm_shuts_down_servers_and_exits() -> None:
+def test_sigterm_shuts_down_servers_and_exits(tmp_path: Path) -> None:
+    log = tmp_path / "calls.jsonl"
+    server = ["--stdio", f"{DEMO} --calls-log {shlex.quote(str(log))}"]
     proc = subprocess.Popen(
-        [PYTHON, "-m", "agent_runtime", "tools", "call", "demo_server__sleep", '{"seconds": 60}', *ADHOC],
+        [PYTHON, "-m", "agent_runtime", "tools", "call", "demo_server__sleep", '{"seconds": 60}', *server],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
     )
     try:
-        me = psutil.Process(proc.pid)
-        deadline = time.monotonic() + 20
-        while not me.children(recursive=True) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        children = me.children(recursive=True)
-        assert children, "the CLI never started its server"
-        time.sleep(1.5)  # let the call reach the server: the CLI is now waiting on it
+        wait_for_call_sync(log, "sleep", timeout=60)  # the call reached the server: the CLI waits on it now
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children, "the CLI's server is not its child"
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=15)
         assert proc.returncode == 128 + signal.SIGTERM, err

@@ -12,7 +12,6 @@ import pytest
 from agent_runtime.server.agents import AgentChunk
 from agent_runtime.server.app import OpenAIServer, create_app
 from tests.agent_runtime.server.test_app import ServerThread
-from tests.agent_runtime.server.test_app import engine as engine  # the shared session-scoped engine fixture
 
 
 class ScriptedHost:
@@ -117,6 +116,11 @@ def time_config(tmp: Any) -> Any:
         json.dumps({"mcpServers": {"time": {"command": time_server, "args": ["--local-timezone", "UTC"]}}})
     )
     return load_config(path)
+
+
+@pytest.fixture(scope="module")
+def engine(serving_engine: Any) -> Any:
+    return serving_engine  # the session's serving engine (tests/agent_runtime/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from agent_runtime.tools.executor import Executor, ToolOutcome
 from policies.approval import ApprovalRequest
 from policies.limits import AgentBudget
 from tests.agent_runtime.faulty_harness import harness
+from tests.conftest import wait_for_call
 
 pytestmark = pytest.mark.anyio
 MiB = 1024 * 1024
@@ -31,7 +32,7 @@ async def test_result_audit_and_monitor(tmp_path: Path) -> None:
         assert out.ok and out.text() == "secret payload" and out.attempts == 1 and not out.truncated
         assert out.server == "faulty" and out.duration > 0
         denied = await h.executor.execute("faulty__echo", {"text": 5}, agent="a1")
-        assert_refused(denied)
+        assert_refused(denied, "invalid_arguments")
         h.executor.audit.flush()
         lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
         assert [(x["event"], x["decision"], x.get("outcome")) for x in lines] == [
@@ -52,7 +53,8 @@ async def test_unknown_tool(tmp_path: Path) -> None:
         assert_refused(out, "unknown_tool")
         assert "faulty__echo" in (out.reason or "")
         assert_refused(await h.executor.execute("nobody__echo", {}), "unknown_tool")
-        assert_refused(await h.executor.execute("faulty__echo", ["not", "an", "object"]))  # type: ignore[arg-type]
+        not_an_object = await h.executor.execute("faulty__echo", ["not", "an", "object"])  # type: ignore[arg-type]
+        assert_refused(not_an_object, "invalid_arguments")
         assert h.received() == []
 
 
@@ -86,8 +88,9 @@ async def test_argument_validation_hostile(tmp_path: Path) -> None:
             {"text": "ok", "extra": deep},  # deep nesting
             {"n_bytes": "ten"},
         ]:
-            assert_refused(await h.executor.execute("faulty__echo", args))
-        assert_refused(await h.executor.execute("faulty__big", {"n_bytes": True}))  # bool is not an integer
+            assert_refused(await h.executor.execute("faulty__echo", args), "invalid_arguments")
+        bool_for_int = await h.executor.execute("faulty__big", {"n_bytes": True})  # bool is not an integer
+        assert_refused(bool_for_int, "invalid_arguments")
         assert h.received() == []
 
 
@@ -183,17 +186,16 @@ async def test_approvals_fail_closed(tmp_path: Path) -> None:
         return hook
 
     policies = {"approval": "destructive", "approval_timeout": 0.3}
-    async with harness(tmp_path, policies=policies) as h:
-        # read-only tools need no approval
+    async with harness(tmp_path, policies=policies, trusted=True) as h:
+        # read-only tools of a trusted server need no approval
         assert (await h.executor.execute("faulty__echo", {"text": "x"})).ok
         # no hook, False, a non-bool truthy answer, an exception, a hang: all deny
         assert_refused(await h.executor.execute("faulty__delete", {"path": "/x"}))
         for answer in [False, "yes", "raise", "hang"]:
             h.executor.approval_hook = make_hook(answer)
-            t0 = time.perf_counter()
-            out = await h.executor.execute("faulty__delete", {"path": "/x"})
+            with anyio.fail_after(5):  # a hanging approver is given up on at approval_timeout, not waited on
+                out = await h.executor.execute("faulty__delete", {"path": "/x"})
             assert_refused(out)
-            assert time.perf_counter() - t0 < 2
         assert "unannotated" in asked[0].reason and asked[0].destructive
         h.executor.approval_hook = make_hook(True)
         assert (await h.executor.execute("faulty__mutate", {"payload": "p"})).ok
@@ -223,9 +225,8 @@ async def test_budgets(tmp_path: Path) -> None:
         assert_refused(await h.executor.execute("faulty__work", {}, budget=budget), "budget_exhausted")
         # the wall clock shortens the deadline of a call in progress
         clock_budget = AgentBudget(wall_clock=0.4)
-        t0 = time.perf_counter()
         out = await h.executor.execute("faulty__sleep", {"seconds": 5}, budget=clock_budget)
-        assert out.kind == "timeout" and time.perf_counter() - t0 < 2.5
+        assert out.kind == "timeout"  # the 5 s sleep is within the 10 s tool timeout: only the budget cut it
         assert_refused(
             await h.executor.execute("faulty__echo", {"text": "x"}, budget=clock_budget), "budget_exhausted"
         )
@@ -235,12 +236,12 @@ async def test_budgets(tmp_path: Path) -> None:
 async def test_timeouts_and_per_tool_override(tmp_path: Path) -> None:
     policies = {"servers": {"faulty": {"tools": {"sleep": {"timeout": 0.3}}}}}
     async with harness(tmp_path, policies=policies) as h:
-        t0 = time.perf_counter()
         out = await h.executor.execute("faulty__sleep", {"seconds": 5})
-        assert out.kind == "timeout" and out.attempts >= 1 and time.perf_counter() - t0 < 2.5
-        t0 = time.perf_counter()
-        out = await h.executor.execute("faulty__hang", {}, timeout=0.3)  # the caller's timeout shortens
-        assert out.kind == "timeout" and time.perf_counter() - t0 < 2.5
+        # the 5 s sleep is within the server's 10 s tool timeout: only the per-tool 0.3 s cut it
+        assert out.kind == "timeout" and out.attempts >= 1
+        with anyio.fail_after(5):  # the caller's 0.3 s shortens the server's 10 s tool timeout
+            out = await h.executor.execute("faulty__hang", {}, timeout=0.3)
+        assert out.kind == "timeout"
         assert (await h.executor.execute("faulty__echo", {"text": "still alive"})).ok
 
 
@@ -311,8 +312,16 @@ async def test_parent_secrets_never_reach_stdio_servers(
 
 async def test_cancellation_propagates_and_is_audited(tmp_path: Path) -> None:
     async with harness(tmp_path, policies={"audit_path": "audit.jsonl"}) as h:
-        with anyio.move_on_after(0.3):
-            await h.executor.execute("faulty__hang", {})
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+
+                async def cancel_mid_call() -> None:
+                    await wait_for_call(h.calls_log, "hang")  # the call is at the server, in flight
+                    scope.cancel()
+
+                tg.start_soon(cancel_mid_call)
+                await h.executor.execute("faulty__hang", {})
+        assert scope.cancelled_caught
         h.executor.audit.flush()
         outcomes = [json.loads(x).get("outcome") for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
         assert outcomes == [None, "cancelled"]

@@ -54,7 +54,7 @@ async def test_calls_validate_and_report_failures() -> None:
 
     async def slow(seconds: float) -> str:
         """Sleep."""
-        await anyio.sleep(seconds)
+        await anyio.sleep(seconds)  # a tool that must be slow: the timeout below cuts it
         return "done"
 
     tools.register(slow)

@@ -102,7 +102,7 @@ async def test_wait_until_wakes_on_change_and_times_out() -> None:
     reg = ToolRegistry()
 
     async def later() -> None:
-        await anyio.sleep(0.05)
+        await anyio.wait_all_tasks_blocked()  # the waiter below is asleep in wait_until: the change wakes it
         reg.set_server_tools("s", "s__", [tool("a")])
 
     async with anyio.create_task_group() as tg:
