@@ -98,9 +98,7 @@ async def run_ours(
                 Runtime.from_config(config) as rt,
                 AgentHost(rt, backend=ours.backend, embedder=ours.embedder) as host,
             ):
-                host.examples = (
-                    None  # every task from a cold start: no examples remembered from earlier tasks
-                )
+                host.examples = None  # every task from a cold start: nothing remembered from earlier tasks
                 default = host.agents["default"]
                 host.agents["default"] = default.model_copy(
                     update={"max_steps": max_steps, "max_tokens": max_tokens, "timeout_secs": seconds}

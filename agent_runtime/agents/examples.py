@@ -78,9 +78,9 @@ class CallMemory:
 
     @classmethod
     def default(cls) -> CallMemory:
-        from inference import envs  # the engine's cache folder: examples live next to the converted models
+        from inference import envs
 
-        return cls(envs.cache_dir() / "examples")
+        return cls(envs.examples_dir())
 
     def _file(self, tool: ToolSpec) -> Path:
         return self.folder / f"{definition_key(tool)}.json"

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from agent_runtime.agents.examples import CallMemory
 from agent_runtime.agents.grounding import evidence
 from agent_runtime.agents.llm import LLMBackend, LocalEngineBackend
 from agent_runtime.agents.loop import Agent, AgentError
@@ -47,6 +48,9 @@ class AgentHost:
         self._lock = anyio.Lock()
         # the sentence encoder routing uses; False: not looked for yet, None: not installed
         self._embedder: Embedder | bool | None = embedder if embedder is not None else False
+        # successful calls remembered as worked examples for later runs (agents with `learn_examples`);
+        # None: neither recalled nor remembered
+        self.examples: CallMemory | None = CallMemory.default()
         runtime.on_close(self.aclose)
 
     async def __aenter__(self) -> AgentHost:

@@ -260,7 +260,8 @@ class Agent:
                     forced = _next_routed(routing, steps, cfg.route_tools) if choice == "auto" else None
                     if forced is not None:
                         candidates = [forced]
-                    allow_answer = choice != "required" and forced is None
+                    # a named tool_choice forces that call on the first step, as `required` forces some call
+                    allow_answer = choice in ("auto", "none") and forced is None
                     if index == cfg.max_steps and choice != "required" and _worked(steps):
                         candidates = []  # the last step answers from what the calls returned
                     turn = guided_turn(
