@@ -264,6 +264,8 @@ class Agent:
                     allow_answer = choice in ("auto", "none") and forced is None
                     if index == cfg.max_steps and choice != "required" and _worked(steps):
                         candidates = []  # the last step answers from what the calls returned
+                    if len(steps) > 1 and choice != "required" and _repeated_a_result(steps[-2]):
+                        candidates = []  # it asked again for what it has: it answers from that now
                     turn = guided_turn(
                         backend,
                         request,
@@ -553,6 +555,11 @@ def _examples(cfg: AgentConfig) -> list[WorkedExample]:
 
 def _worked(steps: Sequence[StepRecord]) -> bool:
     return any(c.outcome == "result" for s in steps for c in s.tool_calls)
+
+
+def _repeated_a_result(step: StepRecord) -> bool:
+    """The step only repeated calls that had worked (the model asked again for what it already has)."""
+    return bool(step.tool_calls) and all(c.outcome == "repeated" and not c.is_error for c in step.tool_calls)
 
 
 def _next_routed(routing: Routing | None, steps: Sequence[StepRecord], limit: int) -> str | None:

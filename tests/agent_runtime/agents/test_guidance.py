@@ -342,3 +342,22 @@ def test_flat_lines() -> None:
         "source.timezone: America/New_York\ntarget.datetime: 2026-03-14T22:00:00+09:00\nn: [1, 2]"
     )
     assert flat_lines("plain text") == "plain text"
+
+
+def test_routed_tools_come_with_the_task_so_every_run_shares_the_system_turn() -> None:
+    from inference.formats import JsonProtocol, WorkedExample
+
+    fmt = JsonProtocol()
+    example = WorkedExample("What is 2 plus 2?", (), "4")
+    history = [{"role": "user", "content": "Read /tmp/a.txt"}]
+    time_msgs, _ = fmt.messages("Be brief.", TIME_TOOLS, [example], history, task_index=0)
+    fs_msgs, _ = fmt.messages("Be brief.", FS_TOOLS, [example], history, task_index=0)
+    # the system turn and the examples are the same prefix whatever the routing picked
+    assert time_msgs[:-1] == fs_msgs[:-1]
+    assert "get_current_time" not in time_msgs[0]["content"]
+    task_turn = fs_msgs[-1]["content"]
+    assert task_turn.startswith("Tools:\n") and task_turn.endswith("Task: Read /tmp/a.txt")
+    assert all(t.name in task_turn for t in FS_TOOLS)
+    # without a task index the tools stay in the system turn, as before
+    plain, _ = fmt.messages("Be brief.", FS_TOOLS, [example], history)
+    assert FS_TOOLS[0].name in plain[0]["content"] and plain[-1]["content"] == "Read /tmp/a.txt"
