@@ -51,6 +51,7 @@ MAX_FREE_ITEMS = 16  # items of an array argument nothing else bounds, for the s
 _SOURCE = re.compile(r"^(source|from|origin|src)(_|$)", re.I)
 _TARGET = re.compile(r"^(target|to|destination|dest|dst)(_|$)", re.I)
 MAX_PATH_CANDIDATES = 64
+MAX_NUMBER_CANDIDATES = 16
 
 
 @functools.cache
@@ -207,8 +208,42 @@ def quoted_choices(description: str) -> list[str]:
     return values if len(values) >= 2 and _CHOICE_WORDS.search(description) else []
 
 
+def number_values(texts: Iterable[str], *, integers: bool = False) -> list[int | float]:
+    """The numbers `texts` state, in order of first mention, once each (`integers`: only whole ones)."""
+    out: list[int | float] = []
+    for text in texts:
+        for raw in _NUMBER_VALUE.findall(text):
+            value: int | float = int(raw) if "." not in raw else float(raw)
+            if integers and not float(value).is_integer():
+                continue
+            if integers:
+                value = int(value)
+            if value not in out:
+                out.append(value)
+    return out
+
+
+def _narrow_number(schema: dict[str, Any], context: GroundingContext) -> None:
+    """A number is copied far more often than computed: one of the numbers the run has seen (the task's
+    first), within the schema's bounds; unconstrained when the run has seen none."""
+    if "enum" in schema or "const" in schema:
+        return
+    values = number_values(context.texts, integers=schema.get("type") == "integer")
+    low, high = schema.get("minimum"), schema.get("maximum")
+    values = [
+        v
+        for v in values
+        if (not isinstance(low, int | float) or v >= low) and (not isinstance(high, int | float) or v <= high)
+    ][:MAX_NUMBER_CANDIDATES]
+    if values:
+        schema["enum"] = values
+
+
 def _narrow(name: str, schema: dict[str, Any], context: GroundingContext, *, creating: bool) -> None:
-    """Narrow one string (or string array) argument in place."""
+    """Narrow one string, number or array argument in place."""
+    if schema.get("type") in ("number", "integer"):
+        _narrow_number(schema, context)
+        return
     if schema.get("type") == "array" and "maxItems" not in schema:
         schema["maxItems"] = MAX_FREE_ITEMS
     if schema.get("type") == "array" and is_path_argument(name, schema):

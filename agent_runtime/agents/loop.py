@@ -590,14 +590,13 @@ def _call_key(call: ToolCall) -> str:
 
 
 def _repeated(step: int, call: ToolCall, earlier: ToolCallRecord) -> ToolCallRecord:
+    # after a result, the repeat gets that result again (the next step answers from it): no instruction a small
+    # model would copy into its answer; after an error, what to change
     note = (
-        f"You already called {call.name} with these arguments (step {earlier.step}); it was not sent again. "
-        + (
-            "Use its result below, or answer."
-            if not earlier.is_error
-            else "Change the arguments or the tool."
-        )
-        + f"\n{earlier.observation}"
+        f"(the same call as step {earlier.step}, not sent again)\n{earlier.observation}"
+        if not earlier.is_error
+        else f"You already called {call.name} with these arguments (step {earlier.step}); it was not sent "
+        f"again. Change the arguments or the tool.\n{earlier.observation}"
     )
     return ToolCallRecord(
         step,

@@ -278,6 +278,31 @@ def test_the_two_stage_grammars(grammars: tuple[GrammarCompilerCache, Any]) -> N
     args = arguments_spec(ground_schema(TIME_TOOLS[0].parameters, context))
     assert _accepts(grammars, args, '{"timezone": "Asia/Tokyo"}}')
     assert not _accepts(grammars, args, '{"timezone": "UTC+08"}}')
+    numbers = GroundingContext()
+    numbers.add("Add 17.5 and 24.25 for me.")
+    sum_args = {
+        "type": "object",
+        "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+        "required": ["a", "b"],
+    }
+    args = arguments_spec(ground_schema(sum_args, numbers))
+    assert _accepts(grammars, args, '{"a": 17.5, "b": 24.25}}')
+    assert not _accepts(grammars, args, '{"a": 1.75, "b": 2.45}}')
+
+
+def test_numbers_are_the_ones_the_run_has_seen() -> None:
+    context = GroundingContext()
+    context.add("Add 17.5 and 24.25, then show the 3 largest.")
+    number = {"type": "number"}
+    assert ground_schema({"properties": {"a": number}, "required": ["a"]}, context)["properties"]["a"][
+        "enum"
+    ] == [17.5, 24.25, 3]
+    integer = {"type": "integer", "minimum": 5}
+    grounded = ground_schema({"properties": {"n": integer}, "required": ["n"]}, context)
+    assert "enum" not in grounded["properties"]["n"]  # no whole number of 5 or more was seen: left free
+    context.add("total: 42")
+    grounded = ground_schema({"properties": {"n": integer}, "required": ["n"]}, context)
+    assert grounded["properties"]["n"]["enum"] == [42]
 
 
 def test_a_cut_answer_is_closed() -> None:
