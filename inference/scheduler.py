@@ -132,5 +132,6 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
+        seq.preempted_time = time.monotonic()
         self.num_preemptions += 1
         self.waiting.appendleft(seq)

@@ -46,6 +46,7 @@ class Sequence:
     first_token_time: float | None = None
     last_token_time: float | None = None
     num_preemptions: int = 0
+    preempted_time: float | None = None  # when last preempted, until re-admitted (the KV-block wait)
     admitted: bool = False  # queue wait recorded
     # text bookkeeping: full decoded text, how much of it was streamed, and pending ids since the last output
     detokenizer: Any = None

@@ -221,7 +221,9 @@ def _no_signal_capture() -> Iterator[None]:
     yield  # our own signal watcher stops uvicorn gracefully, then the runtime and engine shut down
 
 
-def uvicorn_server(app: Any) -> Any:
+def uvicorn_server(app: Any, *, drain_seconds: float = 5.0) -> Any:
+    """A uvicorn server for `app` that leaves signals to us; on `should_exit` it stops accepting, lets the
+    requests in flight finish for up to `drain_seconds`, then cancels what is left."""
     import uvicorn  # only the HTTP servers need it
 
     class Server(uvicorn.Server):
@@ -233,7 +235,7 @@ def uvicorn_server(app: Any) -> Any:
         lifespan="auto",
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=drain_seconds,  # type: ignore[arg-type]  # annotated int, used as asyncio.timeout's delay
         timeout_keep_alive=30,
         h11_max_incomplete_event_size=64 * 1024,
     )

@@ -143,6 +143,7 @@ async def open_agent_host(
     async with Runtime(config) as runtime:
         if metrics is not None:
             metrics.attach_servers(runtime.servers, runtime.executor.monitor)
+            metrics.attach_audit(runtime.executor.audit)
         host = AgentHost(runtime, backend=_backend_for(engine, model))
         if model is not None and getattr(model, "backend", "local") != "openai" and engine is None:
             host.model = model  # command-line overrides of the model section

@@ -1,5 +1,7 @@
-"""The OpenAI-compatible ASGI app (Starlette): models, chat and text completions (streamed or not), health and
-Prometheus metrics, behind the security middleware. One app serves one engine and the configured agents."""
+"""The OpenAI-compatible ASGI app (Starlette): models, chat and text completions (streamed or not), liveness,
+readiness and Prometheus metrics, behind the security middleware. One app serves one engine and the configured
+agents; every request gets an id (`X-Request-Id`, the client's or a new one) that its log lines, its response
+headers and its error bodies carry."""
 
 from __future__ import annotations
 
@@ -22,7 +24,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent_runtime.server import chat
 from agent_runtime.server.agents import ServedAgents
-from agent_runtime.server.errors import APIError, bad_request, internal, model_not_found, over_capacity
+from agent_runtime.server.errors import (
+    APIError,
+    bad_request,
+    internal,
+    model_not_found,
+    not_ready,
+    over_capacity,
+    request_id_from,
+)
 from agent_runtime.server.metrics import ServerMetrics, StreamTimer
 from agent_runtime.server.schemas import (
     SSE_DONE,
@@ -50,7 +60,7 @@ log = structlog.get_logger(__name__)
 
 B = TypeVar("B", bound=BaseModel)
 
-ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+ROUTES = ("/health", "/ready", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request", recorded in metrics only
 
 
@@ -59,6 +69,31 @@ class ServerSettings:
     security: SecuritySettings = field(default_factory=SecuritySettings)
     max_concurrent_requests: int = 256  # generations in flight (queued in the engine included); then 429
     served_model_name: str | None = None  # the id clients use for the engine's model
+
+
+@dataclass(slots=True)
+class Readiness:
+    """What `/ready` answers: ready once the model is loaded and the MCP servers are started, until the server
+    drains (SIGTERM). `/health` (liveness) only says the process serves HTTP."""
+
+    model_loaded: bool = True
+    servers_started: bool = True
+    draining: bool = False
+
+    def waiting_for(self) -> list[str]:
+        return [
+            what
+            for what, done in (("model", self.model_loaded), ("mcp_servers", self.servers_started))
+            if not done
+        ]
+
+    @property
+    def ready(self) -> bool:
+        return not self.draining and self.model_loaded and self.servers_started
+
+    @property
+    def status(self) -> str:
+        return "draining" if self.draining else "ready" if self.ready else "starting"
 
 
 class _Capacity:
@@ -88,21 +123,25 @@ class OpenAIServer:
         agents: ServedAgents | None = None,
         metrics: ServerMetrics | None = None,
         model_id: str | None = None,
+        starting: bool = False,
     ) -> None:
+        """With `starting`, the server answers /health at once and 503 to the API (and /ready) until `attach`
+        gives it the engine and the agents; otherwise it is ready from the start."""
         self.settings = settings or ServerSettings()
         problem = self.settings.security.problem()
         if problem:
             raise ValueError(problem)
-        name = self.settings.served_model_name or model_id or "local"
-        self.service = EngineService(engine, name) if engine is not None else None
-        self.agents = agents
+        self.service: EngineService | None = None
+        self.agents: ServedAgents | None = None
         self.metrics = metrics or ServerMetrics()
         self.capacity = _Capacity(self.settings.max_concurrent_requests)
         self.created = now()
-        if self.service is not None:
-            self.metrics.attach_engine(name, self.service.metrics)
+        self.readiness = Readiness(model_loaded=False, servers_started=False)
+        if not starting:
+            self.attach(engine, agents, model_id)
         routes = [
             Route("/health", self.health, methods=["GET"]),
+            Route("/ready", self.ready, methods=["GET"]),
             Route("/metrics", self.prometheus, methods=["GET"]),
             Route("/v1/models", self.list_models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", self.get_model, methods=["GET"]),
@@ -116,6 +155,15 @@ class OpenAIServer:
         )
         secured = SecurityMiddleware(starlette, self.settings.security)
         self.app: ASGIApp = _MetricsMiddleware(secured, self.metrics)
+
+    def attach(self, engine: Any | None, agents: ServedAgents | None, model_id: str | None = None) -> None:
+        """The loaded engine (None: agents only) and the started agents; the server is ready from now on."""
+        if engine is not None:
+            name = self.settings.served_model_name or model_id or "local"
+            self.service = EngineService(engine, name)
+            self.metrics.attach_engine(name, self.service.metrics)
+        self.agents = agents
+        self.readiness.model_loaded = self.readiness.servers_started = True
 
     @asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -152,21 +200,40 @@ class OpenAIServer:
     # -- plain routes --------------------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
+        """Liveness: the process answers HTTP (while it starts and drains too)."""
         body: dict[str, Any] = {
             "status": "ok",
+            "ready": self.readiness.ready,
             "models": self.model_ids(),
             "in_flight": self.capacity.in_flight,
         }
         return JSONResponse(body)
+
+    async def ready(self, request: Request) -> Response:
+        """Readiness: 200 once the model is loaded and the MCP servers started, 503 while starting or draining."""
+        r = self.readiness
+        body = {"status": r.status, "waiting_for": r.waiting_for(), "in_flight": self.capacity.in_flight}
+        return JSONResponse(body, status_code=200 if r.ready else 503, headers={"Cache-Control": "no-store"})
+
+    def _require_ready(self) -> None:
+        r = self.readiness
+        if not r.ready:
+            if r.draining:
+                raise not_ready("the server is shutting down; retry on another instance")
+            raise not_ready(
+                f"the server is starting (waiting for: {', '.join(r.waiting_for())}); retry shortly"
+            )
 
     async def prometheus(self, request: Request) -> Response:
         data, content_type = self.metrics.render()
         return Response(data, media_type=content_type)
 
     async def list_models(self, request: Request) -> Response:
+        self._require_ready()
         return JSONResponse({"object": "list", "data": [self._card(m) for m in self.model_ids()]})
 
     async def get_model(self, request: Request) -> Response:
+        self._require_ready()
         model_id = request.path_params["model_id"]
         if model_id not in self.model_ids():
             raise model_not_found(model_id, self.model_ids())
@@ -176,6 +243,7 @@ class OpenAIServer:
 
     async def chat_completions(self, request: Request) -> Response | EventStreamResponse:
         arrival = time.perf_counter()
+        self._require_ready()
         req = await _parse(request, ChatCompletionRequest)
         if self.agents is not None and req.model in self.agents.names():
             return await self._agent_chat(request, req)
@@ -276,6 +344,7 @@ class OpenAIServer:
 
     async def completions(self, request: Request) -> Response | EventStreamResponse:
         arrival = time.perf_counter()
+        self._require_ready()
         req = await _parse(request, CompletionRequest)
         if self.agents is not None and req.model in self.agents.names():
             raise bad_request(f"{req.model!r} is an agent: use /v1/chat/completions", param="model")
@@ -574,9 +643,8 @@ async def _guarded(chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes,
         if isinstance(exc, APIError):
             yield sse(exc.body())
         else:
-            rid = new_id("err")
-            log.exception("stream failed", request_id=rid)
-            yield sse(internal(rid).body())
+            log.exception("stream failed")  # the request id is in the log context
+            yield sse(internal().body())
         yield SSE_DONE
 
 
@@ -597,12 +665,7 @@ async def _prepend(first: Any, rest: AsyncGenerator[Any, None]) -> AsyncGenerato
 
 
 def _engine_error_body(final: Any) -> dict[str, Any]:
-    return {
-        "message": "generation failed in the engine",
-        "type": "server_error",
-        "param": None,
-        "code": "engine_error",
-    }
+    return APIError(500, "generation failed in the engine", code="engine_error").body()["error"]
 
 
 def _raise_engine_failure(final: Any) -> None:
@@ -627,8 +690,10 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 
 
 class _MetricsMiddleware:
-    """Counts every request (refused ones included) by route template and status, timed to the last byte;
-    unexpected exceptions become OpenAI-shaped 500s here, after logging."""
+    """The outermost layer. Gives the request its id (the client's `X-Request-Id` when plain, else a new one),
+    bound to structlog's context for every log line of the request and echoed in the response header; counts
+    every request (refused ones included) by route template and status, timed to the last byte; unexpected
+    exceptions become OpenAI-shaped 500s here, after logging."""
 
     def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
         self.app = app
@@ -643,28 +708,34 @@ class _MetricsMiddleware:
         start = time.perf_counter()
         status = 500
         started = False
+        rid = request_id_from(next((v for k, v in scope["headers"] if k == b"x-request-id"), None))
+        header = (b"x-request-id", rid.encode())
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 status = message["status"]
                 started = True
+                message = {**message, "headers": [*message.get("headers", ()), header]}
             await send(message)
 
         gauge = self.metrics.http_in_flight.labels(route)
         gauge.inc()
+        bound = structlog.contextvars.bind_contextvars(request_id=rid)
         try:
             await self.app(scope, receive, send_wrapper)
         except Exception:
-            rid = new_id("err")
-            log.exception("unhandled error", route=route, request_id=rid)
+            log.exception("unhandled error", route=route)
             if not started:
                 await internal(rid).response()(scope, receive, send_wrapper)
         finally:
             gauge.dec()
+            seconds = time.perf_counter() - start
             if status in (401, 413, 421, 429, 403):
                 self.metrics.rejected.labels(str(status)).inc()
-            self.metrics.observe_http(route, scope["method"], status, time.perf_counter() - start)
+            self.metrics.observe_http(route, scope["method"], status, seconds)
+            log.info("request", method=scope["method"], path=path, status=status, ms=round(seconds * 1000, 2))
+            structlog.contextvars.reset_contextvars(**bound)
 
 
 def create_app(
@@ -674,9 +745,13 @@ def create_app(
     agents: ServedAgents | None = None,
     metrics: ServerMetrics | None = None,
     model_id: str | None = None,
+    starting: bool = False,
 ) -> OpenAIServer:
-    """The server for `engine` (an inference AsyncEngine, or None to serve agents only); `.app` is ASGI."""
-    return OpenAIServer(engine, settings=settings, agents=agents, metrics=metrics, model_id=model_id)
+    """The server for `engine` (an inference AsyncEngine, or None to serve agents only); `.app` is ASGI. With
+    `starting`, it serves /health at once and the rest once `attach` gives it the engine and agents."""
+    return OpenAIServer(
+        engine, settings=settings, agents=agents, metrics=metrics, model_id=model_id, starting=starting
+    )
 
 
 Handler = Callable[[Request], Awaitable[Response]]

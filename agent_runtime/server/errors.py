@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
+import re
+import uuid
 from typing import Any
 
+import structlog
 from starlette.responses import JSONResponse
+
+# An X-Request-Id a client sends is kept when it is this plain (it goes into logs and headers as is).
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def request_id_from(header: bytes | None) -> str:
+    """The id of a request: the client's `X-Request-Id` when it sent a plain one, else a new one."""
+    if header is not None:
+        value = header.decode("latin-1")
+        if _CLIENT_ID.fullmatch(value):
+            return value
+    return uuid.uuid4().hex
+
+
+def current_request_id() -> str | None:
+    """The id of the request being served (bound to structlog's context by the outermost middleware, so every
+    log line of the request carries it too), or None outside a request."""
+    value = structlog.contextvars.get_contextvars().get("request_id")
+    return value if isinstance(value, str) else None
+
 
 # OpenAI's `type` for each status we answer with; clients (the `openai` package) map statuses to exceptions.
 _TYPES = {
@@ -46,7 +69,17 @@ class APIError(Exception):
         return _TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        """OpenAI's error shape, plus the request's id (what to look for in the server log)."""
+        error: dict[str, Any] = {
+            "message": self.message,
+            "type": self.type,
+            "param": self.param,
+            "code": self.code,
+        }
+        rid = current_request_id()
+        if rid is not None:
+            error["request_id"] = rid
+        return {"error": error}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
@@ -87,7 +120,10 @@ def unauthorized() -> APIError:
     )
 
 
-def internal(request_id: str) -> APIError:
-    return APIError(
-        500, f"Internal server error (request {request_id}); see the server log", code="internal_error"
-    )
+def internal(request_id: str | None = None) -> APIError:
+    rid = request_id or current_request_id() or uuid.uuid4().hex
+    return APIError(500, f"Internal server error (request {rid}); see the server log", code="internal_error")
+
+
+def not_ready(why: str) -> APIError:
+    return APIError(503, why, code="not_ready", headers={"Retry-After": "1"})

@@ -20,7 +20,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from agent_runtime.tools.monitor import WAIT_BUCKETS
+
 if TYPE_CHECKING:
+    from agent_runtime.tools.audit import AuditLog
     from agent_runtime.tools.monitor import Monitor
 
 NS = "agent_runtime"
@@ -118,6 +121,10 @@ class ServerMetrics:
         call statistics the `stats` monitor keeps (agent_runtime.tools.monitor)."""
         self.registry.register(_McpCollector(servers, stats))
 
+    def attach_audit(self, audit: AuditLog) -> None:
+        """Export the audit log's failure counters (agent_runtime.tools.audit)."""
+        self.registry.register(_AuditCollector(audit))
+
     # -- observations ---------------------------------------------------------------------------------------
 
     def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
@@ -178,6 +185,24 @@ class StreamTimer:
 
 def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
     return GaugeMetricFamily(f"{NS}_{name}", doc, labels=labels)
+
+
+def _add_buckets(
+    family: HistogramMetricFamily,
+    labels: list[str],
+    bounds: tuple[float, ...],
+    counts: list[int],
+    total: float,
+) -> None:
+    """One histogram series from per-bucket counts (the last past every bound), as Prometheus' cumulative
+    `le` buckets."""
+    cum: list[tuple[str, float]] = []
+    acc = 0
+    for bound, n in zip(bounds, counts, strict=False):
+        acc += n
+        cum.append((floatToGoString(bound), acc))
+    cum.append(("+Inf", acc + sum(counts[len(bounds) :])))
+    family.add_metric(labels, cum, total)
 
 
 class _EngineCollector(Collector):
@@ -242,6 +267,28 @@ class _EngineCollector(Collector):
             for q, v in (("0.5", stats.p50), ("0.95", stats.p95), ("1", stats.max)):
                 g.add_metric([*m, q], float(v))
             yield g
+        # Every wait since the engine started, as histograms (rates, quantiles over any range, aggregation).
+        for name, doc, hist in [
+            (
+                "engine_admission_wait_seconds",
+                "Arrival to first admission into the batch (the engine's queue)",
+                s.queue_wait_histogram,
+            ),
+            (
+                "engine_kv_wait_seconds",
+                "Preempted for lack of KV blocks until re-admitted into the batch",
+                s.kv_wait_histogram,
+            ),
+            (
+                "engine_step_wait_seconds",
+                "Submitted through the async front until the step thread takes the request (the step in "
+                "progress ends first)",
+                s.step_wait_histogram,
+            ),
+        ]:
+            h = HistogramMetricFamily(f"{NS}_{name}", doc, labels=["model"])
+            _add_buckets(h, m, hist.bounds, hist.counts, hist.sum)
+            yield h
 
 
 class _McpCollector(Collector):
@@ -294,6 +341,16 @@ class _McpCollector(Collector):
         hist = HistogramMetricFamily(
             f"{NS}_mcp_call_duration_seconds", "Tool call latency by server", labels=["server"]
         )
+        slot_wait = HistogramMetricFamily(
+            f"{NS}_mcp_call_slot_wait_seconds",
+            "Time a tool call waited for one of its server's concurrency slots (0 when one was free)",
+            labels=["server"],
+        )
+        approval_wait = HistogramMetricFamily(
+            f"{NS}_mcp_approval_wait_seconds",
+            "Time a tool call waited for the approver's answer (calls that need approval)",
+            labels=["server"],
+        )
         for st in statuses:
             s = self.monitor.stats(st.name)
             for outcome, value in (
@@ -314,7 +371,15 @@ class _McpCollector(Collector):
                 cum.append((floatToGoString(bound), acc))
             cum.append(("+Inf", self._count[st.name]))
             hist.add_metric([st.name], cum, self._sum[st.name])
-        yield from (calls, errors, in_flight, hist)
+            _add_buckets(slot_wait, [st.name], WAIT_BUCKETS, s.slot_wait.counts, s.slot_wait.sum)
+            _add_buckets(approval_wait, [st.name], WAIT_BUCKETS, s.approval_wait.counts, s.approval_wait.sum)
+        global_wait = HistogramMetricFamily(
+            f"{NS}_mcp_global_call_slot_wait_seconds",
+            "Time a tool call waited for a slot of the global concurrency limit (only while that limit binds)",
+        )
+        g = self.monitor.global_slot_wait
+        _add_buckets(global_wait, [], WAIT_BUCKETS, g.counts, g.sum)
+        yield from (calls, errors, in_flight, hist, slot_wait, approval_wait, global_wait)
 
     def _breaker(self, name: str, state_code: str) -> int:
         breakers = getattr(self.monitor, "breakers", None)
@@ -334,3 +399,23 @@ class _McpCollector(Collector):
             self._buckets[name][i] += 1
             self._sum[name] += v
             self._count[name] += 1
+
+
+class _AuditCollector(Collector):
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
+
+    def collect(self) -> Iterator[Metric]:
+        a = self.audit
+        for name, doc, value in [
+            (
+                "audit_write_failures",
+                "Writes of the audit log file that failed (disk full, permissions)",
+                a.write_failures,
+            ),
+            ("audit_records_lost", "Audit records lost in failed writes", a.records_lost),
+            ("audit_encode_failures", "Audit records that could not be encoded (dropped)", a.encode_failures),
+        ]:
+            c = CounterMetricFamily(f"{NS}_{name}", doc)
+            c.add_metric([], float(value))
+            yield c

@@ -48,7 +48,7 @@ class SecuritySettings:
     allowed_hosts: tuple[str, ...] = ()  # extra Host names; "*" accepts any
     allowed_origins: tuple[str, ...] = ()  # extra origins (scheme://host[:port]); "*" accepts any
     max_body_bytes: int = DEFAULT_MAX_BODY
-    public_paths: frozenset[str] = field(default_factory=lambda: frozenset({"/health"}))
+    public_paths: frozenset[str] = field(default_factory=lambda: frozenset({"/health", "/ready"}))  # probes
 
     @property
     def loopback_only(self) -> bool:

@@ -34,6 +34,11 @@ class AuditLog:
         self._file: IO[str] | None = None
         self._lock = threading.Lock()  # the engine thread never writes here, but sync callers might
         self._failed = False
+        # what went wrong so far (exported as metrics): writes of the file that failed, records they lost,
+        # and records that could not be encoded
+        self.write_failures = 0
+        self.records_lost = 0
+        self.encode_failures = 0
         self._pending: list[
             AuditRecord | tuple[Any, ...]
         ] = []  # records, or executed calls to make records of
@@ -130,6 +135,7 @@ class AuditLog:
             try:
                 lines.append(record.to_json() + "\n")
             except Exception as exc:  # one bad record must not take the writer (and the runtime) down
+                self.encode_failures += 1
                 log.error("audit record could not be encoded", tool=record.tool, error=repr(exc)[:200])
         text = "".join(lines)
         with self._lock:
@@ -139,6 +145,8 @@ class AuditLog:
                 self._file.write(text)
                 self._file.flush()
             except OSError as exc:
+                self.write_failures += 1
+                self.records_lost += len(lines)
                 if not self._failed:  # say it once; the calls themselves must not fail over the audit
                     log.error("audit log write failed", path=str(self.path), error=str(exc))
                     self._failed = True

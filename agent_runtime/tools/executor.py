@@ -29,7 +29,7 @@ from agent_runtime.config.types import RuntimeConfig, ServerConfig
 from agent_runtime.errors import AgentRuntimeError
 from agent_runtime.logging import get_logger
 from agent_runtime.tools.audit import AuditLog
-from agent_runtime.tools.monitor import STALE_GRACE, Monitor
+from agent_runtime.tools.monitor import STALE_GRACE, Monitor, Waits
 from agent_runtime.tools.pins import PinStore
 from agent_runtime.tools.supervisor import LIVE_STATES, ServerUnavailable
 from policies.approval import ApprovalRequest, approval_reason, is_destructive
@@ -182,6 +182,7 @@ class _Prepared:
     validation_seconds: float  # the schema-validation budget of a call, within its deadline
     plan: TimeoutPlan  # the timeouts of a call that neither the caller nor a budget shortens
     limiter: anyio.CapacityLimiter  # the server's concurrency limit
+    slot_wait: Waits  # the monitor's histogram of waits for the server's slots
     breakers: list[CircuitBreaker]  # the server's breaker, then the tool's when configured
 
 
@@ -416,11 +417,13 @@ class Executor:
         limiter = call.prep.limiter
         deadline = call.deadline
         glob = self._global if self._global_binds else None
-        if glob is not None and not (_take(glob) or await self._wait_for_slot(glob, deadline)):
-            return "timeout", None, "no free call slot (global limit) before the deadline", 0
+        if glob is not None and not _slot(glob, self.monitor.global_slot_wait):
+            if not await self._wait_for_slot(glob, deadline, self.monitor.global_slot_wait):
+                return "timeout", None, "no free call slot (global limit) before the deadline", 0
         try:
-            if not (_take(limiter) or await self._wait_for_slot(limiter, deadline)):
-                return "timeout", None, f"no free call slot for {call.server} before the deadline", 0
+            if not _slot(limiter, call.prep.slot_wait):
+                if not await self._wait_for_slot(limiter, deadline, call.prep.slot_wait):
+                    return "timeout", None, f"no free call slot for {call.server} before the deadline", 0
             try:
                 # The first attempt runs here directly: most calls succeed and pay for no retry loop.
                 try:
@@ -438,14 +441,17 @@ class Executor:
             if glob is not None:
                 glob.release()
 
-    async def _wait_for_slot(self, limiter: anyio.CapacityLimiter, deadline: Deadline) -> bool:
-        """Wait for a call slot no later than the deadline (the free case is `_take`, without awaiting);
-        False when none came free in time."""
+    async def _wait_for_slot(self, limiter: anyio.CapacityLimiter, deadline: Deadline, waits: Waits) -> bool:
+        """Wait for a call slot no later than the deadline (the free case is `_slot`, without awaiting);
+        False when none came free in time. The wait goes into `waits`, however it ends."""
+        start = time.perf_counter()
         try:
             with anyio.fail_after(deadline.remaining()):
                 await limiter.acquire()
         except TimeoutError:
             return False
+        finally:
+            waits.observe(time.perf_counter() - start)
         return True
 
     async def _attempt(self, call: _Call, n: int) -> CallToolResult:
@@ -644,6 +650,7 @@ class Executor:
             validation_seconds=min(policy.arguments.max_validation_seconds, plan.total),
             plan=plan,
             limiter=self._limiter(server, server_cfg),
+            slot_wait=self.monitor.stats(server).slot_wait,
             breakers=breakers,
         )
         self._prepared[(server, tool)] = prep
@@ -696,6 +703,7 @@ class Executor:
         hook = self.approval_hook
         if hook is None:
             return f"approval required ({prep.approval}) and no approver is configured"
+        started = time.perf_counter()
         try:
             with anyio.fail_after(self.policies.approval_timeout):
                 if _is_async_callable(hook):
@@ -714,6 +722,8 @@ class Executor:
         except Exception as exc:  # fail closed on any hook failure
             log.warning("approval hook failed", tool=entry.name, error=repr(exc))
             return f"approval required ({prep.approval}); the approver failed: {type(exc).__name__}"
+        finally:
+            self.monitor.stats(entry.server).approval_wait.observe(time.perf_counter() - started)
         if answer is not True:
             return f"approval required ({prep.approval}) and was denied"
         return None
@@ -828,12 +838,13 @@ def _is_async_callable(fn: object) -> bool:
     return inspect.iscoroutinefunction(call)
 
 
-def _take(limiter: anyio.CapacityLimiter) -> bool:
-    """One call slot if one is free now (the common case: no await, no cancel scope)."""
+def _slot(limiter: anyio.CapacityLimiter, waits: Waits) -> bool:
+    """One call slot if one is free now (the common case: no await, no cancel scope), counted as no wait."""
     try:
         limiter.acquire_nowait()
     except anyio.WouldBlock:
         return False
+    waits.free()
     return True
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,35 @@ log = get_logger(__name__)  # structlog, imported on the first record that passe
 
 LATENCY_SAMPLES = 2048  # per server, most recent
 STALE_GRACE = 0.5  # seconds past its deadline before an in-flight call is cancelled by the sweep
+# Upper bounds (seconds) of the wait histograms: a slot freed by a call finishing now, up to minutes of
+# approval prompt. The same bounds as the engine's waits (inference.metrics.WAIT_BUCKETS), which this layer
+# may not import (it must not load torch).
+WAIT_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0, 120.0,
+)  # fmt: skip
+
+
+class Waits:
+    """A histogram of waits: `counts[i]` waits in (WAIT_BUCKETS[i-1], WAIT_BUCKETS[i]], the last past every
+    bound. Fed on the event loop only; a call that finds a slot free costs one increment (`free`)."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(WAIT_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def free(self) -> None:
+        self.counts[0] += 1
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(WAIT_BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
 
 
 @dataclass(slots=True, eq=False)  # identity-hashed: tracked in a set
@@ -49,6 +79,8 @@ class _Stats:
     last_error: str | None = None
     last_error_at: float | None = None  # wall clock
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+    slot_wait: Waits = field(default_factory=Waits)  # for one of the server's call slots
+    approval_wait: Waits = field(default_factory=Waits)  # for the approver's answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +130,7 @@ class Monitor:
         self._in_flight: set[_InFlight] = set()
         self._cpu: dict[int, tuple[float, float]] = {}  # pid -> (wall time, cpu seconds)
         self.sweeping = False  # `run` is sweeping: in-flight calls past deadline + grace get cancelled
+        self.global_slot_wait = Waits()  # for a slot of the global limit (only while that limit binds)
 
     # -- fed by the executor ----------------------------------------------------------------------------
 

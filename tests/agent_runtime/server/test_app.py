@@ -389,7 +389,9 @@ def test_errors_in_openai_shape(client: openai.OpenAI, server: tuple[OpenAIServe
     r = httpx.post(url + "/v1/chat/completions", content=b"x" * (5 * 2**20))
     assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
     r = httpx.get(url + "/v1/nothing")
-    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert r.status_code == 404
+    assert set(r.json()["error"]) == {"message", "type", "param", "code", "request_id"}
+    assert r.json()["error"]["request_id"] == r.headers["x-request-id"]
     r = httpx.get(url + "/v1/chat/completions")
     assert r.status_code == 405
 

@@ -152,6 +152,7 @@ def test_grafana_dashboard_uses_exported_metrics() -> None:
     import json
     import re
 
+    from agent_runtime.tools.audit import AuditLog
     from agent_runtime.tools.monitor import Monitor
     from inference.metrics import MetricsCollector
     from tests.conftest import EXAMPLES
@@ -162,6 +163,7 @@ def test_grafana_dashboard_uses_exported_metrics() -> None:
     )
     m.attach_engine("m", lambda: snap)
     m.attach_servers(lambda: [SimpleNamespace(name="s", state="ready", tool_count=1, restarts=0)], Monitor())
+    m.attach_audit(AuditLog())
     m.observe_http("/v1/models", "GET", 200, 0.01)
     m.rejected.labels("401").inc()
     m.http_in_flight.labels("/v1/models")
