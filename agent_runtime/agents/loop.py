@@ -173,9 +173,9 @@ class Agent:
         examples = _examples(cfg)
         by_name = {t.name: t for t in tools}
         messages: list[Message] = [*history, {"role": "user", "content": task}]
-        guided = (
-            cfg.guided and cfg.constrained and backend.supports_prefix and fmt.name == "json" and bool(tools)
-        )
+        # a backend written against the protocol before two-stage actions has no supports_prefix: single-stage
+        prefix = bool(getattr(backend, "supports_prefix", False))
+        guided = cfg.guided and cfg.constrained and prefix and fmt.name == "json" and bool(tools)
         routing: Routing | None = None
         offered = tools
         grounding = GroundingContext()

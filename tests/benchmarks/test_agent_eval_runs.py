@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from benchmarks.agent_eval import close_ours, judge, load_ours, load_tasks, prepare, run_ours
 from tests.conftest import PEERS
@@ -30,11 +31,13 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module")
 async def ours() -> AsyncIterator[Any]:
+    logging = structlog.get_config()  # load_ours configures logging for the suite: restored for later tests
     shared = await load_ours("float32")
     try:
         yield shared
     finally:
         await close_ours(shared)
+        structlog.configure(**logging)
 
 
 @pytest.mark.anyio
