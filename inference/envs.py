@@ -18,6 +18,7 @@ TRITON_TILES = (
 )
 CPU_PACKED_LINEAR = "AGENT_RUNTIME_CPU_PACKED_LINEAR"  # 0 keeps a bf16 model's CPU weights plain
 CACHE_DIR = "AGENT_RUNTIME_CACHE"  # converted GGUF folders and other caches (default ~/.cache/agent-runtime)
+EXAMPLES_DIR = "AGENT_RUNTIME_EXAMPLES"  # remembered worked examples (default: the cache/examples)
 HF_HUB_OFFLINE = "HF_HUB_OFFLINE"  # Hugging Face's own: never reach the hub
 OMP_WAIT_POLICY = "OMP_WAIT_POLICY"  # OpenMP's own, read once when torch loads libgomp
 
@@ -50,6 +51,13 @@ def cache_dir() -> Path:
     """Where the engine caches converted models: $AGENT_RUNTIME_CACHE, else ~/.cache/agent-runtime."""
     value = text(CACHE_DIR)
     return Path(value).expanduser() if value else Path.home() / ".cache" / "agent-runtime"
+
+
+def examples_dir() -> Path:
+    """Where agents remember successful calls as worked examples: $AGENT_RUNTIME_EXAMPLES, else the cache's
+    `examples` folder."""
+    value = text(EXAMPLES_DIR)
+    return Path(value).expanduser() if value else cache_dir() / "examples"
 
 
 def default_passive_omp() -> None:

@@ -30,6 +30,7 @@ class ToolSpec:
     description: str
     parameters: Mapping[str, Any]
     server: str | None = None  # None for local (Python) tools
+    read_only: bool | None = None  # the server's readOnlyHint (None: not stated)
 
     def schema(self) -> ToolSchema:
         return ToolSchema(self.name, self.parameters)
@@ -278,20 +279,32 @@ class JsonProtocol:
         tools: Sequence[ToolSpec],
         examples: Sequence[WorkedExample],
         parallel: bool = True,
+        *,
+        listed_with_task: bool = False,
     ) -> str:
+        """The system turn: the prompt, the tools (unless `listed_with_task`: then they come with the task, and
+        the system turn is the same for every task, so the prefix cache serves it across runs) and the
+        protocol."""
         parts = [system_prompt.strip()]
-        if tools:
+        if tools and not listed_with_task:
             parts.append("Tools:\n" + "\n".join(describe_tool(t) for t in tools))
+        if tools:
             parts.append(PROTOCOL + ("\n" + PROTOCOL_PARALLEL if parallel and len(tools) > 1 else ""))
         else:
             parts.append('Reply with only: {"answer": "<your answer>"}')
         offered = {t.name for t in tools}
         others = sorted({c.tool for ex in examples for c in ex.calls if c.tool not in offered})
-        if others:
+        if others and listed_with_task:
+            parts.append("The examples that follow use their own tools; a task lists the tools it may use.")
+        elif others:
             parts.append(
                 f"The examples that follow use other tools ({', '.join(others)}); now only the tools listed above are available."
             )
         return "\n\n".join(parts)
+
+    @staticmethod
+    def task_with_tools(task: str, tools: Sequence[ToolSpec]) -> str:
+        return "Tools:\n" + "\n".join(describe_tool(t) for t in tools) + f"\n\nTask: {task}"
 
     def messages(
         self,
@@ -299,9 +312,19 @@ class JsonProtocol:
         tools: Sequence[ToolSpec],
         examples: Sequence[WorkedExample],
         history: Sequence[Message],
+        *,
+        task_index: int | None = None,
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+        """The template's messages; with `task_index` (the run's task in `history`) the tools are listed in
+        that user turn instead of the system turn."""
+        listed_with_task = task_index is not None and bool(tools)
         out: list[dict[str, Any]] = [
-            {"role": "system", "content": self.system_text(system_prompt, tools, examples)}
+            {
+                "role": "system",
+                "content": self.system_text(
+                    system_prompt, tools, examples, listed_with_task=listed_with_task
+                ),
+            }
         ]
         for ex in examples:
             out.append({"role": "user", "content": ex.task})
@@ -316,7 +339,7 @@ class JsonProtocol:
             out.append(
                 {"role": "assistant", "content": json.dumps({"answer": ex.answer}, ensure_ascii=False)}
             )
-        for msg in history:
+        for i, msg in enumerate(history):
             role = msg["role"]
             if role == "assistant":
                 calls = msg.get("tool_calls") or []
@@ -333,6 +356,8 @@ class JsonProtocol:
                 out.append({"role": "tool", "content": msg["content"]})
             elif role == "system":
                 continue  # the system turn is ours
+            elif listed_with_task and i == task_index:
+                out.append({"role": role, "content": self.task_with_tools(str(msg["content"]), tools)})
             else:
                 out.append({"role": role, "content": msg["content"]})
         return out, None

@@ -19,9 +19,11 @@ import xgrammar as xgr
 
 log = structlog.get_logger(__name__)
 
-# What a grammar is built from: a JSON schema (our protocol) or an xgrammar structural tag (chat-template
-# tool formats: free text, with JSON arguments constrained between the format's tags).
-GrammarKind = Literal["json_schema", "structural_tag"]
+# What a grammar is built from: a JSON schema (our protocol), an xgrammar structural tag (chat-template tool
+# formats: free text, with JSON arguments constrained between the format's tags), or a sequence of parts (literal
+# text, a choice of literals, a JSON schema, a JSON string) that must follow one another: the two-stage actions
+# (a tool name from a choice, then that tool's arguments followed by the closing text).
+GrammarKind = Literal["json_schema", "structural_tag", "sequence"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +144,43 @@ def json_schema_spec(schema: Mapping[str, Any]) -> GrammarSpec:
     return GrammarSpec("json_schema", json.dumps(schema, separators=(",", ":")))
 
 
+SequencePart = Mapping[str, Any]  # {"literal": text} | {"choice": [texts]} | {"json_schema": schema}
+
+
+def sequence_spec(*alternatives: Sequence[SequencePart]) -> GrammarSpec:
+    """Text that is one of `alternatives`, each a sequence of parts matched one after the other:
+    `{"literal": text}` exactly that text, `{"choice": [texts]}` one of the texts, `{"json_schema": schema}` a
+    JSON value matching the schema (compact: `", "` and `": "` separators, as our protocol writes JSON)."""
+    return GrammarSpec("sequence", json.dumps([list(a) for a in alternatives], separators=(",", ":")))
+
+
+def _ebnf_literal(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)  # EBNF string literals use JSON's escapes
+
+
+def _sequence_grammar(payload: str) -> xgr.Grammar:
+    alternatives: list[xgr.Grammar] = []
+    for parts in json.loads(payload):
+        grammars: list[xgr.Grammar] = []
+        for part in parts:
+            if "literal" in part:
+                grammars.append(xgr.Grammar.from_ebnf(f"root ::= {_ebnf_literal(part['literal'])}"))
+            elif "choice" in part:
+                options = " | ".join(_ebnf_literal(c) for c in part["choice"])
+                grammars.append(xgr.Grammar.from_ebnf(f"root ::= {options}"))
+            else:
+                grammars.append(
+                    xgr.Grammar.from_json_schema(
+                        json.dumps(part["json_schema"]),
+                        any_whitespace=False,
+                        separators=(", ", ": "),
+                        strict_mode=True,
+                    )
+                )
+        alternatives.append(grammars[0] if len(grammars) == 1 else xgr.Grammar.concat(*grammars))
+    return alternatives[0] if len(alternatives) == 1 else xgr.Grammar.union(*alternatives)
+
+
 def structural_tag_spec(tag: Mapping[str, Any]) -> GrammarSpec:
     return GrammarSpec("structural_tag", json.dumps(tag, separators=(",", ":")))
 
@@ -185,6 +224,8 @@ class GrammarCompilerCache:
                 grammar = self.compiler.compile_json_schema(
                     spec.payload, any_whitespace=False, separators=(", ", ": "), strict_mode=True
                 )
+            elif spec.kind == "sequence":
+                grammar = self.compiler.compile_grammar(_sequence_grammar(spec.payload))
             else:
                 grammar = self.compiler.compile_structural_tag(spec.payload)
         except Exception as exc:  # xgrammar raises RuntimeError/ValueError/InvalidJSONError variously

@@ -38,7 +38,16 @@ def model_cache_env() -> dict[str, str]:
     the rest of the suite fills, so each process loads the model instead of converting the GGUF again."""
     from inference import envs  # no torch: the environment-variable module alone
 
-    return {envs.CACHE_DIR: str(envs.cache_dir())}
+    return {envs.CACHE_DIR: str(envs.cache_dir()), envs.EXAMPLES_DIR: str(envs.examples_dir())}
+
+
+@pytest.fixture(autouse=True)
+def remembered_examples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's agents remember their calls in its own folder: a run never sees worked examples that an
+    earlier test (or the user's own runs) left behind, whatever the order tests run in."""
+    folder = tmp_path / "remembered-examples"
+    monkeypatch.setenv("AGENT_RUNTIME_EXAMPLES", str(folder))
+    return folder
 
 
 def logged_calls(log: Path, tool: str) -> int:

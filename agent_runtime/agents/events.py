@@ -15,6 +15,7 @@ StopReason = Literal["max_steps", "max_tool_calls", "timeout", "model_error", "c
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the engine's prefix cache
     model_seconds: float = 0.0
     tool_seconds: float = 0.0
     wall_seconds: float = 0.0
@@ -43,6 +44,16 @@ class _Event:
 class StepStarted(_Event):
     type: ClassVar[Literal["step_start"]] = "step_start"
     step: int
+
+
+@dataclass(slots=True)
+class ToolsRouted(_Event):
+    """The tools a guided run offers the model (the routed few) and the routing scores behind them."""
+
+    type: ClassVar[Literal["tools_routed"]] = "tools_routed"
+    step: int
+    tools: list[str]
+    routing: dict[str, Any]
 
 
 @dataclass(slots=True)
@@ -85,6 +96,18 @@ class ModelReplyInvalid(_Event):
 
 
 @dataclass(slots=True)
+class AnswerUnverified(_Event):
+    """The answer states values that neither the task nor any tool result contains; with `retrying` the model
+    is asked once more, else the answer stands, marked unverified in the result."""
+
+    type: ClassVar[Literal["answer_unverified"]] = "answer_unverified"
+    step: int
+    answer: str
+    values: list[str]
+    retrying: bool
+
+
+@dataclass(slots=True)
 class FinalAnswer(_Event):
     type: ClassVar[Literal["final_answer"]] = "final_answer"
     step: int
@@ -116,10 +139,12 @@ class RunFinished(_Event):
 
 AgentEvent = (
     StepStarted
+    | ToolsRouted
     | TokenDelta
     | ToolCallStarted
     | ToolCallFinished
     | ModelReplyInvalid
+    | AnswerUnverified
     | FinalAnswer
     | Stopped
     | UsageReport
@@ -152,6 +177,7 @@ class StepRecord:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
     model_seconds: float = 0.0
     tool_seconds: float = 0.0
 
@@ -169,6 +195,10 @@ class AgentResult:
     steps: list[StepRecord]
     usage: Usage
     messages: list[Message]
+    # guided runs: the tools offered and the routing scores (None when the run offered every tool)
+    routing: dict[str, Any] | None = None
+    # whether the answer's values were found in the task or the observations (None: not checked)
+    verified: bool | None = None
 
     @property
     def ok(self) -> bool:
@@ -196,4 +226,6 @@ class AgentResult:
             "tool_calls": [dataclasses.asdict(c) for c in self.tool_calls],
             "usage": {**dataclasses.asdict(self.usage), "loop_seconds": self.usage.loop_seconds},
             "messages": [msg(m) for m in self.messages],
+            "routing": self.routing,
+            "verified": self.verified,
         }

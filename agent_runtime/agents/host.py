@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from agent_runtime.agents.examples import CallMemory
+from agent_runtime.agents.grounding import evidence
 from agent_runtime.agents.llm import LLMBackend, LocalEngineBackend
 from agent_runtime.agents.loop import Agent, AgentError
 from agent_runtime.agents.openai_backend import OpenAIBackendSettings, OpenAIChatBackend
+from agent_runtime.agents.routing import Embedder, Routing, plan_route
 from agent_runtime.config import section_error
 from agent_runtime.config.agents import ModelSettings, load_agents, load_model_settings
 from agent_runtime.errors import ConfigError
@@ -17,6 +21,7 @@ from agent_runtime.errors import ConfigError
 if TYPE_CHECKING:
     from agent_runtime.tools.registry import ToolEntry
     from agent_runtime.tools.runtime import Runtime
+    from inference.formats import ToolSpec
 
 
 class AgentHost:
@@ -25,10 +30,13 @@ class AgentHost:
     Use it as an async context manager (`async with AgentHost(rt) as agents:`); leaving it releases the
     backends it loaded (the engine and its thread). The runtime also releases them when it shuts down, so a
     host that is never entered cannot outlive its runtime. Pass `backend` to share an engine the caller owns
-    (`LocalEngineBackend(engine, owns_engine=False)`) or a remote one.
+    (`LocalEngineBackend(engine, owns_engine=False)`) or a remote one, and `embedder` to share the routing
+    encoder between hosts (it loads on a host's first guided run otherwise, when its package is installed).
     """
 
-    def __init__(self, runtime: Runtime, *, backend: LLMBackend | None = None) -> None:
+    def __init__(
+        self, runtime: Runtime, *, backend: LLMBackend | None = None, embedder: Embedder | None = None
+    ) -> None:
         self.runtime = runtime
         self.agents = load_agents(runtime.config)  # validates the sections before any server starts
         self.model: ModelSettings = load_model_settings(runtime.config)
@@ -38,6 +46,11 @@ class AgentHost:
         if backend is not None:
             self._backends[None] = backend
         self._lock = anyio.Lock()
+        # the sentence encoder routing uses; False: not looked for yet, None: not installed
+        self._embedder: Embedder | bool | None = embedder if embedder is not None else False
+        # successful calls remembered as worked examples for later runs (agents with `learn_examples`);
+        # None: neither recalled nor remembered
+        self.examples: CallMemory | None = CallMemory.default()
         runtime.on_close(self.aclose)
 
     async def __aenter__(self) -> AgentHost:
@@ -90,6 +103,15 @@ class AgentHost:
                 )
                 self._backends[source] = existing
         return existing
+
+    async def route(self, query: str, tools: Sequence[ToolSpec]) -> Routing:
+        """Score `tools` for `query` (lexical, plus the packaged sentence encoder when installed), off the loop."""
+        if self._embedder is False:
+            async with self._lock:
+                if self._embedder is False:
+                    self._embedder = await anyio.to_thread.run_sync(Embedder.installed)
+        embedder = self._embedder if isinstance(self._embedder, Embedder) else None
+        return await anyio.to_thread.run_sync(plan_route, query, tools, embedder, evidence)
 
     def agent(self, name: str = "default") -> Agent:
         """A configured agent; raises AgentError for an unknown name and ConfigError for tools it cannot have."""

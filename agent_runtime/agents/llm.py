@@ -5,12 +5,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import anyio
 import structlog
+import torch
 
 from agent_runtime.config.agents import ModelSettings
 from inference.config import EngineConfig
@@ -52,6 +53,10 @@ class GenerationRequest:
     seed: int | None = None
     request_id: str | None = None
     adapter: str | None = None  # a LoRA adapter loaded in the engine (None: the base model)
+    # Text the assistant's turn already starts with: the model continues it (a two-stage action's tool name,
+    # the start of its arguments). Not repeated in the chunks' text.
+    assistant_prefix: str = ""
+    frequency_penalty: float = 0.0  # on the output's own tokens (breaks a small model's loops: "0000...")
 
 
 @dataclass(slots=True)
@@ -62,6 +67,7 @@ class GenerationChunk:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 @dataclass(slots=True)
@@ -93,7 +99,36 @@ class LLMBackend(Protocol):
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]: ...
 
+    @property
+    def supports_prefix(self) -> bool:
+        """Whether `GenerationRequest.assistant_prefix` is honoured (and `score` works): the two-stage actions
+        need it; a backend without it gets whole actions under one grammar."""
+        ...
+
+    async def score(self, request: GenerationRequest, continuations: list[str]) -> list[float]:
+        """The model's log-probability of each continuation of the request's prompt (and prefix)."""
+        ...
+
     async def aclose(self) -> None: ...
+
+
+class ContinuationScorer:
+    """A logits processor that forces a given token sequence and adds up the log-probability the model gave
+    each of its tokens (read from the raw logits, before the forcing)."""
+
+    def __init__(self, token_ids: list[int]) -> None:
+        self.token_ids = token_ids
+        self.logprob = 0.0
+
+    def __call__(self, output_token_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        step = len(output_token_ids)
+        if step >= len(self.token_ids):
+            return logits
+        token = self.token_ids[step]
+        self.logprob += float(torch.log_softmax(logits.float(), dim=-1)[token])
+        forced = torch.full_like(logits, float("-inf"))
+        forced[token] = 0.0
+        return forced
 
 
 @dataclass(slots=True)
@@ -152,6 +187,10 @@ class LocalEngineBackend:
     def supports_grammar(self) -> bool:
         return True
 
+    @property
+    def supports_prefix(self) -> bool:
+        return True
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
@@ -178,9 +217,41 @@ class LocalEngineBackend:
     # -- generation ---------------------------------------------------------------------------------------
 
     def render(self, request: GenerationRequest) -> list[int]:
-        return self.tokenizer.apply_chat_template(
+        ids: list[int] = self.tokenizer.apply_chat_template(
             request.messages, add_generation_prompt=True, tools=request.tools
         )
+        if request.assistant_prefix:
+            ids = ids + self.tokenizer.encode(request.assistant_prefix)
+        return ids
+
+    async def score(self, request: GenerationRequest, continuations: list[str]) -> list[float]:
+        """Each continuation's log-probability after the prompt, from one forced request per continuation:
+        they run together in the engine's batch and share the prompt's KV through the prefix cache."""
+        prompt = self.render(request)
+        results = [0.0] * len(continuations)
+
+        async def one(i: int, text: str) -> None:
+            ids = self.tokenizer.encode(text)
+            if not ids:
+                return
+            scorer = ContinuationScorer(ids)
+            params = SamplingParams(
+                max_tokens=len(ids),
+                temperature=0.0,
+                logits_processor=scorer,
+                output_kind=OutputKind.FINAL_ONLY,
+                ignore_eos=True,
+                adapter=request.adapter,
+            )
+            rid = f"{request.request_id}-score-{i}" if request.request_id else None
+            async for _ in self.engine.generate(prompt, params, request_id=rid):
+                pass
+            results[i] = scorer.logprob
+
+        async with anyio.create_task_group() as tg:
+            for i, text in enumerate(continuations):
+                tg.start_soon(one, i, text)
+        return results
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         ids = self.render(request)
@@ -190,6 +261,7 @@ class LocalEngineBackend:
             temperature=request.temperature,
             top_p=request.top_p,
             seed=request.seed,
+            frequency_penalty=request.frequency_penalty,
             logits_processor=processor,
             output_kind=OutputKind.DELTA,  # the engine sends deltas; the running text is kept here
             adapter=request.adapter,
@@ -208,6 +280,7 @@ class LocalEngineBackend:
                     out.finish_reason,
                     out.prompt_tokens,
                     out.completion_tokens,
+                    out.cached_tokens,
                 )
         finally:
             if processor is not None:

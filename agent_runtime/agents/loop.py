@@ -5,6 +5,7 @@ observations, budgets end runs; every step is an event. Also multi-turn sessions
 from __future__ import annotations
 
 import fnmatch
+import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -15,9 +16,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 import structlog
 
+from agent_runtime.agents.checks import failure_summary, ungrounded_values
 from agent_runtime.agents.events import (
     AgentEvent,
     AgentResult,
+    AnswerUnverified,
     FinalAnswer,
     ModelReplyInvalid,
     RunFinished,
@@ -28,16 +31,21 @@ from agent_runtime.agents.events import (
     ToolCallFinished,
     ToolCallRecord,
     ToolCallStarted,
+    ToolsRouted,
     Usage,
     UsageReport,
 )
+from agent_runtime.agents.examples import CallMemory, examples_for
+from agent_runtime.agents.grounding import GroundingContext
+from agent_runtime.agents.guided import guided_turn
 from agent_runtime.agents.llm import GenerationRequest, LLMBackend
-from agent_runtime.agents.observations import Observation, observe, render_result
+from agent_runtime.agents.observations import Observation, flat_lines, observe, render_result
 from agent_runtime.config.agents import AgentConfig
 from agent_runtime.errors import AgentRuntimeError
 from inference.formats import (
     DEFAULT_EXAMPLES,
     ExampleCall,
+    JsonProtocol,
     Message,
     ParsedAction,
     ToolCall,
@@ -48,6 +56,7 @@ from inference.formats import (
 
 if TYPE_CHECKING:
     from agent_runtime.agents.host import AgentHost
+    from agent_runtime.agents.routing import Routing
 
 log = structlog.get_logger(__name__)
 
@@ -84,7 +93,10 @@ class Agent:
             if self.config.approval == "never" and _destructive(entry.definition):
                 continue
             d = entry.definition
-            specs.append(ToolSpec(entry.name, d.description or "", dict(d.input_schema or {}), entry.server))
+            read_only = d.annotations.read_only_hint if d.annotations is not None else None
+            specs.append(
+                ToolSpec(entry.name, d.description or "", dict(d.input_schema or {}), entry.server, read_only)
+            )
         for tool in self.host.runtime.local_tools:
             if self.config.sees(tool.name):
                 specs.append(ToolSpec(tool.name, tool.description, tool.parameters, server=None))
@@ -161,6 +173,29 @@ class Agent:
         examples = _examples(cfg)
         by_name = {t.name: t for t in tools}
         messages: list[Message] = [*history, {"role": "user", "content": task}]
+        # a backend written against the protocol before two-stage actions has no supports_prefix: single-stage
+        prefix = bool(getattr(backend, "supports_prefix", False))
+        guided = cfg.guided and cfg.constrained and prefix and fmt.name == "json" and bool(tools)
+        routing: Routing | None = None
+        offered = tools
+        grounding = GroundingContext()
+        for msg in messages:
+            grounding.add(str(msg.get("content") or ""))
+        if guided:
+            # The tools that fit the task, fixed for the run: the prompt stays the same from step to step, so
+            # each step's prompt is served from the prefix cache up to the previous step's end.
+            routing = await self.host.route(task, tools)
+            picked = set(routing.top(cfg.route_tools))
+            if cfg.tool_choice not in ("auto", "required", "none"):
+                picked.add(cfg.tool_choice)
+            offered = [t for t in tools if t.name in picked]
+            yield ToolsRouted(0, [t.name for t in offered], routing.to_dict())
+        seen_calls: dict[str, ToolCallRecord] = {}
+        memory = self.host.examples if cfg.learn_examples else None
+        if cfg.examples is None and memory is not None:
+            examples = examples_for(offered, memory) or examples
+        verified: bool | None = None
+        rechecked = False
         steps: list[StepRecord] = []
         usage = Usage()
         budget = _Budget()
@@ -181,9 +216,16 @@ class Agent:
             choice = cfg.tool_choice
             if index > 1 and choice not in ("auto", "required", "none"):
                 choice = "auto"
-            template_msgs, template_tools = fmt.messages(cfg.system_prompt, tools, examples, messages)
+            if guided and isinstance(fmt, JsonProtocol):
+                # the routed tools come with the task: the system turn and the examples stay the same from run
+                # to run, so the prefix cache serves them to every run, not only to the next step of this one
+                template_msgs, template_tools = fmt.messages(
+                    cfg.system_prompt, offered, examples, messages, task_index=len(history)
+                )
+            else:
+                template_msgs, template_tools = fmt.messages(cfg.system_prompt, offered, examples, messages)
             grammar = None
-            if cfg.constrained and backend.supports_grammar:
+            if cfg.constrained and backend.supports_grammar and not guided:
                 grammar = fmt.grammar(
                     tools, choice, thoughts=cfg.thoughts, max_parallel=cfg.parallel_tool_calls
                 )
@@ -205,22 +247,66 @@ class Agent:
             finish: str | None = None
             timed_out = False
             try:
-                # aclosing: leaving early (deadline, consumer gone) aborts the request in the engine now, not at GC.
-                async with aclosing(backend.generate(request)) as chunks:
-                    async for chunk in chunks:
-                        if chunk.delta_text:
-                            yield TokenDelta(index, chunk.delta_text)
-                        text = chunk.text
-                        step.prompt_tokens, step.completion_tokens = (
-                            chunk.prompt_tokens,
-                            chunk.completion_tokens,
-                        )
-                        if chunk.finished:
-                            finish = chunk.finish_reason
-                            break
-                        if time.monotonic() >= deadline:
-                            timed_out = True
-                            break
+                if guided:
+                    candidates = [t.name for t in offered]
+                    if choice not in ("auto", "required", "none"):
+                        candidates = [choice]
+                    elif choice == "none":
+                        candidates = []
+                    # A task that clearly matches a tool gets a call before any answer: a small model otherwise
+                    # answers from what it believes (a time, a file's content) instead of looking it up, and
+                    # picks among tools worse than the routing does. So until a call has worked, the next call
+                    # is the best routed tool not yet tried (after a failure, the model may fix the arguments
+                    # of the same tool once: an identical call is never sent again).
+                    forced = _next_routed(routing, steps, cfg.route_tools) if choice == "auto" else None
+                    if forced is not None:
+                        candidates = [forced]
+                    # a named tool_choice forces that call on the first step, as `required` forces some call
+                    allow_answer = choice in ("auto", "none") and forced is None
+                    if index == cfg.max_steps and choice != "required" and _worked(steps):
+                        candidates = []  # the last step answers from what the calls returned
+                    if len(steps) > 1 and choice != "required" and _repeated_a_result(steps[-2]):
+                        candidates = []  # it asked again for what it has: it answers from that now
+                    turn = guided_turn(
+                        backend,
+                        request,
+                        offered,
+                        candidates,
+                        grounding,
+                        allow_answer=allow_answer or not candidates,
+                        deadline=deadline,
+                    )
+                    async with aclosing(turn) as progress:
+                        async for p in progress:
+                            if p.delta:
+                                yield TokenDelta(index, p.delta)
+                            text = p.text
+                            step.prompt_tokens, step.completion_tokens = p.prompt_tokens, p.completion_tokens
+                            step.cached_tokens = p.cached_tokens
+                            if p.finished:
+                                finish = p.finish_reason
+                                break
+                            if time.monotonic() >= deadline:
+                                timed_out = True
+                                break
+                else:
+                    # aclosing: leaving early (deadline, consumer gone) aborts the request in the engine now.
+                    async with aclosing(backend.generate(request)) as chunks:
+                        async for chunk in chunks:
+                            if chunk.delta_text:
+                                yield TokenDelta(index, chunk.delta_text)
+                            text = chunk.text
+                            step.prompt_tokens, step.completion_tokens = (
+                                chunk.prompt_tokens,
+                                chunk.completion_tokens,
+                            )
+                            step.cached_tokens = chunk.cached_tokens
+                            if chunk.finished:
+                                finish = chunk.finish_reason
+                                break
+                            if time.monotonic() >= deadline:
+                                timed_out = True
+                                break
             except Exception as exc:
                 if not getattr(exc, "user_facing", False) and not isinstance(
                     exc, AgentRuntimeError | RuntimeError
@@ -255,6 +341,27 @@ class Agent:
                 continue
             if action.answer is not None and not action.calls:
                 answer = action.answer
+                made = [c for s in steps for c in s.tool_calls]
+                failed = failure_summary(made)
+                if failed is not None:
+                    answer = failed  # every call failed: say so, never a value the tools did not give
+                elif made:
+                    sources = [task, *(c.observation for c in made if not c.is_error)]
+                    missing = ungrounded_values(answer, sources)
+                    verified = not missing
+                    if missing and not rechecked and index < cfg.max_steps:
+                        rechecked = True
+                        step.error = f"the answer states {', '.join(missing[:3])}, which no tool result gave"
+                        yield AnswerUnverified(index, answer, missing, retrying=True)
+                        messages.append({"role": "assistant", "content": answer})
+                        messages.append(
+                            {"role": "user", "content": _RECHECK.format(values=", ".join(missing[:3]))}
+                        )
+                        continue
+                    if missing:
+                        yield AnswerUnverified(index, answer, missing, retrying=False)
+                    elif memory is not None:
+                        self._remember(memory, task, made, by_name, answer)
                 step.answer = answer
                 messages.append({"role": "assistant", "content": answer})
                 yield FinalAnswer(index, answer)
@@ -277,12 +384,16 @@ class Agent:
                 )
             messages.append({"role": "assistant", "content": text, "tool_calls": calls})
             t1 = time.perf_counter()
-            records = await self._execute(index, calls, by_name, deadline, backend)
+            records = await self._execute(index, calls, by_name, deadline, backend, seen_calls, flat=guided)
             step.tool_seconds = time.perf_counter() - t1
             usage.tool_seconds += step.tool_seconds
             usage.tool_calls += len(records)
             for rec in records:
                 step.tool_calls.append(rec)
+                grounding.add(rec.observation)
+                spec = by_name.get(rec.name)
+                if rec.outcome == "result" and spec is not None and spec.read_only is not True:
+                    seen_calls.clear()  # it may have changed what an earlier call saw: repeats are fair again
                 messages.append(
                     {
                         "role": "tool",
@@ -308,8 +419,35 @@ class Agent:
         if outcome == "stopped":
             yield Stopped(len(steps), stop_reason or "max_steps", detail or "")
         yield UsageReport(usage)
-        result = AgentResult(self.name, task, outcome, answer, stop_reason, detail, steps, usage, messages)
+        result = AgentResult(
+            self.name,
+            task,
+            outcome,
+            answer,
+            stop_reason,
+            detail,
+            steps,
+            usage,
+            messages,
+            routing={"offered": [t.name for t in offered], **routing.to_dict()} if routing else None,
+            verified=verified if outcome == "answer" else None,
+        )
         yield RunFinished(result)
+
+    def _remember(
+        self,
+        memory: CallMemory,
+        task: str,
+        calls: Sequence[ToolCallRecord],
+        by_name: dict[str, ToolSpec],
+        answer: str,
+    ) -> None:
+        """Keep a verified run's successful calls as examples for later runs (single-call runs only: a
+        multi-step run's calls are not each an example of answering its task)."""
+        good = [c for c in calls if c.outcome == "result"]
+        spec = by_name.get(good[0].name) if len(good) == 1 and len(calls) == 1 else None
+        if spec is not None:
+            memory.remember(spec, task, good[0].arguments, good[0].observation, answer)
 
     async def _execute(
         self,
@@ -318,14 +456,26 @@ class Agent:
         by_name: dict[str, ToolSpec],
         deadline: float,
         backend: LLMBackend,
+        seen: dict[str, ToolCallRecord],
+        *,
+        flat: bool = False,
     ) -> list[ToolCallRecord]:
-        """Run a step's calls concurrently (bounded); records come back in call order, failures included."""
+        """Run a step's calls concurrently (bounded); records come back in call order, failures included.
+        A call identical to one made earlier in the run is not sent again: the model gets the earlier result
+        with a note, so a model stuck on one call cannot spend the run repeating it."""
         records: list[ToolCallRecord | None] = [None] * len(calls)
         limiter = anyio.CapacityLimiter(max(1, self.config.parallel_tool_calls))
 
         async def one(i: int, call: ToolCall) -> None:
+            key = _call_key(call)
+            earlier = seen.get(key)
+            if earlier is not None:
+                records[i] = _repeated(step, call, earlier)
+                return
             async with limiter:
-                records[i] = await self._call_one(step, call, by_name.get(call.name), deadline, backend)
+                rec = await self._call_one(step, call, by_name.get(call.name), deadline, backend, flat=flat)
+            seen[key] = rec
+            records[i] = rec
 
         async with anyio.create_task_group() as tg:
             for i, call in enumerate(calls):
@@ -333,8 +483,16 @@ class Agent:
         return [r for r in records if r is not None]
 
     async def _call_one(
-        self, step: int, call: ToolCall, spec: ToolSpec | None, deadline: float, backend: LLMBackend
+        self,
+        step: int,
+        call: ToolCall,
+        spec: ToolSpec | None,
+        deadline: float,
+        backend: LLMBackend,
+        *,
+        flat: bool = False,
     ) -> ToolCallRecord:
+        """One call, its outcome rendered as the observation the model sees (`flat`: JSON as key: value lines)."""
         cfg = self.config
         remaining = max(0.001, deadline - time.monotonic())
         timeout = min(remaining, cfg.tool_timeout_secs) if cfg.tool_timeout_secs else remaining
@@ -357,6 +515,8 @@ class Agent:
             else:
                 kind, reason = outcome.kind, outcome.reason
                 body = render_result(outcome.result) if outcome.result is not None else ""
+                if flat:
+                    body = flat_lines(body)
                 server = outcome.server or server
         duration = time.perf_counter() - started
         obs: Observation = observe(
@@ -394,8 +554,68 @@ def _examples(cfg: AgentConfig) -> list[WorkedExample]:
     ]
 
 
+def _worked(steps: Sequence[StepRecord]) -> bool:
+    return any(c.outcome == "result" for s in steps for c in s.tool_calls)
+
+
+def _repeated_a_result(step: StepRecord) -> bool:
+    """The step only repeated calls that had worked (the model asked again for what it already has)."""
+    return bool(step.tool_calls) and all(c.outcome == "repeated" and not c.is_error for c in step.tool_calls)
+
+
+def _next_routed(routing: Routing | None, steps: Sequence[StepRecord], limit: int) -> str | None:
+    """The tool a confidently routed run calls next, or None when the model decides. A task in several parts
+    (`routing.plan`) calls each part's tool in order, once each; otherwise, until a call returns a result, the
+    best routed tool not tried yet (after a failure, the next best)."""
+    if routing is None or not routing.confident:
+        return None
+    calls = [c for s in steps for c in s.tool_calls]
+    if routing.plan:
+        return next((name for name in routing.plan if not any(c.name == name for c in calls)), None)
+    if any(c.outcome == "result" for c in calls):
+        return None
+    for name in routing.top(limit):
+        if not any(c.name == name for c in calls):
+            return name
+    return None
+
+
+_RECHECK = (
+    "Your answer states {values}, which none of the tool results above contains. Answer again using only "
+    "values from the tool results."
+)
+
+
+def _call_key(call: ToolCall) -> str:
+    return json.dumps([call.name, call.arguments], sort_keys=True, ensure_ascii=False, default=str)
+
+
+def _repeated(step: int, call: ToolCall, earlier: ToolCallRecord) -> ToolCallRecord:
+    # after a result, the repeat gets that result again (the next step answers from it): no instruction a small
+    # model would copy into its answer; after an error, what to change
+    note = (
+        f"(the same call as step {earlier.step}, not sent again)\n{earlier.observation}"
+        if not earlier.is_error
+        else f"You already called {call.name} with these arguments (step {earlier.step}); it was not sent "
+        f"again. Change the arguments or the tool.\n{earlier.observation}"
+    )
+    return ToolCallRecord(
+        step,
+        call.id,
+        call.name,
+        earlier.server,
+        call.arguments,
+        "repeated",
+        note,
+        earlier.is_error,
+        False,
+        0.0,
+    )
+
+
 def _account(usage: Usage, step: StepRecord) -> None:
     usage.prompt_tokens += step.prompt_tokens
+    usage.cached_tokens += step.cached_tokens
     usage.completion_tokens += step.completion_tokens
     usage.model_seconds += step.model_seconds
 

@@ -86,6 +86,32 @@ def _compact_text(text: str) -> str:
     return stripped
 
 
+def flat_lines(text: str, *, max_lines: int = 60) -> str:
+    """A JSON object or array result as `key: value` lines (`target.datetime: 2026-...`): a small model copies
+    a value from a line far more reliably than from nested JSON. Other text is returned as it is."""
+    stripped = text.strip()
+    if stripped[:1] not in "{[":
+        return text
+    try:
+        value = json.loads(stripped)
+    except ValueError:
+        return text
+    lines: list[str] = []
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack and len(lines) < max_lines:
+        key, node = stack.pop()
+        if isinstance(node, dict) and node:
+            stack.extend((f"{key}.{k}" if key else str(k), v) for k, v in reversed(list(node.items())))
+        elif isinstance(node, list) and node and any(isinstance(v, dict | list) for v in node):
+            stack.extend((f"{key}[{i}]", v) for i, v in reversed(list(enumerate(node))))
+        else:
+            rendered = node if isinstance(node, str) else _compact_json(node)
+            lines.append(f"{key}: {rendered}" if key else str(rendered))
+    if stack:
+        lines.append("...")
+    return "\n".join(lines)
+
+
 def truncate(
     text: str, max_tokens: int, encode: TokenCounter | None = None, decode: Decoder | None = None
 ) -> tuple[str, bool, int]:

@@ -421,6 +421,15 @@ class OpenAIChatBackend:
     def supports_grammar(self) -> bool:
         return self._grammar
 
+    @property
+    def supports_prefix(self) -> bool:
+        return False  # chat completions cannot continue a partial assistant turn on every server
+
+    async def score(self, request: GenerationRequest, continuations: list[str]) -> list[float]:
+        raise RemoteLLMError(
+            "a remote model cannot score continuations", "the loop only asks supports_prefix backends"
+        )
+
     def encode(self, text: str) -> list[int]:
         """Four characters per id, packed so `decode` restores the exact text."""
         out = []

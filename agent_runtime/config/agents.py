@@ -56,6 +56,12 @@ class AgentConfig(BaseModel):
     approval: Literal["policy", "never"] = "policy"
     tool_format: Literal["auto", "json", "hermes", "llama3", "mistral"] = "auto"
     constrained: bool = True  # grammar-constrained actions on the local engine
+    # Two-stage actions on the local engine (our JSON format): the tool name from the few routed tools, then its
+    # arguments under its own schema, grounded in the task and observations (docs/agents.md, "Small models").
+    guided: bool = True
+    route_tools: int = Field(default=3, ge=1, le=64)  # tools offered per step when guided
+    # remember verified single-call runs on disk (by tool definition) and show them to later runs as examples
+    learn_examples: bool = True
     thoughts: bool = False  # let the model write an optional "thought" before each action
     observation_max_tokens: int = Field(default=512, ge=16, le=100_000)
     examples: list[WorkedExampleModel] | None = None  # None: the built-in generic examples

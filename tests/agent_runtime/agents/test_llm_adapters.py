@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from agent_runtime.agents.llm import GenerationRequest, LocalEngineBackend
+from agent_runtime.agents.llm import GenerationChunk, GenerationRequest, LocalEngineBackend
 from inference.async_engine import AsyncEngine
 from inference.config import EngineConfig
 from inference.engine import LLMEngine
@@ -53,3 +55,38 @@ async def test_backend_generates_under_the_requests_adapter(tmp_path: Path) -> N
                 pass
     finally:
         await backend.aclose()
+
+
+class _Scripted:
+    """Replies with one scripted continuation per stage and records each request (not a model)."""
+
+    def __init__(self, replies: list[str]) -> None:
+        self.replies = replies
+        self.requests: list[GenerationRequest] = []
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        self.requests.append(request)
+        text = self.replies[len(self.requests) - 1]
+        yield GenerationChunk(text, text, True, "stop")
+
+
+async def test_both_stages_of_a_guided_turn_run_under_the_agents_adapter() -> None:
+    from agent_runtime.agents.grounding import GroundingContext
+    from agent_runtime.agents.guided import guided_turn
+    from inference.formats import ToolSpec
+
+    tool = ToolSpec("t__echo", "Echo a text.", {"type": "object", "properties": {}}, "t", True)
+    backend = _Scripted(['tool": "t__echo"', "{}}"])
+    base = GenerationRequest(MESSAGES, max_tokens=8, adapter="tools")
+    turn = guided_turn(
+        backend,  # type: ignore[arg-type]  # scripted: only generate() is used
+        base,
+        [tool],
+        ["t__echo"],
+        GroundingContext(),
+        allow_answer=False,
+        deadline=time.monotonic() + 30,
+    )
+    last = [p async for p in turn][-1]
+    assert json.loads(last.text) == {"tool": "t__echo", "arguments": {}}
+    assert [r.adapter for r in backend.requests] == ["tools", "tools"]  # the decision and the arguments

@@ -205,7 +205,15 @@ async def test_agent_on_the_remote_backend_matches_the_local_one(
                 "mcpServers": {
                     "demo": {"command": PYTHON, "args": [str(EXAMPLES / "servers" / "demo_server.py")]}
                 },
-                "agents": {"calc": {"tools": ["demo__add", "demo__echo"], "max_steps": 3, "max_tokens": 96}},
+                # guided off: the remote model cannot continue a partial turn, so compare single-stage runs
+                "agents": {
+                    "calc": {
+                        "tools": ["demo__add", "demo__echo"],
+                        "max_steps": 3,
+                        "max_tokens": 96,
+                        "guided": False,
+                    }
+                },
             }
         )
     )
@@ -236,7 +244,8 @@ async def test_model_section_with_openai_backend_drives_runtime_agents(
     from agent_runtime import AgentHost, LocalEngineBackend, OpenAIChatBackend, Runtime
 
     servers = {"demo": {"command": PYTHON, "args": [str(EXAMPLES / "servers" / "demo_server.py")]}}
-    agents = {"calc": {"tools": ["demo__add"], "max_steps": 3, "max_tokens": 96}}
+    # guided off: a remote model cannot continue a partial turn, so the local run must be single-stage too
+    agents = {"calc": {"tools": ["demo__add"], "max_steps": 3, "max_tokens": 96, "guided": False}}
     path = tmp_path / "MCP_CONFIG.json"
     path.write_text(
         json.dumps(

@@ -32,7 +32,7 @@ def test_run_answers_tokyo_with_json_transcript(tmp_path: Path) -> None:
     assert doc["outcome"] == "answer"
     call = doc["tool_calls"][0]
     assert call["name"] == "time__get_current_time" and call["arguments"] == {"timezone": "Asia/Tokyo"}
-    assert '"datetime": "2026-03-14T14:26:53+09:00"' in call["observation"]  # the test server's frozen clock
+    assert "datetime: 2026-03-14T14:26:53+09:00" in call["observation"]  # the test server's frozen clock
     assert "14:26" in doc["answer"], doc["answer"]
     assert [m["role"] for m in doc["messages"]] == ["user", "assistant", "tool", "assistant"]
     assert doc["usage"]["steps"] == 2

@@ -171,6 +171,10 @@ class RecordingBackend:
     def supports_grammar(self) -> bool:
         return False
 
+    @property
+    def supports_prefix(self) -> bool:
+        return False
+
     def encode(self, text: str) -> list[int]:
         return list(text.encode())
 

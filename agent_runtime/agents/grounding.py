@@ -1,0 +1,327 @@
+"""Argument grounding: a tool's input schema narrowed for one call to the values the run has seen, so a small
+model copies values instead of inventing them, and routing's measure of which tool's inputs a task supplies.
+
+- A path argument is one of the paths the run has seen (written in the task or in a tool result), or a
+  folder it has seen plus a name the task uses ("a folder called archive inside /x" -> `/x/archive`).
+- A timezone argument documented as IANA is one of the zones of the places the run names (`New York` ->
+  America/New_York), else any zone this machine knows; an `HH:MM` time is one of the clock times the task
+  states (`3 pm` -> 15:00) when it states some.
+- A pair of arguments named source/target (or from/to) over the same values takes them in the order the task
+  names them ("9:00 in New York ... in Tokyo": New York is the source).
+- Optional arguments nobody asked for are left out (a model that fills `head` or `dryRun` by itself breaks
+  calls that needed none of them).
+
+Values stay valid for the original schema: grounding only narrows it, and the executor still validates.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent_runtime.agents.routing import words
+
+_PATH_NAME = re.compile(
+    r"(^|_|-)(path|paths|file|files|filename|dir|directory|folder|source|destination|src|dst)$", re.I
+)
+_ABS_PATH = re.compile(r"(?<![\w.])(/(?:[\w.@%+~-]+/?)+)")
+_IANA_HINT = re.compile(r"\bIANA\b|\btimezone name\b|America/New_York|Europe/London", re.I)
+_TZ_NAME = re.compile(r"time_?zone|tz$", re.I)
+_HHMM = re.compile(r"HH:MM", re.I)
+_CLOCK_VALUE = re.compile(
+    r"\b(\d{1,2}):(\d{2})\s*(am|pm|a\.m\.|p\.m\.)?|\b(\d{1,2})\s*(am|pm|a\.m\.|p\.m\.)|\b(noon|midnight)\b",
+    re.I,
+)
+_NUMBER_VALUE = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.])")
+_FILE_NAME = re.compile(r"\b[\w-]+\.[A-Za-z0-9]{1,5}\b")
+_NAME_WORD = re.compile(
+    r"""['"`]([\w.-]{1,64})['"`]|\b([\w-]+\.[A-Za-z0-9]{1,5})\b|\b([A-Za-z][\w-]{1,40})\b"""
+)
+_DIRECTORY_WORDS = re.compile(r"\b(directory|directories|folder|folders|dir)\b", re.I)
+_FILE_WORDS = re.compile(r"\b(file|files|text|contents?)\b", re.I)
+_QUOTED = re.compile(r"""['"`]([\w./:+-]{1,40})['"`]""")
+_CHOICE_WORDS = re.compile(r"\bor\b|\bone of\b|\beither\b|\|", re.I)
+_CALLED = re.compile(r"\b(?:called|named|titled)\s+['\"`]?([\w.-]{1,64})", re.I)
+MAX_FREE_STRING = 400  # characters of a string argument nothing else bounds: a small model's loops end there
+MAX_FREE_ITEMS = 16  # items of an array argument nothing else bounds, for the same reason
+_SOURCE = re.compile(r"^(source|from|origin|src)(_|$)", re.I)
+_TARGET = re.compile(r"^(target|to|destination|dest|dst)(_|$)", re.I)
+MAX_PATH_CANDIDATES = 64
+MAX_NUMBER_CANDIDATES = 16
+
+
+@functools.cache
+def iana_timezones() -> tuple[str, ...]:
+    """The IANA zone names this machine knows (zoneinfo), sorted; empty when it has none."""
+    from zoneinfo import available_timezones  # the stdlib's reader of the system's tz database
+
+    return tuple(sorted(z for z in available_timezones() if "/" in z or z == "UTC"))
+
+
+def _clean_path(raw: str) -> str:
+    return raw.rstrip("/.,;:'\")]}?!") or "/"
+
+
+@dataclass(slots=True)
+class GroundingContext:
+    """What a run has seen that arguments may be copied from: the task and the tools' results, in order."""
+
+    texts: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)  # absolute paths, in order of first mention
+
+    def add(self, text: str) -> None:
+        self.texts.append(text)
+        for raw in _ABS_PATH.findall(text):
+            path = _clean_path(raw)
+            if path != "/" and path not in self.paths:
+                self.paths.append(path)
+
+    @property
+    def task(self) -> str:
+        return self.texts[0] if self.texts else ""
+
+    def mentions(self, name: str) -> bool:
+        """Whether the run's text mentions an argument's name (its words), e.g. `head` or `exclude patterns`."""
+        wanted = set(words(name))
+        if not wanted:
+            return False
+        seen = {w for t in self.texts for w in words(t)}
+        return wanted <= seen
+
+    def path_candidates(self, *, creating: bool = False) -> list[str]:
+        """Every path seen, and each seen folder joined with a name the task gives something ("a folder called
+        archive", a quoted name, a file name), bounded. When `creating` and the task names the new thing, only
+        the joined paths (and the files seen): a tool that makes something must not get the folder itself."""
+        folders = [p for p in self.paths if not _FILE_NAME.fullmatch(p.rsplit("/", 1)[-1])]
+        named = [m.group(1) for m in _CALLED.finditer(self.task)]
+        names = list(dict.fromkeys([*named, *_QUOTED.findall(self.task), *_FILE_NAME.findall(self.task)]))
+        joined = [f"{f.rstrip('/')}/{n}" for f in folders for n in names if "/" not in n]
+        if creating and named:
+            files = [p for p in self.paths if p not in folders]
+            return list(dict.fromkeys([*joined, *files]))[:MAX_PATH_CANDIDATES]
+        return list(dict.fromkeys([*self.paths, *joined]))[:MAX_PATH_CANDIDATES]
+
+
+def clock_values(text: str) -> list[str]:
+    """The clock times `text` states, as 24-hour HH:MM (`3 pm` -> 15:00, `9:00` -> 09:00), in order."""
+    out: list[str] = []
+    for m in _CLOCK_VALUE.finditer(text):
+        if m.group(6):
+            value = "12:00" if m.group(6).lower() == "noon" else "00:00"
+        else:
+            hour = int(m.group(1) or m.group(4))
+            minute = m.group(2) or "00"
+            suffix = (m.group(3) or m.group(5) or "").lower()
+            if suffix.startswith("p") and hour < 12:
+                hour += 12
+            if suffix.startswith("a") and hour == 12:
+                hour = 0
+            if hour > 23 or int(minute) > 59:
+                continue
+            value = f"{hour:02d}:{minute}"
+        if value not in out:
+            out.append(value)
+    return out
+
+
+def is_path_argument(name: str, schema: Mapping[str, Any]) -> bool:
+    if _PATH_NAME.search(name):
+        return True
+    fmt = schema.get("format")
+    return isinstance(fmt, str) and fmt in ("path", "uri-reference", "file-path")
+
+
+def is_timezone_argument(name: str, schema: Mapping[str, Any]) -> bool:
+    desc = str(schema.get("description", ""))
+    return bool(_TZ_NAME.search(name)) and bool(_IANA_HINT.search(desc) or "timezone" in name.lower())
+
+
+def zones_named_in(texts: Iterable[str]) -> list[str]:
+    """IANA zones whose city (or region) the texts name, e.g. "New York" -> America/New_York, and zone names
+    written out in full, in order of first mention."""
+    found: dict[str, int] = {}
+    lowered = [t.lower() for t in texts]
+    for zone in iana_timezones():
+        city = zone.rsplit("/", 1)[-1].replace("_", " ").lower()
+        for i, text in enumerate(lowered):
+            at = text.find(zone.lower())
+            if at < 0 and len(city) > 3:
+                m = re.search(rf"(?<![a-z]){re.escape(city)}(?![a-z])", text)
+                at = m.start() if m else -1
+            if at >= 0:
+                found.setdefault(zone, i * 1_000_000 + at)
+                break
+    return sorted(found, key=found.__getitem__)
+
+
+def evidence(parameters: Mapping[str, Any], text: str, description: str = "") -> float:
+    """How well `text` supplies a tool's required arguments: +0.5 for each required argument with a value of
+    its kind in the text (numbers for numbers, a clock time for an HH:MM time, a path for a path: each value
+    serves one argument, a place for a timezone, one of an enum's values), -1 for each without; and +0.5 when
+    the path given is of the kind the tool's description is about (a file name, or a folder). Routing adds it
+    to the relevance score: of two tools that fit the words of a task, the one whose inputs it gives wins."""
+    props = parameters.get("properties")
+    if not isinstance(props, Mapping):
+        return 0.0
+    numbers = len(_NUMBER_VALUE.findall(text))
+    paths = len({_clean_path(p) for p in _ABS_PATH.findall(text)}) or len(_FILE_NAME.findall(text))
+    zones = len(zones_named_in([text]))
+    first_line = description.strip().split("\n", 1)[0]
+    score = 0.0
+    for name in parameters.get("required") or ():
+        schema = props.get(name)
+        if not isinstance(schema, Mapping):
+            continue
+        kind = schema.get("type")
+        desc = str(schema.get("description", ""))
+        if kind in ("number", "integer"):
+            numbers -= 1
+            score += 0.5 if numbers >= 0 else -1.0
+        elif kind == "string" and "enum" in schema:
+            score += 0.5 if any(str(v).lower() in text.lower() for v in schema["enum"]) else -1.0
+        elif kind == "string" and _HHMM.search(desc):
+            score += 0.5 if clock_values(text) else -1.0
+        elif kind == "string" and is_timezone_argument(name, schema):
+            zones -= 1  # each place serves one zone argument
+            score += 0.5 if zones >= 0 else -1.0
+        elif is_path_argument(name, schema):
+            paths -= 1
+            if paths < 0:
+                score -= 1.0
+                continue
+            score += 0.5
+            names_a_file = bool(_FILE_NAME.search(text))
+            about_folders = bool(_DIRECTORY_WORDS.search(first_line)) and not _FILE_WORDS.search(first_line)
+            about_files = bool(_FILE_WORDS.search(first_line)) and not _DIRECTORY_WORDS.search(first_line)
+            if (names_a_file and about_files) or (not names_a_file and about_folders):
+                score += 0.5
+    return score
+
+
+def quoted_choices(description: str) -> list[str]:
+    """The values a description offers as a choice ("'local', 'remote' or 'all'"), else none."""
+    values = list(dict.fromkeys(_QUOTED.findall(description)))
+    return values if len(values) >= 2 and _CHOICE_WORDS.search(description) else []
+
+
+def number_values(texts: Iterable[str], *, integers: bool = False) -> list[int | float]:
+    """The numbers `texts` state, in order of first mention, once each (`integers`: only whole ones)."""
+    out: list[int | float] = []
+    for text in texts:
+        for raw in _NUMBER_VALUE.findall(text):
+            value: int | float = int(raw) if "." not in raw else float(raw)
+            if integers and not float(value).is_integer():
+                continue
+            if integers:
+                value = int(value)
+            if value not in out:
+                out.append(value)
+    return out
+
+
+def _narrow_number(schema: dict[str, Any], context: GroundingContext) -> None:
+    """A number is copied far more often than computed: one of the numbers the run has seen (the task's
+    first), within the schema's bounds; unconstrained when the run has seen none."""
+    if "enum" in schema or "const" in schema:
+        return
+    values = number_values(context.texts, integers=schema.get("type") == "integer")
+    low, high = schema.get("minimum"), schema.get("maximum")
+    values = [
+        v
+        for v in values
+        if (not isinstance(low, int | float) or v >= low) and (not isinstance(high, int | float) or v <= high)
+    ][:MAX_NUMBER_CANDIDATES]
+    if values:
+        schema["enum"] = values
+
+
+def _narrow(name: str, schema: dict[str, Any], context: GroundingContext, *, creating: bool) -> None:
+    """Narrow one string, number or array argument in place."""
+    if schema.get("type") in ("number", "integer"):
+        _narrow_number(schema, context)
+        return
+    if schema.get("type") == "array" and "maxItems" not in schema:
+        schema["maxItems"] = MAX_FREE_ITEMS
+    if schema.get("type") == "array" and is_path_argument(name, schema):
+        items = schema.get("items")
+        candidates = context.path_candidates(creating=creating)
+        if (
+            isinstance(items, Mapping)
+            and items.get("type") == "string"
+            and candidates
+            and "enum" not in items
+        ):
+            schema["items"] = {**items, "enum": candidates}
+        return
+    if schema.get("type") != "string" or "enum" in schema or "pattern" in schema:
+        return
+    if is_timezone_argument(name, schema) and iana_timezones():
+        schema["enum"] = zones_named_in(context.texts) or list(iana_timezones())
+    elif _HHMM.search(str(schema.get("description", ""))):
+        clocks = clock_values(context.task)
+        if clocks:
+            schema["enum"] = clocks
+        else:
+            schema["pattern"] = "^([01][0-9]|2[0-3]):[0-5][0-9]$"
+    elif is_path_argument(name, schema):
+        candidates = context.path_candidates(creating=creating)
+        if candidates:
+            schema["enum"] = candidates
+    elif choices := quoted_choices(str(schema.get("description", ""))):
+        schema["enum"] = choices
+    elif "maxLength" not in schema and "format" not in schema:
+        schema["maxLength"] = MAX_FREE_STRING
+
+
+def _order_pairs(props: dict[str, Any]) -> None:
+    """A source/target pair over the same candidates takes them in the order the task names them."""
+    for source, s in props.items():
+        if not _SOURCE.match(source) or not isinstance(s, dict) or not isinstance(s.get("enum"), list):
+            continue
+        rest = _SOURCE.sub("", source)
+        for target, t in props.items():
+            if target == source or not _TARGET.match(target) or _TARGET.sub("", target) != rest:
+                continue
+            if isinstance(t, dict) and t.get("enum") == s["enum"] and len(s["enum"]) >= 2:
+                s["enum"] = s["enum"][:1]
+                t["enum"] = t["enum"][1:]
+
+
+def ground_schema(
+    parameters: Mapping[str, Any], context: GroundingContext, *, read_only: bool | None = None
+) -> dict[str, Any]:
+    """`parameters` (an object schema) narrowed for this call; a copy of the original when nothing applies.
+    `read_only` is the tool's hint: a tool that is not read-only may be making what the task names."""
+    props = parameters.get("properties")
+    if not isinstance(props, Mapping) or not props:
+        return dict(parameters)
+    required = set(parameters.get("required") or ())
+    out = copy.deepcopy(dict(parameters))
+    narrowed: dict[str, Any] = {}
+    # A tool that changes something and whose only required inputs are paths makes what the task names there
+    # ("a folder called archive" -> .../archive); one with a name argument of its own (`branch_name`) takes
+    # the name there and its path stays a path the run has seen.
+    names_elsewhere = any(
+        isinstance(s, Mapping) and s.get("type") == "string" and not is_path_argument(n, s)
+        for n, s in props.items()
+        if n in required
+    )
+    creating = read_only is False and not names_elsewhere
+    for name, schema in props.items():
+        if not isinstance(schema, Mapping):
+            narrowed[name] = schema
+            continue
+        if name not in required and not context.mentions(name):
+            continue  # optional and never asked for: not offered
+        s = copy.deepcopy(dict(schema))
+        _narrow(name, s, context, creating=creating)
+        narrowed[name] = s
+    _order_pairs(narrowed)
+    out["properties"] = narrowed
+    if "required" in out:
+        out["required"] = [r for r in out["required"] if r in narrowed]
+    return out

@@ -1,0 +1,162 @@
+"""Two-stage actions for a small local model: first the decision (which tool, or the answer) under a grammar of
+the few routed tool names, then that tool's arguments under its own schema, grounded in what the run has seen.
+
+The turn's text is the whole action in our JSON protocol (`{"tool": ..., "arguments": {...}}` or
+`{"answer": "..."}`), so the loop parses and records it like any other; the stages only decide how it is
+generated. The second stage continues the first one's text (an assistant prefix), so the prompt's KV is
+reused from the prefix cache.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from agent_runtime.agents.grounding import GroundingContext, ground_schema
+from agent_runtime.agents.llm import GenerationChunk, GenerationRequest, LLMBackend
+from inference.formats import ToolSpec
+from inference.grammar import normalise_parameters, sequence_spec
+
+DECIDE_PREFIX = '{"'
+# On the decision stage, whose answers are free text: a small model otherwise loops ("24:53:53.000000...").
+ANSWER_FREQUENCY_PENALTY = 0.6
+ARGUMENTS_FREQUENCY_PENALTY = 0.3  # lighter: arguments copy paths whose parts repeat
+CALL_PREFIX = '{"tool": "'
+ANSWER_PREFIX = '{"answer": '
+
+
+@dataclass(slots=True)
+class TurnProgress:
+    """What a guided turn reports back as it goes: text deltas for the live view, then the totals."""
+
+    delta: str = ""
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+def decision_spec(candidates: Sequence[str], *, allow_answer: bool) -> Any:
+    """The first stage, after the turn's opening `{"`: `tool": "<one of the candidates>"` (the arguments follow
+    in stage two), or a whole answer `answer": "..."}`."""
+    alternatives: list[list[Mapping[str, Any]]] = []
+    if candidates:
+        alternatives.append(
+            [{"literal": CALL_PREFIX[len(DECIDE_PREFIX) :]}, {"choice": list(candidates)}, {"literal": '"'}]
+        )
+    if allow_answer or not candidates:
+        alternatives.append(
+            [
+                {"literal": ANSWER_PREFIX[len(DECIDE_PREFIX) :]},
+                {"json_schema": {"type": "string", "minLength": 1}},
+                {"literal": "}"},
+            ]
+        )
+    return sequence_spec(*alternatives)
+
+
+def arguments_spec(schema: Mapping[str, Any]) -> Any:
+    """The second stage: the arguments object (matching the grounded schema), then the closing brace."""
+    return sequence_spec([{"json_schema": normalise_parameters(schema)}, {"literal": "}"}])
+
+
+async def _stream(
+    backend: LLMBackend, request: GenerationRequest, progress: TurnProgress, prefix: str
+) -> AsyncGenerator[TurnProgress, None]:
+    """Run one stage, adding its output after `prefix` to the turn's text."""
+    async with aclosing(backend.generate(request)) as chunks:
+        chunk: GenerationChunk
+        async for chunk in chunks:
+            progress.delta = chunk.delta_text
+            progress.text = prefix + chunk.text
+            if chunk.finished:
+                progress.prompt_tokens += chunk.prompt_tokens
+                progress.completion_tokens += chunk.completion_tokens
+                progress.cached_tokens += chunk.cached_tokens
+                progress.finish_reason = chunk.finish_reason
+            yield progress
+
+
+async def guided_turn(
+    backend: LLMBackend,
+    base: GenerationRequest,
+    tools: Sequence[ToolSpec],
+    candidates: Sequence[str],
+    context: GroundingContext,
+    *,
+    allow_answer: bool,
+    deadline: float,
+) -> AsyncGenerator[TurnProgress, None]:
+    """One model turn in two stages; the last progress has `finished` set and the whole action as `text`."""
+    progress = TurnProgress()
+    decide = GenerationRequest(
+        base.messages,
+        base.tools,
+        decision_spec(candidates, allow_answer=allow_answer),
+        max_tokens=base.max_tokens,
+        temperature=base.temperature,
+        top_p=base.top_p,
+        seed=base.seed,
+        request_id=f"{base.request_id}-decide" if base.request_id else None,
+        adapter=base.adapter,
+        assistant_prefix=DECIDE_PREFIX,
+        frequency_penalty=ANSWER_FREQUENCY_PENALTY if allow_answer else 0.0,
+    )
+    async for p in _stream(backend, decide, progress, DECIDE_PREFIX):
+        yield p
+    head = progress.text
+    if head.startswith(ANSWER_PREFIX) and progress.finish_reason == "length":
+        # An answer cut at max_tokens is still an answer: close its string so it parses (the text says so).
+        progress.text = close_answer(head)
+    if not head.startswith(CALL_PREFIX) or progress.finish_reason not in ("stop", None):
+        progress.finished = True
+        yield progress
+        return
+    name = head[len(CALL_PREFIX) :].rstrip('"')
+    spec = next((t for t in tools if t.name == name), None)
+    if spec is None or time.monotonic() >= deadline:
+        progress.finished = True
+        yield progress
+        return
+    schema = ground_schema(spec.parameters, context, read_only=spec.read_only)
+    prefix = f'{CALL_PREFIX}{name}", "arguments": '
+    args = GenerationRequest(
+        base.messages,
+        base.tools,
+        arguments_spec(schema),
+        max_tokens=base.max_tokens,
+        temperature=base.temperature,
+        top_p=base.top_p,
+        seed=base.seed,
+        request_id=f"{base.request_id}-args" if base.request_id else None,
+        adapter=base.adapter,
+        assistant_prefix=prefix,
+        frequency_penalty=ARGUMENTS_FREQUENCY_PENALTY,
+    )
+    async for p in _stream(backend, args, progress, prefix):
+        yield p
+    progress.finished = True
+    yield progress
+
+
+def close_answer(text: str) -> str:
+    """`{"answer": "...` cut short, completed as valid JSON (dropping a half-written escape at its end)."""
+    for cut in range(0, 8):
+        candidate = (text[: len(text) - cut] if cut else text) + ' [cut at max_tokens]"}'
+        try:
+            json.loads(candidate)
+        except ValueError:
+            continue
+        return candidate
+    return '{"answer": "(the answer was cut at max_tokens)"}'
+
+
+def describe_call(name: str, arguments: Mapping[str, Any]) -> str:
+    """A call as our protocol writes it (what the history shows the model)."""
+    return json.dumps({"tool": name, "arguments": dict(arguments)}, ensure_ascii=False)

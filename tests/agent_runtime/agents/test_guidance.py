@@ -1,0 +1,388 @@
+"""What the runtime does for a small model, without a model: routing, grounding, two-stage grammars, derived
+and remembered examples, the answer check and flat observations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import xgrammar as xgr
+
+from agent_runtime.agents.checks import failure_summary, ungrounded_values
+from agent_runtime.agents.events import ToolCallRecord
+from agent_runtime.agents.examples import CallMemory, example_arguments, examples_for
+from agent_runtime.agents.grounding import (
+    GroundingContext,
+    clock_values,
+    evidence,
+    ground_schema,
+    quoted_choices,
+    zones_named_in,
+)
+from agent_runtime.agents.guided import arguments_spec, close_answer, decision_spec
+from agent_runtime.agents.observations import flat_lines
+from agent_runtime.agents.routing import ToolIndex, intent, plan_route, route, words
+from inference.formats import ToolSpec
+from inference.grammar import GrammarCompilerCache, GrammarSpec
+
+TZ = {
+    "type": "string",
+    "description": "IANA timezone name (e.g., 'America/New_York', 'Europe/London').",
+}
+TIME_TOOLS = [
+    ToolSpec(
+        "time__get_current_time",
+        "Get current time in a specific timezone",
+        {"type": "object", "properties": {"timezone": TZ}, "required": ["timezone"]},
+        "time",
+        True,
+    ),
+    ToolSpec(
+        "time__convert_time",
+        "Convert time between timezones",
+        {
+            "type": "object",
+            "properties": {
+                "source_timezone": TZ,
+                "time": {"type": "string", "description": "Time to convert in 24-hour format (HH:MM)"},
+                "target_timezone": TZ,
+            },
+            "required": ["source_timezone", "time", "target_timezone"],
+        },
+        "time",
+        True,
+    ),
+]
+PATH = {"type": "string"}
+FS_TOOLS = [
+    ToolSpec(
+        "fs__read_text_file",
+        "Read the complete contents of a file from the file system as text.",
+        {"type": "object", "properties": {"path": PATH, "head": {"type": "number"}}, "required": ["path"]},
+        "fs",
+        True,
+    ),
+    ToolSpec(
+        "fs__list_directory",
+        "Get a detailed listing of all files and directories in a specified path.",
+        {"type": "object", "properties": {"path": PATH}, "required": ["path"]},
+        "fs",
+        True,
+    ),
+    ToolSpec(
+        "fs__create_directory",
+        "Create a new directory or ensure a directory exists.",
+        {"type": "object", "properties": {"path": PATH}, "required": ["path"]},
+        "fs",
+        False,
+    ),
+    ToolSpec(
+        "fs__move_file",
+        "Move or rename files and directories.",
+        {
+            "type": "object",
+            "properties": {"source": PATH, "destination": PATH},
+            "required": ["source", "destination"],
+        },
+        "fs",
+        False,
+    ),
+]
+SUM = ToolSpec(
+    "everything__get-sum",
+    "Returns the sum of two numbers",
+    {
+        "type": "object",
+        "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+        "required": ["a", "b"],
+    },
+    "everything",
+    True,
+)
+
+
+def _best(query: str, tools: list[ToolSpec]) -> str:
+    return route(query, tools, None, evidence).scores[0].name
+
+
+def test_words_split_case_styles_and_fold_plurals() -> None:
+    assert words("list_directory getFileInfo read-text-files") == [
+        "list",
+        "directory",
+        "file",  # `get` is a stop word
+        "info",
+        "read",
+        "text",
+        "file",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("What time is it in Tokyo right now?", "time__get_current_time"),
+        ("hey, whats the time in london", "time__get_current_time"),
+        ("When it's 9:00 in New York, what time is it in Tokyo?", "time__convert_time"),
+        ("Convert 10:30 Paris time to Chicago time.", "time__convert_time"),
+    ],
+)
+def test_routing_prefers_the_tool_whose_inputs_the_task_gives(query: str, expected: str) -> None:
+    assert _best(query, TIME_TOOLS) == expected
+
+
+def test_routing_by_the_kind_of_path_and_by_intent() -> None:
+    assert _best("When is the weekly sync? It's in /tmp/f/notes.txt", FS_TOOLS) == "fs__read_text_file"
+    assert _best("What is inside /tmp/f/projects?", FS_TOOLS) == "fs__list_directory"
+    assert _best("Make a new folder called archive inside /tmp/f", FS_TOOLS) == "fs__create_directory"
+    assert intent("What was the last commit message?") == "read"
+    assert intent("Stage TODO.txt and commit it") == "change"
+
+
+def test_routing_reaches_synonyms_and_is_unsure_without_a_match() -> None:
+    assert _best("Add 17.5 and 24.25 for me.", [*TIME_TOOLS, SUM]) == "everything__get-sum"
+    plain = route("What is the capital of France?", [*TIME_TOOLS, SUM], None, evidence)
+    assert not plain.confident
+    assert route("What time is it in Tokyo?", TIME_TOOLS, None, evidence).confident
+
+
+def test_bm25_ranks_name_matches_first() -> None:
+    index = ToolIndex([(t.name, t.description, t.parameters) for t in FS_TOOLS])
+    assert index.scores("move the file")[0].name == "fs__move_file"
+
+
+def test_timezones_from_the_places_the_task_names() -> None:
+    assert zones_named_in(["When it's 9:00 in New York, what time is it in Tokyo?"]) == [
+        "America/New_York",
+        "Asia/Tokyo",
+    ]
+    context = GroundingContext()
+    context.add("When it's 9:00 in New York, what time is it in Tokyo?")
+    schema = ground_schema(TIME_TOOLS[1].parameters, context)
+    props = schema["properties"]
+    assert props["source_timezone"]["enum"] == ["America/New_York"]  # named first: the source
+    assert props["target_timezone"]["enum"] == ["Asia/Tokyo"]
+    assert props["time"]["enum"] == ["09:00"]
+    assert clock_values("a call at 3 pm, or noon, or 12:30 am") == ["15:00", "12:00", "00:30"]
+
+
+def test_paths_are_the_ones_seen_and_a_created_thing_gets_its_name() -> None:
+    context = GroundingContext()
+    context.add("Make a new folder called archive inside /tmp/x/files.")
+    read = ground_schema(FS_TOOLS[1].parameters, context, read_only=True)
+    assert read["properties"]["path"]["enum"] == ["/tmp/x/files", "/tmp/x/files/archive"]
+    made = ground_schema(FS_TOOLS[2].parameters, context, read_only=False)
+    assert made["properties"]["path"]["enum"] == ["/tmp/x/files/archive"]
+    context.add("[FILE] /tmp/x/files/notes.txt")  # an observation's path becomes a candidate too
+    assert (
+        "/tmp/x/files/notes.txt"
+        in ground_schema(FS_TOOLS[0].parameters, context)["properties"]["path"]["enum"]
+    )
+
+
+def test_a_tool_with_a_name_argument_keeps_its_path_among_the_paths_seen() -> None:
+    create_branch = {
+        "type": "object",
+        "properties": {"repo_path": {"type": "string"}, "branch_name": {"type": "string"}},
+        "required": ["repo_path", "branch_name"],
+    }
+    context = GroundingContext()
+    context.add("Create a new branch called release-1.0 in the repo at /tmp/x/repo")
+    grounded = ground_schema(create_branch, context, read_only=False)
+    assert grounded["properties"]["repo_path"]["enum"][0] == "/tmp/x/repo"
+
+
+def test_a_task_in_several_parts_routes_each_part_in_order() -> None:
+    write = ToolSpec(
+        "fs__write_file",
+        "Create a new file or completely overwrite an existing file with new content.",
+        {
+            "type": "object",
+            "properties": {"path": PATH, "content": {"type": "string"}},
+            "required": ["path", "content"],
+        },
+        "fs",
+        False,
+    )
+    tools = [*FS_TOOLS, write, *TIME_TOOLS]
+    r = plan_route(
+        "Find out the current time in Tokyo and save it to /tmp/f/tokyo_time.txt.", tools, None, evidence
+    )
+    assert r.plan == ("time__get_current_time", "fs__write_file")
+    assert set(r.plan) <= set(r.top(1))  # the plan's tools are offered whatever the whole task's ranking
+    question = plan_route(
+        "In /tmp/f/budget.csv, which item is in the furniture category?", tools, None, evidence
+    )
+    assert question.plan == ()  # a question is one lookup, not a read and then a search
+
+
+def test_optional_arguments_nobody_asked_for_are_not_offered() -> None:
+    context = GroundingContext()
+    context.add("Read /tmp/a.txt")
+    assert "head" not in ground_schema(FS_TOOLS[0].parameters, context)["properties"]
+    context.add("only the head: the first 3 lines")
+    assert "head" in ground_schema(FS_TOOLS[0].parameters, context)["properties"]
+
+
+def test_quoted_choices_free_strings_and_arrays_are_bounded() -> None:
+    desc = "Whether to list local branches ('local'), remote branches ('remote') or all branches ('all')."
+    assert quoted_choices(desc) == ["local", "remote", "all"]
+    assert quoted_choices("A name like 'x' is fine.") == []
+    schema = {
+        "type": "object",
+        "properties": {
+            "message": {"type": "string"},
+            "items": {"type": "array", "items": {"type": "string"}},
+        },
+        "required": ["message", "items"],
+    }
+    grounded = ground_schema(schema, GroundingContext())
+    assert grounded["properties"]["message"]["maxLength"] > 0
+    assert grounded["properties"]["items"]["maxItems"] > 0
+
+
+def test_evidence_counts_each_value_once() -> None:
+    one_path = "How much did the monitor cost? It's in /tmp/f/budget.csv."
+    assert evidence(FS_TOOLS[0].parameters, one_path, FS_TOOLS[0].description) > 0
+    assert evidence(FS_TOOLS[3].parameters, one_path, FS_TOOLS[3].description) < 0  # no second path
+    assert evidence(SUM.parameters, "Add 17.5 and 24.25") > evidence(SUM.parameters, "Add these")
+
+
+@pytest.fixture(scope="module")
+def grammars() -> tuple[GrammarCompilerCache, Any]:
+    from transformers import AutoTokenizer
+
+    from inference.loader import converted_gguf, smollm2_gguf_path
+
+    tokenizer = AutoTokenizer.from_pretrained(converted_gguf(smollm2_gguf_path()))
+    return GrammarCompilerCache(tokenizer, len(tokenizer)), tokenizer
+
+
+def _accepts(grammars: tuple[GrammarCompilerCache, Any], spec: GrammarSpec, text: str) -> bool:
+    cache, tokenizer = grammars
+    matcher = xgr.GrammarMatcher(cache.compile(spec))
+    return all(matcher.accept_token(t) for t in tokenizer.encode(text, add_special_tokens=False))
+
+
+@pytest.mark.smollm2
+def test_the_two_stage_grammars(grammars: tuple[GrammarCompilerCache, Any]) -> None:
+    decide = decision_spec(["time__get_current_time", "time__convert_time"], allow_answer=True)
+    assert _accepts(grammars, decide, 'tool": "time__convert_time"')
+    assert _accepts(grammars, decide, 'answer": "It is 14:26."}')
+    assert not _accepts(grammars, decide, 'tool": "fs__read_file"')
+    tools_only = decision_spec(["time__get_current_time"], allow_answer=False)
+    assert not _accepts(grammars, tools_only, 'answer": "x"}')
+    context = GroundingContext()
+    context.add("What time is it in Tokyo?")
+    args = arguments_spec(ground_schema(TIME_TOOLS[0].parameters, context))
+    assert _accepts(grammars, args, '{"timezone": "Asia/Tokyo"}}')
+    assert not _accepts(grammars, args, '{"timezone": "UTC+08"}}')
+    numbers = GroundingContext()
+    numbers.add("Add 17.5 and 24.25 for me.")
+    sum_args = {
+        "type": "object",
+        "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+        "required": ["a", "b"],
+    }
+    args = arguments_spec(ground_schema(sum_args, numbers))
+    assert _accepts(grammars, args, '{"a": 17.5, "b": 24.25}}')
+    assert not _accepts(grammars, args, '{"a": 1.75, "b": 2.45}}')
+
+
+def test_numbers_are_the_ones_the_run_has_seen() -> None:
+    context = GroundingContext()
+    context.add("Add 17.5 and 24.25, then show the 3 largest.")
+    number = {"type": "number"}
+    assert ground_schema({"properties": {"a": number}, "required": ["a"]}, context)["properties"]["a"][
+        "enum"
+    ] == [17.5, 24.25, 3]
+    integer = {"type": "integer", "minimum": 5}
+    grounded = ground_schema({"properties": {"n": integer}, "required": ["n"]}, context)
+    assert "enum" not in grounded["properties"]["n"]  # no whole number of 5 or more was seen: left free
+    context.add("total: 42")
+    grounded = ground_schema({"properties": {"n": integer}, "required": ["n"]}, context)
+    assert grounded["properties"]["n"]["enum"] == [42]
+
+
+def test_a_cut_answer_is_closed() -> None:
+    assert json.loads(close_answer('{"answer": "It is 14:26 in To'))["answer"].startswith("It is 14:26 in To")
+    assert json.loads(close_answer('{"answer": "a\\'))["answer"].startswith("a")
+
+
+def test_example_arguments_from_the_schema() -> None:
+    assert example_arguments(TIME_TOOLS[0].parameters) == {"timezone": "America/New_York"}
+    assert example_arguments({"properties": {"n": {"type": "integer", "default": 3}}, "required": ["n"]}) == {
+        "n": 3
+    }
+    assert example_arguments(FS_TOOLS[0].parameters) is None  # nothing to take a path from
+
+
+def test_remembered_calls_come_back_as_examples(tmp_path: Path) -> None:
+    memory = CallMemory(tmp_path / "examples")
+    tool = TIME_TOOLS[0]
+    for i in range(5):
+        memory.remember(
+            tool, f"time in city {i}?", {"timezone": "Asia/Tokyo"}, '{"datetime": "x"}', f"It is {i}."
+        )
+    recalled = memory.recall(tool)
+    assert [e.task for e in recalled] == ["time in city 2?", "time in city 3?", "time in city 4?"]  # newest 3
+    assert recalled[0].calls[0].tool == tool.name and recalled[0].calls[0].arguments == {
+        "timezone": "Asia/Tokyo"
+    }
+    assert (tmp_path / "examples").stat().st_mode & 0o077 == 0
+    changed = ToolSpec(tool.name, "Get the time somewhere else", tool.parameters, tool.server)
+    assert memory.recall(changed) == []  # a changed definition starts without memory
+    assert [e.task for e in examples_for([tool], memory)] == ["time in city 4?", "time in city 3?"]
+
+
+def _record(outcome: str, observation: str) -> ToolCallRecord:
+    return ToolCallRecord(
+        1, "c1", "time__get_current_time", "time", {}, outcome, observation, outcome != "result", False, 0.1
+    )
+
+
+def test_answers_must_state_only_values_the_tools_gave() -> None:
+    sources = ["What time is it in Tokyo?", '{"datetime": "2026-03-14T14:26:53+09:00"}']
+    assert ungrounded_values("It is 14:26 in Tokyo.", sources) == []
+    assert ungrounded_values("It is 2:26 PM on 2026-03-14.", sources) == []
+    assert ungrounded_values("It is 12:00 PM in Tokyo.", sources) == ["12:00 PM"]
+    assert ungrounded_values("The sum is 6,912.", ["1234 plus 5678", "The sum is 6912."]) == []
+    assert ungrounded_values("The sum is 7000.", ["1234 plus 5678", "The sum is 6912."]) == ["7000"]
+
+
+def test_a_run_whose_calls_all_failed_says_so() -> None:
+    failed = [_record("tool_error", "Error: the tool reported an error: Invalid timezone: UTC+08.")]
+    summary = failure_summary(failed)
+    assert (
+        summary is not None and "Invalid timezone: UTC+08" in summary and "time__get_current_time" in summary
+    )
+    assert failure_summary([*failed, _record("result", "{}")]) is None
+    assert failure_summary([]) is None
+
+
+def test_flat_lines() -> None:
+    text = '{"source": {"timezone": "America/New_York"}, "target": {"datetime": "2026-03-14T22:00:00+09:00"}, "n": [1, 2]}'
+    assert flat_lines(text) == (
+        "source.timezone: America/New_York\ntarget.datetime: 2026-03-14T22:00:00+09:00\nn: [1, 2]"
+    )
+    assert flat_lines("plain text") == "plain text"
+
+
+def test_routed_tools_come_with_the_task_so_every_run_shares_the_system_turn() -> None:
+    from inference.formats import JsonProtocol, WorkedExample
+
+    fmt = JsonProtocol()
+    example = WorkedExample("What is 2 plus 2?", (), "4")
+    history = [{"role": "user", "content": "Read /tmp/a.txt"}]
+    time_msgs, _ = fmt.messages("Be brief.", TIME_TOOLS, [example], history, task_index=0)
+    fs_msgs, _ = fmt.messages("Be brief.", FS_TOOLS, [example], history, task_index=0)
+    # the system turn and the examples are the same prefix whatever the routing picked
+    assert time_msgs[:-1] == fs_msgs[:-1]
+    assert "get_current_time" not in time_msgs[0]["content"]
+    task_turn = fs_msgs[-1]["content"]
+    assert task_turn.startswith("Tools:\n") and task_turn.endswith("Task: Read /tmp/a.txt")
+    assert all(t.name in task_turn for t in FS_TOOLS)
+    # without a task index the tools stay in the system turn, as before
+    plain, _ = fmt.messages("Be brief.", FS_TOOLS, [example], history)
+    assert FS_TOOLS[0].name in plain[0]["content"] and plain[-1]["content"] == "Read /tmp/a.txt"
