@@ -5,6 +5,8 @@ adapters made in the test."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -145,18 +147,28 @@ async def test_async_engine_unload_drains_in_flight(folders: dict[str, Path]) ->
 
 
 def test_adapters_command_against_the_server(
-    served: tuple[str, AsyncEngine], folders: dict[str, Path], capsys: pytest.CaptureFixture[str]
+    served: tuple[str, AsyncEngine], folders: dict[str, Path]
 ) -> None:
-    from agent_runtime.cli.main import main
-
     url, engine = served
-    assert main(["adapters", "load", "cli", str(folders["second"]), "--url", url, "--api-key", KEY]) == 0
-    assert json.loads(capsys.readouterr().out)["id"] == "tiny:cli"
-    assert main(["adapters", "list", "--url", url, "--api-key", KEY]) == 0
-    assert json.loads(capsys.readouterr().out) == ["tiny:plain", "tiny:cli"]
-    assert main(["adapters", "unload", "cli", "--url", url, "--api-key", KEY]) == 0
-    assert json.loads(capsys.readouterr().out)["deleted"] is True
-    assert main(["adapters", "unload", "cli", "--url", url, "--api-key", KEY]) == 2
-    assert "404" in capsys.readouterr().err
-    assert main(["adapters", "load", "x", str(folders["second"]), "--url", url, "--api-key", "wrong"]) == 2
+
+    def adapters(*args: str, key: str = KEY) -> subprocess.CompletedProcess[str]:
+        # a process of its own, as people run it: the command configures logging for its process
+        return subprocess.run(
+            [sys.executable, "-m", "agent_runtime", "adapters", *args, "--url", url, "--api-key", key],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    loaded = adapters("load", "cli", str(folders["second"]))
+    assert loaded.returncode == 0, loaded.stderr
+    assert json.loads(loaded.stdout)["id"] == "tiny:cli"
+    listed = adapters("list")
+    assert listed.returncode == 0 and json.loads(listed.stdout) == ["tiny:plain", "tiny:cli"]
+    unloaded = adapters("unload", "cli")
+    assert unloaded.returncode == 0 and json.loads(unloaded.stdout)["deleted"] is True
+    again = adapters("unload", "cli")
+    assert again.returncode == 2 and "404" in again.stderr
+    assert adapters("load", "x", str(folders["second"]), key="wrong").returncode == 2
     assert [a.name for a in engine.adapters()] == ["plain"]
