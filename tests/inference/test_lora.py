@@ -314,3 +314,31 @@ def test_unsupported_variants_and_names(llama: tuple[Path, LoadedModel], tmp_pat
         engine.load_adapter("ok", tmp_path / "ok")
     with pytest.raises(UnknownAdapterError):
         engine.unload_adapter("missing")
+
+
+def test_an_adapter_on_a_quantized_base_adds_the_same_update(tmp_path: Path) -> None:
+    """A GGUF in bf16 on the CPU now loads into QuantLinear layers by default: the adapter's hooks act on the
+    projections' outputs, so the update it adds there is the float model's update, up to bf16 and int8."""
+    from inference.quant import QuantLinear
+
+    _hf_model("llama").save_pretrained(str(tmp_path / "base"))
+    save_tiny_tokenizer(tmp_path / "base")
+    make_adapter("llama", tmp_path / "plain", 10, **ADAPTERS["plain"])
+    deltas = {}
+    for label, dtype, quantize in (("float", torch.float32, "none"), ("int8", torch.bfloat16, "int8")):
+        loaded = load_model(tmp_path / "base", dtype=dtype, quantize=quantize)
+        assert any(isinstance(m, QuantLinear) for m in loaded.model.modules()) == (label == "int8")
+        manager = LoRAManager(loaded.model, loaded.config, torch.device("cpu"), max_loras=2)
+        manager.load("plain", tmp_path / "plain")
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # the test's KV cache in the model's dtype
+        try:
+            (base, adapted), _ = prefill_logits(loaded, [(PROMPT, None), (PROMPT, "plain")], manager)
+        finally:
+            torch.set_default_dtype(previous)
+        deltas[label] = (adapted - base).float()
+    float_delta, int8_delta = deltas["float"], deltas["int8"]
+    assert float_delta.abs().mean() > 0.05  # the adapter changes the logits
+    cosine = torch.nn.functional.cosine_similarity(float_delta.flatten(), int8_delta.flatten(), dim=0)
+    assert cosine > 0.999
+    assert (float_delta - int8_delta).abs().max() < 0.1 * float_delta.abs().max()
