@@ -4,6 +4,7 @@ SmolLM2 loaded once per session."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,6 +12,13 @@ from typing import Any
 
 import anyio
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run under the interpreter. This must precede the first import of triton
+    # in the process (@triton.jit picks interpreter or compiler then), and test modules that import peft or
+    # transformers import triton while they are collected, before any Triton test module runs.
+    os.environ["TRITON_INTERPRET"] = "1"
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

@@ -7,7 +7,6 @@ On a CUDA machine the same tests also capture and replay real graphs.
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # must precede the first import of triton: @triton.jit picks interpreter or compiler when a kernel is defined
-    os.environ["TRITON_INTERPRET"] = "1"
-
+# TRITON_INTERPRET is set in tests/conftest.py where there is no GPU, before anything imports triton
 from inference import attention as reference
 from inference.attention_backends import AttentionBackend, set_attention_backend
 from inference.config import EngineConfig

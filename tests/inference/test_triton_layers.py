@@ -6,15 +6,10 @@ on a CUDA machine the same tests run the compiled kernels.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # must precede the first import of triton: @triton.jit picks interpreter or compiler when a kernel is defined
-    os.environ["TRITON_INTERPRET"] = "1"
-
+# TRITON_INTERPRET is set in tests/conftest.py where there is no GPU, before anything imports triton
 try:
     import triton  # noqa: F401
 except ImportError as exc:  # pragma: no cover - triton ships with the dev environment
