@@ -56,7 +56,7 @@ def _inputs(model: nn.Module, ids: list[int], start: int, block_size: int = 16) 
 
     n, end = len(ids), start + len(ids)
     blocks = -(-end // block_size)
-    kv = allocate_kv_cache(model.config, blocks + 1, block_size, torch.device("cpu"))  # type: ignore[arg-type]
+    kv = allocate_kv_cache(model.config, blocks + 1, block_size, torch.device("cpu"))  # type: ignore[arg-type]  # nn.Module's stubs type .config as Tensor | Module; it is the model's ModelConfig
     pos = torch.arange(start, end)
     meta = AttentionMetadata(
         slot_mapping=(1 + pos // block_size) * block_size + pos % block_size,
@@ -74,7 +74,7 @@ def step_fn(model: nn.Module, inputs: StepInputs, all_logits: bool = False) -> C
     def step() -> torch.Tensor:
         with torch.inference_mode():
             hidden = model(inputs.input_ids, inputs.positions, inputs.meta, inputs.kv_cache)
-            return model.compute_logits(hidden if all_logits else hidden[-1:])  # type: ignore[operator]
+            return model.compute_logits(hidden if all_logits else hidden[-1:])  # type: ignore[operator]  # nn.Module's stubs type .compute_logits as Tensor | Module; it is the model's method
 
     return step
 

@@ -37,7 +37,7 @@ class PendingRequests:
 
     def answered(self, message: types.JSONRPCMessage) -> None:
         if isinstance(message, types.JSONRPCResponse | types.JSONRPCError):
-            self._ids.pop(message.id, None)  # type: ignore[arg-type]
+            self._ids.pop(message.id, None)  # type: ignore[arg-type]  # an error's id may be null (None), never a key: nothing to pop then
 
     def fail_oversized(self, head: bytes, tail: bytes, reason: str) -> list[SessionMessage]:
         """Error replies for the request(s) an oversized message answered, judged from its first and last

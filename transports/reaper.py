@@ -46,7 +46,7 @@ _subreaper_ours = False
 def _prctl(option: int, arg: int | ctypes.c_int | object) -> bool:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(option, arg, 0, 0, 0) == 0  # type: ignore[no-any-return]
+        return libc.prctl(option, arg, 0, 0, 0) == 0  # type: ignore[no-any-return]  # a CDLL function returns Any; prctl returns a C int, so this is a bool
     except (OSError, AttributeError):
         return False
 

@@ -18,14 +18,14 @@ FIXED_INSTANT = "2026-03-14T05:26:53+00:00"
 def frozen_datetime(instant: datetime) -> type[datetime]:
     class FrozenDatetime(datetime):
         @classmethod
-        def now(cls, tz: tzinfo | None = None) -> datetime:  # type: ignore[override]
+        def now(cls, tz: tzinfo | None = None) -> datetime:  # type: ignore[override]  # datetime.now is typed to return Self; this one returns the fixed instant, a plain datetime
             return instant.astimezone(tz) if tz is not None else instant.astimezone().replace(tzinfo=None)
 
     return FrozenDatetime
 
 
 def main() -> None:
-    server.datetime = frozen_datetime(datetime.fromisoformat(FIXED_INSTANT))  # type: ignore[misc]
+    server.datetime = frozen_datetime(datetime.fromisoformat(FIXED_INSTANT))
     mcp_server_time.main()  # parses the server's own arguments from sys.argv
 
 

@@ -24,7 +24,7 @@ def test_defaults() -> None:
 def test_frozen() -> None:
     config = EngineConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
-        config.max_num_seqs = 1  # type: ignore[misc]
+        config.max_num_seqs = 1  # type: ignore[misc]  # on purpose: the test checks the frozen dataclass refuses it
     assert dataclasses.replace(config, max_num_seqs=1).max_num_seqs == 1
 
 

@@ -154,11 +154,11 @@ def test_every_kind_adds_up_to_the_same_text(
 
 
 def test_output_kind_is_validated_and_accepts_its_name(smol: Any, script: list[int]) -> None:
-    p = SamplingParams(output_kind="delta")  # type: ignore[arg-type]
+    p = SamplingParams(output_kind="delta")  # type: ignore[arg-type]  # on purpose: validate() accepts an OutputKind's name
     p.validate()
     assert p.output_kind is OutputKind.DELTA
     with pytest.raises(RequestError, match="output_kind"):
-        SamplingParams(output_kind="deltas").validate()  # type: ignore[arg-type]
+        SamplingParams(output_kind="deltas").validate()  # type: ignore[arg-type]  # on purpose: an unknown name must be refused
 
 
 def test_generate_returns_totals_whatever_the_kind(smol: Any, script: list[int]) -> None:
@@ -200,7 +200,7 @@ async def test_a_failed_step_ends_every_stream_with_a_final_output(smol: Any, sc
             raise RuntimeError("device fell over")
         return run(items)
 
-    engine.runner.run = flaky  # type: ignore[method-assign]
+    engine.runner.run = flaky  # type: ignore[method-assign]  # on purpose: a runner step that fails once, for this engine only
     got: dict[str, list[RequestOutput]] = {}
 
     async def consume(kind: OutputKind) -> None:

@@ -128,7 +128,7 @@ def test_profile_step_runs_the_full_budget_on_a_one_block_cache(tiny: Any) -> No
         caches.append(tuple(kv_layer.shape))
         return original(x, rope, meta, kv_layer)
 
-    layer0.forward = spy  # type: ignore[method-assign]
+    layer0.forward = spy
     try:
         limits = StepLimits(EngineConfig(max_num_batched_tokens=96, max_num_seqs=5, block_size=16), 64)
         ids = run_profile_step(model, cfg, limits)
@@ -150,7 +150,7 @@ def test_decode_profile_step_is_one_token_per_row_at_the_graphs_context_bound(ti
         calls.append((x.shape[0], meta.max_query_len, meta.max_context_len, tuple(kv_layer.shape)))
         return original(x, rope, meta, kv_layer)
 
-    layer0.forward = spy  # type: ignore[method-assign]
+    layer0.forward = spy
     try:
         hidden = run_decode_profile_step(model, cfg, rows=6, max_model_len=64, block_size=16)
     finally:

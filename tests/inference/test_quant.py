@@ -213,7 +213,7 @@ def test_quantize_model_swaps_linears_and_reports_bytes(mode: str, dtype: torch.
     model = _tiny_model(dtype)
     before = _forward_logits(model)
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
-    report = quantize_model(model, mode, group_size=32)  # type: ignore[arg-type]
+    report = quantize_model(model, mode, group_size=32)  # type: ignore[arg-type]  # mode: "int8" or "int4", from the parametrization
     assert report.layers == linears + 1  # and the tied head
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert isinstance(model.lm_head, QuantLinear)
@@ -236,7 +236,7 @@ def test_quantize_model_rejects_unknown_modes() -> None:
     model = _tiny_model(torch.float32)
     for mode in ("none", "int3"):
         with pytest.raises(ModelLoadError, match="unknown quantization"):
-            quantize_model(model, mode)  # type: ignore[arg-type]
+            quantize_model(model, mode)  # type: ignore[arg-type]  # on purpose: modes quantize_model must refuse
 
 
 # ---- GGUF blocks -------------------------------------------------------------------------------------------------

@@ -131,6 +131,6 @@ def test_validate_rejects(bad: dict) -> None:
 
 
 def test_validate_accepts_single_stop_string() -> None:
-    p = SamplingParams(stop="###")  # type: ignore[arg-type]
+    p = SamplingParams(stop="###")  # type: ignore[arg-type]  # on purpose: validate() turns a single stop string into a tuple
     p.validate()
     assert p.stop == ("###",)

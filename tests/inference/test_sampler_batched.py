@@ -117,7 +117,7 @@ def test_greedy_rows_with_penalties_and_hooks_equal_the_per_row_reference() -> N
         res = sampler(logits.clone(), reqs)
         assert res.token_ids == expected, step
         for r, t in zip(reqs, res.token_ids, strict=True):
-            r.output_token_ids.append(t)  # type: ignore[attr-defined]
+            r.output_token_ids.append(t)  # type: ignore[attr-defined]  # SampleRequest types it Sequence; these requests were given lists
     for r in reqs:  # only rows with penalties keep device state
         penalised = (
             r.params.repetition_penalty != 1 or r.params.presence_penalty or r.params.frequency_penalty
@@ -179,11 +179,11 @@ def test_seeded_request_draws_the_same_tokens_alone_and_in_a_mixed_batch() -> No
                 res = sampler(logits, rows)
                 tok, lp = res.token_ids[pos], res.logprobs[pos]
                 for r, t in zip(rows, res.token_ids, strict=True):
-                    r.output_token_ids.append(t)  # type: ignore[attr-defined]
+                    r.output_token_ids.append(t)  # type: ignore[attr-defined]  # SampleRequest types it Sequence; these requests were given lists
             else:
                 res = sampler(mine, [me])
                 tok, lp = res.token_ids[0], res.logprobs[0]
-                me.output_token_ids.append(tok)  # type: ignore[attr-defined]
+                me.output_token_ids.append(tok)  # type: ignore[attr-defined]  # SampleRequest types it Sequence; these requests were given lists
             tokens.append(tok)
             lps.append(lp)
         return tokens, lps

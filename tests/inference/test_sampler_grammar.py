@@ -63,7 +63,7 @@ def test_batched_grammar_rows_decode_like_single_rows(
         def counting(*args: object, **kwargs: object) -> torch.Tensor:
             nonlocal calls
             calls += 1
-            return original(*args, **kwargs)  # type: ignore[arg-type]
+            return original(*args, **kwargs)  # type: ignore[arg-type]  # counting takes objects: it passes apply_batch's own arguments through
 
         monkeypatch.setattr(GrammarLogitsProcessor, "apply_batch", staticmethod(counting))
         sampler = Sampler(seed=0)
@@ -81,7 +81,7 @@ def test_batched_grammar_rows_decode_like_single_rows(
                 if tok in stops:
                     live.remove(i)
                 else:
-                    reqs[i].output_token_ids.append(tok)  # type: ignore[attr-defined]
+                    reqs[i].output_token_ids.append(tok)  # type: ignore[attr-defined]  # SampleRequest types it Sequence; these requests were given lists
         monkeypatch.setattr(GrammarLogitsProcessor, "apply_batch", original)
         assert not live, "random decoding did not finish: the test lost its power"
         assert all(p.stats.rejected_tokens == 0 for p in procs)

@@ -106,7 +106,7 @@ def test_relative_paths_judged_against_every_base_or_denied(tmp_path: Path) -> N
 # -- egress allow-list ------------------------------------------------------------------------------------
 
 
-def judge(url: str, policy: EgressPolicy, resolved: list[str] = ()) -> tuple[str | None, bool]:  # type: ignore[assignment]
+def judge(url: str, policy: EgressPolicy, resolved: list[str] = ()) -> tuple[str | None, bool]:  # type: ignore[assignment]  # an immutable () default: resolved is only iterated
     target = parse_target("url", url, policy)
     addrs = [ipaddress.ip_address(a) for a in resolved]
     return egress_problem(target, addrs, policy), needs_resolution(target)

@@ -12,12 +12,12 @@ from policies.errors import BreakerOpenError
 def make(**kw: object) -> tuple[CircuitBreaker, ManualClock, list[BreakerEvent]]:
     clock = ManualClock()
     events: list[BreakerEvent] = []
-    settings = BreakerSettings(**{"minimum_calls": 4, "window_size": 10, **kw})  # type: ignore[arg-type]
+    settings = BreakerSettings(**{"minimum_calls": 4, "window_size": 10, **kw})  # type: ignore[arg-type]  # kw: BreakerSettings fields, ints and floats as each field wants
     return CircuitBreaker("srv", settings, clock, events.append), clock, events
 
 
 def call(b: CircuitBreaker, outcome: str, duration: float | None = 0.01) -> None:
-    b.record(b.acquire(), outcome, duration)  # type: ignore[arg-type]
+    b.record(b.acquire(), outcome, duration)  # type: ignore[arg-type]  # outcome: "success", "failure" or "neutral" in every caller
 
 
 def test_opens_after_failure_rate_reached_with_minimum_calls() -> None:
@@ -160,4 +160,4 @@ def test_breaker_set_shares_breakers_and_events() -> None:
 )
 def test_invalid_settings_rejected(kw: dict[str, float]) -> None:
     with pytest.raises(ValueError):
-        BreakerSettings(**kw)  # type: ignore[arg-type]
+        BreakerSettings(**kw)  # type: ignore[arg-type]  # kw: dict[str, float] holds int fields too; the values are meant to be refused

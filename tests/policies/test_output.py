@@ -8,7 +8,7 @@ from policies.output import cap_result, sanitize_text
 
 
 def text(*parts: str, **kw: object) -> CallToolResult:
-    return CallToolResult(content=[TextContent(type="text", text=p) for p in parts], **kw)  # type: ignore[arg-type]
+    return CallToolResult(content=[TextContent(type="text", text=p) for p in parts], **kw)  # type: ignore[arg-type]  # kw: CallToolResult's other fields (structured_content here)
 
 
 def test_sanitize_strips_ansi_and_controls() -> None:
@@ -40,7 +40,7 @@ def test_cap_truncates_and_marks_it() -> None:
 
 def test_dirty_text_is_cleaned_even_without_truncation() -> None:
     out, truncated = cap_result(text("\x1b[1mbold\x1b[0m"), 100)
-    assert not truncated and out.content[0].text == "bold"  # type: ignore[union-attr]
+    assert not truncated and out.content[0].text == "bold"  # type: ignore[union-attr]  # cap_result keeps a text block a TextContent
 
 
 def test_binary_blocks_count_and_are_dropped_whole() -> None:
@@ -57,7 +57,7 @@ def test_embedded_text_resources_and_structured_content() -> None:
         type="resource", resource=TextResourceContents(uri="file:///x", text="\x1b[2Jdata")
     )
     out, _ = cap_result(CallToolResult(content=[res]), 100)
-    assert out.content[0].resource.text == "data"  # type: ignore[union-attr]
+    assert out.content[0].resource.text == "data"  # type: ignore[union-attr]  # a sanitised embedded text resource stays an EmbeddedResource of text
     out, truncated = cap_result(text("ok", structured_content={"k": "\x1b[31mv"}), 100)
     assert out.structured_content == {"k": "v"} and not truncated
     out, truncated = cap_result(text("ok", structured_content={"k": "v" * 500}), 100)

@@ -26,7 +26,7 @@ needs_everything = pytest.mark.skipif(
 
 
 def demo_target(*flags: str, **kw: object) -> StdioTarget:
-    return StdioTarget(command=PYTHON, args=(DEMO, *flags), **kw)  # type: ignore[arg-type]
+    return StdioTarget(command=PYTHON, args=(DEMO, *flags), **kw)  # type: ignore[arg-type]  # kw: StdioTarget's other fields, e.g. env, eof_grace
 
 
 def _free_port() -> int:

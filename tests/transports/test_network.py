@@ -41,11 +41,11 @@ async def test_calls_big_result_and_server_killed_mid_call(kind: str, tmp_path: 
             names = {t.name for t in await conn.list_all_tools(timeout=10)}
             assert {"echo", "add", "big_output", "sleep"} <= names
             added = await conn.call_tool("add", {"a": 20, "b": 22}, timeout=5)
-            assert added.content[0].text == "42"  # type: ignore[union-attr]
+            assert added.content[0].text == "42"  # type: ignore[union-attr]  # add answers in a text block
             failed = await conn.call_tool("fail", {}, timeout=5)
             assert failed.is_error
             big = await conn.call_tool("big_output", {"n_bytes": 8 * MiB}, timeout=60)
-            assert len(big.content[0].text) == 8 * MiB  # type: ignore[union-attr]
+            assert len(big.content[0].text) == 8 * MiB  # type: ignore[union-attr]  # big_output answers in one text block
 
             ended = anyio.Event()
 
@@ -119,7 +119,7 @@ async def test_http_sends_headers_and_bearer() -> None:
         target = HttpTarget(url=url, headers={"X-Agent-Team": "blue"}, bearer_token="s3cret")
         async with connect(target, startup_timeout=15) as conn:
             result = await conn.call_tool("echo", {"text": "hi"}, timeout=5)
-            assert result.content[0].text == "hi"  # type: ignore[union-attr]
+            assert result.content[0].text == "hi"  # type: ignore[union-attr]  # echo answers in a text block
         server.should_exit = True
     assert seen and all(h.get("authorization") == "Bearer s3cret" for h in seen)
     assert all(h.get("x-agent-team") == "blue" for h in seen)
@@ -136,13 +136,13 @@ async def test_websocket_headers_subprotocol_and_abrupt_close(tmp_path: Path) ->
         connections.append(ws)
         await _serve_connection(lowlevel, ws)
 
-    async with serve(handler, "127.0.0.1", 0, subprotocols=["mcp"]) as ws_server:  # type: ignore[list-item]
+    async with serve(handler, "127.0.0.1", 0, subprotocols=["mcp"]) as ws_server:  # type: ignore[list-item]  # websockets wants its Subprotocol NewType
         port = next(iter(ws_server.sockets)).getsockname()[1]
         target = WebSocketTarget(
             url=f"ws://127.0.0.1:{port}/mcp", headers={"X-Agent-Team": "red"}, bearer_token="t0k"
         )
         async with connect(target, startup_timeout=15) as conn:
-            assert (await conn.call_tool("echo", {"text": "ws"}, timeout=5)).content[0].text == "ws"  # type: ignore[union-attr]
+            assert (await conn.call_tool("echo", {"text": "ws"}, timeout=5)).content[0].text == "ws"  # type: ignore[union-attr]  # echo answers in a text block, over the websocket too
             assert seen[0]["Authorization"] == "Bearer t0k" and seen[0]["X-Agent-Team"] == "red"
             assert seen[0]["Sec-WebSocket-Protocol"] == "mcp"
             ended = anyio.Event()

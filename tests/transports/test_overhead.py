@@ -35,18 +35,18 @@ async def _p50_ms(call: Callable[[str], Awaitable[str]]) -> tuple[float, int]:
 
 
 async def _compare(label: str, ours_target: object, raw_server: object) -> tuple[float, float]:
-    async with connect(ours_target, startup_timeout=20) as conn:  # type: ignore[arg-type]
+    async with connect(ours_target, startup_timeout=20) as conn:  # type: ignore[arg-type]  # the callers pass a StdioTarget or an HttpTarget
 
         async def ours(text: str) -> str:
             result = await conn.call_tool("echo", {"text": text}, timeout=10)
-            return result.content[0].text  # type: ignore[union-attr]
+            return result.content[0].text  # type: ignore[union-attr]  # the demo's echo answers in a text block
 
         ours_ms, ours_n = await _p50_ms(ours)
-    async with mcp.Client(raw_server, mode="auto") as client:  # type: ignore[arg-type]
+    async with mcp.Client(raw_server, mode="auto") as client:  # type: ignore[arg-type]  # the callers pass StdioServerParameters or a URL
 
         async def raw(text: str) -> str:
             result = await client.call_tool("echo", {"text": text}, read_timeout_seconds=10)
-            return result.content[0].text  # type: ignore[union-attr]
+            return result.content[0].text  # type: ignore[union-attr]  # echo's text block, through the SDK's client
 
         raw_ms, raw_n = await _p50_ms(raw)
     print(

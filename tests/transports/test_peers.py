@@ -28,20 +28,20 @@ async def test_mcp_server_time_resolves_next_to_the_interpreter() -> None:
         assert {"get_current_time", "convert_time"} <= names
         result = await conn.call_tool("get_current_time", {"timezone": "Asia/Tokyo"}, timeout=10)
         assert not result.is_error
-        payload = json.loads(result.content[0].text)  # type: ignore[union-attr]
+        payload = json.loads(result.content[0].text)  # type: ignore[union-attr]  # get_current_time answers in a text block
         assert payload["timezone"] == "Asia/Tokyo" and payload["datetime"].endswith("+09:00")
 
 
 async def _exercise_everything(conn: object) -> None:
-    tools = await conn.list_all_tools(timeout=15)  # type: ignore[attr-defined]
+    tools = await conn.list_all_tools(timeout=15)  # type: ignore[attr-defined]  # conn: a Connection, typed object here
     names = {t.name for t in tools}
     assert {"echo", "get-sum"} <= names
-    echoed = await conn.call_tool("echo", {"message": "hello"}, timeout=10)  # type: ignore[attr-defined]
+    echoed = await conn.call_tool("echo", {"message": "hello"}, timeout=10)  # type: ignore[attr-defined]  # conn: a Connection, typed object here
     assert "hello" in echoed.content[0].text
-    summed = await conn.call_tool("get-sum", {"a": 2, "b": 3}, timeout=10)  # type: ignore[attr-defined]
+    summed = await conn.call_tool("get-sum", {"a": 2, "b": 3}, timeout=10)  # type: ignore[attr-defined]  # conn: a Connection, typed object here
     assert "5" in summed.content[0].text
     # TypeScript servers are on the handshake era: auto mode must have fallen back.
-    assert conn.protocol_version.startswith("2025")  # type: ignore[attr-defined]
+    assert conn.protocol_version.startswith("2025")  # type: ignore[attr-defined]  # conn: a Connection, typed object here
 
 
 @needs_everything
@@ -81,7 +81,7 @@ async def test_everything_killed_mid_call(mode: str, path: str, kind: str, tmp_p
     # end the session; the watchdog must turn the server's death into ConnectionLost and `closed` at once.
     log = tmp_path / "everything.log"
     with everything_server(mode, path, log=log) as (proc, url):
-        async with connect(HttpTarget(url=url, kind=kind), startup_timeout=30) as conn:  # type: ignore[arg-type]
+        async with connect(HttpTarget(url=url, kind=kind), startup_timeout=30) as conn:  # type: ignore[arg-type]  # kind: "streamable_http" or "sse", from the parametrization
             await conn.call_tool(
                 "echo", {"message": "idle"}, timeout=10
             )  # the handshake's messages are all in

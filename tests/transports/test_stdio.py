@@ -52,7 +52,7 @@ def _gone(pid: int) -> bool:
 async def _wait_for_line(conn: object, prefix: str, within: float = 5.0) -> str:
     with anyio.fail_after(within):
         while True:
-            for line in conn.stderr.tail(200):  # type: ignore[attr-defined]
+            for line in conn.stderr.tail(200):  # type: ignore[attr-defined]  # conn: a stdio Connection, typed object here; its stderr ring is set
                 if line.startswith(prefix):
                     return line
             await anyio.sleep(0.02)
@@ -69,21 +69,21 @@ async def test_roundtrip_tools_and_annotations() -> None:
             tools["delete_item"].annotations is not None and tools["delete_item"].annotations.destructive_hint
         )
         result = await conn.call_tool("add", {"a": 2, "b": 40}, timeout=5)
-        assert not result.is_error and result.content[0].text == "42"  # type: ignore[union-attr]
+        assert not result.is_error and result.content[0].text == "42"  # type: ignore[union-attr]  # add answers in a text block
         failed = await conn.call_tool("fail", {"message": "boom"}, timeout=5)
-        assert failed.is_error and "boom" in failed.content[0].text  # type: ignore[union-attr]
+        assert failed.is_error and "boom" in failed.content[0].text  # type: ignore[union-attr]  # fail's error is a text block
         me = await conn.call_tool("whoami", {}, timeout=5)
         assert me.structured_content is not None
         assert me.structured_content["pid"] == conn.pid
         assert me.structured_content["pgid"] == conn.pid  # its own process group
     assert conn.closed.is_set()
-    assert _gone(conn.pid)  # type: ignore[arg-type]
+    assert _gone(conn.pid)  # type: ignore[arg-type]  # a stdio connection has a pid
 
 
 async def test_eight_mib_result() -> None:
     async with connect(demo_target(), startup_timeout=15) as conn:
         result = await conn.call_tool("big_output", {"n_bytes": 8 * MiB}, timeout=30)
-        text = result.content[0].text  # type: ignore[union-attr]
+        text = result.content[0].text  # type: ignore[union-attr]  # big_output answers in one text block
         assert len(text) == 8 * MiB and text.startswith("0123456789abc")
 
 
@@ -115,7 +115,7 @@ async def test_call_timeout_then_connection_still_usable() -> None:
         ):  # the 10 s sleep is cut at 0.5 s, not waited out
             await conn.call_tool("sleep", {"seconds": 10}, timeout=0.5)
         echoed = await conn.call_tool("echo", {"text": "still here"}, timeout=5)
-        assert echoed.content[0].text == "still here"  # type: ignore[union-attr]
+        assert echoed.content[0].text == "still here"  # type: ignore[union-attr]  # echo answers in a text block
 
 
 async def test_crash_mid_call_is_connection_lost_fast() -> None:
@@ -145,7 +145,7 @@ async def test_killed_by_signal_mid_call(tmp_path: Path) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(call)
             await wait_for_call(log, "sleep")  # the request reached the server: it is mid-call now
-            os.kill(conn.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            os.kill(conn.pid, signal.SIGKILL)  # type: ignore[arg-type]  # a stdio connection has a pid
             with anyio.fail_after(5):  # the death is noticed, not waited out (the call's timeout is 60 s)
                 await ended.wait()
         assert lost and lost[0].sent is True
@@ -164,10 +164,10 @@ async def test_grandchild_killed_even_when_server_exits_cleanly() -> None:
     async with connect(demo_target("--spawn-grandchild-and-exit"), startup_timeout=15) as conn:
         grandchild = int((await _wait_for_line(conn, "GRANDCHILD ")).split()[1])
         spawned = await conn.call_tool("spawn_grandchild", {}, timeout=5)
-        second = int(spawned.content[0].text)  # type: ignore[union-attr]
+        second = int(spawned.content[0].text)  # type: ignore[union-attr]  # spawn_grandchild answers the pid as text
         assert not _gone(grandchild) and not _gone(second)
         start = time.monotonic()
-    assert time.monotonic() - start < conn.target.eof_grace + conn.target.term_grace + 1.0  # type: ignore[union-attr]
+    assert time.monotonic() - start < conn.target.eof_grace + conn.target.term_grace + 1.0  # type: ignore[union-attr]  # demo_target() is a StdioTarget
     assert _gone(grandchild) and _gone(second)
 
 
@@ -178,14 +178,14 @@ async def test_server_ignoring_sigterm_is_killed_within_bound() -> None:
         await conn.call_tool("echo", {"text": "hi"}, timeout=5)
         start = time.monotonic()
     assert time.monotonic() - start < 0.5 + 0.5 + 1.5
-    assert _gone(pid)  # type: ignore[arg-type]
+    assert _gone(pid)  # type: ignore[arg-type]  # a stdio connection has a pid
 
 
 async def test_garbage_on_stdout_is_skipped() -> None:
     async with connect(demo_target("--garbage-stdout"), startup_timeout=15) as conn:
         for i in range(5):
             result = await conn.call_tool("echo", {"text": f"m{i}"}, timeout=5)
-            assert result.content[0].text == f"m{i}"  # type: ignore[union-attr]
+            assert result.content[0].text == f"m{i}"  # type: ignore[union-attr]  # echo answers in a text block
         assert len(await conn.list_all_tools(timeout=5)) == 14
 
 
@@ -230,7 +230,7 @@ async def test_env_is_allowlisted(monkeypatch: pytest.MonkeyPatch) -> None:
 
         async def env(name: str) -> str:
             result = await conn.call_tool("env", {"name": name}, timeout=5)
-            return result.content[0].text  # type: ignore[union-attr]
+            return result.content[0].text  # type: ignore[union-attr]  # env answers in a text block
 
         assert await env("AWS_SECRET_ACCESS_KEY") == "<unset>"
         assert await env("OPENAI_API_KEY") == "<unset>"
@@ -313,7 +313,7 @@ async def test_owner_cancelled_inside_connection_cleans_up(tmp_path: Path) -> No
 
     with anyio.CancelScope() as scope:
         async with connect(demo_target("--calls-log", str(log)), startup_timeout=15) as conn:
-            pids.append(conn.pid)  # type: ignore[arg-type]
+            pids.append(conn.pid)  # type: ignore[arg-type]  # a stdio connection has a pid
             async with anyio.create_task_group() as tg:
                 tg.start_soon(cancel_mid_call, scope)
                 await conn.call_tool("sleep", {"seconds": 30}, timeout=60)

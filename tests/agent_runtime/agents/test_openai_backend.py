@@ -54,7 +54,7 @@ PROMPTS = [
 @pytest.mark.smollm2
 @pytest.mark.parametrize("streamed", [False, True])
 async def test_same_answers_as_the_local_engine(base_url: str, engine: Any, streamed: bool) -> None:
-    settings = OpenAIBackendSettings(base_url=base_url, model=MODEL)  # type: ignore[arg-type]
+    settings = OpenAIBackendSettings(base_url=base_url, model=MODEL)  # type: ignore[arg-type]  # pydantic validates the str into an HttpUrl
     async with OpenAIBackend(settings) as backend:
         assert await backend.models() == [MODEL]
         for messages in PROMPTS:
@@ -69,7 +69,7 @@ async def test_same_answers_as_the_local_engine(base_url: str, engine: Any, stre
 
 @pytest.mark.smollm2
 async def test_tool_calls_through_the_backend(base_url: str) -> None:
-    settings = OpenAIBackendSettings(base_url=base_url, model=MODEL)  # type: ignore[arg-type]
+    settings = OpenAIBackendSettings(base_url=base_url, model=MODEL)  # type: ignore[arg-type]  # pydantic validates the str into an HttpUrl
     messages = [{"role": "user", "content": "What time is it in Tokyo?"}]
     async with OpenAIBackend(settings) as backend:
         plain = await backend.chat(
@@ -88,7 +88,7 @@ async def test_tool_calls_through_the_backend(base_url: str) -> None:
 
 @pytest.mark.smollm2
 async def test_remote_errors_are_typed(base_url: str) -> None:
-    settings = OpenAIBackendSettings(base_url=base_url, model="no-such-model", max_retries=3)  # type: ignore[arg-type]
+    settings = OpenAIBackendSettings(base_url=base_url, model="no-such-model", max_retries=3)  # type: ignore[arg-type]  # pydantic validates the str into an HttpUrl
     async with OpenAIBackend(settings) as backend:
         with pytest.raises(RemoteLLMError) as err:
             await backend.chat([{"role": "user", "content": "hi"}], max_tokens=2)
@@ -147,8 +147,11 @@ async def test_retries_429_and_5xx_with_backoff() -> None:
     flaky = Flaky([429, 503, 502])
     with ServerThread(flaky.app) as st:
         settings = OpenAIBackendSettings(
-            base_url=st.url + "/v1", model="m", max_retries=3, backoff_initial=0.01
-        )  # type: ignore[arg-type]
+            base_url=st.url + "/v1",  # type: ignore[arg-type]  # pydantic validates the str into an HttpUrl
+            model="m",
+            max_retries=3,
+            backoff_initial=0.01,
+        )
         async with OpenAIBackend(settings) as backend:
             result = await backend.chat([{"role": "user", "content": "hi"}])
             assert result.text == "Hello" and flaky.calls == 4
@@ -164,13 +167,17 @@ async def test_timeout_and_unreachable_server() -> None:
     flaky = Flaky([], stall=5.0)
     with ServerThread(flaky.app) as st:
         settings = OpenAIBackendSettings(
-            base_url=st.url + "/v1", model="m", timeout=0.3, max_retries=1, backoff_initial=0.01
-        )  # type: ignore[arg-type]
+            base_url=st.url + "/v1",  # type: ignore[arg-type]  # pydantic validates the str into an HttpUrl
+            model="m",
+            timeout=0.3,
+            max_retries=1,
+            backoff_initial=0.01,
+        )
         async with OpenAIBackend(settings) as backend:
             with anyio.fail_after(5):
                 with pytest.raises(RemoteLLMError, match="failed after 2 attempts"):
                     await backend.chat([{"role": "user", "content": "hi"}])
-    settings = OpenAIBackendSettings(base_url="http://127.0.0.1:9/v1", model="m", max_retries=0)  # type: ignore[arg-type]
+    settings = OpenAIBackendSettings(base_url="http://127.0.0.1:9/v1", model="m", max_retries=0)  # type: ignore[arg-type]  # pydantic validates the str into an HttpUrl (nothing listens on port 9)
     async with OpenAIBackend(settings) as backend:
         with pytest.raises(RemoteLLMError, match="ConnectError"):
             await backend.chat([{"role": "user", "content": "hi"}])
@@ -218,7 +225,7 @@ async def test_agent_on_the_remote_backend_matches_the_local_one(
         )
     )
     config = load_config(path)
-    remote = OpenAIBackendSettings(base_url=base_url, model=MODEL)  # type: ignore[arg-type]
+    remote = OpenAIBackendSettings(base_url=base_url, model=MODEL)  # type: ignore[arg-type]  # pydantic validates the str into an HttpUrl
     runs = []
     for kwargs in ({"engine": engine}, {"model": remote}):
         async with open_agent_host(config, **kwargs) as host:

@@ -79,7 +79,7 @@ def test_an_unqualified_name_resolves_when_unambiguous(tmp_path: Path) -> None:
     ok = cli("tools", "call", "--stdio", hostile(), "ok", '{"text": "bare name"}')
     assert ok.returncode == 0 and ok.stdout.strip() == "bare name", ok.stderr
     with network_server("http", calls_log=tmp_path / "calls.jsonl") as target:
-        url = target.url  # type: ignore[union-attr]
+        url = target.url  # type: ignore[union-attr]  # network_server("http") yields an HttpTarget
         res = cli("tools", "call", "--url", url, "echo", '{"text": "over http"}')
         assert res.returncode == 0 and res.stdout.strip() == "over http", res.stderr
     # Two servers offering `ok`: ambiguous, so it stays unknown (and the error says so).

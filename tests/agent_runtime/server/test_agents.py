@@ -59,14 +59,14 @@ def test_agent_answers_plain_and_streamed(server: tuple[OpenAIServer, ScriptedHo
     _, host, url = server
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
     messages = [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hello agent"}]
-    r = client.chat.completions.create(model="echo", messages=messages)  # type: ignore[arg-type]
+    r = client.chat.completions.create(model="echo", messages=messages)  # type: ignore[arg-type]  # plain dicts for the SDK's message TypedDicts; host.seen is compared with the same list
     assert r.choices[0].message.content == "hello agent" and r.choices[0].finish_reason == "stop"
     assert r.usage is not None and r.usage.completion_tokens == 7
     assert host.seen[-1] == messages
     chunks = list(
         client.chat.completions.create(
             model="echo",
-            messages=messages,  # type: ignore[arg-type]
+            messages=messages,
             stream=True,
             stream_options={"include_usage": True},
         )
@@ -77,7 +77,7 @@ def test_agent_answers_plain_and_streamed(server: tuple[OpenAIServer, ScriptedHo
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(
             model="echo",
-            messages=messages,  # type: ignore[arg-type]
+            messages=messages,  # type: ignore[arg-type]  # the same plain dicts; the server refuses the request for its tools anyway
             tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
         )
     with pytest.raises(openai.BadRequestError):

@@ -148,7 +148,7 @@ def test_plain_chat_matches_the_engine(client: openai.OpenAI, engine: Any) -> No
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "What is the capital of France?"},
     ]
-    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)  # type: ignore[arg-type]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)  # type: ignore[arg-type]  # plain dicts for the SDK's message TypedDicts; greedy() reads the same list
     choice = r.choices[0]
     assert choice.message.role == "assistant"
     assert choice.message.content == greedy(engine, messages, 12)
@@ -161,7 +161,7 @@ def test_streaming_chat_sends_deltas_and_usage_last(client: openai.OpenAI, engin
     messages = [{"role": "user", "content": "Count from one to ten."}]
     stream = client.chat.completions.create(
         model=MODEL,
-        messages=messages,  # type: ignore[arg-type]
+        messages=messages,
         max_tokens=16,
         temperature=0,
         stream=True,
@@ -222,7 +222,7 @@ def test_client_side_tools_give_valid_tool_calls(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "What time is it in Tokyo?"}],
-        tools=[TIME_TOOL],  # type: ignore[list-item]
+        tools=[TIME_TOOL],
         tool_choice="required",
         temperature=0,
         max_tokens=60,
@@ -232,17 +232,17 @@ def test_client_side_tools_give_valid_tool_calls(client: openai.OpenAI) -> None:
     assert choice.message.content is None
     (call,) = choice.message.tool_calls or []
     assert call.type == "function" and call.id.startswith("call_")
-    assert call.function.name == "get_current_time"  # type: ignore[union-attr]
-    args = json.loads(call.function.arguments)  # type: ignore[union-attr]
-    jsonschema.validate(args, TIME_TOOL["function"]["parameters"])  # type: ignore[index]
+    assert call.function.name == "get_current_time"
+    args = json.loads(call.function.arguments)
+    jsonschema.validate(args, TIME_TOOL["function"]["parameters"])  # type: ignore[index]  # TIME_TOOL infers as dict[str, Collection[str]]; its "function" entry is a dict
 
 
 def test_tool_calls_stream_and_round_trip(client: openai.OpenAI) -> None:
     messages: list[dict[str, Any]] = [{"role": "user", "content": "What time is it in Paris?"}]
     stream = client.chat.completions.create(
         model=MODEL,
-        messages=messages,  # type: ignore[arg-type]
-        tools=[TIME_TOOL],  # type: ignore[list-item]
+        messages=messages,
+        tools=[TIME_TOOL],
         tool_choice={"type": "function", "function": {"name": "get_current_time"}},
         temperature=0,
         max_tokens=60,
@@ -251,8 +251,8 @@ def test_tool_calls_stream_and_round_trip(client: openai.OpenAI) -> None:
     chunks = list(stream)
     calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
     assert len(calls) == 1 and calls[0].index == 0
-    assert calls[0].function.name == "get_current_time"  # type: ignore[union-attr]
-    args = json.loads(calls[0].function.arguments)  # type: ignore[union-attr]
+    assert calls[0].function.name == "get_current_time"
+    args = json.loads(calls[0].function.arguments)
     assert isinstance(args["timezone"], str)
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
         "tool_calls"
@@ -274,15 +274,15 @@ def test_tool_calls_stream_and_round_trip(client: openai.OpenAI) -> None:
     ]
     r = client.chat.completions.create(
         model=MODEL,
-        messages=messages,
-        tools=[TIME_TOOL],
+        messages=messages,  # type: ignore[arg-type]  # plain dicts (one holds the tool_calls) for the SDK's TypedDicts
+        tools=[TIME_TOOL],  # type: ignore[list-item]  # a plain dict for the SDK's ChatCompletionFunctionToolParam
         temperature=0,
-        max_tokens=60,  # type: ignore[arg-type, list-item]
+        max_tokens=60,
     )
     choice = r.choices[0]
     assert choice.finish_reason in ("stop", "tool_calls", "length")
     if choice.finish_reason == "tool_calls":
-        assert json.loads(choice.message.tool_calls[0].function.arguments)  # type: ignore[index, union-attr]
+        assert json.loads(choice.message.tool_calls[0].function.arguments)  # type: ignore[index, union-attr]  # finish_reason is tool_calls, so tool_calls is set; ours are function calls
     elif choice.finish_reason == "stop":
         assert choice.message.content
 
@@ -348,7 +348,7 @@ def test_sampling_parameters_are_applied(client: openai.OpenAI) -> None:
         top_logprobs=2,
     )
     lp = r.choices[0].logprobs
-    assert lp is not None and lp.content is not None and len(lp.content) == r.usage.completion_tokens  # type: ignore[union-attr]
+    assert lp is not None and lp.content is not None and len(lp.content) == r.usage.completion_tokens  # type: ignore[union-attr]  # the server reports usage on every non-streamed reply
     assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in lp.content)
 
 

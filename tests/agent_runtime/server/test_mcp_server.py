@@ -92,14 +92,14 @@ async def test_stdio_runs_agents_reexports_tools_and_cleans_up(tmp_path: Path) -
         assert tools["run_agent"].input_schema["required"] == ["task"]
         assert tools["run_agent"].input_schema["properties"]["agent"]["enum"] == ["default"]
         listed = await client.call_tool("list_agents", {})
-        assert [a["name"] for a in json.loads(listed.content[0].text)] == ["default"]  # type: ignore[union-attr]
+        assert [a["name"] for a in json.loads(listed.content[0].text)] == ["default"]  # type: ignore[union-attr]  # list_agents answers one text block of JSON
         result = await client.call_tool("time__get_current_time", {"timezone": "Asia/Tokyo"})
-        assert not result.is_error and "Asia/Tokyo" in result.content[0].text  # type: ignore[union-attr]
+        assert not result.is_error and "Asia/Tokyo" in result.content[0].text  # type: ignore[union-attr]  # get_current_time answers in a text block
 
         run = await client.call_tool(
             "run_agent", {"task": "What time is it in Tokyo?"}, progress_callback=on_progress
         )
-        assert run.content[0].text  # type: ignore[union-attr]
+        assert run.content[0].text  # type: ignore[union-attr]  # run_agent's final answer is a text block
         assert run.structured_content is not None and run.structured_content["agent"] == "default"
         calls = run.structured_content["tool_calls"]
         assert calls and all(c["name"] == "time__get_current_time" for c in calls)  # it used mcp-server-time
@@ -107,7 +107,7 @@ async def test_stdio_runs_agents_reexports_tools_and_cleans_up(tmp_path: Path) -
         assert [v for v, _ in progress] == list(range(1, len(progress) + 1))
         assert progress[0][1] and "time__get_current_time" in progress[0][1]
         unknown = await client.call_tool("run_agent", {"task": "hi", "agent": "nobody"})
-        assert unknown.is_error and "default" in unknown.content[0].text  # type: ignore[union-attr]
+        assert unknown.is_error and "default" in unknown.content[0].text  # type: ignore[union-attr]  # an unknown agent's error is a text block naming the agents
         spawned = descendants() - before
         assert len(spawned) >= 2  # our server and its mcp-server-time child
     await anyio.to_thread.run_sync(wait_gone, spawned)
@@ -177,7 +177,7 @@ class StepsHost:
 
 
 async def test_run_agent_reports_steps_as_progress() -> None:
-    server = AgentMCPServer(StepsHost())  # type: ignore[arg-type]
+    server = AgentMCPServer(StepsHost())  # type: ignore[arg-type]  # StepsHost.stream is an async generator annotated AsyncIterator; the protocol says AsyncGenerator
     progress: list[tuple[float, str | None]] = []
 
     async def on_progress(value: float, total: float | None, message: str | None) -> None:
@@ -196,11 +196,11 @@ async def test_run_agent_reports_steps_as_progress() -> None:
         r = await client.call_tool(
             "run_agent", {"task": "abc", "agent": "other"}, progress_callback=on_progress
         )
-        assert not r.is_error and r.content[0].text == "cba"  # type: ignore[union-attr]
+        assert not r.is_error and r.content[0].text == "cba"  # type: ignore[union-attr]  # the reverser's answer comes back as one text block
         assert r.structured_content["steps"] == 2 and r.structured_content["agent"] == "other"
         assert progress == [(1, "other: thinking about 'abc'"), (2, "other: calling a tool")]
         bad = await client.call_tool("run_agent", {"task": "abc", "agent": "nobody"})
-        assert bad.is_error and "reverser" in bad.content[0].text  # type: ignore[union-attr]
+        assert bad.is_error and "reverser" in bad.content[0].text  # type: ignore[union-attr]  # the error for an unknown agent is a text block listing the known ones
         empty = await client.call_tool("run_agent", {"task": "  "})
         assert empty.is_error
 
@@ -235,7 +235,7 @@ def test_http_mode_with_rebinding_protection(tmp_path: Path) -> None:
                 names = [t.name for t in (await client.list_tools()).tools]
                 assert {"run_agent", "list_agents", "time__get_current_time"} <= set(names)
                 r = await client.call_tool("time__get_current_time", {"timezone": "Europe/Paris"})
-                assert "Europe/Paris" in r.content[0].text  # type: ignore[union-attr]
+                assert "Europe/Paris" in r.content[0].text  # type: ignore[union-attr]  # mcp-server-time answers in a text block
 
         anyio.run(check)
         init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
@@ -260,7 +260,7 @@ def test_desktop_example_configs_are_valid() -> None:
     for name in ("claude_desktop_config.json", "claude_desktop_config.aggregated.json"):
         config = load_config(EXAMPLES / "desktop" / name)
         (server,) = config.servers
-        assert server.target.args[0] == "mcp-server"  # type: ignore[union-attr]
-        assert "--config" in server.target.args  # type: ignore[union-attr]
+        assert server.target.args[0] == "mcp-server"  # type: ignore[union-attr]  # a desktop config launches our command: a StdioTarget
+        assert "--config" in server.target.args  # type: ignore[union-attr]  # a desktop config launches our command: a StdioTarget
     jan = json.loads((EXAMPLES / "desktop" / "jan_provider.json").read_text())
     assert jan["base_url"].endswith("/v1")

@@ -222,7 +222,7 @@ async def test_a_rug_pulled_tool_reaches_neither_prompt_nor_host(tmp_path: Path)
         assert "h__ok" not in listed and "h__tagged" in listed
         assert all("IMPORTANT" not in (t.description or "") for t in listed.values())
         # Approval brings it back.
-        rt.executor.pins.approve("h", [rt.registry.get("h__ok").definition])  # type: ignore[union-attr]
+        rt.executor.pins.approve("h", [rt.registry.get("h__ok").definition])  # type: ignore[union-attr]  # h__ok is quarantined, not removed: the registry still has it
         assert "h__ok" in {s.name for s in host.agent().tools()}
         await host.aclose()
     assert [c["arguments"].get("text") for c in received(tmp_path)] == ["first"]

@@ -483,7 +483,7 @@ def running(pid: int) -> bool:
 
 
 @pytest.fixture
-def pidfile(tmp_path: Path):  # type: ignore[no-untyped-def]
+def pidfile(tmp_path: Path):
     """Where the sleepers write their pids; whatever survives a failing test is killed afterwards."""
     path = tmp_path / "sleepers.txt"
     started = time.time() - 1

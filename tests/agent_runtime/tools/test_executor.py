@@ -53,7 +53,7 @@ async def test_unknown_tool(tmp_path: Path) -> None:
         assert_refused(out, "unknown_tool")
         assert "faulty__echo" in (out.reason or "")
         assert_refused(await h.executor.execute("nobody__echo", {}), "unknown_tool")
-        not_an_object = await h.executor.execute("faulty__echo", ["not", "an", "object"])  # type: ignore[arg-type]
+        not_an_object = await h.executor.execute("faulty__echo", ["not", "an", "object"])  # type: ignore[arg-type]  # on purpose: a JSON array where the arguments object belongs
         assert_refused(not_an_object, "invalid_arguments")
         assert h.received() == []
 
@@ -174,14 +174,14 @@ async def test_egress_hostile(tmp_path: Path) -> None:
 async def test_approvals_fail_closed(tmp_path: Path) -> None:
     asked: list[ApprovalRequest] = []
 
-    def make_hook(answer: object):  # type: ignore[no-untyped-def]
+    def make_hook(answer: object):
         async def hook(request: ApprovalRequest) -> bool:
             asked.append(request)
             if answer == "hang":
                 await anyio.sleep_forever()
             if answer == "raise":
                 raise RuntimeError("approver crashed")
-            return answer  # type: ignore[return-value]
+            return answer  # type: ignore[return-value]  # on purpose: the hook also answers non-bools ("yes"), which must deny
 
         return hook
 

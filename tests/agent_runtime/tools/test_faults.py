@@ -36,7 +36,7 @@ KINDS = {
 }
 
 
-async def wait_live(h, dead_pid: int | None = None) -> None:  # type: ignore[no-untyped-def]
+async def wait_live(h, dead_pid: int | None = None) -> None:
     """Until the server is live again (in a process other than `dead_pid`)."""
 
     def live() -> bool:
@@ -86,7 +86,7 @@ async def test_breaker_opens_fails_fast_half_opens_and_closes(tmp_path: Path) ->
         out = await h.executor.execute("faulty__crash", {})
         assert out.kind == "transport_failure"
         assert [e.new for e in events][-2:] == [BreakerState.HALF_OPEN, BreakerState.OPEN]
-        assert h.executor.breakers.find("faulty").retry_in() == 10.0  # type: ignore[union-attr]
+        assert h.executor.breakers.find("faulty").retry_in() == 10.0  # type: ignore[union-attr]  # faulty has had calls, so its breaker exists
         await wait_live(h, dead_pid=pid)
         clock.advance(10.0)
         # A succeeding probe closes it; the server is ready again.
@@ -142,7 +142,7 @@ async def test_timeouts_count_and_safe_ones_retry_within_deadline(tmp_path: Path
 
 async def run_flapping(
     h, calls: int, workers: int, tool_timeout_s: float
-) -> tuple[Counter[str], list[ToolOutcome]]:  # type: ignore[no-untyped-def]
+) -> tuple[Counter[str], list[ToolOutcome]]:
     records: list[AuditRecord] = []
     h.executor.audit.listeners.append(records.append)
     outcomes: list[ToolOutcome] = []

@@ -34,7 +34,7 @@ def test_schema_from_type_hints() -> None:
 
 
 def test_untyped_and_bad_names_are_refused() -> None:
-    def untyped(x):  # type: ignore[no-untyped-def]
+    def untyped(x):
         return x
 
     with pytest.raises(LocalToolError, match="no type hint"):

@@ -54,7 +54,7 @@ async def test_health_of_a_real_server(tmp_path: Path) -> None:
         assert row.pid == h.supervisor.server("faulty").pid
         assert row.rss_bytes is not None and row.rss_bytes > 10 * 2**20  # a Python process
         assert row.cpu_percent is not None and row.cpu_percent >= 0
-        assert row.p50_ms is not None and row.p50_ms <= row.p95_ms <= row.p99_ms  # type: ignore[operator]
+        assert row.p50_ms is not None and row.p50_ms <= row.p95_ms <= row.p99_ms
         again = next(r for r in h.executor.health() if r.name == "faulty")  # CPU since the last look
         assert again.cpu_percent is not None
         console = Console(record=True, width=200)
@@ -72,7 +72,7 @@ async def test_calls_that_outlive_their_deadline_are_cancelled(tmp_path: Path) -
             # A transport that does not honour its timeout: only the monitor can end this call.
             return await real(server, tool, args, timeout=60)
 
-        h.supervisor.call_tool = deaf_transport  # type: ignore[method-assign]
+        h.supervisor.call_tool = deaf_transport  # type: ignore[method-assign]  # on purpose: a transport that ignores its timeout, for this test's harness only
         with anyio.fail_after(10):  # the sweep ends it, not the deaf transport's 60 s
             out = await h.executor.execute("faulty__hang", {}, timeout=0.3)
         assert out.kind == "timeout"
