@@ -487,6 +487,7 @@ def test_health_and_metrics(client: openai.OpenAI, server: tuple[OpenAIServer, s
         model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0
     )
     assert httpx.get(url + "/health").json()["status"] == "ok"
+    assert httpx.get(url + "/v1/nothing").status_code == 404  # counted under route="other", not its own path
     text = httpx.get(url + "/metrics").text
     samples = {
         line.split(" ")[0]: float(line.split(" ")[1])
