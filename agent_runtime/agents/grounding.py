@@ -140,16 +140,25 @@ def is_timezone_argument(name: str, schema: Mapping[str, Any]) -> bool:
     return bool(_TZ_NAME.search(name)) and bool(_IANA_HINT.search(desc) or "timezone" in name.lower())
 
 
+@functools.cache
+def _zone_cities() -> tuple[tuple[str, str, str], ...]:
+    """Each IANA zone with its lowercased name and its city (or region) as people write it."""
+    return tuple(
+        (zone, zone.lower(), zone.rsplit("/", 1)[-1].replace("_", " ").lower()) for zone in iana_timezones()
+    )
+
+
 def zones_named_in(texts: Iterable[str]) -> list[str]:
     """IANA zones whose city (or region) the texts name, e.g. "New York" -> America/New_York, and zone names
     written out in full, in order of first mention."""
     found: dict[str, int] = {}
     lowered = [t.lower() for t in texts]
-    for zone in iana_timezones():
-        city = zone.rsplit("/", 1)[-1].replace("_", " ").lower()
+    for zone, zone_lower, city in _zone_cities():
         for i, text in enumerate(lowered):
-            at = text.find(zone.lower())
-            if at < 0 and len(city) > 3:
+            at = text.find(zone_lower)
+            # the word-boundary search only where the city's name occurs at all: one regex per zone and call
+            # would recompile hundreds of patterns (re's cache holds 512) on every routed step
+            if at < 0 and len(city) > 3 and city in text:
                 m = re.search(rf"(?<![a-z]){re.escape(city)}(?![a-z])", text)
                 at = m.start() if m else -1
             if at >= 0:
