@@ -32,7 +32,8 @@ import httpx
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-MODEL = "smollm2-135m-instruct"
+from benchmarks.serve import MODEL, launch_serve, stream_chat
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "runs"
 
@@ -71,47 +72,6 @@ def pct(values: list[float], q: float) -> float:
         return math.nan
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
-
-
-def messages(i: int) -> list[dict[str, str]]:
-    return [
-        {"role": "system", "content": "You are a helpful assistant."},
-        {"role": "user", "content": f"Request {i}: write a few sentences about the number {i}."},
-    ]
-
-
-async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int) -> tuple[float, float, int]:
-    """One streaming chat completion: (TTFT, latency, completion tokens); raises on any failure."""
-    body = {
-        "model": MODEL,
-        "messages": messages(i),
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    start = time.perf_counter()
-    ttft = math.nan
-    tokens = 0
-    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-        if r.status_code != 200:
-            raise HTTPStatus(r.status_code)
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if math.isnan(ttft) and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                ttft = time.perf_counter() - start
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    return ttft, time.perf_counter() - start, tokens
-
-
-class HTTPStatus(Exception):
-    def __init__(self, status: int) -> None:
-        super().__init__(f"HTTP {status}")
-        self.status = status
 
 
 def engine_figures(text: str) -> dict[str, float]:
@@ -171,6 +131,11 @@ class Sampler:
             await anyio.sleep(self.interval)
 
 
+async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int) -> tuple[float, float, int]:
+    """One streaming chat completion on the client's server: (TTFT, latency, completion tokens)."""
+    return await stream_chat(client, "/v1/chat/completions", i, max_tokens)
+
+
 async def run_level(
     client: httpx.AsyncClient,
     sampler: Sampler,
@@ -192,8 +157,8 @@ async def run_level(
         nonlocal last_done
         try:
             ttft, latency, tokens = await one_request(client, seed * 100_000 + i, max_tokens)
-        except HTTPStatus as exc:
-            errors[f"http {exc.status}"] += 1
+        except httpx.HTTPStatusError as exc:
+            errors[f"http {exc.response.status_code}"] += 1
         except httpx.HTTPError as exc:
             errors[type(exc).__name__] += 1
         else:
@@ -234,21 +199,9 @@ async def run_level(
 
 
 def start_server(tmp: Path, args: argparse.Namespace) -> tuple[subprocess.Popen[str], str]:
-    config = tmp / "empty.json"
-    config.write_text('{"mcpServers": {}}')
-    cmd = [
-        sys.executable, "-m", "agent_runtime", "serve", "--config", str(config),
-        "--host", "127.0.0.1", "--port", "0",
-        "--kv-cache-memory", args.kv_cache_memory, "--max-model-len", "1024",
-        "--max-num-seqs", str(args.max_num_seqs), "--max-concurrent", str(args.max_concurrent),
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()  # LISTENING once the model is loaded
-    if not line.startswith("LISTENING "):
-        proc.kill()
-        raise SystemExit(f"server did not start: {line!r}")
-    return proc, line.split()[1]
+    options = ["--kv-cache-memory", args.kv_cache_memory, "--max-model-len", "1024",
+               "--max-num-seqs", str(args.max_num_seqs), "--max-concurrent", str(args.max_concurrent)]  # fmt: skip
+    return launch_serve(tmp, options)
 
 
 async def measure(url: str, pid: int, args: argparse.Namespace) -> tuple[float, list[Level]]:

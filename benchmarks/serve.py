@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -101,56 +102,57 @@ def in_process(engine: Any, max_tokens: int) -> Callable[[int], Awaitable[tuple[
     return one
 
 
+def chat_body(i: int, max_tokens: int) -> dict[str, Any]:
+    """Request `i` of the workload as a streamed, greedy chat completion of exactly `max_tokens` tokens."""
+    return {
+        "model": MODEL,
+        "messages": messages(i),
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+async def stream_chat(
+    client: httpx.AsyncClient, url: str, i: int, max_tokens: int
+) -> tuple[float, float, int]:
+    """Request `i` streamed from `url` (a chat completions endpoint): (TTFT, latency, completion tokens), TTFT
+    NaN when no content arrived; a non-200 answer raises httpx.HTTPStatusError."""
+    start = time.perf_counter()
+    ttft = math.nan
+    tokens = 0
+    async with client.stream("POST", url, json=chat_body(i, max_tokens)) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if math.isnan(ttft) and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                ttft = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return ttft, time.perf_counter() - start, tokens
+
+
 def over_http(
     client: httpx.AsyncClient, url: str, max_tokens: int
 ) -> Callable[[int], Awaitable[tuple[float, int]]]:
     async def one(i: int) -> tuple[float, int]:
-        body = {
-            "model": MODEL,
-            "messages": messages(i),
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        start = time.perf_counter()
-        ttft = None
-        tokens = 0
-        async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-            r.raise_for_status()
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    ttft = time.perf_counter() - start
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-        return ttft or 0.0, tokens
+        ttft, _, tokens = await stream_chat(client, url + "/v1/chat/completions", i, max_tokens)
+        return (0.0 if math.isnan(ttft) else ttft), tokens
 
     return one
 
 
-def start_server(tmp: Path) -> tuple[subprocess.Popen[str], str]:
+def launch_serve(tmp: Path, options: list[str]) -> tuple[subprocess.Popen[str], str]:
+    """`agent-runtime serve` with no MCP servers and the engine `options`, on a free loopback port: the process
+    and its URL once it announces LISTENING (the model is loaded then)."""
     config = tmp / "empty.json"
     config.write_text('{"mcpServers": {}}')
-    cmd = [
-        sys.executable,
-        "-m",
-        "agent_runtime",
-        "serve",
-        "--config",
-        str(config),
-        "--port",
-        "0",
-        "--kv-cache-memory",
-        str(ENGINE.kv_cache_memory),
-        "--max-model-len",
-        str(ENGINE.max_model_len),
-        "--max-num-seqs",
-        str(ENGINE.max_num_seqs),
-    ]
+    cmd = [sys.executable, "-m", "agent_runtime", "serve", "--config", str(config), "--host", "127.0.0.1",
+           "--port", "0", *options]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -158,6 +160,14 @@ def start_server(tmp: Path) -> tuple[subprocess.Popen[str], str]:
         proc.kill()
         raise SystemExit(f"server did not start: {line!r}")
     return proc, line.split()[1]
+
+
+def start_server(tmp: Path) -> tuple[subprocess.Popen[str], str]:
+    return launch_serve(
+        tmp,
+        ["--kv-cache-memory", str(ENGINE.kv_cache_memory), "--max-model-len", str(ENGINE.max_model_len),
+         "--max-num-seqs", str(ENGINE.max_num_seqs)],
+    )  # fmt: skip
 
 
 async def measure(
