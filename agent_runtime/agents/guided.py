@@ -9,6 +9,7 @@ reused from the prefix cache.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
@@ -66,6 +67,20 @@ def arguments_spec(schema: Mapping[str, Any]) -> Any:
     return sequence_spec([{"json_schema": normalise_parameters(schema)}, {"literal": "}"}])
 
 
+def _stage(
+    base: GenerationRequest, name: str, grammar: Any, prefix: str, frequency_penalty: float
+) -> GenerationRequest:
+    """One stage's request: the turn's request (prompt, sampling, adapter, ...) with the stage's grammar,
+    assistant prefix and penalty, under its own request id."""
+    return dataclasses.replace(
+        base,
+        grammar=grammar,
+        request_id=f"{base.request_id}-{name}" if base.request_id else None,
+        assistant_prefix=prefix,
+        frequency_penalty=frequency_penalty,
+    )
+
+
 async def _stream(
     backend: LLMBackend, request: GenerationRequest, progress: TurnProgress, prefix: str
 ) -> AsyncGenerator[TurnProgress, None]:
@@ -95,18 +110,12 @@ async def guided_turn(
 ) -> AsyncGenerator[TurnProgress, None]:
     """One model turn in two stages; the last progress has `finished` set and the whole action as `text`."""
     progress = TurnProgress()
-    decide = GenerationRequest(
-        base.messages,
-        base.tools,
+    decide = _stage(
+        base,
+        "decide",
         decision_spec(candidates, allow_answer=allow_answer),
-        max_tokens=base.max_tokens,
-        temperature=base.temperature,
-        top_p=base.top_p,
-        seed=base.seed,
-        request_id=f"{base.request_id}-decide" if base.request_id else None,
-        adapter=base.adapter,
-        assistant_prefix=DECIDE_PREFIX,
-        frequency_penalty=ANSWER_FREQUENCY_PENALTY if allow_answer else 0.0,
+        DECIDE_PREFIX,
+        ANSWER_FREQUENCY_PENALTY if allow_answer else 0.0,
     )
     async for p in _stream(backend, decide, progress, DECIDE_PREFIX):
         yield p
@@ -126,19 +135,7 @@ async def guided_turn(
         return
     schema = ground_schema(spec.parameters, context, read_only=spec.read_only)
     prefix = f'{CALL_PREFIX}{name}", "arguments": '
-    args = GenerationRequest(
-        base.messages,
-        base.tools,
-        arguments_spec(schema),
-        max_tokens=base.max_tokens,
-        temperature=base.temperature,
-        top_p=base.top_p,
-        seed=base.seed,
-        request_id=f"{base.request_id}-args" if base.request_id else None,
-        adapter=base.adapter,
-        assistant_prefix=prefix,
-        frequency_penalty=ARGUMENTS_FREQUENCY_PENALTY,
-    )
+    args = _stage(base, "args", arguments_spec(schema), prefix, ARGUMENTS_FREQUENCY_PENALTY)
     async for p in _stream(backend, args, progress, prefix):
         yield p
     progress.finished = True
