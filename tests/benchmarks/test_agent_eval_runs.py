@@ -16,9 +16,13 @@ import structlog
 from benchmarks.agent_eval import close_ours, judge, load_ours, load_tasks, prepare, run_ours
 from tests.conftest import PEERS
 
+NPM_SERVERS = ("server-everything", "server-filesystem", "server-memory")  # the tasks below need these
 pytestmark = [
     pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed"),
-    pytest.mark.skipif(not (PEERS / "@modelcontextprotocol").is_dir(), reason="run `make peers` first"),
+    pytest.mark.skipif(
+        not all((PEERS / "@modelcontextprotocol" / s).is_dir() for s in NPM_SERVERS),
+        reason="run `make peers` first",
+    ),
 ]
 
 TASKS = {t.id: t for t in load_tasks()}
