@@ -162,6 +162,9 @@ class Logger:
     def error(self, event: str, **kw: Any) -> None:
         self._emit(ERROR, "error", event, kw)
 
+    def critical(self, event: str, **kw: Any) -> None:
+        self._emit(CRITICAL, "critical", event, kw)
+
     def exception(self, event: str, **kw: Any) -> None:
         self._emit(ERROR, "exception", event, kw)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import warnings
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -22,9 +23,10 @@ import anyio
 import mcp
 import mcp_types as types
 import structlog
-from mcp.client.session import MessageHandlerFnT
+from mcp.client.session import LoggingFnT, MessageHandlerFnT
 from mcp.client.subscriptions import ListenNotSupportedError, SubscriptionLost
-from mcp.shared.exceptions import MCPError
+from mcp.shared.dispatcher import ProgressFnT
+from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from mcp.shared.message import SessionMessage
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
@@ -242,15 +244,24 @@ class Connection:
         arguments: dict[str, Any],
         *,
         timeout: float,  # noqa: ASYNC109
+        progress: ProgressFnT | None = None,
     ) -> types.CallToolResult:
-        """Call a tool. Tool errors (`is_error`) are returned; transport and protocol failures raise."""
+        """Call a tool. Tool errors (`is_error`) are returned; transport and protocol failures raise.
+
+        `progress(progress, total, message)` receives the server's progress notifications for this call (a
+        progress token is sent only when it is given); they extend nothing: `timeout` stays the deadline.
+        Whichever way the call is abandoned (the SDK's read timeout, our backstop, the caller cancelled), the
+        SDK sends the server `notifications/cancelled` for it.
+        """
         # The hot path: the error mapping and the backstop are inline here, not context-manager generators.
         if self.closed.is_set():
             raise self._closed_error(f"tools/call {name}")
         backstop = anyio.CancelScope(deadline=anyio.current_time() + timeout + _TIMEOUT_BACKSTOP)
         try:
             with backstop:
-                return await self.client.call_tool(name, arguments, read_timeout_seconds=timeout)
+                return await self.client.call_tool(
+                    name, arguments, read_timeout_seconds=timeout, progress_callback=progress
+                )
         except (MCPError, TimeoutError, ValidationError, RuntimeError) as exc:
             mapped = self._map_error(f"tools/call {name}", timeout, exc)
             if mapped is None:
@@ -258,6 +269,18 @@ class Connection:
             raise mapped from None
         # Only the backstop's deadline ends up here: the SDK did not honour its own read timeout.
         raise CallTimeout(f"tools/call {name}: no reply within {timeout:g}s", "raise the timeout")
+
+    async def set_log_level(self, level: types.LoggingLevel, *, timeout: float) -> bool:  # noqa: ASYNC109
+        """Send `logging/setLevel` when the session needs it: a 2025-era server with the logging capability.
+        False when not sent (2026-07-28 sessions carry the level on each request, set by `connect`)."""
+        caps = self.client.server_capabilities
+        if self.protocol_version in MODERN_PROTOCOL_VERSIONS or caps.logging is None:
+            return False
+        with self._errors("logging/setLevel", timeout), anyio.fail_after(timeout):
+            with warnings.catch_warnings():  # deprecated in the 2026 era, which this session is not on
+                warnings.simplefilter("ignore", MCPDeprecationWarning)
+                await self.client.set_logging_level(level)
+        return True
 
     @contextlib.contextmanager
     def _errors(self, what: str, timeout: float) -> Any:
@@ -390,12 +413,16 @@ async def connect(
     message_handler: MessageHandlerFnT | None = None,
     client_name: str = "agent-runtime",
     redact: Callable[[str], str] | None = None,
+    logging_callback: LoggingFnT | None = None,
+    log_level: types.LoggingLevel | None = None,
 ) -> AsyncIterator[Connection]:
     """Spawn/open, negotiate (2026-07-28 where supported, else 2025-11-25) and yield a Connection.
 
     Enter and exit in one task. Raises ConnectError / StartupTimeout on entry; exit closes everything
     within a bound (stdio: eof_grace + term_grace + a few seconds). `redact` cleans every stderr line of a
-    stdio server before it is kept, logged or written to its log file.
+    stdio server before it is kept, logged or written to its log file. `logging_callback` receives the
+    server's `notifications/message`; `log_level` asks 2026-07-28 servers for that level and above on every
+    request (2025-era servers take it through `Connection.set_log_level`).
     """
     closed = anyio.Event()
     stop = anyio.Event()
@@ -406,6 +433,8 @@ async def connect(
         watched,
         mode="auto",
         message_handler=message_handler,
+        logging_callback=logging_callback,
+        log_level=log_level,
         client_info=types.Implementation(name=client_name, version=_VERSION),
     )
 

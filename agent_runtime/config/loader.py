@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from agent_runtime.config.positions import JsonPath, Positions, format_path, parse_path, strip_jsonc
 from agent_runtime.config.types import (
+    DEFAULT_SERVER_LOG_LEVEL,
     ReconnectPolicy,
     RuntimeConfig,
     RuntimeSettings,
@@ -583,6 +584,7 @@ def _build_server(
         timeouts=timeouts,
         max_concurrent_calls=c.max_concurrent_calls,
         trusted=c.trusted,
+        log_level=c.log_level if c.log_level is not None else DEFAULT_SERVER_LOG_LEVEL,
         secrets=(),  # filled by the caller, which knows what was interpolated
         source=spec.source,
     )

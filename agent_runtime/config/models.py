@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from agent_runtime.config.types import DEFAULT_APPROVAL_TIMEOUT, DEFAULT_PINNING, PinningMode
+from agent_runtime.config.types import DEFAULT_APPROVAL_TIMEOUT, DEFAULT_PINNING, McpLogLevel, PinningMode
 from policies.approval import ApprovalMode
 
 # -- server entries and the runtime section (agent_runtime.config.loader) ------------------------------------------
@@ -44,6 +44,7 @@ class Common(ConfigModel):
     max_concurrent_calls: PositiveInt | None = None
     kill_grace_secs: PositiveSecs | None = None
     max_message_bytes: PositiveInt | None = None  # one message from the server at most (runtime default)
+    log_level: McpLogLevel | None = None  # the server's log messages we ask for and log (default info)
 
 
 class ClaudeServer(Common):

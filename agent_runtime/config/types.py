@@ -10,6 +10,9 @@ from typing import Any, Literal
 from transports.targets import DEFAULT_MAX_MESSAGE_BYTES, Target
 
 PinningMode = Literal["tofu", "strict", "off"]
+# MCP's log levels (RFC 5424), ascending: a server's `log_level` is the lowest it sends us and we log.
+McpLogLevel = Literal["debug", "info", "notice", "warning", "error", "critical", "alert", "emergency"]
+DEFAULT_SERVER_LOG_LEVEL: McpLogLevel = "info"
 # Defaults of the policies section that start-up reads, so a file without the section never imports pydantic.
 DEFAULT_PINNING: PinningMode = "tofu"
 DEFAULT_APPROVAL_TIMEOUT = 60.0
@@ -45,6 +48,7 @@ class ServerConfig:
     trusted: bool = False  # trust the server's read-only/idempotent annotations for retries
     secrets: tuple[str, ...] = ()  # literal secret values (tokens, env values) to redact from every output
     source: str = "mcpServers"  # which config dialect it came from
+    log_level: McpLogLevel = DEFAULT_SERVER_LOG_LEVEL  # the server's log messages at this level and above
 
     @property
     def prefix(self) -> str:

@@ -320,6 +320,11 @@ class _McpCollector(Collector):
         restarts = CounterMetricFamily(
             f"{NS}_mcp_server_restarts", "Reconnect attempts after the first start", labels=["server"]
         )
+        notices = CounterMetricFamily(
+            f"{NS}_mcp_server_notifications_dropped",
+            "Server notifications dropped: log messages over the rate bound, progress reports superseded",
+            labels=["server", "kind"],
+        )
         statuses = self.servers()
         for st in statuses:
             code = str(st.state)
@@ -328,7 +333,9 @@ class _McpCollector(Collector):
             breaker.add_metric([st.name], float(self._breaker(st.name, code)))
             tools.add_metric([st.name], float(st.tool_count))
             restarts.add_metric([st.name], float(st.restarts))
-        yield from (up, state, breaker, tools, restarts)
+            notices.add_metric([st.name, "log"], float(st.notices.log_dropped))
+            notices.add_metric([st.name, "progress"], float(st.notices.progress_dropped))
+        yield from (up, state, breaker, tools, restarts, notices)
         if self.monitor is None:
             return
         calls = CounterMetricFamily(

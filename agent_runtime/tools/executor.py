@@ -30,6 +30,7 @@ from agent_runtime.errors import AgentRuntimeError
 from agent_runtime.logging import get_logger
 from agent_runtime.tools.audit import AuditLog
 from agent_runtime.tools.monitor import STALE_GRACE, Monitor, Waits
+from agent_runtime.tools.notices import ProgressCallback
 from agent_runtime.tools.pins import PinStore
 from agent_runtime.tools.supervisor import LIVE_STATES, ServerUnavailable
 from policies.approval import ApprovalRequest, approval_reason, is_destructive
@@ -219,6 +220,7 @@ class _Call:
     args: dict[str, Any]
     deadline: Deadline
     attempt_timeout: float
+    on_progress: ProgressCallback | None = None
 
 
 class Executor:
@@ -282,7 +284,10 @@ class Executor:
         agent: str | None = None,
         budget: AgentBudget | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - shortens the tool's deadline, never extends it
+        on_progress: ProgressCallback | None = None,
     ) -> ToolOutcome:
+        """Run one call through the pipeline. `on_progress(progress, total, message)` gets the server's
+        progress reports while it runs (a progress token is sent only then); they never extend the deadline."""
         start = time.perf_counter()
         if type(arguments) is dict:  # the common case, without the ABC isinstance check
             args = dict(arguments)
@@ -363,7 +368,7 @@ class Executor:
         finished = False
         try:
             kind, result, reason, attempts = await self._call(
-                _Call(prep, server, tool, args, deadline, plan.attempt)
+                _Call(prep, server, tool, args, deadline, plan.attempt, on_progress)
             )
             if reason is not None:  # server-supplied text (errors, stderr): no secrets in outcomes or stats
                 reason = redact(reason, self._secrets)
@@ -483,6 +488,7 @@ class Executor:
                     call.tool,
                     call.args,
                     timeout=max(0.001, round(min(call.attempt_timeout, remaining), 3)),
+                    progress=call.on_progress,
                 )
                 verdict = "neutral" if result.is_error else "success"
                 return result

@@ -108,6 +108,9 @@ class ServerHealth:
     pid: int | None
     rss_bytes: int | None  # the server process and its descendants
     cpu_percent: float | None  # since the previous snapshot, all cores summed
+    log_messages: int = 0  # the server's log messages that reached our log
+    log_dropped: int = 0  # ... dropped by the rate bound (a flooding server)
+    progress_dropped: int = 0  # progress reports superseded before the caller's callback took them
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -259,6 +262,9 @@ class Monitor:
                     pid=st.pid if st is not None else None,
                     rss_bytes=rss,
                     cpu_percent=cpu,
+                    log_messages=st.notices.log_messages if st is not None else 0,
+                    log_dropped=st.notices.log_dropped if st is not None else 0,
+                    progress_dropped=st.notices.progress_dropped if st is not None else 0,
                 )
             )
         return rows

@@ -15,6 +15,7 @@ from agent_runtime.config.types import RuntimeConfig
 from agent_runtime.errors import AgentRuntimeError, ConfigError
 from agent_runtime.tools.executor import ApprovalHook, Executor, ToolOutcome, outcome_error
 from agent_runtime.tools.local import LocalTool, LocalToolset
+from agent_runtime.tools.notices import ProgressCallback
 from agent_runtime.tools.registry import ToolEntry, ToolRegistry
 from agent_runtime.tools.supervisor import LIVE_STATES, ServerStatus, ServerUnavailable, Supervisor
 
@@ -130,9 +131,13 @@ class Runtime:
         agent: str | None = None,
         budget: AgentBudget | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - shortens the tool's deadline
+        on_progress: ProgressCallback | None = None,
     ) -> ToolOutcome:
-        """Call a tool through the policy pipeline; never raises for a failed call (see ToolOutcome)."""
-        return await self.executor.execute(name, arguments, agent=agent, budget=budget, timeout=timeout)
+        """Call a tool through the policy pipeline; never raises for a failed call (see ToolOutcome).
+        `on_progress(progress, total, message)` (sync or async) gets the server's progress reports."""
+        return await self.executor.execute(
+            name, arguments, agent=agent, budget=budget, timeout=timeout, on_progress=on_progress
+        )
 
     def register_tool(
         self, fn: Callable[..., Any] | LocalTool, *, name: str | None = None, description: str | None = None
@@ -184,11 +189,12 @@ class Runtime:
         arguments: Mapping[str, Any] | None = None,
         *,
         timeout: float | None = None,  # noqa: ASYNC109 - per-request deadline for the transport
+        on_progress: ProgressCallback | None = None,
     ) -> CallToolResult:
         """Call a tool by namespaced name through the executor; tool errors come back as results with
         is_error set, every other failure raises a typed error (UnknownTool, ServerUnavailable,
-        CallTimeout, ConnectionLost, ToolCallRefused)."""
-        outcome = await self.executor.execute(name, arguments, timeout=timeout)
+        CallTimeout, ConnectionLost, ToolCallRefused). `on_progress` as for `execute`."""
+        outcome = await self.executor.execute(name, arguments, timeout=timeout, on_progress=on_progress)
         if outcome.result is not None:
             return outcome.result
         if outcome.kind == "unknown_tool" or (outcome.kind == "transport_failure" and outcome.attempts == 0):

@@ -6,6 +6,7 @@ the live `Connection`, and shutdown is a signal (an Event, or a cancel scope own
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import random
@@ -21,6 +22,7 @@ from agent_runtime.config import secret_values
 from agent_runtime.config.types import ReconnectPolicy, RuntimeConfig, ServerConfig
 from agent_runtime.errors import AgentRuntimeError
 from agent_runtime.logging import get_logger, register_secrets
+from agent_runtime.tools.notices import NoticeCounters, ProgressCallback, ProgressRelay, ServerLogSink
 from agent_runtime.tools.registry import ToolRegistry
 from policies.secrets import redact
 from transports.targets import HttpTarget, StdioTarget, Target, WebSocketTarget
@@ -62,6 +64,7 @@ class ServerStatus:
     tool_count: int = 0
     retry_at: float | None = None  # wall-clock time of the next connection attempt while backing off
     stderr_tail: list[str] = field(default_factory=list)
+    notices: NoticeCounters = field(default_factory=NoticeCounters)  # server logs and progress, counted
 
     @property
     def reconnecting(self) -> bool:
@@ -82,6 +85,10 @@ class ServerStatus:
             "tool_count": self.tool_count,
             "retry_at": self.retry_at,
             "stderr_tail": list(self.stderr_tail),
+            "log_messages": self.notices.log_messages,
+            "log_dropped": self.notices.log_dropped,
+            "log_filtered": self.notices.log_filtered,
+            "progress_dropped": self.notices.progress_dropped,
         }
 
 
@@ -149,6 +156,7 @@ class _Slot:
     refresh: anyio.Event = field(default_factory=anyio.Event)  # set by list_changed notifications
     settled: bool = False  # ready once, or failed once: what `wait_ready` waits for
     done: anyio.Event = field(default_factory=anyio.Event)  # the owner task has finished
+    logs: ServerLogSink | None = None  # the server's log messages into structlog (kept across reconnects)
 
 
 class Supervisor:
@@ -180,6 +188,10 @@ class Supervisor:
         # log records must never show. Registered with logging so records from any module are redacted.
         self._secrets = tuple(secret_values(config))
         register_secrets(self._secrets)
+        for slot in self._slots.values():
+            slot.logs = ServerLogSink(
+                slot.config.name, slot.config.log_level, self._secrets, slot.status.notices
+            )
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -272,6 +284,7 @@ class Supervisor:
             self.registry.count(st.name),
             st.retry_at,
             [redact(line, self._secrets) for line in tail],
+            dataclasses.replace(st.notices),
         )
 
     def _slot(self, name: str) -> _Slot:
@@ -289,11 +302,13 @@ class Supervisor:
         arguments: Mapping[str, Any] | None,
         *,
         timeout: float,  # noqa: ASYNC109 - a per-request deadline handed to the transport
+        progress: ProgressCallback | None = None,
     ) -> CallToolResult:
         """Call `tool` (its un-namespaced name) on `server`; the one entry point every tool call goes through.
 
         Raises ServerUnavailable (never sent) when there is no live session; ConnectionLost, CallTimeout and
         ServerRequestError from the transport pass through unchanged. Tool errors are returned (is_error).
+        `progress(progress, total, message)` gets the server's progress reports for this call (coalesced).
         """
         slot = self._slot(server)
         conn = slot.conn
@@ -301,7 +316,13 @@ class Supervisor:
             raise ServerUnavailable(server, slot.status.state, slot.status.last_error)
         if conn.closed.is_set():  # the owner task has not noticed yet; it is about to reconnect
             raise ServerUnavailable(server, ServerState.STARTING, "connection lost")
-        return await conn.call_tool(tool, dict(arguments or {}), timeout=timeout)
+        if progress is None:
+            return await conn.call_tool(tool, dict(arguments or {}), timeout=timeout)
+        relay = ProgressRelay(progress, slot.status.notices, self._secrets)
+        try:
+            return await conn.call_tool(tool, dict(arguments or {}), timeout=timeout, progress=relay)
+        finally:
+            relay.close()
 
     def set_health(self, server: str, state: ServerState, reason: str | None = None) -> None:
         """Let the breaker mark a live server degraded/open, or ready again; ignored when not live."""
@@ -373,12 +394,15 @@ class Supervisor:
                     message_handler=handler,
                     client_name=self._client_name,
                     redact=functools.partial(redact, known=self._secrets),
+                    logging_callback=slot.logs,
+                    log_level=cfg.log_level,
                 ) as conn:
                     st.pid = conn.pid
                     st.protocol_version = conn.protocol_version
                     remaining = max(0.05, deadline - anyio.current_time())
                     rejected: list[tuple[str, str]] = []
                     tools = await conn.list_all_tools(timeout=remaining, rejected=rejected)
+                    await self._set_log_level(cfg, conn, deadline)
                     slot.attempt_scope = None  # from here on, stop is graceful: leave `connect` normally
                     if scope.cancel_called:
                         return reached_ready
@@ -433,6 +457,16 @@ class Supervisor:
             slot.settled = True
             self._set_state(slot, ServerState.FAILED, error=st.last_error or "ended during startup")
         return reached_ready
+
+    async def _set_log_level(self, cfg: ServerConfig, conn: Connection, deadline: float) -> None:
+        """Ask a 2025-era server with the logging capability for cfg.log_level and above (within the startup
+        deadline). A server that refuses still starts: the sink filters its messages by level anyway."""
+        from transports import TransportError
+
+        try:
+            await conn.set_log_level(cfg.log_level, timeout=max(0.05, deadline - anyio.current_time()))
+        except TransportError as exc:
+            log.warning("logging/setLevel failed", server=cfg.name, level=cfg.log_level, error=str(exc))
 
     def _lost(self, slot: _Slot, error: str) -> None:
         """A ready session ended on its own: reconnecting from now on (state starting, restarts counted)."""
