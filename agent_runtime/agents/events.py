@@ -74,6 +74,21 @@ class ToolCallStarted(_Event):
 
 
 @dataclass(slots=True)
+class ToolCallProgress(_Event):
+    """A server's progress report for a call that is still running (`total` None: unknown; coalesced when
+    the server reports faster than the events are read)."""
+
+    type: ClassVar[Literal["tool_progress"]] = "tool_progress"
+    step: int
+    call_id: str
+    name: str
+    server: str | None
+    progress: float
+    total: float | None
+    message: str | None
+
+
+@dataclass(slots=True)
 class ToolCallFinished(_Event):
     type: ClassVar[Literal["tool_result"]] = "tool_result"
     step: int
@@ -142,6 +157,7 @@ AgentEvent = (
     | ToolsRouted
     | TokenDelta
     | ToolCallStarted
+    | ToolCallProgress
     | ToolCallFinished
     | ModelReplyInvalid
     | AnswerUnverified

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import structlog
+from anyio.streams.memory import MemoryObjectSendStream
 
 from agent_runtime.agents.checks import failure_summary, ungrounded_values
 from agent_runtime.agents.events import (
@@ -29,6 +30,7 @@ from agent_runtime.agents.events import (
     Stopped,
     TokenDelta,
     ToolCallFinished,
+    ToolCallProgress,
     ToolCallRecord,
     ToolCallStarted,
     ToolsRouted,
@@ -59,6 +61,9 @@ if TYPE_CHECKING:
     from agent_runtime.agents.routing import Routing
 
 log = structlog.get_logger(__name__)
+
+PROGRESS_EVENTS = 64  # progress events waiting to be read; past that they are dropped (each call's relay
+# already keeps only the newest of a flood, so this fills only when the reader stalls)
 
 
 class AgentError(AgentRuntimeError):
@@ -384,7 +389,13 @@ class Agent:
                 )
             messages.append({"role": "assistant", "content": text, "tool_calls": calls})
             t1 = time.perf_counter()
-            records = await self._execute(index, calls, by_name, deadline, backend, seen_calls, flat=guided)
+            records: list[ToolCallRecord] = []
+            reports = self._execute_reporting(
+                index, calls, by_name, deadline, backend, seen_calls, records, flat=guided
+            )
+            async with aclosing(reports):
+                async for report in reports:
+                    yield report
             step.tool_seconds = time.perf_counter() - t1
             usage.tool_seconds += step.tool_seconds
             usage.tool_calls += len(records)
@@ -449,6 +460,41 @@ class Agent:
         if spec is not None:
             memory.remember(spec, task, good[0].arguments, good[0].observation, answer)
 
+    async def _execute_reporting(
+        self,
+        step: int,
+        calls: list[ToolCall],
+        by_name: dict[str, ToolSpec],
+        deadline: float,
+        backend: LLMBackend,
+        seen: dict[str, ToolCallRecord],
+        records: list[ToolCallRecord],
+        *,
+        flat: bool = False,
+    ) -> AsyncGenerator[ToolCallProgress, None]:
+        """`_execute` into `records`, yielding the progress servers report while the calls run. Closing it
+        early (the reader went away) cancels the calls, and the servers are told so."""
+        send, receive = anyio.create_memory_object_stream[ToolCallProgress](PROGRESS_EVENTS)
+
+        async def run_calls() -> None:
+            with send:
+                records.extend(
+                    await self._execute(
+                        step, calls, by_name, deadline, backend, seen, flat=flat, progress=send
+                    )
+                )
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_calls)
+            with receive:
+                try:
+                    async for event in receive:
+                        yield event
+                except GeneratorExit:
+                    # Closed at a yield: end the calls here (the group waits for them) rather than let the
+                    # group wrap GeneratorExit in an exception group.
+                    tg.cancel_scope.cancel()
+
     async def _execute(
         self,
         step: int,
@@ -459,6 +505,7 @@ class Agent:
         seen: dict[str, ToolCallRecord],
         *,
         flat: bool = False,
+        progress: MemoryObjectSendStream[ToolCallProgress] | None = None,
     ) -> list[ToolCallRecord]:
         """Run a step's calls concurrently (bounded); records come back in call order, failures included.
         A call identical to one made earlier in the run is not sent again: the model gets the earlier result
@@ -473,7 +520,9 @@ class Agent:
                 records[i] = _repeated(step, call, earlier)
                 return
             async with limiter:
-                rec = await self._call_one(step, call, by_name.get(call.name), deadline, backend, flat=flat)
+                rec = await self._call_one(
+                    step, call, by_name.get(call.name), deadline, backend, flat=flat, progress=progress
+                )
             seen[key] = rec
             records[i] = rec
 
@@ -491,8 +540,10 @@ class Agent:
         backend: LLMBackend,
         *,
         flat: bool = False,
+        progress: MemoryObjectSendStream[ToolCallProgress] | None = None,
     ) -> ToolCallRecord:
-        """One call, its outcome rendered as the observation the model sees (`flat`: JSON as key: value lines)."""
+        """One call, its outcome rendered as the observation the model sees (`flat`: JSON as key: value lines);
+        the server's progress reports go to `progress` as events."""
         cfg = self.config
         remaining = max(0.001, deadline - time.monotonic())
         timeout = min(remaining, cfg.tool_timeout_secs) if cfg.tool_timeout_secs else remaining
@@ -505,9 +556,22 @@ class Agent:
             local = await self.host.runtime.local_tools.call(call.name, call.arguments, timeout=timeout)
             kind, body, reason = local.kind, local.text, local.reason
         else:
+            on_progress = None
+            if progress is not None:
+                server_name = spec.server
+
+                def on_progress(done: float, total: float | None, message: str | None) -> None:
+                    event = ToolCallProgress(step, call.id, call.name, server_name, done, total, message)
+                    try:
+                        progress.send_nowait(event)
+                    except anyio.WouldBlock:
+                        log.debug("progress event dropped: nobody reads the events", tool=call.name)
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        pass  # the step is over: a late report has nobody to go to
+
             try:
                 outcome = await self.host.runtime.execute(
-                    call.name, call.arguments, agent=self.name, timeout=timeout
+                    call.name, call.arguments, agent=self.name, timeout=timeout, on_progress=on_progress
                 )
             except Exception as exc:  # the executor promises outcomes; anything else still reaches the model
                 log.warning("tool call raised", tool=call.name, error=repr(exc))

@@ -351,6 +351,10 @@ class LiveView:
             args = json.dumps(event.arguments, ensure_ascii=False)
             server = f" [dim]({event.server})[/]" if event.server else ""
             c.print(f"  [yellow]→ {escape(event.name)}[/]{server} {escape(args)}")
+        elif event.type == "tool_progress":
+            done = f"{event.progress:g}" + (f"/{event.total:g}" if event.total is not None else "")
+            note = f" {escape(event.message)}" if event.message else ""
+            c.print(f"  [dim]… {escape(event.name)} {done}{note}[/]")
         elif event.type == "tool_result":
             style = "red" if event.is_error else "green"
             body = event.observation
