@@ -7,10 +7,12 @@ Exit codes: 0 success, 1 the call failed (error result, timeout, server unavaila
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from agent_runtime.cli import approve
@@ -30,6 +32,7 @@ from agent_runtime.tools.supervisor import ServerUnavailable
 if TYPE_CHECKING:
     from mcp.types import CallToolResult
 
+    from agent_runtime.tools.notices import ProgressCallback
     from agent_runtime.tools.registry import RegistryProblem, ToolEntry
     from agent_runtime.tools.runtime import Runtime
 
@@ -235,7 +238,10 @@ def _call(args: argparse.Namespace) -> int:
         async with open_runtime(config, args) as rt:
             name = _qualified(rt, args.name)
             try:
-                result = await rt.call_tool(name, arguments, timeout=args.timeout)
+                with _progress_bar(name) as on_progress:
+                    result = await rt.call_tool(
+                        name, arguments, timeout=args.timeout, on_progress=on_progress
+                    )
             except (ServerUnavailable, TransportError, ToolCallRefused) as exc:
                 # The call failed (never sent, lost, timed out, refused by a policy): exit 1, not a usage error.
                 if args.json:
@@ -246,6 +252,50 @@ def _call(args: argparse.Namespace) -> int:
         return 1 if result.is_error else 0
 
     return run_with_signals(main)
+
+
+@contextlib.contextmanager
+def _progress_bar(name: str) -> Iterator[ProgressCallback | None]:
+    """A rich progress bar on stderr for the call's progress reports when stderr is a terminal (it goes away
+    when the call ends); None otherwise, so that piped output stays exactly the result."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield None
+        return
+    from rich.markup import escape
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:g}/{task.fields[shown_total]}"),
+        TextColumn("{task.fields[note]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        auto_refresh=False,  # redrawn on each report (the relay coalesces floods): no refresh thread
+    )
+    task = bar.add_task(escape(name), total=None, shown_total="?", note="")
+
+    def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        if not bar.live.is_started:
+            bar.start()
+        bar.update(
+            task,
+            completed=progress,
+            total=total,
+            shown_total=f"{total:g}" if total is not None else "?",
+            note=escape(message or ""),
+        )
+        bar.refresh()
+
+    try:
+        yield on_progress
+    finally:
+        if bar.live.is_started:
+            bar.stop()
 
 
 def _qualified(rt: Runtime, name: str) -> str:
