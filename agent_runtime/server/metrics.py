@@ -333,8 +333,10 @@ class _McpCollector(Collector):
             breaker.add_metric([st.name], float(self._breaker(st.name, code)))
             tools.add_metric([st.name], float(st.tool_count))
             restarts.add_metric([st.name], float(st.restarts))
-            notices.add_metric([st.name, "log"], float(st.notices.log_dropped))
-            notices.add_metric([st.name, "progress"], float(st.notices.progress_dropped))
+            counted = getattr(st, "notices", None)  # a ServerStatus has them; other status rows may not
+            if counted is not None:
+                notices.add_metric([st.name, "log"], float(counted.log_dropped))
+                notices.add_metric([st.name, "progress"], float(counted.progress_dropped))
         yield from (up, state, breaker, tools, restarts, notices)
         if self.monitor is None:
             return

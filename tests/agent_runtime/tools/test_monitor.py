@@ -68,9 +68,16 @@ async def test_calls_that_outlive_their_deadline_are_cancelled(tmp_path: Path) -
     async with harness(tmp_path) as h:
         real = h.supervisor.call_tool
 
-        async def deaf_transport(server: str, tool: str, args: Any, *, timeout: float) -> Any:  # noqa: ASYNC109
+        async def deaf_transport(
+            server: str,
+            tool: str,
+            args: Any,
+            *,
+            timeout: float,  # noqa: ASYNC109
+            progress: Any = None,
+        ) -> Any:
             # A transport that does not honour its timeout: only the monitor can end this call.
-            return await real(server, tool, args, timeout=60)
+            return await real(server, tool, args, timeout=60, progress=progress)
 
         h.supervisor.call_tool = deaf_transport  # type: ignore[method-assign]  # on purpose: a transport that ignores its timeout, for this test's harness only
         with anyio.fail_after(10):  # the sweep ends it, not the deaf transport's 60 s

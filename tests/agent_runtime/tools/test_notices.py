@@ -11,6 +11,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent_runtime.config.types import McpLogLevel, RuntimeConfig, ServerConfig, ServerTimeouts
+from agent_runtime.server.metrics import ServerMetrics
 from agent_runtime.tools.notices import LOG_BURST, MAX_LOG_CHARS, ServerLogSink
 from agent_runtime.tools.runtime import Runtime
 from tests.conftest import EXAMPLES, PYTHON
@@ -83,6 +84,10 @@ async def test_a_log_flood_is_bounded_counted_and_warned_once(logs: list[dict[st
         assert len(warnings) == 1 and warnings[0]["server"] == "notify"
         health = rt.health()[0]
         assert health.log_dropped == dropped and rt.servers()[0].to_dict()["log_dropped"] == dropped
+        metrics = ServerMetrics()
+        metrics.attach_servers(rt.servers)
+        exported = metrics.render()[0].decode()
+        assert f'_notifications_dropped_total{{kind="log",server="notify"}} {float(dropped)}' in exported
 
 
 async def test_log_sink_filters_below_its_level_and_cuts_large_data(logs: list[dict[str, Any]]) -> None:
