@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import warnings
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -26,7 +25,7 @@ import structlog
 from mcp.client.session import LoggingFnT, MessageHandlerFnT
 from mcp.client.subscriptions import ListenNotSupportedError, SubscriptionLost
 from mcp.shared.dispatcher import ProgressFnT
-from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
+from mcp.shared.exceptions import MCPError
 from mcp.shared.message import SessionMessage
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
@@ -276,10 +275,11 @@ class Connection:
         caps = self.client.server_capabilities
         if self.protocol_version in MODERN_PROTOCOL_VERSIONS or caps.logging is None:
             return False
+        # The request itself, not Client.set_logging_level: that one warns (deprecated in the 2026 era, which
+        # this session is not on), and silencing a warning means changing process-wide filters.
+        request = types.SetLevelRequest(params=types.SetLevelRequestParams(level=level))
         with self._errors("logging/setLevel", timeout), anyio.fail_after(timeout):
-            with warnings.catch_warnings():  # deprecated in the 2026 era, which this session is not on
-                warnings.simplefilter("ignore", MCPDeprecationWarning)
-                await self.client.set_logging_level(level)
+            await self.client.session.send_request(request, types.EmptyResult)
         return True
 
     @contextlib.contextmanager
