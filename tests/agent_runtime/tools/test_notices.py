@@ -1,9 +1,10 @@
-"""Server log messages, progress and their flood bounds, through a Runtime against real servers: our notify
-server (both protocol eras) and server-everything."""
+"""Server log messages, progress and their flood bounds, and cancellation, through a Runtime against real
+servers: our notify server (both protocol eras) and server-everything."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -16,6 +17,7 @@ from agent_runtime.tools.notices import LOG_BURST, MAX_LOG_CHARS, ServerLogSink
 from agent_runtime.tools.runtime import Runtime
 from tests.conftest import EXAMPLES, PYTHON
 from tests.transports.conftest import EVERYTHING, needs_everything
+from tests.transports.test_cancellation import marked
 from transports import StdioTarget
 from transports.errors import CallTimeout
 
@@ -149,6 +151,17 @@ async def test_a_progress_flood_is_coalesced_for_a_slow_callback() -> None:
         assert taken[0] == 1.0 and len(taken) <= 2
         assert notices.progress_dropped >= count // 2
         assert rt.health()[0].progress_dropped == notices.progress_dropped
+
+
+async def test_a_call_past_its_deadline_is_cancelled_on_the_server(tmp_path: Path) -> None:
+    # Through the executor's pipeline (its deadline, the monitor's sweep armed); the transports' own tests
+    # cover every transport and era (tests/transports/test_cancellation.py).
+    marker = tmp_path / "slow.txt"
+    async with Runtime(notify_config()) as rt:
+        outcome = await rt.execute("notify__slow", {"seconds": 30, "marker": str(marker)}, timeout=0.5)
+        assert outcome.kind == "timeout"
+        await marked(marker, "cancelled")
+        assert rt.health()[0].in_flight == 0
 
 
 @needs_everything
