@@ -165,8 +165,6 @@ class ProgressRelay:
             return
         if total is not None and not math.isfinite(total):
             total = None
-        if message is not None:
-            message = bounded_text(message, MAX_PROGRESS_MESSAGE_CHARS, self._secrets)
         if self._pending is not None:
             self._counters.progress_dropped += 1
         self._pending = (progress, total, message)
@@ -175,8 +173,10 @@ class ProgressRelay:
         self._busy = True
         try:
             while self._pending is not None and not self._closed:
-                value, self._pending = self._pending, None
-                outcome = self._callback(*value)
+                (done, total, message), self._pending = self._pending, None
+                if message is not None:  # only what is delivered pays for the redaction
+                    message = bounded_text(message, MAX_PROGRESS_MESSAGE_CHARS, self._secrets)
+                outcome = self._callback(done, total, message)
                 if inspect.isawaitable(outcome):
                     await outcome
         finally:

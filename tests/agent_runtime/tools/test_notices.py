@@ -13,7 +13,14 @@ from structlog.testing import capture_logs
 
 from agent_runtime.config.types import McpLogLevel, RuntimeConfig, ServerConfig, ServerTimeouts
 from agent_runtime.server.metrics import ServerMetrics
-from agent_runtime.tools.notices import LOG_BURST, MAX_LOG_CHARS, ServerLogSink
+from agent_runtime.tools.notices import (
+    LOG_BURST,
+    MAX_LOG_CHARS,
+    MAX_PROGRESS_MESSAGE_CHARS,
+    NoticeCounters,
+    ProgressRelay,
+    ServerLogSink,
+)
 from agent_runtime.tools.runtime import Runtime
 from tests.conftest import EXAMPLES, PYTHON
 from tests.transports.conftest import EVERYTHING, needs_everything
@@ -102,6 +109,19 @@ async def test_log_sink_filters_below_its_level_and_cuts_large_data(logs: list[d
     (record,) = server_logs(logs, "noisy")
     assert len(record["data"]) < MAX_LOG_CHARS + 50 and "cut at" in record["data"]
     assert len(record["logger"]) < 200 and SECRET not in str(record)
+
+
+async def test_progress_relay_redacts_cuts_and_ignores_what_is_not_progress() -> None:
+    counters = NoticeCounters()
+    seen: list[tuple[float, float | None, str | None]] = []
+    relay = ProgressRelay(lambda p, t, m: seen.append((p, t, m)), counters, (SECRET,))
+    await relay(1, float("inf"), f"uploading with {SECRET} " + "z" * 1000)
+    await relay(float("nan"), 3, "not a number")
+    relay.close()
+    await relay(2, 3, "after the call ended")
+    ((progress, total, message),) = seen
+    assert (progress, total) == (1, None)
+    assert message is not None and SECRET not in message and len(message) < MAX_PROGRESS_MESSAGE_CHARS + 50
 
 
 @pytest.mark.parametrize("flags", ERAS)
