@@ -248,6 +248,15 @@ class OAuth(OAuthClientProvider):
         return AuthRequired(f"{self._target.url} needs an OAuth login{wants}", self._oauth.login_hint)
 
     async def _auth_flow(self, request: httpx2.Request) -> AsyncGenerator[httpx2.Request, httpx2.Response]:
+        if self._initialized and self.context.is_token_valid():
+            # The common case skips the SDK's flow, which holds its lock until the response headers come:
+            # a JSON-mode server answering one slow tool call would hold back every other call.
+            self._add_auth_header(request)
+            response = yield request
+            if not self._refused(response):
+                return
+            if response.status_code == 401:
+                self.context.token_expiry_time = 1.0  # refused: expired for the SDK, which refreshes first
         inner = super()._auth_flow(request)
         sent = 0
         try:

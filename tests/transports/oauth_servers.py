@@ -47,6 +47,7 @@ class AuthServer:
     scopes_supported: list[str] = field(default_factory=lambda: ["mcp", "admin"])
     malformed_metadata: bool = False
     cimd: bool = False
+    openid_only: bool = False  # metadata only at /.well-known/openid-configuration
     audience_override: str | None = None  # a broken server: tokens for this audience, whatever was asked
     clients: dict[str, dict[str, Any]] = field(default_factory=dict)  # client_id -> registration
     codes: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -69,6 +70,8 @@ class AuthServer:
 
     async def metadata(self, request: Request) -> Response:
         self.requests.append((request.method, request.url.path))
+        if self.openid_only and request.url.path.endswith("oauth-authorization-server"):
+            return Response("not found", status_code=404)
         if self.malformed_metadata:
             return Response('{"issuer": 42, "authorization_endpoint": ', media_type="application/json")
         return JSONResponse(

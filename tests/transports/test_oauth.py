@@ -8,13 +8,21 @@ import stat
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 import structlog
 
-from tests.transports.oauth_servers import ProtectedServer, auth_and_server, follow_authorization
+from tests.transports.oauth_servers import (
+    ProtectedServer,
+    auth_and_server,
+    bound_socket,
+    follow_authorization,
+    query_of,
+)
 from transports import HttpTarget, connect
 from transports.oauth import AuthFailed, AuthRequired, login, token_store
 from transports.targets import OAuthSettings
+from transports.tokens import TokenStoreError
 
 pytestmark = pytest.mark.anyio
 
@@ -162,11 +170,7 @@ async def test_state_mismatch_and_non_loopback_redirect_refused(tmp_path: Path) 
         target = oauth_target(server, tmp_path)
 
         async def forged(url: str) -> None:
-            from tests.transports.oauth_servers import query_of
-
             q = query_of(url)
-            import httpx2
-
             async with httpx2.AsyncClient(timeout=5) as http:
                 reply = await http.get(f"{q['redirect_uri']}?code=stolen&state=not-{q['state']}")
                 assert reply.status_code == 400
@@ -194,3 +198,40 @@ async def test_no_token_in_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture
             secrets = [*auth.tokens, *auth.refresh, "machine-secret-123"]
     text = caplog.text + json.dumps(captured, default=str)
     assert secrets and not [s for s in secrets if s in text]
+
+
+async def test_pre_registered_client_on_a_fixed_port_and_openid_discovery(tmp_path: Path) -> None:
+    with bound_socket() as sock:
+        port = sock.getsockname()[1]  # a free port for the configured redirect, released before login
+    async with auth_and_server() as (auth, server):
+        auth.openid_only = True
+        auth.add_client("pre-registered", "pre-secret-456", [f"http://127.0.0.1:{port}/callback"])
+        target = oauth_target(
+            server, tmp_path, client_id="pre-registered", client_secret="pre-secret-456", redirect_port=port
+        )
+        await login(target, open_url=browser, timeout=20)
+        assert ("GET", "/.well-known/openid-configuration") in auth.requests
+        assert ("POST", "/register") not in auth.requests
+        assert await call_echo(target) == "hi"
+
+
+async def test_client_id_metadata_document_instead_of_registration(tmp_path: Path) -> None:
+    async with auth_and_server() as (auth, server):
+        auth.cimd = True
+        doc = "https://agent.example.com/oauth/client.json"
+        seen: list[str] = []
+
+        async def remember(url: str) -> None:
+            seen.append(url)
+            await browser(url)
+
+        await login(oauth_target(server, tmp_path, client_metadata_url=doc), open_url=remember, timeout=20)
+        assert ("POST", "/register") not in auth.requests
+        assert query_of(seen[0])["client_id"] == doc
+
+
+async def test_keyring_store_without_the_package_is_a_typed_error(tmp_path: Path) -> None:
+    async with auth_and_server() as (_auth, server):
+        target = HttpTarget(url=server.url, oauth=OAuthSettings(keyring_key="srv"), connect_timeout=5)
+        with pytest.raises(TokenStoreError, match="keyring"):
+            await call_echo(target)
