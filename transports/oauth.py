@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -41,6 +42,9 @@ from transports.targets import HttpTarget, OAuthSettings
 from transports.tokens import StoredGrant, TokenStore
 
 log = structlog.get_logger(__name__)
+# The SDK logs each flow error with a traceback through stdlib logging (printed on a CLI's stderr); every
+# one of them reaches the user here as a typed error and a structlog warning instead.
+logging.getLogger("mcp.client.auth.oauth2").setLevel(logging.CRITICAL)
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 _CALLBACK_READ_SECS = 5.0  # a browser sends its redirect request at once; a silent connection is dropped

@@ -89,6 +89,23 @@ async def test_login_status_runtime_call_logout(tmp_path: Path, monkeypatch: pyt
 
 
 async def test_auth_errors_exit_2_without_traceback(tmp_path: Path) -> None:
+    async with auth_and_server() as (auth, server):
+        auth.malformed_metadata = True
+        config = tmp_path / "cfg.json"
+        entry = {"url": server.url, "auth": {"type": "oauth"}}
+        config.write_text(json.dumps({"mcpServers": {"plain": {"command": "true"}, "prot": entry}}))
+        res = await _cli("login", "prot", "--no-browser", "--config", str(config), state=tmp_path)
+        assert res.returncode == 2, res.stderr
+        assert b"no valid authorization server metadata" in res.stderr and b"Traceback" not in res.stderr
+    async with auth_and_server(prm_resource="http://127.0.0.1:1/someone-else") as (auth, server):
+        entry = {"url": server.url, "auth": {"type": "oauth"}}
+        config.write_text(json.dumps({"mcpServers": {"prot": entry}}))
+        res = await _cli("login", "prot", "--no-browser", "--config", str(config), state=tmp_path)
+        assert res.returncode == 2, res.stderr
+        assert b"does not match" in res.stderr and b"Traceback" not in res.stderr
+
+
+async def test_config_errors_exit_2(tmp_path: Path) -> None:
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps({"mcpServers": {"plain": {"command": "true"}}}))
     res = await _cli("login", "plain", "--config", str(config), state=tmp_path)
