@@ -25,7 +25,7 @@ import anyio.abc
 import httpx2
 import structlog
 from mcp.client.auth import OAuthClientProvider, OAuthFlowError
-from mcp.client.auth.utils import extract_field_from_www_auth, union_scopes
+from mcp.client.auth.utils import extract_field_from_www_auth, issuers_match, union_scopes
 from mcp.shared.auth import (
     AuthorizationCodeResult,
     OAuthClientInformationFull,
@@ -213,6 +213,10 @@ class OAuth(OAuthClientProvider):
 
     # -- the flow, around the SDK's
 
+    def _select_authorization_server(self, advertised: list[str]) -> str:
+        issuer = self._oauth.issuer
+        return next((s for s in advertised if issuer is not None and issuers_match(s, issuer)), advertised[0])
+
     def _can_authorize(self) -> bool:
         return self._oauth.grant == "client_credentials" or self._interaction is not None
 
@@ -237,6 +241,13 @@ class OAuth(OAuthClientProvider):
             raise AuthFailed(
                 f"no valid authorization server metadata for {self._target.url}",
                 "the server's OAuth metadata is missing or malformed; check its well-known URLs",
+            )
+        issuer = self._oauth.issuer
+        if issuer is not None and not issuers_match(str(metadata.issuer), issuer):
+            # The MCP server chose this authorization server; a configured client's secret goes only to its own.
+            raise AuthFailed(
+                f"{self._target.url} sent us to authorization server {metadata.issuer}, not {issuer}",
+                "check the server URL, or the configured issuer",
             )
         known = {str(metadata.token_endpoint)}
         if metadata.registration_endpoint is not None:

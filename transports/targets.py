@@ -40,6 +40,9 @@ class OAuthSettings:
     grant: Literal["authorization_code", "client_credentials"] = "authorization_code"
     client_id: str | None = None  # pre-registered client; else client ID metadata document or registration
     client_secret: str | None = None
+    issuer: str | None = (
+        None  # the authorization server a pre-registered client belongs to: only it gets the secret
+    )
     scopes: tuple[str, ...] = ()  # requested on top of what the server asks for
     redirect_port: int = 0  # loopback port of `auth login`'s redirect listener; 0: an ephemeral one
     redirect_path: str = "/callback"

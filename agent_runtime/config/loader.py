@@ -552,6 +552,10 @@ def _oauth(doc: _Doc, spec: _Spec, name: str, env: Mapping[str, str]) -> OAuthSe
         )
     if a.client_secret and not a.client_id:
         raise doc.error((*path, "client_secret"), "client_secret without client_id")
+    if a.issuer is not None and (
+        urlsplit(a.issuer).scheme not in ("http", "https") or not urlsplit(a.issuer).netloc
+    ):
+        raise doc.error((*path, "issuer"), "issuer must be the authorization server's http(s) URL")
     if a.client_metadata_url is not None:
         parts = urlsplit(a.client_metadata_url)
         if parts.scheme != "https" or parts.path in ("", "/"):
@@ -577,6 +581,7 @@ def _oauth(doc: _Doc, spec: _Spec, name: str, env: Mapping[str, str]) -> OAuthSe
         grant=a.grant,
         client_id=a.client_id,
         client_secret=a.client_secret,
+        issuer=a.issuer,
         scopes=tuple(a.scopes),
         redirect_port=port,
         redirect_path=redirect_path,

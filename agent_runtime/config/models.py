@@ -41,6 +41,7 @@ class OAuthModel(ConfigModel):
     grant: Literal["authorization_code", "client_credentials"] = "authorization_code"
     client_id: str | None = None  # a pre-registered client (else metadata document or dynamic registration)
     client_secret: str | None = None
+    issuer: str | None = None  # the authorization server the client belongs to (its secret goes only there)
     scopes: list[str] = Field(default_factory=list)
     redirect_port: int = Field(0, ge=0, le=65535)  # `auth login`'s loopback listener; 0: ephemeral
     redirect_uri: str | None = None  # a fixed loopback redirect, e.g. http://127.0.0.1:8765/callback

@@ -235,3 +235,19 @@ async def test_keyring_store_without_the_package_is_a_typed_error(tmp_path: Path
         target = HttpTarget(url=server.url, oauth=OAuthSettings(keyring_key="srv"), connect_timeout=5)
         with pytest.raises(TokenStoreError, match="keyring"):
             await call_echo(target)
+
+
+async def test_client_secret_goes_only_to_the_configured_issuer(tmp_path: Path) -> None:
+    async with auth_and_server() as (real, _), auth_and_server() as (evil, server):
+        evil.add_client("machine", None)  # it would accept (and keep) whatever it is sent
+        target = oauth_target(
+            server,
+            tmp_path,
+            grant="client_credentials",
+            client_id="machine",
+            client_secret="machine-secret-123",
+            issuer=real.base,
+        )
+        with pytest.raises(AuthFailed, match=f"not {real.base}"):
+            await call_echo(target)
+        assert not evil.token_requests and not real.token_requests

@@ -65,8 +65,15 @@ def test_state_dir_order() -> None:
 
 
 def test_loopback_redirect_uri_accepted() -> None:
-    target = one({"type": "oauth", "client_id": "pre", "redirect_uri": "http://localhost:8765/cb"})
-    assert target.oauth is not None
+    target = one(
+        {
+            "type": "oauth",
+            "client_id": "pre",
+            "redirect_uri": "http://localhost:8765/cb",
+            "issuer": "https://as.example",
+        }
+    )
+    assert target.oauth is not None and target.oauth.issuer == "https://as.example"
     assert (target.oauth.redirect_port, target.oauth.redirect_path, target.oauth.client_id) == (
         8765,
         "/cb",
@@ -94,6 +101,7 @@ def test_loopback_redirect_uri_accepted() -> None:
             "https",
         ),
         ({"type": "basic"}, {}, "auth.type", "oauth"),
+        ({"type": "oauth", "issuer": "auth.example.com"}, {}, "auth.issuer", "http"),
         ({"type": "oauth", "redirect_port": 70000}, {}, "auth.redirect_port", "65535"),
     ],
 )
