@@ -208,6 +208,19 @@ def build_mcp() -> MCPServer:
         """Needs the admin scope."""
         return f"admin:{text}"
 
+    arrived: set[str] = set()
+    both = anyio.Event()
+
+    @mcp.tool()
+    async def rendezvous(who: str) -> str:
+        """Returns once two different callers are inside it (concurrent calls only)."""
+        arrived.add(who)
+        if len(arrived) >= 2:
+            both.set()
+        with anyio.fail_after(5):
+            await both.wait()
+        return who
+
     return mcp
 
 
@@ -219,6 +232,7 @@ class ProtectedServer:
     base: str = ""
     prm_resource: str | None = None  # what its resource metadata claims (default: its own /mcp URL)
     prm_servers: list[str] | None = None
+    json_response: bool = False  # answer each POST with one JSON body, sent when the call is done
     seen_tokens: list[str | None] = field(default_factory=list)
     refusals: list[int] = field(default_factory=list)
 
@@ -228,7 +242,7 @@ class ProtectedServer:
 
     def app(self) -> Any:
         mcp = build_mcp()
-        http_app = mcp.streamable_http_app()
+        http_app = mcp.streamable_http_app(json_response=self.json_response)
         sse_app = mcp.sse_app()
 
         async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:

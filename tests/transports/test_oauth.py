@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx2
 import pytest
 import structlog
@@ -251,3 +252,28 @@ async def test_client_secret_goes_only_to_the_configured_issuer(tmp_path: Path) 
         with pytest.raises(AuthFailed, match=f"not {real.base}"):
             await call_echo(target)
         assert not evil.token_requests and not real.token_requests
+
+
+async def test_concurrent_calls_are_not_serialised_by_the_auth_flow(tmp_path: Path) -> None:
+    """In JSON mode a POST's response headers come only when its call is done: two calls that each wait
+    for the other finish only if the second is sent while the first is still running."""
+    async with auth_and_server(json_response=True) as (auth, server):
+        auth.add_client("machine", "machine-secret-123")
+        target = oauth_target(
+            server,
+            tmp_path,
+            grant="client_credentials",
+            client_id="machine",
+            client_secret="machine-secret-123",
+        )
+        answers: list[str] = []
+        async with connect(target, startup_timeout=15) as conn:
+
+            async def call(who: str) -> None:
+                result = await conn.call_tool("rendezvous", {"who": who}, timeout=8)
+                answers.append(result.content[0].text)  # type: ignore[union-attr]  # a text block
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call, "a")
+                tg.start_soon(call, "b")
+        assert sorted(answers) == ["a", "b"]
