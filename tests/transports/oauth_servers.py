@@ -232,6 +232,7 @@ class ProtectedServer:
     base: str = ""
     prm_resource: str | None = None  # what its resource metadata claims (default: its own /mcp URL)
     prm_servers: list[str] | None = None
+    challenge_metadata: bool = True  # name the resource metadata in WWW-Authenticate (else: well-known only)
     json_response: bool = False  # answer each POST with one JSON body, sent when the call is done
     seen_tokens: list[str | None] = field(default_factory=list)
     refusals: list[int] = field(default_factory=list)
@@ -285,6 +286,8 @@ class ProtectedServer:
 
     def _check(self, token: str | None, body: bytes, path: str) -> tuple[int, str]:
         meta = f'resource_metadata="{self.base}/.well-known/oauth-protected-resource{path}"'
+        if not self.challenge_metadata:
+            meta = 'realm="mcp"'
         grant = self.auth.tokens.get(token or "")
         if grant is None or grant.revoked or grant.expires_at < time.time():
             return 401, f'Bearer error="invalid_token", scope="mcp", {meta}'

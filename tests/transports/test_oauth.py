@@ -12,6 +12,7 @@ import anyio
 import httpx2
 import pytest
 import structlog
+from mcp.shared.auth import OAuthToken
 
 from tests.transports.oauth_servers import (
     ProtectedServer,
@@ -23,7 +24,7 @@ from tests.transports.oauth_servers import (
 from transports import HttpTarget, connect
 from transports.oauth import AuthFailed, AuthRequired, login, token_store
 from transports.targets import OAuthSettings
-from transports.tokens import TokenStoreError
+from transports.tokens import TokenStore, TokenStoreError
 
 pytestmark = pytest.mark.anyio
 
@@ -277,3 +278,34 @@ async def test_concurrent_calls_are_not_serialised_by_the_auth_flow(tmp_path: Pa
                 tg.start_soon(call, "a")
                 tg.start_soon(call, "b")
         assert sorted(answers) == ["a", "b"]
+
+
+async def test_well_known_discovery_and_client_credentials_login_without_a_browser(tmp_path: Path) -> None:
+    async with auth_and_server(challenge_metadata=False) as (auth, server):
+        auth.add_client("machine", "machine-secret-123")
+        target = oauth_target(
+            server,
+            tmp_path,
+            grant="client_credentials",
+            client_id="machine",
+            client_secret="machine-secret-123",
+        )
+
+        async def no_browser(url: str) -> None:
+            raise AssertionError(f"client_credentials opened {url}")
+
+        grant = await login(target, open_url=no_browser, timeout=20)
+        assert grant.state() == "valid" and grant.client_id is None  # pre-registered: nothing registered
+        assert [r["grant_type"] for r in auth.token_requests] == ["client_credentials"]
+
+
+def test_token_store_corrupt_file_and_atomic_writes(tmp_path: Path) -> None:
+    path = tmp_path / "oauth" / "s.json"
+    store = TokenStore.file(path, "http://127.0.0.1:1/mcp")
+    anyio.run(store.set_tokens, OAuthToken(access_token="at-123456", expires_in=60))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["s.json"]  # no temporary file left behind
+    assert store.grant() is not None and store.grant().state() == "valid"  # type: ignore[union-attr]  # checked
+    path.write_text("{not json")
+    with pytest.raises(TokenStoreError, match="corrupt"):
+        store.grant()
+    assert store.delete() and not store.delete()
