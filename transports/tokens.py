@@ -7,6 +7,7 @@ server's URL changed) reads as empty, so a token never reaches a server it was n
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import tempfile
@@ -111,7 +112,8 @@ class _KeyringBackend:
 
     def __init__(self, key: str) -> None:
         try:
-            import keyring  # type: ignore[import-not-found]  # optional dependency: only a config that asks for the keyring needs it
+            # An optional dependency, only for a config that asks for the keyring (not installed by default).
+            keyring = importlib.import_module("keyring")
         except ImportError:
             raise TokenStoreError(
                 "token store 'keyring' needs the keyring package",
