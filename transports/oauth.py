@@ -192,11 +192,13 @@ class OAuth(OAuthClientProvider):
 
     async def _handle_token_response(self, response: httpx2.Response) -> None:
         await super()._handle_token_response(response)
+        self.failure = None  # tokens again: an earlier failure no longer explains anything
         await self._save_metadata()
 
     async def _handle_refresh_response(self, response: httpx2.Response) -> bool:
         ok = await super()._handle_refresh_response(response)
         if ok:
+            self.failure = None
             await self._save_metadata()
         return ok
 
