@@ -1,6 +1,6 @@
 """HTTP transports: streamable HTTP (the SDK's client, tuned) and legacy HTTP+SSE (ours, for its event size cap).
 
-Both send the target's headers and bearer token, use its connect/read timeouts and accept messages up to
+Both send the target's headers and bearer token (or OAuth tokens, transports.oauth), use its connect/read timeouts and accept messages up to
 target.max_message_bytes: an SSE event (the SDK defaults to 1 MiB, which breaks large tool results) or a
 JSON response body (which the SDK would read whole, however large), cut while it streams in.
 """
@@ -21,6 +21,7 @@ from mcp.shared._httpx_utils import request_within_origin, sse_within_origin
 from mcp.shared.message import SessionMessage
 
 from transports.errors import ConnectError, too_large_reason
+from transports.oauth import server_auth
 from transports.targets import HttpTarget
 
 log = structlog.get_logger(__name__)
@@ -107,11 +108,14 @@ def request_headers(headers: Mapping[str, str], bearer_token: str | None) -> dic
     return merged
 
 
-def _http_client(target: HttpTarget, on_lost: OnLost | None = None) -> httpx2.AsyncClient:
+def _http_client(
+    target: HttpTarget, on_lost: OnLost | None = None, auth: httpx2.Auth | None = None
+) -> httpx2.AsyncClient:
     timeout = httpx2.Timeout(target.connect_timeout, read=target.read_timeout)
     return httpx2.AsyncClient(
         headers=request_headers(target.headers, target.bearer_token),
         timeout=timeout,
+        auth=auth,
         transport=_WatchdogTransport(on_lost, target.max_message_bytes) if on_lost is not None else None,
     )
 
@@ -125,7 +129,8 @@ async def streamable_http_transport(
     `on_lost(reason)` is called (possibly more than once) when the server is found gone.
     """
     async with (
-        _http_client(target, on_lost) as http,
+        server_auth(target) as auth,
+        _http_client(target, on_lost, auth) as http,
         streamable_http_client(
             target.url,
             http_client=http,
@@ -142,7 +147,7 @@ async def sse_transport(target: HttpTarget) -> AsyncIterator[Streams]:
     The SDK's sse_client hard-codes a 1 MiB event cap, hence this version. A POST that fails at the HTTP
     level answers its request with a JSON-RPC error; a broken connection ends the session.
     """
-    async with _http_client(target) as http:
+    async with server_auth(target) as auth, _http_client(target, auth=auth) as http:
         try:
             source_cm = sse_within_origin(http, target.url, max_event_size=target.max_message_bytes)
             event_source = await source_cm.__aenter__()
@@ -151,6 +156,8 @@ async def sse_transport(target: HttpTarget) -> AsyncIterator[Streams]:
         try:
             response = event_source.response
             if response.status_code != 200:
+                if auth is not None and auth.failure is not None:
+                    raise auth.failure
                 raise ConnectError(
                     f"SSE endpoint {target.url} answered HTTP {response.status_code}",
                     "check the URL and credentials",

@@ -31,6 +31,29 @@ class StdioTarget:
 
 
 @dataclass(frozen=True, slots=True)
+class OAuthSettings:
+    """How to obtain and keep tokens for an OAuth-protected HTTP/SSE server (the MCP authorization spec).
+
+    Tokens live outside the config: in `token_file` (0600), or the OS keyring under `keyring_key`.
+    """
+
+    grant: Literal["authorization_code", "client_credentials"] = "authorization_code"
+    client_id: str | None = None  # pre-registered client; else client ID metadata document or registration
+    client_secret: str | None = None
+    issuer: str | None = (
+        None  # the authorization server a pre-registered client belongs to: only it gets the secret
+    )
+    scopes: tuple[str, ...] = ()  # requested on top of what the server asks for
+    redirect_port: int = 0  # loopback port of `auth login`'s redirect listener; 0: an ephemeral one
+    redirect_path: str = "/callback"
+    client_metadata_url: str | None = None  # an https URL used as client_id where the server supports it
+    client_name: str = "agent-runtime"
+    token_file: Path | None = None
+    keyring_key: str | None = None  # set: the OS keyring holds the tokens instead of token_file
+    login_hint: str = "log in first"  # how a person gets tokens (the CLI names its `auth login` command)
+
+
+@dataclass(frozen=True, slots=True)
 class HttpTarget:
     """A remote server over streamable HTTP (default) or the legacy HTTP+SSE transport."""
 
@@ -38,6 +61,7 @@ class HttpTarget:
     kind: Literal["streamable_http", "sse"] = "streamable_http"
     headers: Mapping[str, str] = field(default_factory=dict)
     bearer_token: str | None = None
+    oauth: OAuthSettings | None = None
     connect_timeout: float = 10.0
     read_timeout: float = 300.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # one JSON response body or SSE event at most

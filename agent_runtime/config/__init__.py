@@ -8,11 +8,13 @@ The pydantic models (`models`, `agents`) load only when a file has something to 
 from agent_runtime.config.loader import (
     DEFAULT_FILE,
     ENV_VAR,
+    STATE_DIR_ENV,
     adhoc_config,
     default_config_path,
     load_config,
     parse_config,
     section_error,
+    state_dir,
 )
 from agent_runtime.config.secrets import redact_config, redacted_target, secret_values
 from agent_runtime.config.types import (
@@ -26,6 +28,7 @@ from agent_runtime.config.types import (
 __all__ = [
     "DEFAULT_FILE",
     "ENV_VAR",
+    "STATE_DIR_ENV",
     "ReconnectPolicy",
     "RuntimeConfig",
     "RuntimeSettings",
@@ -39,4 +42,5 @@ __all__ = [
     "redacted_target",
     "secret_values",
     "section_error",
+    "state_dir",
 ]

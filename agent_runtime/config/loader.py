@@ -27,7 +27,7 @@ from agent_runtime.config.types import (
 )
 from agent_runtime.errors import ConfigError
 from policies.secrets import MIN_SECRET_LEN, is_secret_name
-from transports.targets import HttpTarget, StdioTarget, Target, WebSocketTarget
+from transports.targets import HttpTarget, OAuthSettings, StdioTarget, Target, WebSocketTarget
 
 if TYPE_CHECKING:  # pydantic (~0.1 s) is imported only when a file has entries or sections to validate
     from pydantic import BaseModel, ValidationError
@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # pydantic (~0.1 s) is imported only when a file has entries 
     from agent_runtime.config import models as cm
 
 ENV_VAR = "AGENT_RUNTIME_CONFIG"
+STATE_DIR_ENV = "AGENT_RUNTIME_STATE_DIR"  # OAuth tokens live under it (else $XDG_STATE_HOME/agent-runtime)
 DEFAULT_FILE = "MCP_CONFIG.json"
 SECTION_KEYS = ("policies", "model", "agents")
 
@@ -494,6 +495,8 @@ def _secrets_of(doc: _Doc, spec: _Spec, seen: _Interpolated) -> tuple[str, ...]:
     found: list[str] = []
     if spec.common.bearer_token:
         found.append(spec.common.bearer_token)
+    if spec.common.auth is not None and spec.common.auth.client_secret:
+        found.append(spec.common.auth.client_secret)
     for header, value in spec.headers.items():
         if is_secret_name(header):
             found.append(value)
@@ -507,7 +510,10 @@ def _secrets_of(doc: _Doc, spec: _Spec, seen: _Interpolated) -> tuple[str, ...]:
             found.append(parts.password)
         found.extend(v for k, v in parse_qsl(parts.query) if is_secret_name(k))
     secret_keys = ("env", "headers")
-    secret_paths = [spec.key_paths.get(k, ()) for k in secret_keys] + [(*spec.path, "bearer_token")]
+    secret_paths = [spec.key_paths.get(k, ()) for k in secret_keys] + [
+        (*spec.path, "bearer_token"),
+        (*spec.path, "auth", "client_secret"),
+    ]
     for path, var, value in seen.under(spec.path):
         in_secret_field = any(p and path[: len(p)] == p for p in secret_paths)
         if in_secret_field or is_secret_name(var):
@@ -516,13 +522,90 @@ def _secrets_of(doc: _Doc, spec: _Spec, seen: _Interpolated) -> tuple[str, ...]:
     return tuple(sorted(unique, key=len, reverse=True))
 
 
+def state_dir(env: Mapping[str, str]) -> Path:
+    """Where per-user state (OAuth tokens) lives: $AGENT_RUNTIME_STATE_DIR, else
+    $XDG_STATE_HOME/agent-runtime, else ~/.local/state/agent-runtime."""
+    if env.get(STATE_DIR_ENV):
+        return Path(env[STATE_DIR_ENV]).expanduser()
+    if env.get("XDG_STATE_HOME"):
+        return Path(env["XDG_STATE_HOME"]).expanduser() / "agent-runtime"
+    return Path.home() / ".local" / "state" / "agent-runtime"
+
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _oauth(doc: _Doc, spec: _Spec, name: str, env: Mapping[str, str]) -> OAuthSettings:
+    a = spec.common.auth
+    assert a is not None
+    path = (*spec.path, "auth")
+    if spec.common.bearer_token is not None:
+        raise doc.error(
+            (*spec.path, "bearer_token"), "both bearer_token and auth are set", "keep one of them"
+        )
+    if any(h.lower() == "authorization" for h in spec.headers):
+        raise doc.error(path, "both auth and an Authorization header are set", "keep one of them")
+    if a.grant == "client_credentials" and not (a.client_id and a.client_secret):
+        raise doc.error(
+            (*path, "client_id" if not a.client_id else "client_secret"),
+            "the client_credentials grant needs client_id and client_secret",
+            'e.g. "client_secret": "${env:MY_CLIENT_SECRET}"',
+        )
+    if a.client_secret and not a.client_id:
+        raise doc.error((*path, "client_secret"), "client_secret without client_id")
+    if a.issuer is not None and (
+        urlsplit(a.issuer).scheme not in ("http", "https") or not urlsplit(a.issuer).netloc
+    ):
+        raise doc.error((*path, "issuer"), "issuer must be the authorization server's http(s) URL")
+    if a.client_metadata_url is not None:
+        parts = urlsplit(a.client_metadata_url)
+        if parts.scheme != "https" or parts.path in ("", "/"):
+            raise doc.error(
+                (*path, "client_metadata_url"),
+                "client_metadata_url must be an https URL with a path",
+                "e.g. https://example.com/agent-runtime/client.json",
+            )
+    port, redirect_path = a.redirect_port, "/callback"
+    if a.redirect_uri is not None:
+        parts = urlsplit(a.redirect_uri)
+        host = (parts.hostname or "").lower()
+        if parts.scheme != "http" or host not in _LOOPBACK:
+            raise doc.error(
+                (*path, "redirect_uri"),
+                f"redirect_uri {a.redirect_uri!r} is not a loopback http URL",
+                "use http://127.0.0.1:PORT/callback: the login listens on this machine only",
+            )
+        if a.redirect_port and parts.port != a.redirect_port:
+            raise doc.error((*path, "redirect_port"), "redirect_port contradicts redirect_uri")
+        port, redirect_path = parts.port or 0, parts.path or "/"
+    return OAuthSettings(
+        grant=a.grant,
+        client_id=a.client_id,
+        client_secret=a.client_secret,
+        issuer=a.issuer,
+        scopes=tuple(a.scopes),
+        redirect_port=port,
+        redirect_path=redirect_path,
+        client_metadata_url=a.client_metadata_url,
+        token_file=state_dir(env) / "oauth" / f"{name}.json" if a.store == "file" else None,
+        keyring_key=name if a.store == "keyring" else None,
+        login_hint=f"run `agent-runtime auth login {name}`",
+    )
+
+
 def _build_server(
-    doc: _Doc, spec: _Spec, name: str, runtime: RuntimeSettings, explicit_tool: bool
+    doc: _Doc, spec: _Spec, name: str, runtime: RuntimeSettings, explicit_tool: bool, env: Mapping[str, str]
 ) -> ServerConfig:
     c = spec.common
     timeouts = _timeouts(doc, spec, runtime, explicit_tool)
     max_message = c.max_message_bytes or runtime.max_message_bytes
     target: Target
+    if c.auth is not None and spec.transport in ("stdio", "websocket"):
+        raise doc.error(
+            (*spec.path, "auth"),
+            f"auth applies to HTTP and SSE servers, not {spec.transport}",
+            "pass credentials to a stdio server through env" if spec.transport == "stdio" else None,
+        )
     if spec.transport == "stdio":
         assert spec.command is not None
         if not spec.command.strip():
@@ -571,6 +654,7 @@ def _build_server(
                 kind="sse" if spec.transport == "sse" else "streamable_http",
                 headers=spec.headers,
                 bearer_token=c.bearer_token,
+                oauth=_oauth(doc, spec, name, env) if c.auth is not None else None,
                 connect_timeout=timeouts.connect,
                 # a stream must not be cut by the read timeout before the slowest tool's own deadline
                 read_timeout=max(default_read, longest),
@@ -730,7 +814,7 @@ def _build(doc: _Doc, data: Any, env: Mapping[str, str]) -> RuntimeConfig:
                 "tool_prefix must be at most 32 letters, digits, '_' or '-'",
                 "model tool names allow only [A-Za-z0-9_-]",
             )
-        server = _build_server(doc, spec, name, runtime, explicit_tool)
+        server = _build_server(doc, spec, name, runtime, explicit_tool, env)
         if server.prefix:
             if server.prefix in prefixes:
                 raise doc.error(

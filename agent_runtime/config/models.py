@@ -33,6 +33,22 @@ class Timeouts(ConfigModel):
     per_tool: dict[str, PositiveSecs] = Field(default_factory=dict)
 
 
+class OAuthModel(ConfigModel):
+    """`auth` of an HTTP/SSE server: OAuth 2.1 per the MCP authorization spec (tokens are kept outside the
+    config, in the state directory or the OS keyring)."""
+
+    type: Literal["oauth"]
+    grant: Literal["authorization_code", "client_credentials"] = "authorization_code"
+    client_id: str | None = None  # a pre-registered client (else metadata document or dynamic registration)
+    client_secret: str | None = None
+    issuer: str | None = None  # the authorization server the client belongs to (its secret goes only there)
+    scopes: list[str] = Field(default_factory=list)
+    redirect_port: int = Field(0, ge=0, le=65535)  # `auth login`'s loopback listener; 0: ephemeral
+    redirect_uri: str | None = None  # a fixed loopback redirect, e.g. http://127.0.0.1:8765/callback
+    client_metadata_url: str | None = None  # an https client ID metadata document
+    store: Literal["file", "keyring"] = "file"
+
+
 class Common(ConfigModel):
     """Our per-server keys, accepted in every dialect."""
 
@@ -41,6 +57,7 @@ class Common(ConfigModel):
     tool_prefix: str | None = None
     trusted: bool = False
     bearer_token: str | None = None
+    auth: OAuthModel | None = None
     max_concurrent_calls: PositiveInt | None = None
     kill_grace_secs: PositiveSecs | None = None
     max_message_bytes: PositiveInt | None = None  # one message from the server at most (runtime default)

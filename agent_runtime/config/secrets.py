@@ -52,4 +52,13 @@ def redacted_target(server: ServerConfig, redactor: Callable[[str], str] | None 
         "headers": {k: REDACTED if is_secret_name(k) else clean(v) for k, v in t.headers.items()},
         "bearer_token": REDACTED if t.bearer_token else None,
     }
+    if not isinstance(t, WebSocketTarget) and t.oauth is not None:
+        out["auth"] = {
+            "type": "oauth",
+            "grant": t.oauth.grant,
+            "client_id": t.oauth.client_id,
+            "client_secret": REDACTED if t.oauth.client_secret else None,
+            "scopes": list(t.oauth.scopes),
+            "tokens": str(t.oauth.token_file) if t.oauth.token_file else "keyring",
+        }
     return out
