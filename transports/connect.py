@@ -31,9 +31,11 @@ from pydantic import ValidationError
 
 from transports.errors import (
     CallTimeout,
+    CapabilityMissing,
     ConnectError,
     ConnectionLost,
     MessageTooLarge,
+    ResourceTooLarge,
     ServerRequestError,
     StartupTimeout,
     TransportError,
@@ -47,7 +49,10 @@ from transports.websocket import websocket_transport
 
 log = structlog.get_logger(__name__)
 
-PAGE_CAP = 1000  # tools/list pages followed before we call the server broken
+PAGE_CAP = 1000  # list pages (tools, resources, templates, prompts) followed before we call the server broken
+# What one resources/read may keep (decoded text + base64 blob characters): a read feeds prompts and files, and
+# max_message_bytes (32 MiB) is a transport bound, not a useful size for one resource.
+DEFAULT_MAX_RESOURCE_BYTES = 8 * 1024 * 1024
 _TIMEOUT_BACKSTOP = 2.0  # extra seconds past the SDK's own per-request timeout before we cut the call
 _LISTEN_RETRY = 1.0  # seconds between subscriptions/listen attempts when a stream drops
 _CLOSE_BOUND_NET = 10.0  # seconds allowed for closing a network transport (stdio computes its own)
@@ -259,6 +264,141 @@ class Connection:
         # Only the backstop's deadline ends up here: the SDK did not honour its own read timeout.
         raise CallTimeout(f"tools/call {name}: no reply within {timeout:g}s", "raise the timeout")
 
+    # -- resources, prompts, completion (each bounded by `timeout`, errors mapped as for call_tool) -----
+
+    def _require(self, capability: str, what: str) -> None:
+        caps = self.client.server_capabilities
+        present = {
+            "resources": caps.resources is not None,
+            "prompts": caps.prompts is not None,
+            "completions": caps.completions is not None,
+            "subscribe": caps.resources is not None and bool(caps.resources.subscribe),
+        }[capability]
+        if not present:
+            raise CapabilityMissing(
+                f"{what}: {_describe(self.target)} does not offer {capability}",
+                "the server did not advertise this capability at initialization",
+            )
+
+    async def _all_pages(self, method: str, fetch: Callable[[str | None], Any], timeout: float) -> list[Any]:  # noqa: ASYNC109
+        """Every item of a paginated listing (at most PAGE_CAP pages, no cursor twice), within `timeout`."""
+        items: list[Any] = []
+        cursor: str | None = None
+        seen: set[str] = set()
+        with self._errors(method, timeout), anyio.fail_after(timeout):
+            for _ in range(PAGE_CAP):
+                page_items, cursor = await fetch(cursor)
+                items.extend(page_items)
+                if cursor is None:
+                    return items
+                if cursor in seen:
+                    raise ServerRequestError(types.INTERNAL_ERROR, f"{method} repeated cursor {cursor!r}")
+                seen.add(cursor)
+        raise ServerRequestError(types.INTERNAL_ERROR, f"{method} did not end within {PAGE_CAP} pages")
+
+    async def list_resources(self, *, timeout: float) -> list[types.Resource]:  # noqa: ASYNC109
+        self._require("resources", "resources/list")
+
+        async def fetch(cursor: str | None) -> tuple[list[types.Resource], str | None]:
+            page = await self.client.list_resources(cursor=cursor, cache_mode="bypass")
+            return page.resources, page.next_cursor
+
+        return await self._all_pages("resources/list", fetch, timeout)
+
+    async def list_resource_templates(self, *, timeout: float) -> list[types.ResourceTemplate]:  # noqa: ASYNC109
+        self._require("resources", "resources/templates/list")
+
+        async def fetch(cursor: str | None) -> tuple[list[types.ResourceTemplate], str | None]:
+            page = await self.client.list_resource_templates(cursor=cursor, cache_mode="bypass")
+            return page.resource_templates, page.next_cursor
+
+        return await self._all_pages("resources/templates/list", fetch, timeout)
+
+    async def list_prompts(self, *, timeout: float) -> list[types.Prompt]:  # noqa: ASYNC109
+        self._require("prompts", "prompts/list")
+
+        async def fetch(cursor: str | None) -> tuple[list[types.Prompt], str | None]:
+            page = await self.client.list_prompts(cursor=cursor, cache_mode="bypass")
+            return page.prompts, page.next_cursor
+
+        return await self._all_pages("prompts/list", fetch, timeout)
+
+    async def read_resource(
+        self,
+        uri: str,
+        *,
+        timeout: float,  # noqa: ASYNC109
+        max_bytes: int = DEFAULT_MAX_RESOURCE_BYTES,
+    ) -> types.ReadResourceResult:
+        """Read `uri`; contents larger than `max_bytes` in all (text characters as UTF-8, blobs as their
+        base64 text) raise ResourceTooLarge instead of being kept."""
+        what = f"resources/read {uri}"
+        self._require("resources", what)
+        with self._errors(what, timeout), anyio.fail_after(timeout):
+            # Bypass the SDK's response cache: a read after resources/updated must see the new contents.
+            result = await self.client.read_resource(uri, cache_mode="bypass")
+        size = 0
+        for item in result.contents:
+            size += (
+                len(item.text.encode()) if isinstance(item, types.TextResourceContents) else len(item.blob)
+            )
+        if size > max_bytes:
+            raise ResourceTooLarge(
+                f"{what}: {size} bytes of contents exceed the limit of {max_bytes} bytes",
+                "raise max_resource_bytes, or read a smaller resource",
+            )
+        return result
+
+    async def subscribe_resource(self, uri: str, *, timeout: float) -> None:  # noqa: ASYNC109
+        """Ask for notifications/resources/updated of `uri` (2025-era sessions; they reach message_handler)."""
+        what = f"resources/subscribe {uri}"
+        self._require("subscribe", what)
+        self._require_legacy(what)
+        with self._errors(what, timeout), anyio.fail_after(timeout):
+            # Sent as a plain request: the SDK's helper warns that the method is gone in the 2026 era.
+            request = types.SubscribeRequest(params=types.SubscribeRequestParams(uri=uri))
+            await self.client.session.send_request(request, types.EmptyResult)
+
+    async def unsubscribe_resource(self, uri: str, *, timeout: float) -> None:  # noqa: ASYNC109
+        what = f"resources/unsubscribe {uri}"
+        self._require("subscribe", what)
+        self._require_legacy(what)
+        with self._errors(what, timeout), anyio.fail_after(timeout):
+            request = types.UnsubscribeRequest(params=types.UnsubscribeRequestParams(uri=uri))
+            await self.client.session.send_request(request, types.EmptyResult)
+
+    def _require_legacy(self, what: str) -> None:
+        if self.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            raise CapabilityMissing(
+                f"{what}: resource subscriptions on a {self.protocol_version} session are not supported yet",
+                "the 2026-07-28 era subscribes through subscriptions/listen, which this client does not open",
+            )
+
+    async def get_prompt(
+        self,
+        name: str,
+        arguments: dict[str, str] | None = None,
+        *,
+        timeout: float,  # noqa: ASYNC109
+    ) -> types.GetPromptResult:
+        what = f"prompts/get {name}"
+        self._require("prompts", what)
+        with self._errors(what, timeout), anyio.fail_after(timeout):
+            return await self.client.get_prompt(name, arguments)
+
+    async def complete(
+        self,
+        ref: types.ResourceTemplateReference | types.PromptReference,
+        argument: dict[str, str],
+        context_arguments: dict[str, str] | None = None,
+        *,
+        timeout: float,  # noqa: ASYNC109
+    ) -> types.CompleteResult:
+        what = "completion/complete"
+        self._require("completions", what)
+        with self._errors(what, timeout), anyio.fail_after(timeout):
+            return await self.client.complete(ref, argument, context_arguments)
+
     @contextlib.contextmanager
     def _errors(self, what: str, timeout: float) -> Any:
         """Map SDK failures to our typed errors; `sent` is False only when the transport was already gone."""
@@ -368,10 +508,17 @@ def _connect_error(target: Target, exc: BaseException, stdio: StdioTransport | N
 
 
 async def _listen_tools_changed(client: mcp.Client, closed: anyio.Event) -> None:
-    """Keep a 2026-era tools/list_changed subscription open; its events reach message_handler by the SDK's tee."""
+    """Keep a 2026-era list_changed subscription (tools, and resources/prompts where the server advertises
+    their listChanged) open; its events reach message_handler by the SDK's tee."""
+    caps = client.server_capabilities
+    tools = caps.tools is not None and bool(caps.tools.list_changed)
+    resources = caps.resources is not None and bool(caps.resources.list_changed)
+    prompts = caps.prompts is not None and bool(caps.prompts.list_changed)
     while not closed.is_set():
         try:
-            async with client.listen(tools_list_changed=True) as subscription:
+            async with client.listen(
+                tools_list_changed=tools, resources_list_changed=resources, prompts_list_changed=prompts
+            ) as subscription:
                 async for _event in subscription:
                     pass
         except ListenNotSupportedError:
@@ -426,10 +573,9 @@ async def connect(
                     rejected=watched.rejected,
                 )
                 caps = client.server_capabilities
-                watch = (
-                    client.protocol_version in MODERN_PROTOCOL_VERSIONS
-                    and caps.tools is not None
-                    and bool(caps.tools.list_changed)
+                watch = client.protocol_version in MODERN_PROTOCOL_VERSIONS and any(
+                    cap is not None and bool(cap.list_changed)
+                    for cap in (caps.tools, caps.resources, caps.prompts)
                 )
                 started = True
                 task_status.started(conn)
