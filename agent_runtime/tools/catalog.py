@@ -67,6 +67,7 @@ class ResourceSubscription:
     max_queued: int
     dropped: int = 0
     delivered: int = 0
+    _offered: anyio.Event = field(init=False, default_factory=anyio.Event)
     _send: MemoryObjectSendStream[ResourceUpdate] = field(init=False)
     _receive: MemoryObjectReceiveStream[ResourceUpdate] = field(init=False)
 
@@ -83,7 +84,14 @@ class ResourceSubscription:
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.warning("resource updates dropped", server=self.server, dropped=self.dropped)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            pass  # the subscriber has gone; its removal is under way
+            return  # the subscriber has gone; its removal is under way
+        self._offered.set()
+        self._offered = anyio.Event()
+
+    async def wait_offered(self, count: int) -> None:
+        """Wait until `count` updates have arrived in all (queued or dropped); bound it with a deadline."""
+        while self.delivered + self.dropped < count:
+            await self._offered.wait()
 
     def pending(self) -> int:
         return self._receive.statistics().current_buffer_used

@@ -385,11 +385,11 @@ class Supervisor:
                     remaining = max(0.05, deadline - anyio.current_time())
                     rejected: list[tuple[str, str]] = []
                     tools = await conn.list_all_tools(timeout=remaining, rejected=rejected)
+                    await self._list_catalog(slot, conn, max(0.05, deadline - anyio.current_time()))
                     slot.attempt_scope = None  # from here on, stop is graceful: leave `connect` normally
                     if scope.cancel_called:
                         return reached_ready
                     self.registry.set_server_tools(cfg.name, cfg.prefix, tools, rejected)
-                    await self._list_catalog(slot, conn, max(0.05, deadline - anyio.current_time()))
                     slot.conn = conn
                     reached_ready = True
                     slot.settled = True
