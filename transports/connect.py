@@ -345,7 +345,7 @@ class Connection:
         if size > max_bytes:
             raise ResourceTooLarge(
                 f"{what}: {size} bytes of contents exceed the limit of {max_bytes} bytes",
-                "raise max_resource_bytes, or read a smaller resource",
+                "read a smaller resource: one read keeps no more than this",
             )
         return result
 
