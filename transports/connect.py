@@ -7,7 +7,9 @@ Tool-list changes reach `message_handler` as `mcp_types.ToolListChangedNotificat
 servers send `notifications/tools/list_changed` unprompted; 2026-07-28 servers only send it on a
 `subscriptions/listen` stream, which `connect` keeps open for the connection's life when the server
 advertises `tools.listChanged` (the SDK tees the stream's events to `message_handler`). The supervisor
-only has to re-run `list_all_tools` when it sees that notification.
+only has to re-run `list_all_tools` when it sees that notification. The same stream asks for resources and
+prompts list_changed where advertised; resource subscriptions of that era ride a second listen stream
+(`_listen_resources`), re-opened whenever the set of subscribed URIs changes.
 """
 
 from __future__ import annotations
@@ -199,6 +201,11 @@ class Connection:
     stderr: StderrRing | None
     closed: anyio.Event = field(default_factory=anyio.Event)
     rejected: list[tuple[str, str]] | None = None  # where the read stream reports malformed listed tools
+    # 2026-07-28 resource subscriptions: the URIs a subscriptions/listen stream (`_listen_resources`) covers
+    listen_uris: set[str] = field(default_factory=set)
+    listen_changed: anyio.Event = field(default_factory=anyio.Event)  # set (and replaced) when they change
+    listen_honored: frozenset[str] = frozenset()  # what the server acknowledged for the open stream
+    listen_settled: anyio.Event = field(default_factory=anyio.Event)  # set (and replaced) after each (re)open
 
     @property
     def protocol_version(self) -> str:
@@ -350,10 +357,20 @@ class Connection:
         return result
 
     async def subscribe_resource(self, uri: str, *, timeout: float) -> None:  # noqa: ASYNC109
-        """Ask for notifications/resources/updated of `uri` (2025-era sessions; they reach message_handler)."""
+        """Ask for notifications/resources/updated of `uri`; they reach message_handler. 2025-era sessions send
+        resources/subscribe; on 2026-07-28 the connection's subscriptions/listen stream is re-opened with the
+        URI, and this returns once the server acknowledged it."""
         what = f"resources/subscribe {uri}"
         self._require("subscribe", what)
-        self._require_legacy(what)
+        if self.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            self.listen_uris.add(uri)
+            _signal(self, "listen_changed")
+            with self._errors(what, timeout), anyio.fail_after(timeout):
+                while uri not in self.listen_honored:
+                    if uri not in self.listen_uris:  # unsubscribed meanwhile
+                        return
+                    await self.listen_settled.wait()
+            return
         with self._errors(what, timeout), anyio.fail_after(timeout):
             # Sent as a plain request: the SDK's helper warns that the method is gone in the 2026 era.
             request = types.SubscribeRequest(params=types.SubscribeRequestParams(uri=uri))
@@ -362,17 +379,13 @@ class Connection:
     async def unsubscribe_resource(self, uri: str, *, timeout: float) -> None:  # noqa: ASYNC109
         what = f"resources/unsubscribe {uri}"
         self._require("subscribe", what)
-        self._require_legacy(what)
+        if self.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            self.listen_uris.discard(uri)
+            _signal(self, "listen_changed")  # the stream re-opens without it; nothing to wait for
+            return
         with self._errors(what, timeout), anyio.fail_after(timeout):
             request = types.UnsubscribeRequest(params=types.UnsubscribeRequestParams(uri=uri))
             await self.client.session.send_request(request, types.EmptyResult)
-
-    def _require_legacy(self, what: str) -> None:
-        if self.protocol_version in MODERN_PROTOCOL_VERSIONS:
-            raise CapabilityMissing(
-                f"{what}: resource subscriptions on a {self.protocol_version} session are not supported yet",
-                "the 2026-07-28 era subscribes through subscriptions/listen, which this client does not open",
-            )
 
     async def get_prompt(
         self,
@@ -454,6 +467,13 @@ class Connection:
         return None
 
 
+def _signal(conn: Connection, name: str) -> None:
+    """Set the named event of `conn` and put a fresh one in its place (waiters re-check their condition)."""
+    event: anyio.Event = getattr(conn, name)
+    setattr(conn, name, anyio.Event())
+    event.set()
+
+
 def _describe(target: Target) -> str:
     if isinstance(target, StdioTarget):
         return target.command
@@ -529,6 +549,48 @@ async def _listen_tools_changed(client: mcp.Client, closed: anyio.Event) -> None
             await closed.wait()
 
 
+async def _drain(subscription: Any, ended: anyio.Event, scope: anyio.CancelScope) -> None:
+    """Read a listen stream's events until it ends (they were teed to message_handler already)."""
+    try:
+        async for _event in subscription:
+            pass
+    except (MCPError, SubscriptionLost) as exc:
+        log.debug("resource subscription stream lost", error=str(exc))
+    ended.set()
+    scope.cancel()
+
+
+async def _listen_resources(conn: Connection) -> None:
+    """Serve 2026-07-28 resource subscriptions: one subscriptions/listen stream for `conn.listen_uris`, opened
+    again whenever they change or the stream drops. Its events reach message_handler by the SDK's tee; the
+    iterator is drained here so the SDK's backlog of pending events stays empty."""
+    while not conn.closed.is_set():
+        uris = sorted(conn.listen_uris)
+        changed = conn.listen_changed
+        if not uris:
+            conn.listen_honored = frozenset()
+            _signal(conn, "listen_settled")
+            await changed.wait()
+            continue
+        try:
+            async with conn.client.listen(resource_subscriptions=uris) as subscription:
+                conn.listen_honored = frozenset(subscription.honored.resource_subscriptions or ())
+                _signal(conn, "listen_settled")
+                ended = anyio.Event()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_drain, subscription, ended, tg.cancel_scope)
+                    await changed.wait()
+                    tg.cancel_scope.cancel()
+                if not ended.is_set():
+                    continue  # the URIs changed: re-open at once with the new set
+        except (MCPError, SubscriptionLost, TimeoutError, RuntimeError) as exc:
+            log.debug("resource subscription stream ended", error=str(exc))
+        conn.listen_honored = frozenset()
+        _signal(conn, "listen_settled")
+        with anyio.move_on_after(_LISTEN_RETRY):
+            await changed.wait()
+
+
 @contextlib.asynccontextmanager
 async def connect(
     target: Target,
@@ -573,7 +635,8 @@ async def connect(
                     rejected=watched.rejected,
                 )
                 caps = client.server_capabilities
-                watch = client.protocol_version in MODERN_PROTOCOL_VERSIONS and any(
+                modern = client.protocol_version in MODERN_PROTOCOL_VERSIONS
+                watch = modern and any(
                     cap is not None and bool(cap.list_changed)
                     for cap in (caps.tools, caps.resources, caps.prompts)
                 )
@@ -582,6 +645,8 @@ async def connect(
                 async with anyio.create_task_group() as tg:
                     if watch:
                         tg.start_soon(_listen_tools_changed, client, closed)
+                    if modern and caps.resources is not None and caps.resources.subscribe:
+                        tg.start_soon(_listen_resources, conn)
                     await stop.wait()
                     tg.cancel_scope.cancel()
         except anyio.get_cancelled_exc_class():

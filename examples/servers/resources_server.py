@@ -6,7 +6,8 @@
 Resources: `note://1` .. `note://3` (text), `note://blob` (bytes), `note://big` (N bytes of text, with
 --big-bytes). Template `note://{id}`. Prompts: `greet(name, style?)` and `review(topic)`. Completion: the
 `name` argument of `greet` and the `id` of the template. Tools: `add_note(text)` (a new resource, then
-resources/list_changed), `touch(uri)` (resources/updated when subscribed), `flood(uri, n)` (n updates at once).
+resources/list_changed), `touch(uri)` (resources/updated when subscribed: by resources/subscribe, or on a
+2026-07-28 subscriptions/listen stream), `flood(uri, n)` (n updates at once).
 --legacy refuses server/discover, so clients fall back to the 2025-11-25 handshake
 (where resources/subscribe and unsolicited list_changed live). --tools-only offers tools and nothing else.
 """
@@ -21,8 +22,10 @@ import anyio
 import mcp_types as types
 from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
+from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import SessionMessage
+from mcp.shared.subscriptions import ResourcesListChanged, ResourceUpdated
 
 BLOB = bytes(range(256))
 PROMPTS = [
@@ -47,7 +50,8 @@ def build(args: argparse.Namespace) -> Server[Any]:
     notes: dict[str, str] = {f"note://{i}": f"note {i}: the launch code is {i * 1111}" for i in (1, 2, 3)}
     if args.big_bytes:
         notes["note://big"] = "x" * args.big_bytes
-    subscribed: set[str] = set()
+    subscribed: set[str] = set()  # 2025-era resources/subscribe
+    bus = InMemorySubscriptionBus()  # 2026-07-28: events go to the subscriptions/listen streams that asked
 
     def resource_list() -> list[types.Resource]:
         found = [types.Resource(uri=u, name=u.removeprefix("note://"), mime_type="text/plain") for u in notes]
@@ -157,14 +161,16 @@ def build(args: argparse.Namespace) -> Server[Any]:
             uri = f"note://{len(notes) + 1}"
             notes[uri] = str(a.get("text", ""))
             await ctx.session.send_resource_list_changed()
+            await bus.publish(ResourcesListChanged())
             return types.CallToolResult(content=[types.TextContent(text=uri)])
         if params.name in ("touch", "flood"):
             uri = str(a.get("uri", ""))
             sent = 0
-            if uri in subscribed:
-                for _ in range(int(a.get("n", 1))):
+            for _ in range(int(a.get("n", 1))):
+                if uri in subscribed:
                     await ctx.session.send_resource_updated(uri)
                     sent += 1
+                await bus.publish(ResourceUpdated(uri=uri))  # reaches only the listen streams naming `uri`
             return types.CallToolResult(content=[types.TextContent(text=f"sent {sent}")])
         raise MCPError(types.INVALID_PARAMS, f"no tool {params.name}")
 
@@ -180,6 +186,7 @@ def build(args: argparse.Namespace) -> Server[Any]:
         on_list_prompts=list_prompts,
         on_get_prompt=get_prompt,
         on_completion=complete,
+        on_subscriptions_listen=ListenHandler(bus),
         on_list_tools=list_tools,
         on_call_tool=call_tool,
     )

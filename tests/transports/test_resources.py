@@ -85,10 +85,32 @@ async def test_a_server_without_the_capabilities_is_refused_before_sending() -> 
                 await call
 
 
-async def test_modern_sessions_refuse_legacy_subscriptions() -> None:
-    async with connect(target(), startup_timeout=20) as conn:
-        with pytest.raises(CapabilityMissing):
-            await conn.subscribe_resource("note://1", timeout=5)
+async def test_modern_subscriptions_ride_a_listen_stream() -> None:
+    updates: list[str] = []
+    arrived = anyio.Event()
+
+    async def handler(message: object) -> None:
+        nonlocal arrived
+        if isinstance(message, types.ResourceUpdatedNotification):
+            updates.append(str(message.params.uri))
+            arrived.set()
+
+    async with connect(target(), startup_timeout=20, message_handler=handler) as conn:
+        assert conn.protocol_version == "2026-07-28"
+        await conn.subscribe_resource("note://1", timeout=10)  # returns once the server acknowledged it
+        assert conn.listen_honored == {"note://1"}
+        await conn.call_tool("touch", {"uri": "note://1"}, timeout=10)
+        with anyio.fail_after(10):
+            await arrived.wait()
+        arrived = anyio.Event()
+        await conn.unsubscribe_resource("note://1", timeout=10)
+        await conn.subscribe_resource("note://2", timeout=10)  # the stream re-opens with note://2 only
+        assert conn.listen_honored == {"note://2"}
+        await conn.call_tool("touch", {"uri": "note://1"}, timeout=10)  # filtered out by the server
+        await conn.call_tool("touch", {"uri": "note://2"}, timeout=10)
+        with anyio.fail_after(10):
+            await arrived.wait()
+        assert updates == ["note://1", "note://2"]
 
 
 async def test_legacy_subscription_delivers_updates() -> None:

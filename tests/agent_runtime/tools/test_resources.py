@@ -113,8 +113,9 @@ async def test_oversized_resource_is_a_typed_error(tmp_path: Path) -> None:
             await rt.read_resource("note://big")
 
 
-async def test_list_changed_refreshes_the_catalog(tmp_path: Path) -> None:
-    rt = runtime(tmp_path, {"notes": ["--legacy"]})
+@pytest.mark.parametrize("flags", [["--legacy"], []], ids=["2025-11-25", "2026-07-28"])
+async def test_list_changed_refreshes_the_catalog(tmp_path: Path, flags: list[str]) -> None:
+    rt = runtime(tmp_path, {"notes": flags})
     async with rt:
         await rt.call_tool("notes__add_note", {"text": "fresh"})
         ok = await rt.supervisor.wait_for(lambda: len(rt.resources()) == 5, 10)
@@ -139,15 +140,20 @@ async def test_subscription_delivers_and_bounds_a_flood(tmp_path: Path) -> None:
         assert result.content[0].text == "sent 0"  # type: ignore[union-attr]  # a text block
 
 
-async def test_modern_era_reads_work_and_subscriptions_say_why_not(tmp_path: Path) -> None:
+async def test_modern_era_reads_and_subscribes(tmp_path: Path) -> None:
     rt = runtime(tmp_path, {"notes": []})
     async with rt:
         assert rt.servers()[0].protocol_version == "2026-07-28"
         assert (await rt.read_resource("note://2")).contents
-        with pytest.raises(CapabilityMissing):
-            async with rt.subscribe("note://1"):
-                pass
-        assert rt.catalog.subscribed("notes") == []
+        conn = rt.supervisor.connection("notes")
+        assert conn is not None
+        async with rt.subscribe("note://1", max_queued=3) as updates:
+            assert conn.listen_honored == {"note://1"}
+            await rt.call_tool("notes__flood", {"uri": "note://1", "n": 50})
+            with anyio.fail_after(10):
+                await updates.wait_offered(50)
+            assert updates.pending() == 3 and updates.dropped == 47
+        assert conn.listen_uris == set() and rt.catalog.subscribed("notes") == []
 
 
 @needs_everything
