@@ -4,6 +4,8 @@ our SDK resources server (both eras) and server-everything over stdio; policies,
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ def runtime(tmp_path: Path, servers: dict[str, list[str]], policies: dict[str, A
             name: {"command": PYTHON, "args": [SERVER, *flags]} for name, flags in servers.items()
         },
         "policies": {"audit_path": "audit.jsonl", **(policies or {})},
+        "runtime": {"reconnect": {"initial_delay_secs": 0.05, "max_delay_secs": 0.3}},
     }
     path = tmp_path / "MCP_CONFIG.json"
     path.write_text(json.dumps(doc))
@@ -154,6 +157,24 @@ async def test_modern_era_reads_and_subscribes(tmp_path: Path) -> None:
                 await updates.wait_offered(50)
             assert updates.pending() == 3 and updates.dropped == 47
         assert conn.listen_uris == set() and rt.catalog.subscribed("notes") == []
+
+
+@pytest.mark.parametrize("flags", [["--legacy"], []], ids=["2025-11-25", "2026-07-28"])
+async def test_subscriptions_survive_a_reconnection(tmp_path: Path, flags: list[str]) -> None:
+    rt = runtime(tmp_path, {"notes": flags})
+    async with rt:
+        async with rt.subscribe("note://2") as updates:
+            first_pid = rt.servers()[0].pid
+            assert first_pid is not None
+            os.kill(first_pid, signal.SIGKILL)
+            back = await rt.supervisor.wait_for(
+                lambda: rt.servers()[0].state == "ready" and rt.servers()[0].pid not in (None, first_pid), 20
+            )
+            assert back and rt.resources()[0].resource.uri == "note://1"  # listed again
+            await rt.call_tool("notes__touch", {"uri": "note://2"})  # the new process knows the subscription
+            with anyio.fail_after(10):
+                update = await updates.__anext__()
+            assert update.uri == "note://2"
 
 
 @needs_everything
