@@ -118,7 +118,6 @@ class Catalog:
         self._templates: dict[str, list[TemplateEntry]] = {}
         self._prompts: dict[str, list[PromptEntry]] = {}
         self._subscribers: dict[tuple[str, str], list[ResourceSubscription]] = {}
-        self.version = 0
 
     # -- listings ---------------------------------------------------------------------------------------
 
@@ -137,14 +136,12 @@ class Catalog:
             self._templates[server] = [TemplateEntry(server, t) for t in templates]
         if prompts is not None:
             self._prompts[server] = [PromptEntry(server, p) for p in prompts]
-        self.version += 1
 
     def remove_server(self, server: str) -> None:
         """Drop the listings of a server that disconnected; its subscribers stay for when it comes back."""
         self._resources.pop(server, None)
         self._templates.pop(server, None)
         self._prompts.pop(server, None)
-        self.version += 1
 
     def resources(self, server: str | None = None) -> builtins.list[ResourceEntry]:
         return _pick(self._resources, server)

@@ -22,6 +22,7 @@ from agent_runtime.tools.catalog import DEFAULT_MAX_QUEUED, Catalog, PromptEntry
 from agent_runtime.tools.supervisor import LIVE_STATES, ServerUnavailable, Supervisor, describe_error
 from policies.audit import call_record, decision_record
 from policies.secrets import redact
+from transports.errors import CallTimeout
 
 if TYPE_CHECKING:
     from mcp_types import CompleteResult, GetPromptResult, ReadResourceResult
@@ -114,14 +115,11 @@ class ResourceAccess:
         server: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - shortens the server's request deadline
         agent: str | None = None,
-        max_bytes: int | None = None,
     ) -> ReadResourceResult:
         name = self.server_for_uri(uri, server)
 
         async def send(conn: Connection, seconds: float) -> ReadResourceResult:
-            if max_bytes is None:
-                return await conn.read_resource(uri, timeout=seconds)
-            return await conn.read_resource(uri, timeout=seconds, max_bytes=max_bytes)
+            return await conn.read_resource(uri, timeout=seconds)
 
         return await self._request(name, "resources/read", {"uri": uri}, send, timeout, agent)
 
@@ -268,11 +266,12 @@ class ResourceAccess:
                     return await send(conn, left)
         except TimeoutError:
             outcome, reason = "timeout", f"{method}: no reply within {seconds:g}s"
-            from transports.errors import CallTimeout
-
             raise CallTimeout(reason, "raise the server's request timeout") from None
         except BaseException as exc:
-            outcome = "cancelled" if isinstance(exc, anyio.get_cancelled_exc_class()) else "failed"
+            if isinstance(exc, anyio.get_cancelled_exc_class()):
+                outcome = "cancelled"
+            else:
+                outcome = "timeout" if isinstance(exc, CallTimeout) else "failed"
             reason = describe_error(exc)
             raise
         finally:

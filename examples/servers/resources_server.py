@@ -4,7 +4,7 @@
         [--big-bytes N] [--tools-only]
 
 Resources: `note://1` .. `note://3` (text), `note://blob` (bytes), `note://big` (N bytes of text, with
---big-bytes). Template `note://{id}`. Prompts: `greet(name, style?)` and `review(topic)`. Completion: the
+--big-bytes), `note://slow` (unlisted; a read that never answers). Template `note://{id}`. Prompts: `greet(name, style?)` and `review(topic)`. Completion: the
 `name` argument of `greet` and the `id` of the template. Tools: `add_note(text)` (a new resource, then
 resources/list_changed), `touch(uri)` (resources/updated when subscribed: by resources/subscribe, or on a
 2026-07-28 subscriptions/listen stream), `flood(uri, n)` (n updates at once).
@@ -84,6 +84,8 @@ def build(args: argparse.Namespace) -> Server[Any]:
 
     async def read_resource(ctx: Any, params: types.ReadResourceRequestParams) -> types.ReadResourceResult:
         uri = str(params.uri)
+        if uri == "note://slow":  # never answers in time: the client's deadline must end the read
+            await anyio.sleep(3600)
         if uri == "note://blob":
             blob = base64.b64encode(BLOB).decode()
             contents: list[Any] = [

@@ -22,7 +22,7 @@ from agent_runtime.tools.resources import (
 from agent_runtime.tools.runtime import Runtime
 from tests.conftest import EXAMPLES, PYTHON
 from tests.transports.conftest import EVERYTHING, needs_everything
-from transports.errors import CapabilityMissing, ResourceTooLarge
+from transports.errors import CallTimeout, CapabilityMissing, ResourceTooLarge
 
 pytestmark = pytest.mark.anyio
 
@@ -107,6 +107,17 @@ async def test_policy_deny_covers_resource_reads(tmp_path: Path) -> None:
         rt.executor.audit.flush()
     denied = [r for r in audit(tmp_path) if r["decision"] == "deny"]
     assert [r["tool"] for r in denied] == ["resources/read"]
+
+
+async def test_a_read_that_never_answers_ends_at_its_deadline(tmp_path: Path) -> None:
+    rt = runtime(tmp_path, {"notes": ["--legacy"]})
+    async with rt:
+        with anyio.fail_after(10), pytest.raises(CallTimeout, match=r"no reply within 0\.5s"):
+            await rt.read_resource("note://slow", timeout=0.5)
+        assert (await rt.read_resource("note://1")).contents  # the session is still fine
+        rt.executor.audit.flush()
+    outcomes = [r["outcome"] for r in audit(tmp_path) if r["event"] == "call"]
+    assert outcomes == ["timeout", "result"]
 
 
 async def test_oversized_resource_is_a_typed_error(tmp_path: Path) -> None:
