@@ -385,7 +385,8 @@ class Supervisor:
                     remaining = max(0.05, deadline - anyio.current_time())
                     rejected: list[tuple[str, str]] = []
                     tools = await conn.list_all_tools(timeout=remaining, rejected=rejected)
-                    await self._list_catalog(slot, conn, max(0.05, deadline - anyio.current_time()))
+                    left = max(0.05, deadline - anyio.current_time())
+                    await self._list_catalog(slot, conn, left, resubscribe=True)
                     slot.attempt_scope = None  # from here on, stop is graceful: leave `connect` normally
                     if scope.cancel_called:
                         return reached_ready
@@ -484,9 +485,16 @@ class Supervisor:
             )
             self._set_state(slot, slot.status.state, error=slot.status.last_error)
 
-    async def _list_catalog(self, slot: _Slot, conn: Connection, timeout: float) -> None:  # noqa: ASYNC109
-        """List what the server advertises beside tools (resources, templates, prompts) and re-send the
-        subscriptions somebody holds. Failures are logged, not fatal: the server's tools still serve."""
+    async def _list_catalog(
+        self,
+        slot: _Slot,
+        conn: Connection,
+        timeout: float,  # noqa: ASYNC109 - the rest of the startup deadline, or the request timeout
+        *,
+        resubscribe: bool = False,
+    ) -> None:
+        """List what the server advertises beside tools (resources, templates, prompts); on a new session,
+        also send the subscriptions somebody holds. Failures are logged, not fatal: its tools still serve."""
         cfg = slot.config
         caps = conn.client.server_capabilities
         resources = templates = prompts = None
@@ -497,7 +505,7 @@ class Supervisor:
                     templates = await conn.list_resource_templates(timeout=timeout)
                 if caps.prompts is not None:
                     prompts = await conn.list_prompts(timeout=timeout)
-                for uri in self.catalog.subscribed(cfg.name):
+                for uri in self.catalog.subscribed(cfg.name) if resubscribe else ():
                     await conn.subscribe_resource(uri, timeout=timeout)
         except Exception as exc:
             log.warning("resource/prompt listing failed", server=cfg.name, error=describe_error(exc))
