@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from agent_runtime.agents.context import ContextError
     from agent_runtime.agents.events import AgentEvent, AgentResult
     from agent_runtime.agents.host import AgentHost
     from agent_runtime.agents.llm import LLMBackend, LocalEngineBackend
@@ -28,8 +29,22 @@ if TYPE_CHECKING:
     from agent_runtime.agents.openai_backend import OpenAIChatBackend, RemoteLLMError
     from agent_runtime.config import RuntimeConfig, adhoc_config, load_config, parse_config, redact_config
     from agent_runtime.errors import AgentRuntimeError, ConfigError
+    from agent_runtime.tools.catalog import (
+        PromptEntry,
+        ResourceEntry,
+        ResourceSubscription,
+        ResourceUpdate,
+        TemplateEntry,
+    )
     from agent_runtime.tools.executor import ToolCallRefused, ToolOutcome
     from agent_runtime.tools.local import LocalToolError
+    from agent_runtime.tools.resources import (
+        AmbiguousName,
+        PromptArgumentError,
+        RequestRefused,
+        UnknownPrompt,
+        UnknownResource,
+    )
     from agent_runtime.tools.runtime import Runtime, UnknownTool
     from agent_runtime.tools.supervisor import ServerUnavailable
 
@@ -42,17 +57,28 @@ _EXPORTS = {
     "AgentResult": "agent_runtime.agents.events",
     "AgentRuntimeError": "agent_runtime.errors",
     "AgentSession": "agent_runtime.agents.loop",
+    "AmbiguousName": "agent_runtime.tools.resources",
     "ConfigError": "agent_runtime.errors",
+    "ContextError": "agent_runtime.agents.context",
     "LLMBackend": "agent_runtime.agents.llm",
     "LocalEngineBackend": "agent_runtime.agents.llm",
     "LocalToolError": "agent_runtime.tools.local",
     "OpenAIChatBackend": "agent_runtime.agents.openai_backend",
+    "PromptArgumentError": "agent_runtime.tools.resources",
+    "PromptEntry": "agent_runtime.tools.catalog",
     "RemoteLLMError": "agent_runtime.agents.openai_backend",
+    "RequestRefused": "agent_runtime.tools.resources",
+    "ResourceEntry": "agent_runtime.tools.catalog",
+    "ResourceSubscription": "agent_runtime.tools.catalog",
+    "ResourceUpdate": "agent_runtime.tools.catalog",
     "Runtime": "agent_runtime.tools.runtime",
     "RuntimeConfig": "agent_runtime.config",
     "ServerUnavailable": "agent_runtime.tools.supervisor",
+    "TemplateEntry": "agent_runtime.tools.catalog",
     "ToolCallRefused": "agent_runtime.tools.executor",
     "ToolOutcome": "agent_runtime.tools.executor",
+    "UnknownPrompt": "agent_runtime.tools.resources",
+    "UnknownResource": "agent_runtime.tools.resources",
     "UnknownTool": "agent_runtime.tools.runtime",
     "adhoc_config": "agent_runtime.config",
     "load_config": "agent_runtime.config",
@@ -68,17 +94,28 @@ __all__ = [
     "AgentResult",
     "AgentRuntimeError",
     "AgentSession",
+    "AmbiguousName",
     "ConfigError",
+    "ContextError",
     "LLMBackend",
     "LocalEngineBackend",
     "LocalToolError",
     "OpenAIChatBackend",
+    "PromptArgumentError",
+    "PromptEntry",
     "RemoteLLMError",
+    "RequestRefused",
+    "ResourceEntry",
+    "ResourceSubscription",
+    "ResourceUpdate",
     "Runtime",
     "RuntimeConfig",
     "ServerUnavailable",
+    "TemplateEntry",
     "ToolCallRefused",
     "ToolOutcome",
+    "UnknownPrompt",
+    "UnknownResource",
     "UnknownTool",
     "__version__",
     "adhoc_config",

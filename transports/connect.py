@@ -7,7 +7,9 @@ Tool-list changes reach `message_handler` as `mcp_types.ToolListChangedNotificat
 servers send `notifications/tools/list_changed` unprompted; 2026-07-28 servers only send it on a
 `subscriptions/listen` stream, which `connect` keeps open for the connection's life when the server
 advertises `tools.listChanged` (the SDK tees the stream's events to `message_handler`). The supervisor
-only has to re-run `list_all_tools` when it sees that notification.
+only has to re-run `list_all_tools` when it sees that notification. The same stream asks for resources and
+prompts list_changed where advertised; resource subscriptions of that era ride a second listen stream
+(`_listen_resources`), re-opened whenever the set of subscribed URIs changes.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ from pydantic import ValidationError
 
 from transports.errors import (
     CallTimeout,
+    CapabilityMissing,
     ConnectError,
     ConnectionLost,
     MessageTooLarge,
+    ResourceTooLarge,
     ServerRequestError,
     StartupTimeout,
     TransportError,
@@ -48,7 +52,10 @@ from transports.websocket import websocket_transport
 
 log = structlog.get_logger(__name__)
 
-PAGE_CAP = 1000  # tools/list pages followed before we call the server broken
+PAGE_CAP = 1000  # list pages (tools, resources, templates, prompts) followed before we call the server broken
+# What one resources/read may keep (decoded text + base64 blob characters): a read feeds prompts and files, and
+# max_message_bytes (32 MiB) is a transport bound, not a useful size for one resource.
+DEFAULT_MAX_RESOURCE_BYTES = 8 * 1024 * 1024
 _TIMEOUT_BACKSTOP = 2.0  # extra seconds past the SDK's own per-request timeout before we cut the call
 _LISTEN_RETRY = 1.0  # seconds between subscriptions/listen attempts when a stream drops
 _CLOSE_BOUND_NET = 10.0  # seconds allowed for closing a network transport (stdio computes its own)
@@ -195,6 +202,11 @@ class Connection:
     stderr: StderrRing | None
     closed: anyio.Event = field(default_factory=anyio.Event)
     rejected: list[tuple[str, str]] | None = None  # where the read stream reports malformed listed tools
+    # 2026-07-28 resource subscriptions: the URIs a subscriptions/listen stream (`_listen_resources`) covers
+    listen_uris: set[str] = field(default_factory=set)
+    listen_changed: anyio.Event = field(default_factory=anyio.Event)  # set (and replaced) when they change
+    listen_honored: frozenset[str] = frozenset()  # what the server acknowledged for the open stream
+    listen_settled: anyio.Event = field(default_factory=anyio.Event)  # set (and replaced) after each (re)open
 
     @property
     def protocol_version(self) -> str:
@@ -281,6 +293,146 @@ class Connection:
         with self._errors("logging/setLevel", timeout), anyio.fail_after(timeout):
             await self.client.session.send_request(request, types.EmptyResult)
         return True
+    # -- resources, prompts, completion (each bounded by `timeout`, errors mapped as for call_tool) -----
+
+    def _require(self, capability: str, what: str) -> None:
+        caps = self.client.server_capabilities
+        present = {
+            "resources": caps.resources is not None,
+            "prompts": caps.prompts is not None,
+            "completions": caps.completions is not None,
+            "subscribe": caps.resources is not None and bool(caps.resources.subscribe),
+        }[capability]
+        if not present:
+            raise CapabilityMissing(
+                f"{what}: {_describe(self.target)} does not offer {capability}",
+                "the server did not advertise this capability at initialization",
+            )
+
+    async def _all_pages(self, method: str, fetch: Callable[[str | None], Any], timeout: float) -> list[Any]:  # noqa: ASYNC109
+        """Every item of a paginated listing (at most PAGE_CAP pages, no cursor twice), within `timeout`."""
+        items: list[Any] = []
+        cursor: str | None = None
+        seen: set[str] = set()
+        with self._errors(method, timeout), anyio.fail_after(timeout):
+            for _ in range(PAGE_CAP):
+                page_items, cursor = await fetch(cursor)
+                items.extend(page_items)
+                if cursor is None:
+                    return items
+                if cursor in seen:
+                    raise ServerRequestError(types.INTERNAL_ERROR, f"{method} repeated cursor {cursor!r}")
+                seen.add(cursor)
+        raise ServerRequestError(types.INTERNAL_ERROR, f"{method} did not end within {PAGE_CAP} pages")
+
+    async def list_resources(self, *, timeout: float) -> list[types.Resource]:  # noqa: ASYNC109
+        self._require("resources", "resources/list")
+
+        async def fetch(cursor: str | None) -> tuple[list[types.Resource], str | None]:
+            page = await self.client.list_resources(cursor=cursor, cache_mode="bypass")
+            return page.resources, page.next_cursor
+
+        return await self._all_pages("resources/list", fetch, timeout)
+
+    async def list_resource_templates(self, *, timeout: float) -> list[types.ResourceTemplate]:  # noqa: ASYNC109
+        self._require("resources", "resources/templates/list")
+
+        async def fetch(cursor: str | None) -> tuple[list[types.ResourceTemplate], str | None]:
+            page = await self.client.list_resource_templates(cursor=cursor, cache_mode="bypass")
+            return page.resource_templates, page.next_cursor
+
+        return await self._all_pages("resources/templates/list", fetch, timeout)
+
+    async def list_prompts(self, *, timeout: float) -> list[types.Prompt]:  # noqa: ASYNC109
+        self._require("prompts", "prompts/list")
+
+        async def fetch(cursor: str | None) -> tuple[list[types.Prompt], str | None]:
+            page = await self.client.list_prompts(cursor=cursor, cache_mode="bypass")
+            return page.prompts, page.next_cursor
+
+        return await self._all_pages("prompts/list", fetch, timeout)
+
+    async def read_resource(
+        self,
+        uri: str,
+        *,
+        timeout: float,  # noqa: ASYNC109
+        max_bytes: int = DEFAULT_MAX_RESOURCE_BYTES,
+    ) -> types.ReadResourceResult:
+        """Read `uri`; contents larger than `max_bytes` in all (text characters as UTF-8, blobs as their
+        base64 text) raise ResourceTooLarge instead of being kept."""
+        what = f"resources/read {uri}"
+        self._require("resources", what)
+        with self._errors(what, timeout), anyio.fail_after(timeout):
+            # Bypass the SDK's response cache: a read after resources/updated must see the new contents.
+            result = await self.client.read_resource(uri, cache_mode="bypass")
+        size = 0
+        for item in result.contents:
+            size += (
+                len(item.text.encode()) if isinstance(item, types.TextResourceContents) else len(item.blob)
+            )
+        if size > max_bytes:
+            raise ResourceTooLarge(
+                f"{what}: {size} bytes of contents exceed the limit of {max_bytes} bytes",
+                "read a smaller resource: one read keeps no more than this",
+            )
+        return result
+
+    async def subscribe_resource(self, uri: str, *, timeout: float) -> None:  # noqa: ASYNC109
+        """Ask for notifications/resources/updated of `uri`; they reach message_handler. 2025-era sessions send
+        resources/subscribe; on 2026-07-28 the connection's subscriptions/listen stream is re-opened with the
+        URI, and this returns once the server acknowledged it."""
+        what = f"resources/subscribe {uri}"
+        self._require("subscribe", what)
+        if self.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            self.listen_uris.add(uri)
+            _signal(self, "listen_changed")
+            with self._errors(what, timeout), anyio.fail_after(timeout):
+                while uri not in self.listen_honored:
+                    if uri not in self.listen_uris:  # unsubscribed meanwhile
+                        return
+                    await self.listen_settled.wait()
+            return
+        with self._errors(what, timeout), anyio.fail_after(timeout):
+            # Sent as a plain request: the SDK's helper warns that the method is gone in the 2026 era.
+            request = types.SubscribeRequest(params=types.SubscribeRequestParams(uri=uri))
+            await self.client.session.send_request(request, types.EmptyResult)
+
+    async def unsubscribe_resource(self, uri: str, *, timeout: float) -> None:  # noqa: ASYNC109
+        what = f"resources/unsubscribe {uri}"
+        self._require("subscribe", what)
+        if self.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            self.listen_uris.discard(uri)
+            _signal(self, "listen_changed")  # the stream re-opens without it; nothing to wait for
+            return
+        with self._errors(what, timeout), anyio.fail_after(timeout):
+            request = types.UnsubscribeRequest(params=types.UnsubscribeRequestParams(uri=uri))
+            await self.client.session.send_request(request, types.EmptyResult)
+
+    async def get_prompt(
+        self,
+        name: str,
+        arguments: dict[str, str] | None = None,
+        *,
+        timeout: float,  # noqa: ASYNC109
+    ) -> types.GetPromptResult:
+        what = f"prompts/get {name}"
+        self._require("prompts", what)
+        with self._errors(what, timeout), anyio.fail_after(timeout):
+            return await self.client.get_prompt(name, arguments)
+
+    async def complete(
+        self,
+        ref: types.ResourceTemplateReference | types.PromptReference,
+        argument: dict[str, str],
+        context_arguments: dict[str, str] | None = None,
+        *,
+        timeout: float,  # noqa: ASYNC109
+    ) -> types.CompleteResult:
+        what = "completion/complete"
+        self._require("completions", what)
+        with self._errors(what, timeout), anyio.fail_after(timeout):
+            return await self.client.complete(ref, argument, context_arguments)
 
     @contextlib.contextmanager
     def _errors(self, what: str, timeout: float) -> Any:
@@ -337,6 +489,13 @@ class Connection:
         return None
 
 
+def _signal(conn: Connection, name: str) -> None:
+    """Set the named event of `conn` and put a fresh one in its place (waiters re-check their condition)."""
+    event: anyio.Event = getattr(conn, name)
+    setattr(conn, name, anyio.Event())
+    event.set()
+
+
 def _describe(target: Target) -> str:
     if isinstance(target, StdioTarget):
         return target.command
@@ -391,10 +550,17 @@ def _connect_error(target: Target, exc: BaseException, stdio: StdioTransport | N
 
 
 async def _listen_tools_changed(client: mcp.Client, closed: anyio.Event) -> None:
-    """Keep a 2026-era tools/list_changed subscription open; its events reach message_handler by the SDK's tee."""
+    """Keep a 2026-era list_changed subscription (tools, and resources/prompts where the server advertises
+    their listChanged) open; its events reach message_handler by the SDK's tee."""
+    caps = client.server_capabilities
+    tools = caps.tools is not None and bool(caps.tools.list_changed)
+    resources = caps.resources is not None and bool(caps.resources.list_changed)
+    prompts = caps.prompts is not None and bool(caps.prompts.list_changed)
     while not closed.is_set():
         try:
-            async with client.listen(tools_list_changed=True) as subscription:
+            async with client.listen(
+                tools_list_changed=tools, resources_list_changed=resources, prompts_list_changed=prompts
+            ) as subscription:
                 async for _event in subscription:
                     pass
         except ListenNotSupportedError:
@@ -403,6 +569,48 @@ async def _listen_tools_changed(client: mcp.Client, closed: anyio.Event) -> None
             log.debug("tools list_changed subscription ended", error=str(exc))
         with anyio.move_on_after(_LISTEN_RETRY):
             await closed.wait()
+
+
+async def _drain(subscription: Any, ended: anyio.Event, scope: anyio.CancelScope) -> None:
+    """Read a listen stream's events until it ends (they were teed to message_handler already)."""
+    try:
+        async for _event in subscription:
+            pass
+    except (MCPError, SubscriptionLost) as exc:
+        log.debug("resource subscription stream lost", error=str(exc))
+    ended.set()
+    scope.cancel()
+
+
+async def _listen_resources(conn: Connection) -> None:
+    """Serve 2026-07-28 resource subscriptions: one subscriptions/listen stream for `conn.listen_uris`, opened
+    again whenever they change or the stream drops. Its events reach message_handler by the SDK's tee; the
+    iterator is drained here so the SDK's backlog of pending events stays empty."""
+    while not conn.closed.is_set():
+        uris = sorted(conn.listen_uris)
+        changed = conn.listen_changed
+        if not uris:
+            conn.listen_honored = frozenset()
+            _signal(conn, "listen_settled")
+            await changed.wait()
+            continue
+        try:
+            async with conn.client.listen(resource_subscriptions=uris) as subscription:
+                conn.listen_honored = frozenset(subscription.honored.resource_subscriptions or ())
+                _signal(conn, "listen_settled")
+                ended = anyio.Event()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_drain, subscription, ended, tg.cancel_scope)
+                    await changed.wait()
+                    tg.cancel_scope.cancel()
+                if not ended.is_set():
+                    continue  # the URIs changed: re-open at once with the new set
+        except (MCPError, SubscriptionLost, TimeoutError, RuntimeError) as exc:
+            log.debug("resource subscription stream ended", error=str(exc))
+        conn.listen_honored = frozenset()
+        _signal(conn, "listen_settled")
+        with anyio.move_on_after(_LISTEN_RETRY):
+            await changed.wait()
 
 
 @contextlib.asynccontextmanager
@@ -455,16 +663,18 @@ async def connect(
                     rejected=watched.rejected,
                 )
                 caps = client.server_capabilities
-                watch = (
-                    client.protocol_version in MODERN_PROTOCOL_VERSIONS
-                    and caps.tools is not None
-                    and bool(caps.tools.list_changed)
+                modern = client.protocol_version in MODERN_PROTOCOL_VERSIONS
+                watch = modern and any(
+                    cap is not None and bool(cap.list_changed)
+                    for cap in (caps.tools, caps.resources, caps.prompts)
                 )
                 started = True
                 task_status.started(conn)
                 async with anyio.create_task_group() as tg:
                     if watch:
                         tg.start_soon(_listen_tools_changed, client, closed)
+                    if modern and caps.resources is not None and caps.resources.subscribe:
+                        tg.start_soon(_listen_resources, conn)
                     await stop.wait()
                     tg.cancel_scope.cancel()
         except anyio.get_cancelled_exc_class():

@@ -77,3 +77,12 @@ def is_too_large(message: str) -> bool:
 class MessageTooLarge(TransportError):
     """The server sent a message (the answer to this request) larger than the transport accepts; it was
     dropped while it streamed in, never held in memory whole."""
+
+
+class CapabilityMissing(TransportError):
+    """The server did not advertise the capability a request needs (resources, prompts, completions,
+    resource subscriptions): the request is refused here, never sent."""
+
+
+class ResourceTooLarge(TransportError):
+    """A resource's contents arrived within max_message_bytes but exceed what we keep of one read."""

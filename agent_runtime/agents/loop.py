@@ -18,6 +18,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectSendStream
 
 from agent_runtime.agents.checks import failure_summary, ungrounded_values
+from agent_runtime.agents.context import run_context
 from agent_runtime.agents.events import (
     AgentEvent,
     AgentResult,
@@ -177,6 +178,10 @@ class Agent:
         fmt = make_format(cfg.tool_format if cfg.tool_format != "auto" else backend.tool_format())
         examples = _examples(cfg)
         by_name = {t.name: t for t in tools}
+        # the configured resources (into the system prompt) and prompt (its messages before the first task)
+        context = await run_context(self.host.runtime, cfg, first_turn=not history)
+        system_prompt = context.system_prompt
+        history = [*history, *context.seed]
         messages: list[Message] = [*history, {"role": "user", "content": task}]
         # a backend written against the protocol before two-stage actions has no supports_prefix: single-stage
         prefix = bool(getattr(backend, "supports_prefix", False))
@@ -225,10 +230,10 @@ class Agent:
                 # the routed tools come with the task: the system turn and the examples stay the same from run
                 # to run, so the prefix cache serves them to every run, not only to the next step of this one
                 template_msgs, template_tools = fmt.messages(
-                    cfg.system_prompt, offered, examples, messages, task_index=len(history)
+                    system_prompt, offered, examples, messages, task_index=len(history)
                 )
             else:
-                template_msgs, template_tools = fmt.messages(cfg.system_prompt, offered, examples, messages)
+                template_msgs, template_tools = fmt.messages(system_prompt, offered, examples, messages)
             grammar = None
             if cfg.constrained and backend.supports_grammar and not guided:
                 grammar = fmt.grammar(

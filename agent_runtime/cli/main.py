@@ -12,7 +12,19 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from agent_runtime import __version__
-from agent_runtime.cli import adapters, auth, chat, generate, mcp_server, run, serve, servers, tools
+from agent_runtime.cli import (
+    adapters,
+    auth,
+    chat,
+    generate,
+    mcp_server,
+    prompts,
+    resources,
+    run,
+    serve,
+    servers,
+    tools,
+)
 from agent_runtime.cli import config as config_command
 from agent_runtime.errors import is_user_facing
 from agent_runtime.logging import configure_logging
@@ -23,6 +35,12 @@ COMMANDS: tuple[tuple[str, ModuleType, str], ...] = (
     ("servers", servers, "start the configured MCP servers and show their state"),
     ("tools", tools, "list, call and approve tools of the configured MCP servers"),
     ("auth", auth, "log in to OAuth-protected servers, show and delete their stored tokens"),
+    (
+        "resources",
+        resources,
+        "list, read and list the templates of the resources of the configured MCP servers",
+    ),
+    ("prompts", prompts, "list and get the prompts of the configured MCP servers"),
     ("generate", generate, "generate text with the local inference engine"),
     ("run", run, "run an agent on a task"),
     ("chat", chat, "chat with an agent in a REPL"),

@@ -34,6 +34,29 @@ class WorkedExampleModel(BaseModel):
     answer: str = Field(min_length=1)
 
 
+class ResourceRefModel(BaseModel):
+    """A resource given to an agent as context: a URI, and the server to read it from when several (or none)
+    list it. A plain string in the config is the URI."""
+
+    model_config = ConfigDict(extra="forbid")
+    uri: str = Field(min_length=1)
+    server: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"uri": value} if isinstance(value, str) else value
+
+
+class PromptRefModel(BaseModel):
+    """A server's prompt whose messages seed an agent's conversation (before the task)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    server: str | None = None
+    arguments: dict[str, str] = Field(default_factory=dict)
+
+
 class AgentConfig(BaseModel):
     """One agent: what it is told, which tools it sees, and the budgets that end its runs."""
 
@@ -67,6 +90,10 @@ class AgentConfig(BaseModel):
     examples: list[WorkedExampleModel] | None = None  # None: the built-in generic examples
     model: str | None = None  # a model source overriding the `model` section for this agent
     adapter: str | None = None  # a LoRA adapter of the model's `adapters` that this agent's turns run under
+    # read at the start of each run and placed in the system prompt, at most resources_max_chars in all
+    resources: list[ResourceRefModel] = Field(default_factory=list, max_length=64)
+    resources_max_chars: int = Field(default=16_000, ge=256, le=1_000_000)
+    prompt: PromptRefModel | None = None  # its messages open the conversation of a session's first turn
 
     @field_validator("tools")
     @classmethod

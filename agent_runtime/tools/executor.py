@@ -768,6 +768,14 @@ class Executor:
         log.debug("tool call refused", tool=name, outcome=kind, reason=reason)
         return ToolOutcome(kind, name, server, None, reason, duration, 0, False, hint)
 
+    def server_limiter(self, server: str) -> anyio.CapacityLimiter:
+        """The server's concurrency limit, shared by its tool calls and its resource/prompt requests."""
+        return self._limiter(server, self.config.server(server))
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        return self._secrets
+
     def _limiter(self, server: str, cfg: ServerConfig) -> anyio.CapacityLimiter:
         limiter = self._limiters.get(server)
         if limiter is None:

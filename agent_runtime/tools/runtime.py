@@ -13,14 +13,23 @@ import anyio
 from agent_runtime.config import default_config_path, load_config
 from agent_runtime.config.types import RuntimeConfig
 from agent_runtime.errors import AgentRuntimeError, ConfigError
+from agent_runtime.tools.catalog import (
+    DEFAULT_MAX_QUEUED,
+    Catalog,
+    PromptEntry,
+    ResourceEntry,
+    ResourceSubscription,
+    TemplateEntry,
+)
 from agent_runtime.tools.executor import ApprovalHook, Executor, ToolOutcome, outcome_error
 from agent_runtime.tools.local import LocalTool, LocalToolset
 from agent_runtime.tools.notices import ProgressCallback
 from agent_runtime.tools.registry import ToolEntry, ToolRegistry
+from agent_runtime.tools.resources import ResourceAccess
 from agent_runtime.tools.supervisor import LIVE_STATES, ServerStatus, ServerUnavailable, Supervisor
 
 if TYPE_CHECKING:
-    from mcp.types import CallToolResult
+    from mcp.types import CallToolResult, CompleteResult, GetPromptResult, ReadResourceResult
 
     from agent_runtime.tools.monitor import ServerHealth
     from policies.limits import AgentBudget
@@ -52,11 +61,13 @@ class Runtime:
     ) -> None:
         self.config = config
         self.registry = ToolRegistry()
-        self.supervisor = Supervisor(config, self.registry)
+        self.catalog = Catalog()  # resources, templates and prompts of the live servers
+        self.supervisor = Supervisor(config, self.registry, catalog=self.catalog)
         # Every tool call goes through the policy pipeline (DESIGN.md, "The path of one tool call").
         self.executor: Executor = Executor(
             self.supervisor, self.registry, config, approval_hook=approval_hook
         )
+        self.access = ResourceAccess(self.supervisor, self.catalog, self.executor)
         self.local_tools = LocalToolset()  # Python functions offered to agents beside the MCP tools
         self._on_close: list[Callable[[], Awaitable[None]]] = []
         self._stack: contextlib.AsyncExitStack | None = None
@@ -200,3 +211,62 @@ class Runtime:
         if outcome.kind == "unknown_tool" or (outcome.kind == "transport_failure" and outcome.attempts == 0):
             self.resolve(name)  # raises UnknownTool (with suggestions) or ServerUnavailable (with why)
         raise outcome_error(outcome)
+
+    # -- resources, prompts, completion -------------------------------------------------------------------
+
+    def resources(self, server: str | None = None) -> list[ResourceEntry]:
+        """Resources the live servers list (those advertising the resources capability)."""
+        return self.catalog.resources(server)
+
+    def resource_templates(self, server: str | None = None) -> list[TemplateEntry]:
+        return self.catalog.templates(server)
+
+    def prompts(self, server: str | None = None) -> list[PromptEntry]:
+        return self.catalog.prompts(server)
+
+    async def read_resource(
+        self,
+        uri: str,
+        *,
+        server: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - shortens the server's request deadline
+    ) -> ReadResourceResult:
+        """Read `uri` from `server`, or from the only server that lists it (or a template producing it).
+        Raises UnknownResource, AmbiguousName, RequestRefused, ServerUnavailable, CapabilityMissing,
+        ResourceTooLarge (contents over 8 MiB), CallTimeout, ServerRequestError."""
+        return await self.access.read(uri, server=server, timeout=timeout)
+
+    async def get_prompt(
+        self,
+        name: str,
+        arguments: Mapping[str, str] | None = None,
+        *,
+        server: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> GetPromptResult:
+        """A prompt's messages; arguments are checked against the prompt's declared ones before sending
+        (PromptArgumentError), an unlisted name raises UnknownPrompt."""
+        return await self.access.get_prompt(name, arguments, server=server, timeout=timeout)
+
+    async def complete(
+        self,
+        argument: str,
+        value: str,
+        *,
+        prompt: str | None = None,
+        template: str | None = None,
+        context: Mapping[str, str] | None = None,
+        server: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> CompleteResult:
+        """Completion values for `argument` (typed so far: `value`) of a prompt or a resource template."""
+        return await self.access.complete(
+            argument, value, prompt=prompt, template=template, context=context, server=server, timeout=timeout
+        )
+
+    def subscribe(
+        self, uri: str, *, server: str | None = None, max_queued: int = DEFAULT_MAX_QUEUED
+    ) -> contextlib.AbstractAsyncContextManager[ResourceSubscription]:
+        """`async with rt.subscribe(uri) as updates: async for update in updates: ...`; at most `max_queued`
+        unread updates are kept, the rest are dropped and counted in `updates.dropped`."""
+        return self.access.subscribe(uri, server=server, max_queued=max_queued)

@@ -23,6 +23,7 @@ from agent_runtime.config.types import ReconnectPolicy, RuntimeConfig, ServerCon
 from agent_runtime.errors import AgentRuntimeError
 from agent_runtime.logging import get_logger, register_secrets
 from agent_runtime.tools.notices import NoticeCounters, ProgressCallback, ProgressRelay, ServerLogSink
+from agent_runtime.tools.catalog import Catalog
 from agent_runtime.tools.registry import ToolRegistry
 from policies.secrets import redact
 from transports.targets import HttpTarget, StdioTarget, Target, WebSocketTarget
@@ -154,6 +155,7 @@ class _Slot:
     stop: anyio.Event = field(default_factory=anyio.Event)
     attempt_scope: anyio.CancelScope | None = None  # cancelled by `stop` while connecting
     refresh: anyio.Event = field(default_factory=anyio.Event)  # set by list_changed notifications
+    catalog_refresh: anyio.Event = field(default_factory=anyio.Event)  # resources/prompts list_changed
     settled: bool = False  # ready once, or failed once: what `wait_ready` waits for
     done: anyio.Event = field(default_factory=anyio.Event)  # the owner task has finished
     logs: ServerLogSink | None = None  # the server's log messages into structlog (kept across reconnects)
@@ -169,9 +171,11 @@ class Supervisor:
         *,
         rand: Callable[[], float] = random.random,
         client_name: str = "agent-runtime",
+        catalog: Catalog | None = None,
     ) -> None:
         self.config = config
         self.registry = registry if registry is not None else ToolRegistry()
+        self.catalog = catalog if catalog is not None else Catalog()  # resources, templates, prompts
         self._rand = rand  # injectable so the jitter of reconnect delays is reproducible in tests
         self._client_name = client_name
         self._slots: dict[str, _Slot] = {}
@@ -368,6 +372,7 @@ class Supervisor:
             slot.status.retry_at = None
             slot.status.pid = None
             self.registry.remove_server(name)
+            self.catalog.remove_server(name)
             self._set_state(slot, ServerState.STOPPED, error=slot.status.last_error)
             slot.done.set()
 
@@ -381,6 +386,7 @@ class Supervisor:
         if st.state is not ServerState.FAILED:  # a failed start stays `failed` while it is retried
             self._set_state(slot, ServerState.STARTING, error=st.last_error)
         slot.refresh = anyio.Event()
+        slot.catalog_refresh = anyio.Event()
         handler = self._message_handler(slot)
         try:
             with anyio.CancelScope() as scope:
@@ -403,6 +409,8 @@ class Supervisor:
                     rejected: list[tuple[str, str]] = []
                     tools = await conn.list_all_tools(timeout=remaining, rejected=rejected)
                     await self._set_log_level(cfg, conn, deadline)
+                    left = max(0.05, deadline - anyio.current_time())
+                    await self._list_catalog(slot, conn, left, resubscribe=True)
                     slot.attempt_scope = None  # from here on, stop is graceful: leave `connect` normally
                     if scope.cancel_called:
                         return reached_ready
@@ -422,6 +430,7 @@ class Supervisor:
                     # Drop the tools before the transport closes so nobody picks a dying server.
                     slot.conn = None
                     self.registry.remove_server(cfg.name)
+                    self.catalog.remove_server(cfg.name)
                     if not slot.stop.is_set():
                         tail = conn.stderr.tail(5) if conn.stderr is not None else []
                         st.stderr_tail = list(tail)
@@ -437,6 +446,7 @@ class Supervisor:
                 st.stderr_tail = list(exc_tail)[-20:]
             slot.conn = None
             self.registry.remove_server(cfg.name)
+            self.catalog.remove_server(cfg.name)
             if not slot.stop.is_set():
                 slot.settled = True
                 if reached_ready:
@@ -478,6 +488,7 @@ class Supervisor:
         """Keep a ready session: refresh tools on list_changed, return when the transport closes or on stop."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._refresher, slot, conn)
+            tg.start_soon(self._catalog_refresher, slot, conn)
 
             async def stop_when(event: anyio.Event) -> None:
                 await event.wait()
@@ -508,6 +519,40 @@ class Supervisor:
             )
             self._set_state(slot, slot.status.state, error=slot.status.last_error)
 
+    async def _list_catalog(
+        self,
+        slot: _Slot,
+        conn: Connection,
+        timeout: float,  # noqa: ASYNC109 - the rest of the startup deadline, or the request timeout
+        *,
+        resubscribe: bool = False,
+    ) -> None:
+        """List what the server advertises beside tools (resources, templates, prompts); on a new session,
+        also send the subscriptions somebody holds. Failures are logged, not fatal: its tools still serve."""
+        cfg = slot.config
+        caps = conn.client.server_capabilities
+        resources = templates = prompts = None
+        try:
+            with anyio.fail_after(timeout):
+                if caps.resources is not None:
+                    resources = await conn.list_resources(timeout=timeout)
+                    templates = await conn.list_resource_templates(timeout=timeout)
+                if caps.prompts is not None:
+                    prompts = await conn.list_prompts(timeout=timeout)
+                for uri in self.catalog.subscribed(cfg.name) if resubscribe else ():
+                    await conn.subscribe_resource(uri, timeout=timeout)
+        except Exception as exc:
+            log.warning("resource/prompt listing failed", server=cfg.name, error=describe_error(exc))
+        self.catalog.set_server(cfg.name, resources=resources, templates=templates, prompts=prompts)
+
+    async def _catalog_refresher(self, slot: _Slot, conn: Connection) -> None:
+        while True:
+            await slot.catalog_refresh.wait()
+            slot.catalog_refresh = anyio.Event()  # a notification during the fetch triggers one more
+            await self._list_catalog(slot, conn, slot.config.timeouts.request)
+            log.info("resources and prompts refreshed", server=slot.config.name)
+            self._set_state(slot, slot.status.state, error=slot.status.last_error)
+
     def _message_handler(self, slot: _Slot) -> MessageHandlerFnT:
         async def handle(message: Any) -> None:
             # Both eras arrive here: 2025-era servers notify unprompted, and on 2026-07-28 sessions
@@ -515,6 +560,10 @@ class Supervisor:
             method = getattr(message, "method", None)
             if method == "notifications/tools/list_changed":
                 slot.refresh.set()
+            elif method in ("notifications/resources/list_changed", "notifications/prompts/list_changed"):
+                slot.catalog_refresh.set()
+            elif method == "notifications/resources/updated":
+                self.catalog.updated(slot.config.name, str(message.params.uri))
             elif isinstance(message, Exception):
                 log.debug("transport message", server=slot.config.name, error=describe_error(message))
             await anyio.lowlevel.checkpoint()

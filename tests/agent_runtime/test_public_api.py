@@ -30,3 +30,15 @@ def test_unknown_names_are_attribute_errors() -> None:
         assert "NoSuchThing" in str(exc)
     else:
         raise AssertionError("expected AttributeError")
+
+
+def test_resource_and_prompt_names_load_neither_torch_nor_the_mcp_sdk() -> None:
+    names = "ResourceEntry, ResourceSubscription, UnknownResource, UnknownPrompt, PromptArgumentError, ContextError"
+    script = (
+        f"import sys; from agent_runtime import {names}; "
+        "print(sorted(m for m in ('torch', 'mcp', 'mcp_types') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [PYTHON, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT, check=True
+    )
+    assert out.stdout.strip() == "[]"

@@ -72,6 +72,17 @@ def test_tools_list_table_imports_only_rich_on_top(tmp_path: Path) -> None:
     assert not top & NEVER, f"tools list imported {sorted(top & NEVER)}"
 
 
+def test_resources_and_prompts_list_json_import_nothing_heavy(tmp_path: Path) -> None:
+    for command, key in (("resources", "resources"), ("prompts", "prompts")):
+        res, top = _imported(
+            command, "list", "--config", str(_empty_config(tmp_path)), "--json", tmp_path=tmp_path
+        )
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert json.loads(res.stdout) == {key: []}
+        assert {"agent_runtime", "anyio"} <= top
+        assert not top & (NEVER | {"rich"}), f"{command} list --json imported {sorted(top & NEVER)}"
+
+
 def test_runtime_section_absent_equals_empty(tmp_path: Path) -> None:
     """Without a `runtime` section the loader skips pydantic; the settings must be those of `{}`."""
     from agent_runtime.config import parse_config
