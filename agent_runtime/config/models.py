@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from agent_runtime.config.types import DEFAULT_APPROVAL_TIMEOUT, DEFAULT_PINNING, PinningMode
 from policies.approval import ApprovalMode
+from policies.elicitation import ElicitationMode
+from policies.sampling import DEFAULT_MAX_TOKENS, SamplingApproval
 
 # -- server entries and the runtime section (agent_runtime.config.loader) ------------------------------------------
 
@@ -33,6 +35,23 @@ class Timeouts(ConfigModel):
     per_tool: dict[str, PositiveSecs] = Field(default_factory=dict)
 
 
+class Sampling(ConfigModel):
+    """`sampling` of a server: may it ask our model for completions, and on what terms."""
+
+    allow: bool = False
+    max_tokens: PositiveInt = DEFAULT_MAX_TOKENS  # a request's maxTokens is clamped to this
+    approval: SamplingApproval = "never"  # "always": a person approves each request (fails closed)
+    models: dict[str, str] = Field(default_factory=dict)  # model-hint glob or priority -> our model
+
+
+class RootEntry(ConfigModel):
+    path: str  # a path (relative to the config file) or a file:// URI
+    name: str | None = None
+
+
+RootList = list[str | RootEntry]
+
+
 class Common(ConfigModel):
     """Our per-server keys, accepted in every dialect."""
 
@@ -44,6 +63,9 @@ class Common(ConfigModel):
     max_concurrent_calls: PositiveInt | None = None
     kill_grace_secs: PositiveSecs | None = None
     max_message_bytes: PositiveInt | None = None  # one message from the server at most (runtime default)
+    sampling: Sampling | None = None  # off unless set with allow: true
+    elicitation: ElicitationMode | None = None  # "decline" (default) or "ask" the person / the API handler
+    roots: RootList | None = None  # roots advertised to this server (default: runtime.roots)
 
 
 class ClaudeServer(Common):
@@ -105,6 +127,7 @@ class RuntimeSection(ConfigModel):
     reconnect: Reconnect = Field(default_factory=Reconnect)
     log_dir: str | None = None
     max_message_bytes: PositiveInt | None = None  # per message read from any server (default 32 MiB)
+    roots: RootList = Field(default_factory=list)  # roots advertised to every server without its own
 
 
 class MistralTop(ConfigModel):
