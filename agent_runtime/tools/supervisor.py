@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # the transports package pulls in the MCP SDK (~0.8 s); impor
     from mcp.client.session import MessageHandlerFnT
     from mcp.types import CallToolResult
 
+    from agent_runtime.tools.client_features import ClientFeatures
     from transports import Connection
 
 log = get_logger(__name__)  # structlog, imported on the first record that passes the level
@@ -180,6 +181,8 @@ class Supervisor:
         # log records must never show. Registered with logging so records from any module are redacted.
         self._secrets = tuple(secret_values(config))
         register_secrets(self._secrets)
+        # Sampling, elicitation and roots answers for the servers (the runtime sets it before start).
+        self.features: ClientFeatures | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -303,6 +306,18 @@ class Supervisor:
             raise ServerUnavailable(server, ServerState.STARTING, "connection lost")
         return await conn.call_tool(tool, dict(arguments or {}), timeout=timeout)
 
+    async def notify_roots_changed(self, servers: list[str]) -> None:
+        """Send `notifications/roots/list_changed` to those of `servers` that are live (2025-era sessions;
+        2026-07-28 servers read the roots with each request). A failed send is logged, never raised."""
+        for name in servers:
+            conn = self._slot(name).conn
+            if conn is None:
+                continue  # it reads the new roots when it connects
+            try:
+                await conn.send_roots_list_changed(timeout=self._slot(name).config.timeouts.request)
+            except Exception as exc:
+                log.warning("roots list_changed not sent", server=name, error=describe_error(exc))
+
     def set_health(self, server: str, state: ServerState, reason: str | None = None) -> None:
         """Let the breaker mark a live server degraded/open, or ready again; ignored when not live."""
         if state not in LIVE_STATES:
@@ -373,6 +388,7 @@ class Supervisor:
                     message_handler=handler,
                     client_name=self._client_name,
                     redact=functools.partial(redact, known=self._secrets),
+                    **(self.features.callbacks(cfg) if self.features is not None else {}),
                 ) as conn:
                     st.pid = conn.pid
                     st.protocol_version = conn.protocol_version
