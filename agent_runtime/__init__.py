@@ -28,6 +28,12 @@ if TYPE_CHECKING:
     from agent_runtime.agents.openai_backend import OpenAIChatBackend, RemoteLLMError
     from agent_runtime.config import RuntimeConfig, adhoc_config, load_config, parse_config, redact_config
     from agent_runtime.errors import AgentRuntimeError, ConfigError
+    from agent_runtime.tools.client_features import (
+        ElicitationAnswer,
+        ElicitationRequest,
+        SamplingRequest,
+        SamplingResult,
+    )
     from agent_runtime.tools.executor import ToolCallRefused, ToolOutcome
     from agent_runtime.tools.local import LocalToolError
     from agent_runtime.tools.runtime import Runtime, UnknownTool
@@ -43,6 +49,8 @@ _EXPORTS = {
     "AgentRuntimeError": "agent_runtime.errors",
     "AgentSession": "agent_runtime.agents.loop",
     "ConfigError": "agent_runtime.errors",
+    "ElicitationAnswer": "agent_runtime.tools.client_features",
+    "ElicitationRequest": "agent_runtime.tools.client_features",
     "LLMBackend": "agent_runtime.agents.llm",
     "LocalEngineBackend": "agent_runtime.agents.llm",
     "LocalToolError": "agent_runtime.tools.local",
@@ -50,6 +58,8 @@ _EXPORTS = {
     "RemoteLLMError": "agent_runtime.agents.openai_backend",
     "Runtime": "agent_runtime.tools.runtime",
     "RuntimeConfig": "agent_runtime.config",
+    "SamplingRequest": "agent_runtime.tools.client_features",
+    "SamplingResult": "agent_runtime.tools.client_features",
     "ServerUnavailable": "agent_runtime.tools.supervisor",
     "ToolCallRefused": "agent_runtime.tools.executor",
     "ToolOutcome": "agent_runtime.tools.executor",
@@ -69,6 +79,8 @@ __all__ = [
     "AgentRuntimeError",
     "AgentSession",
     "ConfigError",
+    "ElicitationAnswer",
+    "ElicitationRequest",
     "LLMBackend",
     "LocalEngineBackend",
     "LocalToolError",
@@ -76,6 +88,8 @@ __all__ = [
     "RemoteLLMError",
     "Runtime",
     "RuntimeConfig",
+    "SamplingRequest",
+    "SamplingResult",
     "ServerUnavailable",
     "ToolCallRefused",
     "ToolOutcome",
