@@ -250,6 +250,8 @@ def _field(name: str, spec: Any, required: bool) -> FormField:
             default=default,
             **common,
         )
+    if kind is None:
+        raise ElicitationSchemaError(f"{name} has no type: only flat primitive properties are allowed")
     shown = kind if isinstance(kind, str) else type(kind).__name__
     raise ElicitationSchemaError(
         f"{name} has type {shown[:40]!r}: only flat primitive properties are allowed"
