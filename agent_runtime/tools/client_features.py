@@ -366,6 +366,8 @@ class ClientFeatures:
         try:
             with anyio.fail_after(ELICITATION_TIMEOUT):
                 answer = await handler(request)
+            if answer.action not in ("accept", "decline", "cancel"):
+                raise AnswerInvalid(f"action {str(answer.action)[:20]!r} is not accept, decline or cancel")
             content = None
             if answer.action == "accept" and form is not None:
                 content = validate_answer(form, answer.content)

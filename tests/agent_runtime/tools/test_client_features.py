@@ -310,3 +310,13 @@ async def test_server_everything_samples_and_elicits_through_the_runtime(tmp_pat
         url = await rt.call_tool("every__trigger-url-elicitation", {"url": "https://example.com/consent"})
         assert not url.is_error
         assert asked[-1].mode == "url" and asked[-1].url == "https://example.com/consent"
+
+
+async def test_a_handler_answering_nonsense_is_an_error_to_the_server(tmp_path: Path) -> None:
+    async def handler(request: ElicitationRequest) -> ElicitationAnswer:
+        return ElicitationAnswer("sure")  # type: ignore[arg-type]  # what a buggy handler might return
+
+    async with Runtime(config(tmp_path, {"elicitation": "ask"}), elicitation_handler=handler) as rt:
+        with pytest.raises(AgentRuntimeError) as bad:
+            await rt.call_tool("cf__ask_contact", {})
+        assert "'sure' is not accept, decline or cancel" in str(bad.value)
