@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 ELICITATION_TIMEOUT = 600.0  # seconds a person (or the API handler) has to answer a form
+SAMPLING_SLOTS = (
+    2  # generations one server may have running at once (a flood queues, bounded by its deadline)
+)
 SAMPLING_METHOD = "sampling/createMessage"
 ELICITATION_METHOD = "elicitation/create"
 
@@ -128,6 +131,7 @@ class ClientFeatures:
         self._server_roots: dict[str, tuple[Root, ...]] = {
             s.name: s.roots for s in config.servers if s.roots is not None
         }
+        self._sampling_slots = {s.name: anyio.CapacityLimiter(SAMPLING_SLOTS) for s in config.servers}
 
     # -- roots ------------------------------------------------------------------------------------------
 
@@ -253,9 +257,10 @@ class ClientFeatures:
         )
         try:
             with anyio.fail_after(server.timeouts.tool):
-                result = await sampler(ask_model)
+                async with self._sampling_slots[server.name]:
+                    result = await sampler(ask_model)
         except TimeoutError:
-            why = f"the model did not answer within {server.timeouts.tool:g}s"
+            why = f"no answer from the model within {server.timeouts.tool:g}s (tool_secs)"
             return self._sampling_failed(server.name, digest, decision.reason, why, started)
         except Exception as exc:  # the server gets an error, the runtime keeps going
             log.warning("sampling failed", server=server.name, error=repr(exc)[:200])

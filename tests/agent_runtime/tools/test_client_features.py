@@ -320,3 +320,29 @@ async def test_a_handler_answering_nonsense_is_an_error_to_the_server(tmp_path: 
         with pytest.raises(AgentRuntimeError) as bad:
             await rt.call_tool("cf__ask_contact", {})
         assert "'sure' is not accept, decline or cancel" in str(bad.value)
+
+
+async def test_a_server_flooding_sampling_requests_gets_two_generations_at_a_time(tmp_path: Path) -> None:
+    in_flight = peak = 0
+
+    async def slow_model(request: SamplingRequest) -> SamplingResult:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await anyio.sleep(0.05)  # stands in for generation time
+        in_flight -= 1
+        return SamplingResult(text=request.messages[0]["content"], model="m")
+
+    cfg = config(tmp_path, {"sampling": {"allow": True}, "max_concurrent_calls": 8})
+    replies: list[str] = []
+    async with Runtime(cfg, sampler=slow_model) as rt:
+
+        async def call(i: int) -> None:
+            result = await rt.call_tool("cf__summarize", {"text": f"text {i}"})
+            replies.append(json.loads(text_of(result))["text"])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(6):
+                tg.start_soon(call, i)
+    assert sorted(replies) == [f"Summarize in one line: text {i}" for i in range(6)]
+    assert peak == 2
