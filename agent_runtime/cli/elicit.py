@@ -31,7 +31,7 @@ def terminal_elicitor(
     async def ask(request: ElicitationRequest) -> ElicitationAnswer:
         stdin = stream or sys.stdin
         if not stdin.isatty():
-            return ElicitationAnswer("decline")
+            return ElicitationAnswer("decline", reason="no terminal to ask on")
         return await anyio.to_thread.run_sync(
             _ask, request, stdin, console, opener or _open_in_browser, abandon_on_cancel=True
         )
@@ -54,7 +54,8 @@ def _ask(
     con = console or Console(stderr=True)
 
     def read(prompt: str, *, secret: bool = False) -> str:
-        line = con.input(prompt, password=secret, stream=None if secret else stdin)
+        # Prompts are plain text: "[y/n]" must not be read as rich markup.
+        line = con.input(escape(prompt), password=secret, stream=None if secret else stdin)
         if not secret and not line:
             raise _Ended
         return str(line).rstrip("\n")

@@ -94,6 +94,7 @@ class ElicitationRequest:
 class ElicitationAnswer:
     action: Literal["accept", "decline", "cancel"]
     content: dict[str, Any] | None = None  # form mode, with accept
+    reason: str | None = None  # why, for the audit log (e.g. no terminal to ask on)
 
 
 Sampler = Callable[[SamplingRequest], Awaitable[SamplingResult]]
@@ -393,7 +394,7 @@ class ClientFeatures:
             server.name,
             digest,
             True,
-            None,
+            answer.reason,
             answer.action,
             started,
             audit_answer(form, content, self.secrets),

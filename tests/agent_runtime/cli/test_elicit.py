@@ -6,7 +6,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import pty
+import select
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +109,63 @@ def test_the_cli_without_a_terminal_declines_and_audits(tmp_path: Path) -> None:
     records: list[dict[str, Any]] = [json.loads(line) for line in audit.read_text().splitlines()]
     [asked] = [r for r in records if r["event"] == "elicitation"]
     assert asked["server"] == "cf" and asked["outcome"] == "decline" and asked["args"].startswith("sha256:")
+    assert (
+        asked["reason"] == "no terminal to ask on"
+    )  # the terminal prompt was installed, and saw no terminal
+
+
+class Terminal:
+    """A pseudo-terminal for a CLI process: read what it shows (with deadlines), type answers."""
+
+    def __init__(self) -> None:
+        self.master, self.slave = pty.openpty()
+        self.seen = ""
+
+    def expect(self, text: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{text!r} never shown; the terminal shows: {self.seen[-2000:]!r}"
+            ready, _, _ = select.select([self.master], [], [], left)
+            if ready:
+                self.seen += os.read(self.master, 65536).decode(errors="replace")
+
+    def type(self, line: str) -> None:
+        os.write(self.master, (line + "\n").encode())
+
+
+def test_tools_call_on_a_terminal_asks_the_person(tmp_path: Path) -> None:
+    doc = {"mcpServers": {"cf": {"command": PYTHON, "args": [SERVER], "elicitation": "ask"}}}
+    config = tmp_path / "MCP_CONFIG.json"
+    config.write_text(json.dumps(doc))
+    term = Terminal()
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "agent_runtime", "tools", "call", "cf__ask_contact", "--config", str(config)],
+        stdin=term.slave,
+        stdout=subprocess.PIPE,
+        stderr=term.slave,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "TERM": "dumb"},
+    )
+    try:
+        term.expect("cf asks: Who are you?")
+        term.expect("answer? [y]es")
+        term.type("y")
+        term.expect("Name: ")
+        term.type("Grace")
+        term.expect("Age: ")
+        term.type("-3")
+        term.expect("age must be at least 0")
+        term.type("85")
+        term.expect("Newsletter (optional) [y/n] [False]: ")
+        term.type("yes")
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        os.close(term.master)
+        os.close(term.slave)
+    assert proc.returncode == 0, term.seen
+    first = out.decode().splitlines()[0]  # the text block; the structured result follows
+    assert json.loads(first) == {"action": "accept", "data": {"name": "Grace", "age": 85, "newsletter": True}}
