@@ -28,13 +28,16 @@ def terminal_elicitor(
 ) -> ElicitationHandler:
     """Ask on the terminal (`stream`: stdin by default; `console`: a rich Console on stderr by default)."""
 
+    one_at_a_time = anyio.Lock()  # two servers asking at once must not interleave their prompts
+
     async def ask(request: ElicitationRequest) -> ElicitationAnswer:
         stdin = stream or sys.stdin
         if not stdin.isatty():
             return ElicitationAnswer("decline", reason="no terminal to ask on")
-        return await anyio.to_thread.run_sync(
-            _ask, request, stdin, console, opener or _open_in_browser, abandon_on_cancel=True
-        )
+        async with one_at_a_time:
+            return await anyio.to_thread.run_sync(
+                _ask, request, stdin, console, opener or _open_in_browser, abandon_on_cancel=True
+            )
 
     return ask
 
