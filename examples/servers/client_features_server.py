@@ -35,7 +35,7 @@ class Contact(BaseModel):
 Oversized = create_model("Oversized", **{f"field_{i}": (str, ...) for i in range(40)})  # type: ignore[call-overload]
 
 
-def summary(text: str, max_tokens: int) -> Sample:
+def summary(text: str, max_tokens: int, stop: list[str] | None) -> Sample:
     return Sample(
         [
             SamplingMessage(
@@ -44,6 +44,7 @@ def summary(text: str, max_tokens: int) -> Sample:
         ],
         max_tokens=max_tokens,
         system_prompt="You write one-line summaries.",
+        stop_sequences=stop,
         model_preferences=ModelPreferences(hints=[ModelHint(name="claude-3-haiku")], speed_priority=0.9),
     )
 
@@ -65,8 +66,13 @@ mcp = MCPServer("client-features")
 
 
 @mcp.tool()
-def summarize(text: str, max_tokens: int = 400, result: Annotated[Any, Resolve(summary)] = None) -> str:
-    """Ask the client's model for a one-line summary of `text`."""
+def summarize(
+    text: str,
+    max_tokens: int = 400,
+    stop: list[str] | None = None,
+    result: Annotated[Any, Resolve(summary)] = None,
+) -> str:
+    """Ask the client's model for a one-line summary of `text` (ending before any of `stop`)."""
     return json.dumps(
         {
             "text": getattr(result.content, "text", ""),

@@ -60,10 +60,16 @@ async def test_a_server_samples_our_engine_with_the_chat_template(tmp_path: Path
             async for chunk in backend.generate(request):
                 expected = chunk.text
                 finish = chunk.finish_reason
+
+            # A stop sequence from the middle of that answer ends it there.
+            stop = expected.split()[len(expected.split()) // 2]
+            args = {"text": text, "max_tokens": 200, "stop": [stop]}
+            cut = json.loads((await rt.call_tool("cf__summarize", args)).content[0].text)  # type: ignore[union-attr]  # a text block
         assert rt.sampler is None  # removed with the host: its engine is gone
     assert reply["text"] == expected and expected.strip()
     assert reply["model"] == host.model.source
     assert reply["stop_reason"] == ("maxTokens" if finish == "length" else "endTurn")
-    [record] = [r for r in records if r.event == "sampling"]
+    assert cut["text"] == expected[: expected.index(stop)] and cut["stop_reason"] == "stopSequence"
+    record, _stopped = [r for r in records if r.event == "sampling"]
     assert record.decision == "allow" and record.outcome == "result"
     assert record.tokens is not None and 0 < record.tokens <= 12
