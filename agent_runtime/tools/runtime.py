@@ -17,7 +17,13 @@ from agent_runtime.tools.client_features import ClientFeatures, ElicitationHandl
 from agent_runtime.tools.executor import ApprovalHook, Executor, ToolOutcome, outcome_error
 from agent_runtime.tools.local import LocalTool, LocalToolset
 from agent_runtime.tools.registry import ToolEntry, ToolRegistry
-from agent_runtime.tools.supervisor import LIVE_STATES, ServerStatus, ServerUnavailable, Supervisor
+from agent_runtime.tools.supervisor import (
+    LIVE_STATES,
+    ServerStatus,
+    ServerUnavailable,
+    Supervisor,
+    UnknownServer,
+)
 from policies.roots import RootError
 
 if TYPE_CHECKING:
@@ -177,8 +183,8 @@ class Runtime:
         self.features.elicitation_handler = handler
 
     def roots(self, server: str) -> list[str]:
-        """The file:// URIs advertised to `server` as its roots."""
-        self.config.server(server)  # KeyError for an unknown server
+        """The file:// URIs advertised to `server` as its roots (UnknownServer for a name not configured)."""
+        self.supervisor.server(server)
         return [r.uri for r in self.features.roots(server)]
 
     async def set_roots(self, roots: Sequence[RootSpec], *, server: str | None = None) -> None:
@@ -191,8 +197,7 @@ class Runtime:
         except ValueError as exc:
             raise ConfigError(str(exc), "advertise fewer roots") from None
         except KeyError:
-            known = ", ".join(s.name for s in self.config.servers)
-            raise ConfigError(f"no server named {server!r}", f"configured servers: {known}") from None
+            raise UnknownServer(str(server), [s.name for s in self.config.servers]) from None
         await self.supervisor.notify_roots_changed(changed)
 
     def health(self) -> list[ServerHealth]:

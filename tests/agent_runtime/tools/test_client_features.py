@@ -23,6 +23,7 @@ from agent_runtime import (
     parse_config,
 )
 from agent_runtime.errors import AgentRuntimeError, ConfigError
+from agent_runtime.tools.supervisor import UnknownServer
 from policies.approval import ApprovalRequest
 from policies.audit import AuditRecord
 from tests.conftest import EXAMPLES, PEERS, PYTHON
@@ -226,6 +227,10 @@ async def test_roots_come_from_config_and_set_roots(tmp_path: Path) -> None:
         assert rt.roots("cf") == [tmp_uri]
         with pytest.raises(ConfigError):
             await rt.set_roots(["https://example.com/not-a-directory"])
+        with pytest.raises(UnknownServer):
+            await rt.set_roots([tmp_path], server="nope")
+        with pytest.raises(UnknownServer):
+            rt.roots("nope")
 
 
 @pytest.mark.skipif(not FILESYSTEM.exists(), reason="server-filesystem is not installed under .peers/")
