@@ -36,6 +36,12 @@ if TYPE_CHECKING:
         ResourceUpdate,
         TemplateEntry,
     )
+    from agent_runtime.tools.client_features import (
+        ElicitationAnswer,
+        ElicitationRequest,
+        SamplingRequest,
+        SamplingResult,
+    )
     from agent_runtime.tools.executor import ToolCallRefused, ToolOutcome
     from agent_runtime.tools.local import LocalToolError
     from agent_runtime.tools.resources import (
@@ -60,6 +66,8 @@ _EXPORTS = {
     "AmbiguousName": "agent_runtime.tools.resources",
     "ConfigError": "agent_runtime.errors",
     "ContextError": "agent_runtime.agents.context",
+    "ElicitationAnswer": "agent_runtime.tools.client_features",
+    "ElicitationRequest": "agent_runtime.tools.client_features",
     "LLMBackend": "agent_runtime.agents.llm",
     "LocalEngineBackend": "agent_runtime.agents.llm",
     "LocalToolError": "agent_runtime.tools.local",
@@ -73,6 +81,8 @@ _EXPORTS = {
     "ResourceUpdate": "agent_runtime.tools.catalog",
     "Runtime": "agent_runtime.tools.runtime",
     "RuntimeConfig": "agent_runtime.config",
+    "SamplingRequest": "agent_runtime.tools.client_features",
+    "SamplingResult": "agent_runtime.tools.client_features",
     "ServerUnavailable": "agent_runtime.tools.supervisor",
     "TemplateEntry": "agent_runtime.tools.catalog",
     "ToolCallRefused": "agent_runtime.tools.executor",
@@ -97,6 +107,8 @@ __all__ = [
     "AmbiguousName",
     "ConfigError",
     "ContextError",
+    "ElicitationAnswer",
+    "ElicitationRequest",
     "LLMBackend",
     "LocalEngineBackend",
     "LocalToolError",
@@ -110,6 +122,8 @@ __all__ = [
     "ResourceUpdate",
     "Runtime",
     "RuntimeConfig",
+    "SamplingRequest",
+    "SamplingResult",
     "ServerUnavailable",
     "TemplateEntry",
     "ToolCallRefused",

@@ -30,7 +30,7 @@ def argument_digest(arguments: Mapping[str, Any] | None) -> str:
 
 @dataclass(slots=True)  # not frozen: frozen dataclasses pay object.__setattr__ per field, per call
 class AuditRecord:
-    event: Literal["decision", "call"]
+    event: Literal["decision", "call", "sampling", "elicitation"]
     time: float  # epoch seconds; written as UTC ISO 8601 with milliseconds
     agent: str | None
     server: str | None
@@ -42,6 +42,8 @@ class AuditRecord:
     outcome: str | None = None  # the ToolOutcome kind, for call records
     attempts: int | None = None
     truncated: bool | None = None
+    tokens: int | None = None  # sampling: tokens generated
+    answer: Mapping[str, Any] | None = None  # elicitation: the accepted content, redacted
 
     def to_json(self) -> str:
         # Fields are flat scalars: read them directly (dataclasses.asdict deep-copies, 10x slower).
@@ -115,4 +117,37 @@ def call_record(
         outcome=outcome,
         attempts=attempts,
         truncated=truncated,
+    )
+
+
+def request_record(
+    *,
+    event: Literal["sampling", "elicitation"],
+    server: str,
+    method: str,
+    digest: str | Mapping[str, Any],
+    allowed: bool,
+    reason: str | None,
+    outcome: str,
+    duration: float,
+    tokens: int | None = None,
+    answer: Mapping[str, Any] | None = None,
+    secrets: Iterable[str] = (),
+    at: float | None = None,
+) -> AuditRecord:
+    """A server's request to the client (sampling, elicitation): what was decided and how it ended. `answer`
+    must already be redacted (policies.elicitation.audit_answer)."""
+    return AuditRecord(
+        event=event,
+        time=time.time() if at is None else at,
+        agent=None,
+        server=server,
+        tool=method,
+        args=digest,
+        decision="allow" if allowed else "deny",
+        reason=redact(reason, secrets) if reason else None,
+        duration=round(duration, 6),
+        outcome=outcome,
+        tokens=tokens,
+        answer=answer,
     )

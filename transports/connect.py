@@ -24,7 +24,7 @@ import anyio
 import mcp
 import mcp_types as types
 import structlog
-from mcp.client.session import LoggingFnT, MessageHandlerFnT
+from mcp.client.session import ElicitationFnT, ListRootsFnT, LoggingFnT, MessageHandlerFnT, SamplingFnT
 from mcp.client.subscriptions import ListenNotSupportedError, SubscriptionLost
 from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
@@ -212,6 +212,15 @@ class Connection:
     def protocol_version(self) -> str:
         return self.client.protocol_version
 
+    async def send_roots_list_changed(self, *, timeout: float = 5.0) -> bool:  # noqa: ASYNC109
+        """Tell a 2025-era server its roots changed; False when nothing was sent. A 2026-07-28 session has no
+        client notifications: there the server reads the roots on each request, so there is nothing to send."""
+        if self.closed.is_set() or self.client.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            return False
+        with self._errors("notifications/roots/list_changed", timeout), anyio.fail_after(timeout):
+            await self.client.session.send_notification(types.RootsListChangedNotification())
+        return True
+
     # The per-call `timeout` is the supervisor's contract (it owns deadlines per call), hence ASYNC109.
     async def list_all_tools(
         self,
@@ -293,6 +302,7 @@ class Connection:
         with self._errors("logging/setLevel", timeout), anyio.fail_after(timeout):
             await self.client.session.send_request(request, types.EmptyResult)
         return True
+
     # -- resources, prompts, completion (each bounded by `timeout`, errors mapped as for call_tool) -----
 
     def _require(self, capability: str, what: str) -> None:
@@ -623,6 +633,10 @@ async def connect(
     redact: Callable[[str], str] | None = None,
     logging_callback: LoggingFnT | None = None,
     log_level: types.LoggingLevel | None = None,
+    sampling_callback: SamplingFnT | None = None,
+    sampling_capabilities: types.SamplingCapability | None = None,
+    elicitation_callback: ElicitationFnT | None = None,
+    list_roots_callback: ListRootsFnT | None = None,
 ) -> AsyncIterator[Connection]:
     """Spawn/open, negotiate (2026-07-28 where supported, else 2025-11-25) and yield a Connection.
 
@@ -631,6 +645,11 @@ async def connect(
     stdio server before it is kept, logged or written to its log file. `logging_callback` receives the
     server's `notifications/message`; `log_level` asks 2026-07-28 servers for that level and above on every
     request (2025-era servers take it through `Connection.set_log_level`).
+
+    The sampling, elicitation and roots callbacks answer the server's requests to the client; each one given
+    is advertised as a capability (in `initialize` on 2025-era sessions, in every request's `_meta` on
+    2026-07-28 ones, whose input-required rounds the SDK routes to the same callbacks). What they decide is
+    the caller's business: this layer only forwards them.
     """
     closed = anyio.Event()
     stop = anyio.Event()
@@ -644,6 +663,10 @@ async def connect(
         logging_callback=logging_callback,
         log_level=log_level,
         client_info=types.Implementation(name=client_name, version=_VERSION),
+        sampling_callback=sampling_callback,
+        sampling_capabilities=sampling_capabilities,
+        elicitation_callback=elicitation_callback,
+        list_roots_callback=list_roots_callback,
     )
 
     startup_error: list[TransportError] = []

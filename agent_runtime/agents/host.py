@@ -14,6 +14,7 @@ from agent_runtime.agents.llm import LLMBackend, LocalEngineBackend
 from agent_runtime.agents.loop import Agent, AgentError
 from agent_runtime.agents.openai_backend import OpenAIBackendSettings, OpenAIChatBackend
 from agent_runtime.agents.routing import Embedder, Routing, plan_route
+from agent_runtime.agents.sampling import backend_sampler
 from agent_runtime.config import section_error
 from agent_runtime.config.agents import ModelSettings, load_agents, load_model_settings
 from agent_runtime.errors import ConfigError
@@ -51,6 +52,11 @@ class AgentHost:
         # successful calls remembered as worked examples for later runs (agents with `learn_examples`);
         # None: neither recalled nor remembered
         self.examples: CallMemory | None = CallMemory.default()
+        # Servers allowed to sample (their `sampling` policy) get this host's model, unless the caller
+        # installed a sampler of its own on the runtime.
+        self._sampler = backend_sampler(self)
+        if runtime.sampler is None:
+            runtime.set_sampler(self._sampler)
         runtime.on_close(self.aclose)
 
     async def __aenter__(self) -> AgentHost:
@@ -127,6 +133,8 @@ class AgentHost:
     async def aclose(self) -> None:
         """Release every backend this host loaded (idempotent; shielded, so it completes when cancelled)."""
         with anyio.CancelScope(shield=True):
+            if self.runtime.sampler is self._sampler:
+                self.runtime.set_sampler(None)  # its backends are going away
             backends, self._backends = list(self._backends.values()), {}
             for backend in backends:
                 await backend.aclose()

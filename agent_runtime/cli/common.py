@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 
+from agent_runtime.cli.elicit import terminal_elicitor
 from agent_runtime.config import RuntimeConfig, adhoc_config, default_config_path, load_config
 from agent_runtime.errors import AgentRuntimeError, ConfigError
 from agent_runtime.tools.executor import ApprovalHook
@@ -107,8 +108,14 @@ def run_with_signals(main: Callable[[], Awaitable[int]]) -> int:
 
 
 def open_runtime(config: RuntimeConfig, args: argparse.Namespace) -> Runtime:
-    # Calls that policy says need approval are asked on the terminal; with no terminal they are denied.
-    return Runtime(config, ready_timeout=args.ready_timeout, approval_hook=terminal_approver())
+    # Calls that policy says need approval are asked on the terminal; with no terminal they are denied. So are
+    # servers' questions (servers with "elicitation": "ask"): declined without a terminal.
+    return Runtime(
+        config,
+        ready_timeout=args.ready_timeout,
+        approval_hook=terminal_approver(),
+        elicitation_handler=terminal_elicitor(),
+    )
 
 
 API_KEY_ENV = "AGENT_RUNTIME_API_KEY"
@@ -308,7 +315,7 @@ async def open_agent(args: argparse.Namespace, console: Any) -> AsyncIterator[Ag
     leaving stops the servers and releases the engine."""
     from agent_runtime.agents.host import AgentHost  # torch and the agent loop: only commands that run agents
 
-    rt = Runtime.from_config(args.config)
+    rt = Runtime.from_config(args.config, elicitation_handler=terminal_elicitor())
     host = AgentHost(rt)  # validates the agents and model sections before any server starts
     host.model_override = args.model
     flags = {k: getattr(args, k, None) for k in ("device", "quantize")}

@@ -26,6 +26,8 @@ from agent_runtime.config.types import (
     ServerTimeouts,
 )
 from agent_runtime.errors import ConfigError
+from policies.roots import MAX_ROOTS, Root, RootError, make_root
+from policies.sampling import SamplingPolicy
 from policies.secrets import MIN_SECRET_LEN, is_secret_name
 from transports.targets import HttpTarget, OAuthSettings, StdioTarget, Target, WebSocketTarget
 
@@ -660,6 +662,14 @@ def _build_server(
                 read_timeout=max(default_read, longest),
                 max_message_bytes=max_message,
             )
+    sampling = SamplingPolicy()
+    if c.sampling is not None:
+        sampling = SamplingPolicy(
+            allow=c.sampling.allow,
+            max_tokens=c.sampling.max_tokens,
+            approval=c.sampling.approval,
+            models=dict(c.sampling.models),
+        )
     return ServerConfig(
         name=name,
         target=target,
@@ -671,7 +681,24 @@ def _build_server(
         log_level=c.log_level if c.log_level is not None else DEFAULT_SERVER_LOG_LEVEL,
         secrets=(),  # filled by the caller, which knows what was interpolated
         source=spec.source,
+        sampling=sampling,
+        elicitation=c.elicitation or "decline",
+        roots=_roots(doc, c.roots, (*spec.path, "roots")) if c.roots is not None else None,
     )
+
+
+def _roots(doc: _Doc, entries: Sequence[Any], path: JsonPath) -> tuple[Root, ...]:
+    """Configured roots as file:// URIs (paths relative to the config file); located errors for bad ones."""
+    if len(entries) > MAX_ROOTS:
+        raise doc.error(path, f"{len(entries)} roots (at most {MAX_ROOTS})")
+    roots: list[Root] = []
+    for i, entry in enumerate(entries):
+        value, name = (entry, None) if isinstance(entry, str) else (entry.path, entry.name)
+        try:
+            roots.append(make_root(value, base=doc.base_dir, name=name))
+        except RootError as exc:
+            raise doc.error((*path, i), exc.reason, exc.hint) from None
+    return tuple(roots)
 
 
 def _resolve(doc: _Doc, value: str) -> Path:
@@ -741,6 +768,7 @@ def _runtime(doc: _Doc, data: dict[str, Any], mistral: bool) -> tuple[RuntimeSet
         ),
         log_dir=_resolve(doc, r.log_dir) if r.log_dir else None,
         max_message_bytes=r.max_message_bytes or base.max_message_bytes,
+        roots=_roots(doc, r.roots, ("runtime", "roots")),
     )
     return settings, r.tool_timeout_secs is not None
 

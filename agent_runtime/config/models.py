@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from agent_runtime.config.types import DEFAULT_APPROVAL_TIMEOUT, DEFAULT_PINNING, McpLogLevel, PinningMode
 from policies.approval import ApprovalMode
+from policies.elicitation import ElicitationMode
+from policies.sampling import DEFAULT_MAX_TOKENS, SamplingApproval
 
 # -- server entries and the runtime section (agent_runtime.config.loader) ------------------------------------------
 
@@ -49,6 +51,23 @@ class OAuthModel(ConfigModel):
     store: Literal["file", "keyring"] = "file"
 
 
+class Sampling(ConfigModel):
+    """`sampling` of a server: may it ask our model for completions, and on what terms."""
+
+    allow: bool = False
+    max_tokens: PositiveInt = DEFAULT_MAX_TOKENS  # a request's maxTokens is clamped to this
+    approval: SamplingApproval = "never"  # "always": a person approves each request (fails closed)
+    models: dict[str, str] = Field(default_factory=dict)  # model-hint glob or priority -> our model
+
+
+class RootEntry(ConfigModel):
+    path: str  # a path (relative to the config file) or a file:// URI
+    name: str | None = None
+
+
+RootList = list[str | RootEntry]
+
+
 class Common(ConfigModel):
     """Our per-server keys, accepted in every dialect."""
 
@@ -62,6 +81,9 @@ class Common(ConfigModel):
     kill_grace_secs: PositiveSecs | None = None
     max_message_bytes: PositiveInt | None = None  # one message from the server at most (runtime default)
     log_level: McpLogLevel | None = None  # the server's log messages we ask for and log (default info)
+    sampling: Sampling | None = None  # off unless set with allow: true
+    elicitation: ElicitationMode | None = None  # "decline" (default) or "ask" the person / the API handler
+    roots: RootList | None = None  # roots advertised to this server (default: runtime.roots)
 
 
 class ClaudeServer(Common):
@@ -123,6 +145,7 @@ class RuntimeSection(ConfigModel):
     reconnect: Reconnect = Field(default_factory=Reconnect)
     log_dir: str | None = None
     max_message_bytes: PositiveInt | None = None  # per message read from any server (default 32 MiB)
+    roots: RootList = Field(default_factory=list)  # roots advertised to every server without its own
 
 
 class MistralTop(ConfigModel):

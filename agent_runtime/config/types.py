@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from policies.elicitation import ElicitationMode
+from policies.roots import Root
+from policies.sampling import SamplingPolicy
 from transports.targets import DEFAULT_MAX_MESSAGE_BYTES, Target
 
 PinningMode = Literal["tofu", "strict", "off"]
@@ -49,6 +52,9 @@ class ServerConfig:
     secrets: tuple[str, ...] = ()  # literal secret values (tokens, env values) to redact from every output
     source: str = "mcpServers"  # which config dialect it came from
     log_level: McpLogLevel = DEFAULT_SERVER_LOG_LEVEL  # the server's log messages at this level and above
+    sampling: SamplingPolicy = field(default_factory=SamplingPolicy)  # off by default
+    elicitation: ElicitationMode = "decline"  # non-interactive by default
+    roots: tuple[Root, ...] | None = None  # None: the runtime's roots
 
     @property
     def prefix(self) -> str:
@@ -66,6 +72,7 @@ class RuntimeSettings:
     max_message_bytes: int = (
         DEFAULT_MAX_MESSAGE_BYTES  # the transports' per-message cap (servers may override)
     )
+    roots: tuple[Root, ...] = ()  # advertised to servers that configure none of their own
 
 
 @dataclass(frozen=True, slots=True)

@@ -706,9 +706,15 @@ class Executor:
         request = ApprovalRequest(
             agent, entry.server, entry.tool_name, args, prep.destructive, prep.approval or ""
         )
+        return await self.ask_approval(request, prep.approval or "")
+
+    async def ask_approval(self, request: ApprovalRequest, label: str) -> str | None:
+        """Ask the approval hook; None when it said yes, else why not. Fails closed: no hook, a timeout
+        (policies.approval_timeout), a failing hook or any answer but True is a refusal. Tool calls and
+        servers' sampling requests both come through here."""
         hook = self.approval_hook
         if hook is None:
-            return f"approval required ({prep.approval}) and no approver is configured"
+            return f"approval required ({label}) and no approver is configured"
         started = time.perf_counter()
         try:
             with anyio.fail_after(self.policies.approval_timeout):
@@ -722,16 +728,14 @@ class Executor:
                 if inspect.isawaitable(answer):
                     answer = await answer
         except TimeoutError:
-            return (
-                f"approval required ({prep.approval}); no answer within {self.policies.approval_timeout:g}s"
-            )
+            return f"approval required ({label}); no answer within {self.policies.approval_timeout:g}s"
         except Exception as exc:  # fail closed on any hook failure
-            log.warning("approval hook failed", tool=entry.name, error=repr(exc))
-            return f"approval required ({prep.approval}); the approver failed: {type(exc).__name__}"
+            log.warning("approval hook failed", server=request.server, tool=request.tool, error=repr(exc))
+            return f"approval required ({label}); the approver failed: {type(exc).__name__}"
         finally:
-            self.monitor.stats(entry.server).approval_wait.observe(time.perf_counter() - started)
+            self.monitor.stats(request.server).approval_wait.observe(time.perf_counter() - started)
         if answer is not True:
-            return f"approval required ({prep.approval}) and was denied"
+            return f"approval required ({label}) and was denied"
         return None
 
     # -- helpers ----------------------------------------------------------------------------------------

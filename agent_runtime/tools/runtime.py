@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from agent_runtime.config import default_config_path, load_config
+from agent_runtime.config import default_config_path, load_config, secret_values
 from agent_runtime.config.types import RuntimeConfig
 from agent_runtime.errors import AgentRuntimeError, ConfigError
 from agent_runtime.tools.catalog import (
@@ -21,12 +21,20 @@ from agent_runtime.tools.catalog import (
     ResourceSubscription,
     TemplateEntry,
 )
+from agent_runtime.tools.client_features import ClientFeatures, ElicitationHandler, RootSpec, Sampler
 from agent_runtime.tools.executor import ApprovalHook, Executor, ToolOutcome, outcome_error
 from agent_runtime.tools.local import LocalTool, LocalToolset
 from agent_runtime.tools.notices import ProgressCallback
 from agent_runtime.tools.registry import ToolEntry, ToolRegistry
 from agent_runtime.tools.resources import ResourceAccess
-from agent_runtime.tools.supervisor import LIVE_STATES, ServerStatus, ServerUnavailable, Supervisor
+from agent_runtime.tools.supervisor import (
+    LIVE_STATES,
+    ServerStatus,
+    ServerUnavailable,
+    Supervisor,
+    UnknownServer,
+)
+from policies.roots import RootError
 
 if TYPE_CHECKING:
     from mcp.types import CallToolResult, CompleteResult, GetPromptResult, ReadResourceResult
@@ -58,6 +66,8 @@ class Runtime:
         *,
         ready_timeout: float | None = None,
         approval_hook: ApprovalHook | None = None,
+        elicitation_handler: ElicitationHandler | None = None,
+        sampler: Sampler | None = None,
     ) -> None:
         self.config = config
         self.registry = ToolRegistry()
@@ -68,6 +78,16 @@ class Runtime:
             self.supervisor, self.registry, config, approval_hook=approval_hook
         )
         self.access = ResourceAccess(self.supervisor, self.catalog, self.executor)
+        # What servers may ask of us (sampling, elicitation, roots): audited like calls, approved like them.
+        self.features = ClientFeatures(
+            config,
+            audit=self.executor.audit,
+            approve=self.executor.ask_approval,
+            sampler=sampler,
+            elicitation_handler=elicitation_handler,
+            secrets=tuple(secret_values(config)),
+        )
+        self.supervisor.features = self.features
         self.local_tools = LocalToolset()  # Python functions offered to agents beside the MCP tools
         self._on_close: list[Callable[[], Awaitable[None]]] = []
         self._stack: contextlib.AsyncExitStack | None = None
@@ -78,7 +98,11 @@ class Runtime:
 
     @classmethod
     def from_config(
-        cls, config: str | Path | RuntimeConfig | None = None, *, ready_timeout: float | None = None
+        cls,
+        config: str | Path | RuntimeConfig | None = None,
+        *,
+        ready_timeout: float | None = None,
+        elicitation_handler: ElicitationHandler | None = None,
     ) -> Runtime:
         """A runtime for a config file path, a RuntimeConfig, or the default config file when None."""
         if not isinstance(config, RuntimeConfig):
@@ -89,7 +113,7 @@ class Runtime:
                     "pass a path or a RuntimeConfig to Runtime.from_config",
                 )
             config = load_config(path)
-        return cls(config, ready_timeout=ready_timeout)
+        return cls(config, ready_timeout=ready_timeout, elicitation_handler=elicitation_handler)
 
     async def __aenter__(self) -> Runtime:
         stack = contextlib.AsyncExitStack()
@@ -160,6 +184,37 @@ class Runtime:
         """Await `callback` when the runtime shuts down, before its servers stop (last registered, first
         called; shielded from cancellation). Agent hosts release their engine this way."""
         self._on_close.append(callback)
+
+    def set_sampler(self, sampler: Sampler | None) -> None:
+        """Install the model that answers servers' sampling requests (None: decline them). Each server's
+        `sampling` policy still decides; AgentHost installs its engine here."""
+        self.features.sampler = sampler
+
+    @property
+    def sampler(self) -> Sampler | None:
+        return self.features.sampler
+
+    def set_elicitation_handler(self, handler: ElicitationHandler | None) -> None:
+        """Install who answers servers' questions (servers with `"elicitation": "ask"`); None declines."""
+        self.features.elicitation_handler = handler
+
+    def roots(self, server: str) -> list[str]:
+        """The file:// URIs advertised to `server` as its roots (UnknownServer for a name not configured)."""
+        self.supervisor.server(server)
+        return [r.uri for r in self.features.roots(server)]
+
+    async def set_roots(self, roots: Sequence[RootSpec], *, server: str | None = None) -> None:
+        """Replace the roots advertised to every server without its own (or to `server` only), and tell the
+        live servers whose roots changed (`notifications/roots/list_changed`). Paths become file:// URIs."""
+        try:
+            changed = self.features.set_roots(roots, server)
+        except RootError as exc:
+            raise ConfigError(exc.reason, exc.hint) from None
+        except ValueError as exc:
+            raise ConfigError(str(exc), "advertise fewer roots") from None
+        except KeyError:
+            raise UnknownServer(str(server), [s.name for s in self.config.servers]) from None
+        await self.supervisor.notify_roots_changed(changed)
 
     def health(self) -> list[ServerHealth]:
         """Per-server state, breaker, in-flight calls, counts, latency percentiles and process RSS/CPU."""

@@ -22,8 +22,8 @@ from agent_runtime.config import secret_values
 from agent_runtime.config.types import ReconnectPolicy, RuntimeConfig, ServerConfig
 from agent_runtime.errors import AgentRuntimeError
 from agent_runtime.logging import get_logger, register_secrets
-from agent_runtime.tools.notices import NoticeCounters, ProgressCallback, ProgressRelay, ServerLogSink
 from agent_runtime.tools.catalog import Catalog
+from agent_runtime.tools.notices import NoticeCounters, ProgressCallback, ProgressRelay, ServerLogSink
 from agent_runtime.tools.registry import ToolRegistry
 from policies.secrets import redact
 from transports.targets import HttpTarget, StdioTarget, Target, WebSocketTarget
@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # the transports package pulls in the MCP SDK (~0.8 s); impor
     from mcp.client.session import MessageHandlerFnT
     from mcp.types import CallToolResult
 
+    from agent_runtime.tools.client_features import ClientFeatures
     from transports import Connection
 
 log = get_logger(__name__)  # structlog, imported on the first record that passes the level
@@ -196,6 +197,8 @@ class Supervisor:
             slot.logs = ServerLogSink(
                 slot.config.name, slot.config.log_level, self._secrets, slot.status.notices
             )
+        # Sampling, elicitation and roots answers for the servers (the runtime sets it before start).
+        self.features: ClientFeatures | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -328,6 +331,18 @@ class Supervisor:
         finally:
             relay.close()
 
+    async def notify_roots_changed(self, servers: list[str]) -> None:
+        """Send `notifications/roots/list_changed` to those of `servers` that are live (2025-era sessions;
+        2026-07-28 servers read the roots with each request). A failed send is logged, never raised."""
+        for name in servers:
+            conn = self._slot(name).conn
+            if conn is None:
+                continue  # it reads the new roots when it connects
+            try:
+                await conn.send_roots_list_changed(timeout=self._slot(name).config.timeouts.request)
+            except Exception as exc:
+                log.warning("roots list_changed not sent", server=name, error=describe_error(exc))
+
     def set_health(self, server: str, state: ServerState, reason: str | None = None) -> None:
         """Let the breaker mark a live server degraded/open, or ready again; ignored when not live."""
         if state not in LIVE_STATES:
@@ -402,6 +417,7 @@ class Supervisor:
                     redact=functools.partial(redact, known=self._secrets),
                     logging_callback=slot.logs,
                     log_level=cfg.log_level,
+                    **(self.features.callbacks(cfg) if self.features is not None else {}),
                 ) as conn:
                     st.pid = conn.pid
                     st.protocol_version = conn.protocol_version

@@ -279,3 +279,39 @@ async def test_model_section_with_openai_backend_drives_runtime_agents(
     ]
     assert remote.tool_calls, "the agent should have called demo__add"
     assert remote.outcome == local.outcome and remote.answer == local.answer
+
+
+@pytest.mark.smollm2
+@pytest.mark.anyio
+async def test_a_servers_sampling_request_goes_to_the_remote_backend(
+    tmp_path: Path, base_url: str, engine: Any
+) -> None:
+    """With `model.backend: "openai"`, a server allowed to sample gets the remote model's answer."""
+    from agent_runtime import AgentHost, Runtime
+
+    server = {
+        "command": PYTHON,
+        "args": [str(EXAMPLES / "servers" / "client_features_server.py")],
+        "sampling": {"allow": True, "max_tokens": 10},
+    }
+    path = tmp_path / "MCP_CONFIG.json"
+    path.write_text(
+        json.dumps(
+            {
+                "mcpServers": {"cf": server},
+                "model": {"backend": "openai", "base_url": base_url, "model": MODEL},
+            }
+        )
+    )
+    async with Runtime.from_config(path) as rt, AgentHost(rt):
+        result = await rt.call_tool("cf__summarize", {"text": "Rain fell on the quiet town all night."})
+    reply = json.loads(result.content[0].text)  # type: ignore[union-attr]  # the tool answers in a text block
+    expected = await local_greedy(
+        engine,
+        [
+            {"role": "system", "content": "You write one-line summaries."},
+            {"role": "user", "content": "Summarize in one line: Rain fell on the quiet town all night."},
+        ],
+        10,
+    )
+    assert reply["text"] == expected and reply["model"] == MODEL
