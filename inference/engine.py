@@ -154,6 +154,10 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise RequestError("prompt has token ids outside the vocabulary", f"ids must be in [0, {vocab})")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise RequestError(
+                "logit_bias has token ids outside the vocabulary", f"ids must be in [0, {vocab})"
+            )
         if len(ids) >= self.max_model_len:
             raise RequestError(
                 f"prompt of {len(ids)} tokens does not fit the {self.max_model_len}-token context",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -32,6 +32,11 @@ class OutputKind(enum.Enum):
     FINAL_ONLY = "final_only"  # one output, when the request ends, with the totals
 
 
+MAX_LOGIT_BIAS = (
+    1024  # token ids one request may bias (OpenAI allows 300; agents bias a tool result's tokens)
+)
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """How one request samples and when it stops. `temperature == 0` means greedy."""
@@ -52,6 +57,8 @@ class SamplingParams:
     logits_processor: LogitsProcessor | None = None
     output_kind: OutputKind = OutputKind.CUMULATIVE
     adapter: str | None = None  # a loaded LoRA adapter's name (inference/lora.py); None is the base model
+    # Added to the logits of these token ids before sampling (OpenAI's `logit_bias`; -100 all but bans a token).
+    logit_bias: Mapping[int, float] | None = None
 
     @property
     def greedy(self) -> bool:
@@ -67,6 +74,7 @@ class SamplingParams:
             and self.frequency_penalty == 0.0
             and self.logits_processor is None
             and self.logprobs is None
+            and not self.logit_bias
         )
 
     def validate(self) -> None:
@@ -129,6 +137,19 @@ class SamplingParams:
                 self.adapter is None or (isinstance(self.adapter, str) and bool(self.adapter)),
                 "adapter must be a non-empty adapter name or None",
                 "adapter",
+            ),
+            (
+                self.logit_bias is None
+                or (
+                    isinstance(self.logit_bias, Mapping)
+                    and len(self.logit_bias) <= MAX_LOGIT_BIAS
+                    and all(
+                        isinstance(t, int) and t >= 0 and _finite(b) and -100 <= b <= 100
+                        for t, b in self.logit_bias.items()
+                    )
+                ),
+                f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids (>= 0) to biases in [-100, 100]",
+                "logit_bias",
             ),
             (
                 self.logits_processor is None or callable(self.logits_processor),

@@ -1,5 +1,5 @@
 """Turns each sequence's last-token logits into its next token as batched tensor ops on the logits' device
-(hooks, penalties, temperature, top-k/p, min-p, seeded per-request draws, logprobs), then copies the ids to
+(hooks, penalties, logit bias, temperature, top-k/p, min-p, seeded per-request draws, logprobs), then copies the ids to
 the host once. An all-greedy batch is one argmax."""
 
 from __future__ import annotations
@@ -106,6 +106,11 @@ class Sampler:
             or params[i].frequency_penalty
         ]
         pen_plan = _PenaltyPlan.build(requests, pen_rows, vocab, device, ints, floats) if pen_rows else None
+        biases = [(i, bias) for i in full if (bias := params[i].logit_bias)]
+        if biases:
+            ints.add("bias_rows", [i for i, bias in biases for _ in bias])
+            ints.add("bias_toks", [t for _, bias in biases for t in bias])
+            floats.add("bias", [b for _, bias in biases for b in bias.values()])
         samp_rows = [i for i in full if not params[i].greedy]
         samp_plan = _SamplePlan.build(params, samp_rows, vocab, ints, floats) if samp_rows else None
         dev_i = ints.upload(torch.long, device)
@@ -127,6 +132,9 @@ class Sampler:
             x.index_copy_(0, idx, sub)
         if pen_plan is not None:
             pen_plan.apply(x, requests, dev_i, dev_f)
+        if biases:
+            # after the hooks: a grammar's -inf stays -inf, a bias cannot bring back a refused token
+            x.index_put_((dev_i["bias_rows"], dev_i["bias_toks"]), dev_f["bias"], accumulate=True)
         tokens = x.argmax(dim=-1)  # greedy rows (after hooks and penalties); sampled rows are overwritten
         if samp_plan is not None:
             idx = dev_i["samp"]

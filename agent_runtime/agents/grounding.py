@@ -72,6 +72,11 @@ class GroundingContext:
 
     texts: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)  # absolute paths, in order of first mention
+    results: list[str] = field(default_factory=list)  # the tools' results alone, in order
+
+    def add_result(self, text: str) -> None:
+        self.results.append(text)
+        self.add(text)
 
     def add(self, text: str) -> None:
         self.texts.append(text)

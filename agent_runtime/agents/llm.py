@@ -17,7 +17,7 @@ from agent_runtime.config.agents import ModelSettings
 from inference.config import EngineConfig
 from inference.formats import detect_format
 from inference.grammar import GrammarCompilerCache, GrammarLogitsProcessor, GrammarSpec
-from inference.params import OutputKind, SamplingParams
+from inference.params import MAX_LOGIT_BIAS, OutputKind, SamplingParams
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +57,11 @@ class GenerationRequest:
     # the start of its arguments). Not repeated in the chunks' text.
     assistant_prefix: str = ""
     frequency_penalty: float = 0.0  # on the output's own tokens (breaks a small model's loops: "0000...")
+    # A copy bias: `copy_bias` is added to the logits of the word tokens of `copy_text` (a tool's result), so a
+    # small model answers with the result's names and values rather than from its priors. Only a local model
+    # has it (a remote API's token ids are not ours to know); other backends ignore it.
+    copy_text: str = ""
+    copy_bias: float = 0.0
 
 
 @dataclass(slots=True)
@@ -149,6 +154,7 @@ class LocalEngineBackend:
         self.stats = BackendStats()
         self._grammars: _Grammars | None = None
         self._format: str | None = None
+        self._word_tokens: dict[int, bool] = {}  # token id -> whether it carries a letter or digit
 
     @classmethod
     async def load(
@@ -253,6 +259,30 @@ class LocalEngineBackend:
                 tg.start_soon(one, i, text)
         return results
 
+    def _copy_bias(self, text: str, bias: float) -> dict[int, float] | None:
+        """`bias` on each token of `text` that carries a letter or digit (punctuation and spaces are left to the
+        grammar and the model), the text's last tokens first, at most MAX_LOGIT_BIAS of them."""
+        if not text or not bias:
+            return None
+        ids = self.tokenizer.encode(text)
+        if len(ids) > 4 * MAX_LOGIT_BIAS:
+            ids = ids[-4 * MAX_LOGIT_BIAS :]
+        picked: dict[int, float] = {}
+        for tid in reversed(ids):
+            if tid in picked:
+                continue
+            if self._word_token(tid):
+                picked[tid] = bias
+                if len(picked) == MAX_LOGIT_BIAS:
+                    break
+        return picked or None
+
+    def _word_token(self, tid: int) -> bool:
+        known = self._word_tokens.get(tid)
+        if known is None:
+            known = self._word_tokens[tid] = any(c.isalnum() for c in self.tokenizer.decode([tid]))
+        return known
+
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         ids = self.render(request)
         processor = await self._processor(request.grammar) if request.grammar is not None else None
@@ -265,6 +295,7 @@ class LocalEngineBackend:
             logits_processor=processor,
             output_kind=OutputKind.DELTA,  # the engine sends deltas; the running text is kept here
             adapter=request.adapter,
+            logit_bias=self._copy_bias(request.copy_text, request.copy_bias),
         )
         self.stats.requests += 1
         if processor is not None:

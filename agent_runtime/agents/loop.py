@@ -406,7 +406,10 @@ class Agent:
             usage.tool_calls += len(records)
             for rec in records:
                 step.tool_calls.append(rec)
-                grounding.add(rec.observation)
+                if rec.outcome == "result":
+                    grounding.add_result(rec.observation)
+                else:
+                    grounding.add(rec.observation)
                 spec = by_name.get(rec.name)
                 if rec.outcome == "result" and spec is not None and spec.read_only is not True:
                     seen_calls.clear()  # it may have changed what an earlier call saw: repeats are fair again

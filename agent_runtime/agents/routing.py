@@ -65,7 +65,8 @@ def words(text: str) -> list[str]:
         w = raw.lower()
         if w in _STOP or len(w) < 2:
             continue
-        if len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
+        # "files" -> "file", but not "plus", "status", "this" (no plural of those ends in -us or -is)
+        if len(w) > 3 and w.endswith("s") and not w.endswith(("ss", "us", "is")):
             w = w[:-1]
         out.append(w)
     return out

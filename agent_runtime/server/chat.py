@@ -49,6 +49,8 @@ def sampling_args(req: ChatCompletionRequest | CompletionRequest, max_tokens: in
             args[name] = float(value)
     if req.top_k is not None:
         args["top_k"] = -1 if req.top_k <= 0 else int(req.top_k)
+    if req.logit_bias:
+        args["logit_bias"] = {int(k): float(v) for k, v in req.logit_bias.items()}
     return args
 
 

@@ -114,6 +114,8 @@ class _Sampling(_Body):
     n: int = 1
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    # token id (a string, as JSON keys are) -> bias added to its logit; the engine checks the ids
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     # Extensions most local servers accept (vLLM, llama.cpp, mistral.rs).
     top_k: int | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
@@ -132,6 +134,15 @@ class _Sampling(_Body):
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
         if isinstance(v, list) and len(v) > 4:
             raise ValueError("at most 4 stop sequences")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None:
+            bad = [k for k in v if not k.isdecimal()]
+            if bad:
+                raise ValueError(f"logit_bias keys must be token ids, got {bad[0][:20]!r}")
         return v
 
     def stop_list(self) -> tuple[str, ...]:

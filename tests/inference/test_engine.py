@@ -168,6 +168,7 @@ def test_bad_requests_fail_alone(tiny: Any) -> None:
         ([10**6], greedy()),
         (TARGET, SamplingParams(max_tokens=0)),
         (TARGET, SamplingParams(top_p=2.0)),
+        (TARGET, SamplingParams(logit_bias={10**6: 1.0})),  # an id outside the vocabulary
     ]:
         with pytest.raises(RequestError):
             engine.add_request(None, prompt, params)

@@ -110,9 +110,49 @@ def test_logprobs_top_n() -> None:
     assert res.logprobs[1] is None
 
 
+def test_logit_bias_moves_greedy_and_sampled_rows_alike() -> None:
+    logits = logits_rows(3, seed=9)
+    worst = [int(r.argmin()) for r in logits]
+    greedy = SamplingParams(temperature=0, logit_bias={worst[0]: 100.0})
+    sampled = SamplingParams(temperature=1.0, logit_bias={worst[1]: 100.0})
+    banned = int(logits[2].argmax())
+    res = Sampler()(
+        logits.clone(),
+        [req(greedy), req(sampled, seed=1), req(SamplingParams(temperature=0, logit_bias={banned: -100.0}))],
+    )
+    assert res.token_ids[:2] == worst[:2]
+    assert res.token_ids[2] == int(logits[2].topk(2).indices[1])  # the best is banned: the runner-up wins
+
+
+def test_logit_bias_cannot_bring_back_a_token_a_hook_refused() -> None:
+    def only_seven(output_ids, logits):
+        mask = torch.full_like(logits, float("-inf"))
+        mask[7] = 0
+        return logits + mask
+
+    params = SamplingParams(temperature=0, logits_processor=only_seven, logit_bias={3: 100.0})
+    assert Sampler()(logits_rows(1), [req(params)]).token_ids == [7]
+
+
+def test_logit_bias_is_additive_and_exact() -> None:
+    logits = logits_rows(1, seed=4)
+    top2 = logits[0].topk(2).indices.tolist()
+    gap = float(logits[0, top2[0]] - logits[0, top2[1]])
+    # just under the gap keeps the winner, just over it swaps them
+    under = SamplingParams(temperature=0, logit_bias={top2[1]: gap - 1e-3})
+    over = SamplingParams(temperature=0, logit_bias={top2[1]: gap + 1e-3})
+    assert Sampler()(logits.clone(), [req(under)]).token_ids == [top2[0]]
+    assert Sampler()(logits.clone(), [req(over)]).token_ids == [top2[1]]
+
+
 @pytest.mark.parametrize(
     "bad",
     [
+        {"logit_bias": {-1: 1.0}},
+        {"logit_bias": {3: 101.0}},
+        {"logit_bias": {3: float("inf")}},
+        {"logit_bias": {"3": 1.0}},
+        {"logit_bias": dict.fromkeys(range(2000), 1.0)},
         {"max_tokens": 0},
         {"temperature": -1},
         {"top_p": 0},

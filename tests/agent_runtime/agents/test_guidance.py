@@ -117,6 +117,9 @@ def test_words_split_case_styles_and_fold_plurals() -> None:
         "text",
         "file",
     ]
+    # words that only look plural keep their s, so "plus" still reaches a tool documented as "sum"
+    assert words("plus status analysis files") == ["plus", "status", "analysis", "file"]
+    assert _best("What's 1234 plus 5678?", [*TIME_TOOLS, *FS_TOOLS, SUM]) == "everything__get-sum"
 
 
 @pytest.mark.parametrize(
@@ -386,3 +389,54 @@ def test_routed_tools_come_with_the_task_so_every_run_shares_the_system_turn() -
     # without a task index the tools stay in the system turn, as before
     plain, _ = fmt.messages("Be brief.", FS_TOOLS, [example], history)
     assert FS_TOOLS[0].name in plain[0]["content"] and plain[-1]["content"] == "Read /tmp/a.txt"
+
+
+class _RecordingBackend:
+    """Records each stage's request and answers it with a fixed text (the model is not what is tested here)."""
+
+    supports_prefix = True
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.requests: list[Any] = []
+
+    async def generate(self, request: Any) -> Any:
+        from agent_runtime.agents.llm import GenerationChunk
+
+        self.requests.append(request)
+        yield GenerationChunk(self.text, self.text, True, "stop", 10, 3, 0)
+
+
+@pytest.mark.anyio
+async def test_the_decision_that_may_answer_is_biased_toward_the_last_results() -> None:
+    from agent_runtime.agents.guided import COPY_BIAS, COPY_RESULTS, guided_turn
+    from agent_runtime.agents.llm import GenerationRequest
+
+    context = GroundingContext()
+    context.add("How much did the monitor cost?")
+
+    async def decide(allow_answer: bool) -> Any:
+        backend = _RecordingBackend('answer": "329.50"}')
+        turn = guided_turn(
+            backend,
+            GenerationRequest(messages=[]),
+            TIME_TOOLS,
+            [TIME_TOOLS[0].name],
+            context,
+            allow_answer=allow_answer,
+            deadline=float("inf"),
+        )
+        async for _ in turn:
+            pass
+        return backend.requests[0]
+
+    first = await decide(True)
+    assert first.copy_text == "" and first.copy_bias == 0.0  # nothing seen yet: no bias
+    for n in range(COPY_RESULTS + 1):
+        context.add_result(f"result {n}: Monitor,hardware,329.50")
+    later = await decide(True)
+    assert later.copy_bias == COPY_BIAS > 0
+    assert later.copy_text.splitlines() == [f"result {n}: Monitor,hardware,329.50" for n in range(1, 3)]
+    assert "How much" not in later.copy_text  # the task is not a result
+    forced = await decide(False)  # a step that must call a tool is not biased toward what it read
+    assert forced.copy_bias == 0.0

@@ -205,3 +205,14 @@ async def test_config_errors_for_agents(tmp_path: Path, engine: Any) -> None:
             host.agent("a")
         with pytest.raises(Exception, match="no agent named 'b'"):
             host.agent("b")
+
+
+def test_copy_bias_lifts_the_word_tokens_of_a_result(engine: Any) -> None:
+    backend = LocalEngineBackend(engine, owns_engine=False)
+    text = "item,category,amount\nMonitor,hardware,329.50"
+    bias = backend._copy_bias(text, 2.0)
+    assert bias is not None and set(bias.values()) == {2.0}
+    decoded = {engine.tokenizer.decode([t]) for t in bias}
+    assert any("Monitor" in d for d in decoded) and any("3" in d for d in decoded)
+    assert not any(d.strip() in {",", ".", ""} for d in decoded)  # punctuation and spaces stay the model's
+    assert backend._copy_bias(text, 0.0) is None and backend._copy_bias("", 2.0) is None

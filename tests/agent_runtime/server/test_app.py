@@ -352,6 +352,23 @@ def test_sampling_parameters_are_applied(client: openai.OpenAI) -> None:
     assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in lp.content)
 
 
+def test_logit_bias_is_applied_and_checked(client: openai.OpenAI, engine: Any) -> None:
+    forced = engine.tokenizer.encode(" banana")[-1]
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Name a colour."}],
+        max_tokens=3,
+        temperature=0,
+        logit_bias={str(forced): 100},
+    )
+    assert r.choices[0].message.content == engine.tokenizer.decode([forced] * 3)
+    for bad in ({"banana": 1}, {str(forced): 101}, {"99999999": 1}):
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2, logit_bias=bad
+            )
+
+
 def test_completions_endpoint(client: openai.OpenAI, engine: Any) -> None:
     r = client.completions.create(
         model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0, logprobs=2
