@@ -16,7 +16,7 @@ import httpx2
 import mcp_types as types
 import structlog
 from mcp.client._transport import TransportStreams
-from mcp.client.streamable_http import streamable_http_client
+from mcp.client.streamable_http import LAST_EVENT_ID, MAX_RECONNECTION_ATTEMPTS, streamable_http_client
 from mcp.shared._httpx_utils import request_within_origin, sse_within_origin
 from mcp.shared.message import SessionMessage
 
@@ -44,53 +44,129 @@ class BodyTooLarge(httpx2.StreamError):
 
 
 class _WatchedByteStream(httpx2.AsyncByteStream):
-    def __init__(self, inner: httpx2.AsyncByteStream, on_lost: OnLost, limit: int | None = None) -> None:
+    """A response body that reports how it broke: `on_broken(saw_event_id)` on a network-level failure.
+
+    For an SSE body it notes whether any event carried an `id:` field (scanned at line starts, across chunk
+    boundaries): a stream that did can be resumed with Last-Event-ID, one that did not cannot.
+    """
+
+    def __init__(
+        self,
+        inner: httpx2.AsyncByteStream,
+        on_broken: Callable[[bool], None],
+        limit: int | None = None,
+        *,
+        sse: bool = False,
+    ) -> None:
         self._inner = inner
-        self._on_lost = on_lost
+        self._on_broken = on_broken
         self._limit = limit  # a cap on the whole body (JSON responses; SSE events are capped per event)
+        self._sse = sse
+        self.saw_event_id = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         seen = 0
+        tail = b"\n"  # the previous chunk's last bytes, so a field split across chunks is still found
         try:
             async for part in self._inner:
                 seen += len(part)
                 if self._limit is not None and seen > self._limit:
                     raise BodyTooLarge(None, self._limit)
+                if self._sse and not self.saw_event_id:
+                    window = tail + part
+                    self.saw_event_id = b"\nid:" in window or b"\rid:" in window
+                    tail = window[-3:]
                 yield part
-        except _LOST as exc:
-            self._on_lost(f"{type(exc).__name__}: {exc}")
+        except _LOST:
+            self._on_broken(self.saw_event_id)
             raise
 
     async def aclose(self) -> None:
         await self._inner.aclose()
 
 
-class _WatchdogTransport(httpx2.AsyncBaseTransport):
-    """Reports a dead server the moment any request or response stream fails at the network level.
+class _Resumptions:
+    """Failed resumptions per broken SSE stream, keyed by the Last-Event-ID they resume from.
 
-    The SDK's streamable HTTP client retries a broken response stream (resumption) for seconds and never
-    ends the session on its own; `on_lost` lets `connect` end it at once instead. A 404 to a request that
-    carries a session id means the server forgot the session (it restarted): also lost.
+    The SDK retries one broken stream MAX_RECONNECTION_ATTEMPTS times with the same Last-Event-ID (waiting
+    the server's `retry` before each) and then gives up on it; at the same count we declare the connection
+    lost. Bounded: a long session breaks many streams.
+    """
+
+    __slots__ = ("_failures",)
+    _KEEP = 256
+
+    def __init__(self) -> None:
+        self._failures: dict[str, int] = {}
+
+    def failed(self, last_event_id: str) -> bool:
+        """Count one failed attempt; True once the stream has used up its attempts."""
+        count = self._failures.pop(last_event_id, 0) + 1
+        self._failures[last_event_id] = count  # re-inserted: the dict's order is recency
+        while len(self._failures) > self._KEEP:
+            del self._failures[next(iter(self._failures))]
+        return count >= MAX_RECONNECTION_ATTEMPTS
+
+
+class _WatchdogTransport(httpx2.AsyncBaseTransport):
+    """Reports a dead server as soon as the network says so, but lets the SDK resume what can be resumed.
+
+    Lost at once: a connect error; any network failure of a request, or of a POST's response body that is
+    not a resumable SSE stream; a 404 to a request that carries a session id (the server forgot the
+    session: it restarted). Not lost: an SSE response body that broke after an event with an id, since the
+    SDK resumes it with a GET carrying Last-Event-ID after the server's `retry` (within the call's own
+    deadline); only when the resumptions of one stream keep failing (MAX_RECONNECTION_ATTEMPTS, the SDK's
+    own bound) is the connection lost. A broken standalone GET stream is reopened by the SDK, so how the
+    reopening goes decides. The 2026-07-28 era is stateless: servers send no event ids (nor response
+    headers before the first event), so nothing is resumable and a broken response stream is lost as before.
     """
 
     def __init__(self, on_lost: OnLost, max_body: int | None = None) -> None:
         self._inner = httpx2.AsyncHTTPTransport()
         self._on_lost = on_lost
         self._max_body = max_body
+        self._resumptions = _Resumptions()
+
+    def _resumption_failed(self, last_event_id: str, why: str) -> None:
+        log.info("SSE stream resumption failed", reason=why)
+        if self._resumptions.failed(last_event_id):
+            self._on_lost(f"could not resume a broken SSE stream ({why})")
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        # A GET carrying Last-Event-ID is the SDK resuming a broken stream.
+        resuming = request.headers.get(LAST_EVENT_ID) if request.method == "GET" else None
         try:
             response = await self._inner.handle_async_request(request)
+        except httpx2.ConnectError as exc:
+            self._on_lost(f"ConnectError: {exc}")
+            raise
         except _LOST as exc:
-            self._on_lost(f"{type(exc).__name__}: {exc}")
+            if resuming is not None:
+                self._resumption_failed(resuming, f"{type(exc).__name__}: {exc}")
+            else:
+                self._on_lost(f"{type(exc).__name__}: {exc}")
             raise
         if response.status_code == 404 and "mcp-session-id" in request.headers:
             self._on_lost("the server no longer knows this session (HTTP 404)")
+        elif resuming is not None and response.status_code >= 400:
+            self._resumption_failed(resuming, f"HTTP {response.status_code}")
         assert isinstance(response.stream, httpx2.AsyncByteStream)
-        limit = None
-        if response.headers.get("content-type", "").lower().startswith("application/json"):
-            limit = self._max_body
-        response.stream = _WatchedByteStream(response.stream, self._on_lost, limit)
+        content_type = response.headers.get("content-type", "").lower()
+        limit = self._max_body if content_type.startswith("application/json") else None
+
+        def on_broken(saw_event_id: bool) -> None:
+            if resuming is not None:
+                self._resumption_failed(resuming, "the resumed stream broke")
+            elif saw_event_id or request.method == "GET":
+                # The SDK resumes the one (Last-Event-ID) and reopens the other (the standalone stream, which
+                # carries no request): how that goes decides.
+                log.info("SSE stream broke; the client resumes or reopens it", url=str(request.url))
+            else:
+                self._on_lost("a response stream broke before any resumable event")
+
+        response.stream = _WatchedByteStream(
+            response.stream, on_broken, limit, sse=content_type.startswith("text/event-stream")
+        )
         return response
 
     async def aclose(self) -> None:
