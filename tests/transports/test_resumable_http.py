@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import httpx
 import mcp_types as types
 import pytest
 from anyio.abc import SocketAttribute, SocketStream
@@ -229,7 +230,7 @@ async def test_server_that_never_comes_back_is_connection_lost(how: str) -> None
 
 async def test_store_bounds_and_sessions() -> None:
     """Per-stream and total bounds evict the oldest (counted); a replay sends only what followed the id."""
-    store = BoundedEventStore(per_stream=3, total=5)
+    store = BoundedEventStore(per_stream=3, total=5, tail_seconds=0)
     note = types.JSONRPCNotification(jsonrpc="2.0", method="notifications/message", params={"n": 0})
 
     def message(n: int) -> types.JSONRPCNotification:
@@ -244,13 +245,73 @@ async def test_store_bounds_and_sessions() -> None:
     async def collect(event: Any) -> None:
         got.append(event.message.params["n"])
 
-    assert await store.replay_events_after(ids[2], collect) == "1"
+    await store.replay_events_after(ids[2], collect)
     assert got == [3, 4]
-    assert await store.replay_events_after(ids[0], collect) is None  # evicted: nothing to resume from
-    assert store.stats.refused == 1
+    await store.replay_events_after(ids[0], collect)  # evicted: nothing to resume from
+    assert got == [3, 4] and store.stats.refused == 1
     for n in range(3):
         await store.store_event("2", message(10 + n))
     assert store.stats.evicted == 2 + 1  # five in all: the oldest (n=2 of stream "1") went
     got.clear()
-    assert await store.replay_events_after(ids[3], collect) == "1"
+    await store.replay_events_after(ids[3], collect)
     assert got == [4]
+
+
+async def test_resumed_stream_tails_the_store_until_the_response() -> None:
+    """A resumption sends what is stored after its id, then each event as it is stored, and ends with the
+    request's response; a resumption from another session's event gets nothing."""
+    store = BoundedEventStore(tail_seconds=10)
+    primed = await store.store_event("7", None)
+    await store.store_event("7", types.JSONRPCNotification(jsonrpc="2.0", method="notifications/progress"))
+    got: list[Any] = []
+
+    async def collect(event: Any) -> None:
+        got.append(event.message)
+
+    async def later() -> None:
+        await store.store_event("7", types.JSONRPCNotification(jsonrpc="2.0", method="notifications/message"))
+        await store.store_event("7", types.JSONRPCResponse(jsonrpc="2.0", id=7, result={}))
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(later)
+            assert await store.replay_events_after(primed, collect) is None  # the SDK attaches no tail
+    assert [getattr(m, "method", "response") for m in got] == [
+        "notifications/progress",
+        "notifications/message",
+        "response",
+    ]
+    assert store.stats.replayed == 3 and store.stats.refused == 0
+
+
+async def test_sessions_cannot_resume_each_other() -> None:
+    """Through SessionScope, a stream stored under one session is not replayed to another."""
+    store = BoundedEventStore(tail_seconds=0)
+    ids: dict[str, str] = {}
+    replayed: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/open":
+            ids[scope["query_string"].decode()] = await store.store_event("1", None)
+            await store.store_event(
+                "1", types.JSONRPCNotification(jsonrpc="2.0", method="notifications/message")
+            )
+            sid = scope["query_string"]
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"mcp-session-id", sid)]})
+        else:
+
+            async def collect(event: Any) -> None:
+                replayed.append(scope["query_string"].decode())
+
+            await store.replay_events_after(ids["a"], collect)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    scoped = SessionScope(app)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=scoped), base_url="http://t") as http:
+        await http.get("/open?a")
+        await http.get("/open?b")
+        await http.get("/resume?b", headers={"mcp-session-id": "b"})
+        assert replayed == [] and store.stats.refused == 1
+        await http.get("/resume?a", headers={"mcp-session-id": "a"})
+        assert replayed == ["a"]
