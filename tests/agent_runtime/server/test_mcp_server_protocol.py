@@ -305,6 +305,18 @@ async def test_http_polling_flow_resumes_a_run_after_a_disconnect(tmp_path: Path
                     stolen = [e async for e in sse_events(r) if e.data]
             assert stolen == []  # another session's events are not replayed
 
+        # The SDK client over --http, on a session of its own with a level of its own.
+        levels: list[str] = []
+
+        async def on_log(params: types.LoggingMessageNotificationParams) -> None:
+            levels.append(params.level)
+
+        async with Client(url, mode="legacy", logging_callback=on_log) as client:
+            await client.set_logging_level("warning")
+            run = await client.call_tool("run_agent", {"task": "time?"})
+            assert not run.is_error and run.structured_content is not None
+            assert run.structured_content["steps"] == 2 and levels == []
+
 
 class FailingHost:
     """An agent host whose agent takes one step, then fails."""
@@ -336,3 +348,70 @@ async def test_2026_era_logs_only_what_the_request_opted_into(opt_in: str | None
         assert result.is_error
     expected = {"info": ["info", "error"], "error": ["error"], None: []}[opt_in]
     assert logs == expected
+
+
+class EngineHost:
+    """An agent host whose agent streams a long generation from a real engine, one step per output."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def names(self) -> list[str]:
+        return ["writer"]
+
+    def describe(self, name: str) -> str:
+        return "writes at length"
+
+    async def stream(self, name: str, messages: list[dict[str, Any]]) -> AsyncIterator[AgentChunk]:
+        from inference.params import SamplingParams
+
+        params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+        async for out in self.engine.generate(messages[-1]["content"], params):
+            yield AgentChunk("step", text=f"{len(out.token_ids)} tokens")
+        yield AgentChunk("final", text="done", data={"finish_reason": "stop"})
+
+
+async def test_host_cancel_frees_the_engine_sequence(tmp_path: Path) -> None:
+    """notifications/cancelled for a run_agent on a local engine: the run's engine request is aborted and its
+    KV blocks freed; the server answers the next call."""
+    from inference.async_engine import AsyncEngine
+    from inference.config import EngineConfig
+    from inference.engine import LLMEngine
+    from inference.loader import load_model
+    from tests.inference.test_hf_equivalence import build_tiny_model
+
+    build_tiny_model(tmp_path, "qwen3", seed=2)
+    config = EngineConfig(num_blocks=200, max_model_len=512)
+    async with AsyncEngine(LLMEngine(load_model(str(tmp_path), dtype="float32"), config)) as engine:
+        blocks = engine.engine.block_manager
+        free = blocks.num_free_blocks
+        server = AgentMCPServer(EngineHost(engine))  # type: ignore[arg-type]  # EngineHost.stream: an async generator
+        steps = 0
+        running = anyio.Event()
+
+        async def on_progress(value: float, total: float | None, message: str | None) -> None:
+            nonlocal steps
+            steps += 1
+            if steps == 3:
+                running.set()
+
+        async with Client(server.server, mode="legacy") as client:
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as tg:
+
+                    async def doomed() -> None:
+                        await client.call_tool(
+                            "run_agent", {"task": "Paged attention keeps"}, progress_callback=on_progress
+                        )
+
+                    tg.start_soon(doomed)
+                    await running.wait()
+                    assert blocks.num_free_blocks < free  # the run holds KV blocks
+                    tg.cancel_scope.cancel()
+                while engine.engine.has_unfinished() or blocks.num_free_blocks != free:  # noqa: ASYNC110 - the step thread's state
+                    await anyio.sleep(0.01)
+                listed = await client.call_tool("list_agents", {})
+        assert listed.structured_content == {
+            "agents": [{"name": "writer", "description": "writes at length"}]
+        }
+        assert steps < 400  # stopped mid-way, not run to the end
