@@ -92,6 +92,8 @@ class Seen:
     resumes: list[tuple[float, str]] = field(default_factory=list)
     answers: int = 0  # SSE data carrying the slow tool's answer, over every connection
     refuse_resumptions: bool = False
+    close_now: anyio.Event | None = None  # set: the tool closes its own SSE stream when this fires
+    closed: anyio.Event = field(default_factory=anyio.Event)
 
 
 def _app(seen: Seen, store: BoundedEventStore) -> Any:
@@ -103,6 +105,11 @@ def _app(seen: Seen, store: BoundedEventStore) -> Any:
     ) -> types.CallToolResult:
         seen.calls += 1
         seen.started.set()
+        if seen.close_now is not None:  # the polling flow: the server ends the stream itself, mid-call
+            await seen.close_now.wait()
+            assert ctx.close_sse_stream is not None  # offered with an event store to 2025-11-25 clients
+            await ctx.close_sse_stream()
+            seen.closed.set()
         await seen.release.wait()
         return types.CallToolResult(content=[types.TextContent(text="answer-7f3a")])
 
@@ -154,8 +161,12 @@ def _target(proxy: Proxy) -> HttpTarget:
     return HttpTarget(url=f"http://127.0.0.1:{proxy.port}/mcp", connect_timeout=5.0, read_timeout=30.0)
 
 
-async def test_broken_stream_is_resumed_and_answered_once() -> None:
+@pytest.mark.parametrize("how", ["cut", "close"])
+async def test_broken_stream_is_resumed_and_answered_once(how: str) -> None:
+    """`cut`: the network breaks the call's stream; `close`: the server ends it (the polling flow)."""
     seen, store = Seen(), BoundedEventStore()
+    if how == "close":
+        seen.close_now = anyio.Event()
     async with resumable_server(seen, store) as proxy:
         async with connect(_target(proxy), startup_timeout=20) as conn:
             proxy.primed = anyio.Event()  # initialize's stream was primed too: wait for the call's
@@ -170,7 +181,12 @@ async def test_broken_stream_is_resumed_and_answered_once() -> None:
                     await seen.started.wait()
                     await proxy.primed.wait()  # the POST stream has carried its priming event (id + retry)
                 cut_at = time.monotonic()
-                proxy.cut()
+                if seen.close_now is not None:
+                    seen.close_now.set()
+                    with anyio.fail_after(10):
+                        await seen.closed.wait()
+                else:
+                    proxy.cut()
                 with anyio.fail_after(10):
                     await seen.resumed.wait()
                 assert not conn.closed.is_set()  # a resumable break is not a lost connection
@@ -183,7 +199,7 @@ async def test_broken_stream_is_resumed_and_answered_once() -> None:
             assert last_event_id and at - cut_at >= RETRY_MS / 1000  # the server's retry, not the 1 s default
             assert store.stats.stored >= 2 and store.stats.refused == 0
             assert not conn.closed.is_set()
-            seen.calls, seen.started, seen.release = 0, anyio.Event(), anyio.Event()
+            seen.calls, seen.started, seen.release, seen.close_now = 0, anyio.Event(), anyio.Event(), None
             seen.release.set()
             again = await conn.call_tool("slow", {}, timeout=10)  # the connection is still good
             assert not again.is_error and seen.calls == 1
