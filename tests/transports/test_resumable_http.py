@@ -93,6 +93,7 @@ class Seen:
     answers: int = 0  # SSE data carrying the slow tool's answer, over every connection
     refuse_resumptions: bool = False
     close_now: anyio.Event | None = None  # set: the tool closes its own SSE stream when this fires
+    modern: bool = False  # serve 2026-07-28 too (by default the server is 2025-11-25 only)
     closed: anyio.Event = field(default_factory=anyio.Event)
 
 
@@ -118,7 +119,7 @@ def _app(seen: Seen, store: BoundedEventStore) -> Any:
 
     async def recording(scope: dict[str, Any], receive: Any, send: Any) -> None:
         headers = dict(scope.get("headers", ()))
-        if headers.get(b"mcp-protocol-version", b"").decode() in MODERN_PROTOCOL_VERSIONS:
+        if not seen.modern and headers.get(b"mcp-protocol-version", b"").decode() in MODERN_PROTOCOL_VERSIONS:
             # A 2025-11-25 server, as TypeScript servers are: the 2026-07-28 era has no event ids to resume
             # from, so the client must fall back to the era that has them.
             await PlainTextResponse("unsupported protocol version", status_code=400)(scope, receive, send)
@@ -331,3 +332,29 @@ async def test_sessions_cannot_resume_each_other() -> None:
         assert replayed == [] and store.stats.refused == 1
         await http.get("/resume?a", headers={"mcp-session-id": "a"})
         assert replayed == ["a"]
+
+
+async def test_2026_era_stream_break_is_not_resumed() -> None:
+    """2026-07-28 is stateless: no event ids, nothing to resume; a broken call fails as sent and the
+    connection is declared lost at once (the supervisor reconnects), with no GET ever made."""
+    seen, store = Seen(modern=True), BoundedEventStore()
+    async with resumable_server(seen, store) as proxy:
+        async with connect(_target(proxy), startup_timeout=20) as conn:
+            assert conn.protocol_version == "2026-07-28"
+            errors: list[ConnectionLost] = []
+
+            async def call() -> None:
+                try:
+                    await conn.call_tool("slow", {}, timeout=30)
+                except ConnectionLost as exc:
+                    errors.append(exc)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call)
+                with anyio.fail_after(10):
+                    await seen.started.wait()
+                proxy.cut()
+                with anyio.fail_after(5):
+                    await conn.closed.wait()
+            assert len(errors) == 1 and errors[0].sent
+            assert seen.resumes == [] and store.stats.stored == 0
