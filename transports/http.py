@@ -8,6 +8,7 @@ JSON response body (which the SDK would read whole, however large), cut while it
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator, Callable, Mapping
 from urllib.parse import urljoin, urlparse
 
@@ -32,6 +33,7 @@ OnLost = Callable[[str], None]
 
 # Errors that mean the server (or the network path to it) is gone; timeouts are not among them, since an
 # idle SSE stream may legitimately hit the read timeout.
+MAX_RETRY_MS = 60_000  # the longest SSE `retry` a server may make us wait before resuming a stream
 _LOST = (httpx2.ConnectError, httpx2.ReadError, httpx2.WriteError, httpx2.RemoteProtocolError)
 
 
@@ -43,11 +45,51 @@ class BodyTooLarge(httpx2.StreamError):
         super().__init__(too_large_reason(size, limit))
 
 
+class RetryCap:
+    """Rewrites SSE `retry:` fields above `cap_ms` down to it, across chunk boundaries; the rest passes as is.
+
+    The SDK sleeps whatever `retry` a server sends before resuming a stream (a hostile one could send days);
+    capped, every wait stays bounded. Only a line that may still turn out to be a `retry:` field is held
+    back while it is incomplete, so events are not delayed.
+    """
+
+    __slots__ = ("_cap", "_carry", "_line_start")
+    _FIELD = re.compile(rb"([\r\n])retry: ?(\d+)")
+
+    def __init__(self, cap_ms: int) -> None:
+        self._cap = cap_ms
+        self._carry = b""
+        self._line_start = True
+
+    def feed(self, part: bytes) -> bytes:
+        data = self._carry + part
+        self._carry = b""
+        cut = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+        tail = data[cut:]
+        if (cut > 0 or self._line_start) and b"retry:".startswith(tail[:6]) and len(tail) < 32:
+            self._carry, data = tail, data[:cut]  # may be an unfinished `retry:` line: hold it
+        if b"retry:" in data:
+            data = self._FIELD.sub(self._capped, (b"\n" if self._line_start else b"x") + data)[1:]
+        if data:
+            self._line_start = data.endswith((b"\n", b"\r"))
+        return data
+
+    def flush(self) -> bytes:
+        rest, self._carry = self._carry, b""
+        return rest
+
+    def _capped(self, match: re.Match[bytes]) -> bytes:
+        if int(match.group(2)) <= self._cap:
+            return match.group(0)
+        return match.group(1) + b"retry: " + str(self._cap).encode()
+
+
 class _WatchedByteStream(httpx2.AsyncByteStream):
     """A response body that reports how it broke: `on_broken(saw_event_id)` on a network-level failure.
 
     For an SSE body it notes whether any event carried an `id:` field (scanned at line starts, across chunk
-    boundaries): a stream that did can be resumed with Last-Event-ID, one that did not cannot.
+    boundaries): a stream that did can be resumed with Last-Event-ID, one that did not cannot; and it caps
+    the server's `retry` (RetryCap).
     """
 
     def __init__(
@@ -61,7 +103,7 @@ class _WatchedByteStream(httpx2.AsyncByteStream):
         self._inner = inner
         self._on_broken = on_broken
         self._limit = limit  # a cap on the whole body (JSON responses; SSE events are capped per event)
-        self._sse = sse
+        self._retry = RetryCap(MAX_RETRY_MS) if sse else None
         self.saw_event_id = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -72,11 +114,17 @@ class _WatchedByteStream(httpx2.AsyncByteStream):
                 seen += len(part)
                 if self._limit is not None and seen > self._limit:
                     raise BodyTooLarge(None, self._limit)
-                if self._sse and not self.saw_event_id:
-                    window = tail + part
-                    self.saw_event_id = b"\nid:" in window or b"\rid:" in window
-                    tail = window[-3:]
+                if self._retry is not None:
+                    if not self.saw_event_id:
+                        window = tail + part
+                        self.saw_event_id = b"\nid:" in window or b"\rid:" in window
+                        tail = window[-3:]
+                    part = self._retry.feed(part)
+                    if not part:
+                        continue
                 yield part
+            if self._retry is not None and (rest := self._retry.flush()):
+                yield rest
         except _LOST:
             self._on_broken(self.saw_event_id)
             raise

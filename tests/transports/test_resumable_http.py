@@ -27,6 +27,7 @@ from starlette.responses import PlainTextResponse
 from agent_runtime.cli.common import bind_socket, uvicorn_server
 from agent_runtime.server.event_store import BoundedEventStore, SessionScope
 from transports import ConnectionLost, HttpTarget, connect
+from transports.http import RetryCap
 
 pytestmark = pytest.mark.anyio
 RETRY_MS = 1500  # above the SDK's 1 s default, so a wait this long shows the server's `retry` was honoured
@@ -358,3 +359,23 @@ async def test_2026_era_stream_break_is_not_resumed() -> None:
                     await conn.closed.wait()
             assert len(errors) == 1 and errors[0].sent
             assert seen.resumes == [] and store.stats.stored == 0
+
+
+def test_retry_cap_rewrites_only_long_retry_fields_at_any_chunk_split() -> None:
+    """A hostile `retry` is cut to the cap wherever the chunks split the stream; nothing else changes."""
+    stream = (
+        b"id: a1\r\nretry: 999999999\r\ndata: \r\n\r\n"
+        b'event: message\r\nid: a2\r\ndata: {"retry: 999999999": 1}\r\n\r\n'
+        b"retry:500\n\nretry: 70000\n"
+    )
+    expected = (
+        b"id: a1\r\nretry: 60000\r\ndata: \r\n\r\n"
+        b'event: message\r\nid: a2\r\ndata: {"retry: 999999999": 1}\r\n\r\n'
+        b"retry:500\n\nretry: 60000\n"
+    )
+    for split in range(len(stream) + 1):
+        for second in (split, min(split + 3, len(stream))):
+            cap = RetryCap(60_000)
+            parts = (stream[:split], stream[split:second], stream[second:])
+            out = b"".join(cap.feed(p) for p in parts) + cap.flush()
+            assert out == expected, (split, second)
