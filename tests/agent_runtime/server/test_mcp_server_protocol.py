@@ -317,6 +317,24 @@ async def test_http_polling_flow_resumes_a_run_after_a_disconnect(tmp_path: Path
             assert not run.is_error and run.structured_content is not None
             assert run.structured_content["steps"] == 2 and levels == []
 
+        # A host cancels a run over HTTP: 2025-era by notifications/cancelled (a POST), 2026-era by closing
+        # the request's stream. Either way the run stops: its model request is dropped.
+        for mode, hold_at in (("legacy", 5), ("auto", 6)):
+            model.script[hold_at] = "hold"
+            model.holding, model.release, model.hung_up = anyio.Event(), anyio.Event(), anyio.Event()
+            async with Client(url, mode=mode) as client:  # type: ignore[arg-type]  # mode: a ConnectMode literal
+                with anyio.fail_after(30):
+                    async with anyio.create_task_group() as tg:
+
+                        async def doomed() -> None:
+                            await client.call_tool("run_agent", {"task": "time?"})
+
+                        tg.start_soon(doomed)
+                        await model.holding.wait()
+                        tg.cancel_scope.cancel()
+                    await model.hung_up.wait()
+                    assert (await client.call_tool("list_agents", {})).structured_content is not None
+
 
 class FailingHost:
     """An agent host whose agent takes one step, then fails."""
