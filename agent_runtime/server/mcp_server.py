@@ -24,6 +24,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from agent_runtime import __version__
 from agent_runtime.server.agents import ServedAgents
+from policies.secrets import redact
 
 log = structlog.get_logger(__name__)
 
@@ -86,16 +87,19 @@ class AgentMCPServer:
     def log_level(self, ctx: ServerRequestContext[Any]) -> types.LoggingLevel:
         return self._log_levels.get(_connection_key(ctx), DEFAULT_LOG_LEVEL)
 
-    async def _host_log(self, ctx: ServerRequestContext[Any], level: types.LoggingLevel, data: Any) -> None:
+    async def _host_log(
+        self, ctx: ServerRequestContext[Any], level: types.LoggingLevel, data: dict[str, Any]
+    ) -> None:
         """A `notifications/message` on this request's stream, if the host wants that level: on 2025-era
         connections at or above its logging/setLevel (default info), on 2026-07-28 only at or above the
-        level the request itself opted into (its `_meta`), as that era asks."""
+        level the request itself opted into (its `_meta`), as that era asks. Its message is redacted."""
         if level not in allowed_log_levels(ctx.protocol_version, ctx.meta):
             return
         if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS and _LEVELS.index(level) < _LEVELS.index(
             self.log_level(ctx)
         ):
             return
+        data = {**data, "message": redact(str(data.get("message", "")))}
         notification = types.LoggingMessageNotification(
             params=types.LoggingMessageNotificationParams(level=level, data=data, logger=LOGGER)
         )

@@ -347,7 +347,8 @@ class FailingHost:
 
     async def stream(self, name: str, messages: list[dict[str, Any]]) -> AsyncIterator[AgentChunk]:
         yield AgentChunk("step", text="step 1: calling a tool")
-        yield AgentChunk("final", text="(no answer: error: the model broke)", data={"finish_reason": "error"})
+        text = "(no answer: error: the model broke, key sk-live0123456789abcdefXYZ)"
+        yield AgentChunk("final", text=text, data={"finish_reason": "error"})
 
 
 @pytest.mark.parametrize("opt_in", ["info", "error", None])
@@ -356,9 +357,11 @@ async def test_2026_era_logs_only_what_the_request_opted_into(opt_in: str | None
     `_meta` asked for, and none without one."""
     server = AgentMCPServer(FailingHost())  # type: ignore[arg-type]  # FailingHost.stream: an async generator
     logs: list[str] = []
+    messages: list[str] = []
 
     async def on_log(params: types.LoggingMessageNotificationParams) -> None:
         logs.append(params.level)
+        messages.append(params.data["message"])
 
     async with Client(server.server, logging_callback=on_log, log_level=opt_in) as client:  # type: ignore[arg-type]  # opt_in: a LoggingLevel or None
         assert client.protocol_version == "2026-07-28"
@@ -366,6 +369,8 @@ async def test_2026_era_logs_only_what_the_request_opted_into(opt_in: str | None
         assert result.is_error
     expected = {"info": ["info", "error"], "error": ["error"], None: []}[opt_in]
     assert logs == expected
+    if opt_in is not None:  # the failure is told, its secret is not
+        assert "the model broke" in messages[-1] and "sk-live" not in messages[-1]
 
 
 class EngineHost:
