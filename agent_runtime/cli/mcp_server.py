@@ -4,6 +4,7 @@ streamable HTTP on 127.0.0.1 with `--http PORT`. Exits on stdin EOF and stops ev
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Any
@@ -21,6 +22,9 @@ from agent_runtime.cli.common import (
     uvicorn_server,
 )
 from agent_runtime.config import RuntimeConfig, default_config_path, load_config
+from agent_runtime.logging import get_logger
+
+log = get_logger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +91,8 @@ async def _serve_stdio(args: argparse.Namespace, config: RuntimeConfig | None, m
 async def _serve_http(args: argparse.Namespace, config: RuntimeConfig | None, model: Any) -> int:
     # the MCP SDK's server side, torch and the agent loop: see _serve_stdio
     from agent_runtime.server.agent_host import open_agent_host
-    from agent_runtime.server.mcp_server import AgentMCPServer
+    from agent_runtime.server.event_store import BoundedEventStore, SessionScope
+    from agent_runtime.server.mcp_server import RETRY_MS, AgentMCPServer
     from agent_runtime.server.security import SecurityMiddleware, SecuritySettings
 
     security = SecuritySettings(
@@ -100,9 +105,18 @@ async def _serve_http(args: argparse.Namespace, config: RuntimeConfig | None, mo
     async with open_agent_host(config, model=model, preload=True) as host:
         runtime = host.runtime if host is not None else None
         mcp = AgentMCPServer(host, runtime, reexport=args.expose_tools)
-        # The SDK app adds its own Host/Origin checks for 127.0.0.1; ours adds the key and body limit.
-        app = SecurityMiddleware(mcp.server.streamable_http_app(host="127.0.0.1"), security)
+        # The SDK app adds its own Host/Origin checks for 127.0.0.1; ours adds the key and body limit. Its
+        # SSE streams are resumable: each opens with a priming event (an id and `retry`), and a host that
+        # lost one resumes it with Last-Event-ID from the event store (bounded, one scope per session).
+        events = BoundedEventStore()
+        sdk_app = mcp.server.streamable_http_app(
+            host="127.0.0.1", event_store=events, retry_interval=RETRY_MS
+        )
+        app = SecurityMiddleware(SessionScope(sdk_app), security)
         uv = uvicorn_server(app)
         print(f"LISTENING {url_of(sock)}/mcp", flush=True)
-        await uv.serve(sockets=[sock])
+        try:
+            await uv.serve(sockets=[sock])
+        finally:
+            log.info("SSE event store", **dataclasses.asdict(events.stats))
     return 0

@@ -1,29 +1,41 @@
 """MCP server mode: agents served to MCP hosts (Claude Desktop) as `run_agent` / `list_agents`, with agent steps
-as progress notifications, optionally re-exporting the connected servers' tools under their namespaced names."""
+as progress and log notifications (the host may cancel a run), optionally re-exporting the connected servers'
+tools under their namespaced names."""
 
 from __future__ import annotations
 
 import json
+import warnings
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import aclosing
-from typing import Any
+from typing import Any, get_args
 
+import anyio
 import mcp_types as types
 import structlog
+from mcp.server.connection import allowed_log_levels
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import NotificationOptions, Server
 from mcp.server.stdio import stdio_server
-from mcp.shared.exceptions import MCPError
+from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from mcp_types import INVALID_PARAMS
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from agent_runtime import __version__
 from agent_runtime.server.agents import ServedAgents
+from policies.secrets import redact
 
 log = structlog.get_logger(__name__)
 
 RUN_AGENT = "run_agent"
 LIST_AGENTS = "list_agents"
 OWN_TOOLS = (RUN_AGENT, LIST_AGENTS)
+LOGGER = "agent-runtime"  # the `logger` of our log notifications
+DEFAULT_LOG_LEVEL: types.LoggingLevel = "info"  # until the host sends logging/setLevel
+_LEVELS: tuple[types.LoggingLevel, ...] = get_args(types.LoggingLevel)  # severity ascending (RFC 5424)
+RETRY_MS = 1000  # the SSE `retry` (ms) we ask hosts to wait before resuming a broken stream (--http)
+_MAX_LEVELS_KEPT = 1024  # connections whose level we remember (HTTP sessions come and go)
 
 
 def _text(text: str, *, error: bool = False, structured: Any = None) -> types.CallToolResult:
@@ -41,16 +53,57 @@ class AgentMCPServer:
         self.agents = agents
         self.runtime = runtime
         self.reexport = reexport and runtime is not None
-        self.server: Server[Any] = Server(
-            "agent-runtime",
-            version=__version__,
-            instructions="Run agent-runtime's tool-using agents on a task (run_agent); list_agents names them.",
-            on_list_tools=self._list_tools,
-            on_call_tool=self._call_tool,
-        )
+        # The level each connection asked for (key: its HTTP session id; None for stdio and in-process).
+        self._log_levels: OrderedDict[str | None, types.LoggingLevel] = OrderedDict()
+        with warnings.catch_warnings():
+            # logging/setLevel is deprecated from 2026-07-28 on, but 2025-era hosts (most of them) use it.
+            warnings.simplefilter("ignore", MCPDeprecationWarning)
+            self.server: Server[Any] = Server(
+                "agent-runtime",
+                version=__version__,
+                instructions="Run agent-runtime's tool-using agents on a task (run_agent); list_agents names "
+                "them.",
+                on_list_tools=self._list_tools,
+                on_call_tool=self._call_tool,
+                on_set_logging_level=self._set_log_level,
+            )
 
     def initialization_options(self) -> Any:
         return self.server.create_initialization_options(NotificationOptions(tools_changed=self.reexport))
+
+    # -- logging --------------------------------------------------------------------------------------------
+
+    async def _set_log_level(
+        self, ctx: ServerRequestContext[Any], params: types.SetLevelRequestParams
+    ) -> types.EmptyResult:
+        key = _connection_key(ctx)
+        self._log_levels.pop(key, None)
+        self._log_levels[key] = params.level
+        while len(self._log_levels) > _MAX_LEVELS_KEPT:
+            self._log_levels.popitem(last=False)
+        log.info("host set the log level", level=params.level)
+        return types.EmptyResult()
+
+    def log_level(self, ctx: ServerRequestContext[Any]) -> types.LoggingLevel:
+        return self._log_levels.get(_connection_key(ctx), DEFAULT_LOG_LEVEL)
+
+    async def _host_log(
+        self, ctx: ServerRequestContext[Any], level: types.LoggingLevel, data: dict[str, Any]
+    ) -> None:
+        """A `notifications/message` on this request's stream, if the host wants that level: on 2025-era
+        connections at or above its logging/setLevel (default info), on 2026-07-28 only at or above the
+        level the request itself opted into (its `_meta`), as that era asks. Its message is redacted."""
+        if level not in allowed_log_levels(ctx.protocol_version, ctx.meta):
+            return
+        if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS and _LEVELS.index(level) < _LEVELS.index(
+            self.log_level(ctx)
+        ):
+            return
+        data = {**data, "message": redact(str(data.get("message", "")))}
+        notification = types.LoggingMessageNotification(
+            params=types.LoggingMessageNotificationParams(level=level, data=data, logger=LOGGER)
+        )
+        await ctx.session.send_notification(notification, related_request_id=ctx.request_id)
 
     # -- tools/list -----------------------------------------------------------------------------------------
 
@@ -138,15 +191,26 @@ class AgentMCPServer:
                 async for item in run:
                     if item.kind == "step":
                         step += 1
-                        await ctx.session.report_progress(step, None, item.text[:1000] or None)
+                        text = item.text[:1000]
+                        await ctx.session.report_progress(step, None, text or None)
+                        await self._host_log(ctx, "info", {"agent": agent, "step": step, "message": text})
                     elif item.kind == "final":
                         final = item
+        except anyio.get_cancelled_exc_class():
+            # The host cancelled (notifications/cancelled) or went away: the agent's generator has been closed
+            # (its model request aborted, its engine sequence freed); nothing more goes to the host for it.
+            log.info("agent run cancelled", agent=agent, steps=step)
+            raise
         except Exception as exc:
             # A user-facing error (model or tool layer) is the tool's result, not a protocol failure.
             if not getattr(exc, "user_facing", False):
                 log.exception("agent run failed", agent=agent)
+            await self._host_log(ctx, "error", {"agent": agent, "step": step, "message": f"failed: {exc}"})
             return _text(f"agent {agent!r} failed: {exc}", error=True)
         if final is None:
+            await self._host_log(
+                ctx, "error", {"agent": agent, "step": step, "message": "ended without an answer"}
+            )
             return _text(f"agent {agent!r} ended without an answer", error=True)
         failed = final.data.get("finish_reason") not in (None, "stop")
         structured = {
@@ -155,6 +219,14 @@ class AgentMCPServer:
             "steps": step,
             **{k: v for k, v in final.data.items() if k != "answer"},
         }
+        finish = final.data.get("finish_reason") or "stop"
+        outcome = final.data.get("stop_reason") or finish
+        message = f"finished ({outcome}) after {step} steps"
+        level: types.LoggingLevel = "info"
+        if failed:  # an error ends at error level, a limit (steps, time) at warning
+            level = "error" if finish == "error" else "warning"
+            message += f": {final.text[:500]}"
+        await self._host_log(ctx, level, {"agent": agent, "step": step, "message": message})
         return _text(final.text, error=failed, structured=structured)
 
     async def _forward(self, name: str, args: dict[str, Any]) -> types.CallToolResult:
@@ -173,6 +245,13 @@ class AgentMCPServer:
             if getattr(exc, "user_facing", False):
                 return _text(str(exc), error=True)
             raise
+
+
+def _connection_key(ctx: ServerRequestContext[Any]) -> str | None:
+    """Which host connection a request came on: its HTTP session id (None on stdio and in-process, one
+    connection each)."""
+    headers = getattr(ctx.request, "headers", None)
+    return headers.get("mcp-session-id") if headers is not None else None
 
 
 async def serve_stdio(server: AgentMCPServer) -> None:
