@@ -1,4 +1,5 @@
-"""How to open an MCP session to one server: stdio, streamable HTTP, legacy SSE, WebSocket.
+"""How to open an MCP session to one server: stdio, streamable HTTP, legacy SSE, WebSocket (`connect`, in
+`transports.connection`: the module is not named after the function, so `transports.connect` is always it).
 
 Only the target types load eagerly; the rest imports the MCP SDK (about a second of cold start), so it
 loads on first use. Config-only CLI paths stay fast.
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from transports.targets import HttpTarget, StdioTarget, Target, WebSocketTarget
 
 if TYPE_CHECKING:
-    from transports.connect import Connection, connect
+    from transports.connection import Connection, connect
     from transports.errors import (
         CallTimeout,
         ConnectError,
@@ -24,8 +25,8 @@ if TYPE_CHECKING:
     from transports.stdio import StderrRing
 
 _LAZY = {
-    "Connection": "transports.connect",
-    "connect": "transports.connect",
+    "Connection": "transports.connection",
+    "connect": "transports.connection",
     "CallTimeout": "transports.errors",
     "ConnectError": "transports.errors",
     "ConnectionLost": "transports.errors",

@@ -393,7 +393,7 @@ class Supervisor:
 
     async def _attempt(self, slot: _Slot) -> bool:
         """One connection: connect, list tools, serve until the transport closes or stop. True if it got ready."""
-        from transports.connect import connect  # the function: `transports.connect` is also its module
+        from transports.connection import connect
 
         cfg = slot.config
         st = slot.status

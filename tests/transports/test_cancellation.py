@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import EXAMPLES, PYTHON
 from transports import Connection, HttpTarget, StdioTarget
-from transports.connect import connect
+from transports.connection import connect
 from transports.errors import CallTimeout
 
 pytestmark = pytest.mark.anyio

@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import EXAMPLES, PYTHON
 from tests.transports.conftest import EVERYTHING, needs_everything
 from transports import StdioTarget, connect
-from transports.connect import PAGE_CAP
+from transports.connection import PAGE_CAP
 from transports.errors import CapabilityMissing, ResourceTooLarge, ServerRequestError
 
 pytestmark = pytest.mark.anyio
