@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import stat
+import sys
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx2
+import keyring
+import keyring.backend
+import keyring.errors
 import pytest
 import structlog
 from mcp.shared.auth import OAuthToken
@@ -232,11 +236,57 @@ async def test_client_id_metadata_document_instead_of_registration(tmp_path: Pat
         assert query_of(seen[0])["client_id"] == doc
 
 
-async def test_keyring_store_without_the_package_is_a_typed_error(tmp_path: Path) -> None:
+async def test_keyring_store_without_the_package_is_a_typed_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "keyring", None)  # what `import keyring` meets where it is not installed
     async with auth_and_server() as (_auth, server):
         target = HttpTarget(url=server.url, oauth=OAuthSettings(keyring_key="srv"), connect_timeout=5)
         with pytest.raises(TokenStoreError, match="keyring"):
             await call_echo(target)
+
+
+class _MemoryKeyring(keyring.backend.KeyringBackend):
+    """A keyring backend held in memory: the `keyring` package's own API, with no OS service behind it here."""
+
+    priority = 1  # type: ignore[assignment]  # keyring declares it as a classproperty
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.items: dict[tuple[str, str], str] = {}
+
+    def get_password(self, service: str, username: str) -> str | None:
+        return self.items.get((service, username))
+
+    def set_password(self, service: str, username: str, password: str) -> None:
+        self.items[(service, username)] = password
+
+    def delete_password(self, service: str, username: str) -> None:
+        if self.items.pop((service, username), None) is None:
+            raise keyring.errors.PasswordDeleteError(username)
+
+
+async def test_keyring_store_keeps_the_tokens_in_the_keyring_and_nothing_on_disk(tmp_path: Path) -> None:
+    backend = _MemoryKeyring()
+    previous = keyring.get_keyring()
+    keyring.set_keyring(backend)
+    try:
+        async with auth_and_server() as (_auth, server):
+            settings = OAuthSettings(keyring_key="srv", login_hint="log in")
+            target = HttpTarget(url=server.url, oauth=settings, connect_timeout=5, read_timeout=10)
+            grant = await login(target, open_url=browser, timeout=20)
+            assert grant.state() == "valid"
+            assert await call_echo(target) == "hi"
+            [(service, key)] = backend.items
+            record = json.loads(backend.items[(service, key)])
+            assert record["tokens"]["access_token"] == server.seen_tokens[-1]
+            assert token_store(target).path is None  # a keyring store, no file behind it
+            token_store(target).delete()
+            assert backend.items == {}
+            with pytest.raises(AuthRequired):
+                await call_echo(target)
+    finally:
+        keyring.set_keyring(previous)
 
 
 async def test_client_secret_goes_only_to_the_configured_issuer(tmp_path: Path) -> None:
