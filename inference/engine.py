@@ -27,7 +27,7 @@ from inference.params import OutputKind, SamplingParams
 from inference.sampler import Sampler
 from inference.scheduler import Scheduler
 from inference.sequence import Sequence
-from inference.xlora import XLoRAAdapter
+from inference.xlora import XLoRAAdapter, read_any_adapter
 
 if TYPE_CHECKING:
     from inference.loader import LoadedModel
@@ -104,7 +104,7 @@ class LLMEngine:
         )
         self.runner.lora = self.lora
         for name, path in (adapters or {}).items():
-            self.lora.load(name, path)
+            self.lora.add(read_any_adapter(name, path, cfg))
         self.block_manager = BlockManager(
             blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
         )
@@ -368,7 +368,7 @@ class LLMEngine:
         if isinstance(path, (LoRAAdapter, XLoRAAdapter)):
             self.lora.add(path)
         else:
-            self.lora.load(name, path)
+            self.lora.add(read_any_adapter(name, path, self.model_config))
         return next(a for a in self.lora.describe() if a.name == name)
 
     def unload_adapter(self, name: str) -> bool:

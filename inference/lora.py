@@ -11,7 +11,9 @@ or `alpha / sqrt(r)` with rsLoRA) folded into `B`. Then one layer's update for r
 them resident on the model's device (least recently used evicted first), and hooks the four projections of every
 layer: before a step the model runner orders the batch so that each adapter's rows are contiguous (`begin_step`),
 and each hooked projection adds `(x[a:b] @ A) @ B` to its output rows `a:b`, one pair of small matmuls per adapter
-in the step (a segmented gather-matmul). Rows without an adapter cost nothing.
+in the step (a segmented gather-matmul). Rows without an adapter cost nothing. An X-LoRA adapter (inference/xlora.py)
+is served by the same manager: `begin_step` first runs its scaling pass and classifier for its rows (`_gate`), and its
+segment scales each expert's rank columns per row.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 
 from inference.errors import AdapterError, UnknownAdapterError
+from inference.metadata import AttentionMetadata
 from inference.model_config import ModelConfig
 
 if TYPE_CHECKING:
@@ -394,11 +397,9 @@ class LoRAManager:
 
     # ---- registration ---------------------------------------------------------------------------------------
     def load(self, name: str, path: str | Path) -> AnyAdapter:
-        """Read and register a LoRA or X-LoRA adapter under `name` (AdapterError if it is bad or the name is
-        taken)."""
-        from inference.xlora import read_any_adapter  # imports this module
-
-        return self.add(read_any_adapter(name, path, self.config))
+        """Read and register a LoRA adapter under `name` (AdapterError if it is bad or the name is taken); an
+        X-LoRA one is read with `inference.xlora.read_any_adapter` and registered with `add`."""
+        return self.add(read_adapter(name, path, self.config))
 
     def add(self, adapter: AnyAdapter) -> AnyAdapter:
         """Register an adapter read with `read_adapter` or `read_any_adapter` (the slow part, which any thread may
@@ -560,8 +561,6 @@ class LoRAManager:
         gives their scalings for the real pass. Each token's scalings depend only on the tokens up to it, so those
         of tokens already in the KV cache never change: this matches PEFT's generate, which reruns both passes
         over the whole sequence at every token."""
-        from inference.metadata import AttentionMetadata
-
         c, bs = self.config, self.block_size
         ids: list[int] = []
         slots: list[int] = []

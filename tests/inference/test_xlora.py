@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ from inference.errors import AdapterError
 from inference.loader import LoadedModel, load_model
 from inference.lora import LoRAManager
 from inference.xlora import XLoRAAdapter, read_any_adapter
-from tests.inference.test_lora import cfg, greedy, make_adapter, prefill_logits
+from tests.inference.test_lora import ALL, cfg, greedy, make_adapter, prefill_logits
 from tests.inference.test_models import PROMPT, _hf_model, hf_greedy, save_tiny_tokenizer
 
 peft = pytest.importorskip("peft")
@@ -111,7 +112,7 @@ def gates(world: World) -> dict[str, tuple[Path, Any]]:
 def test_logits_equal_peft(world: World, gates: dict[str, tuple[Path, Any]], gate: str) -> None:
     folder, model = gates[gate]
     manager = LoRAManager(world.loaded.model, world.loaded.config, torch.device("cpu"), block_size=4)
-    manager.load("x", folder)
+    manager.add(read_any_adapter("x", folder, world.loaded.config))
     manager.load("math", world.experts["math"])
     prompts = [PROMPT, PROMPT[3:14], PROMPT[::-1]]
     rows: list[tuple[list[int], str | None]] = [(prompts[0], "x"), (prompts[1], None), (prompts[2], "math")]
@@ -171,7 +172,9 @@ def test_mixed_batch_equals_alone(world: World, gates: dict[str, tuple[Path, Any
 
 def test_prefix_cache_keys_blocks_by_xlora_adapter(world: World, gates: dict[str, tuple[Path, Any]]) -> None:
     folder, model = gates["layerwise"]
-    engine = LLMEngine(world.loaded, cfg(num_blocks=128), adapters={"x": folder, "math": world.experts["math"]})
+    engine = LLMEngine(
+        world.loaded, cfg(num_blocks=128), adapters={"x": folder, "math": world.experts["math"]}
+    )
     prompt = PROMPT + PROMPT  # 34 tokens: 8 full blocks
 
     def cached(adapter: str | None) -> tuple[int, list[int]]:
@@ -243,7 +246,9 @@ def test_bad_xlora_folders_are_typed_errors(
     lm_head = tmp_path / "lm-head-expert"
     make_adapter("llama", lm_head, seed=2, r=2, lora_alpha=2, target_modules=["q_proj", "lm_head"])
     with_lm_head = _copy(good, tmp_path / "with-lm-head")
-    _edit_config(with_lm_head, adapters={"0": str(world.experts["math"]), "1": str(lm_head), "2": str(lm_head)})
+    _edit_config(
+        with_lm_head, adapters={"0": str(world.experts["math"]), "1": str(lm_head), "2": str(lm_head)}
+    )
     refused(with_lm_head, "expert '1'", "lm_head")
     # the engine survives a bad load and still serves
     engine = LLMEngine(world.loaded, cfg(num_blocks=64))
@@ -251,3 +256,17 @@ def test_bad_xlora_folders_are_typed_errors(
         engine.load_adapter("bad", layerwise)
     engine.load_adapter("x", good)
     assert engine.generate([PROMPT], greedy(4, "x"))[0].completion_tokens == 4
+
+
+@pytest.mark.anyio
+async def test_hot_load_on_async_engine(world: World, gates: dict[str, tuple[Path, Any]]) -> None:
+    from inference.async_engine import AsyncEngine
+
+    folder, model = gates["deep-layerwise-topk"]
+    async with AsyncEngine(LLMEngine(world.loaded, cfg(num_blocks=64))) as engine:
+        with anyio.fail_after(60):
+            info = await engine.load_adapter("x", folder)  # read on a worker thread, the format detected
+            assert info.name == "x" and info.target_modules == tuple(ALL)
+            outputs = [o async for o in engine.generate(PROMPT, greedy(6, "x"))]
+            assert outputs[-1].token_ids == hf_greedy(model, PROMPT, 6)
+            assert await engine.unload_adapter("x") is True
