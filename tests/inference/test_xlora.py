@@ -171,7 +171,7 @@ def test_mixed_batch_equals_alone(world: World, gates: dict[str, tuple[Path, Any
 
 
 def test_prefix_cache_keys_blocks_by_xlora_adapter(world: World, gates: dict[str, tuple[Path, Any]]) -> None:
-    folder, model = gates["layerwise"]
+    folder, model = gates["dense"]
     engine = LLMEngine(
         world.loaded, cfg(num_blocks=128), adapters={"x": folder, "math": world.experts["math"]}
     )
@@ -179,14 +179,14 @@ def test_prefix_cache_keys_blocks_by_xlora_adapter(world: World, gates: dict[str
 
     def cached(adapter: str | None) -> tuple[int, list[int]]:
         before = engine.block_manager.prefix_hit_tokens
-        out = engine.generate([prompt], greedy(4, adapter))[0]
+        out = engine.generate([prompt], greedy(8, adapter))[0]
         return engine.block_manager.prefix_hit_tokens - before, out.token_ids
 
     assert cached(None)[0] == 0
     assert cached("x")[0] == 0  # the base model's blocks are not the X-LoRA adapter's
     hit, tokens = cached("x")
     assert hit == 32  # the X-LoRA prefill started after 32 cached tokens: the gate still saw them all
-    assert tokens == hf_greedy(model, prompt, 4)
+    assert tokens == hf_greedy(model, prompt, 8)
     assert cached("math")[0] == 0
 
 
