@@ -329,11 +329,12 @@ class AdapterInfo:
     name: str
     path: str
     rank: int
-    alpha: float
+    alpha: float  # 0 for X-LoRA, whose experts each have their own
     target_modules: tuple[str, ...]
     resident: bool
     active_requests: int
     draining: bool
+    kind: str = "lora"  # or "xlora"
 
 
 @dataclass(slots=True)
@@ -483,6 +484,7 @@ class LoRAManager:
                 n in self._resident,
                 r.users,
                 r.draining,
+                "lora" if isinstance(r.adapter, LoRAAdapter) else "xlora",
             )
             for n, r in list(self._registered.items())  # copied: any thread may ask
         ]

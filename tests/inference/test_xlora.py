@@ -159,6 +159,7 @@ def test_greedy_equals_peft_generate(world: World, gates: dict[str, tuple[Path, 
 def test_mixed_batch_equals_alone(world: World, gates: dict[str, tuple[Path, Any]]) -> None:
     adapters = {"x": gates["dense"][0], "y": gates["topk"][0], "math": world.experts["math"]}
     engine = LLMEngine(world.loaded, cfg(num_blocks=256), adapters=adapters)
+    assert {a.name: a.kind for a in engine.adapters()} == {"x": "xlora", "y": "xlora", "math": "lora"}
     names: list[str | None] = ["x", None, "math", "y"] * 2
     prompts = [PROMPT[i : i + 6 + i] for i in range(len(names))]
     mixed = engine.generate(prompts, [greedy(6, a) for a in names])
@@ -266,7 +267,8 @@ async def test_hot_load_on_async_engine(world: World, gates: dict[str, tuple[Pat
     async with AsyncEngine(LLMEngine(world.loaded, cfg(num_blocks=64))) as engine:
         with anyio.fail_after(60):
             info = await engine.load_adapter("x", folder)  # read on a worker thread, the format detected
-            assert info.name == "x" and info.target_modules == tuple(ALL)
+            assert info.name == "x" and info.target_modules == tuple(ALL) and info.kind == "xlora"
+            assert info.rank == 4  # the largest expert rank
             outputs = [o async for o in engine.generate(PROMPT, greedy(6, "x"))]
             assert outputs[-1].token_ids == hf_greedy(model, PROMPT, 6)
             assert await engine.unload_adapter("x") is True
