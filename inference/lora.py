@@ -98,9 +98,8 @@ class LoRAWeights:
 
     a_t: torch.Tensor  # [in, R], R the sum of the adapted shards' ranks
     b_t: torch.Tensor  # [R, out], block-diagonal over shards, scaling folded in
-    shards: tuple[
-        tuple[int, int], ...
-    ] = ()  # (shard, rank) of each column group of a_t, in order (X-LoRA's gate)
+    # (shard, rank) of each column group of a_t, in order: which projection a rank column belongs to (X-LoRA)
+    shards: tuple[tuple[int, int], ...] = ()
 
     def delta_weight(self) -> torch.Tensor:
         """The update as a dense `[out, in]` weight (for merging)."""
