@@ -20,10 +20,11 @@ import structlog
 from inference.config import DEFAULT_QUANTIZE_GROUP_SIZE, EngineConfig
 from inference.engine import LLMEngine, Prompt, RequestOutput
 from inference.errors import EngineError, EngineStoppedError, RequestError
-from inference.lora import AdapterInfo, read_adapter
+from inference.lora import AdapterInfo
 from inference.metrics import EngineMetrics
 from inference.model_runner import make_current
 from inference.params import SamplingParams
+from inference.xlora import read_any_adapter
 
 log = structlog.get_logger(__name__)
 
@@ -106,10 +107,10 @@ class AsyncEngine:
 
     # ---- adapters (inference/lora.py) ----------------------------------------------------------------
     async def load_adapter(self, name: str, path: str | Path) -> AdapterInfo:
-        """Load a LoRA adapter while serving: the files are read on a worker thread, then the step thread
+        """Load a LoRA or X-LoRA adapter while serving: the files are read on a worker thread, then the step thread
         registers it between two steps. AdapterError if it is bad or the name is taken."""
         self._check_running()
-        adapter = await anyio.to_thread.run_sync(read_adapter, name, path, self.model_config)
+        adapter = await anyio.to_thread.run_sync(read_any_adapter, name, path, self.model_config)
         return await self._call(lambda: self.engine.load_adapter(name, adapter))
 
     async def unload_adapter(self, name: str) -> bool:

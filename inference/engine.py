@@ -27,6 +27,7 @@ from inference.params import OutputKind, SamplingParams
 from inference.sampler import Sampler
 from inference.scheduler import Scheduler
 from inference.sequence import Sequence
+from inference.xlora import XLoRAAdapter, read_any_adapter
 
 if TYPE_CHECKING:
     from inference.loader import LoadedModel
@@ -98,10 +99,12 @@ class LLMEngine:
             planned = plan_cuda_kv_blocks(loaded.model, cfg, limits)
         blocks = plan_num_blocks(cfg, config, device, planned=planned)
         self.runner = ModelRunner(loaded.model, cfg, config, num_blocks=blocks)
-        self.lora = LoRAManager(loaded.model, cfg, self.runner.device, config.max_loras)
+        self.lora = LoRAManager(
+            loaded.model, cfg, self.runner.device, config.max_loras, block_size=config.block_size
+        )
         self.runner.lora = self.lora
         for name, path in (adapters or {}).items():
-            self.lora.load(name, path)
+            self.lora.add(read_any_adapter(name, path, cfg))
         self.block_manager = BlockManager(
             blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
         )
@@ -362,13 +365,14 @@ class LLMEngine:
         )
 
     # ---- adapters ------------------------------------------------------------------------------------
-    def load_adapter(self, name: str, path: str | Path | LoRAAdapter) -> AdapterInfo:
-        """Load a PEFT LoRA adapter under `name` (or register one read with `inference.lora.read_adapter`,
-        the slow part, which may run on any thread); AdapterError if it is bad or the name is taken."""
-        if isinstance(path, LoRAAdapter):
+    def load_adapter(self, name: str, path: str | Path | LoRAAdapter | XLoRAAdapter) -> AdapterInfo:
+        """Load a PEFT LoRA or X-LoRA adapter under `name` (or register one read with
+        `inference.xlora.read_any_adapter`, the slow part, which may run on any thread); AdapterError if it is bad
+        or the name is taken."""
+        if isinstance(path, (LoRAAdapter, XLoRAAdapter)):
             self.lora.add(path)
         else:
-            self.lora.load(name, path)
+            self.lora.add(read_any_adapter(name, path, self.model_config))
         return next(a for a in self.lora.describe() if a.name == name)
 
     def unload_adapter(self, name: str) -> bool:

@@ -11,7 +11,9 @@ or `alpha / sqrt(r)` with rsLoRA) folded into `B`. Then one layer's update for r
 them resident on the model's device (least recently used evicted first), and hooks the four projections of every
 layer: before a step the model runner orders the batch so that each adapter's rows are contiguous (`begin_step`),
 and each hooked projection adds `(x[a:b] @ A) @ B` to its output rows `a:b`, one pair of small matmuls per adapter
-in the step (a segmented gather-matmul). Rows without an adapter cost nothing.
+in the step (a segmented gather-matmul). Rows without an adapter cost nothing. An X-LoRA adapter (inference/xlora.py)
+is served by the same manager: `begin_step` first runs its scaling pass and classifier for its rows (`_gate`), and its
+segment scales each expert's rank columns per row.
 """
 
 from __future__ import annotations
@@ -32,12 +34,18 @@ import torch
 from torch import nn
 
 from inference.errors import AdapterError, UnknownAdapterError
+from inference.metadata import AttentionMetadata
 from inference.model_config import ModelConfig
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from torch.utils.hooks import RemovableHandle
 
     from inference.sequence import Sequence
+    from inference.xlora import XLoRAAdapter
+
+    AnyAdapter: TypeAlias = "LoRAAdapter | XLoRAAdapter"
 
 log = structlog.get_logger(__name__)
 
@@ -90,6 +98,8 @@ class LoRAWeights:
 
     a_t: torch.Tensor  # [in, R], R the sum of the adapted shards' ranks
     b_t: torch.Tensor  # [R, out], block-diagonal over shards, scaling folded in
+    # (shard, rank) of each column group of a_t, in order: which projection a rank column belongs to (X-LoRA)
+    shards: tuple[tuple[int, int], ...] = ()
 
     def delta_weight(self) -> torch.Tensor:
         """The update as a dense `[out, in]` weight (for merging)."""
@@ -112,7 +122,9 @@ class LoRAAdapter:
 
     def to(self, device: torch.device, dtype: torch.dtype) -> LoRAAdapter:
         moved = {
-            k: LoRAWeights(w.a_t.to(device, dtype).contiguous(), w.b_t.to(device, dtype).contiguous())
+            k: LoRAWeights(
+                w.a_t.to(device, dtype).contiguous(), w.b_t.to(device, dtype).contiguous(), w.shards
+            )
             for k, w in self.modules.items()
         }
         return LoRAAdapter(
@@ -296,14 +308,15 @@ def read_adapter(name: str, path: str | Path, config: ModelConfig) -> LoRAAdapte
             r = a.shape[0]
             b_t[row : row + r, offsets[shard] : offsets[shard] + outs[shard]] = b.t() * scaling
             row += r
-        modules[(layer, module)] = LoRAWeights(a_t.contiguous(), b_t)
+        shards = tuple((shard, a.shape[0]) for shard, a, _, _ in shard_parts)
+        modules[(layer, module)] = LoRAWeights(a_t.contiguous(), b_t, shards)
     targets = tuple(sorted({proj for _, proj in found}, key=list(TARGETS).index))
     return LoRAAdapter(name, folder, max_rank, alpha_default, rslora, base, targets, modules)
 
 
 @dataclass(slots=True)
 class _Registered:
-    adapter: LoRAAdapter  # host copy in the model dtype
+    adapter: AnyAdapter  # host copy in the model dtype
     users: int = 0  # live requests on it
     draining: bool = False  # unload asked: no new requests, removed when `users` reaches 0
 
@@ -315,18 +328,23 @@ class AdapterInfo:
     name: str
     path: str
     rank: int
-    alpha: float
+    alpha: float  # 0 for X-LoRA, whose experts each have their own
     target_modules: tuple[str, ...]
     resident: bool
     active_requests: int
     draining: bool
+    kind: str = "lora"  # or "xlora"
 
 
 @dataclass(slots=True)
 class _Segment:
-    adapter: LoRAAdapter
+    adapter: AnyAdapter
     start: int
     end: int
+    # X-LoRA: the rows' flat per-token scalings `[end - start, X-LoRA layers * experts]` and, per module, which of
+    # them multiplies each rank column (inference/xlora.py); None for a LoRA adapter
+    scales: torch.Tensor | None = None
+    columns: Mapping[tuple[int, str], torch.Tensor] | None = None
 
 
 @dataclass(slots=True)
@@ -366,8 +384,9 @@ class LoRAManager:
     # Several adapters in a step share one padded batched matmul while the padded rows are at most `pad_limit` times
     # the real ones (decode steps, balanced chunks); else a matmul pair per adapter. 0: always per adapter.
     pad_limit: float = 2.0
+    block_size: int = 16  # of the scratch KV cache of X-LoRA's scaling pass (the runner's, for its attention)
     _registered: dict[str, _Registered] = field(default_factory=dict)
-    _resident: OrderedDict[str, LoRAAdapter] = field(default_factory=OrderedDict)
+    _resident: OrderedDict[str, AnyAdapter] = field(default_factory=OrderedDict)
     _plan: _StepPlan = field(default_factory=_StepPlan)
     _stacks: OrderedDict[tuple[int, ...], dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]] = field(
         default_factory=OrderedDict
@@ -377,17 +396,23 @@ class LoRAManager:
     loads: int = 0  # adapters moved to the device (residency misses), for metrics and tests
 
     # ---- registration ---------------------------------------------------------------------------------------
-    def load(self, name: str, path: str | Path) -> LoRAAdapter:
-        """Read and register an adapter under `name` (AdapterError if it is bad or the name is taken)."""
+    def load(self, name: str, path: str | Path) -> AnyAdapter:
+        """Read and register a LoRA adapter under `name` (AdapterError if it is bad or the name is taken); an
+        X-LoRA one is read with `inference.xlora.read_any_adapter` and registered with `add`."""
         return self.add(read_adapter(name, path, self.config))
 
-    def add(self, adapter: LoRAAdapter) -> LoRAAdapter:
-        """Register an adapter read with `read_adapter` (the slow part, which any thread may do)."""
+    def add(self, adapter: AnyAdapter) -> AnyAdapter:
+        """Register an adapter read with `read_adapter` or `read_any_adapter` (the slow part, which any thread may
+        do)."""
         name = adapter.name
         if name in self._registered:
             raise AdapterError(f"adapter {name!r} is already loaded", "unload it first, or use another name")
-        host = adapter.to(torch.device("cpu"), self.config.dtype)
-        host.uid = next(self._uids)
+        host: AnyAdapter
+        if isinstance(adapter, LoRAAdapter):
+            host = adapter.to(torch.device("cpu"), self.config.dtype)
+            host.uid = next(self._uids)
+        else:
+            host = adapter.to(torch.device("cpu"), self.config.dtype).with_uid(next(self._uids))
         self._registered[name] = _Registered(host)
         if not self._hooks:
             self._install_hooks()
@@ -458,12 +483,13 @@ class LoRAManager:
                 n in self._resident,
                 r.users,
                 r.draining,
+                "lora" if isinstance(r.adapter, LoRAAdapter) else "xlora",
             )
             for n, r in list(self._registered.items())  # copied: any thread may ask
         ]
 
     # ---- residency and steps ---------------------------------------------------------------------------------
-    def _resident_adapter(self, name: str, pinned: set[str]) -> LoRAAdapter:
+    def _resident_adapter(self, name: str, pinned: set[str]) -> AnyAdapter:
         adapter = self._resident.get(name)
         if adapter is not None:
             self._resident.move_to_end(name)
@@ -496,11 +522,19 @@ class LoRAManager:
         ordered = sorted(items, key=key)  # stable: each group keeps the scheduler's order
         row = 0
         segments = self._plan.segments
-        for name, group in itertools.groupby(ordered, key=key):
+        gated: list[tuple[_Segment, list[tuple[Sequence, int]]]] = []
+        for name, group_iter in itertools.groupby(ordered, key=key):
+            group = list(group_iter)
             n = sum(k for _, k in group)
             if name:  # never evict an adapter this step needs
-                segments.append(_Segment(self._resident_adapter(name, names), row, row + n))
+                adapter = self._resident_adapter(name, names)
+                segments.append(_Segment(adapter, row, row + n))
+                if not isinstance(adapter, LoRAAdapter):
+                    gated.append((segments[-1], group))
             row += n
+        if gated:
+            self._gate(gated)
+            return ordered  # X-LoRA rows take the per-adapter path (their columns are scaled per row)
         width = max(s.end - s.start for s in segments)
         real = sum(s.end - s.start for s in segments)
         if len(segments) > 1 and len(segments) * width <= self.pad_limit * real:
@@ -518,8 +552,71 @@ class LoRAManager:
             dest += range(seg.start, seg.end)
         index = torch.tensor(rows + valid + dest, dtype=torch.int64).to(self.device)
         r, v = len(rows), len(valid)
-        stack = self._stack(tuple(s.adapter for s in segments))
+        stack = self._stack(tuple(s.adapter for s in segments if isinstance(s.adapter, LoRAAdapter)))
         return _Padded(index[:r], index[r : r + v], index[r + v :], len(segments), width, stack)
+
+    def _gate(self, gated: list[tuple[_Segment, list[tuple[Sequence, int]]]]) -> None:
+        """X-LoRA's first pass for this step's X-LoRA rows: the model over each such sequence's whole context so
+        far (into a scratch KV cache, the step's cache untouched) with every expert scaled by
+        `scaling_pass_value`, then each adapter's classifier over the last hidden states of the step's new tokens
+        gives their scalings for the real pass. Each token's scalings depend only on the tokens up to it, so those
+        of tokens already in the KV cache never change: this matches PEFT's generate, which reruns both passes
+        over the whole sequence at every token."""
+        c, bs = self.config, self.block_size
+        ids: list[int] = []
+        slots: list[int] = []
+        starts, lens = [0], []
+        wanted: list[int] = []
+        tables: list[list[int]] = []
+        pass_segments: list[_Segment] = []
+        nxt = 1  # block 0 is the null block
+        for seg, group in gated:
+            first = len(ids)
+            for seq, n in group:
+                end = seq.num_computed_tokens + n
+                table = list(range(nxt, nxt + -(-end // bs)))
+                nxt += len(table)
+                tables.append(table)
+                wanted += range(len(ids) + end - n, len(ids) + end)
+                ids += seq.token_ids[:end]
+                slots += [table[p // bs] * bs + p % bs for p in range(end)]
+                starts.append(len(ids))
+                lens.append(end)
+            adapter = seg.adapter
+            assert not isinstance(adapter, LoRAAdapter)
+            if adapter.options.scaling_pass_value != 0.0:  # 0 scales every expert's output to exactly 0
+                scales = adapter.pass_scalings(len(ids) - first, adapter.classifier[0][0])
+                pass_segments.append(_Segment(adapter, first, len(ids), scales, adapter.columns))
+        dev = self.device
+        width = max(map(len, tables))
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+            context_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(
+                [t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev
+            ),
+            max_query_len=max(lens),
+            max_context_len=max(lens),
+            block_size=bs,
+        )
+        kv = torch.zeros(2, c.num_layers, nxt, bs, c.num_kv_heads, c.head_dim, dtype=c.dtype, device=dev)
+        positions = torch.tensor([p for n in lens for p in range(n)], dtype=torch.int64, device=dev)
+        real = list(self._plan.segments)
+        self._plan.segments[:] = pass_segments
+        try:
+            hidden = self.model(torch.tensor(ids, dtype=torch.int64, device=dev), positions, meta, kv)
+        finally:
+            self._plan.segments[:] = real
+        hidden = hidden.index_select(0, torch.tensor(wanted, dtype=torch.int64, device=dev))
+        row = 0
+        for seg, _ in gated:
+            adapter = seg.adapter
+            assert not isinstance(adapter, LoRAAdapter)
+            n = seg.end - seg.start
+            seg.scales = adapter.scalings(hidden[row : row + n]).to(hidden.dtype)
+            seg.columns = adapter.columns
+            row += n
 
     def _stack(
         self, adapters: tuple[LoRAAdapter, ...]
@@ -591,5 +688,11 @@ class _LoRAHook:
             return
         for seg in plan.segments:
             w = seg.adapter.modules.get(self.key)
-            if w is not None:
-                out[seg.start : seg.end].addmm_(x[seg.start : seg.end] @ w.a_t, w.b_t)
+            if w is None:
+                continue
+            h = x[seg.start : seg.end] @ w.a_t
+            if (
+                seg.scales is not None and seg.columns is not None
+            ):  # X-LoRA: each rank column by its expert's gate
+                h.mul_(seg.scales.index_select(1, seg.columns[self.key]))
+            out[seg.start : seg.end].addmm_(h, w.b_t)
