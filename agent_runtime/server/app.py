@@ -816,6 +816,7 @@ def _adapter_json(info: Any) -> dict[str, Any]:
     return {
         "name": info.name,
         "path": info.path,
+        "format": info.kind,  # "lora" or "xlora" (whose alpha is 0: its experts each have their own)
         "rank": info.rank,
         "alpha": info.alpha,
         "target_modules": list(info.target_modules),

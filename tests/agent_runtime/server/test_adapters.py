@@ -93,6 +93,7 @@ def test_adapters_served_listed_loaded_and_unloaded(
         loaded = client.post("/v1/adapters", json={"name": "second", "path": str(folders["second"])})
         assert loaded.status_code == 200, loaded.text
         assert loaded.json()["id"] == "tiny:second" and loaded.json()["rank"] == 2
+        assert loaded.json()["format"] == "lora"
         assert "tiny:second" in [m["id"] for m in client.get("/v1/models").json()["data"]]
         assert complete(client, "tiny:second").json()["choices"][0]["text"] == decode(
             expected_tokens(folders, "second")
