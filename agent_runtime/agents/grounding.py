@@ -97,6 +97,11 @@ class GroundingContext:
         seen = {w for t in self.texts for w in words(t)}
         return wanted <= seen
 
+    def given_names(self) -> list[str]:
+        """The names the task gives a new thing: "a branch called release-1.0", "named 'draft'", a quoted word."""
+        named = [m.group(1).rstrip(".") for m in _CALLED.finditer(self.task)]
+        return [n for n in dict.fromkeys([*named, *_QUOTED.findall(self.task)]) if n]
+
     def path_candidates(self, *, creating: bool = False) -> list[str]:
         """Every path seen, and each seen folder joined with a name the task gives something ("a folder called
         archive", a quoted name, a file name), bounded. When `creating` and the task names the new thing, only
@@ -138,6 +143,12 @@ def is_path_argument(name: str, schema: Mapping[str, Any]) -> bool:
         return True
     fmt = schema.get("format")
     return isinstance(fmt, str) and fmt in ("path", "uri-reference", "file-path")
+
+
+def is_name_argument(name: str) -> bool:
+    """An argument that names the thing a tool makes: `name`, `branch_name`, `newName`, `title`, `branch`."""
+    parts = words(name)
+    return bool(parts) and parts[-1] in ("name", "title", "branch")
 
 
 def is_timezone_argument(name: str, schema: Mapping[str, Any]) -> bool:
@@ -253,8 +264,11 @@ def _narrow_number(schema: dict[str, Any], context: GroundingContext) -> None:
         schema["enum"] = values
 
 
-def _narrow(name: str, schema: dict[str, Any], context: GroundingContext, *, creating: bool) -> None:
-    """Narrow one string, number or array argument in place."""
+def _narrow(
+    name: str, schema: dict[str, Any], context: GroundingContext, *, creating: bool, making: bool = False
+) -> None:
+    """Narrow one string, number or array argument in place. `making`: the tool changes something (it is not
+    read-only), so a name argument takes a name the task gives."""
     if schema.get("type") in ("number", "integer"):
         _narrow_number(schema, context)
         return
@@ -285,6 +299,8 @@ def _narrow(name: str, schema: dict[str, Any], context: GroundingContext, *, cre
         candidates = context.path_candidates(creating=creating)
         if candidates:
             schema["enum"] = candidates
+    elif making and is_name_argument(name) and (given := context.given_names()):
+        schema["enum"] = given
     elif choices := quoted_choices(str(schema.get("description", ""))):
         schema["enum"] = choices
     elif "maxLength" not in schema and "format" not in schema:
@@ -332,7 +348,7 @@ def ground_schema(
         if name not in required and not context.mentions(name):
             continue  # optional and never asked for: not offered
         s = copy.deepcopy(dict(schema))
-        _narrow(name, s, context, creating=creating)
+        _narrow(name, s, context, creating=creating, making=read_only is False)
         narrowed[name] = s
     _order_pairs(narrowed)
     out["properties"] = narrowed

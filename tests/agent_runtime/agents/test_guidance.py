@@ -440,3 +440,32 @@ async def test_the_decision_that_may_answer_is_biased_toward_the_last_results() 
     assert "How much" not in later.copy_text  # the task is not a result
     forced = await decide(False)  # a step that must call a tool is not biased toward what it read
     assert forced.copy_bias == 0.0
+
+
+def test_a_tool_that_makes_something_takes_the_name_the_task_gives_it() -> None:
+    create_branch = {
+        "type": "object",
+        "properties": {
+            "repo_path": {"title": "Repo Path", "type": "string"},
+            "branch_name": {"title": "Branch Name", "type": "string"},
+        },
+        "required": ["repo_path", "branch_name"],
+    }
+    context = GroundingContext()
+    context.add("Create a new branch called release-1.0 in the repo at /tmp/repo.")
+    grounded = ground_schema(create_branch, context, read_only=False)
+    assert grounded["properties"]["branch_name"]["enum"] == ["release-1.0"]
+    assert (
+        grounded["properties"]["repo_path"]["enum"][0] == "/tmp/repo"
+    )  # its path stays a path the run has seen
+    quoted = GroundingContext()
+    quoted.add("Make a branch 'hotfix' in /tmp/repo")
+    assert ground_schema(create_branch, quoted, read_only=False)["properties"]["branch_name"]["enum"] == [
+        "hotfix"
+    ]
+    # a tool that only reads, or a task that gives no name, leaves the name free (bounded)
+    assert "enum" not in ground_schema(create_branch, context, read_only=True)["properties"]["branch_name"]
+    unnamed = GroundingContext()
+    unnamed.add("Make a new branch in /tmp/repo")
+    free = ground_schema(create_branch, unnamed, read_only=False)["properties"]["branch_name"]
+    assert "enum" not in free and free["maxLength"] > 0
