@@ -57,11 +57,15 @@ _K1 = 1.2
 _B = 0.75
 
 
+# "Find out who owns X" asks to learn something, not to search for files: the idiom is one word here.
+_IDIOMS = re.compile(r"\bfind(?:ing)? out\b", re.I)
+
+
 def words(text: str) -> list[str]:
     """Lower-case content words of `text`: camelCase, snake_case and kebab-case split, stop words dropped,
     plurals folded (`files` -> `file`)."""
     out: list[str] = []
-    for raw in _WORD.findall(text):
+    for raw in _WORD.findall(_IDIOMS.sub("learn", text)):
         w = raw.lower()
         if w in _STOP or len(w) < 2:
             continue
@@ -257,14 +261,24 @@ def plan_route(
     still one lookup: "In X, which item is furniture?" is not a read and then a search.)"""
     whole = route(query, tools, embedder, evidence)
     steps: list[str] = []
-    clauses = [c for c in _CLAUSE.split(query) if len(words(c)) >= MIN_CLAUSE_WORDS]
-    if len(clauses) >= 2 and intent(query) == "change":
+    clauses = [c for c in _CLAUSE.split(query) if len(words(path_blind(c))) >= MIN_CLAUSE_WORDS]
+    if len(clauses) >= 2 and intent(path_blind(query)) == "change":
         for clause in clauses:
             part = route(clause, tools, embedder, evidence)
             if part.confident and part.scores[0].name not in steps:
                 steps.append(part.scores[0].name)
     plan = tuple(steps) if len(steps) >= 2 else ()
     return Routing(whole.scores, whole.confident, plan)
+
+
+# An absolute path in a task: the same shape grounding copies paths from (agent_runtime/agents/grounding.py).
+_ABS_PATH = re.compile(r"(?<![\w.])(/(?:[\w.@%+~-]+/?)+)")
+
+
+def path_blind(query: str) -> str:
+    """`query` with each absolute path cut to its last part: a path says where, not what to do, and the folders
+    above it ("/srv/git-commit-tools/repo") would otherwise vote for tools by their names."""
+    return _ABS_PATH.sub(lambda m: m.group(1).rstrip("/").rsplit("/", 1)[-1] or "/", query)
 
 
 def route(
@@ -278,14 +292,15 @@ def route(
     the tool's required arguments (`evidence`), plus the query's intent against the server's read-only hint
     (a question is answered by reading, not by committing), for tools that have some relevance already."""
     triples = [(t.name, t.description, t.parameters) for t in tools]
-    lexical = ToolIndex(triples).scores(query)
+    words_of = path_blind(query)  # what the task asks for; `evidence` still sees the paths it gives
+    lexical = ToolIndex(triples).scores(words_of)
     best_lexical = max((s.score for s in lexical), default=0.0)
     combined = {s.name: (s.score / best_lexical if best_lexical > 0 else 0.0) for s in lexical}
     if embedder is not None and tools:
-        sims = embedder.similarities(query, [tool_text(n, d.split("\n")[0], p) for n, d, p in triples])
+        sims = embedder.similarities(words_of, [tool_text(n, d.split("\n")[0], p) for n, d, p in triples])
         for tool, sim in zip(tools, sims, strict=True):
             combined[tool.name] += SEMANTIC_WEIGHT * sim
-    wants = intent(query)
+    wants = intent(words_of)
     for tool in tools:
         if combined[tool.name] <= 0:
             continue

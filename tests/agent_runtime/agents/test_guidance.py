@@ -119,6 +119,7 @@ def test_words_split_case_styles_and_fold_plurals() -> None:
     ]
     # words that only look plural keep their s, so "plus" still reaches a tool documented as "sum"
     assert words("plus status analysis files") == ["plus", "status", "analysis", "file"]
+    assert words("Find out who owns it; find the file") == ["learn", "own", "find", "file"]
     assert _best("What's 1234 plus 5678?", [*TIME_TOOLS, *FS_TOOLS, SUM]) == "everything__get-sum"
 
 
@@ -469,3 +470,66 @@ def test_a_tool_that_makes_something_takes_the_name_the_task_gives_it() -> None:
     unnamed.add("Make a new branch in /tmp/repo")
     free = ground_schema(create_branch, unnamed, read_only=False)["properties"]["branch_name"]
     assert "enum" not in free and free["maxLength"] > 0
+
+
+GIT_TOOLS = [
+    ToolSpec(
+        "git__git_add",
+        "Adds file contents to the staging area",
+        {
+            "type": "object",
+            "properties": {
+                "repo_path": {"type": "string"},
+                "files": {"type": "array", "items": {"type": "string"}},
+            },
+            "required": ["repo_path", "files"],
+        },
+        "git",
+        False,
+    ),
+    ToolSpec(
+        "git__git_commit",
+        "Records changes to the repository",
+        {
+            "type": "object",
+            "properties": {"repo_path": {"type": "string"}, "message": {"type": "string"}},
+            "required": ["repo_path", "message"],
+        },
+        "git",
+        False,
+    ),
+    ToolSpec(
+        "git__git_log",
+        "Shows the commit logs",
+        {"type": "object", "properties": {"repo_path": {"type": "string"}}, "required": ["repo_path"]},
+        "git",
+        True,
+    ),
+]
+
+
+def test_the_folders_of_a_path_do_not_vote_for_tools() -> None:
+    from agent_runtime.agents.routing import path_blind
+
+    assert path_blind("Stage TODO.txt in /srv/git-commit-tools/repo now") == "Stage TODO.txt in repo now"
+    assert path_blind("read /tmp/a/notes.txt and /tmp/b/") == "read notes.txt and b"
+    task = "Stage TODO.txt in /srv/git-commit-tools/repo and commit it with the message 'Add TODO list'."
+    # the folder's name says "commit": without path_blind the first part routed to git_commit and the plan was lost
+    assert plan_route(task, GIT_TOOLS, None, evidence).plan == ("git__git_add", "git__git_commit")
+
+
+def test_finding_out_from_a_file_is_reading_it_not_searching() -> None:
+    search = ToolSpec(
+        "fs__search_files",
+        "Recursively search for files and directories matching a pattern",
+        {
+            "type": "object",
+            "properties": {"path": {"type": "string"}, "pattern": {"type": "string"}},
+            "required": ["path", "pattern"],
+        },
+        "fs",
+        True,
+    )
+    task = "Find out who owns Project Alpha from /tmp/f/projects/alpha.txt"
+    assert _best(task, [*FS_TOOLS, search]) == "fs__read_text_file"
+    assert _best("Find the files matching *.csv in /tmp/f", [*FS_TOOLS, search]) == "fs__search_files"
