@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +86,48 @@ def write_config(
 
 def time_agent(**overrides: Any) -> dict[str, Any]:
     return {"tools": ["time__*"], "examples": TIME_EXAMPLES, **overrides}
+
+
+class ScriptedBackend:
+    """Stands in for the model where the model is not under test: answers each turn with the next scripted
+    reply (our JSON action format), then `{"answer": "done N"}` (N: the turn), and records every request, which
+    is what the model would have been shown."""
+
+    name = "scripted"
+
+    def __init__(self, replies: list[dict[str, object]] | None = None) -> None:
+        from agent_runtime.agents.llm import BackendStats  # torch: only for the tests that build a backend
+
+        self.replies = [json.dumps(r) for r in replies or []]
+        self.stats = BackendStats()
+        self.requests: list[Any] = []
+
+    def tool_format(self) -> str:
+        return "json"
+
+    @property
+    def supports_grammar(self) -> bool:
+        return False
+
+    @property
+    def supports_prefix(self) -> bool:
+        return False
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode(errors="replace")
+
+    async def generate(self, request: Any) -> AsyncIterator[Any]:
+        from agent_runtime.agents.llm import GenerationChunk
+
+        self.requests.append(request)
+        text = self.replies.pop(0) if self.replies else json.dumps({"answer": f"done {len(self.requests)}"})
+        yield GenerationChunk(text, text, True, "stop")
+
+    async def score(self, request: Any, continuations: list[str]) -> list[float]:
+        return [0.0] * len(continuations)
+
+    async def aclose(self) -> None:
+        return None

@@ -36,10 +36,13 @@ def _free_port() -> int:
 
 
 @contextmanager
-def listening_demo(*flags: str, timeout: float = 20.0) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """Start the demo server on a network transport; yield (process, url) once it prints LISTENING."""
+def listening_script(
+    script: str | Path, *args: str, timeout: float = 20.0
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """Start a Python example server on a network transport; yield (process, url) once it prints
+    `LISTENING <url>` (it picks its own free port)."""
     proc = subprocess.Popen(
-        [PYTHON, DEMO, "--port", "0", *flags],
+        [PYTHON, str(script), *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -54,16 +57,23 @@ def listening_demo(*flags: str, timeout: float = 20.0) -> Iterator[tuple[subproc
         while not line.endswith(b"\n"):
             left = deadline - time.monotonic()
             if left <= 0 or not sel.select(left):
-                raise TimeoutError(f"demo server {flags} did not print LISTENING within {timeout}s")
+                raise TimeoutError(f"{Path(script).name} {args} did not print LISTENING within {timeout}s")
             chunk = os.read(proc.stdout.fileno(), 1)
             if not chunk:
-                raise RuntimeError(f"demo server {flags} exited before listening (rc={proc.wait()})")
+                raise RuntimeError(f"{Path(script).name} {args} exited before listening (rc={proc.wait()})")
             line += chunk
         word, url = line.decode().split()
         assert word == "LISTENING"
         yield proc, url
     finally:
         _kill(proc)
+
+
+@contextmanager
+def listening_demo(*flags: str, timeout: float = 20.0) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """Start the demo server on a network transport; yield (process, url) once it prints LISTENING."""
+    with listening_script(DEMO, "--port", "0", *flags, timeout=timeout) as started:
+        yield started
 
 
 @contextmanager

@@ -8,18 +8,15 @@ it to that through `Connection.call_tool`, whose backstop and the executor's dea
 from __future__ import annotations
 
 import functools
-import os
-import selectors
-import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
 import pytest
 
 from tests.conftest import EXAMPLES, PYTHON
+from tests.transports.conftest import listening_script
 from transports import Connection, HttpTarget, StdioTarget
 from transports.connection import connect
 from transports.errors import CallTimeout
@@ -30,43 +27,13 @@ NOTIFY = str(EXAMPLES / "servers" / "notify_server.py")
 SETUPS = ["stdio", "stdio-legacy", "http", "http-legacy"]
 
 
-@contextmanager
-def listening(*flags: str, timeout: float = 20.0) -> Iterator[str]:
-    """The notify server on streamable HTTP; yields its URL once it prints LISTENING."""
-    proc = subprocess.Popen(
-        [PYTHON, NOTIFY, "--transport", "http", *flags],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        assert proc.stdout is not None
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout
-        line = b""
-        while not line.endswith(b"\n"):
-            left = deadline - time.monotonic()
-            if left <= 0 or not sel.select(left):
-                raise TimeoutError(f"notify server {flags} did not print LISTENING within {timeout}s")
-            chunk = os.read(proc.stdout.fileno(), 1)
-            if not chunk:
-                raise RuntimeError(f"notify server exited before listening (rc={proc.wait()})")
-            line += chunk
-        yield line.decode().split()[1]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def http_urls() -> Iterator[dict[str, str]]:
-    with listening() as modern, listening("--legacy") as legacy:
+    http = ("--transport", "http")
+    with (
+        listening_script(NOTIFY, *http) as (_, modern),
+        listening_script(NOTIFY, *http, "--legacy") as (_, legacy),
+    ):
         yield {"http": modern, "http-legacy": legacy}
 
 

@@ -4,7 +4,6 @@ our resources server, the real loop, and a backend that records what the model i
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -12,53 +11,15 @@ import pytest
 
 from agent_runtime.agents.context import ContextError
 from agent_runtime.agents.host import AgentHost
-from agent_runtime.agents.llm import BackendStats, GenerationChunk, GenerationRequest
+from agent_runtime.agents.llm import GenerationRequest
 from agent_runtime.tools.runtime import Runtime
-from tests.agent_runtime.agent_fixtures import write_config
+from tests.agent_runtime.agent_fixtures import ScriptedBackend, write_config
 from tests.conftest import EXAMPLES, PYTHON
 
 pytestmark = pytest.mark.anyio
 
 NO_EXAMPLES = {"examples": [], "learn_examples": False}  # no worked-example turns around the conversation
 SERVER = {"command": PYTHON, "args": [str(EXAMPLES / "servers" / "resources_server.py"), "--legacy"]}
-
-
-class Recording:
-    """Answers every turn with a final answer and keeps each request: what the model was shown."""
-
-    name = "recording"
-
-    def __init__(self) -> None:
-        self.stats = BackendStats()
-        self.requests: list[GenerationRequest] = []
-
-    def tool_format(self) -> str:
-        return "json"
-
-    @property
-    def supports_grammar(self) -> bool:
-        return False
-
-    @property
-    def supports_prefix(self) -> bool:
-        return False
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode())
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(ids).decode()
-
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        self.requests.append(request)
-        text = json.dumps({"answer": f"done {len(self.requests)}"})
-        yield GenerationChunk(text, text, True, "stop")
-
-    async def score(self, request: GenerationRequest, continuations: list[str]) -> list[float]:
-        return [0.0] * len(continuations)
-
-    async def aclose(self) -> None:
-        pass
 
 
 def _system(request: GenerationRequest) -> str:
@@ -82,7 +43,7 @@ async def test_resources_reach_the_system_prompt_and_the_prompt_seeds_the_conver
         "plain": {**NO_EXAMPLES, "tools": ["notes__*"]},
     }
     path = write_config(tmp_path, {"notes": SERVER}, agents, policies={"audit_path": "audit.jsonl"})
-    backend = Recording()
+    backend = ScriptedBackend()
     async with Runtime.from_config(path) as rt, AgentHost(rt, backend=backend) as host:  # type: ignore[arg-type]  # a recording backend
         session = host.agent("reader").session()
         first = await session.send("Say hello.")
@@ -127,7 +88,7 @@ async def test_context_is_bounded_and_failures_are_typed(tmp_path: Path) -> None
         "missing": {"tools": ["notes__*"], "resources": ["note://404"]},
         "bad_prompt": {"tools": ["notes__*"], "prompt": {"name": "greet", "arguments": {"who": "x"}}},
     }
-    backend = Recording()
+    backend = ScriptedBackend()
     path = write_config(tmp_path, {"notes": big}, agents)
     async with Runtime.from_config(path) as rt, AgentHost(rt, backend=backend) as host:  # type: ignore[arg-type]  # a recording backend
         await host.agent("bounded").run("Go.")

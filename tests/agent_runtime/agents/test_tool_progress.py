@@ -4,8 +4,6 @@ the notify server are real): what is under test is the loop's handling of a runn
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from pathlib import Path
 
@@ -14,49 +12,12 @@ import pytest
 
 from agent_runtime.agents.events import RunFinished, ToolCallFinished, ToolCallProgress
 from agent_runtime.agents.host import AgentHost
-from agent_runtime.agents.llm import BackendStats, GenerationChunk, GenerationRequest
 from agent_runtime.tools.runtime import Runtime
+from tests.agent_runtime.agent_fixtures import ScriptedBackend
 from tests.agent_runtime.tools.test_notices import notify_config
 from tests.transports.test_cancellation import marked
 
 pytestmark = pytest.mark.anyio
-
-
-class ScriptedBackend:
-    """Answers each model turn with the next scripted reply, in our JSON action format."""
-
-    name = "scripted"
-
-    def __init__(self, replies: list[dict[str, object]]) -> None:
-        self.replies = [json.dumps(r) for r in replies]
-        self.stats = BackendStats()
-
-    def tool_format(self) -> str:
-        return "json"
-
-    @property
-    def supports_grammar(self) -> bool:
-        return False
-
-    @property
-    def supports_prefix(self) -> bool:
-        return False
-
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) for c in text]
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(chr(i) for i in ids)
-
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        text = self.replies.pop(0)
-        yield GenerationChunk(text, text, True, "stop")
-
-    async def score(self, request: GenerationRequest, continuations: list[str]) -> list[float]:
-        return [0.0] * len(continuations)
-
-    async def aclose(self) -> None:
-        return None
 
 
 async def test_progress_events_stream_while_the_tool_runs() -> None:

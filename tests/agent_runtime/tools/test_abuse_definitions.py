@@ -23,9 +23,9 @@ import anyio.lowlevel
 import pytest
 
 from agent_runtime.agents.host import AgentHost
-from agent_runtime.agents.llm import BackendStats, GenerationChunk, GenerationRequest
 from agent_runtime.config.types import RuntimeConfig
 from agent_runtime.tools.runtime import Runtime
+from tests.agent_runtime.agent_fixtures import ScriptedBackend
 from tests.agent_runtime.faulty_harness import harness, make_config
 from tests.conftest import EXAMPLES, PYTHON
 from transports.targets import StdioTarget
@@ -155,41 +155,6 @@ async def test_one_malformed_definition_keeps_the_valid_tools(tmp_path: Path) ->
 # -- 4. quarantined definitions are not offered ------------------------------------------------------------
 
 
-class RecordingBackend:
-    """Stands in for the model (not under test): records the prompt it is given, answers at once."""
-
-    name = "recording"
-
-    def __init__(self) -> None:
-        self.stats = BackendStats()
-        self.requests: list[GenerationRequest] = []
-
-    def tool_format(self) -> str:
-        return "json"
-
-    @property
-    def supports_grammar(self) -> bool:
-        return False
-
-    @property
-    def supports_prefix(self) -> bool:
-        return False
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode())
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(ids).decode(errors="replace")
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        self.requests.append(request)
-        text = '{"answer": "done"}'
-        yield GenerationChunk(text, text, True, "stop")
-
-    async def aclose(self) -> None:
-        pass
-
-
 async def test_a_rug_pulled_tool_reaches_neither_prompt_nor_host(tmp_path: Path) -> None:
     from mcp import Client
 
@@ -197,7 +162,7 @@ async def test_a_rug_pulled_tool_reaches_neither_prompt_nor_host(tmp_path: Path)
     from examples.servers.hostile_schema_server import POISONED
 
     async with hostile_runtime(tmp_path, "--rugpull") as rt:
-        backend = RecordingBackend()
+        backend = ScriptedBackend()
         host = AgentHost(rt, backend=backend)
         assert "h__ok" in {s.name for s in host.agent().tools()}
         assert (await rt.execute("h__ok", {"text": "first"})).ok  # pinned on first use; then the rug pull
