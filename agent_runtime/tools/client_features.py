@@ -299,19 +299,7 @@ class ClientFeatures:
         self, server: str, digest: Mapping[str, Any], why: str, started: float
     ) -> ErrorData:
         types = _sdk()
-        self._write(
-            request_record(
-                event="sampling",
-                server=server,
-                method=SAMPLING_METHOD,
-                digest=digest,
-                allowed=False,
-                reason=why,
-                outcome="denied",
-                duration=time.perf_counter() - started,
-                secrets=self.secrets,
-            )
-        )
+        self._sampling_record(server, digest, allowed=False, reason=why, outcome="denied", started=started)
         log.info("sampling refused", server=server, reason=why)
         return types.ErrorData(code=types.INVALID_REQUEST, message=f"sampling declined by the client: {why}")
 
@@ -319,20 +307,35 @@ class ClientFeatures:
         self, server: str, digest: Mapping[str, Any], allowed: str, why: str, started: float
     ) -> ErrorData:
         types = _sdk()
+        self._sampling_record(
+            server, digest, allowed=True, reason=f"{allowed}; {why}", outcome="error", started=started
+        )
+        return types.ErrorData(code=types.INTERNAL_ERROR, message=f"sampling failed: {why}")
+
+    def _sampling_record(
+        self,
+        server: str,
+        digest: Mapping[str, Any],
+        *,
+        allowed: bool,
+        reason: str,
+        outcome: str,
+        started: float,
+    ) -> None:
+        """The audit record of a sampling request that produced no completion (refused or failed)."""
         self._write(
             request_record(
                 event="sampling",
                 server=server,
                 method=SAMPLING_METHOD,
                 digest=digest,
-                allowed=True,
-                reason=f"{allowed}; {why}",
-                outcome="error",
+                allowed=allowed,
+                reason=reason,
+                outcome=outcome,
                 duration=time.perf_counter() - started,
                 secrets=self.secrets,
             )
         )
-        return types.ErrorData(code=types.INTERNAL_ERROR, message=f"sampling failed: {why}")
 
     # -- elicitation ------------------------------------------------------------------------------------
 
