@@ -84,16 +84,30 @@ class BlockManager:
         return dict(self._hash_to_block)
 
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
-        """Block ids holding the longest cached prefix of `seq`, leaving at least its last token to compute."""
+        """Block ids holding the longest cached prefix of `seq`, leaving at least its last token to compute (for a
+        sequence with a scaling-pass cache, only as far as that cache's prefix is cached too)."""
+        return self._prefix_hits(seq)[0]
+
+    def _prefix_hits(self, seq: Sequence) -> tuple[list[int], list[int]]:
+        """The cached prefix of `seq`'s blocks and of its scaling-pass blocks (empty without that cache), as long
+        as each other: a hit must bring both caches to the same token."""
         if not self.enable_prefix_caching:
-            return []
+            return [], []
+        hits = self._cached_chain(
+            seq.token_ids, seq.cache_extra_key, (len(seq.token_ids) - 1) // self.block_size
+        )
+        if seq.pass_cache_key is None or not hits:
+            return hits, []
+        pass_hits = self._cached_chain(seq.token_ids, seq.pass_cache_key, len(hits))
+        return hits[: len(pass_hits)], pass_hits
+
+    def _cached_chain(self, tokens: list[int], extra_key: tuple[Any, ...], max_blocks: int) -> list[int]:
         bs = self.block_size
-        tokens = seq.token_ids
         hits: list[int] = []
         parent: bytes | None = None
-        for i in range((len(tokens) - 1) // bs):
+        for i in range(max_blocks):
             chunk = tokens[i * bs : (i + 1) * bs]
-            h = hash_block(parent, chunk, seq.cache_extra_key)
+            h = hash_block(parent, chunk, extra_key)
             bid = self._hash_to_block.get(h)
             if bid is None:
                 break
@@ -107,85 +121,117 @@ class BlockManager:
 
     # ---- mutations -----------------------------------------------------------------------------------
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Grow `seq.block_table` to hold `num_computed_tokens + num_new_tokens` tokens; False if it cannot.
+        """Grow `seq.block_table` (and its scaling-pass table, if it has one: the two grow together) to hold
+        `num_computed_tokens + num_new_tokens` tokens; False if it cannot.
 
         On a sequence's first allocation the cached prefix is attached and `num_computed_tokens` advanced.
         Nothing changes when it returns False.
         """
         table = seq.block_table
+        two = seq.pass_cache_key is not None
         if table:  # a sequence that already has blocks (every decode): no prefix lookup, usually no new block
             computed = seq.num_computed_tokens
             total = computed + min(num_new_tokens, len(seq.token_ids) - computed)
             need = -(-total // self.block_size) - len(table)
             if need <= 0:
                 return True
-            if need > len(self._free):
+            if need * (1 + two) > len(self._free):
                 return False
             for _ in range(need):
                 table.append(self._take_free())
+            if two:
+                for _ in range(need):
+                    seq.pass_block_table.append(self._take_free())
             return True
         hits: list[int] = []
+        pass_hits: list[int] = []
         first = not seq.block_table and seq.num_computed_tokens == 0
         if first:
-            hits = self.find_cached_prefix(seq)
+            hits, pass_hits = self._prefix_hits(seq)
         num_computed = seq.num_computed_tokens + len(hits) * self.block_size
         total = num_computed + min(num_new_tokens, seq.num_tokens - num_computed)
         have = len(seq.block_table) + len(hits)
         need = max(0, self.blocks_needed(total) - have)
-        revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)
-        if need + revived > len(self._free):
+        revived = sum(1 for b in hits + pass_hits if self.blocks[b].ref_count == 0)
+        if need * (1 + two) + revived > len(self._free):
             return False
         if first:
             self.prefix_query_tokens += seq.num_tokens
             self.prefix_hit_tokens += len(hits) * self.block_size
-        for bid in hits:
+        for bid in hits + pass_hits:
             block = self.blocks[bid]
             if block.ref_count == 0:
                 del self._free[bid]
             block.ref_count += 1
-            seq.block_table.append(bid)
+        seq.block_table.extend(hits)
+        seq.pass_block_table.extend(pass_hits)
         if hits:
             seq.num_computed_tokens = num_computed
             seq.num_cached_tokens = num_computed
             seq.num_hashed_blocks = len(hits)
             seq.last_block_hash = self.blocks[hits[-1]].block_hash
+            if pass_hits:
+                seq.pass_last_block_hash = self.blocks[pass_hits[-1]].block_hash
         elif first:
             seq.num_cached_tokens = 0
         for _ in range(need):
             seq.block_table.append(self._take_free())
+        if two:
+            for _ in range(need):
+                seq.pass_block_table.append(self._take_free())
         return True
 
     def commit(self, seq: Sequence) -> None:
-        """Hash the blocks of `seq` that became full and written since the last commit."""
+        """Hash the blocks of `seq` (and of its scaling-pass table) that became full and written since the last
+        commit."""
         bs = self.block_size
         full = min(seq.num_computed_tokens // bs, len(seq.block_table))
         if full <= seq.num_hashed_blocks or not self.enable_prefix_caching:
             return
         tokens = seq.token_ids
+        pass_key, pass_table = seq.pass_cache_key, seq.pass_block_table
         for i in range(seq.num_hashed_blocks, full):
             chunk = tuple(tokens[i * bs : (i + 1) * bs])
-            h = hash_block(seq.last_block_hash, chunk, seq.cache_extra_key)
-            block = self.blocks[seq.block_table[i]]
-            if block.block_hash is None and h not in self._hash_to_block:
-                block.block_hash = h
-                block.parent_hash = seq.last_block_hash
-                block.token_ids = chunk
-                self._hash_to_block[h] = block.block_id
-            seq.last_block_hash = h
+            seq.last_block_hash = self._hash(
+                seq.block_table[i], seq.last_block_hash, chunk, seq.cache_extra_key
+            )
+            if pass_key is not None:
+                seq.pass_last_block_hash = self._hash(
+                    pass_table[i], seq.pass_last_block_hash, chunk, pass_key
+                )
             seq.num_hashed_blocks = i + 1
 
+    def _hash(
+        self, bid: int, parent: bytes | None, chunk: tuple[int, ...], extra_key: tuple[Any, ...]
+    ) -> bytes:
+        """Register full block `bid` under its chain hash (unless it or an equal block already is); the hash."""
+        h = hash_block(parent, chunk, extra_key)
+        block = self.blocks[bid]
+        if block.block_hash is None and h not in self._hash_to_block:
+            block.block_hash = h
+            block.parent_hash = parent
+            block.token_ids = chunk
+            self._hash_to_block[h] = bid
+        return h
+
     def free(self, seq: Sequence) -> None:
-        """Release the blocks of `seq`; blocks that drop to zero refs keep their hash for later hits."""
-        # tail blocks first, so that the shared-prefix head of a table is the last to be evicted
-        for bid in reversed(seq.block_table):
-            block = self.blocks[bid]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self._free[bid] = None
+        """Release the blocks of `seq` (both tables); blocks that drop to zero refs keep their hash for later
+        hits."""
+        # tail blocks first, so that the shared-prefix head of a table is the last to be evicted (a scaling-pass
+        # block beside its partner: a prefix hit needs both)
+        tables = (seq.block_table, seq.pass_block_table) if seq.pass_block_table else (seq.block_table,)
+        for i in range(len(seq.block_table) - 1, -1, -1):
+            for table in tables:
+                block = self.blocks[table[i]]
+                block.ref_count -= 1
+                if block.ref_count == 0:
+                    self._free[block.block_id] = None
         seq.block_table = []
+        seq.pass_block_table = []
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks = 0
         seq.last_block_hash = None
+        seq.pass_last_block_hash = None
 
     def _take_free(self) -> int:
         bid, _ = self._free.popitem(last=False)

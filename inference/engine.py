@@ -166,6 +166,17 @@ class LLMEngine:
                 f"prompt of {len(ids)} tokens does not fit the {self.max_model_len}-token context",
                 "shorten the prompt (one position is needed for the answer)",
             )
+        if params.adapter is not None and self.lora.pass_key(params.adapter) is not None:
+            # an X-LoRA request holds two blocks per block of context (its scaling pass has a KV cache too); one
+            # that cannot fit alone would wait for blocks forever
+            tokens = min(len(ids) + params.max_tokens, self.max_model_len)
+            bm = self.block_manager
+            if 2 * bm.blocks_needed(tokens) > bm.num_usable_blocks:
+                raise RequestError(
+                    f"an X-LoRA request of up to {tokens} tokens needs {2 * bm.blocks_needed(tokens)} KV blocks "
+                    f"(two caches), the KV cache has {bm.num_usable_blocks}",
+                    "raise num_blocks or kv_cache_memory, or lower max_tokens",
+                )
         return ids
 
     def add_request(
@@ -186,6 +197,7 @@ class LLMEngine:
         seq = Sequence(request_id, ids, params)
         if params.adapter is not None:  # KV computed under an adapter is cached under it alone
             seq.cache_extra_key = self.lora.acquire(params.adapter)
+            seq.pass_cache_key = self.lora.pass_key(params.adapter)  # X-LoRA: a second, scaling-pass cache
         if arrival_time is not None:
             seq.arrival_time = arrival_time
         if not params.greedy and params.seed is not None:

@@ -459,6 +459,15 @@ class LoRAManager:
         reg.users += 1
         return ("lora", reg.adapter.uid)
 
+    def pass_key(self, name: str) -> tuple[Any, ...] | None:
+        """The prefix-cache key of the scaling-pass KV cache of a request on `name` (None: a LoRA adapter, which
+        has no scaling pass). With `scaling_pass_value` 0 the scaling pass is the base model, so its blocks are
+        the base model's (key `()`): either one's cached prefix serves the other."""
+        adapter = self._get(name).adapter
+        if isinstance(adapter, LoRAAdapter):
+            return None
+        return () if adapter.options.scaling_pass_value == 0.0 else ("xlora-pass", adapter.uid)
+
     def release(self, name: str) -> None:
         """A request on `name` ended; a draining adapter goes with its last request."""
         reg = self._registered.get(name)
@@ -507,10 +516,14 @@ class LoRAManager:
         self.loads += 1
         return adapter
 
-    def begin_step(self, items: SequenceT[tuple[Sequence, int]]) -> SequenceT[tuple[Sequence, int]]:
+    def begin_step(
+        self, items: SequenceT[tuple[Sequence, int]], kv_cache: torch.Tensor | None = None
+    ) -> SequenceT[tuple[Sequence, int]]:
         """Order a step's `(sequence, new tokens)` pairs so that each adapter's rows are contiguous (base rows
         first, the rest by adapter, stable), make those adapters resident and remember their row ranges for the
-        hooks. Returns the items in their new order (unchanged when no row has an adapter)."""
+        hooks; run the scaling pass of X-LoRA rows, against `kv_cache` (the runner's paged cache, where each X-LoRA
+        sequence's `pass_block_table` lives) or, when None, over each such sequence's whole context into a scratch
+        cache. Returns the items in their new order (unchanged when no row has an adapter)."""
         self._plan.clear()
         if not self._registered:
             return items
@@ -533,7 +546,7 @@ class LoRAManager:
                     gated.append((segments[-1], group))
             row += n
         if gated:
-            self._gate(gated)
+            self._gate(gated, kv_cache)
             return ordered  # X-LoRA rows take the per-adapter path (their columns are scaled per row)
         width = max(s.end - s.start for s in segments)
         real = sum(s.end - s.start for s in segments)
@@ -555,31 +568,46 @@ class LoRAManager:
         stack = self._stack(tuple(s.adapter for s in segments if isinstance(s.adapter, LoRAAdapter)))
         return _Padded(index[:r], index[r : r + v], index[r + v :], len(segments), width, stack)
 
-    def _gate(self, gated: list[tuple[_Segment, list[tuple[Sequence, int]]]]) -> None:
-        """X-LoRA's first pass for this step's X-LoRA rows: the model over each such sequence's whole context so
-        far (into a scratch KV cache, the step's cache untouched) with every expert scaled by
+    def _gate(
+        self, gated: list[tuple[_Segment, list[tuple[Sequence, int]]]], kv_cache: torch.Tensor | None
+    ) -> None:
+        """X-LoRA's first pass for this step's X-LoRA rows: the model with every expert scaled by
         `scaling_pass_value`, then each adapter's classifier over the last hidden states of the step's new tokens
         gives their scalings for the real pass. Each token's scalings depend only on the tokens up to it, so those
-        of tokens already in the KV cache never change: this matches PEFT's generate, which reruns both passes
-        over the whole sequence at every token."""
+        of tokens already in the KV cache never change, and neither does the scaling pass's own KV: with
+        `kv_cache`, the pass runs the step's new tokens only, attending to (and writing) the sequence's
+        scaling-pass blocks (`pass_block_table`, in the same paged cache); without, it reruns each sequence's
+        whole context into a scratch cache. Either matches PEFT's generate, which reruns both passes over the
+        whole sequence at every token."""
         c, bs = self.config, self.block_size
         ids: list[int] = []
+        positions: list[int] = []
         slots: list[int] = []
         starts, lens = [0], []
-        wanted: list[int] = []
+        wanted: list[int] = []  # rows of the pass's hidden states that are the step's new tokens
         tables: list[list[int]] = []
         pass_segments: list[_Segment] = []
-        nxt = 1  # block 0 is the null block
+        nxt = 1  # scratch blocks (block 0 is the null block)
         for seg, group in gated:
             first = len(ids)
             for seq, n in group:
                 end = seq.num_computed_tokens + n
-                table = list(range(nxt, nxt + -(-end // bs)))
-                nxt += len(table)
+                if kv_cache is not None:
+                    begin, table = end - n, seq.pass_block_table
+                    if len(table) * bs < end:
+                        raise AdapterError(
+                            f"request {seq.request_id!r} on X-LoRA adapter {seg.adapter.name!r} has no scaling-pass "
+                            "KV blocks for its tokens",
+                            "add X-LoRA requests through LLMEngine, which allocates them",
+                        )
+                else:
+                    begin, table = 0, list(range(nxt, nxt + -(-end // bs)))
+                    nxt += len(table)
                 tables.append(table)
-                wanted += range(len(ids) + end - n, len(ids) + end)
-                ids += seq.token_ids[:end]
-                slots += [table[p // bs] * bs + p % bs for p in range(end)]
+                wanted += range(len(ids) + end - n - begin, len(ids) + end - begin)
+                ids += seq.token_ids[begin:end]
+                positions += range(begin, end)
+                slots += [table[p // bs] * bs + p % bs for p in range(begin, end)]
                 starts.append(len(ids))
                 lens.append(end)
             adapter = seg.adapter
@@ -596,19 +624,27 @@ class LoRAManager:
             block_tables=torch.tensor(
                 [t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev
             ),
-            max_query_len=max(lens),
+            max_query_len=max(b - a for a, b in itertools.pairwise(starts)),
             max_context_len=max(lens),
             block_size=bs,
         )
-        kv = torch.zeros(2, c.num_layers, nxt, bs, c.num_kv_heads, c.head_dim, dtype=c.dtype, device=dev)
-        positions = torch.tensor([p for n in lens for p in range(n)], dtype=torch.int64, device=dev)
+        if kv_cache is None:
+            kv_cache = torch.zeros(
+                2, c.num_layers, nxt, bs, c.num_kv_heads, c.head_dim, dtype=c.dtype, device=dev
+            )
         real = list(self._plan.segments)
         self._plan.segments[:] = pass_segments
         try:
-            hidden = self.model(torch.tensor(ids, dtype=torch.int64, device=dev), positions, meta, kv)
+            hidden = self.model(
+                torch.tensor(ids, dtype=torch.int64, device=dev),
+                torch.tensor(positions, dtype=torch.int64, device=dev),
+                meta,
+                kv_cache,
+            )
         finally:
             self._plan.segments[:] = real
-        hidden = hidden.index_select(0, torch.tensor(wanted, dtype=torch.int64, device=dev))
+        if len(wanted) != len(ids):
+            hidden = hidden.index_select(0, torch.tensor(wanted, dtype=torch.int64, device=dev))
         row = 0
         for seg, _ in gated:
             adapter = seg.adapter

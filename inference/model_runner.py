@@ -402,7 +402,7 @@ class ModelRunner:
         lora = self.lora
         if lora is None:
             return self._run(items, graphs_ok=True)
-        items = lora.begin_step(items)  # each adapter's rows contiguous
+        items = lora.begin_step(items, self.kv_cache)  # each adapter's rows contiguous; X-LoRA gates
         try:
             return self._run(items, graphs_ok=not lora.active)  # graphs were captured without adapters
         finally:

@@ -38,6 +38,11 @@ class Sequence:
     last_block_hash: bytes | None = None
     num_cached_tokens: int = 0  # tokens served from the prefix cache on the latest admission
     cache_extra_key: tuple[Any, ...] = ()  # mixed into block hashes (reserved for adapters)
+    # X-LoRA: a second KV cache for the scaling pass (inference/lora.py), block for block beside `block_table` and
+    # hashed under its own extra key; None for every other request (no second cache)
+    pass_cache_key: tuple[Any, ...] | None = None
+    pass_block_table: list[int] = field(default_factory=list)
+    pass_last_block_hash: bytes | None = None
     generator: torch.Generator | None = None  # a seeded request's own, on the model's device
     sampler_state: Any = None  # the sampler's per-request device state (penalty statistics)
     finish_reason: str | None = None
