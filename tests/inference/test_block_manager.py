@@ -1,4 +1,5 @@
-"""Block manager: allocation, prefix hits, LRU reuse, and invariants under random operation sequences."""
+"""Block manager: allocation, prefix hits, LRU reuse, X-LoRA's second (scaling-pass) block table, and invariants
+under random operation sequences."""
 
 from __future__ import annotations
 
@@ -13,8 +14,20 @@ from inference.sequence import Sequence
 BS = 4
 
 
+# the extra keys the tests hash under: the base model, an adapter's real pass, an X-LoRA adapter's scaling pass
+KEYS: list[tuple[object, ...]] = [(), ("lora", 1), ("xlora-pass", 1)]
+
+
 def make_seq(tokens: list[int], rid: str = "r") -> Sequence:
     return Sequence(rid, list(tokens), SamplingParams())
+
+
+def make_xlora_seq(tokens: list[int], rid: str = "x", pass_key: tuple[object, ...] = KEYS[2]) -> Sequence:
+    """A sequence as the engine makes one on an X-LoRA adapter: its own key, and a scaling-pass cache."""
+    seq = make_seq(tokens, rid)
+    seq.cache_extra_key = KEYS[1]
+    seq.pass_cache_key = pass_key
+    return seq
 
 
 def write(bm: BlockManager, seq: Sequence, n: int) -> None:
@@ -27,11 +40,16 @@ def write(bm: BlockManager, seq: Sequence, n: int) -> None:
 def check_invariants(bm: BlockManager, live: list[Sequence]) -> None:
     refs = [0] * bm.num_blocks
     for seq in live:
-        assert len(seq.block_table) == len(set(seq.block_table)), "a table holds a block twice"
-        for b in seq.block_table:
+        both = seq.block_table + seq.pass_block_table
+        assert len(both) == len(set(both)), "a table holds a block twice, or both tables one block"
+        for b in both:
             refs[b] += 1
-        assert NULL_BLOCK not in seq.block_table
+        assert NULL_BLOCK not in both
         assert len(seq.block_table) * bm.block_size >= seq.num_computed_tokens
+        if seq.pass_cache_key is None:
+            assert seq.pass_block_table == []
+        else:  # the scaling-pass table grows with the first, block for block
+            assert len(seq.pass_block_table) == len(seq.block_table)
     free = set(bm.free_block_ids())
     assert NULL_BLOCK not in free
     assert len(free) == bm.num_free_blocks
@@ -44,17 +62,20 @@ def check_invariants(bm: BlockManager, live: list[Sequence]) -> None:
         block = bm.blocks[bid]
         assert block.block_hash == h
         assert block.token_ids is not None and len(block.token_ids) == bm.block_size
-        assert hash_block(block.parent_hash, block.token_ids) == h
+        assert h in {hash_block(block.parent_hash, block.token_ids, key) for key in KEYS}
     for block in bm.blocks:
         if block.block_hash is not None:
             assert cached.get(block.block_hash) == block.block_id
     # hashes only on blocks whose KV was written by a live or past sequence: check live ones precisely
     for seq in live:
-        for i, b in enumerate(seq.block_table):
-            block = bm.blocks[b]
-            if block.block_hash is not None:
-                assert (i + 1) * bm.block_size <= seq.num_computed_tokens, "hashed block not fully written"
-                assert list(block.token_ids) == seq.token_ids[i * BS : (i + 1) * BS]
+        for table in (seq.block_table, seq.pass_block_table):
+            for i, b in enumerate(table):
+                block = bm.blocks[b]
+                if block.block_hash is not None:
+                    assert (i + 1) * bm.block_size <= seq.num_computed_tokens, (
+                        "hashed block not fully written"
+                    )
+                    assert list(block.token_ids) == seq.token_ids[i * BS : (i + 1) * BS]
 
 
 def test_null_block_never_handed_out_and_exhaustion() -> None:
@@ -139,9 +160,78 @@ def test_decode_appends_blocks_and_hashes_when_full() -> None:
     assert len(a.block_table) == 2
 
 
+def test_xlora_sequence_takes_two_blocks_per_block_and_frees_both() -> None:
+    bm = BlockManager(7, BS)
+    x = make_xlora_seq(list(range(13)))
+    assert not bm.allocate(x, 13)  # 4 blocks of context, 8 with the scaling pass's: only 6 usable
+    assert x.block_table == x.pass_block_table == [] and bm.num_free_blocks == 6
+    assert bm.allocate(x, 8)
+    assert len(x.block_table) == len(x.pass_block_table) == 2 and bm.num_free_blocks == 2
+    x.num_computed_tokens = 8
+    bm.commit(x)
+    assert len(bm.cached_block_ids()) == 4  # both tables' full blocks, each under its own key
+    assert not bm.allocate(make_seq(list(range(100, 109))), 9)  # the pass's blocks count as used
+    assert bm.allocate(x, 1)  # the ninth token: a block in each table
+    assert bm.num_free_blocks == 0
+    check_invariants(bm, [x])
+    bm.free(x)
+    assert x.block_table == x.pass_block_table == [] and bm.num_free_blocks == 6
+    check_invariants(bm, [])
+
+
+def test_xlora_prefix_hit_needs_both_caches() -> None:
+    bm = BlockManager(32, BS)
+    a = make_xlora_seq(list(range(13)), "a")
+    write(bm, a, 13)
+    b = make_xlora_seq(list(range(13)), "b")
+    assert bm.find_cached_prefix(b) == a.block_table[:3]
+    assert bm.allocate(b, 13)
+    assert b.num_computed_tokens == 12
+    assert b.block_table[:3] == a.block_table[:3] and b.pass_block_table[:3] == a.pass_block_table[:3]
+    check_invariants(bm, [a, b])
+
+
+def test_xlora_prefix_hit_stops_where_the_scaling_pass_cache_does() -> None:
+    bm = BlockManager(32, BS)
+    # scaling-pass blocks under the base model's key: the base request's blocks are the X-LoRA request's pass
+    # prefix, and they can be evicted while the X-LoRA request's own blocks stay cached
+    base = make_seq(list(range(13)), "base")
+    write(bm, base, 13)
+    a = make_xlora_seq(list(range(13)), "a", pass_key=())
+    write(bm, a, 13)
+    assert a.num_cached_tokens == 0  # its own blocks were not cached yet
+    assert a.pass_block_table[:3] != base.block_table[:3]  # computed again, cached under the base key already
+    base_table = list(base.block_table)
+    bm.free(base)
+    bm.free(a)
+    # take every never-used block and then the base request's last two (freed tail first): its third block goes
+    other = make_seq(list(range(100, 100 + 4 * (bm.num_free_blocks - 8 - 2))), "other")
+    assert bm.allocate(other, other.num_tokens)
+    assert base_table[2] in other.block_table and base_table[1] not in other.block_table
+    c = make_xlora_seq(list(range(13)), "c", pass_key=())
+    assert bm.allocate(c, 13)
+    assert c.num_computed_tokens == 8  # the X-LoRA cache holds three blocks, the scaling pass's only two
+    assert c.pass_block_table[:2] == base_table[:2]
+    check_invariants(bm, [other, c])
+
+
+def test_scaling_pass_blocks_under_the_base_key_serve_the_base_model() -> None:
+    # scaling_pass_value 0: the scaling pass is the base model, so its blocks are the base model's (key ())
+    bm = BlockManager(32, BS)
+    x = make_xlora_seq(list(range(9)), pass_key=())
+    write(bm, x, 9)
+    base = make_seq(list(range(9)), "base")
+    assert bm.find_cached_prefix(base) == x.pass_block_table[:2]
+    assert bm.allocate(base, 9) and base.num_computed_tokens == 8
+    check_invariants(bm, [x, base])
+    # and a base prefix serves the scaling pass of a later X-LoRA request, whose own cache is still needed
+    y = make_xlora_seq(list(range(9)), "y", pass_key=())
+    assert bm.find_cached_prefix(y) == x.block_table[:2]
+
+
 OPS = st.lists(
     st.tuples(
-        st.sampled_from(["new", "step", "decode", "free"]),
+        st.sampled_from(["new", "new-xlora", "new-xlora-base", "step", "decode", "free"]),
         st.integers(0, 7),
         st.lists(st.integers(0, 2), min_size=1, max_size=20),
         st.integers(1, 12),
@@ -157,16 +247,19 @@ def test_random_operations_keep_invariants(num_blocks: int, ops: list) -> None:
     live: list[Sequence] = []
     counter = 0
     for op, pick, tokens, n in ops:
-        if op == "new":
+        if op in ("new", "new-xlora", "new-xlora-base"):
             counter += 1
             # tiny alphabet so that prefixes collide often and hits happen
-            seq = make_seq(tokens, f"s{counter}")
+            if op == "new":
+                seq = make_seq(tokens, f"s{counter}")
+            else:  # an X-LoRA request, its scaling-pass blocks under their own key or the base model's
+                seq = make_xlora_seq(tokens, f"s{counter}", KEYS[2] if op == "new-xlora" else ())
             if bm.allocate(seq, min(n, seq.num_tokens)):
                 seq.num_computed_tokens += min(n, seq.num_uncomputed_tokens)
                 bm.commit(seq)
                 live.append(seq)
             else:
-                assert seq.block_table == [] and seq.num_computed_tokens == 0
+                assert seq.block_table == seq.pass_block_table == [] and seq.num_computed_tokens == 0
         elif live:
             seq = live[pick % len(live)]
             if op == "step" and seq.num_uncomputed_tokens:

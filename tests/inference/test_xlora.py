@@ -1,6 +1,7 @@
 """X-LoRA adapters (inference/xlora.py) equal PEFT's XLoraModel on a tiny random Llama: logits (dense and
 layerwise gates, with and without top-k, a deep classifier, a nonzero scaling-pass value), greedy tokens in the
-engine, a batch mixing X-LoRA, LoRA and base rows, the prefix cache; typed errors for bad X-LoRA folders."""
+engine, a batch mixing X-LoRA, LoRA and base rows, the prefix cache; the scaling pass's own KV cache over long
+generations, under preemption and on prefix hits; typed errors for bad X-LoRA folders."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import anyio
 import pytest
 import torch
 
+from inference.config import EngineConfig
 from inference.engine import LLMEngine
-from inference.errors import AdapterError
+from inference.errors import AdapterError, RequestError
 from inference.loader import LoadedModel, load_model
 from inference.lora import LoRAManager
+from inference.params import SamplingParams
 from inference.xlora import XLoRAAdapter, read_any_adapter
 from tests.inference.test_lora import ALL, cfg, greedy, make_adapter, prefill_logits
 from tests.inference.test_models import PROMPT, _hf_model, hf_greedy, save_tiny_tokenizer
@@ -189,6 +192,109 @@ def test_prefix_cache_keys_blocks_by_xlora_adapter(world: World, gates: dict[str
     assert hit == 32  # the X-LoRA prefill started after 32 cached tokens: the gate still saw them all
     assert tokens == hf_greedy(model, prompt, 8)
     assert cached("math")[0] == 0
+
+
+def long_cfg(**settings: Any) -> EngineConfig:
+    return EngineConfig(block_size=4, max_model_len=128, **settings)
+
+
+def peft_logprobs(model: Any, ids: list[int]) -> torch.Tensor:
+    """PEFT's log-probabilities at every position of `ids` (X-LoRA is causal: one forward over the whole
+    sequence gives what its generate computes at each step)."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def assert_peft_steps(model: Any, prompt: list[int], tokens: list[int], logprobs: list[Any] | None) -> None:
+    """Each generated token is PEFT's greedy choice after the tokens before it (so the tokens are its generate's),
+    with PEFT's log-probability (fp32, 1e-4)."""
+    expected = peft_logprobs(model, prompt + tokens)
+    steps = list(range(len(prompt) - 1, len(prompt) + len(tokens) - 1))
+    assert expected[steps].argmax(dim=-1).tolist() == tokens
+    assert logprobs is not None and len(logprobs) == len(tokens)
+    ours = torch.tensor([lp["logprob"] for lp in logprobs])
+    torch.testing.assert_close(ours, expected[steps, tokens], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("gate", ["layerwise", "pass-value"])
+def test_long_generation_equals_peft(world: World, gates: dict[str, tuple[Path, Any]], gate: str) -> None:
+    """72 tokens: every decode step's scaling pass runs only its new token, against the pass's cached KV."""
+    folder, model = gates[gate]
+    engine = LLMEngine(world.loaded, long_cfg(num_blocks=96), adapters={"x": folder})
+    params = SamplingParams(temperature=0.0, max_tokens=72, ignore_eos=True, adapter="x", logprobs=0)
+    out = engine.generate([PROMPT], params)[0]
+    assert len(out.token_ids) == 72
+    assert_peft_steps(model, PROMPT, out.token_ids, out.logprobs)
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_usable_blocks  # both caches' blocks went back with the request
+
+
+def test_preemption_under_a_small_pool_keeps_the_tokens(
+    world: World, gates: dict[str, tuple[Path, Any]]
+) -> None:
+    adapters = {"x": gates["dense"][0], "math": world.experts["math"]}
+    names: list[str | None] = [None, "math", "x"]  # the X-LoRA request is the newest: preempted first
+    prompts = [PROMPT, PROMPT[2:12], PROMPT[4:15]]
+    alone = [
+        LLMEngine(world.loaded, long_cfg(num_blocks=64), adapters=adapters).generate([p], greedy(40, a))[0]
+        for p, a in zip(prompts, names, strict=True)
+    ]
+    # 32 usable blocks: the three need 15 + 13 + 2 * 13 at their longest, the X-LoRA one 26 alone
+    engine = LLMEngine(world.loaded, long_cfg(num_blocks=33), adapters=adapters)
+    with pytest.raises(RequestError, match="X-LoRA request of up to 65 tokens needs 34 KV blocks"):
+        engine.add_request(None, PROMPT, greedy(48, "x"))  # could never fit its two caches
+    ids = [engine.add_request(None, p, greedy(40, a)) for p, a in zip(prompts, names, strict=True)]
+    bm, scheduler = engine.block_manager, engine.scheduler
+    done: dict[str, list[int]] = {}
+    xlora_preempted = False
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.token_ids
+        tables = [t for s in scheduler.running for t in (s.block_table, s.pass_block_table)]
+        assert bm.num_used_blocks == len({b for t in tables for b in t})  # the pass's blocks are counted
+        for seq in scheduler.running:
+            if seq.params.adapter == "x":
+                assert len(seq.pass_block_table) == len(seq.block_table) > 0
+        for seq in scheduler.waiting:
+            assert seq.block_table == seq.pass_block_table == []
+            xlora_preempted |= seq.params.adapter == "x" and seq.num_preemptions > 0
+    assert xlora_preempted and scheduler.num_preemptions > 0
+    assert [done[i] for i in ids] == [o.token_ids for o in alone]  # both caches rebuilt on recompute
+    assert bm.num_free_blocks == bm.num_usable_blocks
+
+
+def test_prefix_hit_reuses_the_scaling_pass_cache(world: World, gates: dict[str, tuple[Path, Any]]) -> None:
+    (dense, dense_model), (valued, valued_model) = gates["dense"], gates["pass-value"]
+    engine = LLMEngine(world.loaded, long_cfg(num_blocks=128), adapters={"x": dense, "v": valued})
+    bm = engine.block_manager
+
+    def run(prompt: list[int], adapter: str | None) -> tuple[int, list[int], list[Any] | None]:
+        before = bm.prefix_hit_tokens
+        params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, adapter=adapter, logprobs=0)
+        out = engine.generate([prompt], params)[0]
+        return bm.prefix_hit_tokens - before, out.token_ids, out.logprobs
+
+    prompt = PROMPT + PROMPT[::-1]  # 34 tokens
+    hit, first, _ = run(prompt, "x")
+    assert hit == 0
+    hit, tokens, logprobs = run(prompt, "x")
+    assert hit == 32 and tokens == first  # both caches' 8 blocks reused: the scaling pass ran 2 tokens
+    assert_peft_steps(dense_model, prompt, tokens, logprobs)
+    # blocks written by decode steps are cached too (both caches): a prompt that goes on from the answer
+    longer = prompt + first[:10]
+    hit, tokens, logprobs = run(longer, "x")
+    assert hit == 40
+    assert_peft_steps(dense_model, longer, tokens, logprobs)
+    # scaling_pass_value 0: the scaling pass is the base model, its blocks the base model's
+    hit, tokens, _ = run(prompt, None)
+    assert hit == 32 and tokens == hf_greedy(world.hf, prompt, 12)
+    # a nonzero scaling_pass_value runs the experts in the scaling pass: no blocks in common with the base model
+    assert run(prompt, "v")[0] == 0
+    hit, tokens, logprobs = run(prompt, "v")
+    assert hit == 32
+    assert_peft_steps(valued_model, prompt, tokens, logprobs)
+    assert bm.num_free_blocks == bm.num_usable_blocks
 
 
 def _copy(src: Path, dst: Path) -> Path:
