@@ -384,7 +384,7 @@ class LoRAManager:
     # Several adapters in a step share one padded batched matmul while the padded rows are at most `pad_limit` times
     # the real ones (decode steps, balanced chunks); else a matmul pair per adapter. 0: always per adapter.
     pad_limit: float = 2.0
-    block_size: int = 16  # of the scratch KV cache of X-LoRA's scaling pass (the runner's, for its attention)
+    block_size: int = 16  # the KV cache's (the runner's): X-LoRA's scaling pass addresses its blocks
     _registered: dict[str, _Registered] = field(default_factory=dict)
     _resident: OrderedDict[str, AnyAdapter] = field(default_factory=OrderedDict)
     _plan: _StepPlan = field(default_factory=_StepPlan)

@@ -216,14 +216,20 @@ def assert_peft_steps(model: Any, prompt: list[int], tokens: list[int], logprobs
     torch.testing.assert_close(ours, expected[steps, tokens], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("gate", ["layerwise", "pass-value"])
-def test_long_generation_equals_peft(world: World, gates: dict[str, tuple[Path, Any]], gate: str) -> None:
-    """72 tokens: every decode step's scaling pass runs only its new token, against the pass's cached KV."""
+@pytest.mark.parametrize(("gate", "budget"), [("layerwise", 2048), ("pass-value", 5)])
+def test_long_generation_equals_peft(
+    world: World, gates: dict[str, tuple[Path, Any]], gate: str, budget: int
+) -> None:
+    """72 tokens: every decode step's scaling pass runs only its new token, against the pass's cached KV (with a
+    budget of 5 tokens a step, the 17-token prompt is prefilled in four chunks, each against the ones before)."""
     folder, model = gates[gate]
-    engine = LLMEngine(world.loaded, long_cfg(num_blocks=96), adapters={"x": folder})
+    engine = LLMEngine(
+        world.loaded, long_cfg(num_blocks=96, max_num_batched_tokens=budget), adapters={"x": folder}
+    )
     params = SamplingParams(temperature=0.0, max_tokens=72, ignore_eos=True, adapter="x", logprobs=0)
     out = engine.generate([PROMPT], params)[0]
     assert len(out.token_ids) == 72
+    assert engine.metrics().steps == 72 + (3 if budget == 5 else 0)  # prefill chunks, one decode step a token
     assert_peft_steps(model, PROMPT, out.token_ids, out.logprobs)
     bm = engine.block_manager
     assert bm.num_free_blocks == bm.num_usable_blocks  # both caches' blocks went back with the request
