@@ -45,7 +45,9 @@ def write_xlora(folder: Path, config: Any, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed + 100)
     save_file(
         {
-            "internal_xlora_classifier.layers.0.weight": torch.randn(EXPERTS, config.hidden_size, generator=gen)
+            "internal_xlora_classifier.layers.0.weight": torch.randn(
+                EXPERTS, config.hidden_size, generator=gen
+            )
             / config.hidden_size**0.5,
             "internal_xlora_classifier.layers.0.bias": torch.zeros(EXPERTS),
         },
@@ -109,7 +111,13 @@ def worker(folder: Path, contexts: list[int], tokens: int, dtype_name: str) -> d
 
 def run_side(tree: Path, folder: Path, contexts: list[int], tokens: int, dtype: str) -> dict[str, Any]:
     """A worker subprocess on the `inference` package of `tree`."""
-    args = [str(Path(__file__).resolve()), "--worker", str(folder), "--contexts", ",".join(map(str, contexts))]
+    args = [
+        str(Path(__file__).resolve()),
+        "--worker",
+        str(folder),
+        "--contexts",
+        ",".join(map(str, contexts)),
+    ]
     args += ["--tokens", str(tokens), "--dtype", dtype]
     env = {**os.environ, "PYTHONPATH": str(tree)}
     done = subprocess.run(
@@ -129,7 +137,9 @@ def run_side(tree: Path, folder: Path, contexts: list[int], tokens: int, dtype: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.engine_xlora")
-    parser.add_argument("--baseline", type=Path, help="a folder holding the inference package to compare with")
+    parser.add_argument(
+        "--baseline", type=Path, help="a folder holding the inference package to compare with"
+    )
     parser.add_argument("--contexts", default="16,256,1024", help="prompt lengths, comma-separated")
     parser.add_argument("--tokens", type=int, default=16, help="decode steps timed per request")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (the median is reported)")
