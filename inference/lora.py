@@ -341,10 +341,10 @@ class _Segment:
     adapter: AnyAdapter
     start: int
     end: int
-    # X-LoRA: the rows' flat per-token scalings `[end - start, X-LoRA layers * experts]` and, per module, which of
-    # them multiplies each rank column (inference/xlora.py); None for a LoRA adapter
+    # X-LoRA: the scaling of every module's every rank column for the rows, `[end - start, sum of ranks]`, and
+    # where each module's columns are in it (XLoRAAdapter.per_column); None for a LoRA adapter
     scales: torch.Tensor | None = None
-    columns: Mapping[tuple[int, str], torch.Tensor] | None = None
+    spans: Mapping[tuple[int, str], tuple[int, int]] | None = None
 
 
 @dataclass(slots=True)
@@ -613,8 +613,8 @@ class LoRAManager:
             adapter = seg.adapter
             assert not isinstance(adapter, LoRAAdapter)
             if adapter.options.scaling_pass_value != 0.0:  # 0 scales every expert's output to exactly 0
-                scales = adapter.pass_scalings(len(ids) - first, adapter.classifier[0][0])
-                pass_segments.append(_Segment(adapter, first, len(ids), scales, adapter.columns))
+                scales = adapter.per_column(adapter.pass_scalings(len(ids) - first, adapter.classifier[0][0]))
+                pass_segments.append(_Segment(adapter, first, len(ids), scales, adapter.spans))
         dev = self.device
         width = max(map(len, tables))
         meta = AttentionMetadata(
@@ -650,8 +650,8 @@ class LoRAManager:
             adapter = seg.adapter
             assert not isinstance(adapter, LoRAAdapter)
             n = seg.end - seg.start
-            seg.scales = adapter.scalings(hidden[row : row + n]).to(hidden.dtype)
-            seg.columns = adapter.columns
+            seg.scales = adapter.per_column(adapter.scalings(hidden[row : row + n]).to(hidden.dtype))
+            seg.spans = adapter.spans
             row += n
 
     def _stack(
@@ -727,8 +727,8 @@ class _LoRAHook:
             if w is None:
                 continue
             h = x[seg.start : seg.end] @ w.a_t
-            if (
-                seg.scales is not None and seg.columns is not None
-            ):  # X-LoRA: each rank column by its expert's gate
-                h.mul_(seg.scales.index_select(1, seg.columns[self.key]))
+            scales, spans = seg.scales, seg.spans
+            if scales is not None and spans is not None:  # X-LoRA: each rank column by its expert's gate
+                a, b = spans[self.key]
+                h.mul_(scales[:, a:b])
             out[seg.start : seg.end].addmm_(h, w.b_t)

@@ -72,6 +72,10 @@ class XLoRAAdapter:
         tuple[int, str], torch.Tensor
     ]  # per module: [R] int64 index into the flat [n_layers * experts]
     classifier: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (weight [out, in], bias [out]); ReLU between
+    # every module's `columns` end to end, and where each module's are in it: one gather per step gives every
+    # rank column its scaling (`per_column`), and each module takes a slice of that
+    gather: torch.Tensor  # [sum of all modules' ranks] int64
+    spans: dict[tuple[int, str], tuple[int, int]]
     rank: int  # the largest expert rank (for describe)
     target_modules: tuple[str, ...]
     uid: int = 0  # part of the prefix cache's block keys, unique per load
@@ -92,6 +96,7 @@ class XLoRAAdapter:
             self,
             modules=moved,
             columns={k: c.to(device) for k, c in self.columns.items()},
+            gather=self.gather.to(device),
             classifier=tuple((w.to(device, dtype), b.to(device, dtype)) for w, b in self.classifier),
         )
 
@@ -126,6 +131,11 @@ class XLoRAAdapter:
         if opts.enable_softmax:
             logits = torch.softmax(logits / opts.softmax_temperature, dim=-1)
         return self._maybe_topk(logits).reshape(rows, -1)
+
+    def per_column(self, flat: torch.Tensor) -> torch.Tensor:
+        """Flat scalings `[rows, n_layers * experts]` -> the scaling of every module's every rank column,
+        `[rows, sum of ranks]` (module `k`'s at `spans[k]`)."""
+        return flat.index_select(1, self.gather)
 
     def _maybe_topk(self, s: torch.Tensor) -> torch.Tensor:
         opts = self.options
@@ -298,10 +308,21 @@ def read_xlora_adapter(name: str, path: str | Path, config: ModelConfig) -> XLoR
         n_layers=n_layers,
         modules=modules,
         columns=columns,
+        gather=torch.cat([columns[k] for k in sorted(columns)]),
+        spans=_spans({k: len(c) for k, c in columns.items()}),
         classifier=classifier,
         rank=max(e.rank for e in experts),
         target_modules=targets,
     )
+
+
+def _spans(ranks: dict[tuple[int, str], int]) -> dict[tuple[int, str], tuple[int, int]]:
+    """Each module's `(start, end)` in its columns laid end to end in key order."""
+    spans, at = {}, 0
+    for key in sorted(ranks):
+        spans[key] = (at, at + ranks[key])
+        at += ranks[key]
+    return spans
 
 
 def _classifier(
