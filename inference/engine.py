@@ -147,7 +147,8 @@ class LLMEngine:
 
     def validate_request(self, prompt: Prompt, params: SamplingParams) -> list[int]:
         """Check params and prompt and return the prompt's token ids; raises RequestError (UnknownAdapterError
-        for an adapter that is not loaded). Thread-safe."""
+        for an adapter that is not loaded; a RequestError for an X-LoRA request whose two KV caches could not fit
+        the pool). Thread-safe."""
         params.validate()
         if params.adapter is not None:
             self.lora.check(params.adapter)
