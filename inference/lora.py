@@ -12,8 +12,9 @@ them resident on the model's device (least recently used evicted first), and hoo
 layer: before a step the model runner orders the batch so that each adapter's rows are contiguous (`begin_step`),
 and each hooked projection adds `(x[a:b] @ A) @ B` to its output rows `a:b`, one pair of small matmuls per adapter
 in the step (a segmented gather-matmul). Rows without an adapter cost nothing. An X-LoRA adapter (inference/xlora.py)
-is served by the same manager: `begin_step` first runs its scaling pass and classifier for its rows (`_gate`), and its
-segment scales each expert's rank columns per row.
+is served by the same manager: `begin_step` first runs its scaling pass (the step's new tokens, against the request's
+own scaling-pass KV blocks) and classifier for its rows (`_gate`), and its segment scales each expert's rank columns
+per row.
 """
 
 from __future__ import annotations
