@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from inference.cpu_threads import one_thread
 from inference.metadata import AttentionMetadata
 
 
@@ -50,6 +51,13 @@ def paged_attention(
 # own longest context and keeps the copy in cache while SDPA reads it (about 3x less CPU time than one padded call
 # over 48 sequences of 40-700 tokens, measured here in bf16).
 DECODE_CHUNK = 4
+
+# A decode group with at most this many query-key pairs (rows x query heads x keys) runs on one thread. SDPA's CPU
+# kernel splits every call over the intra-op pool, and for one query row per head the fork and join cost more than
+# the split saves: one row of 9 heads over 128 keys took 70 us on one thread against 233 us on two, and one row of
+# 32 heads over 2000 keys 1.1 ms against 1.3 ms (bf16, 2 shared cores, load 4; `python -m
+# benchmarks.decode_attention`). Larger groups (batched decode over long contexts) keep the pool.
+SERIAL_DECODE_PAIRS = 1 << 16
 
 
 @dataclass(slots=True)
@@ -110,17 +118,28 @@ def _decode(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, sc
     qg = q.view(num_seqs, kv_heads, group, head_dim)
     if plan.order is not None:
         qg = qg.index_select(0, plan.order)
+    if len(plan.groups) == 1 and plan.order is None:  # one sequence (or a few, sorted): no staging buffer
+        o = _decode_group(qg, kv_layer, plan.groups[0], num_heads, scale)
+        return o.reshape(num_seqs, num_heads, head_dim)
     out = torch.empty_like(qg)
     for g in plan.groups:
-        n = g.end - g.start
-        k = _gather(kv_layer[0], g.block_ids.view(n, -1), g.length)  # [n, kv_heads, L, D]
-        v = _gather(kv_layer[1], g.block_ids.view(n, -1), g.length)
-        out[g.start : g.end] = F.scaled_dot_product_attention(
-            qg[g.start : g.end], k, v, attn_mask=g.mask, scale=scale
-        )
+        out[g.start : g.end] = _decode_group(qg[g.start : g.end], kv_layer, g, num_heads, scale)
     if plan.order is not None:
         out = torch.empty_like(out).index_copy_(0, plan.order, out)
     return out.reshape(num_seqs, num_heads, head_dim)
+
+
+def _decode_group(
+    qg: torch.Tensor, kv_layer: torch.Tensor, g: _DecodeGroup, num_heads: int, scale: float
+) -> torch.Tensor:
+    """SDPA of one group's rows `qg` ([n, kv_heads, group, head_dim]) over their gathered, padded K/V."""
+    n = g.end - g.start
+    k = _gather(kv_layer[0], g.block_ids.view(n, -1), g.length)  # [n, kv_heads, L, D]
+    v = _gather(kv_layer[1], g.block_ids.view(n, -1), g.length)
+    if n * num_heads * g.length > SERIAL_DECODE_PAIRS:
+        return F.scaled_dot_product_attention(qg, k, v, attn_mask=g.mask, scale=scale)
+    with one_thread():  # the same kernel without waking the thread pool (sums may differ in the last bit)
+        return F.scaled_dot_product_attention(qg, k, v, attn_mask=g.mask, scale=scale)
 
 
 def _varlen(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from inference.config import DEFAULT_QUANTIZE_GROUP_SIZE, QUANTIZE_GROUP_SIZES
+from inference.cpu_threads import one_thread
 from inference.errors import QuantError, UnsupportedQuantTypeError
 
 log = structlog.get_logger(__name__)
@@ -66,6 +67,12 @@ KERNEL_DTYPE = torch.bfloat16
 DENSE_ROWS: dict[KernelName, int] = {"int8": 16, "int4": 64}
 # Dense path: dequantize at most about this many weights at a time (a few MB of bf16, reused by the allocator)
 _DENSE_CHUNK = 1 << 21
+# A decode-sized call (at most SERIAL_ROWS rows) of a layer holding at most SERIAL_WEIGHT_BYTES runs its kernel on
+# one thread: waking the intra-op pool costs about what splitting a weight this small saves on idle cores, and much
+# more on shared ones (576->576 int4, one row: 36 us on one thread against 75 us on two, 2 cores at load 7;
+# 576->3072 at 0.84 MiB: 198 against 243 us).
+SERIAL_ROWS = 4
+SERIAL_WEIGHT_BYTES = 1 << 19
 
 
 # ---- unpacked codes ------------------------------------------------------------------------------------------
@@ -343,6 +350,7 @@ class QuantLinear(nn.Module):
                 q, s = pack_int4(plane, KERNEL_DTYPE)
             self.register_buffer(f"qweight{i}", q)
             self.register_buffer(f"scales{i}", s)
+        self.serial = not self.fallback and self.weight_bytes() <= SERIAL_WEIGHT_BYTES
 
     def planes(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(packed weight, scales) per plane; empty in the fallback."""
@@ -373,20 +381,27 @@ class QuantLinear(nn.Module):
         else:
             if x2.dtype != KERNEL_DTYPE:
                 x2 = x2.to(KERNEL_DTYPE)
-            if x2.shape[0] > self.dense_rows and (self.mode == "int8" or self.layout is not None):
+            rows = x2.shape[0]
+            if rows > self.dense_rows and (self.mode == "int8" or self.layout is not None):
                 y = self._dense_forward(x2)
-            elif self.mode == "int8":
-                y = int8_mm(x2, self.qweight0, self.scales0)
+            elif self.serial and rows <= SERIAL_ROWS:
+                with one_thread():
+                    y = self._kernel(x2)
             else:
-                y = int4_mm(x2, self.qweight0, self.group_size, self.scales0)
-                if self.num_planes > 1:
-                    for q, s in self.planes()[1:]:
-                        y = y + int4_mm(x2, q, self.group_size, s)
+                y = self._kernel(x2)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         if y.dtype != dtype:
             y = y.to(dtype)
         return y.reshape(*lead, self.out_features)
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "int8":
+            return int8_mm(x, self.qweight0, self.scales0)
+        y = int4_mm(x, self.qweight0, self.group_size, self.scales0)
+        for q, s in self.planes()[1:]:
+            y = y + int4_mm(x, q, self.group_size, s)
+        return y
 
     def dense_weight_t(self, start: int, stop: int) -> torch.Tensor:
         """`W[start:stop].T` dequantized to bf16, `[K, stop - start]` (rows a multiple of the int4 layout's
