@@ -18,8 +18,9 @@ the ratio to llama.cpp, and our weights' memory against the file's size. Our var
   per-channel int8, a Q8_0 embedding read from its own blocks, the head per-channel int8;
 - `gguf int8`: the file re-targeted to per-channel int8 (`quantize="int8"`);
 - `gguf int4`: re-targeted to int4 (`quantize="int4"`: 4-bit blocks kept, wider ones re-quantized to int4 g32);
-- `gguf pooled`: `gguf` with every decode kernel on the intra-op thread pool, as before small decode work ran on
-  one thread (`inference.cpu_threads`): the before/after comparison in one run.
+- `gguf pooled`: `gguf` with the decode attention on the intra-op thread pool at every size, as before small
+  decode groups ran on one thread (`inference.attention.SERIAL_DECODE_PAIRS`): that change's before/after in one
+  run.
 
 Exits 0.
 """
@@ -62,25 +63,19 @@ def build_engine(variant: str, gguf: Path) -> Any:
 
 
 @contextlib.contextmanager
-def pooled(engine: Any, on: bool) -> Iterator[None]:
-    """With `on`, the engine's decode attention and quantized layers use the thread pool at every size."""
+def pooled(on: bool) -> Iterator[None]:
+    """With `on`, the decode attention uses the thread pool at every size (a module setting: the whole process)."""
     from inference import attention
-    from inference.quant import QuantLinear
 
     if not on:
         yield
         return
-    layers = [m for m in engine.loaded.model.modules() if isinstance(m, QuantLinear) and m.serial]
     pairs = attention.SERIAL_DECODE_PAIRS
     attention.SERIAL_DECODE_PAIRS = -1
-    for m in layers:
-        m.serial = False
     try:
         yield
     finally:
         attention.SERIAL_DECODE_PAIRS = pairs
-        for m in layers:
-            m.serial = True
 
 
 def ours_single(engine: Any, prompt: list[int], n: int) -> float:
@@ -166,7 +161,7 @@ def main() -> None:
                     results["llama.cpp"]["ttft_ms"].append(peer["ttft"]["ms"])
                 peer_rss.append(peer["peak_rss_mib"])
         for name, engine in engines.items():
-            with pooled(engine, name == "gguf pooled"):
+            with pooled(name == "gguf pooled"):
                 results[name]["tok_s"].append(ours_single(engine, single, args.new_tokens))
                 if args.ttft_tokens:  # a fresh prompt (the first token differs), so no prefix of it is cached
                     results[name]["ttft_ms"].append(

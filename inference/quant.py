@@ -53,7 +53,6 @@ import torch
 from torch import nn
 
 from inference.config import DEFAULT_QUANTIZE_GROUP_SIZE, QUANTIZE_GROUP_SIZES
-from inference.cpu_threads import one_thread
 from inference.errors import QuantError, UnsupportedQuantTypeError
 
 log = structlog.get_logger(__name__)
@@ -67,12 +66,6 @@ KERNEL_DTYPE = torch.bfloat16
 DENSE_ROWS: dict[KernelName, int] = {"int8": 16, "int4": 64}
 # Dense path: dequantize at most about this many weights at a time (a few MB of bf16, reused by the allocator)
 _DENSE_CHUNK = 1 << 21
-# A decode-sized call (at most SERIAL_ROWS rows) of a layer holding at most SERIAL_WEIGHT_BYTES runs its kernel on
-# one thread: waking the intra-op pool costs about what splitting a weight this small saves on idle cores, and much
-# more on shared ones (576->576 int4, one row: 36 us on one thread against 75 us on two, 2 cores at load 7;
-# 576->3072 at 0.84 MiB: 198 against 243 us).
-SERIAL_ROWS = 4
-SERIAL_WEIGHT_BYTES = 1 << 19
 
 
 # ---- unpacked codes ------------------------------------------------------------------------------------------
@@ -350,7 +343,6 @@ class QuantLinear(nn.Module):
                 q, s = pack_int4(plane, KERNEL_DTYPE)
             self.register_buffer(f"qweight{i}", q)
             self.register_buffer(f"scales{i}", s)
-        self.serial = not self.fallback and self.weight_bytes() <= SERIAL_WEIGHT_BYTES
 
     def planes(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(packed weight, scales) per plane; empty in the fallback."""
@@ -385,9 +377,6 @@ class QuantLinear(nn.Module):
             rows = x2.shape[0]
             if rows > self.dense_rows and (self.mode == "int8" or self.layout is not None):
                 y = self._dense_forward(x2)
-            elif self.serial and rows <= SERIAL_ROWS:
-                with one_thread():
-                    y = self._kernel(x2)
             else:
                 y = self._kernel(x2)
         if self.bias is not None:

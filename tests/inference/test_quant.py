@@ -396,36 +396,3 @@ def test_tied_int8_head_and_embedding_share_one_table() -> None:
     assert torch.equal(model.embed_tokens(ids), want)
     assert _forward_logits(model).isfinite().all()
     assert not tie_embedding_to_head(_tiny_model(torch.bfloat16))  # no int8 head: nothing to share
-
-
-@needs_int4
-def test_small_layers_run_decode_rows_on_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
-    from inference import quant
-
-    small = QuantLinear([quantize_int4(_weight(576, 576), 32)])  # 0.16 MiB of codes and scales
-    large = QuantLinear([quantize_int4(_weight(2048, 1024), 32)])  # 1 MiB
-    assert small.serial and not large.serial
-    seen: list[int] = []
-    kernel = quant.int4_mm
-
-    def spy(*args: torch.Tensor | int) -> torch.Tensor:
-        seen.append(torch.get_num_threads())
-        return kernel(*args)  # type: ignore[arg-type]
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        x = torch.randn(4, 576, dtype=torch.bfloat16)
-        small.serial = False
-        pooled = small(x)
-        small.serial = True
-        monkeypatch.setattr(quant, "int4_mm", spy)
-        got = small(x)  # 4 rows: decode-sized
-        small(torch.randn(5, 576, dtype=torch.bfloat16))  # 5 rows: the pool
-        large(torch.randn(1, 1024, dtype=torch.bfloat16))
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
-    assert seen == [1, 2, 2]
-    # the same kernel; its sums do not depend on the thread count (it splits output columns, not sums)
-    torch.testing.assert_close(got, pooled, atol=0, rtol=0)
