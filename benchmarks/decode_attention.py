@@ -86,8 +86,7 @@ def measure(
     scale = HEAD_DIM**-0.5
 
     def paged(pairs: int) -> object:
-        attention.SERIAL_DECODE_PAIRS = pairs
-        meta.backend_cache = None  # type: ignore[attr-defined]  # the plan is per step: build it each call
+        attention.SERIAL_DECODE_PAIRS = pairs  # read per call; the step's plan (cached on `meta`) is shared
         return attention.paged_attention(q, kv, meta, scale)  # type: ignore[arg-type]
 
     variants: dict[str, Callable[[], object]] = {
