@@ -52,11 +52,11 @@ def paged_attention(
 # over 48 sequences of 40-700 tokens, measured here in bf16).
 DECODE_CHUNK = 4
 
-# A decode group with at most this many query-key pairs (rows x query heads x keys) runs on one thread. SDPA's CPU
-# kernel splits every call over the intra-op pool, and for one query row per head the fork and join cost more than
-# the split saves: one row of 9 heads over 128 keys took 70 us on one thread against 233 us on two, and one row of
-# 32 heads over 2000 keys 1.1 ms against 1.3 ms (bf16, 2 shared cores, load 4; `python -m
-# benchmarks.decode_attention`). Larger groups (batched decode over long contexts) keep the pool.
+# On the CPU a decode group with at most this many query-key pairs (rows x query heads x keys) runs on one thread.
+# SDPA's CPU kernel splits every call over the intra-op pool, and for one query row per head the fork and join cost
+# more than the split saves: one row of 9 heads over 128 keys took 70 us on one thread against 233 us on two, one
+# row of 32 heads over 2000 keys 1.1 ms against 1.3 ms (bf16, 2 shared cores at load 4); 1.05-1.22x less at load
+# 1.8 (`python -m benchmarks.decode_attention`). Larger groups (batched decode over long contexts) keep the pool.
 SERIAL_DECODE_PAIRS = 1 << 16
 
 
@@ -136,7 +136,7 @@ def _decode_group(
     n = g.end - g.start
     k = _gather(kv_layer[0], g.block_ids.view(n, -1), g.length)  # [n, kv_heads, L, D]
     v = _gather(kv_layer[1], g.block_ids.view(n, -1), g.length)
-    if n * num_heads * g.length > SERIAL_DECODE_PAIRS:
+    if n * num_heads * g.length > SERIAL_DECODE_PAIRS or qg.device.type != "cpu":
         return F.scaled_dot_product_attention(qg, k, v, attn_mask=g.mask, scale=scale)
     with one_thread():  # the same kernel without waking the thread pool (sums may differ in the last bit)
         return F.scaled_dot_product_attention(qg, k, v, attn_mask=g.mask, scale=scale)
