@@ -17,7 +17,10 @@ the ratio to llama.cpp, and our weights' memory against the file's size. Our var
 - `gguf`: the default (`quantize="auto"`): 4-bit blocks kept as int4 group 32 (exact codes), wider ones as
   per-channel int8, a Q8_0 embedding read from its own blocks, the head per-channel int8;
 - `gguf int8`: the file re-targeted to per-channel int8 (`quantize="int8"`);
-- `gguf int4`: re-targeted to int4 (`quantize="int4"`: 4-bit blocks kept, wider ones re-quantized to int4 g32).
+- `gguf int4`: re-targeted to int4 (`quantize="int4"`: 4-bit blocks kept, wider ones re-quantized to int4 g32);
+- `gguf pooled`: `gguf` with the decode attention on the intra-op thread pool at every size, as before small
+  decode groups ran on one thread (`inference.attention.SERIAL_DECODE_PAIRS`): that change's before/after in one
+  run.
 
 Exits 0.
 """
@@ -25,6 +28,7 @@ Exits 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -33,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +46,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 DEFAULT_LLAMA_PYTHON = "/work/peers/llama-venv/bin/python"
-VARIANTS = ("bf16", "gguf", "gguf int8", "gguf int4")
-_QUANTIZE = {"bf16": "none", "gguf": "auto", "gguf int8": "int8", "gguf int4": "int4"}
+VARIANTS = ("bf16", "gguf", "gguf int8", "gguf int4", "gguf pooled")
+_QUANTIZE = {"bf16": "none", "gguf": "auto", "gguf int8": "int8", "gguf int4": "int4", "gguf pooled": "auto"}
 
 
 def build_engine(variant: str, gguf: Path) -> Any:
@@ -55,6 +60,22 @@ def build_engine(variant: str, gguf: Path) -> Any:
     loaded = load_model(gguf, dtype="bfloat16", quantize=_QUANTIZE[variant])
     config = EngineConfig(kv_cache_memory=256 * 2**20, max_model_len=2048, max_num_seqs=8)
     return LLMEngine(loaded, config)
+
+
+@contextlib.contextmanager
+def pooled(on: bool) -> Iterator[None]:
+    """With `on`, the decode attention uses the thread pool at every size (a module setting: the whole process)."""
+    from inference import attention
+
+    if not on:
+        yield
+        return
+    pairs = attention.SERIAL_DECODE_PAIRS
+    attention.SERIAL_DECODE_PAIRS = -1
+    try:
+        yield
+    finally:
+        attention.SERIAL_DECODE_PAIRS = pairs
 
 
 def ours_single(engine: Any, prompt: list[int], n: int) -> float:
@@ -140,11 +161,12 @@ def main() -> None:
                     results["llama.cpp"]["ttft_ms"].append(peer["ttft"]["ms"])
                 peer_rss.append(peer["peak_rss_mib"])
         for name, engine in engines.items():
-            results[name]["tok_s"].append(ours_single(engine, single, args.new_tokens))
-            if args.ttft_tokens:  # a fresh prompt (the first token differs), so no prefix of it is cached
-                results[name]["ttft_ms"].append(
-                    ours_ttft(engine, [rng.randrange(100, vocab - 100), *long[1:]])
-                )
+            with pooled(name == "gguf pooled"):
+                results[name]["tok_s"].append(ours_single(engine, single, args.new_tokens))
+                if args.ttft_tokens:  # a fresh prompt (the first token differs), so no prefix of it is cached
+                    results[name]["ttft_ms"].append(
+                        ours_ttft(engine, [rng.randrange(100, vocab - 100), *long[1:]])
+                    )
         loads.append(os.getloadavg()[0])
 
     def median(values: list[float]) -> float | None:

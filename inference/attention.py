@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from inference.cpu_threads import one_thread
 from inference.metadata import AttentionMetadata
 
 
@@ -25,11 +27,16 @@ def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 
 def _gather(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
     """The first `length` positions of the blocks in `block_ids` ([..., n]) as [..., kv_heads, length, head_dim]."""
-    kv_heads, head_dim = cache.shape[2], cache.shape[3]
+    block_size, kv_heads, head_dim = cache.shape[1], cache.shape[2], cache.shape[3]
     # index_select on the flat id list is several times faster on CPU than advanced indexing with a 2-D index.
-    gathered = cache.index_select(0, block_ids.reshape(-1))
-    flat = gathered.view(*block_ids.shape[:-1], -1, kv_heads, head_dim)[..., :length, :, :]
-    return flat.transpose(-3, -2)
+    gathered = cache.index_select(
+        0, block_ids.reshape(-1)
+    )  # contiguous [n_ids, block_size, kv_heads, head_dim]
+    # one view instead of view + slice + transpose (called twice per layer and step)
+    lead = tuple(block_ids.shape[:-1])
+    token, row = kv_heads * head_dim, block_ids.shape[-1] * block_size * kv_heads * head_dim
+    lead_strides = tuple(row * math.prod(lead[i + 1 :]) for i in range(len(lead)))
+    return gathered.as_strided((*lead, kv_heads, length, head_dim), (*lead_strides, head_dim, token, 1))
 
 
 def paged_attention(
@@ -50,6 +57,13 @@ def paged_attention(
 # own longest context and keeps the copy in cache while SDPA reads it (about 3x less CPU time than one padded call
 # over 48 sequences of 40-700 tokens, measured here in bf16).
 DECODE_CHUNK = 4
+
+# On the CPU a decode group with at most this many query-key pairs (rows x query heads x keys) runs on one thread.
+# SDPA's CPU kernel splits every call over the intra-op pool, and for one query row per head the fork and join cost
+# more than the split saves: one row of 9 heads over 128 keys took 70 us on one thread against 233 us on two, one
+# row of 32 heads over 2000 keys 1.1 ms against 1.3 ms (bf16, 2 shared cores at load 4); 1.05-1.22x less at load
+# 1.8 (`python -m benchmarks.decode_attention`). Larger groups (batched decode over long contexts) keep the pool.
+SERIAL_DECODE_PAIRS = 1 << 16
 
 
 @dataclass(slots=True)
@@ -110,17 +124,28 @@ def _decode(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, sc
     qg = q.view(num_seqs, kv_heads, group, head_dim)
     if plan.order is not None:
         qg = qg.index_select(0, plan.order)
+    if len(plan.groups) == 1 and plan.order is None:  # one sequence (or a few, sorted): no staging buffer
+        o = _decode_group(qg, kv_layer, plan.groups[0], num_heads, scale)
+        return o.reshape(num_seqs, num_heads, head_dim)
     out = torch.empty_like(qg)
     for g in plan.groups:
-        n = g.end - g.start
-        k = _gather(kv_layer[0], g.block_ids.view(n, -1), g.length)  # [n, kv_heads, L, D]
-        v = _gather(kv_layer[1], g.block_ids.view(n, -1), g.length)
-        out[g.start : g.end] = F.scaled_dot_product_attention(
-            qg[g.start : g.end], k, v, attn_mask=g.mask, scale=scale
-        )
+        out[g.start : g.end] = _decode_group(qg[g.start : g.end], kv_layer, g, num_heads, scale)
     if plan.order is not None:
         out = torch.empty_like(out).index_copy_(0, plan.order, out)
     return out.reshape(num_seqs, num_heads, head_dim)
+
+
+def _decode_group(
+    qg: torch.Tensor, kv_layer: torch.Tensor, g: _DecodeGroup, num_heads: int, scale: float
+) -> torch.Tensor:
+    """SDPA of one group's rows `qg` ([n, kv_heads, group, head_dim]) over their gathered, padded K/V."""
+    n = g.end - g.start
+    k = _gather(kv_layer[0], g.block_ids.view(n, -1), g.length)  # [n, kv_heads, L, D]
+    v = _gather(kv_layer[1], g.block_ids.view(n, -1), g.length)
+    if n * num_heads * g.length > SERIAL_DECODE_PAIRS or qg.device.type != "cpu":
+        return F.scaled_dot_product_attention(qg, k, v, attn_mask=g.mask, scale=scale)
+    with one_thread():  # the same kernel without waking the thread pool (sums may differ in the last bit)
+        return F.scaled_dot_product_attention(qg, k, v, attn_mask=g.mask, scale=scale)
 
 
 def _varlen(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from inference import attention
 from inference.attention import paged_attention, write_kv
 from inference.metadata import AttentionMetadata
 
@@ -27,15 +28,21 @@ def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: int, scale: f
 
 
 def _batch(
-    seqs: list[tuple[int, int]], heads: int, kv_heads: int, dim: int, dtype: torch.dtype, seed: int
+    seqs: list[tuple[int, int]],
+    heads: int,
+    kv_heads: int,
+    dim: int,
+    dtype: torch.dtype,
+    seed: int,
+    num_blocks: int = NUM_BLOCKS,
 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[tuple[torch.Tensor, torch.Tensor]]]:
     """(q, kv_layer, meta, per-sequence full K/V) for sequences given as (context_len, query_len).
 
     Earlier positions' K/V are written into the cache directly; the new tokens' K/V go through write_kv.
     """
     gen = torch.Generator().manual_seed(seed)
-    kv = torch.zeros(2, NUM_BLOCKS, BLOCK, kv_heads, dim, dtype=dtype)
-    free = list(range(1, NUM_BLOCKS))
+    kv = torch.zeros(2, num_blocks, BLOCK, kv_heads, dim, dtype=dtype)
+    free = list(range(1, num_blocks))
     random.Random(seed).shuffle(free)
     qs, new_k, new_v, slots, starts, tables, full = [], [], [], [], [0], [], []
     for ctx, q_len in seqs:
@@ -129,3 +136,71 @@ def test_layer_view_of_whole_cache_is_written_in_place() -> None:
     write_kv(whole[:, 1], k, 2 * k, torch.tensor([3 * BLOCK + 2]))
     assert torch.equal(whole[0, 1, 3, 2], k[0]) and torch.equal(whole[1, 1, 3, 2], 2 * k[0])
     assert whole[:, 0].abs().sum() == 0 and whole[:, 2].abs().sum() == 0
+
+
+# ---- decode on one thread --------------------------------------------------------------------------------------
+
+
+def _spy_threads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records torch's thread count at each SDPA call (and still runs SDPA)."""
+    seen: list[int] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return sdpa(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    return seen
+
+
+DECODE_SHAPES = {
+    "one_row": [(128, 1)],
+    "one_row_long": [(2000, 1)],
+    "rows_of_different_lengths": [(512, 1), (37, 1), (130, 1), (1, 1), (260, 1), (64, 1)],
+}
+
+
+@pytest.mark.parametrize("case", list(DECODE_SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_decode_runs_on_one_thread_with_the_same_result(
+    case: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seqs = DECODE_SHAPES[case]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # blocks come from a shuffled free list: every sequence's table is scattered, never contiguous
+        q, kv, meta, full = _batch(
+            seqs, 6, 2, 16, dtype, seed=7, num_blocks=sum(-(-c // BLOCK) for c, _ in seqs) + 2
+        )
+        monkeypatch.setattr(attention, "SERIAL_DECODE_PAIRS", -1)  # always the thread pool: the old path
+        pooled = paged_attention(q, kv, meta, 0.25)
+        monkeypatch.setattr(attention, "SERIAL_DECODE_PAIRS", 1 << 16)
+        meta.backend_cache = None
+        seen = _spy_threads(monkeypatch)
+        serial = paged_attention(q, kv, meta, 0.25)
+        assert seen and all(n == 1 for n in seen)  # every group is small here
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    # the same kernel; its GEMMs may split a sum differently on one thread (the last bit)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(serial, pooled, atol=tol, rtol=tol)
+    for i, ((ctx, _), (k, v)) in enumerate(zip(seqs, full, strict=True)):
+        expected = _dense(q[i : i + 1], k, v, ctx, 0.25)
+        torch.testing.assert_close(serial[i : i + 1].double(), expected, atol=tol, rtol=tol)
+
+
+def test_large_decode_groups_keep_the_thread_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    seqs = [(300, 1), (290, 1)]
+    q, kv, meta, _ = _batch(seqs, 8, 2, 16, torch.float32, seed=1, num_blocks=160)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(attention, "SERIAL_DECODE_PAIRS", 2 * 8 * 300 - 1)  # just below the group's pairs
+        seen = _spy_threads(monkeypatch)
+        paged_attention(q, kv, meta, 0.25)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2]
