@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
@@ -33,6 +34,9 @@ ANSWER_PREFIX = '{"answer": '
 # on the eval suite (docs/agents.md): 1.0 solved 1-3 tasks more than none, 2.0 fewer (it parrots field names).
 COPY_BIAS = 1.0
 COPY_RESULTS = 2  # the results the bias reads from, newest last
+MAX_ANSWER_NUMBERS = 256  # distinct numbers an answer may copy from; a run that saw more answers freely
+_NUMBER_ATOM = re.compile(r"\d+(?:[.,]\d+)*")
+_TEXT = '[^0-9"\\\\]'  # one character of answer text that is not a digit (nor a quote or backslash to escape)
 
 
 @dataclass(slots=True)
@@ -48,9 +52,29 @@ class TurnProgress:
     cached_tokens: int = 0
 
 
-def decision_spec(candidates: Sequence[str], *, allow_answer: bool) -> Any:
+def answer_schema(context: GroundingContext | None = None) -> dict[str, Any]:
+    """The answer string's schema: free text, except that once the run has results every number in it is one
+    the task or a result wrote (digit for digit: "329.50", "2026", "15"), so a small model copies a value
+    instead of blending two ("129.50" from 1299.00 and 329.50). Without results, or with more numbers than a
+    pattern should hold, any text."""
+    free: dict[str, Any] = {"type": "string", "minLength": 1}
+    if context is None or not context.results:
+        return free
+    numbers = list(dict.fromkeys(n for text in context.texts for n in _NUMBER_ATOM.findall(text)))
+    if len(numbers) > MAX_ANSWER_NUMBERS:
+        return free
+    if not numbers:
+        return {"type": "string", "pattern": f"^{_TEXT}+$"}
+    # a number is followed by text or ends the answer: two copied numbers never run together ("302" from 3, 02)
+    number = "(" + "|".join(re.escape(n) for n in sorted(numbers, key=lambda n: (-len(n), n))) + ")"
+    return {"type": "string", "pattern": f"^(({_TEXT}|{number}{_TEXT})+{number}?|{number})$"}
+
+
+def decision_spec(
+    candidates: Sequence[str], *, allow_answer: bool, context: GroundingContext | None = None
+) -> Any:
     """The first stage, after the turn's opening `{"`: `tool": "<one of the candidates>"` (the arguments follow
-    in stage two), or a whole answer `answer": "..."}`."""
+    in stage two), or a whole answer `answer": "..."}` (`answer_schema`: numbers copied from the run)."""
     alternatives: list[list[Mapping[str, Any]]] = []
     if candidates:
         alternatives.append(
@@ -60,7 +84,7 @@ def decision_spec(candidates: Sequence[str], *, allow_answer: bool) -> Any:
         alternatives.append(
             [
                 {"literal": ANSWER_PREFIX[len(DECIDE_PREFIX) :]},
-                {"json_schema": {"type": "string", "minLength": 1}},
+                {"json_schema": answer_schema(context)},
                 {"literal": "}"},
             ]
         )
@@ -118,7 +142,7 @@ async def guided_turn(
     decide = _stage(
         base,
         "decide",
-        decision_spec(candidates, allow_answer=allow_answer),
+        decision_spec(candidates, allow_answer=allow_answer, context=context),
         DECIDE_PREFIX,
         ANSWER_FREQUENCY_PENALTY if allow_answer else 0.0,
     )

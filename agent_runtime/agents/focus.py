@@ -1,0 +1,165 @@
+"""Which lines of a tool's result answer the task: a small model shown nine `key: value` lines answers with the
+wrong one of two times, so the lines that fit the question are repeated after the result, where it reads last.
+
+A line fits when its key names what the task asks for ("time" in `target.datetime`, "date" in `datetime`), its
+record (the lines sharing its key's prefix, or a CSV row) holds what the task names ("Sydney" in
+`target.timezone: Australia/Sydney`, "monitor" in `Monitor,hardware,329.50`), and its value is new: a value the
+task already states (the 15:00 of "3 pm London time") is the question, not the answer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from agent_runtime.agents.grounding import capitalised_names, clock_values, number_values, zones_named_in
+from agent_runtime.agents.routing import words
+
+MAX_FOCUS_LINES = 2
+MAX_RESULT_LINES = 200  # a longer result is a document, not a record: its lines are not scored
+KEY_WEIGHT = 1.0  # a task word in the line's key: what is asked for ("time" in `datetime`)
+CONTENT_WEIGHT = 1.0  # a task word (not a name) in the line's value: "based" in `["based in Rotterdam"]`
+RECORD_WEIGHT = 0.5  # a name the task gives in another value of the same record: the record it is about
+SUBJECT_PENALTY = 0.5  # a name the task gives in the line's own value: the subject restated, not the answer
+GIVEN_PENALTY = (
+    1.5  # the line's value is a clock time or number the task states: the question, not the answer
+)
+_KEYED = re.compile(r"^\s*([^:\n]{1,80}?):\s+(.+)$")
+_GROUP = re.compile(r"^(.*?)(?:\.[^.\[\]]+)$")
+_CLOCK = re.compile(r"(?<!\d)(\d{1,2}):(\d{2})(?!\d)")
+
+
+@dataclass(slots=True)
+class _Line:
+    text: str
+    key: list[str]
+    value: list[str]
+    group: str | None
+    cells: bool  # a CSV row or a line without a key: every word is a cell
+
+
+# What a question word asks for, as the keys tools write it: "Who made the first commit?" is an `Author:` line.
+_ASKS_FOR: tuple[tuple[re.Pattern[str], tuple[str, ...]], ...] = (
+    (re.compile(r"\bwho\b", re.I), ("author", "owner", "by", "person", "user", "creator", "assignee")),
+    (re.compile(r"\bwhen\b", re.I), ("date", "time", "datetime", "timestamp")),
+    (re.compile(r"\bwhere\b", re.I), ("location", "city", "place", "address", "based")),
+    (
+        re.compile(r"\bhow (?:much|many)\b|\bcost\b|\bprice\b", re.I),
+        ("amount", "price", "cost", "total", "count"),
+    ),
+)
+
+
+def asked_for(task: str) -> set[str]:
+    """The task's own words, plus the keys its question words ask for."""
+    extra = {key for pattern, keys in _ASKS_FOR if pattern.search(task) for key in keys}
+    return set(words(task)) | extra
+
+
+def _matches(task_word: str, line_word: str) -> bool:
+    # "time" fits "datetime" and "date" fits "datetime": tools join words that people write apart
+    return task_word == line_word or (len(task_word) >= 4 and task_word in line_word)
+
+
+def _hits(task_words: set[str], line_words: list[str]) -> set[str]:
+    return {t for t in task_words if any(_matches(t, w) for w in line_words)}
+
+
+def names_in(task: str) -> set[str]:
+    """The names of what the task is about: the words it writes capitalised other than to start a sentence
+    ("Tokyo", "Priya", "Acme Corp"), and the places it names however written ("london")."""
+    names = {w for name in capitalised_names(task) for w in words(name)}
+    return names | {w for zone in zones_named_in([task]) for w in words(zone.rsplit("/", 1)[-1])}
+
+
+def _parse(result: str) -> list[_Line]:
+    raw = [line for line in result.splitlines() if line.strip() and not line.rstrip().endswith(":")]
+    header: list[str] | None = None
+    if len(raw) >= 3 and "," in raw[0] and ":" not in raw[0]:
+        width = raw[0].count(",")
+        if sum(1 for line in raw[1:] if line.count(",") == width) >= 2:
+            header = words(raw[0].replace(",", " "))
+    lines: list[_Line] = []
+    for i, text in enumerate(raw):
+        if header is not None:
+            if i == 0:
+                continue  # the header names the columns of every row: it says nothing about one
+            lines.append(_Line(text, list(header), words(text), None, True))
+            continue
+        keyed = _KEYED.match(text)
+        if keyed is None:
+            lines.append(_Line(text, [], words(text), None, False))
+            continue
+        key, value = keyed.group(1).strip(), keyed.group(2).strip()
+        group = _GROUP.match(key)
+        lines.append(_Line(text, words(key), words(value), group.group(1) if group else None, False))
+    return lines
+
+
+def _given(value: str, times: set[str], numbers: set[float]) -> bool:
+    """Whether a value's clock time (its first: an ISO timestamp's offset is not one) or the value as a plain
+    number is one the task states."""
+    clock = _CLOCK.search(value)
+    if clock is not None and f"{int(clock.group(1)):02d}:{clock.group(2)}" in times:
+        return True
+    try:
+        return float(value.strip().replace(",", "")) in numbers
+    except ValueError:
+        return False
+
+
+def focus_lines(task: str, result: str, *, limit: int = MAX_FOCUS_LINES) -> list[str]:
+    """The lines of `result` that best fit `task`, best first; none when the result is short or long, or when
+    no line fits (repeating lines that do not stand out would only add noise)."""
+    lines = _parse(result)
+    if len(lines) < 3 or len(lines) > MAX_RESULT_LINES:
+        return []
+    task_words = set(words(task))
+    key_words = asked_for(task)
+    names = names_in(task)
+    given_times = set(clock_values(task))
+    given_numbers = {float(n) for n in number_values([task])}
+    record_names: dict[str, set[str]] = {}
+    for line in lines:
+        if line.group is not None:
+            record_names.setdefault(line.group, set()).update(_hits(names, line.value))
+    scored: list[tuple[float, int, str]] = []
+    for i, line in enumerate(lines):
+        if not line.value:
+            continue
+        value_hits = _hits(task_words, line.value)
+        if line.cells:
+            score = CONTENT_WEIGHT * bool(value_hits)  # a row is about the task or not
+        else:
+            subject = value_hits & names
+            record = record_names.get(line.group, set()) if line.group is not None else set()
+            score = (
+                KEY_WEIGHT * len(_hits(key_words, line.key))
+                + CONTENT_WEIGHT * len(value_hits - names)
+                + RECORD_WEIGHT * len(record - subject)
+                - SUBJECT_PENALTY * len(subject)
+            )
+            value = text_value(line.text)
+            if value is not None and _given(value, given_times, given_numbers):
+                score -= GIVEN_PENALTY
+        if score > 0:
+            scored.append((score, i, line.text.strip()))
+    if not scored:
+        return []
+    best = max(score for score, _, _ in scored)
+    return [text for score, _, text in sorted(scored, key=lambda s: (-s[0], s[1])) if score >= best][:limit]
+
+
+def text_value(line: str) -> str | None:
+    keyed = _KEYED.match(line)
+    return keyed.group(2) if keyed else None
+
+
+FOCUS_HEADING = "Most relevant:"
+
+
+def focus_note(lines: Sequence[str]) -> str:
+    """What follows a result in the model's view: its lines that fit the task (`focus_lines`) again, under a
+    heading; empty when none stands out."""
+    return f"\n\n{FOCUS_HEADING}\n" + "\n".join(lines) if lines else ""
