@@ -19,6 +19,8 @@ from agent_runtime.agents.routing import words
 MAX_FOCUS_LINES = 2
 MAX_RESULT_LINES = 200  # a longer result is a document, not a record: its lines are not scored
 KEY_WEIGHT = 1.0  # a task word in the line's key: what is asked for ("time" in `datetime`)
+HEAD_BONUS = 0.2  # up to this share more for a later word of the task
+ASKED_WEIGHT = 1.5  # a key a question word asks for: "Who ...?" is answered by an `Author:` line
 CONTENT_WEIGHT = 1.0  # a task word (not a name) in the line's value: "based" in `["based in Rotterdam"]`
 RECORD_WEIGHT = 0.5  # a name the task gives in another value of the same record: the record it is about
 SUBJECT_PENALTY = 0.5  # a name the task gives in the line's own value: the subject restated, not the answer
@@ -51,10 +53,19 @@ _ASKS_FOR: tuple[tuple[re.Pattern[str], tuple[str, ...]], ...] = (
 )
 
 
-def asked_for(task: str) -> set[str]:
-    """The task's own words, plus the keys its question words ask for."""
-    extra = {key for pattern, keys in _ASKS_FOR if pattern.search(task) for key in keys}
-    return set(words(task)) | extra
+_OLDEST = re.compile(r"\b(first|earliest|oldest)\b", re.I)
+
+
+def asked_for(task: str) -> dict[str, float]:
+    """What a key may match, and its weight: the keys the question words ask for ("who" -> `author`) weigh
+    most, then the task's own words, the later ones a little more (the head of "the last commit message" is
+    "message", not "commit")."""
+    own = list(dict.fromkeys(words(task)))
+    weights = {w: KEY_WEIGHT * (1 + HEAD_BONUS * i / max(len(own), 1)) for i, w in enumerate(own)}
+    for pattern, keys in _ASKS_FOR:
+        if pattern.search(task):
+            weights.update({key: ASKED_WEIGHT for key in keys})
+    return weights
 
 
 def _matches(task_word: str, line_word: str) -> bool:
@@ -124,18 +135,23 @@ def focus_lines(task: str, result: str, *, limit: int = MAX_FOCUS_LINES) -> list
     for line in lines:
         if line.group is not None:
             record_names.setdefault(line.group, set()).update(_hits(names, line.value))
+    # a task word that names a field ("commit" in "the last commit message") picks fields, not contents:
+    # it does not make the value "Initial commit" an answer
+    field_words = {w for line in lines if not line.cells for w in _hits(task_words, line.key)}
     scored: list[tuple[float, int, str]] = []
+    keyed_hit = False  # some line's key names what is asked (not only rows that mention it)
     for i, line in enumerate(lines):
         if not line.value:
             continue
-        value_hits = _hits(task_words, line.value)
+        value_hits = _hits(task_words - field_words, line.value)
+        key_hits = set() if line.cells else _hits(set(key_words), line.key)
         if line.cells:
             score = CONTENT_WEIGHT * bool(value_hits)  # a row is about the task or not
         else:
             subject = value_hits & names
             record = record_names.get(line.group, set()) if line.group is not None else set()
             score = (
-                KEY_WEIGHT * len(_hits(key_words, line.key))
+                sum(key_words[w] for w in key_hits)
                 + CONTENT_WEIGHT * len(value_hits - names)
                 + RECORD_WEIGHT * len(record - subject)
                 - SUBJECT_PENALTY * len(subject)
@@ -145,15 +161,30 @@ def focus_lines(task: str, result: str, *, limit: int = MAX_FOCUS_LINES) -> list
                 score -= GIVEN_PENALTY
         if score > 0:
             scored.append((score, i, line.text.strip()))
+            keyed_hit = keyed_hit or bool(key_hits)
     if not scored:
         return []
     best = max(score for score, _, _ in scored)
-    return [text for score, _, text in sorted(scored, key=lambda s: (-s[0], s[1])) if score >= best][:limit]
+    # a log lists the newest first: the first commit is the last one shown
+    oldest_first = -1 if _OLDEST.search(task) else 1
+    ranked = sorted(scored, key=lambda s: (-s[0], oldest_first * s[1]))
+    # within the head bonus of the best is as good: "the temperature and conditions" asks for both
+    close = best - HEAD_BONUS * KEY_WEIGHT - 1e-9
+    top = list(dict.fromkeys(text for score, _, text in ranked if score >= close))
+    if len(top) > limit and not keyed_hit:
+        return []  # "What files are in X?" matches every [FILE] line: a list is the answer, not two of it
+    return top[:limit]
 
 
 def text_value(line: str) -> str | None:
     keyed = _KEYED.match(line)
     return keyed.group(2) if keyed else None
+
+
+def focus_value(line: str) -> str:
+    """What a focus line says without its key: the value to copy, not the field's name to parrot."""
+    value = text_value(line)
+    return line if value is None else value
 
 
 FOCUS_HEADING = "Most relevant:"

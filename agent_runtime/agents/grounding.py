@@ -381,6 +381,23 @@ def _narrow(
         schema["maxLength"] = MAX_FREE_STRING
 
 
+def _one_number_each(props: dict[str, Any], required: set[str]) -> None:
+    """Required number arguments offered the same candidates, exactly as many as there are arguments ("the
+    laptop and the office chair": 1299.00 and 249.99 for `a` and `b`), take one each, in the order they were
+    seen: a small model otherwise gives both the first ("1299 + 1299")."""
+    numeric = [
+        s
+        for n, s in props.items()
+        if n in required and isinstance(s, dict) and s.get("type") in ("number", "integer") and "enum" in s
+    ]
+    if len(numeric) < 2 or any(s["enum"] != numeric[0]["enum"] for s in numeric):
+        return
+    values = list(numeric[0]["enum"])
+    if len(values) == len(numeric):
+        for schema, value in zip(numeric, values, strict=True):
+            schema["enum"] = [value]
+
+
 def _order_pairs(props: dict[str, Any]) -> None:
     """A source/target pair over the same candidates takes them in the order the task names them."""
     for source, s in props.items():
@@ -425,6 +442,7 @@ def ground_schema(
         _narrow(name, s, context, creating=creating, making=read_only is False)
         narrowed[name] = s
     _order_pairs(narrowed)
+    _one_number_each(narrowed, required)
     out["properties"] = narrowed
     if "required" in out:
         out["required"] = [r for r in out["required"] if r in narrowed]

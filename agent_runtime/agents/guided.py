@@ -18,6 +18,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
+from agent_runtime.agents.focus import focus_value
 from agent_runtime.agents.grounding import GroundingContext, ground_schema
 from agent_runtime.agents.llm import GenerationChunk, GenerationRequest, LLMBackend
 from inference.formats import ToolSpec
@@ -148,7 +149,10 @@ async def guided_turn(
     )
     if allow_answer and context.results and COPY_BIAS:
         decide = dataclasses.replace(
-            decide, copy_text="\n".join(context.results[-COPY_RESULTS:]), copy_bias=COPY_BIAS
+            decide,
+            copy_text="\n".join(context.results[-COPY_RESULTS:]),
+            copy_bias=COPY_BIAS,
+            copy_focus="\n".join(focus_value(line) for line in context.focus),
         )
     async for p in _stream(backend, decide, progress, DECIDE_PREFIX):
         yield p

@@ -90,3 +90,54 @@ def test_the_generic_examples_show_results_as_a_guided_run_shows_them() -> None:
     results = [call.result for ex in DEFAULT_EXAMPLES for call in ex.calls]
     assert any(f"\n\n{FOCUS_HEADING}\n" in r for r in results)
     assert not any(r.lstrip().startswith("{") for r in results)  # flat lines, as observations are shown
+
+
+def test_two_numbers_for_two_arguments_take_one_each() -> None:
+    from agent_runtime.agents.grounding import GroundingContext, ground_schema
+
+    task = "Look up the prices of the laptop and the office chair and add them with the sum tool."
+    context = GroundingContext()
+    context.add(task)
+    context.add_result(BUDGET)
+    context.focus = focus_lines(task, BUDGET)
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+        "required": ["a", "b"],
+    }
+    props = ground_schema(schema, context)["properties"]
+    assert (props["a"]["enum"], props["b"]["enum"]) == ([1299.0], [249.99])
+    context.focus = []  # five numbers seen for two arguments: the model picks
+    props = ground_schema(schema, context)["properties"]
+    assert props["a"]["enum"] == props["b"]["enum"] == [1299.0, 329.5, 249.99, 36.75]
+
+
+LOG = """Commit history:
+Commit: d00ede95
+Author: Grace Hopper
+Message: Fix rounding in temperature display
+
+Commit: ddee3981
+Author: Grace Hopper
+Message: Add sensor reader
+
+Commit: 5b1f0c2a
+Author: Ada Lovelace
+Message: Initial commit"""
+
+
+def test_a_log_shows_the_newest_first_and_a_list_is_not_cut_to_two() -> None:
+    assert (
+        focus_lines("What was the last commit message?", LOG)[0]
+        == "Message: Fix rounding in temperature display"
+    )
+    assert focus_lines("Who made the first commit?", LOG) == ["Author: Ada Lovelace", "Author: Grace Hopper"]
+    listing = "[FILE] budget.csv\n[FILE] notes.txt\n[DIR] projects\n[FILE] todo.md"
+    assert focus_lines("What files are in /tmp/f?", listing) == []
+    weather = "temperature: 36\nconditions: Light rain / drizzle\nhumidity: 82"
+    assert set(
+        focus_lines("What's the weather in Chicago? Give me the temperature and conditions.", weather)
+    ) == {
+        "temperature: 36",
+        "conditions: Light rain / drizzle",
+    }

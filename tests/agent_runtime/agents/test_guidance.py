@@ -439,6 +439,10 @@ async def test_the_decision_that_may_answer_is_biased_toward_the_last_results() 
     assert later.copy_bias == COPY_BIAS > 0
     assert later.copy_text.splitlines() == [f"result {n}: Monitor,hardware,329.50" for n in range(1, 3)]
     assert "How much" not in later.copy_text  # the task is not a result
+    assert later.copy_focus == ""
+    context.focus = ["amount: 329.50", "Monitor,hardware,329.50"]
+    focused = await decide(True)
+    assert focused.copy_focus.splitlines() == ["329.50", "Monitor,hardware,329.50"]  # values, not keys
     forced = await decide(False)  # a step that must call a tool is not biased toward what it read
     assert forced.copy_bias == 0.0
 
@@ -625,6 +629,8 @@ def test_an_answer_copies_its_numbers_from_the_run(grammars: tuple[GrammarCompil
     assert not _accepts(grammars, decide, 'answer": "The monitor cost 129.50."}')  # two values blended
     assert not _accepts(grammars, decide, 'answer": "About 330."}')  # a number nobody wrote
     assert _accepts(grammars, decide, 'tool": "fs__read_text_file"')
+    assert _accepts(grammars, decide, 'answer": "329.50"}')
+    assert not _accepts(grammars, decide, 'answer": "1299.00329.50"}')  # two numbers run together
 
 
 def test_records_to_make_are_grounded_field_by_field_with_the_names_the_task_writes() -> None:
@@ -662,8 +668,6 @@ def test_records_to_make_are_grounded_field_by_field_with_the_names_the_task_wri
         "Tokyo",
     ]
     assert capitalised_names("Remember this: Tomás lives in Porto.") == ["Tomás", "Porto"]
-    assert _accepts(grammars, decide, 'answer": "329.50"}')
-    assert not _accepts(grammars, decide, 'answer": "1299.00329.50"}')  # two numbers run together
 
 
 def test_each_step_of_a_plan_takes_the_paths_of_its_own_part() -> None:
