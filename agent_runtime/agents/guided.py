@@ -35,6 +35,10 @@ ANSWER_PREFIX = '{"answer": '
 # on the eval suite (docs/agents.md): 1.0 solved 1-3 tasks more than none, 2.0 fewer (it parrots field names).
 COPY_BIAS = 1.0
 COPY_RESULTS = 2  # the results the bias reads from, newest last
+# An answer starts with the values of the result lines that fit the task (agent_runtime/agents/focus.py): a
+# 135M model shown the budget CSV and "Most relevant: Office chair,furniture,249.99" still answered with the
+# first row. Measured on the eval suite (docs/agents.md).
+QUOTE_FOCUS = True
 MAX_ANSWER_NUMBERS = 256  # distinct numbers an answer may copy from; a run that saw more answers freely
 _NUMBER_ATOM = re.compile(r"\d+(?:[.,]\d+)*")
 _TEXT = '[^0-9"\\\\]'  # one character of answer text that is not a digit (nor a quote or backslash to escape)
@@ -53,29 +57,61 @@ class TurnProgress:
     cached_tokens: int = 0
 
 
-def answer_schema(context: GroundingContext | None = None) -> dict[str, Any]:
+def answer_schema(context: GroundingContext | None = None, *, quote: str = "") -> dict[str, Any]:
     """The answer string's schema: free text, except that once the run has results every number in it is one
     the task or a result wrote (digit for digit: "329.50", "2026", "15"), so a small model copies a value
-    instead of blending two ("129.50" from 1299.00 and 329.50). Without results, or with more numbers than a
-    pattern should hold, any text."""
-    free: dict[str, Any] = {"type": "string", "minLength": 1}
+    instead of blending two ("129.50" from 1299.00 and 329.50); with more numbers than a pattern should hold,
+    any text. `quote`: the text the answer starts with (`answer_quote`)."""
     if context is None or not context.results:
-        return free
+        return {"type": "string", "minLength": 1}
     numbers = list(dict.fromkeys(n for text in context.texts for n in _NUMBER_ATOM.findall(text)))
     if len(numbers) > MAX_ANSWER_NUMBERS:
-        return free
-    if not numbers:
-        return {"type": "string", "pattern": f"^{_TEXT}+$"}
+        return (
+            {"type": "string", "minLength": 1}
+            if not quote
+            else {"type": "string", "pattern": f'^{re.escape(quote)}[^"\\\\]*$'}
+        )
     # a number is followed by text or ends the answer: two copied numbers never run together ("302" from 3, 02)
     number = "(" + "|".join(re.escape(n) for n in sorted(numbers, key=lambda n: (-len(n), n))) + ")"
-    return {"type": "string", "pattern": f"^(({_TEXT}|{number}{_TEXT})+{number}?|{number})$"}
+    if not quote:
+        if not numbers:
+            return {"type": "string", "pattern": f"^{_TEXT}+$"}
+        return {"type": "string", "pattern": f"^(({_TEXT}|{number}{_TEXT})+{number}?|{number})$"}
+    rest = f"({_TEXT}|{number}{_TEXT})*{number}?" if numbers else f"{_TEXT}*"
+    # after a quote that ends in a digit the answer goes on with text: "249.99" never becomes "249.9936"
+    after = f"({_TEXT}{rest})?" if quote[-1].isdigit() else rest
+    return {"type": "string", "pattern": f"^{re.escape(quote)}{after}$"}
+
+
+def answer_quote(focus: Sequence[str]) -> str:
+    """What an answer starts with when a result's lines fit the task: their values, quoted as the result wrote
+    them ("Office chair,furniture,249.99"; a JSON list's items joined), joined by "; ". Empty without focus, or
+    when a value holds a quote or backslash (the answer's grammar cannot write those unescaped)."""
+    values = []
+    for line in focus:
+        value = focus_value(line).strip()
+        try:
+            items = json.loads(value) if value.startswith("[") else None
+        except ValueError:
+            items = None
+        if isinstance(items, list) and all(isinstance(i, str) for i in items):
+            value = ", ".join(items)
+        if not value or '"' in value or "\\" in value or any(ord(c) < 32 for c in value):
+            return ""
+        values.append(value)
+    return "; ".join(values)
 
 
 def decision_spec(
-    candidates: Sequence[str], *, allow_answer: bool, context: GroundingContext | None = None
+    candidates: Sequence[str],
+    *,
+    allow_answer: bool,
+    context: GroundingContext | None = None,
+    quote: str = "",
 ) -> Any:
     """The first stage, after the turn's opening `{"`: `tool": "<one of the candidates>"` (the arguments follow
-    in stage two), or a whole answer `answer": "..."}` (`answer_schema`: numbers copied from the run)."""
+    in stage two), or a whole answer `answer": "..."}` (`answer_schema`: numbers copied from the run, starting
+    with `quote` when given)."""
     alternatives: list[list[Mapping[str, Any]]] = []
     if candidates:
         alternatives.append(
@@ -85,7 +121,7 @@ def decision_spec(
         alternatives.append(
             [
                 {"literal": ANSWER_PREFIX[len(DECIDE_PREFIX) :]},
-                {"json_schema": answer_schema(context)},
+                {"json_schema": answer_schema(context, quote=quote)},
                 {"literal": "}"},
             ]
         )
@@ -143,7 +179,12 @@ async def guided_turn(
     decide = _stage(
         base,
         "decide",
-        decision_spec(candidates, allow_answer=allow_answer, context=context),
+        decision_spec(
+            candidates,
+            allow_answer=allow_answer,
+            context=context,
+            quote=answer_quote(context.focus) if QUOTE_FOCUS else "",
+        ),
         DECIDE_PREFIX,
         ANSWER_FREQUENCY_PENALTY if allow_answer else 0.0,
     )

@@ -700,3 +700,23 @@ def test_each_step_of_a_plan_takes_the_paths_of_its_own_part() -> None:
     ]
     assert context.for_part("add up the hardware amounts") is context  # a part without paths: the run's
     assert r.part_of("fs__list_directory") is None
+
+
+@pytest.mark.smollm2
+def test_an_answer_starts_with_the_lines_that_fit(grammars: tuple[GrammarCompilerCache, Any]) -> None:
+    from agent_runtime.agents.guided import answer_quote
+
+    context = GroundingContext()
+    context.add("In /tmp/f/budget.csv, which item is in the furniture category?")
+    context.add_result("item,category,amount\nLaptop,hardware,1299.00\nOffice chair,furniture,249.99")
+    context.focus = ["Office chair,furniture,249.99"]
+    quote = answer_quote(context.focus)
+    decide = decision_spec(["fs__read_text_file"], allow_answer=True, context=context, quote=quote)
+    assert _accepts(grammars, decide, 'answer": "Office chair,furniture,249.99 is the furniture item."}')
+    assert _accepts(grammars, decide, 'answer": "Office chair,furniture,249.99"}')
+    assert not _accepts(grammars, decide, 'answer": "Laptop,hardware,1299.00"}')
+    assert not _accepts(grammars, decide, 'answer": "Office chair,furniture,249.991"}')
+    assert answer_quote(
+        ['entities[0].observations: ["works at Acme Corp", "likes tea"]', "temperature: 36"]
+    ) == ("works at Acme Corp, likes tea; 36")
+    assert answer_quote(['note: say "hi"']) == ""  # a quote the answer's grammar would have to escape
