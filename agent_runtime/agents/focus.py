@@ -9,6 +9,7 @@ task already states (the 15:00 of "3 pm London time") is the question, not the a
 
 from __future__ import annotations
 
+import csv
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -96,7 +97,7 @@ def _parse(result: str) -> list[_Line]:
         if header is not None:
             if i == 0:
                 continue  # the header names the columns of every row: it says nothing about one
-            lines.append(_Line(text, list(header), words(text), None, True))
+            lines.append(_Line(_labelled(raw[0], text), list(header), words(text), None, True))
             continue
         keyed = _KEYED.match(text)
         if keyed is None:
@@ -106,6 +107,16 @@ def _parse(result: str) -> list[_Line]:
         group = _GROUP.match(key)
         lines.append(_Line(text, words(key), words(value), group.group(1) if group else None, False))
     return lines
+
+
+def _labelled(header: str, row: str) -> str:
+    """A CSV row with its columns' names ("item: Monitor, category: hardware, amount: 329.50"): read alone, and
+    quoted in an answer, "Monitor,hardware,329.50" says less (and runs a name into its number)."""
+    names = next(csv.reader([header]))
+    cells = next(csv.reader([row]))
+    if len(names) != len(cells) or not all(n.strip() for n in names):
+        return row
+    return ", ".join(f"{n.strip()}: {c.strip()}" for n, c in zip(names, cells, strict=True))
 
 
 def _given(value: str, times: set[str], numbers: set[float]) -> bool:
@@ -182,9 +193,10 @@ def text_value(line: str) -> str | None:
 
 
 def focus_value(line: str) -> str:
-    """What a focus line says without its key: the value to copy, not the field's name to parrot."""
+    """What a focus line says without its key: the value to copy, not the field's name to parrot (a labelled
+    CSV row stays whole: its labels say which number is which)."""
     value = text_value(line)
-    return line if value is None else value
+    return line if value is None or ": " in value else value
 
 
 FOCUS_HEADING = "Most relevant:"

@@ -48,10 +48,13 @@ def test_the_key_says_what_is_asked_and_the_subject_is_not_the_answer() -> None:
 
 
 def test_csv_rows_about_the_task_and_records_about_its_names() -> None:
-    assert focus_lines("How much did the monitor cost?", BUDGET) == ["Monitor,hardware,329.50"]
+    # a row is shown with its columns' names: "Monitor,hardware,329.50" runs a name into its number
+    assert focus_lines("How much did the monitor cost?", BUDGET) == [
+        "item: Monitor, category: hardware, amount: 329.50"
+    ]
     assert focus_lines("Add the prices of the laptop and the office chair", BUDGET) == [
-        "Laptop,hardware,1299.00",
-        "Office chair,furniture,249.99",
+        "item: Laptop, category: hardware, amount: 1299.00",
+        "item: Office chair, category: furniture, amount: 249.99",
     ]
     assert focus_lines("Where does Priya work?", GRAPH) == [
         'entities[0].observations: ["works at Acme Corp", "prefers email over phone"]'
@@ -66,7 +69,7 @@ def test_nothing_is_pointed_at_when_nothing_stands_out() -> None:
     assert focus_lines("Tell me a joke", NOW) == []
     assert focus_note(focus_lines("Tell me a joke", NOW)) == ""
     note = focus_note(focus_lines("How much did the monitor cost?", BUDGET))
-    assert note == f"\n\n{FOCUS_HEADING}\nMonitor,hardware,329.50"
+    assert note == f"\n\n{FOCUS_HEADING}\nitem: Monitor, category: hardware, amount: 329.50"
     assert names_in("Where does Priya work? Ask Acme Corp in Tokyo.") >= {"priya", "acme", "corp", "tokyo"}
     assert "where" not in names_in("Where does Priya work?")
 
