@@ -84,10 +84,6 @@ class WorkedExample:
     answer: str
 
 
-# Generic worked examples, shown when an agent has none of its own. Their results are written the way a guided run
-# shows results to the model (flat `key: value` lines, then the lines that fit the task under "Most relevant:",
-# agent_runtime/agents/focus.py), and one answer lists what a listing returned: a small model copies the shape of
-# what it has seen answered.
 DEFAULT_EXAMPLES: tuple[WorkedExample, ...] = (
     WorkedExample(
         "How many yen is one euro?",
@@ -95,7 +91,7 @@ DEFAULT_EXAMPLES: tuple[WorkedExample, ...] = (
             ExampleCall(
                 "fx__get_rate",
                 {"from_currency": "EUR", "to_currency": "JPY"},
-                "from: EUR\nto: JPY\nrate: 162.4\nupdated: 2024-05-01\n\nMost relevant:\nrate: 162.4",
+                '{"from": "EUR", "to": "JPY", "rate": 162.4}',
             ),
         ),
         "One euro is 162.4 yen.",
@@ -106,21 +102,10 @@ DEFAULT_EXAMPLES: tuple[WorkedExample, ...] = (
             ExampleCall(
                 "weather__get_weather",
                 {"location": "Rome, Italy"},
-                "location: Rome, Italy\ntemperature_c: 18\nconditions: cloudy",
+                '{"location": "Rome, Italy", "temperature_c": 18, "conditions": "cloudy"}',
             ),
         ),
         "It is 18°C and cloudy in Rome.",
-    ),
-    WorkedExample(
-        "Which files are in /data/reports?",
-        (
-            ExampleCall(
-                "files__list_folder",
-                {"path": "/data/reports"},
-                "[FILE] q1.pdf\n[FILE] q2.pdf\n[DIR] archive",
-            ),
-        ),
-        "The files in /data/reports are q1.pdf and q2.pdf, and a folder archive.",
     ),
 )
 

@@ -88,9 +88,9 @@ def test_numbers_for_arguments_come_from_the_lines_that_fit() -> None:
 
 
 def test_the_generic_examples_show_results_as_a_guided_run_shows_them() -> None:
-    from inference.formats import DEFAULT_EXAMPLES
+    from agent_runtime.agents.guided import GUIDED_EXAMPLES
 
-    results = [call.result for ex in DEFAULT_EXAMPLES for call in ex.calls]
+    results = [call.result for ex in GUIDED_EXAMPLES for call in ex.calls]
     assert any(f"\n\n{FOCUS_HEADING}\n" in r for r in results)
     assert not any(r.lstrip().startswith("{") for r in results)  # flat lines, as observations are shown
 
