@@ -243,19 +243,23 @@ def time_pattern(hhmm: str) -> re.Pattern[str]:
     return re.compile("|".join(forms), re.I)
 
 
+def _contains(text: str, word: str) -> bool:
+    return re.search(rf"(?<![^\W_]){re.escape(word)}", text, re.I) is not None
+
+
 def check_text(spec: Mapping[str, Any], text: str | None) -> bool:
-    """Every key of `spec` must hold: contains_all, contains_any, not_contains (case-insensitive substrings),
-    regex (case-insensitive search), number (+ tol: any number in the text within tol), time (HH:MM)."""
+    """Every key of `spec` must hold: contains_all, contains_any, not_contains (case-insensitive, starting a
+    word: "Ada" is not in the hash "bada624"), regex (case-insensitive search), number (+ tol: any number in the
+    text within tol), time (HH:MM)."""
     if text is None:
         return False
-    low = text.lower()
     for key, want in spec.items():
         if key == "contains_all":
-            ok = all(str(w).lower() in low for w in want)
+            ok = all(_contains(text, str(w)) for w in want)
         elif key == "contains_any":
-            ok = any(str(w).lower() in low for w in want)
+            ok = any(_contains(text, str(w)) for w in want)
         elif key == "not_contains":
-            ok = not any(str(w).lower() in low for w in want)
+            ok = not any(_contains(text, str(w)) for w in want)
         elif key == "regex":
             ok = re.search(want, text, re.I) is not None
         elif key == "number":

@@ -43,9 +43,14 @@ _NAME_WORD = re.compile(
 )
 _DIRECTORY_WORDS = re.compile(r"\b(directory|directories|folder|folders|dir)\b", re.I)
 _FILE_WORDS = re.compile(r"\b(file|files|text|contents?)\b", re.I)
+_FOLDER_NAME_WORDS = frozenset({"directory", "directories", "dir", "dirs", "folder", "folders", "tree"})
+_RECURSIVE = re.compile(r"\brecursive(ly)?\b", re.I)
+_EITHER_KIND = re.compile(r"\bfiles? (?:or|and) (?:directory|directories|folders?)\b", re.I)
 _QUOTED = re.compile(r"""['"`]([\w./:+-]{1,40})['"`]""")
 _CHOICE_WORDS = re.compile(r"\bor\b|\bone of\b|\beither\b|\|", re.I)
 _CALLED = re.compile(r"\b(?:called|named|titled)\s+['\"`]?([\w.-]{1,64})", re.I)
+_SENTENCE_START = re.compile(r"(?:^|[.!?]\s+)([A-Z]\w*)")
+_CAPITALISED_RUN = re.compile(r"\b[A-Z]\w*(?:[ -][A-Z]\w*)*")
 MAX_FREE_STRING = 400  # characters of a string argument nothing else bounds: a small model's loops end there
 MAX_FREE_ITEMS = 16  # items of an array argument nothing else bounds, for the same reason
 _SOURCE = re.compile(r"^(source|from|origin|src)(_|$)", re.I)
@@ -73,6 +78,8 @@ class GroundingContext:
     texts: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)  # absolute paths, in order of first mention
     results: list[str] = field(default_factory=list)  # the tools' results alone, in order
+    # the lines of the newest result that fit the task (agent_runtime/agents/focus.py), set by the loop
+    focus: list[str] = field(default_factory=list)
 
     def add_result(self, text: str) -> None:
         self.results.append(text)
@@ -84,6 +91,14 @@ class GroundingContext:
             path = _clean_path(raw)
             if path != "/" and path not in self.paths:
                 self.paths.append(path)
+
+    def for_part(self, part: str | None) -> GroundingContext:
+        """The context for one part of a task in several ("Read /x/a.csv, ... and write the total to
+        /x/total.txt"): the paths that part names, when it names any; else the whole run's."""
+        named = [p for p in self.paths if part and p in part]
+        if not named:
+            return self
+        return GroundingContext(self.texts, named, self.results, self.focus)
 
     @property
     def task(self) -> str:
@@ -98,9 +113,12 @@ class GroundingContext:
         return wanted <= seen
 
     def given_names(self) -> list[str]:
-        """The names the task gives a new thing: "a branch called release-1.0", "named 'draft'", a quoted word."""
+        """The names the task gives a new thing: "a branch called release-1.0", "named 'draft'", a quoted word;
+        failing those, before any result, the names it writes capitalised ("Priya's favourite drink is mint
+        tea" is about Priya). After a result the thing may be named there ("store that person"): none then."""
         named = [m.group(1).rstrip(".") for m in _CALLED.finditer(self.task)]
-        return [n for n in dict.fromkeys([*named, *_QUOTED.findall(self.task)]) if n]
+        given = [n for n in dict.fromkeys([*named, *_QUOTED.findall(self.task)]) if n]
+        return given or ([] if self.results else capitalised_names(self.task))
 
     def path_candidates(self, *, creating: bool = False) -> list[str]:
         """Every path seen, and each seen folder joined with a name the task gives something ("a folder called
@@ -114,6 +132,20 @@ class GroundingContext:
             files = [p for p in self.paths if p not in folders]
             return list(dict.fromkeys([*joined, *files]))[:MAX_PATH_CANDIDATES]
         return list(dict.fromkeys([*self.paths, *joined]))[:MAX_PATH_CANDIDATES]
+
+
+def capitalised_names(text: str) -> list[str]:
+    """The names `text` writes with capitals other than to start a sentence, runs of such words joined
+    ("Acme Corp"), in order, once each."""
+    starts = {m.start(1) for m in _SENTENCE_START.finditer(text)}
+    names: list[str] = []
+    for m in _CAPITALISED_RUN.finditer(text):
+        run = m.group()
+        if m.start() in starts:  # "Ask Acme Corp": the sentence's first word is capitalised for the sentence
+            run = run.split(" ", 1)[1] if " " in run else ""
+        if run:
+            names.append(run)
+    return list(dict.fromkeys(names))
 
 
 def clock_values(text: str) -> list[str]:
@@ -183,19 +215,55 @@ def zones_named_in(texts: Iterable[str]) -> list[str]:
     return sorted(found, key=found.__getitem__)
 
 
-def evidence(parameters: Mapping[str, Any], text: str, description: str = "") -> float:
+def path_kinds(text: str) -> set[str]:
+    """The kinds of path `text` gives: `file` for a file name (`notes.txt`, or a path ending in one), `folder`
+    for an absolute path whose last part has no extension."""
+    kinds = {"file"} if _FILE_NAME.search(text) else set()
+    for raw in _ABS_PATH.findall(text):
+        path = _clean_path(raw)
+        if path == "/" or not _FILE_NAME.fullmatch(path.rsplit("/", 1)[-1]):
+            kinds.add("folder")
+    return kinds
+
+
+def path_operand(name: str, description: str) -> str | None:
+    """What a tool's path argument names: `folder` (the tool's name says directory, folder or tree, or it works
+    recursively), `file` (its name says file, its description does not add "or directory"), else None (either
+    kind, or the tool does not say). A tool without those words in its name goes by its first line's words."""
+    tool_words = set(re.split(r"[^a-z]+", name.rsplit("__", 1)[-1].lower()))
+    first = description.strip().split("\n", 1)[0]
+    sentence = first.split(". ", 1)[0]
+    if tool_words & _FOLDER_NAME_WORDS or _RECURSIVE.search(sentence):
+        return "folder"
+    if _EITHER_KIND.search(sentence):
+        return None
+    if tool_words & {"file", "files"}:
+        return "file"
+    if _FILE_WORDS.search(first) and not _DIRECTORY_WORDS.search(first):
+        return "file"
+    if _DIRECTORY_WORDS.search(first) and not _FILE_WORDS.search(first):
+        return "folder"
+    return None
+
+
+def evidence(
+    parameters: Mapping[str, Any], text: str, description: str = "", tool: str = "", later: bool = False
+) -> float:
     """How well `text` supplies a tool's required arguments: +0.5 for each required argument with a value of
     its kind in the text (numbers for numbers, a clock time for an HH:MM time, a path for a path: each value
-    serves one argument, a place for a timezone, one of an enum's values), -1 for each without; and +0.5 when
-    the path given is of the kind the tool's description is about (a file name, or a folder). Routing adds it
-    to the relevance score: of two tools that fit the words of a task, the one whose inputs it gives wins."""
+    serves one argument, a place for a timezone, one of an enum's values), -1 for each without; and for a path,
+    +0.5 when the text gives one of the kind the tool works on (`path_operand`: a file name, or a folder), -1.5
+    when it gives only the other kind (a folder tool on `notes.txt` fails with "not a directory"). Routing adds
+    it to the relevance score: of two tools that fit the words of a task, the one whose inputs it gives wins.
+    `later`: the text is a later part of a task ("add them with the sum tool"), so a number it does not state
+    may come from an earlier part's result: it costs nothing."""
     props = parameters.get("properties")
     if not isinstance(props, Mapping):
         return 0.0
     numbers = len(_NUMBER_VALUE.findall(text))
     paths = len({_clean_path(p) for p in _ABS_PATH.findall(text)}) or len(_FILE_NAME.findall(text))
     zones = len(zones_named_in([text]))
-    first_line = description.strip().split("\n", 1)[0]
+    given_kinds = path_kinds(text)
     score = 0.0
     for name in parameters.get("required") or ():
         schema = props.get(name)
@@ -205,7 +273,7 @@ def evidence(parameters: Mapping[str, Any], text: str, description: str = "") ->
         desc = str(schema.get("description", ""))
         if kind in ("number", "integer"):
             numbers -= 1
-            score += 0.5 if numbers >= 0 else -1.0
+            score += 0.5 if numbers >= 0 else (0.0 if later else -1.0)
         elif kind == "string" and "enum" in schema:
             score += 0.5 if any(str(v).lower() in text.lower() for v in schema["enum"]) else -1.0
         elif kind == "string" and _HHMM.search(desc):
@@ -219,11 +287,9 @@ def evidence(parameters: Mapping[str, Any], text: str, description: str = "") ->
                 score -= 1.0
                 continue
             score += 0.5
-            names_a_file = bool(_FILE_NAME.search(text))
-            about_folders = bool(_DIRECTORY_WORDS.search(first_line)) and not _FILE_WORDS.search(first_line)
-            about_files = bool(_FILE_WORDS.search(first_line)) and not _DIRECTORY_WORDS.search(first_line)
-            if (names_a_file and about_files) or (not names_a_file and about_folders):
-                score += 0.5
+            operand = path_operand(tool, description)
+            if operand is not None:
+                score += 0.5 if operand in given_kinds else -1.5
     return score
 
 
@@ -250,10 +316,13 @@ def number_values(texts: Iterable[str], *, integers: bool = False) -> list[int |
 
 def _narrow_number(schema: dict[str, Any], context: GroundingContext) -> None:
     """A number is copied far more often than computed: one of the numbers the run has seen (the task's
-    first), within the schema's bounds; unconstrained when the run has seen none."""
+    first), within the schema's bounds; unconstrained when the run has seen none. When lines of the newest
+    result fit the task ("the laptop and the office chair" in a CSV), the numbers of the task and those lines."""
     if "enum" in schema or "const" in schema:
         return
-    values = number_values(context.texts, integers=schema.get("type") == "integer")
+    integers = schema.get("type") == "integer"
+    focused = number_values(context.focus, integers=integers)
+    values = number_values([context.task, *context.focus] if focused else context.texts, integers=integers)
     low, high = schema.get("minimum"), schema.get("maximum")
     values = [
         v
@@ -274,6 +343,11 @@ def _narrow(
         return
     if schema.get("type") == "array" and "maxItems" not in schema:
         schema["maxItems"] = MAX_FREE_ITEMS
+    items = schema.get("items")
+    if schema.get("type") == "array" and isinstance(items, Mapping) and items.get("type") == "object":
+        # a list of records to make ({"entityName": ..., "contents": [...]}): each record's fields as arguments
+        schema["items"] = ground_schema(items, context, read_only=False if making else None)
+        return
     if schema.get("type") == "array" and is_path_argument(name, schema):
         items = schema.get("items")
         candidates = context.path_candidates(creating=creating)
@@ -305,6 +379,23 @@ def _narrow(
         schema["enum"] = choices
     elif "maxLength" not in schema and "format" not in schema:
         schema["maxLength"] = MAX_FREE_STRING
+
+
+def _one_number_each(props: dict[str, Any], required: set[str]) -> None:
+    """Required number arguments offered the same candidates, exactly as many as there are arguments ("the
+    laptop and the office chair": 1299.00 and 249.99 for `a` and `b`), take one each, in the order they were
+    seen: a small model otherwise gives both the first ("1299 + 1299")."""
+    numeric = [
+        s
+        for n, s in props.items()
+        if n in required and isinstance(s, dict) and s.get("type") in ("number", "integer") and "enum" in s
+    ]
+    if len(numeric) < 2 or any(s["enum"] != numeric[0]["enum"] for s in numeric):
+        return
+    values = list(numeric[0]["enum"])
+    if len(values) == len(numeric):
+        for schema, value in zip(numeric, values, strict=True):
+            schema["enum"] = [value]
 
 
 def _order_pairs(props: dict[str, Any]) -> None:
@@ -351,6 +442,7 @@ def ground_schema(
         _narrow(name, s, context, creating=creating, making=read_only is False)
         narrowed[name] = s
     _order_pairs(narrowed)
+    _one_number_each(narrowed, required)
     out["properties"] = narrowed
     if "required" in out:
         out["required"] = [r for r in out["required"] if r in narrowed]

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
+from agent_runtime.agents.focus import focus_value
 from agent_runtime.agents.grounding import GroundingContext, ground_schema
 from agent_runtime.agents.llm import GenerationChunk, GenerationRequest, LLMBackend
-from inference.formats import ToolSpec
+from inference.formats import ExampleCall, ToolSpec, WorkedExample
 from inference.grammar import normalise_parameters, sequence_spec
 
 DECIDE_PREFIX = '{"'
@@ -33,6 +35,54 @@ ANSWER_PREFIX = '{"answer": '
 # on the eval suite (docs/agents.md): 1.0 solved 1-3 tasks more than none, 2.0 fewer (it parrots field names).
 COPY_BIAS = 1.0
 COPY_RESULTS = 2  # the results the bias reads from, newest last
+# An answer starts with the values of the result lines that fit the task (agent_runtime/agents/focus.py): a
+# 135M model shown the budget CSV and "Most relevant: Office chair,furniture,249.99" still answered with the
+# first row. Measured on the eval suite (docs/agents.md).
+QUOTE_FOCUS = True
+MAX_ANSWER_NUMBERS = 256  # distinct numbers an answer may copy from; a run that saw more answers freely
+_NUMBER_ATOM = re.compile(r"\d+(?:[.,]\d+)*")
+_TEXT = '[^0-9"\\\\]'  # one character of answer text that is not a digit (nor a quote or backslash to escape)
+
+
+# The generic worked examples of a guided run, when the agent has none of its own: their results are written the
+# way a guided run shows results to the model (flat `key: value` lines, then the lines that fit the task under
+# "Most relevant:", agent_runtime/agents/focus.py), and one answer lists what a listing returned: a small model
+# copies the shape of what it has seen answered. A single-stage run keeps inference.formats.DEFAULT_EXAMPLES.
+GUIDED_EXAMPLES: tuple[WorkedExample, ...] = (
+    WorkedExample(
+        "How many yen is one euro?",
+        (
+            ExampleCall(
+                "fx__get_rate",
+                {"from_currency": "EUR", "to_currency": "JPY"},
+                "from: EUR\nto: JPY\nrate: 162.4\nupdated: 2024-05-01\n\nMost relevant:\nrate: 162.4",
+            ),
+        ),
+        "One euro is 162.4 yen.",
+    ),
+    WorkedExample(
+        "What is the weather in Rome?",
+        (
+            ExampleCall(
+                "weather__get_weather",
+                {"location": "Rome, Italy"},
+                "location: Rome, Italy\ntemperature_c: 18\nconditions: cloudy",
+            ),
+        ),
+        "It is 18°C and cloudy in Rome.",
+    ),
+    WorkedExample(
+        "Which files are in /data/reports?",
+        (
+            ExampleCall(
+                "files__list_folder",
+                {"path": "/data/reports"},
+                "[FILE] q1.pdf\n[FILE] q2.pdf\n[DIR] archive",
+            ),
+        ),
+        "The files in /data/reports are q1.pdf and q2.pdf, and a folder archive.",
+    ),
+)
 
 
 @dataclass(slots=True)
@@ -48,9 +98,61 @@ class TurnProgress:
     cached_tokens: int = 0
 
 
-def decision_spec(candidates: Sequence[str], *, allow_answer: bool) -> Any:
+def answer_schema(context: GroundingContext | None = None, *, quote: str = "") -> dict[str, Any]:
+    """The answer string's schema: free text, except that once the run has results every number in it is one
+    the task or a result wrote (digit for digit: "329.50", "2026", "15"), so a small model copies a value
+    instead of blending two ("129.50" from 1299.00 and 329.50); with more numbers than a pattern should hold,
+    any text. `quote`: the text the answer starts with (`answer_quote`)."""
+    if context is None or not context.results:
+        return {"type": "string", "minLength": 1}
+    numbers = list(dict.fromkeys(n for text in context.texts for n in _NUMBER_ATOM.findall(text)))
+    if len(numbers) > MAX_ANSWER_NUMBERS:
+        return (
+            {"type": "string", "minLength": 1}
+            if not quote
+            else {"type": "string", "pattern": f'^{re.escape(quote)}[^"\\\\]*$'}
+        )
+    # a number is followed by text or ends the answer: two copied numbers never run together ("302" from 3, 02)
+    number = "(" + "|".join(re.escape(n) for n in sorted(numbers, key=lambda n: (-len(n), n))) + ")"
+    if not quote:
+        if not numbers:
+            return {"type": "string", "pattern": f"^{_TEXT}+$"}
+        return {"type": "string", "pattern": f"^(({_TEXT}|{number}{_TEXT})+{number}?|{number})$"}
+    rest = f"({_TEXT}|{number}{_TEXT})*{number}?" if numbers else f"{_TEXT}*"
+    # after a quote that ends in a digit the answer goes on with text: "249.99" never becomes "249.9936"
+    after = f"({_TEXT}{rest})?" if quote[-1].isdigit() else rest
+    return {"type": "string", "pattern": f"^{re.escape(quote)}{after}$"}
+
+
+def answer_quote(focus: Sequence[str]) -> str:
+    """What an answer starts with when a result's lines fit the task: their values, quoted as the result wrote
+    them ("Office chair,furniture,249.99"; a JSON list's items joined), joined by "; ". Empty without focus, or
+    when a value holds a quote or backslash (the answer's grammar cannot write those unescaped)."""
+    values = []
+    for line in focus:
+        value = focus_value(line).strip()
+        try:
+            items = json.loads(value) if value.startswith("[") else None
+        except ValueError:
+            items = None
+        if isinstance(items, list) and all(isinstance(i, str) for i in items):
+            value = ", ".join(items)
+        if not value or '"' in value or "\\" in value or any(ord(c) < 32 for c in value):
+            return ""
+        values.append(value)
+    return "; ".join(values)
+
+
+def decision_spec(
+    candidates: Sequence[str],
+    *,
+    allow_answer: bool,
+    context: GroundingContext | None = None,
+    quote: str = "",
+) -> Any:
     """The first stage, after the turn's opening `{"`: `tool": "<one of the candidates>"` (the arguments follow
-    in stage two), or a whole answer `answer": "..."}`."""
+    in stage two), or a whole answer `answer": "..."}` (`answer_schema`: numbers copied from the run, starting
+    with `quote` when given)."""
     alternatives: list[list[Mapping[str, Any]]] = []
     if candidates:
         alternatives.append(
@@ -60,7 +162,7 @@ def decision_spec(candidates: Sequence[str], *, allow_answer: bool) -> Any:
         alternatives.append(
             [
                 {"literal": ANSWER_PREFIX[len(DECIDE_PREFIX) :]},
-                {"json_schema": {"type": "string", "minLength": 1}},
+                {"json_schema": answer_schema(context, quote=quote)},
                 {"literal": "}"},
             ]
         )
@@ -118,13 +220,21 @@ async def guided_turn(
     decide = _stage(
         base,
         "decide",
-        decision_spec(candidates, allow_answer=allow_answer),
+        decision_spec(
+            candidates,
+            allow_answer=allow_answer,
+            context=context,
+            quote=answer_quote(context.focus) if QUOTE_FOCUS else "",
+        ),
         DECIDE_PREFIX,
         ANSWER_FREQUENCY_PENALTY if allow_answer else 0.0,
     )
     if allow_answer and context.results and COPY_BIAS:
         decide = dataclasses.replace(
-            decide, copy_text="\n".join(context.results[-COPY_RESULTS:]), copy_bias=COPY_BIAS
+            decide,
+            copy_text="\n".join(context.results[-COPY_RESULTS:]),
+            copy_bias=COPY_BIAS,
+            copy_focus="\n".join(focus_value(line) for line in context.focus),
         )
     async for p in _stream(backend, decide, progress, DECIDE_PREFIX):
         yield p

@@ -62,6 +62,9 @@ class GenerationRequest:
     # has it (a remote API's token ids are not ours to know); other backends ignore it.
     copy_text: str = ""
     copy_bias: float = 0.0
+    # The values of the result lines that fit the task (agent_runtime/agents/focus.py): their word tokens get
+    # `copy_bias` twice, so of two values of one kind the model copies the one that answers.
+    copy_focus: str = ""
 
 
 @dataclass(slots=True)
@@ -259,22 +262,24 @@ class LocalEngineBackend:
                 tg.start_soon(one, i, text)
         return results
 
-    def _copy_bias(self, text: str, bias: float) -> dict[int, float] | None:
+    def _copy_bias(self, text: str, bias: float, focus: str = "") -> dict[int, float] | None:
         """`bias` on each token of `text` that carries a letter or digit (punctuation and spaces are left to the
-        grammar and the model), the text's last tokens first, at most MAX_LOGIT_BIAS of them."""
-        if not text or not bias:
+        grammar and the model), the text's last tokens first, at most MAX_LOGIT_BIAS of them; twice `bias` on
+        those of `focus`."""
+        if not (text or focus) or not bias:
             return None
-        ids = self.tokenizer.encode(text)
+        picked: dict[int, float] = {}
+        for tid in self.tokenizer.encode(focus)[:MAX_LOGIT_BIAS] if focus else ():
+            if tid not in picked and self._word_token(tid):
+                picked[tid] = 2 * bias
+        ids = self.tokenizer.encode(text) if text else []
         if len(ids) > 4 * MAX_LOGIT_BIAS:
             ids = ids[-4 * MAX_LOGIT_BIAS :]
-        picked: dict[int, float] = {}
         for tid in reversed(ids):
-            if tid in picked:
-                continue
-            if self._word_token(tid):
+            if len(picked) >= MAX_LOGIT_BIAS:
+                break
+            if tid not in picked and self._word_token(tid):
                 picked[tid] = bias
-                if len(picked) == MAX_LOGIT_BIAS:
-                    break
         return picked or None
 
     def _word_token(self, tid: int) -> bool:
@@ -295,7 +300,7 @@ class LocalEngineBackend:
             logits_processor=processor,
             output_kind=OutputKind.DELTA,  # the engine sends deltas; the running text is kept here
             adapter=request.adapter,
-            logit_bias=self._copy_bias(request.copy_text, request.copy_bias),
+            logit_bias=self._copy_bias(request.copy_text, request.copy_bias, request.copy_focus),
         )
         self.stats.requests += 1
         if processor is not None:

@@ -39,8 +39,9 @@ from agent_runtime.agents.events import (
     UsageReport,
 )
 from agent_runtime.agents.examples import CallMemory, examples_for
+from agent_runtime.agents.focus import focus_lines, focus_note
 from agent_runtime.agents.grounding import GroundingContext
-from agent_runtime.agents.guided import guided_turn
+from agent_runtime.agents.guided import GUIDED_EXAMPLES, guided_turn
 from agent_runtime.agents.llm import GenerationRequest, LLMBackend
 from agent_runtime.agents.observations import Observation, flat_lines, observe, render_result
 from agent_runtime.config.agents import AgentConfig
@@ -186,6 +187,8 @@ class Agent:
         # a backend written against the protocol before two-stage actions has no supports_prefix: single-stage
         prefix = bool(getattr(backend, "supports_prefix", False))
         guided = cfg.guided and cfg.constrained and prefix and fmt.name == "json" and bool(tools)
+        if guided and cfg.examples is None:
+            examples = list(GUIDED_EXAMPLES)
         routing: Routing | None = None
         offered = tools
         grounding = GroundingContext()
@@ -277,12 +280,15 @@ class Agent:
                         candidates = []  # the last step answers from what the calls returned
                     if len(steps) > 1 and choice != "required" and _repeated_a_result(steps[-2]):
                         candidates = []  # it asked again for what it has: it answers from that now
+                    # a step of a plan takes its paths from its own part of the task: the read of "Read X and
+                    # write the total to Y" must not get Y, nor the write X
+                    part = routing.part_of(forced) if routing is not None and forced is not None else None
                     turn = guided_turn(
                         backend,
                         request,
                         offered,
                         candidates,
-                        grounding,
+                        grounding.for_part(part),
                         allow_answer=allow_answer or not candidates,
                         deadline=deadline,
                     )
@@ -408,17 +414,22 @@ class Agent:
                 step.tool_calls.append(rec)
                 if rec.outcome == "result":
                     grounding.add_result(rec.observation)
+                    if guided:
+                        grounding.focus = focus_lines(task, rec.observation)
                 else:
                     grounding.add(rec.observation)
                 spec = by_name.get(rec.name)
                 if rec.outcome == "result" and spec is not None and spec.read_only is not True:
                     seen_calls.clear()  # it may have changed what an earlier call saw: repeats are fair again
+                content = rec.observation
+                if guided and rec.outcome == "result":
+                    content += focus_note(grounding.focus)
                 messages.append(
                     {
                         "role": "tool",
                         "tool_call_id": rec.call_id,
                         "name": rec.name,
-                        "content": rec.observation,
+                        "content": content,
                     }
                 )
                 yield ToolCallFinished(

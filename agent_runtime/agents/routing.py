@@ -21,7 +21,7 @@ _STOP = frozenset(
     "a an the of to in on at for from by with and or is are be was it its this that these those my your our "
     "me you i we they he she what which who whom how when where there here do does did can could would should "
     "will shall may might please hey hi just then than into out up down about as if so not no yes all any "
-    "some get give tell show let make use using via one two".split()
+    "some get give tell show let make use using via one two anything something everything nothing".split()
 )
 # Everyday words people use for what tools call otherwise. Each group is added whole for any of its words, so
 # a task saying "add" reaches a tool documented as "sum", and one saying "folder" a tool about a "directory".
@@ -197,11 +197,21 @@ class Embedder:
 @dataclass(frozen=True, slots=True)
 class Routing:
     """A run's routing: every tool's combined score (best first), whether the best is a confident match, and
-    for a task that asks for several things in turn, the tool of each part in order (`plan`)."""
+    for a task that asks for several things in turn, the tool of each part in order (`plan`) and the part's
+    words (`parts`: "write the total to /x/total.txt" takes its path from there, not from the part before)."""
 
     scores: list[ToolScore]
     confident: bool
     plan: tuple[str, ...] = ()
+    parts: tuple[str, ...] = ()
+
+    def part_of(self, tool: str) -> str | None:
+        """The words of the task's part that `tool` does, when it is a step of the plan."""
+        return (
+            self.parts[self.plan.index(tool)]
+            if tool in self.plan and len(self.parts) == len(self.plan)
+            else None
+        )
 
     def top(self, limit: int) -> list[str]:
         picked = [s.name for s in self.scores[:limit] if s.score > 0]
@@ -233,9 +243,18 @@ _QUESTION = re.compile(
 )
 
 
+# A question that asks what is ("What was the last commit message?", "Who made ..."): a tool that changes
+# something is far less likely to answer it than for a request phrased as a question ("Can you list ...?").
+_WH_QUESTION = re.compile(r"^\s*(what|who|whom|whose|which|when|where|why|how)\b", re.I)
+
+
+# "Can you create a folder ...?" is a request phrased as a question.
+_REQUEST = re.compile(r"^\s*(?:please\s+)?(?:can|could|would|will)\s+you\b", re.I)
+
+
 def intent(query: str) -> str | None:
     """`read` for a question, `change` for a request to change something, None when the words do not say."""
-    if query.rstrip().endswith("?"):
+    if query.rstrip().endswith("?") and not (_REQUEST.match(query) and _ACTION.search(query)):
         return "read"
     if _ACTION.search(query):
         return "change"
@@ -253,22 +272,29 @@ def plan_route(
     query: str,
     tools: Sequence[ToolSpec],
     embedder: Embedder | None,
-    evidence: Callable[[Mapping[str, Any], str, str], float] | None = None,
+    evidence: Callable[[Mapping[str, Any], str, str, str, bool], float] | None = None,
 ) -> Routing:
     """`route` for the whole task, plus a plan when the task asks to change something and its parts (clauses
     with a few content words each) route confidently to two or more different tools: "Read X, add up the
-    amounts and write the total to Y" is read, then write, in that order. (A question in several parts is
-    still one lookup: "In X, which item is furniture?" is not a read and then a search.)"""
+    amounts and write the total to Y" is read, then write, in that order. A question in several parts is still
+    one lookup ("In X, which item is furniture?" is not a read and then a search) unless its parts need tools
+    of different servers ("Look up the prices in X and add them with the sum tool")."""
     whole = route(query, tools, embedder, evidence)
     steps: list[str] = []
+    parts: list[str] = []
     clauses = [c for c in _CLAUSE.split(query) if len(words(path_blind(c))) >= MIN_CLAUSE_WORDS]
-    if len(clauses) >= 2 and intent(path_blind(query)) == "change":
-        for clause in clauses:
-            part = route(clause, tools, embedder, evidence)
+    if len(clauses) >= 2:
+        for i, clause in enumerate(clauses):
+            # a later part's numbers may come from an earlier part's result ("add them with the sum tool")
+            part = route(clause, tools, embedder, evidence, later=i > 0)
             if part.confident and part.scores[0].name not in steps:
                 steps.append(part.scores[0].name)
-    plan = tuple(steps) if len(steps) >= 2 else ()
-    return Routing(whole.scores, whole.confident, plan)
+                parts.append(clause)
+    server_of = {t.name: t.server for t in tools}
+    several = intent(path_blind(query)) == "change" or len({server_of.get(s) for s in steps}) >= 2
+    if len(steps) < 2 or not several:
+        return Routing(whole.scores, whole.confident)
+    return Routing(whole.scores, whole.confident, tuple(steps), tuple(parts))
 
 
 # An absolute path in a task: the same shape grounding copies paths from (agent_runtime/agents/grounding.py).
@@ -285,9 +311,12 @@ def route(
     query: str,
     tools: Sequence[ToolSpec],
     embedder: Embedder | None,
-    evidence: Callable[[Mapping[str, Any], str, str], float] | None = None,
+    evidence: Callable[[Mapping[str, Any], str, str, str, bool], float] | None = None,
+    *,
+    later: bool = False,
 ) -> Routing:
-    """Score every tool for `query`: BM25 normalised to the best, plus the encoder's similarity when there is
+    """Score every tool for `query` (`later`: a later part of a task, whose numbers may come from the results
+    of the parts before it): BM25 normalised to the best, plus the encoder's similarity when there is
     one (it knows that "add" and "sum" are alike, which no word list covers), plus how well the query supplies
     the tool's required arguments (`evidence`), plus the query's intent against the server's read-only hint
     (a question is answered by reading, not by committing), for tools that have some relevance already."""
@@ -305,8 +334,11 @@ def route(
         if combined[tool.name] <= 0:
             continue
         if evidence is not None:
-            combined[tool.name] += EVIDENCE_WEIGHT * evidence(tool.parameters, query, tool.description)
+            combined[tool.name] += EVIDENCE_WEIGHT * evidence(
+                tool.parameters, query, tool.description, tool.name, later
+            )
         if wants is not None and tool.read_only is not None:
-            combined[tool.name] += INTENT_WEIGHT * (1 if (wants == "read") == tool.read_only else -1)
+            weight = INTENT_WEIGHT * (2 if wants == "read" and _WH_QUESTION.match(words_of) else 1)
+            combined[tool.name] += weight * (1 if (wants == "read") == tool.read_only else -1)
     ranked = sorted((ToolScore(n, round(s, 4)) for n, s in combined.items()), key=lambda t: -t.score)
     return Routing(ranked, bool(ranked) and ranked[0].score >= CONFIDENT)

@@ -172,6 +172,15 @@ def test_numbers_and_times_as_people_write_them() -> None:
     assert check_text({"time": "22:00"}, "10 PM") and not check_text({"time": "22:00"}, "10 AM")
 
 
+def test_words_count_where_they_start_a_word() -> None:
+    # found by the suite: the answer "... d00ede95ac1e6bada624ed ..." once passed "who made the first commit?"
+    assert not check_text({"contains_all": ["Ada"]}, "The first commit is d00ede95ac1e6bada624ed.")
+    assert check_text({"contains_all": ["Ada"]}, "It was Ada Lovelace.")
+    assert check_text({"contains_all": ["solar", "main"]}, "feature/solar and * main")
+    assert check_text({"contains_all": ["plant"]}, "water the plants")  # a word's start, not the whole word
+    assert not check_text({"not_contains": ["Lisbon"]}, "book flights to Lisbon")
+
+
 def test_fixtures_hold_what_the_tasks_ask_about(pristine: Fixtures) -> None:
     fx = pristine
     names = {p.name for p in fx.files.iterdir()}

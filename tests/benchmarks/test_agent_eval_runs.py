@@ -52,6 +52,11 @@ async def ours() -> AsyncIterator[Any]:
         ("convert-ny-tokyo", "single"),  # source and target zones in the task's order, a clock time
         ("fs-write-hello", "single"),  # a path inside the allowed folder, the content, the file on disk
         ("memory-acme-city", "single"),  # a read of the knowledge graph
+        (
+            "csv-furniture",
+            "single",
+        ),  # a file tool for a file path, the CSV row that fits quoted in the answer
+        ("multi-sum-prices", "single"),  # a question planned across two servers, one number per argument
     ],
 )
 async def test_suite_task_is_solved(task_id: str, mode: str, tmp_path: Path, ours: Any) -> None:

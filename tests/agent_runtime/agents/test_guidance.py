@@ -439,6 +439,10 @@ async def test_the_decision_that_may_answer_is_biased_toward_the_last_results() 
     assert later.copy_bias == COPY_BIAS > 0
     assert later.copy_text.splitlines() == [f"result {n}: Monitor,hardware,329.50" for n in range(1, 3)]
     assert "How much" not in later.copy_text  # the task is not a result
+    assert later.copy_focus == ""
+    context.focus = ["amount: 329.50", "Monitor,hardware,329.50"]
+    focused = await decide(True)
+    assert focused.copy_focus.splitlines() == ["329.50", "Monitor,hardware,329.50"]  # values, not keys
     forced = await decide(False)  # a step that must call a tool is not biased toward what it read
     assert forced.copy_bias == 0.0
 
@@ -533,3 +537,186 @@ def test_finding_out_from_a_file_is_reading_it_not_searching() -> None:
     task = "Find out who owns Project Alpha from /tmp/f/projects/alpha.txt"
     assert _best(task, [*FS_TOOLS, search]) == "fs__read_text_file"
     assert _best("Find the files matching *.csv in /tmp/f", [*FS_TOOLS, search]) == "fs__search_files"
+
+
+SEARCH = ToolSpec(
+    "fs__search_files",
+    "Recursively search for files and directories matching a pattern",
+    {
+        "type": "object",
+        "properties": {"path": {"type": "string"}, "pattern": {"type": "string"}},
+        "required": ["path", "pattern"],
+    },
+    "fs",
+    True,
+)
+FILE_INFO = ToolSpec(
+    "fs__get_file_info",
+    "Retrieve detailed metadata about a file or directory.",
+    {"type": "object", "properties": {"path": PATH}, "required": ["path"]},
+    "fs",
+    True,
+)
+
+
+def test_what_a_tools_path_names_comes_from_its_name_and_first_sentence() -> None:
+    from agent_runtime.agents.grounding import path_kinds, path_operand
+
+    kinds = {t.name: path_operand(t.name, t.description) for t in [*FS_TOOLS, SEARCH, FILE_INFO]}
+    assert kinds == {
+        "fs__read_text_file": "file",
+        "fs__list_directory": "folder",
+        "fs__create_directory": "folder",
+        "fs__move_file": None,  # "files and directories"
+        "fs__search_files": "folder",  # it searches recursively from a folder
+        "fs__get_file_info": None,  # "a file or directory"
+    }
+    assert path_kinds("What's in /tmp/f/todo.md?") == {"file"}
+    assert path_kinds("What files are in /tmp/f?") == {"folder"}
+    assert path_kinds("Save notes.txt in /tmp/f/") == {"file", "folder"}
+
+
+def test_a_folder_tool_is_not_routed_a_file_and_a_file_tool_not_a_folder() -> None:
+    tools = [*FS_TOOLS, SEARCH, FILE_INFO]
+    todo = "Which items in my to-do list (/tmp/f/todo.md) are not done yet?"
+    read, listing = FS_TOOLS[0], FS_TOOLS[1]
+    # "list" is in the task's words, but the path is a file: a folder tool fails on it with "not a directory"
+    assert evidence(listing.parameters, todo, listing.description, listing.name) < 0
+    assert evidence(read.parameters, todo, read.description, read.name) > 0
+    assert (
+        _best("In /tmp/f/budget.csv, which item is in the furniture category?", tools) == "fs__read_text_file"
+    )
+    assert _best("What files are in /tmp/f?", FS_TOOLS) == "fs__list_directory"
+    assert evidence(SEARCH.parameters, "/tmp/f/budget.csv", SEARCH.description, SEARCH.name) < evidence(
+        SEARCH.parameters, "/tmp/f", SEARCH.description, SEARCH.name
+    )
+
+
+def test_a_question_answered_by_reading_outranks_a_tool_that_changes_something() -> None:
+    # git_commit has the most words in common with it ("commit", "message"), but it would make a commit
+    assert _best("What was the last commit message in /tmp/r/repo?", GIT_TOOLS) == "git__git_log"
+    # a request phrased as a question is not a question about what is
+    assert _best("Can you commit it in /tmp/r/repo with the message 'x'?", GIT_TOOLS) == "git__git_commit"
+
+
+def test_a_question_whose_parts_need_tools_of_two_servers_is_planned() -> None:
+    task = (
+        "Read /tmp/f/budget.csv and add the prices of the laptop and the office chair with the sum tool. "
+        "What's the total?"
+    )
+    # the sum's numbers come from the file: the later part is not marked down for not stating them
+    assert plan_route(task, [*FS_TOOLS, SEARCH, SUM], None, evidence).plan == (
+        "fs__read_text_file",
+        "everything__get-sum",
+    )
+    one_server = plan_route(
+        "In /tmp/f/budget.csv, which item is in the furniture category?", [*FS_TOOLS, SEARCH], None, evidence
+    )
+    assert one_server.plan == ()
+
+
+@pytest.mark.smollm2
+def test_an_answer_copies_its_numbers_from_the_run(grammars: tuple[GrammarCompilerCache, Any]) -> None:
+    from agent_runtime.agents.guided import answer_schema
+
+    context = GroundingContext()
+    context.add("How much did the monitor cost? It's in /tmp/f/budget.csv.")
+    assert answer_schema(context) == {"type": "string", "minLength": 1}  # no result yet: any answer
+    context.add_result("item,category,amount\nLaptop,hardware,1299.00\nMonitor,hardware,329.50")
+    decide = decision_spec(["fs__read_text_file"], allow_answer=True, context=context)
+    assert _accepts(grammars, decide, 'answer": "The monitor cost 329.50 (see budget.csv)."}')
+    assert _accepts(grammars, decide, 'answer": "Laptop: 1299.00, monitor: 329.50"}')
+    assert not _accepts(grammars, decide, 'answer": "The monitor cost 129.50."}')  # two values blended
+    assert not _accepts(grammars, decide, 'answer": "About 330."}')  # a number nobody wrote
+    assert _accepts(grammars, decide, 'tool": "fs__read_text_file"')
+    assert _accepts(grammars, decide, 'answer": "329.50"}')
+    assert not _accepts(grammars, decide, 'answer": "1299.00329.50"}')  # two numbers run together
+
+
+def test_records_to_make_are_grounded_field_by_field_with_the_names_the_task_writes() -> None:
+    from agent_runtime.agents.grounding import capitalised_names
+
+    add_observations = {
+        "type": "object",
+        "properties": {
+            "observations": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "entityName": {"type": "string"},
+                        "contents": {"type": "array", "items": {"type": "string"}},
+                    },
+                    "required": ["entityName", "contents"],
+                },
+            }
+        },
+        "required": ["observations"],
+    }
+    context = GroundingContext()
+    context.add("Add to my knowledge graph that Priya's favourite drink is mint tea.")
+    record = ground_schema(add_observations, context, read_only=False)["properties"]["observations"]["items"]
+    assert record["properties"]["entityName"]["enum"] == ["Priya"]
+    assert record["properties"]["contents"]["maxItems"] > 0  # bounded, as a top-level array is
+    # after a result the thing may be named there ("store that person"): the task's names are no longer the only ones
+    context.add_result("Owner: Kenji Watanabe")
+    record = ground_schema(add_observations, context, read_only=False)["properties"]["observations"]["items"]
+    assert "enum" not in record["properties"]["entityName"]
+    assert capitalised_names("Where does Priya work? Ask Acme Corp in Tokyo.") == [
+        "Priya",
+        "Acme Corp",
+        "Tokyo",
+    ]
+    assert capitalised_names("Remember this: Tomás lives in Porto.") == ["Tomás", "Porto"]
+
+
+def test_each_step_of_a_plan_takes_the_paths_of_its_own_part() -> None:
+    write = ToolSpec(
+        "fs__write_file",
+        "Create a new file or completely overwrite an existing file with new content.",
+        {
+            "type": "object",
+            "properties": {"path": PATH, "content": {"type": "string"}},
+            "required": ["path", "content"],
+        },
+        "fs",
+        False,
+    )
+    task = "Read /tmp/f/budget.csv, add up the hardware amounts and write the total to /tmp/f/total.txt."
+    r = plan_route(task, [*FS_TOOLS, write], None, evidence)
+    assert r.plan == ("fs__read_text_file", "fs__write_file")
+    context = GroundingContext()
+    context.add(task)
+    read_path = ground_schema(FS_TOOLS[0].parameters, context.for_part(r.part_of("fs__read_text_file")))
+    write_path = ground_schema(
+        write.parameters, context.for_part(r.part_of("fs__write_file")), read_only=False
+    )
+    assert read_path["properties"]["path"]["enum"] == ["/tmp/f/budget.csv"]
+    # without the parts, the write could overwrite the file it was asked to read
+    assert write_path["properties"]["path"]["enum"] == ["/tmp/f/total.txt"]
+    assert ground_schema(write.parameters, context, read_only=False)["properties"]["path"]["enum"] == [
+        "/tmp/f/budget.csv",
+        "/tmp/f/total.txt",
+    ]
+    assert context.for_part("add up the hardware amounts") is context  # a part without paths: the run's
+    assert r.part_of("fs__list_directory") is None
+
+
+@pytest.mark.smollm2
+def test_an_answer_starts_with_the_lines_that_fit(grammars: tuple[GrammarCompilerCache, Any]) -> None:
+    from agent_runtime.agents.guided import answer_quote
+
+    context = GroundingContext()
+    context.add("In /tmp/f/budget.csv, which item is in the furniture category?")
+    context.add_result("item,category,amount\nLaptop,hardware,1299.00\nOffice chair,furniture,249.99")
+    context.focus = ["Office chair,furniture,249.99"]
+    quote = answer_quote(context.focus)
+    decide = decision_spec(["fs__read_text_file"], allow_answer=True, context=context, quote=quote)
+    assert _accepts(grammars, decide, 'answer": "Office chair,furniture,249.99 is the furniture item."}')
+    assert _accepts(grammars, decide, 'answer": "Office chair,furniture,249.99"}')
+    assert not _accepts(grammars, decide, 'answer": "Laptop,hardware,1299.00"}')
+    assert not _accepts(grammars, decide, 'answer": "Office chair,furniture,249.991"}')
+    assert answer_quote(
+        ['entities[0].observations: ["works at Acme Corp", "likes tea"]', "temperature: 36"]
+    ) == ("works at Acme Corp, likes tea; 36")
+    assert answer_quote(['note: say "hi"']) == ""  # a quote the answer's grammar would have to escape

@@ -216,3 +216,8 @@ def test_copy_bias_lifts_the_word_tokens_of_a_result(engine: Any) -> None:
     assert any("Monitor" in d for d in decoded) and any("3" in d for d in decoded)
     assert not any(d.strip() in {",", ".", ""} for d in decoded)  # punctuation and spaces stay the model's
     assert backend._copy_bias(text, 0.0) is None and backend._copy_bias("", 2.0) is None
+    focused = backend._copy_bias(text, 1.0, focus="329.50")
+    assert focused is not None
+    doubled = {engine.tokenizer.decode([t]) for t, b in focused.items() if b == 2.0}
+    assert doubled and all(d.strip() and d.strip() in "329.50" for d in doubled)
+    assert any("Monitor" in engine.tokenizer.decode([t]) for t, b in focused.items() if b == 1.0)
