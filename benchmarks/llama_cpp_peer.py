@@ -7,6 +7,7 @@ CPU add `CMAKE_ARGS="-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF"`: its AMX matmul s
 
     /work/peers/llama-venv/bin/python benchmarks/llama_cpp_peer.py --model SmolLM2.gguf [--threads 2]
         [--prompt-tokens 100] [--new-tokens 128] [--ttft-tokens 1000] [--repeats 3] [--prompts FILE.json]
+    /work/peers/llama-venv/bin/python benchmarks/llama_cpp_peer.py --model SmolLM2.gguf --workload FILE.json
 
 It imports nothing from this repository, so `benchmarks/engine.py` can run it as a subprocess and read the one
 JSON object it prints on stdout. Prompts are random token ids (seeded, ids 100 .. vocab - 100 as in
@@ -16,6 +17,10 @@ KV cache reset before each run (no prefix reuse). Figures: `tok_s` = new tokens 
 (as benchmarks/engine.py's single-stream row), `decode_tok_s` = tokens after the first / time after the first,
 `ttft_ms` = wall time from the call to the first token; medians over `--repeats`, and every run's figure, with
 the load average before and after (the machine is shared: compare only with runs made next to it).
+
+`--workload FILE.json` runs a list of requests (`[{"prompt": [ids...], "max_tokens": n}, ...]`) one after another
+instead, as a user of llama-cpp-python serves them (it has no continuous batching), and reports `workload`:
+requests, output tokens, seconds and `tok_s` = all output tokens / wall time of the whole list.
 """
 
 from __future__ import annotations
@@ -51,7 +56,25 @@ def _generate(llm: Any, prompt: list[int], n: int) -> tuple[float, float, int]:
     return first, time.perf_counter() - t0, count
 
 
-def main() -> int:
+def read_workload(path: str) -> list[tuple[list[int], int]]:
+    """The `--workload` file's requests as (prompt ids, max tokens); ValueError naming what is wrong."""
+    with open(path) as f:
+        raw = json.load(f)
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"{path}: expected a non-empty JSON list of requests")
+    requests: list[tuple[list[int], int]] = []
+    for i, item in enumerate(raw):
+        prompt = item.get("prompt") if isinstance(item, dict) else None
+        n = item.get("max_tokens") if isinstance(item, dict) else None
+        if not (isinstance(prompt, list) and prompt and all(type(t) is int and t >= 0 for t in prompt)):
+            raise ValueError(f"{path}: request {i}: prompt must be a non-empty list of token ids")
+        if not (type(n) is int and n > 0):
+            raise ValueError(f"{path}: request {i}: max_tokens must be a positive integer")
+        requests.append((prompt, n))
+    return requests
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="path of a .gguf file")
     ap.add_argument("--threads", type=int, default=2)
@@ -64,15 +87,48 @@ def main() -> int:
     ap.add_argument("--n-ctx", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompts", help="JSON file: a list of token-id lists")
-    args = ap.parse_args()
+    ap.add_argument(
+        "--workload",
+        help='JSON file: [{"prompt": [ids], "max_tokens": n}, ...] run one after another (no single/TTFT figures)',
+    )
+    args = ap.parse_args(argv)
+    if args.workload:
+        try:
+            args.requests = read_workload(args.workload)
+        except (OSError, ValueError) as exc:
+            ap.error(str(exc))
+    else:
+        args.requests = []
+    return args
+
+
+def run_workload(llm: Any, requests: list[tuple[list[int], int]]) -> dict[str, Any]:
+    """The requests one after another, each a fresh greedy run to its max tokens (EOS ignored)."""
+    _generate(llm, requests[0][0][:8], 2)  # warm-up
+    t0 = time.perf_counter()
+    produced = 0
+    for prompt, n in requests:
+        produced += _generate(llm, prompt, n)[2]
+    seconds = time.perf_counter() - t0
+    return {
+        "requests": len(requests),
+        "output_tokens": produced,
+        "seconds": seconds,
+        "tok_s": produced / seconds,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
 
     import llama_cpp
 
+    longest = max((len(p) + n for p, n in args.requests), default=0)
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(
         model_path=args.model,
-        n_ctx=max(args.n_ctx, args.ttft_tokens + 8, args.prompt_tokens + args.new_tokens + 8),
+        n_ctx=max(args.n_ctx, args.ttft_tokens + 8, args.prompt_tokens + args.new_tokens + 8, longest + 8),
         n_threads=args.threads,
         n_threads_batch=args.threads,
         n_batch=args.n_batch,
@@ -81,6 +137,25 @@ def main() -> int:
         verbose=False,
     )
     load_s = time.perf_counter() - t0
+    result: dict[str, Any] = {
+        "peer": "llama.cpp",
+        "llama_cpp_python": getattr(llama_cpp, "__version__", "?"),
+        "model": os.path.abspath(args.model),
+        "threads": args.threads,
+        "load_s": load_s,
+    }
+    if args.requests:
+        result["workload"] = run_workload(llm, args.requests)
+    else:
+        result.update(_single_and_ttft(llm, args))
+    result["loadavg"] = [load_before, os.getloadavg()[0]]
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _single_and_ttft(llm: Any, args: argparse.Namespace) -> dict[str, Any]:
     vocab = llm.n_vocab()
     rng = random.Random(args.seed)
     given: list[list[int]] = []
@@ -107,11 +182,6 @@ def main() -> int:
             }
         )
     result: dict[str, Any] = {
-        "peer": "llama.cpp",
-        "llama_cpp_python": getattr(llama_cpp, "__version__", "?"),
-        "model": os.path.abspath(args.model),
-        "threads": args.threads,
-        "load_s": load_s,
         "single": {
             "prompt_tokens": len(decode_prompt),
             "new_tokens": args.new_tokens,
@@ -127,11 +197,7 @@ def main() -> int:
             first, _total, _count = _generate(llm, ttft_prompt, 1)
             times.append(first * 1000)
         result["ttft"] = {"prompt_tokens": len(ttft_prompt), "ms": statistics.median(times), "runs_ms": times}
-    result["loadavg"] = [load_before, os.getloadavg()[0]]
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    json.dump(result, sys.stdout)
-    sys.stdout.write("\n")
-    return 0
+    return result
 
 
 if __name__ == "__main__":
