@@ -8,6 +8,7 @@ CPU add `CMAKE_ARGS="-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF"`: its AMX matmul s
     /work/peers/llama-venv/bin/python benchmarks/llama_cpp_peer.py --model SmolLM2.gguf [--threads 2]
         [--prompt-tokens 100] [--new-tokens 128] [--ttft-tokens 1000] [--repeats 3] [--prompts FILE.json]
     /work/peers/llama-venv/bin/python benchmarks/llama_cpp_peer.py --model SmolLM2.gguf --workload FILE.json
+    /work/peers/llama-venv/bin/python benchmarks/llama_cpp_peer.py --model F32.gguf --quantize-to Q4_K_M --out F.gguf
 
 It imports nothing from this repository, so `benchmarks/engine.py` can run it as a subprocess and read the one
 JSON object it prints on stdout. Prompts are random token ids (seeded, ids 100 .. vocab - 100 as in
@@ -21,6 +22,10 @@ the load average before and after (the machine is shared: compare only with runs
 `--workload FILE.json` runs a list of requests (`[{"prompt": [ids...], "max_tokens": n}, ...]`) one after another
 instead, as a user of llama-cpp-python serves them (it has no continuous batching), and reports `workload`:
 requests, output tokens, seconds and `tok_s` = all output tokens / wall time of the whole list.
+
+`--quantize-to TYPE --out FILE` writes the model quantized by llama.cpp's own quantizer (`llama-quantize`'s mixes:
+Q4_K_M, Q5_K_M, Q6_K, ...; tensors already quantized are re-quantized) and reports `quantized`: the file and the
+seconds it took. The `gguf` Python package cannot write K-quants; this is how the benchmarks get such files.
 """
 
 from __future__ import annotations
@@ -74,6 +79,10 @@ def read_workload(path: str) -> list[tuple[list[int], int]]:
     return requests
 
 
+# llama.cpp's file types (enum llama_ftype) that `--quantize-to` offers: what people download
+QUANTIZE_TYPES = {"Q8_0": 7, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="path of a .gguf file")
@@ -91,7 +100,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workload",
         help='JSON file: [{"prompt": [ids], "max_tokens": n}, ...] run one after another (no single/TTFT figures)',
     )
+    ap.add_argument(
+        "--quantize-to", choices=sorted(QUANTIZE_TYPES), help="write the model quantized to --out"
+    )
+    ap.add_argument("--out", help="the file --quantize-to writes")
     args = ap.parse_args(argv)
+    if bool(args.quantize_to) != bool(args.out):
+        ap.error("--quantize-to and --out go together")
+    if args.quantize_to and args.workload:
+        ap.error("--quantize-to and --workload are separate runs")
     if args.workload:
         try:
             args.requests = read_workload(args.workload)
@@ -118,8 +135,29 @@ def run_workload(llm: Any, requests: list[tuple[list[int], int]]) -> dict[str, A
     }
 
 
+def quantize_file(args: argparse.Namespace) -> dict[str, Any]:
+    """llama.cpp's quantizer on `args.model` -> `args.out` as `args.quantize_to`."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANTIZE_TYPES[args.quantize_to]
+    params.nthread = args.threads
+    params.allow_requantize = True  # a tensor the input holds quantized (an embedding kept as Q8_0)
+    t0 = time.perf_counter()
+    rc = llama_cpp.llama_model_quantize(args.model.encode(), args.out.encode(), ctypes.byref(params))
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize returned {rc} for {args.model} -> {args.quantize_to}")
+    return {"file": os.path.abspath(args.out), "type": args.quantize_to, "seconds": time.perf_counter() - t0}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.quantize_to:
+        json.dump({"peer": "llama.cpp", "quantized": quantize_file(args)}, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
 
     import llama_cpp
 

@@ -66,3 +66,24 @@ def test_no_peer_when_the_python_lacks_llama_cpp() -> None:
     assert peer is None
     assert reason.startswith(f"no llama.cpp row: {sys.executable} cannot import llama_cpp (")
     assert "No module named 'llama_cpp'" in reason
+
+
+def test_quantize_mode_arguments(tmp_path: Path) -> None:
+    args = llama_cpp_peer.parse_args(["--model", "f32.gguf", "--quantize-to", "Q4_K_M", "--out", "q.gguf"])
+    assert (args.quantize_to, args.out, args.requests) == ("Q4_K_M", "q.gguf", [])
+    for argv, reason in (
+        (["--quantize-to", "Q4_K_M"], "--quantize-to and --out go together"),
+        (["--quantize-to", "Q3_K_M", "--out", "q.gguf"], "invalid choice: 'Q3_K_M'"),
+        (
+            ["--quantize-to", "Q6_K", "--out", "q.gguf", "--workload", _write(tmp_path, [])],
+            "separate runs",
+        ),
+    ):
+        run = subprocess.run(
+            [sys.executable, str(PEER_SCRIPT), "--model", "m.gguf", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 2, argv
+        assert reason in run.stderr
