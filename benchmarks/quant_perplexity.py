@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -89,19 +90,37 @@ def llama_quantized(python: str, f32: Path, ftype: str, out: Path, threads: int)
     return out
 
 
-def gguf_perplexity(path: Path, ids: list[int]) -> tuple[float, str]:
-    """Perplexity of `ids` under the file loaded with quantize auto in bf16, and the loader's report line."""
+@dataclass(slots=True)
+class Row:
+    variant: str
+    perplexity: float
+    weights: str  # the loader's report line
+    file_mib: float = 0.0
+    dequantized: float | None = None  # the same file loaded as float (bf16), for GGUF rows
+
+
+def gguf_row(label: str, path: Path, ids: list[int], *, temporary: bool = True) -> Row:
+    """Perplexity of `ids` under the file kept quantized (quantize auto, bf16) and dequantized (quantize none,
+    bf16): the difference is our loader's own loss on that type; the latter's distance to bf16 is the format's."""
     from inference.cpu_linear import pack_linear_weights
     from inference.loader import _gguf_cache_dir, load_model
 
-    loaded = load_model(path, dtype="bfloat16", quantize="auto")
     try:
-        pack_linear_weights(loaded.model)  # as the model runner does
-        quant = loaded.quantization
-        return perplexity(loaded.model, ids), quant.describe() if quant is not None else "float weights"
+        scores: list[float] = []
+        weights = "float weights"
+        for mode in ("auto", "none"):
+            loaded = load_model(path, dtype="bfloat16", quantize=mode)
+            pack_linear_weights(loaded.model)  # as the model runner does
+            scores.append(perplexity(loaded.model, ids))
+            if mode == "auto" and loaded.quantization is not None:
+                weights = loaded.quantization.describe()
+            del loaded
+        return Row(label, scores[0], weights, path.stat().st_size / 2**20, scores[1])
     finally:
-        # the loader's cache entry (config and tokenizer) of a file that is about to be deleted
-        shutil.rmtree(_gguf_cache_dir(path), ignore_errors=True)
+        if (
+            temporary
+        ):  # the loader's cache entry (config, tokenizer, float copy) of a file about to be deleted
+            shutil.rmtree(_gguf_cache_dir(path), ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,32 +171,19 @@ def main(argv: list[str] | None = None) -> int:
     ids = sample_ids(args.tokens)
     load_start = os.getloadavg()[0]
     started = time.perf_counter()
-    rows: list[tuple[str, float, str, float]] = []  # (variant, perplexity, weights, file MiB or 0)
-    for name in ("fp32", "bf16", *isq, "gguf"):
+    rows: list[Row] = []
+    for name in ("fp32", "bf16", *isq):
         model, what = load_variant(name)
-        label = {"gguf": "GGUF Q4_1 as shipped"}.get(
-            name, name if name in ("fp32", "bf16") else f"ISQ {name}"
-        )
-        rows.append(
-            (label, perplexity(model, ids), what, source.stat().st_size / 2**20 if name == "gguf" else 0)
-        )
+        rows.append(Row(name if name in ("fp32", "bf16") else f"ISQ {name}", perplexity(model, ids), what))
         del model
+    rows.append(gguf_row("GGUF Q4_1 as shipped", source, ids, temporary=False))
     with tempfile.TemporaryDirectory(prefix="quant-ppl-") as tmp:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         for qtype in types:
             t0 = time.perf_counter()
             path = requantized_copy(source, qtype, folder / f"SmolLM2-135M-from-Q4_1.{qtype}.gguf")
-            written = time.perf_counter() - t0
-            ppl, what = gguf_perplexity(path, ids)
-            rows.append(
-                (
-                    f"GGUF {qtype} (re-quantized, {written:.0f} s to write)",
-                    ppl,
-                    what,
-                    path.stat().st_size / 2**20,
-                )
-            )
+            rows.append(gguf_row(f"GGUF {qtype} (gguf package, {time.perf_counter() - t0:.0f} s)", path, ids))
             if args.keep is None:
                 path.unlink()
         if k_quants and peer is not None:
@@ -190,23 +196,33 @@ def main(argv: list[str] | None = None) -> int:
                 except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
                     print(f"llama.cpp could not write {ftype}: {exc}")
                     continue
-                written = time.perf_counter() - t0
-                ppl, what = gguf_perplexity(out, ids)
-                label = f"GGUF {ftype} (llama.cpp's quantizer, {written:.0f} s)"
-                rows.append((label, ppl, what, out.stat().st_size / 2**20))
+                label = f"GGUF {ftype} (llama.cpp's quantizer, {time.perf_counter() - t0:.0f} s)"
+                rows.append(gguf_row(label, out, ids))
                 if args.keep is None:
                     out.unlink()
             if args.keep is None:
                 f32.unlink()
-    bf16 = next(p for label, p, _w, _m in rows if label == "bf16")
+    bf16 = next(r.perplexity for r in rows if r.variant == "bf16")
     print(
         f"perplexity of benchmarks/perplexity_sample.txt ({len(ids)} SmolLM2 tokens, one prefill), {threads} threads, "
-        f"{time.perf_counter() - started:.0f} s, load average {load_start:.1f}-{os.getloadavg()[0]:.1f}"
+        f"{time.perf_counter() - started:.0f} s, load average {load_start:.1f}-{os.getloadavg()[0]:.1f}; GGUF rows: "
+        "kept quantized (quantize auto, bf16), and the same file dequantized (quantize none, bf16)"
     )
-    print(f"{'variant':48s} {'perplexity':>10s} {'vs bf16':>8s} {'file MiB':>8s}  weights")
-    for label, ppl, what, mib in rows:
-        rel = f"{(ppl / bf16 - 1) * 100:+.2f}%"
-        print(f"{label:48s} {ppl:10.2f} {rel:>8s} {f'{mib:.1f}' if mib else '':>8s}  {what}")
+    print(
+        f"{'variant':46s} {'ppl':>7s} {'vs bf16':>8s} {'dequant.':>8s} {'vs bf16':>8s} {'MiB':>6s}  weights"
+    )
+
+    def rel(p: float) -> str:
+        return f"{(p / bf16 - 1) * 100:+.2f}%"
+
+    for r in rows:
+        deq = (
+            f"{r.dequantized:8.2f} {rel(r.dequantized):>8s}"
+            if r.dequantized is not None
+            else f"{'':8s} {'':8s}"
+        )
+        mib = f"{r.file_mib:6.1f}" if r.file_mib else f"{'':6s}"
+        print(f"{r.variant:46s} {r.perplexity:7.2f} {rel(r.perplexity):>8s} {deq} {mib}  {r.weights}")
     return 0
 
 
