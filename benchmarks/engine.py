@@ -1,23 +1,38 @@
 """Engine benchmark: our paged, continuously batched engine against Hugging Face transformers on SmolLM2-135M.
 
-Run `python -m benchmarks.engine [--dtype auto|bf16|fp32] [--quick] [--cb-requests N]`. Greedy, EOS ignored, one run
-per figure, every peer measured in the same process at the same dtype. Prints a table of figures and ratios;
-exits 0. `--device cuda` runs the GPU benchmark instead (benchmarks/engine_cuda.py), `--adapters N` the LoRA benchmark
-(benchmarks/engine_lora.py).
+Run `python -m benchmarks.engine [--dtype auto|bf16|fp32] [--quick] [--cb-requests N] [--llama-python PATH]`.
+Greedy, EOS ignored, one run per figure, every transformers peer measured in the same process at the same dtype.
+Prints a table of figures and ratios; exits 0. `--device cuda` runs the GPU benchmark instead
+(benchmarks/engine_cuda.py), `--adapters N` the LoRA benchmark (benchmarks/engine_lora.py).
+
+llama.cpp is the second peer when a Python with `llama-cpp-python` is at hand (`--llama-python`, by default
+/work/peers/llama-venv/bin/python when it exists; never a dependency of this project): benchmarks/llama_cpp_peer.py
+runs in a subprocess on the same GGUF file, with torch's thread count as its `n_threads`, on the same token ids:
+the single stream (a 100-token prompt, greedy, alternating with ours in each round) and the mixed workload one
+request after another (llama-cpp-python has no continuous batching) against our engine batched, in
+`--peer-rounds` alternating rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import resource
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+
+DEFAULT_LLAMA_PYTHON = "/work/peers/llama-venv/bin/python"
+PEER_SCRIPT = Path(__file__).resolve().parent / "llama_cpp_peer.py"
 
 
 @dataclass(slots=True)
@@ -168,6 +183,84 @@ def hf_single(model: Any, prompt: list[int], n: int) -> float:
     return time.perf_counter() - t0
 
 
+# ---- llama.cpp (a subprocess in its own virtual environment) ---------------------------------------------
+@dataclass(slots=True)
+class LlamaPeer:
+    """A Python that imports llama_cpp, and the version it reported."""
+
+    python: str
+    version: str
+
+
+def find_llama_python(given: str | None) -> tuple[LlamaPeer | None, str]:
+    """The llama.cpp peer to run, or None and why there is none: `given` (or the default venv's python when it
+    exists) must be a file whose python imports llama_cpp."""
+    python = given if given is not None else DEFAULT_LLAMA_PYTHON
+    if not python:
+        return None, "no llama.cpp row: --llama-python is empty"
+    if not Path(python).is_file():
+        why = "" if given is not None else " (the default; pass --llama-python PATH)"
+        return None, f"no llama.cpp row: {python} does not exist{why}"
+    try:
+        probe = subprocess.run(
+            [python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"no llama.cpp row: {python} did not run ({exc})"
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        return None, f"no llama.cpp row: {python} cannot import llama_cpp ({last})"
+    version = probe.stdout.strip()
+    return LlamaPeer(python, version), f"llama.cpp peer: llama-cpp-python {version} ({python})"
+
+
+def llama_run(peer: LlamaPeer, gguf: Path, threads: int, options: list[str], payload: Any) -> dict[str, Any]:
+    """One llama_cpp_peer.py run with `payload` written to a JSON file for `options`' last flag; its JSON."""
+    with tempfile.TemporaryDirectory(prefix="llama-peer-") as tmp:
+        data = Path(tmp) / "input.json"
+        data.write_text(json.dumps(payload))
+        cmd = [
+            peer.python,
+            str(PEER_SCRIPT),
+            "--model",
+            str(gguf),
+            "--threads",
+            str(threads),
+            *options,
+            str(data),
+        ]
+        # the full workload one request after another takes minutes on 2 shared cores
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=True)
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def llama_single(peer: LlamaPeer, gguf: Path, threads: int, prompt: list[int], n: int) -> float:
+    """Seconds for `n` greedy tokens after `prompt` (prompt and decode, as engine_single)."""
+    options = ["--repeats", "1", "--ttft-tokens", "0", "--new-tokens", str(n), "--prompts"]
+    result = llama_run(peer, gguf, threads, options, [prompt])
+    return float(result["single"]["runs"][0]["seconds"])
+
+
+def llama_workload(peer: LlamaPeer, gguf: Path, threads: int, work: Workload) -> float:
+    """Seconds for the workload's requests one after another."""
+    requests = [{"prompt": p, "max_tokens": n} for p, n in zip(work.prompts, work.max_tokens, strict=True)]
+    result = llama_run(peer, gguf, threads, ["--workload"], requests)
+    if result["workload"]["output_tokens"] != work.output_tokens:
+        raise RuntimeError(
+            f"llama.cpp made {result['workload']['output_tokens']} tokens, not {work.output_tokens}"
+        )
+    return float(result["workload"]["seconds"])
+
+
+def peer_failed(exc: Exception) -> str:
+    detail = exc.stderr.strip().splitlines()[-1:] if isinstance(exc, subprocess.CalledProcessError) else []
+    return f"llama.cpp peer failed: {exc}" + (f": {detail[0]}" if detail else "")
+
+
 # ---- main ------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.engine", description=__doc__.splitlines()[0])
@@ -199,6 +292,19 @@ def main(argv: list[str] | None = None) -> int:
         help="run the continuous-batching comparison on the first N requests only (both sides); default all",
     )
     parser.add_argument(
+        "--llama-python",
+        default=None,
+        metavar="PATH",
+        help=f"a python with llama-cpp-python for the llama.cpp rows (default: {DEFAULT_LLAMA_PYTHON} when it "
+        "exists; '' leaves them out)",
+    )
+    parser.add_argument(
+        "--peer-rounds",
+        type=int,
+        default=1,
+        help="alternating rounds of ours batched and llama.cpp one after another on the workload (median)",
+    )
+    parser.add_argument(
         "--adapters",
         type=int,
         default=0,
@@ -227,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console()
     threads = configure_threads()
+    peer, peer_line = find_llama_python(args.llama_python)
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
     dtype_label = "bf16" if dtype == torch.bfloat16 else "fp32"
     n_req = 16 if args.quick else 64
@@ -237,20 +344,37 @@ def main(argv: list[str] | None = None) -> int:
         f"[bold]engine benchmark[/] SmolLM2-135M, {dtype_label}, {threads} threads, {n_req} requests, "
         f"load average {os.getloadavg()[0]:.1f} (other processes share the cores)"
     )
-    loaded = load_model(dtype=dtype, quantize=args.quantize)
+    console.print(peer_line)
+    loads = [os.getloadavg()[0]]
+    gguf = smollm2_gguf_path()
+    loaded = load_model(gguf, dtype=dtype, quantize=args.quantize)
     if loaded.quantization is not None:
         dtype_label += f", ours {loaded.quantization.describe()}"
     vocab = loaded.config.vocab_size
     work = make_workload(n_req, (32, 512), out_range, vocab)
     engine = LLMEngine(loaded, EngineConfig(kv_cache_memory=640 * 2**20, max_model_len=2048, max_num_seqs=64))
     rng = random.Random(1)
-    single_prompt = [rng.randrange(100, vocab - 100) for _ in range(32)]
+    single_prompt = [rng.randrange(100, vocab - 100) for _ in range(100)]
     prefix = [rng.randrange(100, vocab - 100) for _ in range(1000)]
 
     # warm up the code paths once (first calls pay for lazy initialisation)
     engine_single(engine, single_prompt[:8], 4)
 
     eng_tp, kv = engine_throughput(engine, work)
+    loads.append(os.getloadavg()[0])
+    # ours batched next to llama.cpp one after another on the same requests, alternating when asked
+    eng_rounds, llama_rounds = [eng_tp], []
+    peer_errors: list[str] = []
+    for i in range(args.peer_rounds):
+        if peer is None or peer_errors:
+            break
+        if i:
+            eng_rounds.append(engine_throughput(engine, work)[0])
+        try:
+            llama_rounds.append(llama_workload(peer, gguf, threads, work))
+        except (subprocess.SubprocessError, OSError, RuntimeError, ValueError, KeyError) as exc:
+            peer_errors.append(peer_failed(exc))
+        loads.append(os.getloadavg()[0])
     # both sides of the continuous-batching comparison run the same requests
     n_cb = min(args.cb_requests or n_req, n_req)
     cb_work = work.head(n_cb)
@@ -260,14 +384,20 @@ def main(argv: list[str] | None = None) -> int:
     engine_rss = peak_rss_bytes()
     per_token_bytes = engine.model_config.kv_bytes_per_token()
 
-    path = _gguf_cache_dir(smollm2_gguf_path())
+    path = _gguf_cache_dir(gguf)
     hf = LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
     hf_single(hf, single_prompt[:8], 4)
     # single stream is short and the cores are shared: alternate the two and keep each one's best of three
-    eng_single = hf_one = float("inf")
+    eng_single = hf_one = llama_one = float("inf")
     for _ in range(3):
         eng_single = min(eng_single, engine_single(engine, single_prompt, single_n))
         hf_one = min(hf_one, hf_single(hf, single_prompt, single_n))
+        if peer is not None and not peer_errors:
+            try:
+                llama_one = min(llama_one, llama_single(peer, gguf, threads, single_prompt, single_n))
+            except (subprocess.SubprocessError, OSError, ValueError, KeyError) as exc:
+                peer_errors.append(peer_failed(exc))
+    loads.append(os.getloadavg()[0])
     metrics = engine.metrics()
     del engine, loaded
     hf_pad = hf_padded(hf, work, 16, pad_id=2)
@@ -278,8 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         cb = hf_continuous(hf_cb, cb_work)
         del hf_cb
 
+    loads.append(os.getloadavg()[0])
     toks = work.output_tokens
-    table = Table(title=f"engine vs transformers (SmolLM2-135M, {dtype_label}, CPU x{threads})")
+    peers = "transformers and llama.cpp" if llama_rounds else "transformers"
+    table = Table(title=f"engine vs {peers} (SmolLM2-135M, {dtype_label}, CPU x{threads})")
     for col in ("figure", "ours", "peer", "ratio", "target"):
         table.add_column(col, justify="right" if col != "figure" else "left")
 
@@ -304,14 +436,34 @@ def main(argv: list[str] | None = None) -> int:
             f"{r:.2f}x",
             f">= 1.2x {mark(r >= 1.2)}",
         )
+    if llama_rounds:
+        ours_s, llama_s = statistics.median(eng_rounds), statistics.median(llama_rounds)
+        r = llama_s / ours_s
+        table.add_row(
+            f"{n_req} req throughput (out tok/s) vs llama.cpp one after another"
+            + (f" (median of {len(llama_rounds)})" if len(llama_rounds) > 1 else ""),
+            f"{toks / ours_s:.1f}",
+            f"{toks / llama_s:.1f}",
+            f"{r:.2f}x",
+            f">= 3x {mark(r >= 3)}",
+        )
     r = hf_one / eng_single
     table.add_row(
-        f"single stream {single_n} tok (tok/s, best of 3)",
+        f"single stream {len(single_prompt)}+{single_n} tok (tok/s, best of 3) vs HF",
         f"{single_n / eng_single:.1f}",
         f"{single_n / hf_one:.1f}",
         f"{r:.2f}x",
         f">= 1.0x {mark(r >= 1.0)}",
     )
+    if llama_one != float("inf"):
+        r = llama_one / eng_single
+        table.add_row(
+            f"single stream {len(single_prompt)}+{single_n} tok (tok/s, best of 3) vs llama.cpp",
+            f"{single_n / eng_single:.1f}",
+            f"{single_n / llama_one:.1f}",
+            f"{r:.2f}x",
+            f">= 1.0x {mark(r >= 1.0)}",
+        )
     r = cold / warm
     table.add_row(
         "TTFT, 1000-token shared prefix (ms): warm vs cold",
@@ -355,6 +507,17 @@ def main(argv: list[str] | None = None) -> int:
         f"< 2048 {mark(engine_rss < 2 * 2**30)}",
     )
     console.print(table)
+    for line in peer_errors:
+        console.print(f"[red]{line}[/]")
+    if llama_rounds:
+        console.print(
+            f"llama.cpp: {gguf.name}, n_threads {threads}, the same token ids; workload wall "
+            + ", ".join(f"{t:.1f}s" for t in llama_rounds)
+            + " (ours "
+            + ", ".join(f"{t:.1f}s" for t in eng_rounds)
+            + ")"
+        )
+    console.print(f"load average during the run: {min(loads):.1f}-{max(loads):.1f}")
     console.print(
         f"engine: {metrics.steps} steps, mean batch {metrics.batch_size_mean:.1f} seqs / "
         f"{metrics.batched_tokens_mean:.0f} tokens, max running {metrics.max_running_seqs}, "

@@ -528,8 +528,12 @@ class QuantReport:
 
     def describe(self) -> str:
         """One line for `generate --stats` and logs."""
+        # a GGUF's source already names each layout (its 4-bit blocks keep group 32 whatever was asked)
+        mode = (
+            f"int4 g{self.group_size}" if self.mode == "int4" and self.source.startswith("isq") else self.mode
+        )
         return (
-            f"{self.mode} weights ({self.source}): {self.bytes_before / 2**20:.1f} -> "
+            f"{mode} weights ({self.source}): {self.bytes_before / 2**20:.1f} -> "
             f"{self.bytes_after / 2**20:.1f} MiB"
         )
 

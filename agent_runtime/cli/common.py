@@ -139,10 +139,12 @@ QUANTIZE_CHOICES = (
     "int8",
     "int4",
 )  # inference.config.QUANTIZE_MODES (torch-free, not imported)
+QUANTIZE_GROUP_SIZES = (32, 64, 128, 256)  # inference.config.QUANTIZE_GROUP_SIZES, likewise
 
 
 def add_quantize_argument(parser: argparse.ArgumentParser, *, from_config: bool = True) -> None:
-    """`--quantize auto|none|int8|int4`; with `from_config` it overrides the config's `model.quantize`."""
+    """`--quantize auto|none|int8|int4` and `--quantize-group-size 32|64|128|256`; with `from_config` they
+    override the config's `model.quantize` and `model.quantize_group_size`."""
     where = "the config's `model.quantize`, else auto" if from_config else "auto"
     parser.add_argument(
         "--quantize",
@@ -150,6 +152,15 @@ def add_quantize_argument(parser: argparse.ArgumentParser, *, from_config: bool 
         default=None if from_config else "auto",
         help=f"model weights (default: {where}: a GGUF stays quantized on a bf16 CPU model, else float): none "
         "(float), int8 or int4 (quantized at load, CPU only)",
+    )
+    group_where = "the config's `model.quantize_group_size`, else 32" if from_config else "32"
+    parser.add_argument(
+        "--quantize-group-size",
+        type=int,
+        choices=QUANTIZE_GROUP_SIZES,
+        default=None if from_config else 32,
+        metavar="{" + ",".join(map(str, QUANTIZE_GROUP_SIZES)) + "}",
+        help=f"int4: inputs per scale and zero (default: {group_where}); a GGUF's 4-bit blocks keep their 32",
     )
 
 
@@ -203,6 +214,7 @@ def resolve_model(config: RuntimeConfig | None, args: argparse.Namespace) -> Any
         "dtype": getattr(args, "dtype", None),
         "device": getattr(args, "device", None),
         "quantize": getattr(args, "quantize", None),
+        "quantize_group_size": getattr(args, "quantize_group_size", None),
         "max_num_seqs": getattr(args, "max_num_seqs", None),
         "max_model_len": getattr(args, "max_model_len", None),
         "kv_cache_memory": getattr(args, "kv_cache_memory", None),
@@ -318,7 +330,7 @@ async def open_agent(args: argparse.Namespace, console: Any) -> AsyncIterator[Ag
     rt = Runtime.from_config(args.config, elicitation_handler=terminal_elicitor())
     host = AgentHost(rt)  # validates the agents and model sections before any server starts
     host.model_override = args.model
-    flags = {k: getattr(args, k, None) for k in ("device", "quantize")}
+    flags = {k: getattr(args, k, None) for k in ("device", "quantize", "quantize_group_size")}
     if any(v is not None for v in flags.values()):
         host.model = host.model.model_copy(update={k: v for k, v in flags.items() if v is not None})
     adapters = parse_adapters(getattr(args, "adapter", None))

@@ -50,7 +50,12 @@ def run(args: argparse.Namespace) -> int:
     prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
     adapters = parse_adapters(args.adapter)
     loaded = load_model(
-        args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, progress=sys.stderr.isatty()
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        quantize=args.quantize,
+        quantize_group_size=args.quantize_group_size,
+        progress=sys.stderr.isatty(),
     )
     engine = LLMEngine(loaded, EngineConfig(max_num_seqs=1), adapters=adapters)
     if args.chat:

@@ -63,3 +63,34 @@ def test_generate_quantized_prints_the_weight_memory() -> None:
     assert stats and "int8 weights (gguf Q4_1->int8: 210" in stats[-1]
     before, after = (float(x) for x in stats[-1].split(": ")[-1].removesuffix(" MiB]").split(" -> "))
     assert after < 0.7 * before
+
+
+def _isq_int4_stats(folder: str, group_size: str) -> tuple[str, float]:
+    run = _generate(
+        "--model", folder, "--quantize", "int4", "--quantize-group-size", group_size, "--dtype", "bfloat16",
+        "--temperature", "0", "--max-tokens", "2", "--stats", "--device", "cpu", "The capital of France is",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    line = next(line for line in run.stderr.splitlines() if "weights (" in line)
+    return line, float(line.split(" -> ")[-1].removesuffix(" MiB]"))
+
+
+def test_generate_quantize_group_size_reaches_the_int4_layers() -> None:
+    """`--quantize-group-size` sets ISQ's int4 groups: SmolLM2's float folder at group 64 holds half of group
+    32's scales and zeros (about 6 MiB less), and `--stats` names the group."""
+    from inference.loader import converted_gguf, smollm2_gguf_path
+
+    folder = str(converted_gguf(smollm2_gguf_path()))  # the packaged model's float32 HF folder
+    line32, mib32 = _isq_int4_stats(folder, "32")
+    line64, mib64 = _isq_int4_stats(folder, "64")
+    assert "[int4 g32 weights (isq): " in line32
+    assert "[int4 g64 weights (isq): " in line64  # every layer's inputs (576, 1536) divide by 64
+    # SmolLM2's layers hold 106M weights: a bf16 scale and zero per group are 4 bytes per 32, or per 64
+    assert 5.5 < mib32 - mib64 < 7
+
+
+def test_generate_rejects_a_group_size_the_kernels_do_not_take() -> None:
+    run = _generate("--quantize", "int4", "--quantize-group-size", "48", "--max-tokens", "2", "hi")
+    assert run.returncode == 2
+    assert "--quantize-group-size: invalid choice: 48" in run.stderr
+    assert "Traceback" not in run.stderr
