@@ -261,7 +261,10 @@ def evidence(
     if not isinstance(props, Mapping):
         return 0.0
     numbers = len(_NUMBER_VALUE.findall(text))
-    paths = len({_clean_path(p) for p in _ABS_PATH.findall(text)}) or len(_FILE_NAME.findall(text))
+    # each absolute path, and each file name outside them ("Stage TODO.txt in /x/repo": two)
+    paths = len({_clean_path(p) for p in _ABS_PATH.findall(text)}) + len(
+        _FILE_NAME.findall(_ABS_PATH.sub(" ", text))
+    )
     zones = len(zones_named_in([text]))
     given_kinds = path_kinds(text)
     score = 0.0

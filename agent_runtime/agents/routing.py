@@ -35,7 +35,19 @@ _SYNONYMS: tuple[tuple[str, ...], ...] = (
     ("folder", "directory", "dir", "subfolder"),
     ("file", "document", "txt"),
     ("list", "listing", "contents", "inside", "ls"),
-    ("read", "open", "content", "contents", "view", "cat", "says", "written", "details", "according"),
+    (
+        "read",
+        "open",
+        "content",
+        "contents",
+        "view",
+        "cat",
+        "says",
+        "written",
+        "details",
+        "according",
+        "learn",
+    ),
     ("write", "create", "save", "put", "new"),
     ("rename", "move", "mv"),
     ("delete", "remove", "rm"),
@@ -57,8 +69,9 @@ _K1 = 1.2
 _B = 0.75
 
 
-# "Find out who owns X" asks to learn something, not to search for files: the idiom is one word here.
-_IDIOMS = re.compile(r"\bfind(?:ing)? out\b", re.I)
+# "Find out who owns X" and "Look up the prices in X" ask to learn something, not to search for files: each idiom
+# is one word here.
+_IDIOMS = re.compile(r"\bfind(?:ing)? out\b|\blook(?:ing)? up\b", re.I)
 
 
 def words(text: str) -> list[str]:
@@ -266,6 +279,28 @@ def intent(query: str) -> str | None:
 # Where a task asks for one thing after another: sentences, and clauses joined by "and"/"then" or a comma.
 _CLAUSE = re.compile(r"[.;!?]\s+|,\s*(?:and\s+|then\s+)?|\s+and\s+(?:then\s+)?|\s+then\s+", re.I)
 MIN_CLAUSE_WORDS = 3
+# A part of a task starts with what to do ("add them ...", "write the total ...", "store that person ..."); a piece
+# that does not ("eggs", "the office chair in X", "The details are in X") belongs to the part before it.
+_STEP_VERB = re.compile(
+    r"^\s*(?:please\s+)?(add|append|calculate|change|check|commit|compute|convert|copy|count|create|delete|"
+    r"download|edit|fetch|find|get|insert|list|look|make|mkdir|move|open|push|put|read|record|remember|remove|"
+    r"rename|save|search|send|show|stage|store|sum|tell|update|write)\b",
+    re.I,
+)
+
+
+def task_parts(query: str) -> list[str]:
+    """The parts of a task in several, in order: clauses that start with what to do, each with the pieces that
+    follow it up to the next such clause."""
+    parts: list[str] = []
+    for piece in _CLAUSE.split(query):
+        if not piece.strip():
+            continue
+        if parts and not _STEP_VERB.match(piece):
+            parts[-1] = f"{parts[-1]} {piece.strip()}"
+        else:
+            parts.append(piece.strip())
+    return [p for p in parts if len(words(_short_paths(p))) >= MIN_CLAUSE_WORDS]
 
 
 def plan_route(
@@ -282,29 +317,42 @@ def plan_route(
     whole = route(query, tools, embedder, evidence)
     steps: list[str] = []
     parts: list[str] = []
-    clauses = [c for c in _CLAUSE.split(query) if len(words(path_blind(c))) >= MIN_CLAUSE_WORDS]
+    clauses = task_parts(query)
     if len(clauses) >= 2:
         for i, clause in enumerate(clauses):
             # a later part's numbers may come from an earlier part's result ("add them with the sum tool")
-            part = route(clause, tools, embedder, evidence, later=i > 0)
+            # its inputs are judged with the parts before it: "commit it" works in the repo "Stage X in Y" named
+            so_far = " ".join(clauses[: i + 1])
+            part = route(clause, tools, embedder, evidence, later=i > 0, evidence_text=so_far)
             if part.confident and part.scores[0].name not in steps:
                 steps.append(part.scores[0].name)
                 parts.append(clause)
-    server_of = {t.name: t.server for t in tools}
-    several = intent(path_blind(query)) == "change" or len({server_of.get(s) for s in steps}) >= 2
+    by_name = {t.name: t for t in tools}
+    wants = intent(path_blind(query))
+    # a question's steps only read: "Who owns X? The details are in Y" must never plan a write
+    several = wants == "change" or (
+        len({by_name[s].server for s in steps}) >= 2 and all(by_name[s].read_only is not False for s in steps)
+    )
     if len(steps) < 2 or not several:
         return Routing(whole.scores, whole.confident)
     return Routing(whole.scores, whole.confident, tuple(steps), tuple(parts))
 
 
+# A quoted span: a quote that starts a word and one that ends it ("What's" and "Priya's" are not quotes).
+_QUOTED_SPAN = re.compile(r"(?<!\w)'[^'\n]{1,200}'(?!\w)|(?<!\w)\"[^\"\n]{1,200}\"(?!\w)")
 # An absolute path in a task: the same shape grounding copies paths from (agent_runtime/agents/grounding.py).
 _ABS_PATH = re.compile(r"(?<![\w.])(/(?:[\w.@%+~-]+/?)+)")
 
 
 def path_blind(query: str) -> str:
-    """`query` with each absolute path cut to its last part: a path says where, not what to do, and the folders
-    above it ("/srv/git-commit-tools/repo") would otherwise vote for tools by their names."""
-    return _ABS_PATH.sub(lambda m: m.group(1).rstrip("/").rsplit("/", 1)[-1] or "/", query)
+    """`query` with each absolute path cut to its last part, and quoted text left out: a path says where, not what
+    to do, and the folders above it ("/srv/git-commit-tools/repo") would otherwise vote for tools by their names;
+    a quoted message is content ("commit it with the message 'Add TODO list'" is not about adding)."""
+    return _short_paths(_QUOTED_SPAN.sub("''", query))
+
+
+def _short_paths(text: str) -> str:
+    return _ABS_PATH.sub(lambda m: m.group(1).rstrip("/").rsplit("/", 1)[-1] or "/", text)
 
 
 def route(
@@ -314,9 +362,10 @@ def route(
     evidence: Callable[[Mapping[str, Any], str, str, str, bool], float] | None = None,
     *,
     later: bool = False,
+    evidence_text: str | None = None,
 ) -> Routing:
     """Score every tool for `query` (`later`: a later part of a task, whose numbers may come from the results
-    of the parts before it): BM25 normalised to the best, plus the encoder's similarity when there is
+    of the parts before it; `evidence_text`: what supplies the inputs, when not `query` alone): BM25 normalised to the best, plus the encoder's similarity when there is
     one (it knows that "add" and "sum" are alike, which no word list covers), plus how well the query supplies
     the tool's required arguments (`evidence`), plus the query's intent against the server's read-only hint
     (a question is answered by reading, not by committing), for tools that have some relevance already."""
@@ -335,7 +384,11 @@ def route(
             continue
         if evidence is not None:
             combined[tool.name] += EVIDENCE_WEIGHT * evidence(
-                tool.parameters, query, tool.description, tool.name, later
+                tool.parameters,
+                query if evidence_text is None else evidence_text,
+                tool.description,
+                tool.name,
+                later,
             )
         if wants is not None and tool.read_only is not None:
             weight = INTENT_WEIGHT * (2 if wants == "read" and _WH_QUESTION.match(words_of) else 1)

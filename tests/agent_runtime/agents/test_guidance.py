@@ -720,3 +720,49 @@ def test_an_answer_starts_with_the_lines_that_fit(grammars: tuple[GrammarCompile
         ['entities[0].observations: ["works at Acme Corp", "likes tea"]', "temperature: 36"]
     ) == ("works at Acme Corp, likes tea; 36")
     assert answer_quote(['note: say "hi"']) == ""  # a quote the answer's grammar would have to escape
+
+
+def test_a_tasks_parts_start_with_what_to_do() -> None:
+    from agent_runtime.agents.routing import task_parts
+
+    # a list of things, or a sentence that says where, is no step of its own
+    assert task_parts(
+        "Write a shopping list with milk, eggs and bread to /tmp/f/shopping.txt, one per line."
+    ) == ["Write a shopping list with milk eggs bread to /tmp/f/shopping.txt one per line."]
+    assert len(task_parts("Who owns Project Beta? The details are in /tmp/f/projects/beta.txt")) == 1
+    assert task_parts(
+        "Read /tmp/f/budget.csv, add up the hardware amounts and write the total to /tmp/f/t.txt."
+    ) == [
+        "Read /tmp/f/budget.csv",
+        "add up the hardware amounts",
+        "write the total to /tmp/f/t.txt.",
+    ]
+
+
+def test_a_question_never_plans_a_change_and_quoted_text_does_not_vote() -> None:
+    from agent_runtime.agents.routing import path_blind
+
+    write = ToolSpec(
+        "fs__write_file",
+        "Create a new file or completely overwrite an existing file with new content.",
+        {
+            "type": "object",
+            "properties": {"path": PATH, "content": {"type": "string"}},
+            "required": ["path", "content"],
+        },
+        "fs",
+        False,
+    )
+    elsewhere = ToolSpec("other__write_file", write.description, write.parameters, "other", False)
+    # a question whose parts route to two servers is planned only when every step reads
+    task = "What is written in /tmp/f/notes.txt? Write it to /tmp/f/copy.txt?"
+    assert plan_route(task, [*FS_TOOLS, elsewhere], None, evidence).plan == ()
+    unstated = ToolSpec("other__write_file", write.description, write.parameters, "other", None)
+    assert plan_route(task, [*FS_TOOLS, unstated], None, evidence).plan == (
+        "fs__read_text_file",
+        "other__write_file",
+    )
+    assert path_blind("commit it with the message 'Add TODO list'.") == "commit it with the message ''."
+    assert path_blind("What's Priya's job?") == "What's Priya's job?"  # apostrophes are not quotes
+    task = "Stage TODO.txt in /tmp/r/repo and commit it with the message 'Add TODO list'."
+    assert plan_route(task, GIT_TOOLS, None, evidence).plan == ("git__git_add", "git__git_commit")
