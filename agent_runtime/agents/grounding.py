@@ -226,6 +226,17 @@ def path_kinds(text: str) -> set[str]:
     return kinds
 
 
+def _argument_operand(name: str) -> str | None:
+    """What a path argument names by its own name: `repo_path`, `directory`, `folder` a folder; `file_path`,
+    `filename` a file; else None (the tool says)."""
+    parts = set(words(name))
+    if parts & {"repo", "repository", "directory", "dir", "folder"}:
+        return "folder"
+    if parts & {"file", "filename"}:
+        return "file"
+    return None
+
+
 def path_operand(name: str, description: str) -> str | None:
     """What a tool's path argument names: `folder` (the tool's name says directory, folder or tree, or it works
     recursively), `file` (its name says file, its description does not add "or directory"), else None (either
@@ -290,7 +301,7 @@ def evidence(
                 score -= 1.0
                 continue
             score += 0.5
-            operand = path_operand(tool, description)
+            operand = _argument_operand(name) or path_operand(tool, description)
             if operand is not None:
                 score += 0.5 if operand in given_kinds else -1.5
     return score

@@ -766,3 +766,18 @@ def test_a_question_never_plans_a_change_and_quoted_text_does_not_vote() -> None
     assert path_blind("What's Priya's job?") == "What's Priya's job?"  # apostrophes are not quotes
     task = "Stage TODO.txt in /tmp/r/repo and commit it with the message 'Add TODO list'."
     assert plan_route(task, GIT_TOOLS, None, evidence).plan == ("git__git_add", "git__git_commit")
+
+
+def test_a_path_arguments_own_name_says_what_it_names() -> None:
+    branches = ToolSpec(
+        "git__git_branch",
+        "List Git branches",
+        {"type": "object", "properties": {"repo_path": {"type": "string"}}, "required": ["repo_path"]},
+        "git",
+        True,
+    )
+    on_file = evidence(
+        branches.parameters, "Which items in my to-do list (/tmp/f/todo.md) are open?", "", branches.name
+    )
+    on_repo = evidence(branches.parameters, "List the branches of /tmp/f/repo", "", branches.name)
+    assert on_file < 0 < on_repo  # a repository is a folder, whatever the tool's name says
