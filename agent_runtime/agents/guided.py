@@ -21,7 +21,7 @@ from typing import Any
 from agent_runtime.agents.focus import focus_value
 from agent_runtime.agents.grounding import GroundingContext, ground_schema
 from agent_runtime.agents.llm import GenerationChunk, GenerationRequest, LLMBackend
-from inference.formats import ExampleCall, ToolSpec, WorkedExample
+from inference.formats import DEFAULT_EXAMPLES, ExampleCall, ToolSpec, WorkedExample
 from inference.grammar import normalise_parameters, sequence_spec
 
 DECIDE_PREFIX = '{"'
@@ -48,36 +48,22 @@ _TEXT = '[^0-9"\\\\]'  # one character of answer text that is not a digit (nor a
 # way a guided run shows results to the model (flat `key: value` lines, then the lines that fit the task under
 # "Most relevant:", agent_runtime/agents/focus.py), and one answer lists what a listing returned: a small model
 # copies the shape of what it has seen answered. A single-stage run keeps inference.formats.DEFAULT_EXAMPLES.
+def _shown_as(example: WorkedExample, result: str) -> WorkedExample:
+    """A generic example with its one call's result written as a guided run shows results."""
+    return dataclasses.replace(example, calls=(dataclasses.replace(example.calls[0], result=result),))
+
+
 GUIDED_EXAMPLES: tuple[WorkedExample, ...] = (
-    WorkedExample(
-        "How many yen is one euro?",
-        (
-            ExampleCall(
-                "fx__get_rate",
-                {"from_currency": "EUR", "to_currency": "JPY"},
-                "from: EUR\nto: JPY\nrate: 162.4\nupdated: 2024-05-01\n\nMost relevant:\nrate: 162.4",
-            ),
-        ),
-        "One euro is 162.4 yen.",
+    _shown_as(
+        DEFAULT_EXAMPLES[0],
+        "from: EUR\nto: JPY\nrate: 162.4\nupdated: 2024-05-01\n\nMost relevant:\nrate: 162.4",
     ),
-    WorkedExample(
-        "What is the weather in Rome?",
-        (
-            ExampleCall(
-                "weather__get_weather",
-                {"location": "Rome, Italy"},
-                "location: Rome, Italy\ntemperature_c: 18\nconditions: cloudy",
-            ),
-        ),
-        "It is 18°C and cloudy in Rome.",
-    ),
+    _shown_as(DEFAULT_EXAMPLES[1], "location: Rome, Italy\ntemperature_c: 18\nconditions: cloudy"),
     WorkedExample(
         "Which files are in /data/reports?",
         (
             ExampleCall(
-                "files__list_folder",
-                {"path": "/data/reports"},
-                "[FILE] q1.pdf\n[FILE] q2.pdf\n[DIR] archive",
+                "files__list_folder", {"path": "/data/reports"}, "[FILE] q1.pdf\n[FILE] q2.pdf\n[DIR] archive"
             ),
         ),
         "The files in /data/reports are q1.pdf and q2.pdf, and a folder archive.",
