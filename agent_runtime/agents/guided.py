@@ -35,10 +35,6 @@ ANSWER_PREFIX = '{"answer": '
 # on the eval suite (docs/agents.md): 1.0 solved 1-3 tasks more than none, 2.0 fewer (it parrots field names).
 COPY_BIAS = 1.0
 COPY_RESULTS = 2  # the results the bias reads from, newest last
-# An answer starts with the values of the result lines that fit the task (agent_runtime/agents/focus.py): a
-# 135M model shown the budget CSV and "Most relevant: Office chair,furniture,249.99" still answered with the
-# first row. Measured on the eval suite (docs/agents.md).
-QUOTE_FOCUS = True
 MAX_ANSWER_NUMBERS = 256  # distinct numbers an answer may copy from; a run that saw more answers freely
 _NUMBER_ATOM = re.compile(r"\d+(?:[.,]\d+)*")
 _TEXT = '[^0-9"\\\\]'  # one character of answer text that is not a digit (nor a quote or backslash to escape)
@@ -200,8 +196,12 @@ async def guided_turn(
     *,
     allow_answer: bool,
     deadline: float,
+    quote: bool = True,
 ) -> AsyncGenerator[TurnProgress, None]:
-    """One model turn in two stages; the last progress has `finished` set and the whole action as `text`."""
+    """One model turn in two stages; the last progress has `finished` set and the whole action as `text`.
+    `quote`: an answer starts with the values of the result lines that fit the task (`answer_quote`): a 135M
+    model shown the budget CSV and "Most relevant: Office chair,furniture,249.99" still answered with the first
+    row (measured on the eval suite, docs/agents.md)."""
     progress = TurnProgress()
     decide = _stage(
         base,
@@ -210,7 +210,7 @@ async def guided_turn(
             candidates,
             allow_answer=allow_answer,
             context=context,
-            quote=answer_quote(context.focus) if QUOTE_FOCUS else "",
+            quote=answer_quote(context.focus) if quote else "",
         ),
         DECIDE_PREFIX,
         ANSWER_FREQUENCY_PENALTY if allow_answer else 0.0,

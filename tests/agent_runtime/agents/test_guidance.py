@@ -428,7 +428,7 @@ async def test_the_decision_that_may_answer_is_biased_toward_the_last_results() 
     context = GroundingContext()
     context.add("How much did the monitor cost?")
 
-    async def decide(allow_answer: bool) -> Any:
+    async def decide(allow_answer: bool, quote: bool = True) -> Any:
         backend = _RecordingBackend('answer": "329.50"}')
         turn = guided_turn(
             backend,
@@ -438,6 +438,7 @@ async def test_the_decision_that_may_answer_is_biased_toward_the_last_results() 
             context,
             allow_answer=allow_answer,
             deadline=float("inf"),
+            quote=quote,
         )
         async for _ in turn:
             pass
@@ -455,6 +456,9 @@ async def test_the_decision_that_may_answer_is_biased_toward_the_last_results() 
     context.focus = ["amount: 329.50", "Monitor,hardware,329.50"]
     focused = await decide(True)
     assert focused.copy_focus.splitlines() == ["329.50", "Monitor,hardware,329.50"]  # values, not keys
+    # the answer starts with those values unless the agent's `quote_results` is off
+    assert "329\\\\.50;\\\\ Monitor" in focused.grammar.payload
+    assert "329\\\\.50;\\\\ Monitor" not in (await decide(True, quote=False)).grammar.payload
     forced = await decide(False)  # a step that must call a tool is not biased toward what it read
     assert forced.copy_bias == 0.0
 
