@@ -314,10 +314,11 @@ def quoted_choices(description: str) -> list[str]:
 
 
 def number_values(texts: Iterable[str], *, integers: bool = False) -> list[int | float]:
-    """The numbers `texts` state, in order of first mention, once each (`integers`: only whole ones)."""
+    """The numbers `texts` state, in order of first mention, once each (`integers`: only whole ones); digits in
+    a path are part of its name ("/tmp/pytest-563/budget.csv" states no 563)."""
     out: list[int | float] = []
     for text in texts:
-        for raw in _NUMBER_VALUE.findall(text):
+        for raw in _NUMBER_VALUE.findall(_ABS_PATH.sub(" ", text)):
             value: int | float = int(raw) if "." not in raw else float(raw)
             if integers and not float(value).is_integer():
                 continue

@@ -21,7 +21,7 @@ from typing import Any
 from agent_runtime.agents.focus import focus_value
 from agent_runtime.agents.grounding import GroundingContext, ground_schema
 from agent_runtime.agents.llm import GenerationChunk, GenerationRequest, LLMBackend
-from inference.formats import ExampleCall, ToolSpec, WorkedExample
+from inference.formats import DEFAULT_EXAMPLES, ExampleCall, ToolSpec, WorkedExample
 from inference.grammar import normalise_parameters, sequence_spec
 
 DECIDE_PREFIX = '{"'
@@ -35,10 +35,6 @@ ANSWER_PREFIX = '{"answer": '
 # on the eval suite (docs/agents.md): 1.0 solved 1-3 tasks more than none, 2.0 fewer (it parrots field names).
 COPY_BIAS = 1.0
 COPY_RESULTS = 2  # the results the bias reads from, newest last
-# An answer starts with the values of the result lines that fit the task (agent_runtime/agents/focus.py): a
-# 135M model shown the budget CSV and "Most relevant: Office chair,furniture,249.99" still answered with the
-# first row. Measured on the eval suite (docs/agents.md).
-QUOTE_FOCUS = True
 MAX_ANSWER_NUMBERS = 256  # distinct numbers an answer may copy from; a run that saw more answers freely
 _NUMBER_ATOM = re.compile(r"\d+(?:[.,]\d+)*")
 _TEXT = '[^0-9"\\\\]'  # one character of answer text that is not a digit (nor a quote or backslash to escape)
@@ -48,36 +44,22 @@ _TEXT = '[^0-9"\\\\]'  # one character of answer text that is not a digit (nor a
 # way a guided run shows results to the model (flat `key: value` lines, then the lines that fit the task under
 # "Most relevant:", agent_runtime/agents/focus.py), and one answer lists what a listing returned: a small model
 # copies the shape of what it has seen answered. A single-stage run keeps inference.formats.DEFAULT_EXAMPLES.
+def _shown_as(example: WorkedExample, result: str) -> WorkedExample:
+    """A generic example with its one call's result written as a guided run shows results."""
+    return dataclasses.replace(example, calls=(dataclasses.replace(example.calls[0], result=result),))
+
+
 GUIDED_EXAMPLES: tuple[WorkedExample, ...] = (
-    WorkedExample(
-        "How many yen is one euro?",
-        (
-            ExampleCall(
-                "fx__get_rate",
-                {"from_currency": "EUR", "to_currency": "JPY"},
-                "from: EUR\nto: JPY\nrate: 162.4\nupdated: 2024-05-01\n\nMost relevant:\nrate: 162.4",
-            ),
-        ),
-        "One euro is 162.4 yen.",
+    _shown_as(
+        DEFAULT_EXAMPLES[0],
+        "from: EUR\nto: JPY\nrate: 162.4\nupdated: 2024-05-01\n\nMost relevant:\nrate: 162.4",
     ),
-    WorkedExample(
-        "What is the weather in Rome?",
-        (
-            ExampleCall(
-                "weather__get_weather",
-                {"location": "Rome, Italy"},
-                "location: Rome, Italy\ntemperature_c: 18\nconditions: cloudy",
-            ),
-        ),
-        "It is 18°C and cloudy in Rome.",
-    ),
+    _shown_as(DEFAULT_EXAMPLES[1], "location: Rome, Italy\ntemperature_c: 18\nconditions: cloudy"),
     WorkedExample(
         "Which files are in /data/reports?",
         (
             ExampleCall(
-                "files__list_folder",
-                {"path": "/data/reports"},
-                "[FILE] q1.pdf\n[FILE] q2.pdf\n[DIR] archive",
+                "files__list_folder", {"path": "/data/reports"}, "[FILE] q1.pdf\n[FILE] q2.pdf\n[DIR] archive"
             ),
         ),
         "The files in /data/reports are q1.pdf and q2.pdf, and a folder archive.",
@@ -214,8 +196,12 @@ async def guided_turn(
     *,
     allow_answer: bool,
     deadline: float,
+    quote: bool = True,
 ) -> AsyncGenerator[TurnProgress, None]:
-    """One model turn in two stages; the last progress has `finished` set and the whole action as `text`."""
+    """One model turn in two stages; the last progress has `finished` set and the whole action as `text`.
+    `quote`: an answer starts with the values of the result lines that fit the task (`answer_quote`): a 135M
+    model shown the budget CSV and "Most relevant: Office chair,furniture,249.99" still answered with the first
+    row (measured on the eval suite, docs/agents.md)."""
     progress = TurnProgress()
     decide = _stage(
         base,
@@ -224,7 +210,7 @@ async def guided_turn(
             candidates,
             allow_answer=allow_answer,
             context=context,
-            quote=answer_quote(context.focus) if QUOTE_FOCUS else "",
+            quote=answer_quote(context.focus) if quote else "",
         ),
         DECIDE_PREFIX,
         ANSWER_FREQUENCY_PENALTY if allow_answer else 0.0,

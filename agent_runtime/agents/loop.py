@@ -291,6 +291,7 @@ class Agent:
                         grounding.for_part(part),
                         allow_answer=allow_answer or not candidates,
                         deadline=deadline,
+                        quote=cfg.quote_results,
                     )
                     async with aclosing(turn) as progress:
                         async for p in progress:

@@ -85,6 +85,8 @@ class AgentConfig(BaseModel):
     route_tools: int = Field(default=3, ge=1, le=64)  # tools offered per step when guided
     # remember verified single-call runs on disk (by tool definition) and show them to later runs as examples
     learn_examples: bool = True
+    # a guided answer starts with the values of the result lines that fit the task (docs/agents.md, "Small models")
+    quote_results: bool = True
     thoughts: bool = False  # let the model write an optional "thought" before each action
     observation_max_tokens: int = Field(default=512, ge=16, le=100_000)
     examples: list[WorkedExampleModel] | None = None  # None: the built-in generic examples

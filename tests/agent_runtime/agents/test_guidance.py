@@ -90,6 +90,28 @@ FS_TOOLS = [
         False,
     ),
 ]
+WRITE = ToolSpec(
+    "fs__write_file",
+    "Create a new file or completely overwrite an existing file with new content.",
+    {
+        "type": "object",
+        "properties": {"path": PATH, "content": {"type": "string"}},
+        "required": ["path", "content"],
+    },
+    "fs",
+    False,
+)
+SEARCH = ToolSpec(
+    "fs__search_files",
+    "Recursively search for files and directories matching a pattern",
+    {
+        "type": "object",
+        "properties": {"path": {"type": "string"}, "pattern": {"type": "string"}},
+        "required": ["path", "pattern"],
+    },
+    "fs",
+    True,
+)
 SUM = ToolSpec(
     "everything__get-sum",
     "Returns the sum of two numbers",
@@ -198,17 +220,7 @@ def test_a_tool_with_a_name_argument_keeps_its_path_among_the_paths_seen() -> No
 
 
 def test_a_task_in_several_parts_routes_each_part_in_order() -> None:
-    write = ToolSpec(
-        "fs__write_file",
-        "Create a new file or completely overwrite an existing file with new content.",
-        {
-            "type": "object",
-            "properties": {"path": PATH, "content": {"type": "string"}},
-            "required": ["path", "content"],
-        },
-        "fs",
-        False,
-    )
+    write = WRITE
     tools = [*FS_TOOLS, write, *TIME_TOOLS]
     r = plan_route(
         "Find out the current time in Tokyo and save it to /tmp/f/tokyo_time.txt.", tools, None, evidence
@@ -416,7 +428,7 @@ async def test_the_decision_that_may_answer_is_biased_toward_the_last_results() 
     context = GroundingContext()
     context.add("How much did the monitor cost?")
 
-    async def decide(allow_answer: bool) -> Any:
+    async def decide(allow_answer: bool, quote: bool = True) -> Any:
         backend = _RecordingBackend('answer": "329.50"}')
         turn = guided_turn(
             backend,
@@ -426,6 +438,7 @@ async def test_the_decision_that_may_answer_is_biased_toward_the_last_results() 
             context,
             allow_answer=allow_answer,
             deadline=float("inf"),
+            quote=quote,
         )
         async for _ in turn:
             pass
@@ -443,6 +456,9 @@ async def test_the_decision_that_may_answer_is_biased_toward_the_last_results() 
     context.focus = ["amount: 329.50", "Monitor,hardware,329.50"]
     focused = await decide(True)
     assert focused.copy_focus.splitlines() == ["329.50", "Monitor,hardware,329.50"]  # values, not keys
+    # the answer starts with those values unless the agent's `quote_results` is off
+    assert "329\\\\.50;\\\\ Monitor" in focused.grammar.payload
+    assert "329\\\\.50;\\\\ Monitor" not in (await decide(True, quote=False)).grammar.payload
     forced = await decide(False)  # a step that must call a tool is not biased toward what it read
     assert forced.copy_bias == 0.0
 
@@ -523,33 +539,12 @@ def test_the_folders_of_a_path_do_not_vote_for_tools() -> None:
 
 
 def test_finding_out_from_a_file_is_reading_it_not_searching() -> None:
-    search = ToolSpec(
-        "fs__search_files",
-        "Recursively search for files and directories matching a pattern",
-        {
-            "type": "object",
-            "properties": {"path": {"type": "string"}, "pattern": {"type": "string"}},
-            "required": ["path", "pattern"],
-        },
-        "fs",
-        True,
-    )
+    search = SEARCH
     task = "Find out who owns Project Alpha from /tmp/f/projects/alpha.txt"
     assert _best(task, [*FS_TOOLS, search]) == "fs__read_text_file"
     assert _best("Find the files matching *.csv in /tmp/f", [*FS_TOOLS, search]) == "fs__search_files"
 
 
-SEARCH = ToolSpec(
-    "fs__search_files",
-    "Recursively search for files and directories matching a pattern",
-    {
-        "type": "object",
-        "properties": {"path": {"type": "string"}, "pattern": {"type": "string"}},
-        "required": ["path", "pattern"],
-    },
-    "fs",
-    True,
-)
 FILE_INFO = ToolSpec(
     "fs__get_file_info",
     "Retrieve detailed metadata about a file or directory.",
@@ -671,17 +666,7 @@ def test_records_to_make_are_grounded_field_by_field_with_the_names_the_task_wri
 
 
 def test_each_step_of_a_plan_takes_the_paths_of_its_own_part() -> None:
-    write = ToolSpec(
-        "fs__write_file",
-        "Create a new file or completely overwrite an existing file with new content.",
-        {
-            "type": "object",
-            "properties": {"path": PATH, "content": {"type": "string"}},
-            "required": ["path", "content"],
-        },
-        "fs",
-        False,
-    )
+    write = WRITE
     task = "Read /tmp/f/budget.csv, add up the hardware amounts and write the total to /tmp/f/total.txt."
     r = plan_route(task, [*FS_TOOLS, write], None, evidence)
     assert r.plan == ("fs__read_text_file", "fs__write_file")
@@ -742,17 +727,7 @@ def test_a_tasks_parts_start_with_what_to_do() -> None:
 def test_a_question_never_plans_a_change_and_quoted_text_does_not_vote() -> None:
     from agent_runtime.agents.routing import path_blind
 
-    write = ToolSpec(
-        "fs__write_file",
-        "Create a new file or completely overwrite an existing file with new content.",
-        {
-            "type": "object",
-            "properties": {"path": PATH, "content": {"type": "string"}},
-            "required": ["path", "content"],
-        },
-        "fs",
-        False,
-    )
+    write = WRITE
     elsewhere = ToolSpec("other__write_file", write.description, write.parameters, "other", False)
     # a question whose parts route to two servers is planned only when every step reads
     task = "What is written in /tmp/f/notes.txt? Write it to /tmp/f/copy.txt?"
