@@ -25,9 +25,8 @@ ASKED_WEIGHT = 1.5  # a key a question word asks for: "Who ...?" is answered by 
 CONTENT_WEIGHT = 1.0  # a task word (not a name) in the line's value: "based" in `["based in Rotterdam"]`
 RECORD_WEIGHT = 0.5  # a name the task gives in another value of the same record: the record it is about
 SUBJECT_PENALTY = 0.5  # a name the task gives in the line's own value: the subject restated, not the answer
-GIVEN_PENALTY = (
-    1.5  # the line's value is a clock time or number the task states: the question, not the answer
-)
+# the line's value is a clock time or number the task states: the question, not the answer
+GIVEN_PENALTY = 1.5
 _KEYED = re.compile(r"^\s*([^:\n]{1,80}?):\s+(.+)$")
 _GROUP = re.compile(r"^(.*?)(?:\.[^.\[\]]+)$")
 _CLOCK = re.compile(r"(?<!\d)(\d{1,2}):(\d{2})(?!\d)")
@@ -39,7 +38,8 @@ class _Line:
     key: list[str]
     value: list[str]
     group: str | None
-    cells: bool  # a CSV row or a line without a key: every word is a cell
+    cells: bool  # a CSV row: every word is a cell
+    raw_value: str | None = None  # the text after a `key:`, as the result wrote it
 
 
 # What a question word asks for, as the keys tools write it: "Who made the first commit?" is an `Author:` line.
@@ -52,8 +52,6 @@ _ASKS_FOR: tuple[tuple[re.Pattern[str], tuple[str, ...]], ...] = (
         ("amount", "price", "cost", "total", "count"),
     ),
 )
-
-
 _OLDEST = re.compile(r"\b(first|earliest|oldest)\b", re.I)
 
 
@@ -105,7 +103,7 @@ def _parse(result: str) -> list[_Line]:
             continue
         key, value = keyed.group(1).strip(), keyed.group(2).strip()
         group = _GROUP.match(key)
-        lines.append(_Line(text, words(key), words(value), group.group(1) if group else None, False))
+        lines.append(_Line(text, words(key), words(value), group.group(1) if group else None, False, value))
     return lines
 
 
@@ -167,8 +165,7 @@ def focus_lines(task: str, result: str, *, limit: int = MAX_FOCUS_LINES) -> list
                 + RECORD_WEIGHT * len(record - subject)
                 - SUBJECT_PENALTY * len(subject)
             )
-            value = text_value(line.text)
-            if value is not None and _given(value, given_times, given_numbers):
+            if line.raw_value is not None and _given(line.raw_value, given_times, given_numbers):
                 score -= GIVEN_PENALTY
         if score > 0:
             scored.append((score, i, line.text.strip()))

@@ -364,7 +364,6 @@ def _narrow(
         schema["items"] = ground_schema(items, context, read_only=False if making else None)
         return
     if schema.get("type") == "array" and is_path_argument(name, schema):
-        items = schema.get("items")
         candidates = context.path_candidates(creating=creating)
         if (
             isinstance(items, Mapping)

@@ -18,7 +18,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from agent_runtime.agents.focus import focus_value
+from agent_runtime.agents.focus import focus_note, focus_value
 from agent_runtime.agents.grounding import GroundingContext, ground_schema
 from agent_runtime.agents.llm import GenerationChunk, GenerationRequest, LLMBackend
 from inference.formats import DEFAULT_EXAMPLES, ExampleCall, ToolSpec, WorkedExample
@@ -52,7 +52,7 @@ def _shown_as(example: WorkedExample, result: str) -> WorkedExample:
 GUIDED_EXAMPLES: tuple[WorkedExample, ...] = (
     _shown_as(
         DEFAULT_EXAMPLES[0],
-        "from: EUR\nto: JPY\nrate: 162.4\nupdated: 2024-05-01\n\nMost relevant:\nrate: 162.4",
+        "from: EUR\nto: JPY\nrate: 162.4\nupdated: 2024-05-01" + focus_note(["rate: 162.4"]),
     ),
     _shown_as(DEFAULT_EXAMPLES[1], "location: Rome, Italy\ntemperature_c: 18\nconditions: cloudy"),
     WorkedExample(

@@ -413,18 +413,17 @@ class Agent:
             usage.tool_calls += len(records)
             for rec in records:
                 step.tool_calls.append(rec)
+                content = rec.observation
                 if rec.outcome == "result":
                     grounding.add_result(rec.observation)
-                    if guided:
+                    if guided:  # the lines that fit the task, again after the result (agents/focus.py)
                         grounding.focus = focus_lines(task, rec.observation)
+                        content += focus_note(grounding.focus)
                 else:
                     grounding.add(rec.observation)
                 spec = by_name.get(rec.name)
                 if rec.outcome == "result" and spec is not None and spec.read_only is not True:
                     seen_calls.clear()  # it may have changed what an earlier call saw: repeats are fair again
-                content = rec.observation
-                if guided and rec.outcome == "result":
-                    content += focus_note(grounding.focus)
                 messages.append(
                     {
                         "role": "tool",

@@ -220,11 +220,7 @@ class Routing:
 
     def part_of(self, tool: str) -> str | None:
         """The words of the task's part that `tool` does, when it is a step of the plan."""
-        return (
-            self.parts[self.plan.index(tool)]
-            if tool in self.plan and len(self.parts) == len(self.plan)
-            else None
-        )
+        return self.parts[self.plan.index(tool)] if tool in self.plan else None
 
     def top(self, limit: int) -> list[str]:
         picked = [s.name for s in self.scores[:limit] if s.score > 0]
@@ -364,11 +360,12 @@ def route(
     later: bool = False,
     evidence_text: str | None = None,
 ) -> Routing:
-    """Score every tool for `query` (`later`: a later part of a task, whose numbers may come from the results
-    of the parts before it; `evidence_text`: what supplies the inputs, when not `query` alone): BM25 normalised to the best, plus the encoder's similarity when there is
+    """Score every tool for `query`: BM25 normalised to the best, plus the encoder's similarity when there is
     one (it knows that "add" and "sum" are alike, which no word list covers), plus how well the query supplies
     the tool's required arguments (`evidence`), plus the query's intent against the server's read-only hint
-    (a question is answered by reading, not by committing), for tools that have some relevance already."""
+    (a question is answered by reading, not by committing), for tools that have some relevance already.
+    `later`: a later part of a task, whose numbers may come from the results of the parts before it;
+    `evidence_text`: what supplies the inputs, when not `query` alone."""
     triples = [(t.name, t.description, t.parameters) for t in tools]
     words_of = path_blind(query)  # what the task asks for; `evidence` still sees the paths it gives
     lexical = ToolIndex(triples).scores(words_of)
