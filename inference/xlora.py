@@ -10,9 +10,10 @@ As in PEFT, every adapted projection of the base model (the union over experts, 
 q, k, v, o, gate, up, down) is one "X-LoRA layer"; the classifier gives each token one weight per expert, the same
 for every X-LoRA layer, or one per X-LoRA layer and expert with `layerwise_scalings`. A projection's update for a
 token is `sum_e s_e * (x @ A_e) @ B_e`. Our fused modules stack the experts' shards: `A` is every (expert, shard)
-`A` side by side and `B` their block-diagonal `B` (LoRA scaling and `global_scaling_weight` folded in), and
-`columns` says which flat `[X-LoRA layer, expert]` scaling multiplies each rank column, so the update is
-`((x @ A) * S[:, columns]) @ B`: one pair of matmuls for all experts.
+`A` side by side and `B` their block-diagonal `B` (LoRA scaling and `global_scaling_weight` folded in); which flat
+`[X-LoRA layer, expert]` scaling multiplies each rank column is one index for all modules end to end (`gather`,
+each module's slice of it at `spans`), so a step gathers every column's scaling `C = S[:, gather]` once and a
+module's update is `((x @ A) * C[:, span]) @ B`: one pair of matmuls for all experts.
 """
 
 from __future__ import annotations
@@ -68,11 +69,9 @@ class XLoRAAdapter:
     experts: tuple[str, ...]
     n_layers: int  # X-LoRA layers: adapted Hugging Face projections, all experts together
     modules: dict[tuple[int, str], LoRAWeights]  # experts side by side, global_scaling_weight folded into B
-    columns: dict[
-        tuple[int, str], torch.Tensor
-    ]  # per module: [R] int64 index into the flat [n_layers * experts]
     classifier: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (weight [out, in], bias [out]); ReLU between
-    # every module's `columns` end to end, and where each module's are in it: one gather per step gives every
+    # for every module's every rank column, end to end in module order, its index into the flat
+    # [n_layers * experts] scalings, and where each module's columns are in it: one gather per step gives every
     # rank column its scaling (`per_column`), and each module takes a slice of that
     gather: torch.Tensor  # [sum of all modules' ranks] int64
     spans: dict[tuple[int, str], tuple[int, int]]
@@ -95,7 +94,6 @@ class XLoRAAdapter:
         return replace(
             self,
             modules=moved,
-            columns={k: c.to(device) for k, c in self.columns.items()},
             gather=self.gather.to(device),
             classifier=tuple((w.to(device, dtype), b.to(device, dtype)) for w, b in self.classifier),
         )
@@ -307,7 +305,6 @@ def read_xlora_adapter(name: str, path: str | Path, config: ModelConfig) -> XLoR
         experts=tuple(str(e) for e in experts_cfg),
         n_layers=n_layers,
         modules=modules,
-        columns=columns,
         gather=torch.cat([columns[k] for k in sorted(columns)]),
         spans=_spans({k: len(c) for k, c in columns.items()}),
         classifier=classifier,
