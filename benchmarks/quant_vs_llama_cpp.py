@@ -45,7 +45,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-DEFAULT_LLAMA_PYTHON = "/work/peers/llama-venv/bin/python"
+from benchmarks.engine import DEFAULT_LLAMA_PYTHON
+
 VARIANTS = ("bf16", "gguf", "gguf int8", "gguf int4", "gguf pooled")
 _QUANTIZE = {"bf16": "none", "gguf": "auto", "gguf int8": "int8", "gguf int4": "int4", "gguf pooled": "auto"}
 

@@ -28,10 +28,9 @@ def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 def _gather(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
     """The first `length` positions of the blocks in `block_ids` ([..., n]) as [..., kv_heads, length, head_dim]."""
     block_size, kv_heads, head_dim = cache.shape[1], cache.shape[2], cache.shape[3]
-    # index_select on the flat id list is several times faster on CPU than advanced indexing with a 2-D index.
-    gathered = cache.index_select(
-        0, block_ids.reshape(-1)
-    )  # contiguous [n_ids, block_size, kv_heads, head_dim]
+    # index_select on the flat id list is several times faster on CPU than advanced indexing with a 2-D index;
+    # the result is contiguous [n_ids, block_size, kv_heads, head_dim]
+    gathered = cache.index_select(0, block_ids.reshape(-1))
     # one view instead of view + slice + transpose (called twice per layer and step)
     lead = tuple(block_ids.shape[:-1])
     token, row = kv_heads * head_dim, block_ids.shape[-1] * block_size * kv_heads * head_dim
