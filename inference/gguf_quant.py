@@ -3,7 +3,8 @@
 `build_quantized_model(gguf, config, mode)` builds our model on the meta device, converts each linear weight's raw
 blocks with `inference.quant` (one matrix at a time), fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj` by
 stacking rows (codes, scales and zeros are per row: exact), undoes llama.cpp's q/k row interleaving for the
-`llama` architecture (a row permutation: exact), installs `QuantLinear`s, and materializes only what stays float:
+`llama` architecture (a row permutation: exact), installs quantized layers (`QuantLinear` for the CPU,
+`TritonQuantLinear` for CUDA), and materializes only what stays float:
 norms, biases, and the embedding when the file holds it in float.
 
 What each GGUF type becomes (`mode` "auto" keeps the file's choice; "int8" / "int4" re-target):
@@ -35,7 +36,8 @@ from inference.quant import (
     Int4Weight,
     Int8Weight,
     QuantEmbedding,
-    QuantLinear,
+    QuantKernels,
+    QuantLinearBase,
     QuantReport,
     QuantWeight,
     dequantize_weight,
@@ -43,6 +45,7 @@ from inference.quant import (
     gguf_to_int4,
     gguf_to_int8,
     model_weight_bytes,
+    quant_linear,
     quantize_int4,
     quantize_int8,
 )
@@ -226,9 +229,12 @@ def _count(counts: dict[str, int], tensor: GGUFTensor, w: QuantWeight) -> None:
     counts[key] = counts.get(key, 0) + 1
 
 
-def install_quant_weights(model: nn.Module, weights: dict[str, QuantWeight]) -> int:
-    """Replace the named `nn.Linear` modules of `model` (and set `lm_head` for a tied head) by `QuantLinear`s
-    holding `weights`; biases stay (as they are: meta ones are materialized later). Returns the layers replaced."""
+def install_quant_weights(
+    model: nn.Module, weights: dict[str, QuantWeight], kernels: QuantKernels = "cpu"
+) -> int:
+    """Replace the named `nn.Linear` modules of `model` (and set `lm_head` for a tied head) by quantized layers for
+    `kernels` holding `weights`; biases stay (as they are: meta ones are materialized later). Returns the layers
+    replaced."""
     done = 0
     for name, w in weights.items():
         parent_name, _, child = name.rpartition(".")
@@ -237,7 +243,7 @@ def install_quant_weights(model: nn.Module, weights: dict[str, QuantWeight]) -> 
         if old is not None and not isinstance(old, nn.Linear):
             raise QuantError(f"{name} is a {type(old).__name__}, not a linear layer")
         bias = old.bias if isinstance(old, nn.Linear) else None
-        layer = QuantLinear(w, None)
+        layer = quant_linear(w, None, kernels)
         if bias is not None:
             layer.bias = nn.Parameter(bias, requires_grad=False)  # the same (possibly meta) tensor
         setattr(parent, child, layer)
@@ -246,18 +252,21 @@ def install_quant_weights(model: nn.Module, weights: dict[str, QuantWeight]) -> 
 
 
 def tie_embedding_to_head(model: nn.Module) -> bool:
-    """Give a model whose `lm_head` is a per-channel int8 `QuantLinear` an embedding that reads the same int8 codes
+    """Give a model whose `lm_head` is a per-channel int8 quantized layer an embedding that reads the same int8 codes
     (`QuantEmbedding.shared_with`): one copy of the table instead of two. Returns whether it did."""
     head = getattr(model, "lm_head", None)
     embed = getattr(model, "embed_tokens", None)
-    if not (isinstance(head, QuantLinear) and head.mode == "int8" and not head.fallback):
+    if not isinstance(head, QuantLinearBase):
+        return False
+    int8 = head.int8_weight()
+    if int8 is None:
         return False
     if not isinstance(embed, nn.Embedding | QuantEmbedding):
         return False
     if (embed.num_embeddings, embed.embedding_dim) != (head.out_features, head.in_features):
         return False
     dtype = embed.weight.dtype if isinstance(embed, nn.Embedding) else embed.dtype
-    model.embed_tokens = QuantEmbedding.shared_with(Int8Weight(head.qweight0, head.scales0.float()), dtype)
+    model.embed_tokens = QuantEmbedding.shared_with(int8, dtype)
     return True
 
 
@@ -283,10 +292,11 @@ def _float_tensors(
 
 
 def build_quantized_model(
-    gguf: GGUFFile, config: ModelConfig, mode: GGUFMode, group_size: int
+    gguf: GGUFFile, config: ModelConfig, mode: GGUFMode, group_size: int, kernels: QuantKernels = "cpu"
 ) -> tuple[CausalLM, QuantReport]:
     """Our model for `config` (CPU, `config.dtype` for what stays float) with the file's linears quantized as
-    `mode` says, and the report of weight bytes: `bytes_before` is what the float model would hold."""
+    `mode` says into layers for `kernels` (Triton's: move the model to the GPU after), and the report of weight
+    bytes: `bytes_before` is what the float model would hold."""
     from inference.models import build_model
 
     with torch.device("meta"):
@@ -297,7 +307,7 @@ def build_quantized_model(
     )  # a tied head is the embedding
     unpermute_qk = gguf.architecture == "llama"
     weights, counts = gguf_linear_weights(gguf, mode, group_size, unpermute_qk=unpermute_qk)
-    install_quant_weights(model, weights)
+    install_quant_weights(model, weights, kernels)
     embd = gguf.by_name.get("token_embd.weight")
     if embd is not None and embd.type_name == "Q8_0":
         model.embed_tokens = gguf_q8_0_embedding(embd.data, embd.torch_shape(), config.dtype)
@@ -324,14 +334,14 @@ def build_quantized_model(
         raise QuantError(
             f"GGUF file {gguf.path.name}: {exc.args[0]}", hint="the file does not match its architecture"
         ) from exc
-    layers = sum(1 for m in model.modules() if isinstance(m, QuantLinear))
+    layers = sum(1 for m in model.modules() if isinstance(m, QuantLinearBase))
     report = QuantReport(
         mode="gguf" if mode == "auto" else mode,
         group_size=group_size if mode == "int4" else 32,
         layers=layers,
         bytes_before=float_bytes,
         bytes_after=model_weight_bytes(model),
-        fallback_layers=sum(1 for m in model.modules() if isinstance(m, QuantLinear) and m.fallback),
+        fallback_layers=sum(1 for m in model.modules() if isinstance(m, QuantLinearBase) and m.fallback),
         source="gguf " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
     )
     return model.eval(), report

@@ -18,6 +18,7 @@ import structlog
 import torch
 
 from inference import envs
+from inference.attention_backends import triton_available
 from inference.config import DEFAULT_QUANTIZE_GROUP_SIZE, check_quantize
 from inference.errors import (
     DeviceUnavailableError,
@@ -35,7 +36,14 @@ from inference.gguf_quant import (
     tie_embedding_to_head,
 )
 from inference.model_config import ModelConfig, check_architecture, hf_config_from_dict, model_config_from_hf
-from inference.quant import KernelName, QuantReport, kernel_available, model_weight_bytes, quantize_model
+from inference.quant import (
+    KernelName,
+    QuantReport,
+    kernel_available,
+    kernels_for,
+    model_weight_bytes,
+    quantize_model,
+)
 from inference.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -479,7 +487,10 @@ def _load_gguf(
     cfg_path = folder / "config.json"
     hf = hf_config_from_dict(_read_json(cfg_path), str(cfg_path))
     config = model_config_from_hf(hf, model_dtype, where=str(path), generation_eos=_generation_eos(folder))
-    model, report = build_quantized_model(gguf, config, mode, group_size)
+    kernels = kernels_for(device) or "cpu"  # check_quantize_device let only the CPU and CUDA through
+    model, report = build_quantized_model(gguf, config, mode, group_size, kernels)
+    if device.type != "cpu":
+        model = model.to(device)  # the quantized layouts are device-independent: built here, moved whole
     tokenizer = _load_tokenizer(folder, config.eos_token_ids)
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=str(path), quantization=report)
 
@@ -488,14 +499,33 @@ def _gguf_quantize_mode(
     quantize: str, device: torch.device, dtype: torch.dtype, quantized_file: bool
 ) -> Literal["none", "auto", "int8", "int4"]:
     """What a GGUF file loads as: "auto" keeps its quantized blocks on a bf16 CPU model whose kernels this CPU
-    runs; float otherwise ("none"). Explicit modes were checked against the device by `_check_quantize`."""
+    runs, and on a bf16/fp16 CUDA model when triton is installed; float otherwise ("none"). Explicit modes were
+    checked against the device by `check_quantize_device`."""
     if quantize == "int8":
         return "int8"
     if quantize == "int4":
         return "int4"
     if quantize == "none":
         return "none"
-    if device.type != "cpu" or not quantized_file:
+    if not quantized_file:
+        return "none"
+    if device.type == "cuda":
+        if not triton_available():
+            log.info(
+                "gguf_loaded_as_float",
+                reason="the GPU's int8/int4 kernels need triton",
+                hint="pip install triton",
+            )
+            return "none"
+        if dtype not in (torch.bfloat16, torch.float16):
+            log.info(
+                "gguf_loaded_as_float",
+                reason=f"the model runs in {str(dtype).removeprefix('torch.')}; kept quantized in bf16/fp16 only",
+                hint="dtype auto, or quantize int4 / int8, keeps the file's quantization",
+            )
+            return "none"
+        return "auto"
+    if device.type != "cpu":
         return "none"
     if dtype != torch.bfloat16:
         log.info(
@@ -511,15 +541,23 @@ def _gguf_quantize_mode(
 
 
 def check_quantize_device(quantize: str, group_size: int, device: torch.device) -> None:
-    """QuantError for an unknown mode or group size; QuantizeUnsupportedError for int8/int4 off the CPU."""
+    """QuantError for an unknown mode or group size; QuantizeUnsupportedError for int8/int4 where no kernels run
+    them: CUDA without triton (the GPU kernels are Triton ones), or a device other than the CPU and CUDA."""
     try:
         check_quantize(quantize, group_size)
     except EngineError as exc:
         raise QuantError(exc.reason, exc.hint) from None
-    if quantize in ("int8", "int4") and device.type != "cpu":
+    if quantize not in ("int8", "int4") or device.type == "cpu":
+        return
+    if device.type != "cuda":
         raise QuantizeUnsupportedError(
-            f"quantize {quantize} is not supported on {device.type.upper()} yet (the int8/int4 kernels are CPU ones)",
-            hint="use quantize auto or none on the GPU (a GGUF loads dequantized there), or device cpu",
+            f"quantize {quantize} is not supported on {device.type.upper()} (int8/int4 run on the CPU and CUDA)",
+            hint="use quantize none on this device, or device cpu",
+        )
+    if not triton_available():
+        raise QuantizeUnsupportedError(
+            f"quantize {quantize} on CUDA needs the triton package (the GPU's int8/int4 kernels are Triton ones)",
+            hint="pip install triton (CUDA builds of torch bring it), or use quantize none, or device cpu",
         )
 
 
@@ -614,11 +652,12 @@ def load_model(
     (see inference/configs/).
 
     `quantize` (inference.config.QUANTIZE_MODES): "auto" keeps a GGUF file's quantized blocks when the model runs
-    in bfloat16 on the CPU (dequantized float otherwise, and for other sources); "none" loads float weights (the
-    path the exactness tests check against transformers); "int8" / "int4" quantize the linear layers (int4
-    group-wise, `quantize_group_size` inputs per scale; a GGUF re-targeted from its blocks, never through a float
-    model), CPU only. The output head is per-channel int8 in every quantized mode. `LoadedModel.quantization`
-    reports the weight bytes before and after.
+    in bfloat16 on the CPU, or in bfloat16/float16 on CUDA with triton (dequantized float otherwise, and for other
+    sources); "none" loads float weights (the path the exactness tests check against transformers); "int8" /
+    "int4" quantize the linear layers (int4 group-wise, `quantize_group_size` inputs per scale; a GGUF re-targeted
+    from its blocks, never through a float model), on the CPU (torch's kernels) or CUDA (Triton kernels,
+    inference/triton_quant.py). The output head is per-channel int8 in every quantized mode.
+    `LoadedModel.quantization` reports the weight bytes before and after.
     """
     if load_format not in LOAD_FORMATS:
         raise ModelLoadError(

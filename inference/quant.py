@@ -58,6 +58,9 @@ from inference.errors import QuantError, UnsupportedQuantTypeError
 log = structlog.get_logger(__name__)
 
 KernelName = Literal["int8", "int4"]
+QuantKernels = Literal[
+    "cpu", "triton"
+]  # torch's CPU kernels (`QuantLinear`), or Triton's (CUDA, inference/triton_quant.py)
 # The dtype the kernels run in: torch vectorizes them on x86 for bfloat16 only.
 KERNEL_DTYPE = torch.bfloat16
 # Above this many rows a layer dequantizes its weight and runs a dense bf16 matmul instead of the kernel
@@ -293,21 +296,11 @@ def int4_layout() -> Int4Layout | None:
     return None
 
 
-class QuantLinear(nn.Module):
-    """`y = x @ W.T + b` with W held quantized: int8 per channel, or a sum of int4 group-wise planes.
+class QuantLinearBase(nn.Module):
+    """What every quantized linear layer holds, whichever kernels run it (`QuantLinear` here on the CPU,
+    `inference.triton_quant.TritonQuantLinear` on CUDA): sizes, mode, int4 group size and planes, and the bias."""
 
-    The kernels run in bfloat16 (`KERNEL_DTYPE`; their scales are stored in it): on x86 torch vectorizes them for
-    bf16 only. Inputs of another dtype are cast in and the output cast back, so a float32 model runs them too. Up
-    to `dense_rows` rows (`DENSE_ROWS` of the mode) a call runs the kernel; above, the layer dequantizes its weight
-    to bf16 a slice at a time and runs dense matmuls (int4 needs this CPU's packed layout, `int4_layout`, and an
-    output size that is a multiple of its block; otherwise the kernel runs at every size). Without the kernel on
-    this CPU (`kernel_available`), or for a shape it cannot take (`kernel_fits`), the weight is kept dequantized
-    (`fallback`) and the layer runs `F.linear` in the input's dtype: correct, no memory saved.
-    """
-
-    qweight0: torch.Tensor
-    scales0: torch.Tensor
-    dense: torch.Tensor | None
+    fallback: bool = False  # the weight kept dequantized (no kernel for it): only the CPU layer does this
 
     def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -325,13 +318,41 @@ class QuantLinear(nn.Module):
         if any(isinstance(p, Int4Weight) and p.group_size != self.group_size for p in planes):
             raise QuantError("all int4 planes of a weight need the same group size")
         self.num_planes = len(planes)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def int8_weight(self) -> Int8Weight | None:
+        """The per-channel int8 codes and scales as stored (to share with an embedding lookup); None for int4 or a
+        dequantized fallback."""
+        return None
+
+
+class QuantLinear(QuantLinearBase):
+    """`y = x @ W.T + b` with W held quantized: int8 per channel, or a sum of int4 group-wise planes.
+
+    The kernels run in bfloat16 (`KERNEL_DTYPE`; their scales are stored in it): on x86 torch vectorizes them for
+    bf16 only. Inputs of another dtype are cast in and the output cast back, so a float32 model runs them too. Up
+    to `dense_rows` rows (`DENSE_ROWS` of the mode) a call runs the kernel; above, the layer dequantizes its weight
+    to bf16 a slice at a time and runs dense matmuls (int4 needs this CPU's packed layout, `int4_layout`, and an
+    output size that is a multiple of its block; otherwise the kernel runs at every size). Without the kernel on
+    this CPU (`kernel_available`), or for a shape it cannot take (`kernel_fits`), the weight is kept dequantized
+    (`fallback`) and the layer runs `F.linear` in the input's dtype: correct, no memory saved.
+    """
+
+    qweight0: torch.Tensor
+    scales0: torch.Tensor
+    dense: torch.Tensor | None
+
+    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None) -> None:
+        super().__init__(weight, bias)
+        planes: list[Int8Weight] | list[Int4Weight] = (
+            [weight] if isinstance(weight, Int8Weight) else list(weight)
+        )
         self.fallback = not (
             kernel_available(self.mode) and kernel_fits(self.mode, self.out_features, self.in_features)
         )
         self.dense_rows = DENSE_ROWS[self.mode]
         layout = int4_layout() if self.mode == "int4" and not self.fallback else None
         self.layout = layout if layout is not None and self.out_features % layout.block == 0 else None
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         # buffers (so that `state_dict` and memory accounting see them): `dense` in the fallback, else
         # `qweight{i}` / `scales{i}` per plane
         self.register_buffer("dense", dequantize_weight(weight) if self.fallback else None)
@@ -343,6 +364,11 @@ class QuantLinear(nn.Module):
                 q, s = pack_int4(plane, KERNEL_DTYPE)
             self.register_buffer(f"qweight{i}", q)
             self.register_buffer(f"scales{i}", s)
+
+    def int8_weight(self) -> Int8Weight | None:
+        if self.mode != "int8" or self.fallback:
+            return None
+        return Int8Weight(self.qweight0, self.scales0.float())
 
     def planes(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(packed weight, scales) per plane; empty in the fallback."""
@@ -552,19 +578,43 @@ def model_weight_bytes(model: nn.Module) -> int:
     return total
 
 
+def kernels_for(device: torch.device) -> QuantKernels | None:
+    """Which kernels run quantized layers on `device`: the CPU's own, Triton's on CUDA, none elsewhere."""
+    return "cpu" if device.type == "cpu" else "triton" if device.type == "cuda" else None
+
+
+def quant_linear(
+    weight: QuantWeight, bias: torch.Tensor | None, kernels: QuantKernels = "cpu"
+) -> QuantLinearBase:
+    """The layer holding `weight` for `kernels`: `QuantLinear` (CPU) or `TritonQuantLinear` (CUDA; built on any
+    device, moved with `.to`)."""
+    if kernels == "cpu":
+        return QuantLinear(weight, bias)
+    if kernels != "triton":
+        raise QuantError(f"unknown quantized kernels {kernels!r}", hint="use 'cpu' or 'triton'")
+    # imported here: triton is only needed (and only installed) for the GPU path; CPU-only imports never load it
+    from inference.triton_quant import TritonQuantLinear
+
+    return TritonQuantLinear(weight, bias)
+
+
 def quantize_model(
     model: nn.Module,
     mode: KernelName,
     *,
     group_size: int = DEFAULT_QUANTIZE_GROUP_SIZE,
     skip: Callable[[str, nn.Linear], bool] | None = None,
+    kernels: QuantKernels | None = None,
 ) -> QuantReport:
-    """Replace every plain CPU `nn.Linear` of `model` by a `QuantLinear` (in place) and return the model's weight
-    bytes before and after (`model_weight_bytes`). `mode` is the layers' layout; the output head (`lm_head`) is
-    per-channel int8 in both modes, and a model with a tied head (an `embed_tokens` embedding and `lm_head` None)
-    gets an int8 `lm_head` built from the embedding (which stays, for the lookup). A layer whose input size is no
-    multiple of `group_size` takes int8 instead of int4. Weights already packed for oneDNN (`is_mkldnn`) are left
-    alone: quantize before `pack_linear_weights`.
+    """Replace every plain `nn.Linear` of `model` on the CPU or CUDA by a quantized layer (in place) and return the
+    model's weight bytes before and after (`model_weight_bytes`). `mode` is the layers' layout; the output head
+    (`lm_head`) is per-channel int8 in both modes, and a model with a tied head (an `embed_tokens` embedding and
+    `lm_head` None) gets an int8 `lm_head` built from the embedding (which stays, for the lookup). A layer whose
+    input size is no multiple of `group_size` takes int8 instead of int4. Weights already packed for oneDNN
+    (`is_mkldnn`) are left alone: quantize before `pack_linear_weights`.
+
+    `kernels` None picks them by each weight's device (`kernels_for`: `QuantLinear` on the CPU, `TritonQuantLinear`
+    on CUDA); "triton" forces the Triton layers on CPU weights too (they then run under TRITON_INTERPRET=1 only).
     """
     if mode not in ("int8", "int4"):
         raise QuantError(f"unknown quantization {mode!r}", hint="use int8 or int4")
@@ -578,8 +628,8 @@ def quantize_model(
             full = f"{parent_name}.{child_name}" if parent_name else child_name
             if (
                 isinstance(child, nn.Linear)
-                and child.weight.device.type == "cpu"
                 and not child.weight.is_mkldnn
+                and (kernels or kernels_for(child.weight.device)) is not None
                 and (skip is None or not skip(full, child))
             ):
                 targets.append((parent, child_name, child))
@@ -588,7 +638,8 @@ def quantize_model(
         for parent, child_name, child in targets:
             layer_mode: KernelName = "int8" if child_name == "lm_head" else mode
             widened += int(layer_mode == "int4" and child.weight.shape[1] % group_size != 0)
-            layer = quantized_layer(child.weight, child.bias, layer_mode, group_size)
+            layer_kernels = kernels or kernels_for(child.weight.device) or "cpu"
+            layer = quantized_layer(child.weight, child.bias, layer_mode, group_size, layer_kernels)
             report.fallback_layers += int(layer.fallback)
             report.layers += 1
             setattr(parent, child_name, layer)
@@ -597,9 +648,10 @@ def quantize_model(
             hasattr(model, "lm_head")
             and model.lm_head is None
             and isinstance(embed, nn.Embedding)
-            and embed.weight.device.type == "cpu"
+            and (kernels or kernels_for(embed.weight.device)) is not None
         ):
-            head = quantized_layer(embed.weight, None, "int8", group_size)
+            head_kernels = kernels or kernels_for(embed.weight.device) or "cpu"
+            head = quantized_layer(embed.weight, None, "int8", group_size, head_kernels)
             report.fallback_layers += int(head.fallback)
             report.layers += 1
             model.lm_head = head
@@ -618,13 +670,17 @@ def quantize_model(
 
 
 def quantized_layer(
-    weight: torch.Tensor, bias: torch.Tensor | None, mode: KernelName, group_size: int
-) -> QuantLinear:
-    """A `QuantLinear` of a float weight: int8 per channel, or int4 group-wise (int8 when the input size is no
-    multiple of `group_size`)."""
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mode: KernelName,
+    group_size: int,
+    kernels: QuantKernels = "cpu",
+) -> QuantLinearBase:
+    """A quantized layer of a float weight for `kernels`: int8 per channel, or int4 group-wise (int8 when the input
+    size is no multiple of `group_size`)."""
     if mode == "int4" and weight.shape[1] % group_size == 0:
-        return QuantLinear([quantize_int4(weight, group_size)], bias)
-    return QuantLinear(quantize_int8(weight), bias)
+        return quant_linear([quantize_int4(weight, group_size)], bias, kernels)
+    return quant_linear(quantize_int8(weight), bias, kernels)
 
 
 # ---- GGUF blocks -----------------------------------------------------------------------------------------------

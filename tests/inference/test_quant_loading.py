@@ -1,6 +1,6 @@
 """Loading with `quantize` (inference.loader.load_model): the packaged SmolLM2 GGUF kept quantized by default in
 bf16 and re-targeted to int8, in-situ quantization of a float model, and the typed errors of bad input (truncated
-or foreign files, unsupported tensor types, unknown modes and group sizes, int8/int4 off the CPU)."""
+or foreign files, unsupported tensor types, unknown modes and group sizes, int8/int4 where no kernels run them)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter
 from torch import nn
 
+from inference import loader
 from inference.config import EngineConfig
 from inference.engine import LLMEngine
 from inference.errors import (
@@ -95,19 +96,36 @@ def test_an_unsupported_tensor_type_is_named_before_anything_is_converted(tmp_pa
     check_supported_types(GGUFFile(_write_gguf(tmp_path / "q4.gguf", T.Q4_0)))  # supported: no error
 
 
-def test_unknown_modes_group_sizes_and_devices_are_typed_errors() -> None:
+def test_unknown_modes_group_sizes_and_devices_are_typed_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(QuantError, match="unknown quantize mode 'int3'") as info:
         load_model("smollm2-135m-instruct", quantize="int3")
     assert info.value.hint and "int4" in info.value.hint
     with pytest.raises(QuantError, match="quantize_group_size"):
         load_model("smollm2-135m-instruct", quantize="int4", quantize_group_size=48)
+    cuda = torch.device("cuda", 0)
+    for mode in ("int8", "int4", "auto", "none"):  # CUDA runs int8/int4 through the Triton kernels
+        check_quantize_device(mode, 32, cuda)
     for mode in ("int8", "int4"):
-        with pytest.raises(QuantizeUnsupportedError, match="CUDA") as unsupported:
-            check_quantize_device(mode, 32, torch.device("cuda", 0))
+        with pytest.raises(QuantizeUnsupportedError, match="MPS") as unsupported:
+            check_quantize_device(mode, 32, torch.device("mps"))
         assert unsupported.value.hint and "device cpu" in unsupported.value.hint
-    for mode in ("auto", "none"):  # a GGUF loads dequantized on the GPU
-        check_quantize_device(mode, 32, torch.device("cuda", 0))
+    monkeypatch.setattr(loader, "triton_available", lambda: False)
+    for mode in ("int8", "int4"):
+        with pytest.raises(QuantizeUnsupportedError, match="CUDA needs the triton package") as unsupported:
+            check_quantize_device(mode, 32, cuda)
+        assert unsupported.value.hint and "pip install triton" in unsupported.value.hint
     check_quantize_device("int4", 128, torch.device("cpu"))
+
+
+def test_gguf_auto_stays_quantized_on_cuda_in_16_bits_with_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = torch.device("cuda", 0)
+    assert loader._gguf_quantize_mode("auto", cuda, torch.bfloat16, True) == "auto"
+    assert loader._gguf_quantize_mode("auto", cuda, torch.float16, True) == "auto"
+    assert loader._gguf_quantize_mode("auto", cuda, torch.float32, True) == "none"
+    assert loader._gguf_quantize_mode("auto", cuda, torch.bfloat16, False) == "none"  # a float file
+    assert loader._gguf_quantize_mode("int4", cuda, torch.float32, True) == "int4"
+    monkeypatch.setattr(loader, "triton_available", lambda: False)
+    assert loader._gguf_quantize_mode("auto", cuda, torch.bfloat16, True) == "none"
 
 
 # ---- in-situ quantization of a float model ---------------------------------------------------------------------
