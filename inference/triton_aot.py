@@ -1,5 +1,6 @@
 """Compile the Triton kernels for a CUDA GPU without one: run a model's forward on the CPU with every Triton launch
 turned into an ahead-of-time compile for the target (sm_90 by default), and report each specialisation's resources.
+The model runs with float weights, then with int8 and int4 linear layers (the quantized matmuls, `--quantize`).
 
 The interpreter that runs the kernels on the CPU checks their arithmetic, not what only the compiler rejects: a type
 that changes across loop iterations, a `tl.dot` shape the tensor cores cannot take, a tile that needs more shared
@@ -105,7 +106,7 @@ def compile_only(capability: int) -> Iterator[list[_Capture]]:
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
 
-    from inference import triton_attention
+    from inference import triton_attention, triton_quant
 
     if triton_attention.INTERPRETED:
         raise AotError(
@@ -142,6 +143,10 @@ def compile_only(capability: int) -> Iterator[list[_Capture]]:
     real_sm_count = triton_attention.sm_count
     triton_attention.sm_count = lambda _index: sms  # type: ignore[assignment]  # patched, restored below
     triton_attention.num_decode_splits = num_decode_splits  # type: ignore[assignment]  # patched, restored below
+    # the quantized matmuls refuse CPU tensors outside the interpreter, and size their split-K by the GPU's SMs
+    quant_runs_on, quant_sms = triton_quant.kernels_run_on, triton_quant.multiprocessors
+    triton_quant.kernels_run_on = lambda _device: True  # type: ignore[assignment]  # patched, restored below
+    triton_quant.multiprocessors = lambda _device: sms  # type: ignore[assignment]  # patched, restored below
     try:
         yield captures
     finally:
@@ -149,6 +154,7 @@ def compile_only(capability: int) -> Iterator[list[_Capture]]:
         driver.set_active(previous)
         triton_attention.sm_count = real_sm_count
         triton_attention.num_decode_splits = splits
+        triton_quant.kernels_run_on, triton_quant.multiprocessors = quant_runs_on, quant_sms
         for kernel, caches in touched.values():
             kernel.device_caches = caches
 
@@ -247,43 +253,58 @@ def paged_metadata(
     )
 
 
+QUANTIZED_MODES = ("int8", "int4")  # besides float weights, the layouts whose matmuls the AOT compile covers
+
+
 def compile_model(
     config: Any,
     *,
     target: str = "sm_90",
     block_size: int = 16,
     max_model_len: int = 4096,
+    quantize: tuple[str, ...] = QUANTIZED_MODES,
     progress: Callable[[str], None] | None = None,
 ) -> list[CompiledLaunch]:
     """Every distinct kernel specialisation a one-layer copy of `config` (a ModelConfig) launches in the engine's
-    prefill, chunked-prefill and decode forwards, compiled for `target`; duplicates are listed once."""
+    prefill, chunked-prefill and decode forwards (and its output head), compiled for `target`; duplicates are
+    listed once. With float weights, then with the linear layers quantized as each of `quantize` says ("int8", or
+    "int4" in groups of 32) for the Triton matmuls of inference/triton_quant.py."""
     from inference.attention_backends import get_attention_backend, set_attention_backend
     from inference.loader import _dummy_model
     from inference.model_runner import allocate_kv_cache
+    from inference.quant import quantize_model
 
     if target not in TARGETS:
         raise AotError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
+    unknown = [mode for mode in quantize if mode not in QUANTIZED_MODES]
+    if unknown:
+        raise AotError(f"unknown quantize mode {unknown[0]!r}; known: {', '.join(QUANTIZED_MODES)}")
     capability, _ = TARGETS[target]
     # one layer and a small vocabulary launch the same kernels as the whole model, at a fraction of the memory
     small = replace(config, num_layers=1, vocab_size=min(config.vocab_size, 1024))
-    model = _dummy_model(small, torch.device("cpu"))
-    # the backend CUDA runs, on CPU tensors
-    set_attention_backend(model, get_attention_backend("cuda", "triton"))
     num_blocks = 64
     kv_cache = allocate_kv_cache(small, num_blocks, block_size, torch.device("cpu"))
     launches: dict[tuple[Any, ...], CompiledLaunch] = {}
     with compile_only(capability) as captures:
-        for name, seqs, width, max_context in _forward_cases(block_size, max_model_len):
-            if progress:
-                progress(name)
-            meta = paged_metadata(seqs, block_size, width, max_context, num_blocks)
-            tokens = int(meta.query_start_loc[-1])
-            ids = torch.randint(0, small.vocab_size, (tokens,))
-            positions = torch.cat([torch.arange(c - q, c) for c, q in seqs])
-            start = len(captures)
-            model(ids, positions, meta, kv_cache)
-            for capture in captures[start:]:
-                capture.case = name
+        for mode in ("none", *quantize):
+            model = _dummy_model(small, torch.device("cpu"))
+            if mode != "none":
+                quantize_model(model, mode, group_size=32, kernels="triton")  # type: ignore[arg-type]  # checked above
+            # the backend CUDA runs, on CPU tensors
+            set_attention_backend(model, get_attention_backend("cuda", "triton"))
+            for name, seqs, width, max_context in _forward_cases(block_size, max_model_len):
+                case = name if mode == "none" else f"{mode}: {name}"
+                if progress:
+                    progress(case)
+                meta = paged_metadata(seqs, block_size, width, max_context, num_blocks)
+                tokens = int(meta.query_start_loc[-1])
+                ids = torch.randint(0, small.vocab_size, (tokens,))
+                positions = torch.cat([torch.arange(c - q, c) for c, q in seqs])
+                start = len(captures)
+                hidden = model(ids, positions, meta, kv_cache)
+                model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1])
+                for capture in captures[start:]:
+                    capture.case = case
     for capture in captures:
         launch = _describe(capture)
         key = (launch.kernel, json.dumps(launch.constants, sort_keys=True, default=str), launch.num_warps)
@@ -317,6 +338,13 @@ def main(argv: list[str] | None = None) -> int:
         help="builtin config name or config.json (repeatable; default: every builtin config)",
     )
     parser.add_argument("--dtype", action="append", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument(
+        "--quantize",
+        action="append",
+        choices=["none", *QUANTIZED_MODES],
+        help="also compile the quantized matmuls of these layouts (repeatable; default: int8 and int4; "
+        "none: float weights only)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per model and dtype, no table")
     args = parser.parse_args(argv)
     if envs.flag(envs.TRITON_INTERPRET):
@@ -329,12 +357,13 @@ def main(argv: list[str] | None = None) -> int:
 
     models = args.model or _builtin_configs()
     dtypes = args.dtype or ["bfloat16"]
+    quantize = tuple(m for m in (args.quantize or QUANTIZED_MODES) if m != "none")
     failed = False
     for model in models:
         for dtype_name in dtypes:
             try:
                 _, config = dummy_model_config(model, getattr(torch, dtype_name))
-                launches = compile_model(config, target=args.target)
+                launches = compile_model(config, target=args.target, quantize=quantize)
             except (EngineError, AotError) as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
@@ -347,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                             "model": model,
                             "dtype": dtype_name,
                             "target": args.target,
+                            "quantize": list(quantize),
                             "launches": [asdict(x) for x in launches],
                             "problems": problems,
                         },
@@ -368,7 +398,11 @@ def _print_table(
     for col in ("kernel", "first asked by", "tiles", "warps", "stages", "shared KiB", "regs", "spill B", "s"):
         table.add_column(col, justify="left" if col in ("kernel", "first asked by", "tiles") else "right")
     for x in launches:
-        tiles = " ".join(f"{k}={v}" for k, v in x.constants.items() if k.startswith(("BLOCK", "NUM_SPLITS")))
+        tiles = " ".join(
+            f"{k}={v}"
+            for k, v in x.constants.items()
+            if k.startswith(("BLOCK", "NUM_SPLITS", "SPLIT_K", "NUM_PLANES"))
+        )
         table.add_row(
             x.kernel,
             x.case,

@@ -172,6 +172,12 @@ class QuantTiles:
     stages: int
 
 
+def kernels_run_on(device: torch.device) -> bool:
+    """Whether a launch on `device` runs: CUDA, or CPU tensors under the interpreter (the AOT compile, which
+    launches nothing, lets every device through)."""
+    return device.type == "cuda" or INTERPRETED
+
+
 def multiprocessors(device: torch.device) -> int:
     """Streaming multiprocessors to fill (the AOT compile substitutes its target's count); off CUDA, where the
     interpreter runs programs one by one, a tiny GPU."""
@@ -185,13 +191,17 @@ def multiprocessors(device: torch.device) -> int:
 def choose_tiles(m: int, n: int, k: int, group_size: int, sms: int) -> QuantTiles:
     """Tiles for `[m, k] x [k, n]` (`group_size` 0 for int8). Decode sizes (m <= 16) take one 16-row tile (the
     smallest tl.dot takes), so each weight byte is read once, and split K until the programs fill the GPU twice
-    over; batches up to 64 rows a 32-row tile; prefill 64 x 128 tiles. An int4 K step stays inside one group."""
+    over; batches up to 64 rows a 32-row tile; prefill 64 x 128 tiles for int8, 64 x 64 for int4 (whose per-plane
+    partial products double the registers a tile needs). An int4 K step stays inside one group. Warps and stages
+    are those that compile for sm_80-sm_90 without spilling registers (`python -m inference.triton_aot`)."""
     if m <= 16:
         block_m, block_n, block_k, warps, stages = 16, 64, 128, 4, 4
     elif m <= 64:
-        block_m, block_n, block_k, warps, stages = 32, 64, 64, 4, 3
+        block_m, block_n, block_k, warps, stages = 32, 64, 64, 4, 2
+    elif group_size:
+        block_m, block_n, block_k, warps, stages = 64, 64, 64, 4, 3
     else:
-        block_m, block_n, block_k, warps, stages = 64, 128, 64, 4, 3
+        block_m, block_n, block_k, warps, stages = 64, 128, 64, 8, 3
     if group_size:
         block_k = min(block_k, group_size)
     split = 1
@@ -225,6 +235,8 @@ def quant_matmul(
     if m == 0:
         return out
     t = tiles or choose_tiles(m, n, k, group_size, multiprocessors(x.device))
+    if int4 and group_size % t.block_k:
+        raise ValueError(f"an int4 K step of {t.block_k} crosses groups of {group_size}")
     k_per_split = triton.cdiv(triton.cdiv(k, t.split_k), t.block_k) * t.block_k
     target = out if t.split_k == 1 else torch.empty(t.split_k, m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n), t.split_k)
@@ -333,7 +345,7 @@ class TritonQuantLinear(QuantLinearBase):
                 f"input on {x.device} but the quantized weight on {self.qweight.device}",
                 hint="move the model to one device with .to(device) after quantizing it",
             )
-        if x.device.type != "cuda" and not INTERPRETED:
+        if not kernels_run_on(x.device):
             raise QuantError(
                 f"the Triton int8/int4 kernels do not run on {x.device.type}",
                 hint="quantize on the CPU with its own kernels (QuantLinear, quantize_model without kernels='triton'), "

@@ -28,6 +28,8 @@ ALL_KERNELS = {
     "_rms_norm_kernel",
     "_silu_and_mul_kernel",
     "_norm_rotary_kernel",
+    "_quant_matmul_kernel",
+    "_split_k_sum_kernel",
 }
 
 
@@ -57,7 +59,8 @@ def _reports(out: str) -> list[dict[str, Any]]:
 
 
 def test_every_kernel_compiles_for_h100_within_its_resources(tmp_path: Path) -> None:
-    """Qwen3-0.6B (head dim 128, q/k norm, GQA 2) and Qwen2.5-0.5B (head dim 64, GQA 7, qkv bias) in bf16, sm_90."""
+    """Qwen3-0.6B (head dim 128, q/k norm, GQA 2) and Qwen2.5-0.5B (head dim 64, GQA 7, qkv bias) in bf16, sm_90,
+    with float weights and with int8 and int4 (group 32) linear layers."""
     proc = _run(
         [
             "-m",
@@ -91,6 +94,12 @@ def test_every_kernel_compiles_for_h100_within_its_resources(tmp_path: Path) -> 
     assert decode["decode in a graph, batch 64"]["NUM_SPLITS"] == 1
     prefill = next(x for x in qwen3 if x["kernel"] == "_prefill_kernel")
     assert prefill["constants"]["BLOCK_D"] == 128 and prefill["constants"]["GROUP"] == 2
+    # the quantized matmuls of both layouts: decode tiles split K over the H100's SMs, prefill takes bigger tiles
+    quant = [x for x in qwen3 if x["kernel"] == "_quant_matmul_kernel"]
+    assert {x["case"].split(":")[0] for x in quant} == {"int8", "int4"}
+    assert {x["constants"]["INT4"] for x in quant} == {False, True}
+    assert any(x["constants"]["SPLIT_K"] > 1 and x["constants"]["BLOCK_M"] == 16 for x in quant)
+    assert any(x["constants"]["BLOCK_M"] == 64 and x["constants"]["SPLIT_K"] == 1 for x in quant)
 
 
 def test_catches_an_error_only_the_compiler_sees(tmp_path: Path) -> None:

@@ -176,6 +176,15 @@ def test_every_split_sums_to_the_same_result(split_k: int, mode: str) -> None:
     _check(got, _reference(x, weight, layer.bias), torch.bfloat16)
 
 
+def test_an_int4_k_step_across_groups_is_refused() -> None:
+    layer = _layer([quantize_int4(_weight(16, 64, 0), 32)], None)
+    with pytest.raises(ValueError, match="crosses groups"):
+        tq.quant_matmul(
+            _x(1, 64, torch.bfloat16, 0), layer.qweight, layer.scales, layer.zeros, None, 32,
+            tq.QuantTiles(16, 16, 64, 1, 4, 2),
+        )  # fmt: skip
+
+
 def test_tiles_by_shape() -> None:
     decode = tq.choose_tiles(1, 1024, 1024, 32, sms=132)
     assert decode.block_m == 16 and decode.block_k == 32  # an int4 K step never crosses a group
@@ -185,6 +194,7 @@ def test_tiles_by_shape() -> None:
     assert tq.choose_tiles(1, 1024, 1024, 256, sms=132).block_k == 128
     prefill = tq.choose_tiles(2048, 3072, 1024, 64, sms=132)
     assert (prefill.block_m, prefill.block_k, prefill.split_k) == (64, 64, 1)
+    assert tq.choose_tiles(2048, 3072, 1024, 0, sms=132).block_n == 128
     assert tq.choose_tiles(40, 3072, 1024, 0, sms=132).block_m == 32
 
 
@@ -230,7 +240,7 @@ def test_cpu_tensors_without_the_interpreter_are_a_typed_error(monkeypatch: pyte
         pytest.skip("CPU tensors run the kernels only under the interpreter, which a GPU run does not use")
     assert INTERPRETED
     layer = tq.TritonQuantLinear(quantize_int8(_weight(16, 32, 0)))
-    monkeypatch.setattr(tq, "INTERPRETED", False)
+    monkeypatch.setattr(tq, "INTERPRETED", False)  # as in a process that compiles the kernels
     with pytest.raises(QuantError, match="do not run on cpu") as info:
         layer(torch.zeros(1, 32, dtype=torch.bfloat16))
     assert info.value.hint and "GPU" in info.value.hint
