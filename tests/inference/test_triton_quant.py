@@ -24,6 +24,7 @@ except ImportError as exc:  # pragma: no cover - triton ships with the dev envir
     pytest.skip(f"triton cannot be imported: {exc}", allow_module_level=True)
 
 from inference import triton_quant as tq
+from inference.attention_backends import get_attention_backend, set_attention_backend
 from inference.errors import QuantError
 from inference.quant import (
     Int4Weight,
@@ -263,10 +264,12 @@ def _dequantized_copy(model: torch.nn.Module, quantized: torch.nn.Module) -> tor
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_tiny_llama_through_the_triton_kernels_matches_its_dequantized_weights(mode: str) -> None:
-    """fp32 tiny Llama quantized with the Triton layers: chunked prefill then batched decode give the same greedy
-    tokens as the float model holding the dequantized weights, logits within 1e-4 (float32 accumulation order)."""
+    """fp32 tiny Llama quantized with the Triton layers, on the whole CUDA path (Triton attention and fused layer
+    kernels too): chunked prefill then batched decode give the same greedy tokens as the float model holding the
+    dequantized weights on the reference path, logits within 1e-4 (float32 accumulation order)."""
     model = _tiny_llama()
     report = quantize_model(model, mode, group_size=32, kernels="triton")  # type: ignore[arg-type]  # from parametrize
+    set_attention_backend(model, get_attention_backend(DEVICE, "triton"))
     layers = [m for m in model.modules() if isinstance(m, tq.TritonQuantLinear)]
     assert report.layers == len(layers) == 2 * 4 + 1  # qkv, o, gate_up and down in each layer, and the head
     assert report.bytes_after < report.bytes_before * (0.45 if mode == "int4" else 0.6)
