@@ -9,6 +9,11 @@ prompt on an idle engine; peak concurrent sequences and preemptions. Prints a ta
 
 `--smoke` runs the same code on the CPU with a tiny random Qwen3 and a handful of requests: it checks the script,
 it is not a result.
+
+`--quantized` measures weight-only quantization instead (inference/triton_quant.py on CUDA): the same model loaded
+with bf16, int8 and int4 (group 32) linear layers, one engine after another, each with its weight memory, batch-1
+decode ms/token (and the bandwidth limit of its own weight bytes) and the decode tok/s of a batch of 32 requests
+(128-token prompts, 128 new tokens), every ratio against the bf16 row of the same run.
 """
 
 from __future__ import annotations
@@ -366,6 +371,105 @@ class Results:
     peak_gib: float = 0.0
 
 
+# ---- quantized weights ---------------------------------------------------------------------------------------
+
+QUANT_MODES = ("none", "int8", "int4")
+QUANT_BATCH = 32  # requests of the batched decode row
+QUANT_LEN = 128  # prompt and output tokens of each request there
+
+
+@dataclass(slots=True)
+class QuantRow:
+    """One weight layout's figures."""
+
+    mode: str
+    weight_bytes: int
+    layout: str  # QuantReport.describe(), or the float dtype
+    decode_ms: float  # batch 1, per token
+    batch: Run
+
+
+def quantized_rows(
+    args: argparse.Namespace, console: Any, device: torch.device, source: str | Path, dtype: torch.dtype
+) -> list[QuantRow]:
+    """bf16 then int8 then int4 weights of `source`, each in its own engine (freed before the next): weight bytes,
+    batch-1 decode and the batched decode of `QUANT_BATCH` requests."""
+    from inference.config import EngineConfig
+    from inference.engine import LLMEngine
+    from inference.loader import load_model
+    from inference.quant import model_weight_bytes
+
+    smoke = device.type != "cuda"
+    rng = random.Random(args.seed + 4)
+    rows: list[QuantRow] = []
+    for mode in QUANT_MODES:
+        console.print(f"ours, {mode if mode != 'none' else 'float'} weights: loading, starting the engine")
+        loaded = load_model(source, dtype=dtype, device=device, load_format="dummy", quantize=mode)
+        dtype_name = str(dtype).removeprefix("torch.")
+        layout = loaded.quantization.describe() if loaded.quantization else f"{dtype_name} weights (float)"
+        weight_bytes = model_weight_bytes(loaded.model)
+        n_seqs, length = (4, 8) if smoke else (QUANT_BATCH, QUANT_LEN)
+        config = EngineConfig(
+            max_num_seqs=n_seqs,
+            max_num_batched_tokens=max(2048, n_seqs * length),
+            max_model_len=args.max_model_len,
+            # the same modest cache for every layout: the rows compare weights, not cache sizes
+            kv_cache_memory=(256 if smoke else 2048) * 2**20,
+        )
+        engine = LLMEngine(loaded, config)
+        top = min(10_000, engine.model_config.vocab_size - 1)
+        prompt = [rng.randint(0, top) for _ in range(length)]
+        engine_decode_ms(engine, prompt, 8)  # warm-up: Triton compiles each launch specialisation once
+        decode_n = 32 if smoke else 256
+        decode_ms = engine_decode_ms(engine, prompt, decode_n)
+        work = Workload(
+            [[rng.randint(0, top) for _ in range(length)] for _ in range(n_seqs)], [length] * n_seqs
+        )
+        engine_run(engine, Workload(work.prompts[:2], [8, 8]), 0.0)  # warm-up of the batched shapes
+        batch = engine_run(engine, work, 0.0)
+        rows.append(QuantRow(mode, weight_bytes, layout, decode_ms, batch))
+        console.print(
+            f"  {layout}; batch-1 {decode_ms:.3f} ms/token, batch {n_seqs} {batch.tok_s:,.0f} tok/s"
+        )
+        del engine, loaded
+        free_device_memory()
+    return rows
+
+
+def print_quant_table(console: Any, name: str, gbps: float | None, rows: list[QuantRow], smoke: bool) -> None:
+    from rich.table import Table
+
+    title = f"weight-only quantization, ours, {name}"
+    table = Table(title=f"SMOKE RUN ON THE CPU, NOT A RESULT: {title}" if smoke else title)
+    for col in (
+        "weights",
+        "MiB",
+        "vs float",
+        "batch-1 ms/token",
+        "tok/s",
+        "vs float",
+        "of bandwidth limit",
+        f"batch {rows[0].batch.requests} tok/s",
+        "vs float",
+    ):
+        table.add_column(col, justify="left" if col == "weights" else "right")
+    base = rows[0]
+    for row in rows:
+        limit = f"{row.weight_bytes / (gbps * 1e9) * 1000 / row.decode_ms:.0%}" if gbps else "n/a"
+        table.add_row(
+            row.layout,
+            f"{row.weight_bytes / 2**20:,.1f}",
+            f"{row.weight_bytes / base.weight_bytes:.2f}x",
+            f"{row.decode_ms:.3f}",
+            f"{1000 / row.decode_ms:,.0f}",
+            f"{base.decode_ms / row.decode_ms:.2f}x",
+            limit,
+            f"{row.batch.tok_s:,.0f}",
+            f"{row.batch.tok_s / base.batch.tok_s:.2f}x",
+        )
+    console.print(table)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.engine --device cuda", description=__doc__.splitlines()[0]
@@ -407,6 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="time cap per transformers peer; a capped peer runs a stated prefix of the requests, and so do we",
     )
     p.add_argument("--skip-peers", action="store_true", help="only our engine")
+    p.add_argument(
+        "--quantized",
+        action="store_true",
+        help="instead: float, int8 and int4 weights of the model, weight memory and decode speed (no peers)",
+    )
     return p
 
 
@@ -426,7 +535,24 @@ def main(argv: list[str] | None = None) -> int:
     lo = args.min_len or (8 if args.smoke else 100)
     hi = args.max_len or (24 if args.smoke else 1024)
     with model_source(args.model, args.smoke) as source:
+        if args.quantized:
+            return _run_quantized(args, console, device, source)
         return _run(args, console, device, source, n_seqs, lo, hi)
+
+
+def _run_quantized(args: argparse.Namespace, console: Any, device: torch.device, source: str | Path) -> int:
+    from inference.loader import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    gbps = args.hbm_gbps or (hbm_gbps(name) if device.type == "cuda" else None)
+    console.print(
+        f"[bold]quantized weights[/] {name}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}; "
+        f"model {source}"
+    )
+    rows = quantized_rows(args, console, device, source, dtype)
+    print_quant_table(console, name, gbps, rows, args.smoke)
+    return 0
 
 
 def _run(

@@ -88,6 +88,21 @@ def test_engine_profile_runs_its_whole_path_on_the_cpu(capsys: pytest.CaptureFix
     assert "aten::" in out  # the top-ops tables list the profiled ops
 
 
+def test_quantized_benchmark_runs_its_whole_path_on_the_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    """`benchmarks.engine --device cuda --smoke --quantized`: float, int8 and int4 engines one after another, a row
+    each with its weight memory and decode figures against the float row (on the CPU: the CPU kernels)."""
+    from benchmarks import engine
+
+    assert engine.main(["--device", "cuda", "--smoke", "--quantized"]) == 0
+    out = capsys.readouterr().out
+    assert "SMOKE RUN ON THE CPU, NOT A RESULT: weight-only quantization" in out
+    rows = [line for line in out.splitlines() if "weights (" in line and "│" in line]
+    assert (
+        len(rows) == 3 and "(float)" in rows[0] and "int8 weights (isq)" in rows[1] and "int4 g32" in rows[2]
+    )
+    assert "1.00x" in rows[0]
+
+
 @pytest.mark.parametrize("mode", [["--smoke"], ["--smoke", "--aot", "sm_90"]], ids=["timed", "aot"])
 def test_tile_sweep_runs_its_whole_path_without_a_gpu(mode: list[str], tmp_path: Path) -> None:
     """`benchmarks.triton_tiles --smoke` checks and times two candidates per kind under the interpreter; with --aot

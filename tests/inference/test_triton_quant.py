@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gguf import GGMLQuantizationType as T
-from gguf.quants import dequantize
 
 try:
     import triton  # noqa: F401
@@ -26,6 +24,8 @@ except ImportError as exc:  # pragma: no cover - triton ships with the dev envir
 from inference import triton_quant as tq
 from inference.attention_backends import get_attention_backend, set_attention_backend
 from inference.errors import QuantError
+from inference.metadata import AttentionMetadata
+from inference.models.llama import LlamaForCausalLM
 from inference.quant import (
     Int4Weight,
     QuantLinear,
@@ -38,7 +38,7 @@ from inference.quant import (
     quantize_model,
 )
 from inference.triton_attention import INTERPRETED
-from tests.inference.test_quant import _forward_logits, _synthetic, _tiny_model
+from tests.inference.test_cuda_graphs import tiny_config
 from tests.inference.test_triton_attention import _greedy_through_model, _tiny_llama
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -141,13 +141,20 @@ def test_int4_in_other_dtypes(dtype: torch.dtype) -> None:
         _check(_layer(w4, None)(x), _reference(x, w4, None), dtype)
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q5_0, T.Q5_K, T.Q4_1, T.Q4_K], ids=lambda t: t.name)
-def test_gguf_blocks_run_as_int4_planes(qtype: T) -> None:
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q5_0", "Q5_K", "Q4_1", "Q4_K"])
+def test_gguf_blocks_run_as_int4_planes(type_name: str) -> None:
     """GGUF blocks through quant.py's conversion (two planes for the 5- and 8-bit types: their sum is the weight)
     give the file's own dequantized weight, up to the bf16 rounding of each plane's scales and zeros."""
+    # gguf is a dependency here; the GPU machines' image may lack it (the rest of this module does not need it)
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import dequantize
+
+    from tests.inference.test_quant import _synthetic
+
+    qtype = gguf.GGMLQuantizationType[type_name]
     raw = _synthetic(qtype, rows=40, cols=256)
     planes = gguf_to_int4(raw, qtype, (40, 256))
-    assert len(planes) == (2 if qtype in (T.Q8_0, T.Q5_0, T.Q5_K) else 1)
+    assert len(planes) == (2 if type_name in ("Q8_0", "Q5_0", "Q5_K") else 1)
     layer = _layer(planes, None)
     assert layer.num_planes == len(planes) and tuple(layer.qweight.shape) == (len(planes), 40, 128)
     for m in (1, 5, 70):
@@ -248,6 +255,33 @@ def test_cpu_tensors_without_the_interpreter_are_a_typed_error(monkeypatch: pyte
 
 
 # ---- whole models ----------------------------------------------------------------------------------------------
+
+
+def _tiny_model(dtype: torch.dtype) -> LlamaForCausalLM:
+    """A tiny random Llama with a tied head (quantize_model builds an int8 head from the embedding), on the CPU."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config(tie_word_embeddings=True, dtype=dtype))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    return model.to(dtype).eval()
+
+
+def _forward_logits(model: LlamaForCausalLM) -> torch.Tensor:
+    """Logits of a 5-token prefill through the reference attention."""
+    cfg = model.config
+    kv = torch.zeros(2, cfg.num_layers, 4, 4, cfg.num_kv_heads, cfg.head_dim, dtype=cfg.dtype)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor([4, 5, 6, 7, 8]),
+        query_start_loc=torch.tensor([0, 5], dtype=torch.int32),
+        context_lens=torch.tensor([5], dtype=torch.int32),
+        block_tables=torch.tensor([[1, 2]], dtype=torch.int32),
+        max_query_len=5,
+        max_context_len=5,
+        block_size=4,
+    )
+    hidden = model(torch.tensor([3, 1, 4, 1, 5]), torch.arange(5), meta, kv)
+    return model.compute_logits(hidden)
 
 
 def _dequantized_copy(model: torch.nn.Module, quantized: torch.nn.Module) -> torch.nn.Module:
