@@ -15,11 +15,11 @@ if TYPE_CHECKING:
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 
 # Weight quantization at load (`inference.loader.load_model(quantize=...)`, docs/engine.md "Quantization"):
-# "auto" keeps a GGUF file's quantized tensors where the model runs in bfloat16 on the CPU and loads everything
-# else in float; "none" is always float (the oracle path); "int8" / "int4" quantize the linear layers at load
+# "auto" keeps a GGUF file's quantized tensors where the model runs in bfloat16 on the CPU (or bf16/fp16 on CUDA with
+# triton) and loads everything else in float; "none" is always float (the oracle path); "int8" / "int4" quantize the linear layers at load
 # (int4 group-wise with `quantize_group_size` inputs per scale); the output head is int8 in every mode.
 QUANTIZE_MODES = ("auto", "none", "int8", "int4")
-QUANTIZE_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel takes
+QUANTIZE_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel (and our Triton one) takes
 DEFAULT_QUANTIZE_GROUP_SIZE = 32  # GGUF's Q4 block size; 64 measured no faster and slightly less accurate
 
 

@@ -150,8 +150,8 @@ def add_quantize_argument(parser: argparse.ArgumentParser, *, from_config: bool 
         "--quantize",
         choices=QUANTIZE_CHOICES,
         default=None if from_config else "auto",
-        help=f"model weights (default: {where}: a GGUF stays quantized on a bf16 CPU model, else float): none "
-        "(float), int8 or int4 (quantized at load, CPU only)",
+        help=f"model weights (default: {where}: a GGUF stays quantized on a bf16 CPU model or a 16-bit CUDA one, "
+        "else float): none (float), int8 or int4 (quantized at load; on CUDA through Triton kernels)",
     )
     group_where = "the config's `model.quantize_group_size`, else 32" if from_config else "32"
     parser.add_argument(
