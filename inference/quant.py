@@ -14,6 +14,10 @@ fastest at decode sizes, slower than a dense bf16 matmul from about 16 rows (int
 row counts (`DENSE_ROWS`) a layer dequantizes its weight to bf16, a slice at a time, and runs a dense matmul: the
 weights stay quantized in memory and prefill is not held back by the decode kernels (docs/engine.md).
 
+On CUDA, `TritonQuantLinear` holds the same layouts (int4 codes packed two a byte along K, `pack_int4_pairs`) and
+runs them through the Triton kernels of inference/triton_quant.py; `quant_linear` / `kernels_for` pick the layer
+for a device.
+
 `QuantLinear` replaces an `nn.Linear`; `quantize_model` swaps a model's linears in place (in-situ quantization,
 ISQ; the output head always per-channel int8: int4 there costs ~4% perplexity) and reports the weight bytes
 before and after. A weight may be a sum of int4 planes (`Int4Weight` list): that is how GGUF types with more than 4
@@ -298,7 +302,7 @@ def int4_layout() -> Int4Layout | None:
 
 class QuantLinearBase(nn.Module):
     """What every quantized linear layer holds, whichever kernels run it (`QuantLinear` here on the CPU,
-    `inference.triton_quant.TritonQuantLinear` on CUDA): sizes, mode, int4 group size and planes, and the bias."""
+    `TritonQuantLinear` on CUDA): sizes, mode, int4 group size and planes, and the bias."""
 
     fallback: bool = False  # the weight kept dequantized (no kernel for it): only the CPU layer does this
 
@@ -455,6 +459,80 @@ class QuantLinear(QuantLinearBase):
         return out
 
 
+def pack_int4_pairs(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes `[N, K]` in 0..15 (K even) -> `[N, K / 2]` bytes, `k = 2j` in byte j's low nibble, `2j + 1` high."""
+    c = codes.to(torch.uint8)
+    return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4_pairs(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_int4_pairs`: `[N, K / 2]` bytes -> uint8 codes `[N, K]`."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+class TritonQuantLinear(QuantLinearBase):
+    """`y = x @ W.T + b` with W held quantized (int8 per channel, or a sum of int4 group-wise planes), computed in
+    x's dtype by the Triton kernels of inference/triton_quant.py (fp32 accumulation). Runs where its buffers are:
+    CUDA, or CPU tensors under TRITON_INTERPRET=1 (tests); build it anywhere and move it with `.to(device)` (the
+    layout is the same). int8: the CPU layout as it is (int8 `qweight [N, K]`, bf16 `scales [N]`); int4: codes two
+    a byte along K (`pack_int4_pairs`), `qweight [planes, N, K / 2]`, bf16 `scales` and `zeros`
+    `[planes, N, K / group_size]`."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+
+    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None) -> None:
+        super().__init__(weight, bias)
+        # imported here: triton is only needed (and only installed) for the GPU path; CPU-only imports never load it
+        from inference.triton_quant import check_int4_shape, quant_matmul
+
+        self._matmul = quant_matmul
+        if isinstance(weight, Int8Weight):
+            self.register_buffer("qweight", weight.qweight.to(torch.int8).contiguous())
+            self.register_buffer("scales", weight.scales.to(KERNEL_DTYPE).contiguous())
+            self.register_buffer("zeros", None)
+            return
+        check_int4_shape(self.group_size, self.in_features)
+        planes: list[Int4Weight] = list(weight)
+        self.register_buffer("qweight", torch.stack([pack_int4_pairs(p.codes) for p in planes]))
+        self.register_buffer("scales", torch.stack([p.scales.to(KERNEL_DTYPE) for p in planes]).contiguous())
+        self.register_buffer("zeros", torch.stack([p.zeros.to(KERNEL_DTYPE) for p in planes]).contiguous())
+
+    def int8_weight(self) -> Int8Weight | None:
+        if self.mode != "int8":
+            return None
+        return Int8Weight(self.qweight, self.scales.float())
+
+    def weight_bytes(self) -> int:
+        tensors = [t for t in (self.qweight, self.scales, self.zeros) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 `[N, K]`: the weight the kernels multiply by (bf16 scales and zeros, the planes summed)."""
+        if self.mode == "int8":
+            return self.qweight.float() * self.scales.float()[:, None]
+        g = self.group_size
+        total = torch.zeros(
+            self.out_features, self.in_features, dtype=torch.float32, device=self.qweight.device
+        )
+        for p in range(self.num_planes):
+            codes = unpack_int4_pairs(self.qweight[p]).float() - 8.0
+            s = self.scales[p].float().repeat_interleave(g, dim=1)
+            z = self.zeros[p].float().repeat_interleave(g, dim=1) if self.zeros is not None else 0.0
+            total += codes * s + z
+        return total
+
+    def extra_repr(self) -> str:
+        kind = f"int4 g{self.group_size} x{self.num_planes}" if self.mode == "int4" else "int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, triton"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        y = self._matmul(x2, self.qweight, self.scales, self.zeros, self.bias, self.group_size)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
 class QuantEmbedding(nn.Module):
     """An embedding table held as int8 rows: `table[i] = codes[i] * scales[i]`, with one scale per row
     (`scales` [V]: the per-channel `Int8Weight` of a tied head, so that head and lookup share one copy) or one per
@@ -592,9 +670,6 @@ def quant_linear(
         return QuantLinear(weight, bias)
     if kernels != "triton":
         raise QuantError(f"unknown quantized kernels {kernels!r}", hint="use 'cpu' or 'triton'")
-    # imported here: triton is only needed (and only installed) for the GPU path; CPU-only imports never load it
-    from inference.triton_quant import TritonQuantLinear
-
     return TritonQuantLinear(weight, bias)
 
 

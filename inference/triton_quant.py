@@ -1,4 +1,5 @@
-"""Weight-only int8/int4 matmuls for CUDA in Triton, and `TritonQuantLinear`, the layer that runs them.
+"""Weight-only int8/int4 matmuls for CUDA in Triton (the layer that holds the weights and calls them is
+inference.quant.TritonQuantLinear).
 
 The same two layouts as inference/quant.py's CPU kernels, read straight from quantized memory:
 
@@ -26,7 +27,6 @@ import triton.language as tl
 
 from inference import triton_attention
 from inference.errors import QuantError
-from inference.quant import KERNEL_DTYPE, Int4Weight, Int8Weight, QuantLinearBase, QuantWeight
 from inference.triton_attention import INTERPRETED, _cast, _dot_precision
 
 # int4 group sizes the kernel takes: a K tile (>= 32, so that each nibble half feeds tl.dot at least 16 values)
@@ -224,8 +224,20 @@ def quant_matmul(
     tiles: QuantTiles | None = None,
 ) -> torch.Tensor:
     """`x @ W.T (+ bias)` in x's dtype for x `[M, K]` (fp32 products and accumulation). `group_size` 0: int8
-    `qweight [N, K]`, `scales [N]`; else int4 planes `qweight [P, N, K / 2]` (packed by `pack_int4_codes`),
-    `scales` and `zeros` `[P, N, K / group_size]`. `tiles` overrides `choose_tiles`."""
+    `qweight [N, K]`, `scales [N]`; else int4 planes `qweight [P, N, K / 2]` (inference.quant.pack_int4_pairs),
+    `scales` and `zeros` `[P, N, K / group_size]`. `tiles` overrides `choose_tiles`. QuantError for an input on
+    another device than the weight, or a device the kernels do not run on (`kernels_run_on`)."""
+    if x.device != qweight.device:
+        raise QuantError(
+            f"input on {x.device} but the quantized weight on {qweight.device}",
+            hint="move the model to one device with .to(device) after quantizing it",
+        )
+    if not kernels_run_on(x.device):
+        raise QuantError(
+            f"the Triton int8/int4 kernels do not run on {x.device.type}",
+            hint="quantize on the CPU with its own kernels (QuantLinear, quantize_model without kernels='triton'), "
+            "or move the model to a GPU",
+        )
     m, k = x.shape
     int4 = group_size > 0
     n = int(qweight.shape[-2])
@@ -261,18 +273,7 @@ def quant_matmul(
     return out
 
 
-# ---- layout and layer -----------------------------------------------------------------------------------------
-
-
-def pack_int4_codes(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes `[N, K]` in 0..15 (K even) -> `[N, K / 2]` bytes, `k = 2j` in byte j's low nibble, `2j + 1` high."""
-    c = codes.to(torch.uint8)
-    return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
-
-
-def unpack_int4_codes(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of `pack_int4_codes`: `[N, K / 2]` bytes -> uint8 codes `[N, K]`."""
-    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+# ---- shapes the int4 kernel takes ---------------------------------------------------------------------------
 
 
 def check_int4_shape(group_size: int, in_features: int) -> None:
@@ -287,70 +288,3 @@ def check_int4_shape(group_size: int, in_features: int) -> None:
             f"in_features {in_features} is not a multiple of the int4 group size {group_size}",
             hint="use a smaller group size, or int8",
         )
-
-
-class TritonQuantLinear(QuantLinearBase):
-    """`y = x @ W.T + b` with W held quantized (int8 per channel, or a sum of int4 group-wise planes), computed by
-    the Triton kernels above in x's dtype. Runs where its buffers are: CUDA, or CPU tensors under
-    TRITON_INTERPRET=1 (tests); build it anywhere and move it with `.to(device)` (the layout is the same)."""
-
-    qweight: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor | None
-
-    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None) -> None:
-        super().__init__(weight, bias)
-        if isinstance(weight, Int8Weight):
-            self.register_buffer("qweight", weight.qweight.to(torch.int8).contiguous())
-            self.register_buffer("scales", weight.scales.to(KERNEL_DTYPE).contiguous())
-            self.register_buffer("zeros", None)
-            return
-        check_int4_shape(self.group_size, self.in_features)
-        planes: list[Int4Weight] = list(weight)
-        self.register_buffer("qweight", torch.stack([pack_int4_codes(p.codes) for p in planes]))
-        self.register_buffer("scales", torch.stack([p.scales.to(KERNEL_DTYPE) for p in planes]).contiguous())
-        self.register_buffer("zeros", torch.stack([p.zeros.to(KERNEL_DTYPE) for p in planes]).contiguous())
-
-    def int8_weight(self) -> Int8Weight | None:
-        if self.mode != "int8":
-            return None
-        return Int8Weight(self.qweight, self.scales.float())
-
-    def weight_bytes(self) -> int:
-        tensors = [t for t in (self.qweight, self.scales, self.zeros) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    def dequantize(self) -> torch.Tensor:
-        """float32 `[N, K]`: the weight the kernels multiply by (bf16 scales and zeros, the planes summed)."""
-        if self.mode == "int8":
-            return self.qweight.float() * self.scales.float()[:, None]
-        g = self.group_size
-        total = torch.zeros(
-            self.out_features, self.in_features, dtype=torch.float32, device=self.qweight.device
-        )
-        for p in range(self.num_planes):
-            codes = unpack_int4_codes(self.qweight[p]).float() - 8.0
-            s = self.scales[p].float().repeat_interleave(g, dim=1)
-            z = self.zeros[p].float().repeat_interleave(g, dim=1) if self.zeros is not None else 0.0
-            total += codes * s + z
-        return total
-
-    def extra_repr(self) -> str:
-        kind = f"int4 g{self.group_size} x{self.num_planes}" if self.mode == "int4" else "int8"
-        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, triton"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device != self.qweight.device:
-            raise QuantError(
-                f"input on {x.device} but the quantized weight on {self.qweight.device}",
-                hint="move the model to one device with .to(device) after quantizing it",
-            )
-        if not kernels_run_on(x.device):
-            raise QuantError(
-                f"the Triton int8/int4 kernels do not run on {x.device.type}",
-                hint="quantize on the CPU with its own kernels (QuantLinear, quantize_model without kernels='triton'), "
-                "or move the model to a GPU",
-            )
-        x2 = x.reshape(-1, self.in_features)
-        y = quant_matmul(x2, self.qweight, self.scales, self.zeros, self.bias, self.group_size)
-        return y.reshape(*x.shape[:-1], self.out_features)

@@ -1,4 +1,5 @@
-"""The Triton weight-only int8/int4 matmuls (inference/triton_quant.py) against an eager dequantize-then-matmul.
+"""The Triton weight-only int8/int4 matmuls (inference/triton_quant.py, run by inference.quant.TritonQuantLinear)
+against an eager dequantize-then-matmul.
 
 Without a GPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set in tests/conftest.py before
 triton is imported); on a CUDA machine the same tests run the compiled kernels.
@@ -32,12 +33,15 @@ from inference.quant import (
     Int4Weight,
     QuantLinear,
     QuantWeight,
+    TritonQuantLinear,
     as_kernel_sees,
     dequantize_weight,
     gguf_to_int4,
+    pack_int4_pairs,
     quantize_int4,
     quantize_int8,
     quantize_model,
+    unpack_int4_pairs,
 )
 from inference.triton_attention import INTERPRETED
 from tests.inference.test_cuda_graphs import tiny_config
@@ -96,8 +100,8 @@ def _check(got: torch.Tensor, want: tuple[torch.Tensor, torch.Tensor], dtype: to
     )
 
 
-def _layer(weight: QuantWeight, bias: torch.Tensor | None) -> tq.TritonQuantLinear:
-    return tq.TritonQuantLinear(weight, bias).to(DEVICE)
+def _layer(weight: QuantWeight, bias: torch.Tensor | None) -> TritonQuantLinear:
+    return TritonQuantLinear(weight, bias).to(DEVICE)
 
 
 # ---- int8 ------------------------------------------------------------------------------------------------------
@@ -210,10 +214,10 @@ def test_tiles_by_shape() -> None:
 
 def test_packed_layout_two_codes_a_byte_low_nibble_first() -> None:
     codes = torch.randint(0, 16, (5, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    packed = tq.pack_int4_codes(codes)
+    packed = pack_int4_pairs(codes)
     assert packed.shape == (5, 32) and packed.dtype == torch.uint8
     assert torch.equal(packed[:, 3] & 15, codes[:, 6]) and torch.equal(packed[:, 3] >> 4, codes[:, 7])
-    assert torch.equal(tq.unpack_int4_codes(packed), codes)
+    assert torch.equal(unpack_int4_pairs(packed), codes)
 
 
 def test_layer_memory_and_empty_batches() -> None:
@@ -234,12 +238,12 @@ def test_a_group_size_the_kernel_cannot_take_is_a_typed_error() -> None:
     codes = torch.zeros(16, 64, dtype=torch.uint8)
     w16 = Int4Weight(codes, torch.ones(16, 4), torch.zeros(16, 4), 16)
     with pytest.raises(QuantError, match="group size 16") as info:
-        tq.TritonQuantLinear([w16])
+        TritonQuantLinear([w16])
     assert info.value.hint and "32" in info.value.hint
 
 
 def test_a_weight_on_another_device_is_a_typed_error() -> None:
-    layer = tq.TritonQuantLinear(quantize_int8(_weight(16, 32, 0))).to("meta")
+    layer = TritonQuantLinear(quantize_int8(_weight(16, 32, 0))).to("meta")
     with pytest.raises(QuantError, match="meta") as info:
         layer(torch.zeros(1, 32, dtype=torch.bfloat16))
     assert info.value.hint and ".to(device)" in info.value.hint
@@ -249,7 +253,7 @@ def test_cpu_tensors_without_the_interpreter_are_a_typed_error(monkeypatch: pyte
     if DEVICE.type == "cuda":
         pytest.skip("CPU tensors run the kernels only under the interpreter, which a GPU run does not use")
     assert INTERPRETED
-    layer = tq.TritonQuantLinear(quantize_int8(_weight(16, 32, 0)))
+    layer = TritonQuantLinear(quantize_int8(_weight(16, 32, 0)))
     monkeypatch.setattr(tq, "INTERPRETED", False)  # as in a process that compiles the kernels
     with pytest.raises(QuantError, match="do not run on cpu") as info:
         layer(torch.zeros(1, 32, dtype=torch.bfloat16))
@@ -290,7 +294,7 @@ def _dequantized_copy(model: torch.nn.Module, quantized: torch.nn.Module) -> tor
     """`model` (untied, unquantized) with every linear weight replaced by what the quantized model's layer
     multiplies by."""
     for name, module in quantized.named_modules():
-        if isinstance(module, tq.TritonQuantLinear):
+        if isinstance(module, TritonQuantLinear):
             target = model.get_submodule(name)
             assert isinstance(target, torch.nn.Linear)
             with torch.no_grad():
@@ -306,7 +310,7 @@ def test_tiny_llama_through_the_triton_kernels_matches_its_dequantized_weights(m
     model = _tiny_llama()
     report = quantize_model(model, mode, group_size=32, kernels="triton")  # type: ignore[arg-type]  # from parametrize
     set_attention_backend(model, get_attention_backend(DEVICE, "triton"))
-    layers = [m for m in model.modules() if isinstance(m, tq.TritonQuantLinear)]
+    layers = [m for m in model.modules() if isinstance(m, TritonQuantLinear)]
     assert report.layers == len(layers) == 2 * 4 + 1  # qkv, o, gate_up and down in each layer, and the head
     assert report.bytes_after < report.bytes_before * (0.45 if mode == "int4" else 0.6)
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
@@ -330,7 +334,7 @@ def test_tiny_llama_in_bf16_agrees_with_the_cpu_kernels(mode: str) -> None:
     )  # a tied head: int8 from the embedding
     quantize_model(cpu, mode, group_size=32, kernels="cpu")  # type: ignore[arg-type]  # from parametrize
     quantize_model(tri, mode, group_size=32, kernels="triton")  # type: ignore[arg-type]  # from parametrize
-    assert isinstance(cpu.lm_head, QuantLinear) and isinstance(tri.lm_head, tq.TritonQuantLinear)
+    assert isinstance(cpu.lm_head, QuantLinear) and isinstance(tri.lm_head, TritonQuantLinear)
     cpu_logits, tri_logits = _forward_logits(cpu), _forward_logits(tri)
     assert torch.equal(tri_logits.argmax(-1), cpu_logits.argmax(-1))
     # both round each layer's float32 result to bf16 once (equal here under the interpreter); compiled code may
@@ -343,8 +347,8 @@ def test_quantize_model_picks_kernels_by_device() -> None:
     """Without `kernels`, a CPU model gets the CPU kernels' layers and a CUDA model Triton's."""
     model = _tiny_llama()
     quantize_model(model, "int8")
-    want = tq.TritonQuantLinear if DEVICE.type == "cuda" else QuantLinear
-    kinds = {type(m) for m in model.modules() if isinstance(m, QuantLinear | tq.TritonQuantLinear)}
+    want = TritonQuantLinear if DEVICE.type == "cuda" else QuantLinear
+    kinds = {type(m) for m in model.modules() if isinstance(m, QuantLinear | TritonQuantLinear)}
     assert kinds == {want}
 
 
@@ -361,8 +365,8 @@ def test_engine_on_the_cuda_path_with_quantized_layers(tmp_path: Path, mode: str
     build_tiny_model(tmp_path, "qwen2")
     loaded = load_model(str(tmp_path), dtype="float32", device=DEVICE)
     report = quantize_model(loaded.model, mode, group_size=32, kernels="triton")  # type: ignore[arg-type]  # from parametrize
-    assert report.layers == sum(isinstance(m, tq.TritonQuantLinear) for m in loaded.model.modules())
-    assert any(isinstance(m, tq.TritonQuantLinear) and m.bias is not None for m in loaded.model.modules())
+    assert report.layers == sum(isinstance(m, TritonQuantLinear) for m in loaded.model.modules())
+    assert any(isinstance(m, TritonQuantLinear) and m.bias is not None for m in loaded.model.modules())
     engine = LLMEngine(loaded, EngineConfig(num_blocks=80, max_num_seqs=4, attention_backend="triton"))
     runner = engine.runner
     graphs = runner.decode_graphs if DEVICE.type == "cuda" else runner.build_decode_graphs(capture=False)
