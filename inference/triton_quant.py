@@ -19,6 +19,7 @@ weight byte is read once, with split-K to fill the GPU; larger M use bigger tile
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -188,6 +189,7 @@ def multiprocessors(device: torch.device) -> int:
     )
 
 
+@functools.lru_cache(maxsize=4096)  # pure; asked once per layer per eager step, with few distinct shapes
 def choose_tiles(m: int, n: int, k: int, group_size: int, sms: int) -> QuantTiles:
     """Tiles for `[m, k] x [k, n]` (`group_size` 0 for int8). Decode sizes (m <= 16) take one 16-row tile (the
     smallest tl.dot takes), so each weight byte is read once, and split K until the programs fill the GPU twice

@@ -381,3 +381,29 @@ def test_engine_on_the_cuda_path_with_quantized_layers(tmp_path: Path, mode: str
     )
     want = reference.generate(PROMPTS[:2], greedy(6))
     assert [o.token_ids for o in outs] == [o.token_ids for o in want]
+
+
+@pytest.mark.smollm2
+def test_smollm2_gguf_loads_into_triton_layers_holding_its_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The packaged GGUF under `quantize: auto` in bf16, loaded with the layers CUDA gets (forced here on the CPU):
+    the same layers and weight bytes as the CPU kernels' load, and each layer multiplies by the same weight (its
+    codes and bf16 scales: read back through the CPU kernel, exactly)."""
+    from inference import loader
+    from inference.quant import dequantize_linear
+
+    if DEVICE.type == "cuda":
+        pytest.skip("the CPU kernels' side of the comparison needs the CPU")
+    cpu = loader.load_model("smollm2-135m-instruct", dtype="bfloat16")
+    monkeypatch.setattr(loader, "kernels_for", lambda _device: "triton")
+    tri = loader.load_model("smollm2-135m-instruct", dtype="bfloat16")
+    assert cpu.quantization is not None and tri.quantization is not None
+    assert tri.quantization.source == cpu.quantization.source  # Q4_1 -> int4 g32: 210, Q8_0 -> int8: 1
+    assert tri.quantization.bytes_after == cpu.quantization.bytes_after
+    cpu_layers = dict(cpu.model.named_modules())
+    triton_layers = {n: m for n, m in tri.model.named_modules() if isinstance(m, TritonQuantLinear)}
+    assert len(triton_layers) == 30 * 4 + 1
+    for name in ("layers.0.self_attn.qkv_proj", "layers.29.mlp.down_proj", "lm_head"):
+        want = dequantize_linear(cpu_layers[name])  # type: ignore[arg-type]  # a QuantLinear by construction
+        torch.testing.assert_close(
+            triton_layers[name].dequantize().to(torch.bfloat16).float(), want, rtol=0, atol=0
+        )
