@@ -10,10 +10,12 @@ prompt on an idle engine; peak concurrent sequences and preemptions. Prints a ta
 `--smoke` runs the same code on the CPU with a tiny random Qwen3 and a handful of requests: it checks the script,
 it is not a result.
 
-`--quantized` measures weight-only quantization instead (inference/triton_quant.py on CUDA): the same model loaded
-with bf16, int8 and int4 (group 32) linear layers, one engine after another, each with its weight memory, batch-1
-decode ms/token (and the bandwidth limit of its own weight bytes) and the decode tok/s of a batch of 32 requests
-(128-token prompts, 128 new tokens), every ratio against the bf16 row of the same run.
+`--quantized` measures weight-only quantization instead (inference/triton_quant.py on CUDA): first each linear
+shape of the model at 1, 16 and 256 rows through the int8 and int4 Triton matmuls against a dense matmul
+(do_bench, GPU only); then the same model loaded with bf16, int8 and int4 (group 32) linear layers, one engine
+after another, each with its weight memory, batch-1 decode ms/token (and the bandwidth limit of its own weight
+bytes) and the decode tok/s of a batch of 32 requests (128-token prompts, 128 new tokens), every ratio against the
+bf16 row of the same run.
 """
 
 from __future__ import annotations
@@ -436,6 +438,91 @@ def quantized_rows(
     return rows
 
 
+@dataclass(slots=True)
+class KernelRow:
+    """One linear layer's shape and rows, timed as a bf16 `F.linear` and through the int8 and int4 Triton layers."""
+
+    layer: str
+    m: int
+    n: int
+    k: int
+    ms: dict[str, float]  # "bf16" / "int8" / "int4" -> median ms per call
+    weight_bytes: dict[str, int]
+
+
+def quant_kernel_rows(source: str | Path, device: torch.device, dtype: torch.dtype) -> list[KernelRow]:
+    """Each linear shape of one decoder layer of `source` (and the output head) at 1, 16 and 256 rows: the Triton
+    int8 and int4 (group 32) matmuls against the dense matmul in `dtype`, timed with triton.testing.do_bench."""
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+
+    from inference.loader import dummy_model_config
+    from inference.quant import TritonQuantLinear, quantize_int4, quantize_int8
+
+    _, c = dummy_model_config(source, dtype)
+    shapes = {
+        "qkv_proj": ((c.num_heads + 2 * c.num_kv_heads) * c.head_dim, c.hidden_size),
+        "o_proj": (c.hidden_size, c.num_heads * c.head_dim),
+        "gate_up_proj": (2 * c.intermediate_size, c.hidden_size),
+        "down_proj": (c.hidden_size, c.intermediate_size),
+        "lm_head (int8 in both modes)": (c.vocab_size, c.hidden_size),
+    }
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows: list[KernelRow] = []
+    for layer, (n, k) in shapes.items():
+        w = torch.randn(n, k, generator=gen, device=device, dtype=torch.float32) * 0.02
+        dense = w.to(dtype)
+        head = layer.startswith("lm_head")
+        quant = {
+            "int8": TritonQuantLinear(quantize_int8(w)),
+            "int4": TritonQuantLinear(quantize_int8(w) if head else [quantize_int4(w, 32)]),
+        }
+        del w
+        for m in (1, 16, 256):
+            x = torch.randn(m, k, generator=gen, device=device, dtype=torch.float32).to(dtype)
+            ms = {"bf16": float(do_bench(lambda x=x, d=dense: F.linear(x, d)))}
+            for mode, q in quant.items():
+                ms[mode] = float(do_bench(lambda x=x, q=q: q(x)))
+            sizes = {"bf16": dense.numel() * dense.element_size()} | {
+                mode: q.weight_bytes() for mode, q in quant.items()
+            }
+            rows.append(KernelRow(layer, m, n, k, ms, sizes))
+        del dense, quant
+        free_device_memory()
+    return rows
+
+
+def print_kernel_table(console: Any, name: str, rows: list[KernelRow]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"Triton weight-only matmuls against a dense matmul, one layer's shapes ({name})")
+    for col in (
+        "layer",
+        "rows",
+        "N x K",
+        "dense ms",
+        "int8 ms",
+        "vs dense",
+        "int4 ms",
+        "vs dense",
+        "int4 GB/s",
+    ):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for r in rows:
+        table.add_row(
+            r.layer,
+            str(r.m),
+            f"{r.n} x {r.k}",
+            f"{r.ms['bf16']:.4f}",
+            f"{r.ms['int8']:.4f}",
+            f"{r.ms['bf16'] / r.ms['int8']:.2f}x",
+            f"{r.ms['int4']:.4f}",
+            f"{r.ms['bf16'] / r.ms['int4']:.2f}x",
+            f"{r.weight_bytes['int4'] / r.ms['int4'] / 1e6:,.0f}",  # weight bytes read per second
+        )
+    console.print(table)
+
+
 def print_quant_table(console: Any, name: str, gbps: float | None, rows: list[QuantRow], smoke: bool) -> None:
     from rich.table import Table
 
@@ -550,6 +637,11 @@ def _run_quantized(args: argparse.Namespace, console: Any, device: torch.device,
         f"[bold]quantized weights[/] {name}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}; "
         f"model {source}"
     )
+    if device.type == "cuda":
+        console.print("kernels: each linear shape at 1, 16 and 256 rows")
+        print_kernel_table(console, name, quant_kernel_rows(source, device, dtype))
+    else:
+        console.print("kernels: no table off CUDA (the Triton matmuls only run on a GPU outside the tests)")
     rows = quantized_rows(args, console, device, source, dtype)
     print_quant_table(console, name, gbps, rows, args.smoke)
     return 0
