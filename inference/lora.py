@@ -14,11 +14,13 @@ and each hooked projection adds `(x[a:b] @ A) @ B` to its output rows `a:b`, one
 in the step (a segmented gather-matmul). Rows without an adapter cost nothing. An X-LoRA adapter (inference/xlora.py)
 is served by the same manager: `begin_step` first runs its scaling pass (the step's new tokens, against the request's
 own scaling-pass KV blocks) and classifier for its rows (`_gate`), and its segment scales each expert's rank columns
-per row.
+per row. On CUDA (`kernels`) a step without X-LoRA rows applies every adapter with two Triton kernel launches per
+hooked projection instead (inference/triton_lora.py), over per-slot weight buffers that residency fills.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import math
@@ -30,10 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import structlog
 import torch
 from torch import nn
 
+from inference import envs
 from inference.errors import AdapterError, UnknownAdapterError
 from inference.metadata import AttentionMetadata
 from inference.model_config import ModelConfig
@@ -44,6 +48,7 @@ if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
     from inference.sequence import Sequence
+    from inference.triton_lora import LoRASegments, LoRASlots
     from inference.xlora import XLoRAAdapter
 
     AnyAdapter: TypeAlias = "LoRAAdapter | XLoRAAdapter"
@@ -367,10 +372,12 @@ class _StepPlan:
 
     segments: list[_Segment] = field(default_factory=list)
     padded: _Padded | None = None
+    kernel: tuple[LoRASlots, LoRASegments] | None = None  # the Triton kernels apply the step (CUDA)
 
     def clear(self) -> None:
         self.segments.clear()
         self.padded = None
+        self.kernel = None
 
 
 @dataclass(slots=True)
@@ -386,6 +393,9 @@ class LoRAManager:
     # the real ones (decode steps, balanced chunks); else a matmul pair per adapter. 0: always per adapter.
     pad_limit: float = 2.0
     block_size: int = 16  # the KV cache's (the runner's): X-LoRA's scaling pass addresses its blocks
+    # How LoRA rows are applied: "auto" (the Triton kernels on CUDA when triton is installed, else torch), "torch",
+    # or "triton" (CUDA, or the CPU under TRITON_INTERPRET=1, which tests use). X-LoRA rows always take torch.
+    kernels: str = "auto"
     _registered: dict[str, _Registered] = field(default_factory=dict)
     _resident: OrderedDict[str, AnyAdapter] = field(default_factory=OrderedDict)
     _plan: _StepPlan = field(default_factory=_StepPlan)
@@ -395,6 +405,26 @@ class LoRAManager:
     _hooks: list[RemovableHandle] = field(default_factory=list)
     _uids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     loads: int = 0  # adapters moved to the device (residency misses), for metrics and tests
+    _slots: LoRASlots | None = None  # the Triton kernels' weight buffers, one slot per resident LoRA adapter
+
+    def __post_init__(self) -> None:
+        if self.kernels not in ("auto", "torch", "triton"):
+            raise AdapterError(f"unknown LoRA kernels {self.kernels!r}", "use 'auto', 'torch' or 'triton'")
+        if self.kernels == "triton" and self.device.type != "cuda" and not envs.flag(envs.TRITON_INTERPRET):
+            raise AdapterError(
+                f"the Triton LoRA kernels cannot run on {self.device.type}",
+                "use kernels='torch', or set TRITON_INTERPRET=1 (tests)",
+            )
+        triton = self.kernels == "triton" or (
+            self.kernels == "auto"
+            and self.device.type == "cuda"
+            and importlib.util.find_spec("triton") is not None
+        )
+        if triton:
+            # imported here: the CPU path never loads triton
+            from inference.triton_lora import LoRASlots
+
+            self._slots = LoRASlots(self.max_loras, self.device, self.config.dtype)
 
     # ---- registration ---------------------------------------------------------------------------------------
     def load(self, name: str, path: str | Path) -> AnyAdapter:
@@ -434,6 +464,8 @@ class LoRAManager:
     def _remove(self, name: str) -> None:
         del self._registered[name]
         self._resident.pop(name, None)
+        if self._slots is not None:
+            self._slots.evict(name)
         log.info("adapter_unloaded", adapter=name)
         if not self._registered:
             for handle in self._hooks:
@@ -511,8 +543,12 @@ class LoRAManager:
                     f"a step needs more than max_loras={self.max_loras} adapters", "raise max_loras"
                 )
             del self._resident[victim]
+            if self._slots is not None:
+                self._slots.evict(victim)
         host = self._registered[name].adapter
         adapter = host if self.device.type == "cpu" else host.to(self.device, self.config.dtype)
+        if self._slots is not None and isinstance(adapter, LoRAAdapter):
+            self._slots.put(adapter)
         self._resident[name] = adapter
         self.loads += 1
         return adapter
@@ -549,6 +585,12 @@ class LoRAManager:
         if gated:
             self._gate(gated, kv_cache)
             return ordered  # X-LoRA rows take the per-adapter path (their columns are scaled per row)
+        if self._slots is not None:
+            row_slots = np.full(row, -1, dtype=np.int64)
+            for seg in segments:
+                row_slots[seg.start : seg.end] = self._slots.slot(seg.adapter.name)
+            self._plan.kernel = (self._slots, self._slots.segments(row_slots))
+            return ordered
         width = max(s.end - s.start for s in segments)
         real = sum(s.end - s.start for s in segments)
         if len(segments) > 1 and len(segments) * width <= self.pad_limit * real:
@@ -691,6 +733,11 @@ class LoRAManager:
         return bool(self._plan.segments)
 
     @property
+    def kernel_step(self) -> bool:
+        """Whether the current step applies its adapters with the Triton kernels."""
+        return self._plan.kernel is not None
+
+    @property
     def padded_step(self) -> bool:
         """Whether the current step applies its adapters with the padded batched matmul."""
         return self._plan.padded is not None
@@ -714,6 +761,10 @@ class _LoRAHook:
         if not plan.segments:
             return
         x = args[0]
+        if plan.kernel is not None:
+            slots, segments = plan.kernel
+            slots.apply(self.key, x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]), segments)
+            return
         padded = plan.padded
         if padded is not None:
             stacked = padded.weights.get(self.key)
