@@ -106,6 +106,7 @@ class LLMEngine:
             config.max_loras,
             block_size=config.block_size,
             kernels=config.lora_kernels,
+            max_rank=config.max_lora_rank,
         )
         self.runner.lora = self.lora
         for name, path in (adapters or {}).items():

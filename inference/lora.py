@@ -20,6 +20,7 @@ hooked projection instead (inference/triton_lora.py), over per-slot weight buffe
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import json
@@ -373,11 +374,15 @@ class _StepPlan:
     segments: list[_Segment] = field(default_factory=list)
     padded: _Padded | None = None
     kernel: tuple[LoRASlots, LoRASegments] | None = None  # the Triton kernels apply the step (CUDA)
+    row_slots: np.ndarray | None = (
+        None  # with `kernel`: each row's slot, -1 for none (what decode graphs stage)
+    )
 
     def clear(self) -> None:
         self.segments.clear()
         self.padded = None
         self.kernel = None
+        self.row_slots = None
 
 
 @dataclass(slots=True)
@@ -396,6 +401,9 @@ class LoRAManager:
     # How LoRA rows are applied: "auto" (the Triton kernels on CUDA when triton is installed, else torch), "torch",
     # or "triton" (CUDA, or the CPU under TRITON_INTERPRET=1, which tests use). X-LoRA rows always take torch.
     kernels: str = "auto"
+    # Rank capacity of each projection in the Triton path's fixed buffers (a fused qkv gets 3x, gate_up 2x): an
+    # adapter above it runs on the torch path, eagerly.
+    max_rank: int = 16
     _registered: dict[str, _Registered] = field(default_factory=dict)
     _resident: OrderedDict[str, AnyAdapter] = field(default_factory=OrderedDict)
     _plan: _StepPlan = field(default_factory=_StepPlan)
@@ -426,6 +434,16 @@ class LoRAManager:
 
             self._slots = LoRASlots(self.max_loras, self.device, self.config.dtype)
 
+    def _reserve_slots(self, slots: LoRASlots) -> None:
+        """Allocate the Triton path's buffers for every layer and projection at `max_rank` (once, when the first
+        adapter is registered): fixed addresses, which decode graphs capture."""
+        shapes = {
+            (layer, module): (in_dim, sum(outs), len(outs) * self.max_rank)
+            for layer in range(self.config.num_layers)
+            for module, (in_dim, outs) in _shapes(self.config).items()
+        }
+        slots.reserve(shapes)
+
     # ---- registration ---------------------------------------------------------------------------------------
     def load(self, name: str, path: str | Path) -> AnyAdapter:
         """Read and register a LoRA adapter under `name` (AdapterError if it is bad or the name is taken); an
@@ -445,6 +463,12 @@ class LoRAManager:
         else:
             host = adapter.to(torch.device("cpu"), self.config.dtype).with_uid(next(self._uids))
         self._registered[name] = _Registered(host)
+        if self._slots is not None:
+            if not self._slots.fixed:
+                self._reserve_slots(self._slots)
+            why = self._slots.misfit(host) if isinstance(host, LoRAAdapter) else None
+            if why is not None:
+                log.warning("adapter_on_torch_path", adapter=name, reason=why, max_lora_rank=self.max_rank)
         if not self._hooks:
             self._install_hooks()
         log.info("adapter_loaded", adapter=name, rank=adapter.rank, modules=list(adapter.target_modules))
@@ -547,7 +571,11 @@ class LoRAManager:
                 self._slots.evict(victim)
         host = self._registered[name].adapter
         adapter = host if self.device.type == "cpu" else host.to(self.device, self.config.dtype)
-        if self._slots is not None and isinstance(adapter, LoRAAdapter):
+        if (
+            self._slots is not None
+            and isinstance(adapter, LoRAAdapter)
+            and self._slots.misfit(adapter) is None
+        ):
             self._slots.put(adapter)
         self._resident[name] = adapter
         self.loads += 1
@@ -585,11 +613,13 @@ class LoRAManager:
         if gated:
             self._gate(gated, kv_cache)
             return ordered  # X-LoRA rows take the per-adapter path (their columns are scaled per row)
-        if self._slots is not None:
+        slots = self._slots
+        if slots is not None and all(slots.slot_of(seg.adapter.name) is not None for seg in segments):
             row_slots = np.full(row, -1, dtype=np.int64)
             for seg in segments:
-                row_slots[seg.start : seg.end] = self._slots.slot(seg.adapter.name)
-            self._plan.kernel = (self._slots, self._slots.segments(row_slots))
+                row_slots[seg.start : seg.end] = slots.slot(seg.adapter.name)
+            self._plan.kernel = (slots, slots.segments(row_slots))
+            self._plan.row_slots = row_slots
             return ordered
         width = max(s.end - s.start for s in segments)
         real = sum(s.end - s.start for s in segments)
@@ -738,6 +768,28 @@ class LoRAManager:
         return self._plan.kernel is not None
 
     @property
+    def slots(self) -> LoRASlots | None:
+        """The Triton path's weight buffers (None on the torch path)."""
+        return self._slots
+
+    @property
+    def step_row_slots(self) -> np.ndarray | None:
+        """Each row's LoRA slot in the current step (-1: none), when the Triton kernels apply it."""
+        return self._plan.row_slots
+
+    @contextlib.contextmanager
+    def kernel_plan(self, segments: LoRASegments) -> Iterator[None]:
+        """Within the block, the hooks apply the Triton kernels over `segments` (a decode graph's static ones, so a
+        capture records launches that read them); the step's own plan is restored after."""
+        assert self._slots is not None, "kernel_plan needs the Triton path"
+        saved = self._plan.kernel
+        self._plan.kernel = (self._slots, segments)
+        try:
+            yield
+        finally:
+            self._plan.kernel = saved
+
+    @property
     def padded_step(self) -> bool:
         """Whether the current step applies its adapters with the padded batched matmul."""
         return self._plan.padded is not None
@@ -758,12 +810,12 @@ class _LoRAHook:
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
         plan = self.plan
-        if not plan.segments:
-            return
         x = args[0]
-        if plan.kernel is not None:
+        if plan.kernel is not None:  # set without segments while a decode graph is captured
             slots, segments = plan.kernel
             slots.apply(self.key, x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]), segments)
+            return
+        if not plan.segments:
             return
         padded = plan.padded
         if padded is not None:

@@ -16,6 +16,7 @@ slot whose adapter lacks the module adds exactly nothing. A step says which slot
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from collections.abc import Sequence as SequenceT
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -165,10 +166,9 @@ class LoRASegments:
     max_len: int  # the longest segment (sizes the grid; a bound is enough)
 
 
-def lora_segments(
-    row_slots: SequenceT[int] | np.ndarray, num_slots: int, device: torch.device
-) -> LoRASegments:
-    """`row_slots[i]`: the slot of row i (-1: no adapter). AdapterError for a slot outside `0 .. num_slots - 1`."""
+def segment_arrays(row_slots: SequenceT[int] | np.ndarray, num_slots: int) -> tuple[np.ndarray, int]:
+    """On the host: `order`, `starts` and `lens` of `LoRASegments` packed in one int32 array (in that order) and
+    the longest segment. AdapterError for a slot outside `-1 .. num_slots - 1`."""
     slots = np.asarray(row_slots, dtype=np.int64).reshape(-1)
     bad = np.flatnonzero((slots < -1) | (slots >= num_slots))
     if bad.size:
@@ -181,14 +181,22 @@ def lora_segments(
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
     # a stable sort keeps each slot's rows in batch order; the base rows (-1) sort first and are cut off
     order = np.argsort(slots, kind="stable")[int(np.count_nonzero(slots < 0)) :]
-    packed = torch.from_numpy(np.concatenate((order, starts, counts)).astype(np.int32)).to(device)
-    k = order.size
+    return np.concatenate((order, starts, counts)).astype(np.int32), int(counts.max(initial=0))
+
+
+def lora_segments(
+    row_slots: SequenceT[int] | np.ndarray, num_slots: int, device: torch.device
+) -> LoRASegments:
+    """`row_slots[i]`: the slot of row i (-1: no adapter). AdapterError for a slot outside `0 .. num_slots - 1`."""
+    packed, longest = segment_arrays(row_slots, num_slots)
+    k = packed.size - 2 * num_slots
+    on_device = torch.from_numpy(packed).to(device)
     return LoRASegments(
-        packed[:k],
-        packed[k : k + num_slots],
-        packed[k + num_slots :],
-        int(slots.size),
-        int(counts.max(initial=0)),
+        on_device[:k],
+        on_device[k : k + num_slots],
+        on_device[k + num_slots :],
+        len(row_slots),
+        longest,
     )
 
 
@@ -257,20 +265,33 @@ def add_lora(
 @dataclass(slots=True)
 class LoRASlots:
     """The resident LoRA adapters' weights as the kernels read them: per (layer, module) a `[slots, in, R]` /
-    `[slots, R, out]` buffer pair, one slot per adapter. With `max_rank` set, `R` is fixed (an adapter needing more
-    rank columns in a module is an AdapterError); without, a buffer grows (in steps of 16 columns) to fit."""
+    `[slots, R, out]` buffer pair, one slot per adapter. Buffers grow (in steps of 16 rank columns) to fit until
+    `reserve` fixes them: from then on their addresses never change (what a CUDA graph needs), and an adapter that
+    needs more rank columns, or a module without a buffer, is refused with an AdapterError."""
 
     num_slots: int
     device: torch.device
     dtype: torch.dtype
-    max_rank: int | None = (
-        None  # rank columns per buffer (fused shards' ranks added up); None: grow as needed
-    )
     buffers: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    fixed: bool = False
     _names: list[str | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._names = [None] * self.num_slots
+
+    def reserve(self, shapes: Mapping[tuple[int, str], tuple[int, int, int]]) -> None:
+        """Allocate every module's buffers at their final size, `key -> (in, out, rank columns)` (columns rounded up
+        to 16), and fix them. Only before any adapter is put."""
+        if any(self._names):
+            raise AdapterError("LoRA buffers are reserved before any adapter is put", "reserve them first")
+        self.buffers = {
+            key: (
+                torch.zeros(self.num_slots, k_dim, _round_rank(cols), dtype=self.dtype, device=self.device),
+                torch.zeros(self.num_slots, _round_rank(cols), n_dim, dtype=self.dtype, device=self.device),
+            )
+            for key, (k_dim, n_dim, cols) in shapes.items()
+        }
+        self.fixed = True
 
     def slot_of(self, name: str) -> int | None:
         return self._names.index(name) if name in self._names else None
@@ -284,6 +305,22 @@ class LoRASlots:
             )
         return slot
 
+    def misfit(self, adapter: LoRAAdapter) -> str | None:
+        """Why `adapter` cannot go into these fixed buffers (a reason naming it), or None when it fits."""
+        if not self.fixed:
+            return None
+        for (layer, module), w in adapter.modules.items():
+            have = self.buffers.get((layer, module))
+            cols = w.a_t.shape[1]
+            if have is None:
+                return f"adapter {adapter.name!r} adapts layer {layer} {module}, which the LoRA buffers do not hold"
+            if cols > have[0].shape[2]:
+                return (
+                    f"adapter {adapter.name!r} needs {cols} rank columns in layer {layer} {module}, "
+                    f"the LoRA buffers hold {have[0].shape[2]}"
+                )
+        return None
+
     def put(self, adapter: LoRAAdapter) -> int:
         """Copy `adapter` into a free slot (every module: its weights, or zeros where it has none); its slot."""
         name = adapter.name
@@ -296,14 +333,11 @@ class LoRASlots:
                 f"no free LoRA slot for adapter {name!r}: all {self.num_slots} hold adapters",
                 "evict one first (the engine keeps at most max_loras resident)",
             )
-        for (layer, module), w in adapter.modules.items():
-            cols = w.a_t.shape[1]
-            if self.max_rank is not None and cols > self.max_rank:
-                raise AdapterError(
-                    f"adapter {name!r} needs {cols} rank columns in layer {layer} {module}, "
-                    f"the LoRA buffers hold {self.max_rank}",
-                    "use an adapter of a smaller rank, or buffers with more rank columns",
-                )
+        why = self.misfit(adapter)
+        if why is not None:
+            raise AdapterError(
+                why, "raise max_lora_rank (the rank capacity of each projection's LoRA buffers)"
+            )
         slot = self._names.index(None)
         for key, w in adapter.modules.items():
             a, b = self._buffer(key, w.a_t.shape[0], w.b_t.shape[1], w.a_t.shape[1])
@@ -331,7 +365,7 @@ class LoRASlots:
         have = self.buffers.get(key)
         if have is not None and have[0].shape[2] >= cols:
             return have
-        want = self.max_rank if self.max_rank is not None else -(-cols // _RANK_STEP) * _RANK_STEP
+        want = _round_rank(cols)
         a = torch.zeros(self.num_slots, k_dim, want, dtype=self.dtype, device=self.device)
         b = torch.zeros(self.num_slots, want, n_dim, dtype=self.dtype, device=self.device)
         if have is not None:  # grown: the other slots keep their adapters
@@ -351,11 +385,19 @@ class LoRASlots:
         """The step's rows grouped by slot (`row_slots[i]`, -1 for none); AdapterError for a slot out of range
         or one that holds no adapter."""
         segs = lora_segments(row_slots, self.num_slots, self.device)
+        self.check_slots(row_slots)
+        return segs
+
+    def check_slots(self, row_slots: SequenceT[int] | np.ndarray) -> None:
+        """AdapterError if a row asks for a slot that holds no adapter."""
         used = np.unique(np.asarray(row_slots, dtype=np.int64))
-        empty = [int(s) for s in used if s >= 0 and self._names[int(s)] is None]
+        empty = [int(s) for s in used if 0 <= s < self.num_slots and self._names[int(s)] is None]
         if empty:
             raise AdapterError(
                 f"rows of the batch ask for LoRA slot {empty[0]}, which holds no adapter",
                 "put the adapter into the buffers (LoRASlots.put) before the step",
             )
-        return segs
+
+
+def _round_rank(cols: int) -> int:
+    return -(-cols // _RANK_STEP) * _RANK_STEP

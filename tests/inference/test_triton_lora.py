@@ -23,7 +23,7 @@ from inference.config import EngineConfig
 from inference.engine import LLMEngine
 from inference.errors import AdapterError
 from inference.loader import load_model
-from inference.lora import LoRAAdapter, LoRAManager, LoRAWeights
+from inference.lora import LoRAAdapter, LoRAManager, LoRAWeights, read_adapter
 from inference.params import SamplingParams
 from inference.triton_lora import LoRASlots, add_lora, lora_segments
 from tests.inference.test_lora import ADAPTERS, Tiny, make_adapter, prefill_logits
@@ -177,12 +177,20 @@ def test_slot_reuse_clears_the_previous_adapter_and_buffers_grow() -> None:
 
 def test_bad_slots_and_ranks_are_adapter_errors() -> None:
     k, outs = 32, (32, 16, 16)
-    slots = LoRASlots(2, DEVICE, torch.float32, max_rank=16)
+    slots = LoRASlots(2, DEVICE, torch.float32)
+    slots.reserve({(0, "self_attn.qkv_proj"): (k, sum(outs), 16)})
+    a_buffer = slots.buffers[(0, "self_attn.qkv_proj")][0]
     with pytest.raises(
         AdapterError, match=r"adapter 'wide' needs 24 rank columns in layer 0 self_attn\.qkv_proj"
     ):
         slots.put(_fused_adapter("wide", 50, (8, 8, 8), outs, k))
     assert slots.slot_of("wide") is None  # refused whole: no slot taken
+    elsewhere = _fused_adapter("elsewhere", 54, (4, 4, 4), outs, k)
+    elsewhere.modules = {(1, "mlp.down_proj"): elsewhere.modules[(0, "self_attn.qkv_proj")]}
+    with pytest.raises(
+        AdapterError, match=r"adapter 'elsewhere' adapts layer 1 mlp\.down_proj, which the LoRA"
+    ):
+        slots.put(elsewhere)
     slot = slots.put(_fused_adapter("ok", 51, (8, 4, 4), outs, k))
     with pytest.raises(
         AdapterError, match="row 2 of the batch asks for LoRA slot 2, but the buffers have slots 0-1"
@@ -197,6 +205,7 @@ def test_bad_slots_and_ranks_are_adapter_errors() -> None:
         slots.put(_fused_adapter("three", 53, (4, 4, 4), outs, k))
     with pytest.raises(AdapterError, match="adapter 'ok' already holds"):
         slots.put(_fused_adapter("ok", 51, (8, 4, 4), outs, k))
+    assert slots.buffers[(0, "self_attn.qkv_proj")][0] is a_buffer  # fixed: never reallocated
 
 
 def test_shape_mismatch_is_refused_before_launch() -> None:
@@ -300,3 +309,84 @@ def test_engine_greedy_tokens_equal_the_torch_path(llama: Tiny, monkeypatch: pyt
 def test_kernel_choice_is_checked() -> None:
     with pytest.raises(Exception, match="lora_kernels must be a kernel choice"):
         EngineConfig(lora_kernels="cutlass")
+
+
+def test_decode_graphs_static_path_with_adapters(llama: Tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode steps with adapter rows go through the decode graphs' static buffers (captured on CUDA, run eagerly
+    here): the kernels read the same segment tensors at every step of a bucket, sized by the bucket, and every
+    request gets the eager torch engine's greedy tokens, which are PEFT's, while the batch shrinks and pads."""
+    seen: dict[int, set[tuple[int, int, int]]] = {}  # rows -> (order, lens addresses, grid bound) per launch
+    real = triton_lora.add_lora
+
+    def spy(*args: Any, **kwargs: Any) -> None:
+        segs = args[4]
+        seen.setdefault(segs.num_rows, set()).add((segs.order.data_ptr(), segs.lens.data_ptr(), segs.max_len))
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(triton_lora, "add_lora", spy)
+    names: list[str | None] = [None, "plain", "rslora", "pattern"] * 2 + ["plain", None]
+    prompts = [PROMPT[i % 5 : i % 5 + 3 + i] for i in range(len(names))]
+    lengths = [3, 8, 5, 7, 4, 6, 8, 3, 5, 7]
+
+    def run(kernels: str, graphs: bool) -> tuple[list[list[int]], LLMEngine]:
+        config = EngineConfig(
+            block_size=4, max_model_len=64, num_blocks=128, max_num_seqs=12, lora_kernels=kernels
+        )
+        engine = LLMEngine(llama.loaded, config, adapters=llama.paths)
+        if graphs:
+            engine.runner.build_decode_graphs(capture=DEVICE.type == "cuda", batch_sizes=(1, 2, 4, 8))
+        else:
+            engine.runner.decode_graphs = None
+        params = [
+            SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, adapter=a)
+            for n, a in zip(lengths, names, strict=True)
+        ]
+        outs = [o.token_ids for o in engine.generate(prompts, params)]
+        for name in llama.paths:
+            engine.unload_adapter(name)
+        return outs, engine
+
+    want, _ = run("torch", graphs=False)
+    got, engine = run("triton", graphs=True)
+    assert got == want
+    graphs = engine.runner.decode_graphs
+    assert graphs is not None and graphs.replays >= 5
+    assert graphs.lora_buckets and graphs.lora_buckets <= {1, 2, 4, 8}
+    for bucket in graphs.lora_buckets:  # one set of static tensors per bucket, the bucket as the grid bound
+        assert len(seen[bucket]) == 1 and next(iter(seen[bucket]))[2] == bucket
+    assert engine.metrics().batch_size_max > graphs.max_batch  # the first steps were too big: eager kernels
+    for ids, name, tokens in zip(prompts, names, got, strict=True):
+        assert hf_greedy(llama.hf if name is None else llama.peft[name], ids, len(tokens)) == tokens, name
+
+
+def test_adapter_above_the_rank_capacity_runs_on_torch(llama: Tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With max_lora_rank 4, 'rslora' (rank 4) fits the Triton buffers and 'plain' (rank 8) does not: a step with
+    'plain' rows runs the torch update, one without runs the kernels, and both give PEFT's logits."""
+    launches: list[int] = []
+    real = triton_lora.add_lora
+
+    def counted(*args: Any, **kwargs: Any) -> None:
+        launches.append(args[0].shape[0])
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(triton_lora, "add_lora", counted)
+    config = llama.loaded.config
+    manager = LoRAManager(llama.loaded.model, config, DEVICE, kernels="triton", max_rank=4)
+    for name in ("plain", "rslora"):
+        manager.load(name, llama.paths[name])
+    assert manager.slots is not None
+    assert "needs 24 rank columns" in (
+        manager.slots.misfit(read_adapter("plain", llama.paths["plain"], config)) or ""
+    )
+    per_step = []
+    for rows in ([(PROMPT, "rslora"), (PROMPT[:9], None)], [(PROMPT, "plain"), (PROMPT[3:], "rslora")]):
+        before = len(launches)
+        logits, _ = prefill_logits(llama.loaded, rows, manager)
+        per_step.append(len(launches) - before)
+        with torch.no_grad():
+            for (ids, name), got in zip(rows, logits, strict=True):
+                model = llama.hf if name is None else llama.peft[name]
+                torch.testing.assert_close(got, model(torch.tensor([ids])).logits[0], atol=1e-4, rtol=1e-4)
+    assert per_step == [4 * config.num_layers, 0]
+    for name in ("plain", "rslora"):
+        manager.unload(name)
