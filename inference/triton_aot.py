@@ -300,12 +300,15 @@ def compile_model(
     return list(launches.values())
 
 
-def _lora_cases() -> list[tuple[str, list[int]]]:
-    """(name, slot of each row) of the steps an engine runs with adapters: decode rows and a chunked prefill."""
+def _lora_cases() -> list[tuple[str, list[int], bool]]:
+    """(name, slot of each row, in a decode graph) of the steps an engine runs with adapters: eager decode, a
+    chunked prefill, and graph decode, whose grid is bounded by the bucket rather than the longest segment."""
+    graph = [(f"decode in a graph, batch {n}", [i % 5 - 1 for i in range(n)], True) for n in (1, 64, 256)]
     return [
-        ("decode, 1 row", [0]),
-        ("decode, 64 rows over 4 adapters and the base", [i % 5 - 1 for i in range(64)]),
-        ("prefill, 512 tokens over 4 adapters", [i // 128 for i in range(512)]),
+        ("decode, 1 row", [0], False),
+        ("decode, 64 rows over 4 adapters and the base", [i % 5 - 1 for i in range(64)], False),
+        ("prefill, 512 tokens over 4 adapters", [i // 128 for i in range(512)], False),
+        *graph,
     ]
 
 
@@ -334,8 +337,10 @@ def compile_lora(
     launches: dict[tuple[Any, ...], CompiledLaunch] = {}
     with compile_only(capability) as captures:
         for rank in ranks:
-            for case, rows in _lora_cases():
+            for case, rows, in_graph in _lora_cases():
                 segments = triton_lora.lora_segments(rows, LORA_SLOTS, torch.device("cpu"))
+                if in_graph:  # DecodeGraphRunner's static segments: the bucket bounds every segment
+                    segments.max_len = len(rows)
                 for module, (k_dim, n_dim, shards) in modules.items():
                     cols = -(-rank * shards // 16) * 16
                     x = torch.zeros(len(rows), k_dim, dtype=dtype)
