@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_session.sh env tests     # what the machine has; the GPU tests (a few minutes)
 #   bash benchmarks/gpu_session.sh bench [ARGS]  # python -m benchmarks.engine --device cuda ARGS (under 10 minutes)
+#   bash benchmarks/gpu_session.sh lora [ARGS]   # python -m benchmarks.engine --adapters 4 --device cuda ARGS
 #   bash benchmarks/gpu_session.sh profile [ARGS] # python -m benchmarks.engine_profile: where a step's time goes
 #   bash benchmarks/gpu_session.sh tiles [ARGS]  # python -m benchmarks.triton_tiles: time the attention tile choices
 #   bash benchmarks/gpu_session.sh aot [ARGS]    # python -m inference.triton_aot ARGS: compiled resources, this triton
@@ -55,7 +56,8 @@ print(sys.version.split()[0], \"torch\", torch.__version__, \"triton\", triton._
       phase tests "$PY" -m pytest -q -p no:cacheprovider \
         tests/inference/test_triton_attention.py tests/inference/test_triton_layers.py \
         tests/inference/test_cuda_graphs.py tests/inference/test_memory_profile.py \
-        tests/inference/test_engine.py tests/inference/test_loader_device.py
+        tests/inference/test_engine.py tests/inference/test_loader_device.py \
+        tests/inference/test_triton_lora.py tests/inference/test_triton_lora_engine.py
       what=("${what[@]:1}")
       ;;
     aot)
@@ -80,8 +82,14 @@ print(sys.version.split()[0], \"torch\", torch.__version__, \"triton\", triton._
       phase bench "$PY" -m benchmarks.engine --device cuda --model "$KIT/qwen3-0.6b/config.json" "${what[@]:1}"
       what=()
       ;;
+    lora)
+      # everything after "lora" is the LoRA benchmark's own arguments: Triton LoRA kernels and LoRA decode graphs
+      phase lora "$PY" -m benchmarks.engine --adapters 4 --device cuda --model "$KIT/qwen3-0.6b/config.json" \
+        "${what[@]:1}"
+      what=()
+      ;;
     *)
-      echo "unknown phase ${what[0]}: env, tests, then aot, tiles, profile or bench [ARGS]" >&2
+      echo "unknown phase ${what[0]}: env, tests, then aot, tiles, profile, bench or lora [ARGS]" >&2
       exit 2
       ;;
   esac
