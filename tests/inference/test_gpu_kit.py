@@ -85,7 +85,9 @@ def test_lora_phase_runs_the_lora_benchmark_on_cuda(tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = _session("lora", "--quick", GPU_KIT=str(tmp_path / "kit"), OUT=str(out))
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert f"--adapters 4 --device cuda --model {tmp_path / 'kit'}/qwen3-0.6b/config.json --quick" in proc.stdout
+    assert (
+        f"--adapters 4 --device cuda --model {tmp_path / 'kit'}/qwen3-0.6b/config.json --quick" in proc.stdout
+    )
     log = (out / "lora.log").read_text()
     assert "no CUDA device" in log and "Traceback" not in log
     assert "=== lora: exit 2" in proc.stdout
