@@ -373,16 +373,18 @@ class _StepPlan:
 
     segments: list[_Segment] = field(default_factory=list)
     padded: _Padded | None = None
-    kernel: tuple[LoRASlots, LoRASegments] | None = None  # the Triton kernels apply the step (CUDA)
-    row_slots: np.ndarray | None = (
-        None  # with `kernel`: each row's slot, -1 for none (what decode graphs stage)
-    )
+    kernel: LoRASlots | None = None  # the Triton kernels apply the step (CUDA), from these buffers
+    row_slots: np.ndarray | None = None  # with `kernel`: each row's slot, -1 for none
+    # with `kernel`: the rows grouped by slot on the device; made at the first hook that needs them (a decode graph
+    # stages its own and sets them here while it runs, so a graph step copies nothing else)
+    kernel_segments: LoRASegments | None = None
 
     def clear(self) -> None:
         self.segments.clear()
         self.padded = None
         self.kernel = None
         self.row_slots = None
+        self.kernel_segments = None
 
 
 @dataclass(slots=True)
@@ -618,7 +620,8 @@ class LoRAManager:
             row_slots = np.full(row, -1, dtype=np.int64)
             for seg in segments:
                 row_slots[seg.start : seg.end] = slots.slot(seg.adapter.name)
-            self._plan.kernel = (slots, slots.segments(row_slots))
+            slots.check_slots(row_slots)
+            self._plan.kernel = slots
             self._plan.row_slots = row_slots
             return ordered
         width = max(s.end - s.start for s in segments)
@@ -782,12 +785,13 @@ class LoRAManager:
         """Within the block, the hooks apply the Triton kernels over `segments` (a decode graph's static ones, so a
         capture records launches that read them); the step's own plan is restored after."""
         assert self._slots is not None, "kernel_plan needs the Triton path"
-        saved = self._plan.kernel
-        self._plan.kernel = (self._slots, segments)
+        plan = self._plan
+        saved = plan.kernel, plan.kernel_segments
+        plan.kernel, plan.kernel_segments = self._slots, segments
         try:
             yield
         finally:
-            self._plan.kernel = saved
+            plan.kernel, plan.kernel_segments = saved
 
     @property
     def padded_step(self) -> bool:
@@ -811,8 +815,12 @@ class _LoRAHook:
     def __call__(self, module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
         plan = self.plan
         x = args[0]
-        if plan.kernel is not None:  # set without segments while a decode graph is captured
-            slots, segments = plan.kernel
+        slots = plan.kernel
+        if slots is not None:  # set without `segments` while a decode graph is captured
+            segments = plan.kernel_segments
+            if segments is None:
+                assert plan.row_slots is not None, "a kernel step has its rows' slots"
+                segments = plan.kernel_segments = slots.segments(plan.row_slots)
             slots.apply(self.key, x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]), segments)
             return
         if not plan.segments:
