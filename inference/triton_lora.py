@@ -245,9 +245,8 @@ def add_lora(
     row_blocks = triton.cdiv(segments.max_len, block_m)
     split = split_k or _split_k(num_slots * row_blocks, k_dim)
     h = (torch.zeros if split > 1 else torch.empty)(t, rank_cols, dtype=torch.float32, device=x.device)
-    precision = (
-        "ieee" if x.dtype == torch.float32 else "tf32"
-    )  # fp32 must not drop to TF32: tests compare at 1e-4
+    # fp32 must not drop to TF32 on tensor cores: the tests compare with the torch path at 1e-4
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
     _shrink_kernel[(num_slots, row_blocks, split)](
         x, a, h, segments.order, segments.starts, segments.lens,
         x.stride(0), a.stride(0), a.stride(1), h.stride(0), k_dim, rank_cols,
