@@ -61,9 +61,9 @@ print(sys.version.split()[0], \"torch\", torch.__version__, \"triton\", triton._
       what=("${what[@]:1}")
       ;;
     aot)
-      # everything after "aot" is inference.triton_aot's own arguments (default: Qwen3-0.6B for an H100)
+      # everything after "aot" is inference.triton_aot's own arguments (default: Qwen3-0.6B and its LoRA kernels, H100)
       args=("${what[@]:1}")
-      [ ${#args[@]} -gt 0 ] || args=(--target sm_90 --model qwen3-0.6b)
+      [ ${#args[@]} -gt 0 ] || args=(--target sm_90 --model qwen3-0.6b --lora qwen3-0.6b)
       phase aot "$PY" -m inference.triton_aot "${args[@]}"
       what=()
       ;;
