@@ -423,7 +423,7 @@ class LoRAManager:
         if self.kernels == "triton" and self.device.type != "cuda" and not envs.flag(envs.TRITON_INTERPRET):
             raise AdapterError(
                 f"the Triton LoRA kernels cannot run on {self.device.type}",
-                "use kernels='torch', or set TRITON_INTERPRET=1 (tests)",
+                "use lora_kernels 'auto' or 'torch' (or set TRITON_INTERPRET=1, as the tests do)",
             )
         triton = self.kernels == "triton" or (
             self.kernels == "auto"
