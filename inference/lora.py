@@ -99,6 +99,40 @@ def _shapes(config: ModelConfig) -> dict[str, tuple[int, list[int]]]:
     }
 
 
+LORA_RANK_STEP = 16  # the Triton buffers hold rank columns in multiples of this (tl.dot's smallest dimension)
+
+
+def lora_rank_columns(cols: int) -> int:
+    """`cols` rank columns rounded up as the Triton LoRA buffers hold them (a multiple of LORA_RANK_STEP)."""
+    return -(-cols // LORA_RANK_STEP) * LORA_RANK_STEP
+
+
+def uses_lora_kernels(kernels: str, device: torch.device) -> bool:
+    """Whether adapters run on the Triton kernels for this `lora_kernels` choice on `device`: "triton", or "auto"
+    on CUDA with triton installed (found without importing it)."""
+    return kernels == "triton" or (
+        kernels == "auto" and device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    )
+
+
+def lora_buffer_shapes(config: ModelConfig, max_rank: int) -> dict[tuple[int, str], tuple[int, int, int]]:
+    """Per (layer, module): `(in, out, rank columns)` of the Triton path's buffers, `max_rank` per projection (a
+    fused qkv_proj holds 3x, gate_up_proj 2x), the columns rounded as the buffers round them."""
+    return {
+        (layer, module): (in_dim, sum(outs), lora_rank_columns(len(outs) * max_rank))
+        for layer in range(config.num_layers)
+        for module, (in_dim, outs) in _shapes(config).items()
+    }
+
+
+def lora_buffer_bytes(config: ModelConfig, max_loras: int, max_rank: int) -> int:
+    """Device bytes of the Triton path's weight buffers (`max_loras` slots of `max_rank`, model dtype): known from
+    the model's shapes alone, so the KV-cache profile reserves them before any adapter exists."""
+    elem = torch.empty((), dtype=config.dtype).element_size()
+    per_slot = sum(cols * (k + n) for k, n, cols in lora_buffer_shapes(config, max_rank).values())
+    return max_loras * per_slot * elem
+
+
 @dataclass(slots=True)
 class LoRAWeights:
     """One adapted module of one layer, fused shards stacked: its update for rows `x` is `(x @ a_t) @ b_t`."""
@@ -425,12 +459,7 @@ class LoRAManager:
                 f"the Triton LoRA kernels cannot run on {self.device.type}",
                 "use lora_kernels 'auto' or 'torch' (or set TRITON_INTERPRET=1, as the tests do)",
             )
-        triton = self.kernels == "triton" or (
-            self.kernels == "auto"
-            and self.device.type == "cuda"
-            and importlib.util.find_spec("triton") is not None
-        )
-        if triton:
+        if uses_lora_kernels(self.kernels, self.device):
             # imported here: the CPU path never loads triton
             from inference.triton_lora import LoRASlots
 
@@ -439,12 +468,7 @@ class LoRAManager:
     def _reserve_slots(self, slots: LoRASlots) -> None:
         """Allocate the Triton path's buffers for every layer and projection at `max_rank` (once, when the first
         adapter is registered): fixed addresses, which decode graphs capture."""
-        shapes = {
-            (layer, module): (in_dim, sum(outs), len(outs) * self.max_rank)
-            for layer in range(self.config.num_layers)
-            for module, (in_dim, outs) in _shapes(self.config).items()
-        }
-        slots.reserve(shapes)
+        slots.reserve(lora_buffer_shapes(self.config, self.max_rank))
 
     # ---- registration ---------------------------------------------------------------------------------------
     def load(self, name: str, path: str | Path) -> AnyAdapter:

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from inference.errors import AdapterError
+from inference.lora import lora_rank_columns
 from inference.triton_attention import INTERPRETED, _cast, _pow2
 
 if TYPE_CHECKING:
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 _MIN_PROGRAMS = 64  # below this many shrink programs (decode), the input features are split across more
 _BLOCK_K = 64  # input features per shrink iteration
 _BLOCK_N = 64  # output features per expand program
-_RANK_STEP = 16  # buffers grow in rank columns by this much (tl.dot's smallest dimension)
 
 
 @triton.jit
@@ -285,8 +285,12 @@ class LoRASlots:
             raise AdapterError("LoRA buffers are reserved before any adapter is put", "reserve them first")
         self.buffers = {
             key: (
-                torch.zeros(self.num_slots, k_dim, _round_rank(cols), dtype=self.dtype, device=self.device),
-                torch.zeros(self.num_slots, _round_rank(cols), n_dim, dtype=self.dtype, device=self.device),
+                torch.zeros(
+                    self.num_slots, k_dim, lora_rank_columns(cols), dtype=self.dtype, device=self.device
+                ),
+                torch.zeros(
+                    self.num_slots, lora_rank_columns(cols), n_dim, dtype=self.dtype, device=self.device
+                ),
             )
             for key, (k_dim, n_dim, cols) in shapes.items()
         }
@@ -364,7 +368,7 @@ class LoRASlots:
         have = self.buffers.get(key)
         if have is not None and have[0].shape[2] >= cols:
             return have
-        want = _round_rank(cols)
+        want = lora_rank_columns(cols)
         a = torch.zeros(self.num_slots, k_dim, want, dtype=self.dtype, device=self.device)
         b = torch.zeros(self.num_slots, want, n_dim, dtype=self.dtype, device=self.device)
         if have is not None:  # grown: the other slots keep their adapters
@@ -396,7 +400,3 @@ class LoRASlots:
                 f"rows of the batch ask for LoRA slot {empty[0]}, which holds no adapter",
                 "put the adapter into the buffers (LoRASlots.put) before the step",
             )
-
-
-def _round_rank(cols: int) -> int:
-    return -(-cols // _RANK_STEP) * _RANK_STEP

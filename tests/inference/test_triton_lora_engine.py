@@ -24,7 +24,7 @@ from inference import triton_lora
 from inference.config import EngineConfig
 from inference.engine import LLMEngine
 from inference.loader import load_model
-from inference.lora import LoRAManager, read_adapter
+from inference.lora import LoRAManager, lora_buffer_bytes, read_adapter
 from inference.params import SamplingParams
 from tests.inference.test_lora import ADAPTERS, Tiny, make_adapter, prefill_logits
 from tests.inference.test_models import PROMPT, _hf_model, hf_greedy, save_tiny_tokenizer
@@ -199,3 +199,20 @@ def test_adapter_above_the_rank_capacity_runs_on_torch(llama: Tiny, monkeypatch:
     assert per_step == [4 * config.num_layers, 0]
     for name in ("plain", "rslora"):
         manager.unload(name)
+
+
+def test_buffers_are_what_the_kv_profile_reserves(llama: Tiny) -> None:
+    """The buffers the manager allocates at its first adapter are exactly `lora_buffer_bytes`, which the KV-cache
+    profile computes from the model's shapes before any adapter exists (inference/memory_profile.py)."""
+    config = llama.loaded.config
+    for max_loras, max_rank in ((4, 16), (2, 4), (3, 7)):
+        manager = LoRAManager(
+            llama.loaded.model, config, DEVICE, max_loras, kernels="triton", max_rank=max_rank
+        )
+        manager.load(
+            "rslora", llama.paths["rslora"]
+        )  # adapts three projections: the buffers cover all of them
+        assert manager.slots is not None and len(manager.slots.buffers) == 4 * config.num_layers
+        allocated = sum(a.nbytes + b.nbytes for a, b in manager.slots.buffers.values())
+        assert allocated == lora_buffer_bytes(config, max_loras, max_rank) > 0
+        manager.unload("rslora")
