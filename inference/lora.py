@@ -582,7 +582,7 @@ class LoRAManager:
 
     # ---- residency and steps ---------------------------------------------------------------------------------
     def _resident_adapter(self, name: str, pinned: set[str]) -> AnyAdapter:
-        adapter = self._resident.get(name)
+        adapter: AnyAdapter | None = self._resident.get(name)
         if adapter is not None:
             self._resident.move_to_end(name)
             return adapter
@@ -596,13 +596,12 @@ class LoRAManager:
             if self._slots is not None:
                 self._slots.evict(victim)
         host = self._registered[name].adapter
-        adapter = host if self.device.type == "cpu" else host.to(self.device, self.config.dtype)
-        if (
-            self._slots is not None
-            and isinstance(adapter, LoRAAdapter)
-            and self._slots.misfit(adapter) is None
-        ):
-            self._slots.put(adapter)
+        slots = self._slots
+        if slots is not None and isinstance(host, LoRAAdapter) and slots.misfit(host) is None:
+            slots.put(host)  # straight from the host copy: the slot is the adapter's only device copy
+            adapter = slots.weights(host)
+        else:  # the torch path's own copy: X-LoRA, an adapter above the buffers' capacity, or no buffers
+            adapter = host if self.device.type == "cpu" else host.to(self.device, self.config.dtype)
         self._resident[name] = adapter
         self.loads += 1
         return adapter
@@ -788,6 +787,19 @@ class LoRAManager:
     def active(self) -> bool:
         """Whether the current step has rows with an adapter."""
         return bool(self._plan.segments)
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes the adapters hold on the model's device, each storage once: the Triton path's buffers, the resident
+        adapters' weights that are not views of them, and the padded update's cached stacks."""
+        tensors = [t for pair in (self._slots.buffers.values() if self._slots else ()) for t in pair]
+        for adapter in self._resident.values():
+            tensors += [t for w in adapter.modules.values() for t in (w.a_t, w.b_t)]
+            if not isinstance(adapter, LoRAAdapter):
+                tensors += [t for pair in adapter.classifier for t in pair] + [adapter.gather]
+        tensors += [t for stack in self._stacks.values() for pair in stack.values() for t in pair]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())
 
     @property
     def kernel_step(self) -> bool:

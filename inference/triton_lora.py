@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from collections.abc import Sequence as SequenceT
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from inference.errors import AdapterError
-from inference.lora import lora_rank_columns
+from inference.lora import LoRAWeights, lora_rank_columns
 from inference.triton_attention import INTERPRETED, _cast, _pow2
 
 if TYPE_CHECKING:
@@ -355,6 +355,19 @@ class LoRASlots:
                 b[slot].zero_()
         self._names[slot] = name
         return slot
+
+    def weights(self, adapter: LoRAAdapter) -> LoRAAdapter:
+        """`adapter` as its slot holds it: the same adapter with every weight a view of its slot's first rank
+        columns, for the torch update of a step that falls back to it (X-LoRA or an adapter above the capacity in
+        the same step), so a resident adapter has no second device copy. Valid while it holds the slot of fixed
+        buffers (buffers that grow move)."""
+        slot = self.slot(adapter.name)
+        modules = {}
+        for key, w in adapter.modules.items():
+            a, b = self.buffers[key]
+            cols = w.a_t.shape[1]
+            modules[key] = LoRAWeights(a[slot, :, :cols], b[slot, :cols], w.shards)
+        return replace(adapter, modules=modules)
 
     def evict(self, name: str) -> None:
         """Free `name`'s slot (its weights stay until the next `put` overwrites them); nothing if it has none."""

@@ -209,10 +209,44 @@ def test_buffers_are_what_the_kv_profile_reserves(llama: Tiny) -> None:
         manager = LoRAManager(
             llama.loaded.model, config, DEVICE, max_loras, kernels="triton", max_rank=max_rank
         )
-        manager.load(
-            "rslora", llama.paths["rslora"]
-        )  # adapts three projections: the buffers cover all of them
+        # 'rslora' adapts three projections: the buffers cover all four of every layer
+        manager.load("rslora", llama.paths["rslora"])
         assert manager.slots is not None and len(manager.slots.buffers) == 4 * config.num_layers
         allocated = sum(a.nbytes + b.nbytes for a, b in manager.slots.buffers.values())
         assert allocated == lora_buffer_bytes(config, max_loras, max_rank) > 0
         manager.unload("rslora")
+
+
+def test_resident_adapters_live_only_in_their_slots(llama: Tiny) -> None:
+    """On the Triton path the buffers are exactly `lora_buffer_bytes` (what the KV-cache profile reserves, from the
+    shapes), and a resident adapter's weights are its slot: the manager's device bytes are the buffers plus the own
+    copy of the one adapter above the capacity ('plain', rank 8 over max_lora_rank 4), which has no slot. A step
+    with 'plain' rows falls back to torch for both its adapters, reading 'rslora' from its slot, with PEFT's
+    logits; 'pattern', evicted for 'plain', comes back into its freed slot."""
+    config = llama.loaded.config
+    manager = LoRAManager(
+        llama.loaded.model, config, DEVICE, max_loras=2, kernels="triton", max_rank=4, pad_limit=0
+    )
+    for name, path in llama.paths.items():
+        manager.load(name, path)
+    slots = manager.slots
+    assert slots is not None
+    buffers = lora_buffer_bytes(config, 2, 4)
+    assert sum(a.nbytes + b.nbytes for a, b in slots.buffers.values()) == buffers
+    assert manager.device_bytes == buffers  # registered, none resident yet
+    plain = read_adapter("plain", llama.paths["plain"], config).nbytes  # float32, as the tiny model
+    # both in slots: nothing beside the buffers; then 'pattern' evicted for 'plain', which has no slot; then
+    # 'pattern' back in the freed slot, 'plain' evicted
+    for rows, resident in (
+        ([(PROMPT, "rslora"), (PROMPT[4:], "pattern")], buffers),
+        ([(PROMPT, "plain"), (PROMPT[3:], "rslora")], buffers + plain),
+        ([(PROMPT[2:], "pattern"), (PROMPT[:9], "rslora")], buffers),
+    ):
+        logits, padded = prefill_logits(llama.loaded, rows, manager)
+        assert not padded and manager.device_bytes == resident
+        with torch.no_grad():
+            for (ids, name), got in zip(rows, logits, strict=True):
+                theirs = llama.peft[name](torch.tensor([ids])).logits[0]
+                torch.testing.assert_close(got, theirs, atol=1e-4, rtol=1e-4)
+    for name in llama.paths:
+        manager.unload(name)
