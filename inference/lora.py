@@ -40,6 +40,7 @@ from torch import nn
 
 from inference import envs
 from inference.errors import AdapterError, UnknownAdapterError
+from inference.lora_shapes import lora_buffer_shapes, module_shapes
 from inference.metadata import AttentionMetadata
 from inference.model_config import ModelConfig
 
@@ -87,50 +88,12 @@ def check_adapter_name(name: str) -> str:
     return name
 
 
-def _shapes(config: ModelConfig) -> dict[str, tuple[int, list[int]]]:
-    """Our module -> (input size, output size of each shard)."""
-    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    hidden, inter = config.hidden_size, config.intermediate_size
-    return {
-        "self_attn.qkv_proj": (hidden, [q, kv, kv]),
-        "self_attn.o_proj": (q, [hidden]),
-        "mlp.gate_up_proj": (hidden, [inter, inter]),
-        "mlp.down_proj": (inter, [hidden]),
-    }
-
-
-LORA_RANK_STEP = 16  # the Triton buffers hold rank columns in multiples of this (tl.dot's smallest dimension)
-
-
-def lora_rank_columns(cols: int) -> int:
-    """`cols` rank columns rounded up as the Triton LoRA buffers hold them (a multiple of LORA_RANK_STEP)."""
-    return -(-cols // LORA_RANK_STEP) * LORA_RANK_STEP
-
-
 def uses_lora_kernels(kernels: str, device: torch.device) -> bool:
     """Whether adapters run on the Triton kernels for this `lora_kernels` choice on `device`: "triton", or "auto"
     on CUDA with triton installed (found without importing it)."""
     return kernels == "triton" or (
         kernels == "auto" and device.type == "cuda" and importlib.util.find_spec("triton") is not None
     )
-
-
-def lora_buffer_shapes(config: ModelConfig, max_rank: int) -> dict[tuple[int, str], tuple[int, int, int]]:
-    """Per (layer, module): `(in, out, rank columns)` of the Triton path's buffers, `max_rank` per projection (a
-    fused qkv_proj holds 3x, gate_up_proj 2x), the columns rounded as the buffers round them."""
-    return {
-        (layer, module): (in_dim, sum(outs), lora_rank_columns(len(outs) * max_rank))
-        for layer in range(config.num_layers)
-        for module, (in_dim, outs) in _shapes(config).items()
-    }
-
-
-def lora_buffer_bytes(config: ModelConfig, max_loras: int, max_rank: int) -> int:
-    """Device bytes of the Triton path's weight buffers (`max_loras` slots of `max_rank`, model dtype): known from
-    the model's shapes alone, so the KV-cache profile reserves them before any adapter exists."""
-    elem = torch.empty((), dtype=config.dtype).element_size()
-    per_slot = sum(cols * (k + n) for k, n, cols in lora_buffer_shapes(config, max_rank).values())
-    return max_loras * per_slot * elem
 
 
 @dataclass(slots=True)
@@ -305,7 +268,7 @@ def read_adapter(name: str, path: str | Path, config: ModelConfig) -> LoRAAdapte
         raise AdapterError(
             f"adapter {name!r}: {weights_path} holds no LoRA weights", "check the adapter files"
         )
-    shapes = _shapes(config)
+    shapes = module_shapes(config)
     # (layer, our module) -> [(shard, A [r, in], B [out, r], scaling)]
     parts: dict[tuple[int, str], list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
     max_rank = 0

@@ -15,7 +15,8 @@ import torch
 from inference.attention_backends import get_attention_backend, set_attention_backend
 from inference.config import EngineConfig
 from inference.errors import KVBudgetError
-from inference.lora import lora_buffer_bytes, lora_buffer_shapes, uses_lora_kernels
+from inference.lora import uses_lora_kernels
+from inference.lora_shapes import lora_buffer_bytes, lora_buffer_shapes
 from inference.metadata import AttentionMetadata
 from inference.model_config import ModelConfig
 from inference.model_runner import allocate_kv_cache

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from inference.errors import AdapterError
-from inference.lora import LoRAWeights, lora_rank_columns
+from inference.lora_shapes import lora_rank_columns
 from inference.triton_attention import INTERPRETED, _cast, _pow2
 
 if TYPE_CHECKING:
@@ -366,7 +366,7 @@ class LoRASlots:
         for key, w in adapter.modules.items():
             a, b = self.buffers[key]
             cols = w.a_t.shape[1]
-            modules[key] = LoRAWeights(a[slot, :, :cols], b[slot, :cols], w.shards)
+            modules[key] = replace(w, a_t=a[slot, :, :cols], b_t=b[slot, :cols])
         return replace(adapter, modules=modules)
 
     def evict(self, name: str) -> None:

@@ -24,7 +24,8 @@ from inference import triton_lora
 from inference.config import EngineConfig
 from inference.engine import LLMEngine
 from inference.loader import load_model
-from inference.lora import LoRAManager, lora_buffer_bytes, read_adapter
+from inference.lora import LoRAManager, read_adapter
+from inference.lora_shapes import lora_buffer_bytes
 from inference.params import SamplingParams
 from tests.inference.test_lora import ADAPTERS, Tiny, make_adapter, prefill_logits
 from tests.inference.test_models import PROMPT, _hf_model, hf_greedy, save_tiny_tokenizer
