@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh env tests     # what the machine has; the GPU tests (a few minutes)
 #   bash benchmarks/gpu_session.sh bench [ARGS]  # python -m benchmarks.engine --device cuda ARGS (under 10 minutes)
 #   bash benchmarks/gpu_session.sh quant [ARGS]  # the same with --quantized: bf16 vs int8 vs int4 weights, decode
+#   bash benchmarks/gpu_session.sh lora [ARGS]   # python -m benchmarks.engine --adapters 4 --device cuda ARGS
 #   bash benchmarks/gpu_session.sh profile [ARGS] # python -m benchmarks.engine_profile: where a step's time goes
 #   bash benchmarks/gpu_session.sh tiles [ARGS]  # python -m benchmarks.triton_tiles: time the attention tile choices
 #   bash benchmarks/gpu_session.sh aot [ARGS]    # python -m inference.triton_aot ARGS: compiled resources, this triton
@@ -56,13 +57,14 @@ print(sys.version.split()[0], \"torch\", torch.__version__, \"triton\", triton._
       phase tests "$PY" -m pytest -q -p no:cacheprovider \
         tests/inference/test_triton_attention.py tests/inference/test_triton_layers.py \
         tests/inference/test_cuda_graphs.py tests/inference/test_memory_profile.py \
-        tests/inference/test_engine.py tests/inference/test_loader_device.py tests/inference/test_triton_quant.py
+        tests/inference/test_engine.py tests/inference/test_loader_device.py tests/inference/test_triton_quant.py \
+        tests/inference/test_triton_lora.py tests/inference/test_triton_lora_engine.py
       what=("${what[@]:1}")
       ;;
     aot)
-      # everything after "aot" is inference.triton_aot's own arguments (default: Qwen3-0.6B for an H100)
+      # everything after "aot" is inference.triton_aot's own arguments (default: Qwen3-0.6B and its LoRA kernels, H100)
       args=("${what[@]:1}")
-      [ ${#args[@]} -gt 0 ] || args=(--target sm_90 --model qwen3-0.6b)
+      [ ${#args[@]} -gt 0 ] || args=(--target sm_90 --model qwen3-0.6b --lora qwen3-0.6b)
       phase aot "$PY" -m inference.triton_aot "${args[@]}"
       what=()
       ;;
@@ -87,8 +89,14 @@ print(sys.version.split()[0], \"torch\", torch.__version__, \"triton\", triton._
         "${what[@]:1}"
       what=()
       ;;
+    lora)
+      # everything after "lora" is the LoRA benchmark's own arguments: Triton LoRA kernels and LoRA decode graphs
+      phase lora "$PY" -m benchmarks.engine --adapters 4 --device cuda --model "$KIT/qwen3-0.6b/config.json" \
+        "${what[@]:1}"
+      what=()
+      ;;
     *)
-      echo "unknown phase ${what[0]}: env, tests, then aot, tiles, profile, bench or quant [ARGS]" >&2
+      echo "unknown phase ${what[0]}: env, tests, then aot, tiles, profile, bench, quant or lora [ARGS]" >&2
       exit 2
       ;;
   esac

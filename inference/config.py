@@ -42,7 +42,9 @@ class EngineConfig:
     `max_position_embeddings` (see `max_model_len_for`). `enforce_eager` turns CUDA-graph decode off.
     `attention_backend` is "auto" (Triton on CUDA, the reference elsewhere), "reference" or "triton"
     (inference/attention_backends.py, which rejects other names). `max_loras` is how many LoRA adapters may be
-    resident on the device, and so run in one step (inference/lora.py).
+    resident on the device, and so run in one step (inference/lora.py); `lora_kernels` is how their updates run:
+    "auto" (the Triton kernels of inference/triton_lora.py on CUDA, torch elsewhere), "torch" or "triton";
+    `max_lora_rank` is the rank each projection's Triton LoRA buffers hold (larger adapters run on torch, eagerly).
     """
 
     max_num_seqs: int = 64
@@ -56,9 +58,11 @@ class EngineConfig:
     enforce_eager: bool = False
     attention_backend: str = "auto"
     max_loras: int = 4
+    lora_kernels: str = "auto"
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_loras"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_loras", "max_lora_rank"):
             _check_count(name, getattr(self, name))
         for name in ("max_model_len", "num_blocks"):
             if getattr(self, name) is not None:
@@ -82,6 +86,11 @@ class EngineConfig:
             raise EngineError(
                 f"attention_backend must be a backend name, got {self.attention_backend!r}",
                 'use "auto", "reference" or "triton"',
+            )
+        if self.lora_kernels not in ("auto", "torch", "triton"):
+            raise EngineError(
+                f"lora_kernels must be a kernel choice, got {self.lora_kernels!r}",
+                'use "auto", "torch" or "triton"',
             )
 
     def max_model_len_for(self, model_config: ModelConfig) -> int:

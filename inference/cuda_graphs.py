@@ -1,13 +1,16 @@
 """CUDA graphs for decode: static input buffers, one graph per batch-size bucket, padding rows on the null block;
-with `capture=False` the same static-buffer path runs eagerly (how the CPU tests exercise it)."""
+with `capture=False` the same static-buffer path runs eagerly (how the CPU tests exercise it). Steps with LoRA rows
+on the Triton kernels replay a second set of graphs, captured per bucket at its first such step."""
 
 from __future__ import annotations
 
 import bisect
 import time
 from collections.abc import Sequence as SequenceT
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import structlog
 import torch
 
@@ -17,7 +20,9 @@ from inference.model_config import ModelConfig
 if TYPE_CHECKING:
     from torch.cuda import _POOL_HANDLE
 
+    from inference.lora import LoRAManager
     from inference.models.layers import CausalLM
+    from inference.triton_lora import LoRASegments
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +61,19 @@ def largest_graph_batch(
     if cuda_graphs_unsupported(device, backend_name, config, enforce_eager=enforce_eager) is not None:
         return 0
     return graph_batch_sizes(max_num_seqs)[-1]
+
+
+@dataclass(slots=True)
+class _LoRAGraphs:
+    """The LoRA side of the decode graphs: the step's rows grouped by adapter slot in static buffers (`order`,
+    `starts`, `lens` of LoRASegments packed as `[max_batch + 2 * slots]`), and the graphs that read them."""
+
+    num_slots: int
+    device_rows: torch.Tensor  # int32, on the device: fixed addresses for the graphs' whole life
+    host_rows: torch.Tensor  # int32 staging, pinned on CUDA
+    segments: dict[int, LoRASegments] = field(default_factory=dict)  # per bucket: views of device_rows
+    graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)
+    ready: set[int] = field(default_factory=set)  # buckets whose LoRA path is set up (captured on CUDA)
 
 
 class DecodeGraphRunner:
@@ -114,6 +132,8 @@ class DecodeGraphRunner:
         self._staged = torch.cuda.Event() if pin else None
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool: _POOL_HANDLE | None = None  # what CUDAGraph.pool() returns
+        self._capture = capture
+        self._lora: _LoRAGraphs | None = None  # made at the first step with LoRA rows
         if capture:
             self._capture_all()
 
@@ -133,25 +153,100 @@ class DecodeGraphRunner:
         return self.batch_sizes[bisect.bisect_left(self.batch_sizes, num_seqs)]
 
     @torch.inference_mode()
-    def run(self, host: HostBatch) -> torch.Tensor:
-        """Hidden states `[S, hidden]` of a decode step (`fits(host)` must hold); a view valid until the next run."""
+    def run(self, host: HostBatch, lora: LoRAManager | None = None) -> torch.Tensor:
+        """Hidden states `[S, hidden]` of a decode step (`fits(host)` must hold); a view valid until the next run.
+        With `lora` whose current step runs the Triton kernels (`kernel_step`), the bucket's LoRA graph serves it."""
         n = host.num_seqs
         b = self.bucket(n)
-        self._stage(host, b)
-        graph = self._graphs.get(b)
-        if graph is not None:
-            graph.replay()
+        row_slots = lora.step_row_slots if lora is not None else None
+        if lora is None or row_slots is None:
+            self._stage(host, b)
+            graph = self._graphs.get(b)
+            if graph is not None:
+                graph.replay()
+            else:
+                self._forward(b)
         else:
-            self._forward(b)
+            state = self._lora_graphs(lora)
+            if b not in state.ready:
+                self._prepare_lora(b, lora, state)
+            self._stage(host, b, (state, row_slots))
+            graph = state.graphs.get(b)
+            if graph is not None:
+                graph.replay()
+            else:
+                with lora.kernel_plan(state.segments[b]):
+                    self._forward(b)
         self.replays += 1
         assert self._out is not None
         return self._out[:n]
 
-    def _stage(self, host: HostBatch, b: int) -> None:
-        """Write the step (and its padding rows up to bucket `b`) into the staging buffers and copy them over."""
+    @property
+    def lora_buckets(self) -> frozenset[int]:
+        """Buckets whose LoRA path has served a step (captured on CUDA)."""
+        return frozenset(self._lora.ready) if self._lora is not None else frozenset()
+
+    def _lora_graphs(self, lora: LoRAManager) -> _LoRAGraphs:
+        if self._lora is None:
+            slots = lora.slots
+            assert slots is not None, "a step on the Triton LoRA kernels has slots"
+            size = self.max_batch + 2 * slots.num_slots
+            pin = self.device.type == "cuda"
+            self._lora = _LoRAGraphs(
+                slots.num_slots,
+                torch.zeros(size, dtype=torch.int32, device=self.device),
+                torch.zeros(size, dtype=torch.int32, pin_memory=pin),
+            )
+        return self._lora
+
+    def _prepare_lora(self, b: int, lora: LoRAManager, state: _LoRAGraphs) -> None:
+        """Bucket `b`'s LoRA segments over the static rows, bounded by `b` rows (so its grid is fixed), and on CUDA
+        its graph: captured now, over padding rows and empty segments, so the capture writes nothing real."""
+        # imported here: triton loads only where its kernels run (a LoRA step on them implies it is loaded)
+        from inference.triton_lora import LoRASegments
+
+        mb, k = self.max_batch, state.num_slots
+        rows = state.device_rows
+        state.segments[b] = LoRASegments(rows[:mb], rows[mb : mb + k], rows[mb + k :], b, b)
+        if self._capture:
+            self._stage_padding(b, state)
+            with lora.kernel_plan(state.segments[b]):
+                self._forward(b)  # warm-up: compiles this bucket's LoRA kernels outside the graph
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    self._forward(b)
+            if self._pool is None:
+                self._pool = graph.pool()
+            state.graphs[b] = graph
+            log.info("cuda_graph_captured_with_lora", batch=b)
+        state.ready.add(b)
+
+    def _stage_padding(self, b: int, state: _LoRAGraphs) -> None:
+        """Every static row up to `b` a padding row, and no LoRA rows."""
+        if self._staged is not None:
+            self._staged.synchronize()
+        self._i64[:, :b].zero_()
+        self._ctx[:b].fill_(1)
+        self._tables[:b].zero_()
+        state.device_rows.zero_()
+
+    def _stage(self, host: HostBatch, b: int, lora: tuple[_LoRAGraphs, np.ndarray] | None = None) -> None:
+        """Write the step (and its padding rows up to bucket `b`) into the staging buffers and copy them over; with
+        `lora`, also the rows grouped by slot (`row_slots`, padding rows on no adapter)."""
         n, w = host.num_seqs, host.block_tables.shape[1]
         if self._staged is not None:
             self._staged.synchronize()
+        if lora is not None:
+            from inference.triton_lora import segment_arrays  # loaded already: this step ran the LoRA kernels
+
+            state, row_slots = lora
+            packed, _ = segment_arrays(row_slots, state.num_slots)
+            k, mb = packed.size - 2 * state.num_slots, self.max_batch
+            staged = state.host_rows.numpy()
+            staged[:k] = packed[:k]
+            staged[mb:] = packed[k:]
+            state.device_rows.copy_(state.host_rows, non_blocking=True)
         h = self._h64_np
         h[0, :n] = host.input_ids
         h[1, :n] = host.positions

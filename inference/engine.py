@@ -100,7 +100,13 @@ class LLMEngine:
         blocks = plan_num_blocks(cfg, config, device, planned=planned)
         self.runner = ModelRunner(loaded.model, cfg, config, num_blocks=blocks)
         self.lora = LoRAManager(
-            loaded.model, cfg, self.runner.device, config.max_loras, block_size=config.block_size
+            loaded.model,
+            cfg,
+            self.runner.device,
+            config.max_loras,
+            block_size=config.block_size,
+            kernels=config.lora_kernels,
+            max_rank=config.max_lora_rank,
         )
         self.runner.lora = self.lora
         for name, path in (adapters or {}).items():

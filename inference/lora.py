@@ -14,11 +14,14 @@ and each hooked projection adds `(x[a:b] @ A) @ B` to its output rows `a:b`, one
 in the step (a segmented gather-matmul). Rows without an adapter cost nothing. An X-LoRA adapter (inference/xlora.py)
 is served by the same manager: `begin_step` first runs its scaling pass (the step's new tokens, against the request's
 own scaling-pass KV blocks) and classifier for its rows (`_gate`), and its segment scales each expert's rank columns
-per row.
+per row. On CUDA (`kernels`) a step without X-LoRA rows applies every adapter with two Triton kernel launches per
+hooked projection instead (inference/triton_lora.py), over per-slot weight buffers that residency fills.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import itertools
 import json
 import math
@@ -30,11 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import structlog
 import torch
 from torch import nn
 
+from inference import envs
 from inference.errors import AdapterError, UnknownAdapterError
+from inference.lora_shapes import lora_buffer_shapes, module_shapes
 from inference.metadata import AttentionMetadata
 from inference.model_config import ModelConfig
 
@@ -44,6 +50,7 @@ if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
     from inference.sequence import Sequence
+    from inference.triton_lora import LoRASegments, LoRASlots
     from inference.xlora import XLoRAAdapter
 
     AnyAdapter: TypeAlias = "LoRAAdapter | XLoRAAdapter"
@@ -81,16 +88,12 @@ def check_adapter_name(name: str) -> str:
     return name
 
 
-def _shapes(config: ModelConfig) -> dict[str, tuple[int, list[int]]]:
-    """Our module -> (input size, output size of each shard)."""
-    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    hidden, inter = config.hidden_size, config.intermediate_size
-    return {
-        "self_attn.qkv_proj": (hidden, [q, kv, kv]),
-        "self_attn.o_proj": (q, [hidden]),
-        "mlp.gate_up_proj": (hidden, [inter, inter]),
-        "mlp.down_proj": (inter, [hidden]),
-    }
+def uses_lora_kernels(kernels: str, device: torch.device) -> bool:
+    """Whether adapters run on the Triton kernels for this `lora_kernels` choice on `device`: "triton", or "auto"
+    on CUDA with triton installed (found without importing it)."""
+    return kernels == "triton" or (
+        kernels == "auto" and device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    )
 
 
 @dataclass(slots=True)
@@ -265,7 +268,7 @@ def read_adapter(name: str, path: str | Path, config: ModelConfig) -> LoRAAdapte
         raise AdapterError(
             f"adapter {name!r}: {weights_path} holds no LoRA weights", "check the adapter files"
         )
-    shapes = _shapes(config)
+    shapes = module_shapes(config)
     # (layer, our module) -> [(shard, A [r, in], B [out, r], scaling)]
     parts: dict[tuple[int, str], list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
     max_rank = 0
@@ -367,10 +370,18 @@ class _StepPlan:
 
     segments: list[_Segment] = field(default_factory=list)
     padded: _Padded | None = None
+    kernel: LoRASlots | None = None  # the Triton kernels apply the step (CUDA), from these buffers
+    row_slots: np.ndarray | None = None  # with `kernel`: each row's slot, -1 for none
+    # with `kernel`: the rows grouped by slot on the device; made at the first hook that needs them (a decode graph
+    # stages its own and sets them here while it runs, so a graph step copies nothing else)
+    kernel_segments: LoRASegments | None = None
 
     def clear(self) -> None:
         self.segments.clear()
         self.padded = None
+        self.kernel = None
+        self.row_slots = None
+        self.kernel_segments = None
 
 
 @dataclass(slots=True)
@@ -386,6 +397,12 @@ class LoRAManager:
     # the real ones (decode steps, balanced chunks); else a matmul pair per adapter. 0: always per adapter.
     pad_limit: float = 2.0
     block_size: int = 16  # the KV cache's (the runner's): X-LoRA's scaling pass addresses its blocks
+    # How LoRA rows are applied: "auto" (the Triton kernels on CUDA when triton is installed, else torch), "torch",
+    # or "triton" (CUDA, or the CPU under TRITON_INTERPRET=1, which tests use). X-LoRA rows always take torch.
+    kernels: str = "auto"
+    # Rank capacity of each projection in the Triton path's fixed buffers (a fused qkv gets 3x, gate_up 2x): an
+    # adapter above it runs on the torch path, eagerly.
+    max_rank: int = 16
     _registered: dict[str, _Registered] = field(default_factory=dict)
     _resident: OrderedDict[str, AnyAdapter] = field(default_factory=OrderedDict)
     _plan: _StepPlan = field(default_factory=_StepPlan)
@@ -395,6 +412,26 @@ class LoRAManager:
     _hooks: list[RemovableHandle] = field(default_factory=list)
     _uids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     loads: int = 0  # adapters moved to the device (residency misses), for metrics and tests
+    _slots: LoRASlots | None = None  # the Triton kernels' weight buffers, one slot per resident LoRA adapter
+
+    def __post_init__(self) -> None:
+        if self.kernels not in ("auto", "torch", "triton"):
+            raise AdapterError(f"unknown LoRA kernels {self.kernels!r}", "use 'auto', 'torch' or 'triton'")
+        if self.kernels == "triton" and self.device.type != "cuda" and not envs.flag(envs.TRITON_INTERPRET):
+            raise AdapterError(
+                f"the Triton LoRA kernels cannot run on {self.device.type}",
+                "use lora_kernels 'auto' or 'torch' (or set TRITON_INTERPRET=1, as the tests do)",
+            )
+        if uses_lora_kernels(self.kernels, self.device):
+            # imported here: the CPU path never loads triton
+            from inference.triton_lora import LoRASlots
+
+            self._slots = LoRASlots(self.max_loras, self.device, self.config.dtype)
+
+    def _reserve_slots(self, slots: LoRASlots) -> None:
+        """Allocate the Triton path's buffers for every layer and projection at `max_rank` (once, when the first
+        adapter is registered): fixed addresses, which decode graphs capture."""
+        slots.reserve(lora_buffer_shapes(self.config, self.max_rank))
 
     # ---- registration ---------------------------------------------------------------------------------------
     def load(self, name: str, path: str | Path) -> AnyAdapter:
@@ -415,6 +452,12 @@ class LoRAManager:
         else:
             host = adapter.to(torch.device("cpu"), self.config.dtype).with_uid(next(self._uids))
         self._registered[name] = _Registered(host)
+        if self._slots is not None:
+            if not self._slots.fixed:
+                self._reserve_slots(self._slots)
+            why = self._slots.misfit(host) if isinstance(host, LoRAAdapter) else None
+            if why is not None:
+                log.warning("adapter_on_torch_path", adapter=name, reason=why, max_lora_rank=self.max_rank)
         if not self._hooks:
             self._install_hooks()
         log.info("adapter_loaded", adapter=name, rank=adapter.rank, modules=list(adapter.target_modules))
@@ -434,6 +477,8 @@ class LoRAManager:
     def _remove(self, name: str) -> None:
         del self._registered[name]
         self._resident.pop(name, None)
+        if self._slots is not None:
+            self._slots.evict(name)
         log.info("adapter_unloaded", adapter=name)
         if not self._registered:
             for handle in self._hooks:
@@ -500,7 +545,7 @@ class LoRAManager:
 
     # ---- residency and steps ---------------------------------------------------------------------------------
     def _resident_adapter(self, name: str, pinned: set[str]) -> AnyAdapter:
-        adapter = self._resident.get(name)
+        adapter: AnyAdapter | None = self._resident.get(name)
         if adapter is not None:
             self._resident.move_to_end(name)
             return adapter
@@ -511,8 +556,15 @@ class LoRAManager:
                     f"a step needs more than max_loras={self.max_loras} adapters", "raise max_loras"
                 )
             del self._resident[victim]
+            if self._slots is not None:
+                self._slots.evict(victim)
         host = self._registered[name].adapter
-        adapter = host if self.device.type == "cpu" else host.to(self.device, self.config.dtype)
+        slots = self._slots
+        if slots is not None and isinstance(host, LoRAAdapter) and slots.misfit(host) is None:
+            slots.put(host)  # straight from the host copy: the slot is the adapter's only device copy
+            adapter = slots.weights(host)
+        else:  # the torch path's own copy: X-LoRA, an adapter above the buffers' capacity, or no buffers
+            adapter = host if self.device.type == "cpu" else host.to(self.device, self.config.dtype)
         self._resident[name] = adapter
         self.loads += 1
         return adapter
@@ -549,6 +601,15 @@ class LoRAManager:
         if gated:
             self._gate(gated, kv_cache)
             return ordered  # X-LoRA rows take the per-adapter path (their columns are scaled per row)
+        slots = self._slots
+        if slots is not None and all(slots.slot_of(seg.adapter.name) is not None for seg in segments):
+            row_slots = np.full(row, -1, dtype=np.int64)
+            for seg in segments:
+                row_slots[seg.start : seg.end] = slots.slot(seg.adapter.name)
+            slots.check_slots(row_slots)
+            self._plan.kernel = slots
+            self._plan.row_slots = row_slots
+            return ordered
         width = max(s.end - s.start for s in segments)
         real = sum(s.end - s.start for s in segments)
         if len(segments) > 1 and len(segments) * width <= self.pad_limit * real:
@@ -691,6 +752,47 @@ class LoRAManager:
         return bool(self._plan.segments)
 
     @property
+    def device_bytes(self) -> int:
+        """Bytes the adapters hold on the model's device, each storage once: the Triton path's buffers, the resident
+        adapters' weights that are not views of them, and the padded update's cached stacks."""
+        tensors = [t for pair in (self._slots.buffers.values() if self._slots else ()) for t in pair]
+        for adapter in self._resident.values():
+            tensors += [t for w in adapter.modules.values() for t in (w.a_t, w.b_t)]
+            if not isinstance(adapter, LoRAAdapter):
+                tensors += [t for pair in adapter.classifier for t in pair] + [adapter.gather]
+        tensors += [t for stack in self._stacks.values() for pair in stack.values() for t in pair]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())
+
+    @property
+    def kernel_step(self) -> bool:
+        """Whether the current step applies its adapters with the Triton kernels."""
+        return self._plan.kernel is not None
+
+    @property
+    def slots(self) -> LoRASlots | None:
+        """The Triton path's weight buffers (None on the torch path)."""
+        return self._slots
+
+    @property
+    def step_row_slots(self) -> np.ndarray | None:
+        """Each row's LoRA slot in the current step (-1: none), when the Triton kernels apply it."""
+        return self._plan.row_slots
+
+    @contextlib.contextmanager
+    def kernel_plan(self, segments: LoRASegments) -> Iterator[None]:
+        """Within the block, the hooks apply the Triton kernels over `segments` (a decode graph's static ones, so a
+        capture records launches that read them); the step's own plan is restored after."""
+        assert self._slots is not None, "kernel_plan needs the Triton path"
+        plan = self._plan
+        saved = plan.kernel, plan.kernel_segments
+        plan.kernel, plan.kernel_segments = self._slots, segments
+        try:
+            yield
+        finally:
+            plan.kernel, plan.kernel_segments = saved
+
+    @property
     def padded_step(self) -> bool:
         """Whether the current step applies its adapters with the padded batched matmul."""
         return self._plan.padded is not None
@@ -711,9 +813,17 @@ class _LoRAHook:
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
         plan = self.plan
+        x = args[0]
+        slots = plan.kernel
+        if slots is not None:  # set without `segments` while a decode graph is captured
+            segments = plan.kernel_segments
+            if segments is None:
+                assert plan.row_slots is not None, "a kernel step has its rows' slots"
+                segments = plan.kernel_segments = slots.segments(plan.row_slots)
+            slots.apply(self.key, x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]), segments)
+            return
         if not plan.segments:
             return
-        x = args[0]
         padded = plan.padded
         if padded is not None:
             stacked = padded.weights.get(self.key)

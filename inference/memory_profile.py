@@ -1,6 +1,7 @@
 """KV cache sizing on CUDA: one profiling step (a dummy prefill of the full token budget plus a worst-case
 sampler pass) measures peak memory, a dummy decode of the largest graph bucket measures what the decode graphs'
-pool will keep, and the KV cache gets what `gpu_memory_utilization` leaves of the GPU."""
+pool will keep, the Triton LoRA path's buffers and scratch are computed from the shapes, and the KV cache gets what
+`gpu_memory_utilization` leaves of the GPU."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import torch
 from inference.attention_backends import get_attention_backend, set_attention_backend
 from inference.config import EngineConfig
 from inference.errors import KVBudgetError
+from inference.lora import uses_lora_kernels
+from inference.lora_shapes import lora_buffer_bytes, lora_buffer_shapes
 from inference.metadata import AttentionMetadata
 from inference.model_config import ModelConfig
 from inference.model_runner import allocate_kv_cache
@@ -27,6 +30,7 @@ log = structlog.get_logger(__name__)
 
 _GIB = float(2**30)
 _MIB = float(2**20)
+_FP32 = 4  # bytes: the shrink's scratch is float32, the rows grouped by slot int32
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +43,7 @@ class MemoryProfile:
     torch_reserved: int  # bytes torch's caching allocator still holds after releasing its unused blocks
     weights: int = 0  # bytes allocated before the step (weights, buffers); for logs
     graph_pool: int = 0  # peak of one decode step of the largest graph bucket: what the graphs' pool keeps
+    lora: int = 0  # LoRAReserve.total when adapters will run on the Triton kernels, else 0 (not measured)
 
     @property
     def non_torch(self) -> int:
@@ -50,19 +55,58 @@ class MemoryProfile:
         return max(0, self.torch_peak - self.weights)
 
 
+@dataclass(frozen=True, slots=True)
+class LoRAReserve:
+    """Device bytes the Triton LoRA path (inference/lora.py, inference/triton_lora.py) needs beyond what the
+    profiling steps measure, which run without adapters (none exists yet, and the buffers come later)."""
+
+    buffers: int  # the per-slot weight buffers, allocated at the first adapter and kept
+    step: (
+        int  # a full-budget step's extra peak: the shrink's fp32 `h` (one projection's) and its rows by slot
+    )
+    graphs: (
+        int  # the LoRA decode graphs: their largest bucket's `h` in the shared pool, and their static rows
+    )
+
+    @property
+    def total(self) -> int:
+        return self.buffers + self.step + self.graphs
+
+
+def lora_reserve(model_config: ModelConfig, limits: StepLimits) -> LoRAReserve:
+    """What the Triton LoRA path adds for `limits` (the config's `max_loras` slots at `max_lora_rank`), counted as
+    the profile counts the rest: bytes allocated. A hooked projection's `h` is `[rows, R]` float32, `R` the widest
+    buffer's rank columns (qkv_proj's), freed before the next projection's, so one is live at a time on top of the
+    step's activations; a step's rows grouped by slot are `rows + 2 * max_loras` int32."""
+    engine = limits.config
+    slots, rows = engine.max_loras, limits.decode_graph_rows
+    shapes = lora_buffer_shapes(model_config, engine.max_lora_rank)
+    widest = max(cols for _, _, cols in shapes.values())
+
+    def scratch(n: int) -> int:
+        return n * widest * _FP32 + (n + 2 * slots) * _FP32
+
+    return LoRAReserve(
+        buffers=lora_buffer_bytes(model_config, slots, engine.max_lora_rank),
+        step=scratch(engine.max_num_batched_tokens),
+        graphs=scratch(rows) if rows > 0 else 0,
+    )
+
+
 def kv_cache_budget(profile: MemoryProfile, gpu_memory_utilization: float) -> int:
     """Bytes left for the KV cache (may be negative):
-    `total * utilization - torch peak - decode graph pool - non-torch usage`.
+    `total * utilization - torch peak - decode graph pool - LoRA reserve - non-torch usage`.
 
     The same rule as vLLM: the engine may use `utilization` of the whole GPU, and everything else it needs at
     its peak (weights, the largest step's activations and sampler buffers), keeps for its life (the CUDA graphs'
-    private memory pool, captured after the cache exists) or that is not torch's (CUDA context, cuBLAS/NCCL,
-    other processes on the GPU) comes out of that share first.
+    private memory pool, captured after the cache exists; the Triton LoRA buffers, made at the first adapter) or
+    that is not torch's (CUDA context, cuBLAS/NCCL, other processes on the GPU) comes out of that share first.
     """
     return (
         int(profile.total * gpu_memory_utilization)
         - profile.torch_peak
         - profile.graph_pool
+        - profile.lora
         - profile.non_torch
     )
 
@@ -80,14 +124,16 @@ def blocks_for_profile(
     num_blocks = max(0, budget) // bytes_per_block
     need = -(-max_model_len // block_size) + 1
     if num_blocks < need:
+        lora = f", the LoRA buffers ({profile.lora / _GIB:.2f} GiB)" if profile.lora else ""
+        lora_hint = " (or max_loras / max_lora_rank, or lora_kernels 'torch')" if profile.lora else ""
         raise KVBudgetError(
             f"gpu_memory_utilization {gpu_memory_utilization:g} of {profile.total / _GIB:.1f} GiB leaves "
             f"{budget / _MIB:.0f} MiB for the KV cache after the weights and peak activations "
-            f"({profile.torch_peak / _GIB:.2f} GiB), the decode graphs ({profile.graph_pool / _GIB:.2f} GiB) "
+            f"({profile.torch_peak / _GIB:.2f} GiB), the decode graphs ({profile.graph_pool / _GIB:.2f} GiB){lora} "
             f"and non-torch memory ({profile.non_torch / _GIB:.2f} GiB); "
             f"one {max_model_len}-token request needs {need * bytes_per_block / _MIB:.0f} MiB",
-            "raise gpu_memory_utilization, lower max_model_len, max_num_batched_tokens or max_num_seqs, "
-            "or free GPU memory held by other processes",
+            "raise gpu_memory_utilization, lower max_model_len, max_num_batched_tokens or max_num_seqs"
+            f"{lora_hint}, or free GPU memory held by other processes",
         )
     return int(num_blocks)
 
@@ -130,7 +176,8 @@ def dummy_metadata(
 class StepLimits:
     """The largest work the engine will schedule, which the profiling steps run: a prefill of the config's
     `max_num_batched_tokens` against a `max_model_len` context (the config's, for this model), `max_num_seqs`
-    sampled rows, and (when > 0) a decode graph of `decode_graph_rows`."""
+    sampled rows, and (when > 0) a decode graph of `decode_graph_rows`; with the config's LoRA settings, what the
+    Triton LoRA path adds (`lora_reserve`)."""
 
     config: EngineConfig
     max_model_len: int
@@ -221,6 +268,7 @@ def profile_cuda_memory(model: CausalLM, config: ModelConfig, limits: StepLimits
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
         reserved = torch.cuda.memory_reserved()
+    kernels = uses_lora_kernels(limits.config.lora_kernels, device)
     return MemoryProfile(
         total=total,
         free=free,
@@ -228,6 +276,7 @@ def profile_cuda_memory(model: CausalLM, config: ModelConfig, limits: StepLimits
         torch_reserved=reserved,
         weights=weights,
         graph_pool=graph_pool,
+        lora=lora_reserve(config, limits).total if kernels else 0,
     )
 
 
@@ -252,6 +301,7 @@ def plan_cuda_kv_blocks(model: CausalLM, config: ModelConfig, limits: StepLimits
         weights_gib=round(profile.weights / _GIB, 2),
         activations_gib=round(profile.activations / _GIB, 2),
         decode_graphs_gib=round(profile.graph_pool / _GIB, 3),
+        lora_gib=round(profile.lora / _GIB, 3),
         non_torch_gib=round(profile.non_torch / _GIB, 2),
         kv_gib=round(num_blocks * bytes_per_block / _GIB, 2),
         kv_blocks=num_blocks,

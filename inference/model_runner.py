@@ -404,17 +404,19 @@ class ModelRunner:
             return self._run(items, graphs_ok=True)
         items = lora.begin_step(items, self.kv_cache)  # each adapter's rows contiguous; X-LoRA gates
         try:
-            return self._run(items, graphs_ok=not lora.active)  # graphs were captured without adapters
+            # the base graphs hold no adapters; steps on the Triton LoRA kernels have graphs of their own
+            kernels = lora.kernel_step
+            return self._run(items, graphs_ok=kernels or not lora.active, lora=lora if kernels else None)
         finally:
             lora.end_step()
 
     def _run(
-        self, items: SequenceT[tuple[Sequence, int]], *, graphs_ok: bool
+        self, items: SequenceT[tuple[Sequence, int]], *, graphs_ok: bool, lora: LoRAManager | None = None
     ) -> tuple[torch.Tensor | None, list[Sequence]]:
         host, sample_seqs = build_host_batch(items, self.block_size, self._tables)
         graphs = self.decode_graphs
         if graphs is not None and graphs_ok and graphs.fits(host):
-            hidden = graphs.run(host)
+            hidden = graphs.run(host, lora)
             if not sample_seqs:
                 return None, []
             if len(sample_seqs) != host.num_tokens:

@@ -6,6 +6,7 @@ The interpreter that runs the kernels on the CPU checks their arithmetic, not wh
 that changes across loop iterations, a `tl.dot` shape the tensor cores cannot take, a tile that needs more shared
 memory than the GPU has (an `OutOfResources` at the first launch), registers spilled to local memory. Triton's own
 compiler and ptxas run fine on a machine with no GPU; only the launch needs one. `python -m inference.triton_aot`.
+The LoRA kernels (inference/triton_lora.py) are compiled from their own launches over a model's projection shapes.
 """
 
 from __future__ import annotations
@@ -35,6 +36,14 @@ TARGETS: dict[str, tuple[int, int]] = {  # name -> (compute capability, shared m
 }
 SM_COUNTS = {80: 108, 86: 84, 89: 58, 90: 132}  # the split-KV choice depends on it: the flagship card's count
 MAX_REGISTERS = 255  # per thread on every target above
+
+# LoRA projection shapes, (hidden, q features, k/v features each, intermediate), from the models' config.json
+LORA_MODELS: dict[str, tuple[int, int, int, int]] = {
+    "smollm2-135m": (576, 9 * 64, 3 * 64, 1536),  # 9 query heads and 3 KV heads of 64
+    "qwen3-0.6b": (1024, 16 * 128, 8 * 128, 3072),  # 16 query heads and 8 KV heads of 128
+}
+LORA_RANKS = (8, 16)
+LORA_SLOTS = 4  # max_loras' default: the buffers' slot count, which is also the kernels' grid
 
 _RESOURCES = re.compile(r"Function (\w+):\s+REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
@@ -312,6 +321,64 @@ def compile_model(
     return list(launches.values())
 
 
+def _lora_cases() -> list[tuple[str, list[int], bool]]:
+    """(name, slot of each row, in a decode graph) of the steps an engine runs with adapters: eager decode, a
+    chunked prefill, and graph decode, whose grid is bounded by the bucket rather than the longest segment."""
+    graph = [(f"decode in a graph, batch {n}", [i % 5 - 1 for i in range(n)], True) for n in (1, 64, 256)]
+    return [
+        ("decode, 1 row", [0], False),
+        ("decode, 64 rows over 4 adapters and the base", [i % 5 - 1 for i in range(64)], False),
+        ("prefill, 512 tokens over 4 adapters", [i // 128 for i in range(512)], False),
+        *graph,
+    ]
+
+
+def compile_lora(
+    model: str, dtype: torch.dtype, *, target: str = "sm_90", ranks: tuple[int, ...] = LORA_RANKS
+) -> list[CompiledLaunch]:
+    """Every distinct specialisation of the LoRA kernels for the four adapted projections of `model` (a key of
+    LORA_MODELS) with adapters of each rank in `ranks` on all seven projections (rank columns as LoRASlots sizes
+    them: the fused shards' ranks added up, rounded up to 16), in the steps of `_lora_cases`, compiled for
+    `target`."""
+    from inference import triton_lora
+
+    if target not in TARGETS:
+        raise AotError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
+    if model not in LORA_MODELS:
+        raise AotError(f"no LoRA shapes for {model!r}; known: {', '.join(LORA_MODELS)}")
+    hidden, q, kv, inter = LORA_MODELS[model]
+    # module -> (input features, output features, shards)
+    modules = {
+        "qkv": (hidden, q + 2 * kv, 3),
+        "o": (q, hidden, 1),
+        "gate_up": (hidden, 2 * inter, 2),
+        "down": (inter, hidden, 1),
+    }
+    capability, _ = TARGETS[target]
+    launches: dict[tuple[Any, ...], CompiledLaunch] = {}
+    with compile_only(capability) as captures:
+        for rank in ranks:
+            for case, rows, in_graph in _lora_cases():
+                segments = triton_lora.lora_segments(rows, LORA_SLOTS, torch.device("cpu"))
+                if in_graph:  # DecodeGraphRunner's static segments: the bucket bounds every segment
+                    segments.max_len = len(rows)
+                for module, (k_dim, n_dim, shards) in modules.items():
+                    cols = -(-rank * shards // 16) * 16
+                    x = torch.zeros(len(rows), k_dim, dtype=dtype)
+                    y = torch.zeros(len(rows), n_dim, dtype=dtype)
+                    a = torch.zeros(LORA_SLOTS, k_dim, cols, dtype=dtype)
+                    b = torch.zeros(LORA_SLOTS, cols, n_dim, dtype=dtype)
+                    start = len(captures)
+                    triton_lora.add_lora(y, x, a, b, segments)
+                    for capture in captures[start:]:
+                        capture.case = f"r{rank} {module}, {case}"
+    for capture in captures:
+        launch = _describe(capture)
+        key = (launch.kernel, json.dumps(launch.constants, sort_keys=True, default=str), launch.num_warps)
+        launches.setdefault(key, launch)
+    return list(launches.values())
+
+
 def check(launches: list[CompiledLaunch], target: str) -> list[str]:
     """What would fail at launch on `target`: shared memory over the per-block limit, registers over the cap."""
     _, smem = TARGETS[target]
@@ -335,7 +402,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model",
         action="append",
-        help="builtin config name or config.json (repeatable; default: every builtin config)",
+        help="builtin config name or config.json (repeatable; default: every builtin config, unless --lora)",
+    )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        choices=sorted(LORA_MODELS),
+        help="the LoRA kernels over this model's projections, ranks 8 and 16 (repeatable; default: every one, "
+        "unless --model)",
     )
     parser.add_argument("--dtype", action="append", choices=["bfloat16", "float16", "float32"])
     parser.add_argument(
@@ -355,15 +429,21 @@ def main(argv: list[str] | None = None) -> int:
     from inference.errors import EngineError
     from inference.loader import _builtin_configs, dummy_model_config
 
-    models = args.model or _builtin_configs()
+    models = args.model or ([] if args.lora else _builtin_configs())
+    loras = args.lora or ([] if args.model else sorted(LORA_MODELS))
     dtypes = args.dtype or ["bfloat16"]
     quantize = tuple(m for m in (args.quantize or QUANTIZED_MODES) if m != "none")
     failed = False
-    for model in models:
+    jobs = [(m, False) for m in models] + [(m, True) for m in loras]
+    for job, lora in jobs:
+        model = f"lora:{job}" if lora else job
         for dtype_name in dtypes:
             try:
-                _, config = dummy_model_config(model, getattr(torch, dtype_name))
-                launches = compile_model(config, target=args.target, quantize=quantize)
+                if lora:
+                    launches = compile_lora(job, getattr(torch, dtype_name), target=args.target)
+                else:
+                    _, config = dummy_model_config(job, getattr(torch, dtype_name))
+                    launches = compile_model(config, target=args.target, quantize=quantize)
             except (EngineError, AotError) as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 2

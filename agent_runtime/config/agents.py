@@ -151,6 +151,10 @@ class ModelSettings(BaseModel):
     # LoRA adapters in PEFT's format, name -> folder (docs/adapters.md); agents pick one with `adapter`
     adapters: dict[str, str] = Field(default_factory=dict)
     max_loras: int = Field(default=4, ge=1, le=256)  # adapters resident at once (and so in one step)
+    # CUDA: the rank each projection's LoRA kernel buffers hold (larger adapters run on torch, eagerly)
+    max_lora_rank: int = Field(default=16, ge=1, le=1024)
+    # how LoRA updates run: auto (Triton kernels on CUDA, torch elsewhere), torch, or triton (CUDA only)
+    lora_kernels: Literal["auto", "torch", "triton"] = "auto"
     # weights: auto (a GGUF stays quantized on a bf16 CPU model, else float), none (float), int8 or int4 (CPU)
     quantize: Literal["auto", "none", "int8", "int4"] = "auto"
     quantize_group_size: Literal[32, 64, 128, 256] = 32  # int4: inputs per scale

@@ -19,6 +19,7 @@ def test_defaults() -> None:
     assert config.max_model_len is None and config.kv_cache_memory is None and config.num_blocks is None
     assert config.gpu_memory_utilization == DEFAULT_GPU_MEMORY_UTILIZATION == 0.9
     assert config.enable_prefix_caching and not config.enforce_eager and config.attention_backend == "auto"
+    assert (config.max_loras, config.max_lora_rank, config.lora_kernels) == (4, 16, "auto")
 
 
 def test_frozen() -> None:
@@ -43,6 +44,9 @@ def test_frozen() -> None:
         ({"gpu_memory_utilization": 0}, r"gpu_memory_utilization must be in \(0, 1\]"),
         ({"enforce_eager": "yes"}, "enforce_eager must be true or false"),
         ({"attention_backend": ""}, "attention_backend must be a backend name"),
+        ({"max_loras": 0}, "max_loras must be an integer >= 1"),
+        ({"max_lora_rank": 0}, "max_lora_rank must be an integer >= 1"),
+        ({"lora_kernels": "cuda"}, "lora_kernels must be a kernel choice"),
     ],
 )
 def test_invalid_settings_raise_a_typed_error(fields: dict[str, Any], reason: str) -> None:

@@ -77,6 +77,22 @@ def test_session_logs_each_phase_and_reports_failure(tmp_path: Path) -> None:
     assert "=== aot: exit 2" in proc.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the phase where there is no GPU")
+def test_lora_phase_runs_the_lora_benchmark_on_cuda(tmp_path: Path) -> None:
+    """`lora` runs `benchmarks.engine --adapters 4 --device cuda` on the kit's Qwen3-0.6B: without a GPU it says so
+    in one line (exit 2), logged to $OUT/lora.log, and the script exits 1."""
+    (tmp_path / "kit").mkdir()
+    out = tmp_path / "out"
+    proc = _session("lora", "--quick", GPU_KIT=str(tmp_path / "kit"), OUT=str(out))
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (
+        f"--adapters 4 --device cuda --model {tmp_path / 'kit'}/qwen3-0.6b/config.json --quick" in proc.stdout
+    )
+    log = (out / "lora.log").read_text()
+    assert "no CUDA device" in log and "Traceback" not in log
+    assert "=== lora: exit 2" in proc.stdout
+
+
 def test_engine_profile_runs_its_whole_path_on_the_cpu(capsys: pytest.CaptureFixture[str]) -> None:
     """`benchmarks.engine_profile --smoke`: decode steps at two batch sizes and a prefill step, profiled, tabled."""
     from benchmarks import engine_profile

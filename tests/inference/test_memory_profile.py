@@ -15,15 +15,18 @@ from inference.engine import LLMEngine
 from inference.errors import EngineError, KVBudgetError
 from inference.loader import load_model
 from inference.memory_profile import (
+    LoRAReserve,
     MemoryProfile,
     StepLimits,
     blocks_for_profile,
     dummy_metadata,
     dummy_query_lens,
     kv_cache_budget,
+    lora_reserve,
     run_decode_profile_step,
     run_profile_step,
 )
+from inference.model_config import ModelConfig
 from inference.params import SamplingParams
 from tests.inference.test_hf_equivalence import build_tiny_model
 
@@ -60,6 +63,9 @@ def test_budget_is_utilization_share_minus_peak_and_non_torch_memory() -> None:
     # the decode graphs' pool is kept for the engine's life, so it comes out of the share too
     graphs = dataclasses.replace(profile, graph_pool=96 * MiB)
     assert kv_cache_budget(graphs, 0.9) == kv_cache_budget(profile, 0.9) - 96 * MiB
+    # and so do the Triton LoRA buffers and scratch, made after the cache
+    lora = dataclasses.replace(graphs, lora=130 * MiB)
+    assert kv_cache_budget(lora, 0.9) == kv_cache_budget(graphs, 0.9) - 130 * MiB
     # torch holding more than the driver reports used (rounding) never makes non-torch memory negative
     odd = MemoryProfile(total=10 * GiB, free=9 * GiB, torch_peak=GiB, torch_reserved=2 * GiB)
     assert odd.non_torch == 0
@@ -78,7 +84,16 @@ def test_blocks_for_profile_and_the_error_naming_the_utilization() -> None:
             profile, gpu_memory_utilization=0.13, bytes_per_block=per_block, block_size=16, max_model_len=4096
         )
     assert "gpu_memory_utilization 0.13" in info.value.reason
+    assert "LoRA" not in info.value.reason and "lora" not in (info.value.hint or "")  # none reserved
     assert "gpu_memory_utilization" in (info.value.hint or "")
+    # a LoRA reserve that leaves too little is named, with the settings that shrink it
+    lora = dataclasses.replace(profile, lora=int(12.3 * GiB))
+    with pytest.raises(KVBudgetError) as info:
+        blocks_for_profile(
+            lora, gpu_memory_utilization=0.9, bytes_per_block=per_block, block_size=16, max_model_len=4096
+        )
+    assert "the LoRA buffers (12.30 GiB)" in info.value.reason
+    assert "max_lora_rank" in (info.value.hint or "") and "lora_kernels" in (info.value.hint or "")
     # a negative budget (the weights alone exceed the share) is the same clear error, not a crash
     with pytest.raises(KVBudgetError, match="leaves -"):
         blocks_for_profile(
@@ -97,6 +112,56 @@ def test_blocks_for_profile_and_the_error_naming_the_utilization() -> None:
         )
         == need
     )
+
+
+def qwen3_06b(dtype: torch.dtype = torch.bfloat16) -> ModelConfig:
+    """Qwen3-0.6B's shapes (its config.json): 28 layers, hidden 1024, MLP 3072, 16 query and 8 KV heads of 128."""
+    return ModelConfig(
+        architecture="Qwen3ForCausalLM",
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_layers=28,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        rope_theta=1_000_000.0,
+        rope_scaling=None,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        qk_norm=True,
+        max_position_embeddings=40960,
+        bos_token_id=None,
+        eos_token_ids=(151645,),
+        dtype=dtype,
+    )
+
+
+def test_lora_reserve_counts_the_triton_buffers_and_scratch() -> None:
+    """The Triton LoRA path's bytes from the shapes alone: per layer and slot, `R * (in + out)` for each fused
+    projection (qkv_proj 1024 -> 2048 + 2 * 1024 with 3 * rank columns, o_proj 2048 -> 1024, gate_up_proj 1024 ->
+    2 * 3072 with 2 * rank, down_proj 3072 -> 1024), columns rounded up to 16; plus fp32 `h` of the widest."""
+    cfg = qwen3_06b()
+    per_layer = 48 * (1024 + 4096) + 16 * (2048 + 1024) + 32 * (1024 + 6144) + 16 * (3072 + 1024)
+    limits = StepLimits(EngineConfig(max_loras=4, max_lora_rank=16), 4096, decode_graph_rows=64)
+    reserve = lora_reserve(cfg, limits)
+    assert reserve == LoRAReserve(
+        buffers=4 * 28 * per_layer * 2,  # 4 slots, bf16
+        step=2048 * 48 * 4 + (2048 + 2 * 4) * 4,  # max_num_batched_tokens rows of qkv's h, the rows by slot
+        graphs=64 * 48 * 4 + (64 + 2 * 4) * 4,  # the largest bucket's h, the static rows
+    )
+    assert reserve.buffers == 132_120_576  # the "about 132 MB" of docs/adapters.md
+    assert reserve.total == reserve.buffers + reserve.step + reserve.graphs
+    # rank 8: qkv's 24 columns round up to 32, gate_up's 16 and the others' 8 to 16
+    small = lora_reserve(cfg, dataclasses.replace(limits, config=EngineConfig(max_lora_rank=8)))
+    per_layer8 = 32 * (1024 + 4096) + 16 * (2048 + 1024) + 16 * (1024 + 6144) + 16 * (3072 + 1024)
+    assert small.buffers == 4 * 28 * per_layer8 * 2
+    assert small.step == 2048 * 32 * 4 + (2048 + 8) * 4
+    # slots and element size scale the buffers; no decode graphs, no LoRA graphs
+    eager = StepLimits(EngineConfig(max_loras=2, max_lora_rank=16), 4096)
+    fp32 = lora_reserve(qwen3_06b(torch.float32), eager)
+    assert fp32.buffers == 2 * 28 * per_layer * 4 and fp32.graphs == 0
 
 
 def test_dummy_query_lens() -> None:
@@ -210,6 +275,20 @@ def test_profile_bookkeeping_with_torch_cuda_statistics_faked(
     allocated, peaks = iter([100 * MiB]), iter([900 * MiB])
     eager = mp.profile_cuda_memory(tiny.model, tiny.config, dataclasses.replace(limits, decode_graph_rows=0))
     assert eager.graph_pool == 0 and decode_rows == [4, 4]
+    # adapters on the Triton kernels: their buffers and scratch come out of the share ("auto" above is torch here,
+    # on the CPU; "triton" is what CUDA with triton installed gets); fewer blocks, by exactly those bytes
+    triton = dataclasses.replace(limits, config=dataclasses.replace(config, lora_kernels="triton"))
+    reserve = mp.lora_reserve(tiny.config, triton)
+    assert reserve.buffers > 0 and reserve.graphs > 0
+    allocated, peaks = iter([100 * MiB, 120 * MiB]), iter([900 * MiB, 160 * MiB])
+    with_lora = mp.profile_cuda_memory(tiny.model, tiny.config, triton)
+    assert with_lora == dataclasses.replace(profile, lora=reserve.total)
+    allocated, peaks = iter([100 * MiB, 120 * MiB]), iter([900 * MiB, 160 * MiB])
+    lora_blocks = mp.plan_cuda_kv_blocks(tiny.model, tiny.config, triton)
+    assert lora_blocks == (8 * GiB - 900 * MiB - 40 * MiB - reserve.total - 2 * GiB) // per_block < blocks
+    torch_path = dataclasses.replace(limits, config=dataclasses.replace(config, lora_kernels="torch"))
+    allocated, peaks = iter([100 * MiB, 120 * MiB]), iter([900 * MiB, 160 * MiB])
+    assert mp.profile_cuda_memory(tiny.model, tiny.config, torch_path).lora == 0
 
 
 def test_engine_validates_utilization_and_keeps_cpu_sizing(tiny: Any) -> None:

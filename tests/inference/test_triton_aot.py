@@ -102,6 +102,30 @@ def test_every_kernel_compiles_for_h100_within_its_resources(tmp_path: Path) -> 
     assert any(x["constants"]["BLOCK_M"] == 64 and x["constants"]["SPLIT_K"] == 1 for x in quant)
 
 
+def test_lora_kernels_compile_for_h100_within_their_resources(tmp_path: Path) -> None:
+    """The segmented LoRA kernels over SmolLM2's and Qwen3-0.6B's projections, ranks 8 and 16, decode and prefill,
+    in bf16 for sm_90: no problems, no spills, and the tiles the engine's steps ask for."""
+    proc = _run(
+        ["-m", "inference.triton_aot", "--lora", "smollm2-135m", "--lora", "qwen3-0.6b", "--json"], tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = _reports(proc.stdout)
+    assert [r["model"] for r in reports] == ["lora:smollm2-135m", "lora:qwen3-0.6b"]
+    for report in reports:
+        assert report["problems"] == []
+        launches = report["launches"]
+        assert {x["kernel"] for x in launches} == {"_shrink_kernel", "_expand_kernel"}
+        for x in launches:
+            assert 0 < x["registers"] <= 255, x
+            assert 0 <= x["shared_bytes"] <= 232_448, x
+            assert x["spill_bytes"] == 0, f"{x['kernel']} spills {x['spill_bytes']} bytes in bf16"
+        cases = {(x["kernel"], x["case"]): x["constants"] for x in launches}
+        # rank 8 on q, k and v: 24 rank columns in a 32-wide tile; one decode row splits the input features
+        decode = cases[("_shrink_kernel", "r8 qkv, decode, 1 row")]
+        assert decode["BLOCK_R"] == 32 and decode["BLOCK_M"] == 16 and decode["SPLIT_K"] > 1
+        assert cases[("_expand_kernel", "r16 qkv, prefill, 512 tokens over 4 adapters")]["BLOCK_R"] == 64
+
+
 def test_catches_an_error_only_the_compiler_sees(tmp_path: Path) -> None:
     """A loop-carried variable that changes type runs under the interpreter but is a compile error: the check must
     report it, and leave Triton's driver and JIT as it found them."""

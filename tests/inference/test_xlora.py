@@ -384,3 +384,39 @@ async def test_hot_load_on_async_engine(world: World, gates: dict[str, tuple[Pat
             outputs = [o async for o in engine.generate(PROMPT, greedy(6, "x"))]
             assert outputs[-1].token_ids == hf_greedy(model, PROMPT, 6)
             assert await engine.unload_adapter("x") is True
+
+
+def test_xlora_steps_stay_on_torch_beside_the_triton_lora_kernels(
+    world: World, gates: dict[str, tuple[Path, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the Triton LoRA path (`kernels="triton"`, interpreted here) a step with an X-LoRA row applies every adapter
+    with torch (its columns are scaled per row), and still gives PEFT's logits; a step with LoRA rows only launches
+    the kernels."""
+    pytest.importorskip("triton")
+    from inference import triton_lora
+
+    launches: list[int] = []
+    real = triton_lora.add_lora
+
+    def counted(*args: Any, **kwargs: Any) -> None:
+        launches.append(args[0].shape[0])
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(triton_lora, "add_lora", counted)
+    folder, model = gates["dense"]
+    config = world.loaded.config
+    manager = LoRAManager(world.loaded.model, config, torch.device("cpu"), block_size=4, kernels="triton")
+    manager.add(read_any_adapter("x", folder, config))
+    manager.load("math", world.experts["math"])
+    rows: list[tuple[list[int], str | None]] = [(PROMPT, "x"), (PROMPT[3:14], None), (PROMPT[::-1], "math")]
+    ours, _ = prefill_logits(world.loaded, rows, manager)
+    assert launches == []
+    with torch.no_grad():
+        torch.testing.assert_close(ours[0], model(torch.tensor([PROMPT])).logits[0], atol=1e-4, rtol=1e-4)
+        math_expected = world.lora["math"](torch.tensor([PROMPT[::-1]])).logits[0]
+        torch.testing.assert_close(ours[2], math_expected, atol=1e-4, rtol=1e-4)
+    lora_only, _ = prefill_logits(world.loaded, rows[1:], manager)
+    assert len(launches) == 4 * config.num_layers
+    torch.testing.assert_close(lora_only[1], ours[2], atol=1e-4, rtol=1e-4)
+    for name in ("x", "math"):
+        manager.unload(name)

@@ -83,11 +83,19 @@ def test_cli_device_flags(tmp_path: Path) -> None:
 
 
 def test_adapters_in_config_flags_and_agents(tmp_path: Path) -> None:
-    model = {"adapters": {"tools": "./adapters/tools"}, "max_loras": 2}
+    model = {
+        "adapters": {"tools": "./adapters/tools"},
+        "max_loras": 2,
+        "max_lora_rank": 64,
+        "lora_kernels": "torch",
+    }
     config = load_config(config_with(tmp_path, model), env={})
     settings = load_model_settings(config)
     assert settings.adapters == {"tools": "./adapters/tools"}
-    assert engine_config(settings).max_loras == 2
+    engine = engine_config(settings)
+    assert (engine.max_loras, engine.max_lora_rank, engine.lora_kernels) == (2, 64, "torch")
+    default = engine_config(ModelSettings())
+    assert (default.max_lora_rank, default.lora_kernels) == (16, "auto")  # the engine's own defaults
     serve_parser = argparse.ArgumentParser()
     serve.add_arguments(serve_parser)
     flagged = common.resolve_model(
@@ -107,6 +115,10 @@ def test_adapters_in_config_flags_and_agents(tmp_path: Path) -> None:
         assert common.parse_adapters(parser.parse_args(args).adapter) == {"a": "b"}
     with pytest.raises(ConfigError, match="max_loras"):
         load_model_settings(load_config(config_with(tmp_path, {"max_loras": 0}), env={}))
+    with pytest.raises(ConfigError, match="max_lora_rank"):
+        load_model_settings(load_config(config_with(tmp_path, {"max_lora_rank": 0}), env={}))
+    with pytest.raises(ConfigError, match="lora_kernels"):
+        load_model_settings(load_config(config_with(tmp_path, {"lora_kernels": "cuda"}), env={}))
     path = tmp_path / "agents.json"
     path.write_text(json.dumps({"mcpServers": {}, "agents": {"sql": {"adapter": "sql"}}}))
     assert load_agents(load_config(path, env={}))["sql"].adapter == "sql"
