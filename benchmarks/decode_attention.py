@@ -22,8 +22,6 @@ import statistics
 import time
 from collections.abc import Callable
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import torch
 
 SHAPES = {"smollm2-135m": (9, 3), "qwen2.5-0.5b": (14, 2), "llama-3.2-1b": (32, 8)}

@@ -26,6 +26,11 @@ requests, output tokens, seconds and `tok_s` = all output tokens / wall time of 
 `--quantize-to TYPE --out FILE` writes the model quantized by llama.cpp's own quantizer (`llama-quantize`'s mixes:
 Q4_K_M, Q5_K_M, Q6_K, ...; tensors already quantized are re-quantized) and reports `quantized`: the file and the
 seconds it took. The `gguf` Python package cannot write K-quants; this is how the benchmarks get such files.
+
+OpenMP's waiting comes from the environment, as for any user of llama.cpp: the wheel built here uses libgomp,
+whose default spin was measured 2.5x faster than `OMP_WAIT_POLICY=PASSIVE` on idle cores (91 against 37 tok/s on
+SmolLM2) and 4x slower on loaded ones. The runners in benchmarks/engine.py (`peer_env`) run it both ways and keep
+the faster, so that llama.cpp is measured at its best whatever the load.
 """
 
 from __future__ import annotations
@@ -39,11 +44,6 @@ import statistics
 import sys
 import time
 from typing import Any
-
-# llama-cpp-python's wheel built here uses OpenMP; spinning OpenMP threads collapse when other processes share the
-# cores (measured 3.4 vs 24 tok/s on a loaded 2-core machine), and our engine's benchmark waits passively too.
-# Set before llama_cpp loads libgomp.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _generate(llm: Any, prompt: list[int], n: int) -> tuple[float, float, int]:

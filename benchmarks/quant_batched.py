@@ -16,8 +16,6 @@ import os
 import statistics
 from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import torch
 
 from benchmarks.engine import engine_throughput, make_workload

@@ -19,12 +19,9 @@ Exits 0; a variant that fails on this CPU prints `n/a`.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from collections.abc import Callable
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 

@@ -35,17 +35,14 @@ import random
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import torch
 
-from benchmarks.engine import DEFAULT_LLAMA_PYTHON
+from benchmarks.engine import DEFAULT_LLAMA_PYTHON, LlamaPeer, llama_run, peer_failed
 
 VARIANTS = ("bf16", "gguf", "gguf int8", "gguf int4", "gguf pooled")
 _QUANTIZE = {"bf16": "none", "gguf": "auto", "gguf int8": "int8", "gguf int4": "int4", "gguf pooled": "auto"}
@@ -101,21 +98,23 @@ def ours_ttft(engine: Any, prompt: list[int]) -> float:
 
 
 def llama_cpp(
-    python: str, gguf: Path, prompts: list[list[int]], new_tokens: int, ttft_tokens: int
+    python: str, gguf: Path, threads: int, prompts: list[list[int]], new_tokens: int, ttft_tokens: int
 ) -> dict[str, Any] | None:
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(prompts, f)
-    script = Path(__file__).resolve().parent / "llama_cpp_peer.py"
-    cmd = [python, str(script), "--model", str(gguf), "--prompts", f.name, "--repeats", "1"]
-    cmd += ["--new-tokens", str(new_tokens), "--ttft-tokens", str(ttft_tokens)]
+    """llama.cpp's single-stream (and TTFT) figures on `prompts`, or None (and why, on stderr) without them."""
+    options = [
+        "--repeats",
+        "1",
+        "--new-tokens",
+        str(new_tokens),
+        "--ttft-tokens",
+        str(ttft_tokens),
+        "--prompts",
+    ]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        return llama_run(LlamaPeer(python, ""), gguf, threads, options, prompts)
     except (subprocess.SubprocessError, OSError, json.JSONDecodeError, IndexError) as exc:
-        print(f"llama.cpp peer failed: {exc}", file=sys.stderr)
+        print(peer_failed(exc), file=sys.stderr)
         return None
-    finally:
-        os.unlink(f.name)
 
 
 def main() -> None:
@@ -135,7 +134,7 @@ def main() -> None:
     from inference.model_runner import configure_threads
     from inference.quant import model_weight_bytes
 
-    configure_threads()
+    threads = configure_threads()
     gguf = args.gguf or smollm2_gguf_path()
     default_variants = VARIANTS[:3] if args.gguf is None else ("gguf",)
     names = [v.strip() for v in (args.variants or ",".join(default_variants)).split(",") if v.strip()]
@@ -155,7 +154,7 @@ def main() -> None:
         long = [rng.randrange(100, vocab - 100) for _ in range(args.ttft_tokens)]
         if have_peer:
             prompts = [single, long] if args.ttft_tokens else [single]
-            peer = llama_cpp(args.llama_python, gguf, prompts, args.new_tokens, args.ttft_tokens)
+            peer = llama_cpp(args.llama_python, gguf, threads, prompts, args.new_tokens, args.ttft_tokens)
             if peer is not None:
                 results["llama.cpp"]["tok_s"].append(peer["single"]["tok_s"])
                 if args.ttft_tokens:

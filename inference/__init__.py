@@ -7,4 +7,4 @@ settings are one frozen `EngineConfig` (inference/config.py); environment variab
 
 from inference import envs
 
-envs.default_passive_omp()  # must run before any module of this package imports torch (see envs)
+envs.default_omp_wait()  # must run before any module of this package imports torch (see envs)

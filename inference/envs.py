@@ -21,6 +21,12 @@ CACHE_DIR = "AGENT_RUNTIME_CACHE"  # converted GGUF folders and other caches (de
 EXAMPLES_DIR = "AGENT_RUNTIME_EXAMPLES"  # remembered worked examples (default: the cache/examples)
 HF_HUB_OFFLINE = "HF_HUB_OFFLINE"  # Hugging Face's own: never reach the hub
 OMP_WAIT_POLICY = "OMP_WAIT_POLICY"  # OpenMP's own, read once when torch loads libgomp
+GOMP_SPINCOUNT = (
+    "GOMP_SPINCOUNT"  # libgomp's: how long an idle worker spins before it sleeps, read with the above
+)
+# About 30 us at libgomp's own estimate of 100,000 spins a millisecond: long enough to bridge the gaps between
+# the parallel regions of one decode step, short enough that an idle engine sleeps at once.
+DEFAULT_SPIN_COUNT = 3000
 
 _ON = frozenset({"1", "true", "yes", "on", "y"})
 _OFF = frozenset({"", "0", "false", "no", "off", "n"})
@@ -60,9 +66,17 @@ def examples_dir() -> Path:
     return Path(value).expanduser() if value else cache_dir() / "examples"
 
 
-def default_passive_omp() -> None:
-    """Make OpenMP workers wait passively unless the user chose otherwise. Spinning workers steal the cores
-    that the event loop, MCP servers and other processes need; with passive waiting 2 threads stay fast when
-    the CPU is shared (measured 3-8x on 2 busy cores). It only takes effect before torch loads libgomp, so the
-    `inference` package calls it when it is imported, before any of its modules imports torch."""
+def default_omp_wait() -> None:
+    """Unless the user set `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT`, make OpenMP workers spin briefly, then sleep.
+
+    Each matmul of a decode step is a parallel region; a worker that sleeps between them must be woken for the
+    next, which cost about 80 us a region here (a SmolLM2 step at one row has ~125 of them): passive waiting
+    alone ran 35 tok/s, a spin of `DEFAULT_SPIN_COUNT` 52 tok/s. libgomp's own default (3 ms of spinning) gained
+    nothing over that, and long spins steal the cores that the event loop, MCP servers and other processes need
+    (3-8x slower under contention). The policy is PASSIVE; an explicit spin count overrides its zero spin. Only
+    takes effect before torch loads libgomp, so the `inference` package calls it when it is imported, before any
+    of its modules imports torch.
+    """
+    if OMP_WAIT_POLICY not in os.environ and GOMP_SPINCOUNT not in os.environ:
+        os.environ[GOMP_SPINCOUNT] = str(DEFAULT_SPIN_COUNT)
     os.environ.setdefault(OMP_WAIT_POLICY, "PASSIVE")

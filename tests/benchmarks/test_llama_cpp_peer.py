@@ -1,10 +1,11 @@
 """The llama.cpp peer's pieces that run without llama_cpp: the `--workload` file of benchmarks/llama_cpp_peer.py
-(read, checked, refused with a usage error) and benchmarks/engine.py's discovery of the peer's Python, which says
-why there is no llama.cpp row."""
+(read, checked, refused with a usage error), benchmarks/engine.py's discovery of the peer's Python, which says
+why there is no llama.cpp row, and the peer's OpenMP environment."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from benchmarks import llama_cpp_peer
-from benchmarks.engine import PEER_SCRIPT, Workload, find_llama_python, make_workload
+from benchmarks.engine import (
+    PEER_OMP_WAITS,
+    PEER_SCRIPT,
+    Workload,
+    find_llama_python,
+    make_workload,
+    peer_env,
+)
 
 
 def _write(tmp_path: Path, payload: object) -> str:
@@ -87,3 +95,15 @@ def test_quantize_mode_arguments(tmp_path: Path) -> None:
         )
         assert run.returncode == 2, argv
         assert reason in run.stderr
+
+
+def test_the_peer_waits_as_llama_cpp_users_do_or_passively() -> None:
+    # `import inference` (via the benchmarks package) gave this process our OpenMP settings; the peer must not
+    # inherit them: its default run is libgomp's own waiting, the other plain PASSIVE
+    assert os.environ.get("GOMP_SPINCOUNT") is not None or os.environ.get("OMP_WAIT_POLICY") is not None
+    assert set(PEER_OMP_WAITS) == {"default", "passive"}
+    default = peer_env("default")
+    assert "OMP_WAIT_POLICY" not in default and "GOMP_SPINCOUNT" not in default
+    assert default["PATH"] == os.environ["PATH"]
+    passive = peer_env("passive")
+    assert passive["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in passive
