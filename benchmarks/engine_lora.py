@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def load() -> Any:
         if args.model is None:
-            return load_model(dtype=dtype, device=device)
+            # float weights in every run: the merged baseline adds each adapter into plain linear weights, which
+            # the packaged GGUF's default load keeps quantized
+            return load_model(dtype=dtype, device=device, quantize="none")
         return load_model(args.model, dtype=dtype, device=device, load_format="dummy")
 
     n_req, n_ad = (16 if args.quick else 64), args.adapters

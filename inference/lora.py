@@ -157,7 +157,8 @@ class LoRAAdapter:
                 if not isinstance(linear, nn.Linear) or linear.weight.is_mkldnn:
                     raise AdapterError(
                         f"cannot merge adapter {self.name!r} into layer {layer} {module}: not a plain linear weight",
-                        "merge before the engine packs the weights (before LLMEngine is built)",
+                        "merge before the engine packs the weights (before LLMEngine is built), into a model loaded "
+                        "with quantize 'none' (quantized layers take no merge; serve the adapter unmerged)",
                     )
                 delta = w.delta_weight().to(linear.weight.device)
                 linear.weight.copy_((linear.weight.float() + delta).to(linear.weight.dtype))

@@ -342,3 +342,14 @@ def test_an_adapter_on_a_quantized_base_adds_the_same_update(tmp_path: Path) -> 
     cosine = torch.nn.functional.cosine_similarity(float_delta.flatten(), int8_delta.flatten(), dim=0)
     assert cosine > 0.999
     assert (float_delta - int8_delta).abs().max() < 0.1 * float_delta.abs().max()
+
+
+def test_merging_into_a_quantized_base_is_refused_with_a_hint(tmp_path: Path) -> None:
+    _hf_model("llama").save_pretrained(str(tmp_path / "base"))
+    save_tiny_tokenizer(tmp_path / "base")
+    make_adapter("llama", tmp_path / "plain", 10, **ADAPTERS["plain"])
+    loaded = load_model(tmp_path / "base", dtype=torch.bfloat16, quantize="int8")
+    adapter = read_adapter("plain", tmp_path / "plain", loaded.config)
+    with pytest.raises(AdapterError, match=r"adapter 'plain'.*not a plain linear weight") as refused:
+        adapter.merge_into(loaded.model)
+    assert "quantize 'none'" in (refused.value.hint or "")
