@@ -78,6 +78,9 @@ def _side_by_side(q: Tensor, k: Tensor) -> Tensor | None:
     # arbitrary: one decode token's q and k views differ there)
     if q.stride()[1:] != (dim, 1) or k.stride()[1:] != (dim, 1) or (t > 1 and q.stride(0) != k.stride(0)):
         return None
+    if torch.compiler.is_compiling():
+        # storage addresses do not trace; a compiled graph fuses the two rotations anyway
+        return None
     if k.data_ptr() != q.data_ptr() + heads * dim * q.element_size():
         return None
     return q.as_strided((t, heads + k.shape[1], dim), (q.stride(0), dim, 1))

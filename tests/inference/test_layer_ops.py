@@ -65,3 +65,14 @@ def test_qk_norm_then_rotary() -> None:
     got_q, got_k = norm_rotary(q, k, cos, sin, qw, kw, 1e-6)
     assert torch.equal(got_q, apply_rotary(rms_norm(q, qw, 1e-6), cos, sin))
     assert torch.equal(got_k, apply_rotary(rms_norm(k, kw, 1e-6), cos, sin))
+
+
+def test_rotary_traces_whole_under_torch_compile() -> None:
+    # storage addresses do not trace: a compiled decode step (benchmarks/compiled_decode.py) needs norm_rotary in
+    # one graph, with the rotations it gives eagerly
+    q, k, _, cos, sin = _qkv(3, 9, 3, 16, torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(norm_rotary, backend="eager", fullgraph=True)
+    got_q, got_k = compiled(q, k, cos, sin, None, None, 1e-6)
+    assert torch.equal(got_q, apply_rotary(q, cos, sin))
+    assert torch.equal(got_k, apply_rotary(k, cos, sin))
