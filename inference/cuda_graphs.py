@@ -211,14 +211,7 @@ class DecodeGraphRunner:
         if self._capture:
             self._stage_padding(b, state)
             with lora.kernel_plan(state.segments[b]):
-                self._forward(b)  # warm-up: compiles this bucket's LoRA kernels outside the graph
-                torch.cuda.synchronize(self.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
-                    self._forward(b)
-            if self._pool is None:
-                self._pool = graph.pool()
-            state.graphs[b] = graph
+                state.graphs[b] = self._capture_bucket(b)  # its warm-up compiles this bucket's LoRA kernels
             log.info("cuda_graph_captured_with_lora", batch=b)
         state.ready.add(b)
 
@@ -286,21 +279,25 @@ class DecodeGraphRunner:
 
     # ---- capture -------------------------------------------------------------------------------------------------
 
+    def _capture_bucket(self, b: int) -> torch.cuda.CUDAGraph:
+        """Bucket `b`'s forward captured in the shared memory pool, after an eager warm-up with the same tensors: it
+        compiles the bucket's Triton kernels (the split count depends on the batch size) and allocates the output
+        and RoPE tables outside the graph."""
+        self._forward(b)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._forward(b)
+        if self._pool is None:
+            self._pool = graph.pool()
+        return graph
+
     @torch.inference_mode()
     def _capture_all(self) -> None:
         """One graph per bucket, largest first, all sharing one memory pool (smaller graphs fit in what it left)."""
         started = time.perf_counter()
         for b in reversed(self.batch_sizes):
-            # Eager warm-up with the same tensors: compiles this bucket's Triton kernels (the split count depends on
-            # the batch size) and allocates the output and RoPE tables outside the graph.
-            self._forward(b)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                self._forward(b)
-            if self._pool is None:
-                self._pool = graph.pool()
-            self._graphs[b] = graph
+            self._graphs[b] = self._capture_bucket(b)
         torch.cuda.synchronize(self.device)
         log.info(
             "cuda_graphs_captured",

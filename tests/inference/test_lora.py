@@ -70,8 +70,14 @@ class Tiny:
 @pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
 def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     kind = request.param
-    root = tmp_path_factory.mktemp(f"lora-{kind}")
-    hf = _hf_model(kind, **({"tie_word_embeddings": True} if kind == "qwen2" else {}))
+    extra = {"tie_word_embeddings": True} if kind == "qwen2" else {}
+    return build_tiny(tmp_path_factory.mktemp(f"lora-{kind}"), kind, **extra)
+
+
+def build_tiny(root: Path, kind: str, **hf_settings: Any) -> Tiny:
+    """A tiny random model of `kind` saved under `root/base` and loaded in float32, with the three PEFT adapters
+    of `ADAPTERS` beside it (plain, rsLoRA on a subset, per-module rank and alpha)."""
+    hf = _hf_model(kind, **hf_settings)
     hf.save_pretrained(str(root / "base"))
     save_tiny_tokenizer(root / "base")
     loaded = load_model(root / "base", dtype=torch.float32)

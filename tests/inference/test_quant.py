@@ -181,7 +181,8 @@ def test_fallback_without_kernel_is_f_linear(monkeypatch: pytest.MonkeyPatch) ->
 # ---- whole models --------------------------------------------------------------------------------------------
 
 
-def _tiny_model(dtype: torch.dtype) -> LlamaForCausalLM:
+def tiny_tied_llama(dtype: torch.dtype) -> LlamaForCausalLM:
+    """A tiny random Llama with a tied head (quantize_model builds an int8 head from the embedding), on the CPU."""
     torch.manual_seed(0)
     cfg = tiny_config(tie_word_embeddings=True, dtype=dtype)
     model = LlamaForCausalLM(cfg)
@@ -191,7 +192,8 @@ def _tiny_model(dtype: torch.dtype) -> LlamaForCausalLM:
     return model.to(dtype).eval()
 
 
-def _forward_logits(model: LlamaForCausalLM) -> torch.Tensor:
+def five_token_logits(model: LlamaForCausalLM) -> torch.Tensor:
+    """Logits of a 5-token prefill through the model's attention backend."""
     cfg = model.config
     kv = torch.zeros(2, cfg.num_layers, 4, 4, cfg.num_kv_heads, cfg.head_dim, dtype=cfg.dtype)
     meta = AttentionMetadata(
@@ -210,22 +212,22 @@ def _forward_logits(model: LlamaForCausalLM) -> torch.Tensor:
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantize_model_swaps_linears_and_reports_bytes(mode: str, dtype: torch.dtype) -> None:
-    model = _tiny_model(dtype)
-    before = _forward_logits(model)
+    model = tiny_tied_llama(dtype)
+    before = five_token_logits(model)
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     report = quantize_model(model, mode, group_size=32)  # type: ignore[arg-type]  # mode: "int8" or "int4", from the parametrization
     assert report.layers == linears + 1  # and the tied head
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert isinstance(model.lm_head, QuantLinear)
     assert model.lm_head.mode == "int8"  # the head is int8 in every mode (int4 there costs perplexity)
-    params = sum(p.numel() for p in _tiny_model(dtype).parameters())
+    params = sum(p.numel() for p in tiny_tied_llama(dtype).parameters())
     assert report.bytes_before == params * (4 if dtype == torch.float32 else 2)
     # the tiny model's embedding (kept for the lookup) is a fifth of it; the linears shrink 2-8x
     assert report.bytes_after < report.bytes_before * (0.75 if dtype == torch.bfloat16 else 0.4)
     assert report.bytes_after == sum(
         t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
     )
-    after = _forward_logits(model)
+    after = five_token_logits(model)
     assert after.dtype == torch.float32 and after.shape == before.shape
     # weight-only quantization of a random tiny model: the logits move by a few percent of their range
     assert (after - before).abs().max() <= 0.1 * before.abs().max() + 0.05
@@ -233,7 +235,7 @@ def test_quantize_model_swaps_linears_and_reports_bytes(mode: str, dtype: torch.
 
 
 def test_quantize_model_rejects_unknown_modes() -> None:
-    model = _tiny_model(torch.float32)
+    model = tiny_tied_llama(torch.float32)
     for mode in ("none", "int3"):
         with pytest.raises(ModelLoadError, match="unknown quantization"):
             quantize_model(model, mode)  # type: ignore[arg-type]  # on purpose: modes quantize_model must refuse
@@ -381,7 +383,7 @@ def test_q8_0_embedding_looks_up_exact_rows() -> None:
 
 @needs_int8
 def test_tied_int8_head_and_embedding_share_one_table() -> None:
-    model = _tiny_model(torch.bfloat16)
+    model = tiny_tied_llama(torch.bfloat16)
     quantize_model(model, "int8")
     assert isinstance(model.lm_head, QuantLinear)
     before = model_weight_bytes(model)
@@ -394,5 +396,5 @@ def test_tied_int8_head_and_embedding_share_one_table() -> None:
     head = model.lm_head
     want = (head.qweight0.float() * head.scales0.float()[:, None])[ids].bfloat16()
     assert torch.equal(model.embed_tokens(ids), want)
-    assert _forward_logits(model).isfinite().all()
-    assert not tie_embedding_to_head(_tiny_model(torch.bfloat16))  # no int8 head: nothing to share
+    assert five_token_logits(model).isfinite().all()
+    assert not tie_embedding_to_head(tiny_tied_llama(torch.bfloat16))  # no int8 head: nothing to share

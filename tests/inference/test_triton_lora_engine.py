@@ -23,12 +23,11 @@ pytest.importorskip("peft")  # the adapters are made with it (test_lora's fixtur
 from inference import triton_lora
 from inference.config import EngineConfig
 from inference.engine import LLMEngine
-from inference.loader import load_model
 from inference.lora import LoRAManager, read_adapter
 from inference.lora_shapes import lora_buffer_bytes
 from inference.params import SamplingParams
-from tests.inference.test_lora import ADAPTERS, Tiny, make_adapter, prefill_logits
-from tests.inference.test_models import PROMPT, _hf_model, hf_greedy, save_tiny_tokenizer
+from tests.inference.test_lora import Tiny, build_tiny, prefill_logits
+from tests.inference.test_models import PROMPT, hf_greedy
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -36,16 +35,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     """test_lora's tiny Llama and its three PEFT adapters (plain, rsLoRA on a subset, per-module rank and alpha)."""
-    root = tmp_path_factory.mktemp("triton-lora")
-    hf = _hf_model("llama")
-    hf.save_pretrained(str(root / "base"))
-    save_tiny_tokenizer(root / "base")
-    loaded = load_model(root / "base", dtype=torch.float32)
-    models, paths = {}, {}
-    for i, (name, lora) in enumerate(ADAPTERS.items()):
-        paths[name] = root / name
-        models[name] = make_adapter("llama", paths[name], seed=10 + i, **lora)
-    return Tiny("llama", hf, loaded, models, paths)
+    return build_tiny(tmp_path_factory.mktemp("triton-lora"), "llama")
 
 
 def test_model_logits_equal_the_torch_path_and_peft(llama: Tiny, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,8 +27,6 @@ except ImportError as exc:  # pragma: no cover - triton ships with the dev envir
 from inference import triton_quant as tq
 from inference.attention_backends import get_attention_backend, set_attention_backend
 from inference.errors import QuantError
-from inference.metadata import AttentionMetadata
-from inference.models.llama import LlamaForCausalLM
 from inference.quant import (
     Int4Weight,
     QuantLinear,
@@ -44,7 +42,7 @@ from inference.quant import (
     unpack_int4_pairs,
 )
 from inference.triton_attention import INTERPRETED
-from tests.inference.test_cuda_graphs import tiny_config
+from tests.inference.test_quant import five_token_logits, tiny_tied_llama
 from tests.inference.test_triton_attention import _greedy_through_model, _tiny_llama
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -263,33 +261,6 @@ def test_cpu_tensors_without_the_interpreter_are_a_typed_error(monkeypatch: pyte
 # ---- whole models ----------------------------------------------------------------------------------------------
 
 
-def _tiny_model(dtype: torch.dtype) -> LlamaForCausalLM:
-    """A tiny random Llama with a tied head (quantize_model builds an int8 head from the embedding), on the CPU."""
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_config(tie_word_embeddings=True, dtype=dtype))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.05)
-    return model.to(dtype).eval()
-
-
-def _forward_logits(model: LlamaForCausalLM) -> torch.Tensor:
-    """Logits of a 5-token prefill through the reference attention."""
-    cfg = model.config
-    kv = torch.zeros(2, cfg.num_layers, 4, 4, cfg.num_kv_heads, cfg.head_dim, dtype=cfg.dtype)
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor([4, 5, 6, 7, 8]),
-        query_start_loc=torch.tensor([0, 5], dtype=torch.int32),
-        context_lens=torch.tensor([5], dtype=torch.int32),
-        block_tables=torch.tensor([[1, 2]], dtype=torch.int32),
-        max_query_len=5,
-        max_context_len=5,
-        block_size=4,
-    )
-    hidden = model(torch.tensor([3, 1, 4, 1, 5]), torch.arange(5), meta, kv)
-    return model.compute_logits(hidden)
-
-
 def _dequantized_copy(model: torch.nn.Module, quantized: torch.nn.Module) -> torch.nn.Module:
     """`model` (untied, unquantized) with every linear weight replaced by what the quantized model's layer
     multiplies by."""
@@ -329,13 +300,13 @@ def test_tiny_llama_in_bf16_agrees_with_the_cpu_kernels(mode: str) -> None:
     if DEVICE.type == "cuda":
         pytest.skip("the CPU kernels' side of the comparison needs the model on the CPU")
     cpu, tri = (
-        _tiny_model(torch.bfloat16),
-        _tiny_model(torch.bfloat16),
+        tiny_tied_llama(torch.bfloat16),
+        tiny_tied_llama(torch.bfloat16),
     )  # a tied head: int8 from the embedding
     quantize_model(cpu, mode, group_size=32, kernels="cpu")  # type: ignore[arg-type]  # from parametrize
     quantize_model(tri, mode, group_size=32, kernels="triton")  # type: ignore[arg-type]  # from parametrize
     assert isinstance(cpu.lm_head, QuantLinear) and isinstance(tri.lm_head, TritonQuantLinear)
-    cpu_logits, tri_logits = _forward_logits(cpu), _forward_logits(tri)
+    cpu_logits, tri_logits = five_token_logits(cpu), five_token_logits(tri)
     assert torch.equal(tri_logits.argmax(-1), cpu_logits.argmax(-1))
     # both round each layer's float32 result to bf16 once (equal here under the interpreter); compiled code may
     # sum in another order and round a layer's output the other way: one bf16 step of the logits' range
