@@ -140,7 +140,15 @@ def run(args: argparse.Namespace) -> int:
     if not args.drain_seconds >= 0:
         raise ConfigError("--drain-seconds must be 0 or more")
     model = resolve_model(config, args)  # validated here: a bad model section fails before anything starts
-    return anyio.run(_serve, args, config, settings, model)
+    code: int = anyio.run(_serve, args, config, settings, model)
+    if any(t.name.startswith(_STARTUP_THREAD) and t.is_alive() for t in threading.enumerate()):
+        # A signal abandoned a model load that is still running in torch's C++ code. The interpreter's normal
+        # shutdown would destroy C++ state under that thread ("terminate called without an active exception",
+        # exit -6: 1 of 48 tries here); leave without it, once our output is out.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 async def _serve(
@@ -229,6 +237,11 @@ async def _start(
     server.attach(engine, agents, model_name)
 
 
+_STARTUP_THREAD = (
+    "serve-startup-"  # the prefix of `_in_daemon_thread`'s threads, which `run` looks for at exit
+)
+
+
 async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)` in a daemon thread. Cancelling the wait abandons the thread, and being a daemon it cannot hold
     the process up at exit (anyio's worker threads would: a SIGTERM during a long model load must not wait)."""
@@ -246,7 +259,8 @@ async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
         except RuntimeError:
             pass  # the event loop is gone: nobody waits any more
 
-    threading.Thread(target=work, name=f"serve-{getattr(fn, '__name__', 'startup')}", daemon=True).start()
+    name = f"{_STARTUP_THREAD}{getattr(fn, '__name__', 'work')}"
+    threading.Thread(target=work, name=name, daemon=True).start()
     await done.wait()
     ok, value = outcome[0]
     if not ok:
