@@ -32,6 +32,19 @@ from tests.inference.test_models import PROMPT, hf_greedy
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def count_launches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The row count of each `triton_lora.add_lora` launch from now on (the Triton LoRA kernels' entry point)."""
+    launches: list[int] = []
+    real = triton_lora.add_lora
+
+    def counted(*args: Any, **kwargs: Any) -> None:
+        launches.append(args[0].shape[0])
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(triton_lora, "add_lora", counted)
+    return launches
+
+
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     """test_lora's tiny Llama and its three PEFT adapters (plain, rsLoRA on a subset, per-module rank and alpha)."""
@@ -162,14 +175,7 @@ def test_decode_graphs_static_path_with_adapters(llama: Tiny, monkeypatch: pytes
 def test_adapter_above_the_rank_capacity_runs_on_torch(llama: Tiny, monkeypatch: pytest.MonkeyPatch) -> None:
     """With max_lora_rank 4, 'rslora' (rank 4) fits the Triton buffers and 'plain' (rank 8) does not: a step with
     'plain' rows runs the torch update, one without runs the kernels, and both give PEFT's logits."""
-    launches: list[int] = []
-    real = triton_lora.add_lora
-
-    def counted(*args: Any, **kwargs: Any) -> None:
-        launches.append(args[0].shape[0])
-        real(*args, **kwargs)
-
-    monkeypatch.setattr(triton_lora, "add_lora", counted)
+    launches = count_launches(monkeypatch)
     config = llama.loaded.config
     manager = LoRAManager(llama.loaded.model, config, DEVICE, kernels="triton", max_rank=4)
     for name in ("plain", "rslora"):

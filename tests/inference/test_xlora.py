@@ -393,16 +393,9 @@ def test_xlora_steps_stay_on_torch_beside_the_triton_lora_kernels(
     with torch (its columns are scaled per row), and still gives PEFT's logits; a step with LoRA rows only launches
     the kernels."""
     pytest.importorskip("triton")
-    from inference import triton_lora
+    from tests.inference.test_triton_lora_engine import count_launches
 
-    launches: list[int] = []
-    real = triton_lora.add_lora
-
-    def counted(*args: Any, **kwargs: Any) -> None:
-        launches.append(args[0].shape[0])
-        real(*args, **kwargs)
-
-    monkeypatch.setattr(triton_lora, "add_lora", counted)
+    launches = count_launches(monkeypatch)
     folder, model = gates["dense"]
     config = world.loaded.config
     manager = LoRAManager(world.loaded.model, config, torch.device("cpu"), block_size=4, kernels="triton")
