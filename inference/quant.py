@@ -485,7 +485,7 @@ class TritonQuantLinear(QuantLinearBase):
     def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__(weight, bias)
         # imported here: triton is only needed (and only installed) for the GPU path; CPU-only imports never load it
-        from inference.triton_quant import check_int4_shape, quant_matmul
+        from inference.triton_quant import quant_matmul
 
         self._matmul = quant_matmul
         if isinstance(weight, Int8Weight):
@@ -493,7 +493,7 @@ class TritonQuantLinear(QuantLinearBase):
             self.register_buffer("scales", weight.scales.to(KERNEL_DTYPE).contiguous())
             self.register_buffer("zeros", None)
             return
-        check_int4_shape(self.group_size, self.in_features)
+        check_group_size(self.group_size, self.in_features)
         planes: list[Int4Weight] = list(weight)
         self.register_buffer("qweight", torch.stack([pack_int4_pairs(p.codes) for p in planes]))
         self.register_buffer("scales", torch.stack([p.scales.to(KERNEL_DTYPE) for p in planes]).contiguous())
@@ -697,35 +697,34 @@ def quantize_model(
         check_group_size(group_size, group_size)
     before = model_weight_bytes(model)
     report = QuantReport(mode, group_size if mode == "int4" else 0, 0, before, before)
-    targets: list[tuple[nn.Module, str, nn.Linear]] = []
+    targets: list[tuple[nn.Module, str, nn.Linear, QuantKernels]] = []
     for parent_name, parent in model.named_modules():
         for child_name, child in parent.named_children():
+            if not isinstance(child, nn.Linear) or child.weight.is_mkldnn:
+                continue
+            layer_kernels = kernels or kernels_for(child.weight.device)
             full = f"{parent_name}.{child_name}" if parent_name else child_name
-            if (
-                isinstance(child, nn.Linear)
-                and not child.weight.is_mkldnn
-                and (kernels or kernels_for(child.weight.device)) is not None
-                and (skip is None or not skip(full, child))
-            ):
-                targets.append((parent, child_name, child))
+            if layer_kernels is not None and (skip is None or not skip(full, child)):
+                targets.append((parent, child_name, child, layer_kernels))
     widened = 0  # int4 layers whose input size is no multiple of the group size: int8 instead
     with torch.no_grad():
-        for parent, child_name, child in targets:
+        for parent, child_name, child, layer_kernels in targets:
             layer_mode: KernelName = "int8" if child_name == "lm_head" else mode
             widened += int(layer_mode == "int4" and child.weight.shape[1] % group_size != 0)
-            layer_kernels = kernels or kernels_for(child.weight.device) or "cpu"
             layer = quantized_layer(child.weight, child.bias, layer_mode, group_size, layer_kernels)
             report.fallback_layers += int(layer.fallback)
             report.layers += 1
             setattr(parent, child_name, layer)
         embed = getattr(model, "embed_tokens", None)
+        head_kernels = (
+            (kernels or kernels_for(embed.weight.device)) if isinstance(embed, nn.Embedding) else None
+        )
         if (
             hasattr(model, "lm_head")
             and model.lm_head is None
-            and isinstance(embed, nn.Embedding)
-            and (kernels or kernels_for(embed.weight.device)) is not None
+            and embed is not None
+            and head_kernels is not None
         ):
-            head_kernels = kernels or kernels_for(embed.weight.device) or "cpu"
             head = quantized_layer(embed.weight, None, "int8", group_size, head_kernels)
             report.fallback_layers += int(head.fallback)
             report.layers += 1

@@ -30,9 +30,8 @@ from inference import triton_attention
 from inference.errors import QuantError
 from inference.triton_attention import INTERPRETED, _cast, _dot_precision
 
-# int4 group sizes the kernel takes: a K tile (>= 32, so that each nibble half feeds tl.dot at least 16 values)
-# must fit inside one group.
-GROUP_SIZES = (32, 64, 128, 256)
+# int4 group sizes: inference.config.QUANTIZE_GROUP_SIZES (checked by the layer, quant.check_group_size); a K tile
+# (>= 32, so that each nibble half feeds tl.dot at least 16 values) must fit inside one group.
 _MAX_SPLITS = 16
 _REDUCE_BLOCK = 256  # output columns per program of the split-K sum
 
@@ -273,20 +272,3 @@ def quant_matmul(
             num_warps=4,
         )  # fmt: skip
     return out
-
-
-# ---- shapes the int4 kernel takes ---------------------------------------------------------------------------
-
-
-def check_int4_shape(group_size: int, in_features: int) -> None:
-    """QuantError unless the int4 kernel takes this group size and input size."""
-    if group_size not in GROUP_SIZES:
-        raise QuantError(
-            f"the Triton int4 kernel cannot take group size {group_size}",
-            hint=f"quantize with a group size of {', '.join(map(str, GROUP_SIZES))}, or int8",
-        )
-    if in_features % group_size:
-        raise QuantError(
-            f"in_features {in_features} is not a multiple of the int4 group size {group_size}",
-            hint="use a smaller group size, or int8",
-        )
