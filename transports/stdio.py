@@ -240,15 +240,19 @@ class StdioTransport:
         command, env = _prepare(t)
         env[MARKER] = self._marker  # inherited by descendants: how shutdown finds those that leave the tree
         try:
-            return await anyio.open_process(
-                [command, *t.args],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=env,
-                cwd=t.cwd,
-                start_new_session=True,  # own session and process group: the group kill reaches grandchildren
-            )
+            # Shielded: cancelled mid-spawn, asyncio would SIGKILL the server alone without reaping it (its
+            # group and descendants live on). Spawning is bounded; the caller's next await sees the cancel
+            # and the normal shutdown (_stop) handles the process.
+            with anyio.CancelScope(shield=True):
+                return await anyio.open_process(
+                    [command, *t.args],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env=env,
+                    cwd=t.cwd,
+                    start_new_session=True,  # own session and process group: the group kill reaches grandchildren
+                )
         except OSError as exc:
             raise ConnectError(
                 f"could not start {command}: {exc.strerror or exc}", "check the command"

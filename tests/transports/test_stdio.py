@@ -24,7 +24,7 @@ from transports import (
     StdioTarget,
     connect,
 )
-from transports.stdio import build_env
+from transports.stdio import StdioTransport, build_env
 
 pytestmark = pytest.mark.anyio
 MiB = 1024 * 1024
@@ -338,6 +338,22 @@ async def test_owner_cancelled_during_startup_leaves_no_process(tmp_path: Path) 
                 pytest.fail("connected to a hanging server")
     assert scope.cancelled_caught
     assert _children_with("--hang-in-init") == []
+
+
+async def test_cancelled_mid_spawn_leaves_no_process() -> None:
+    """A cancel that lands while the process is being spawned must still end in our shutdown, which waits for
+    the process to be gone: asyncio alone would SIGKILL the server without waiting (a supervisor stopping during
+    a respawn left a live child behind)."""
+    target = StdioTarget(
+        command=sys.executable, args=("-c", "import time; time.sleep(60)"), eof_grace=0.05, term_grace=0.5
+    )
+    leaked = []
+    for i in range(40):  # cancels spread across the spawn: 0 to 4 ms after it starts
+        with anyio.move_on_after(i * 0.0001):
+            async with StdioTransport(target):
+                await anyio.sleep_forever()
+        leaked += [p.pid for p in psutil.Process().children(recursive=True)]
+    assert leaked == []
 
 
 async def test_caller_exception_is_not_wrapped() -> None:
