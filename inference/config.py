@@ -45,6 +45,8 @@ class EngineConfig:
     resident on the device, and so run in one step (inference/lora.py); `lora_kernels` is how their updates run:
     "auto" (the Triton kernels of inference/triton_lora.py on CUDA, torch elsewhere), "torch" or "triton";
     `max_lora_rank` is the rank each projection's Triton LoRA buffers hold (larger adapters run on torch, eagerly).
+    `compile` runs CPU decode steps of up to 8 rows through torch.compile (inference/compiled_decode.py): compiled at
+    start (about a minute the first time, cached on disk), eager where it cannot compile.
     """
 
     max_num_seqs: int = 64
@@ -60,6 +62,7 @@ class EngineConfig:
     max_loras: int = 4
     lora_kernels: str = "auto"
     max_lora_rank: int = 16
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_loras", "max_lora_rank"):
@@ -79,7 +82,7 @@ class EngineConfig:
                 f"gpu_memory_utilization must be in (0, 1], got {utilization!r}",
                 "use a fraction such as 0.9 (the share of the GPU's memory the engine may use)",
             )
-        for name in ("enable_prefix_caching", "enforce_eager"):
+        for name in ("enable_prefix_caching", "enforce_eager", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise EngineError(f"{name} must be true or false, got {getattr(self, name)!r}", "use a bool")
         if not (isinstance(self.attention_backend, str) and self.attention_backend):

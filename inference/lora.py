@@ -748,6 +748,11 @@ class LoRAManager:
         self._plan.clear()
 
     @property
+    def hooked(self) -> bool:
+        """Whether the forward hooks that apply adapters are installed (from the first adapter registered on)."""
+        return bool(self._hooks)
+
+    @property
     def active(self) -> bool:
         """Whether the current step has rows with an adapter."""
         return bool(self._plan.segments)

@@ -14,6 +14,12 @@ import structlog
 import torch
 
 from inference.attention_backends import get_attention_backend, set_attention_backend
+from inference.compiled_decode import (
+    DEFAULT_MAX_COMPILED_ROWS,
+    CompiledDecode,
+    compile_unsupported,
+    failure_reason,
+)
 from inference.config import EngineConfig
 from inference.cpu_linear import pack_linear_weights
 from inference.cuda_graphs import DecodeGraphRunner, cuda_graphs_unsupported
@@ -363,6 +369,9 @@ class ModelRunner:
         self._tables = BlockTableCache()
         self.lora: LoRAManager | None = None  # set by the engine: LoRA adapters applied per row group
         self.decode_graphs: DecodeGraphRunner | None = None
+        self.compiled: CompiledDecode | None = None
+        if engine_config.compile:
+            self.build_compiled_decode()
         why_not = cuda_graphs_unsupported(
             self.device, self.attention.name, model_config, enforce_eager=engine_config.enforce_eager
         )
@@ -391,10 +400,41 @@ class ModelRunner:
         )
         return self.decode_graphs
 
+    def build_compiled_decode(self, *, backend: str = "inductor") -> CompiledDecode | None:
+        """Compile the decode step now (`backend` other than inductor: tests); where it cannot run, or compiling
+        fails, log why and stay eager."""
+        why_not = compile_unsupported(self.device, self.attention.name, self.model_config)
+        if why_not is not None:
+            log.warning("compiled_decode_off", reason=why_not)
+            return None
+        compiled = CompiledDecode(
+            self.model,
+            self.kv_cache,
+            max_rows=min(self.engine_config.max_num_seqs, DEFAULT_MAX_COMPILED_ROWS),
+            backend=backend,
+        )
+        eager = self.attention
+        set_attention_backend(self.model, compiled.attention)
+        try:
+            seconds = compiled.warm_up()
+        except Exception as exc:  # no C++ compiler, an op inductor cannot lower, ...: eager serves every step
+            log.warning("compiled_decode_failed", reason=failure_reason(exc), fallback="eager")
+            set_attention_backend(self.model, eager)
+            self.compiled = None
+            return None
+        self.attention = compiled.attention  # the reference when eager, the traceable pair while compiling
+        log.info("decode_compiled", seconds=round(seconds, 1), max_rows=compiled.max_rows, backend=backend)
+        self.compiled = compiled
+        return compiled
+
     def _to_device(self, host: HostBatch, sample_seqs: list[Sequence]) -> StepInputs:
         if self._stager is None:
             return zero_copy_inputs(host, sample_seqs, self.block_size)
         return self._stager.upload(host, sample_seqs, self.block_size)
+
+    def _adapters_hooked(self) -> bool:
+        """Whether LoRA hooks sit on the model: the compiled graphs were traced without them."""
+        return self.lora is not None and self.lora.hooked
 
     @torch.inference_mode()
     def run(self, items: SequenceT[tuple[Sequence, int]]) -> tuple[torch.Tensor | None, list[Sequence]]:
@@ -423,7 +463,20 @@ class ModelRunner:
                 hidden = hidden[torch.from_numpy(host.sample_indices).to(self.device)]
             return self.model.compute_logits(hidden), sample_seqs
         inputs = self._to_device(host, sample_seqs)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_cache)
+        compiled = self.compiled
+        ran: torch.Tensor | None = None
+        if (
+            compiled is not None
+            and graphs_ok
+            and not self._adapters_hooked()
+            and compiled.fits(host.num_seqs, host.num_tokens, host.is_decode_only)
+        ):
+            ran = compiled.run(inputs.input_ids, inputs.positions, inputs.meta)
+        hidden = (
+            ran
+            if ran is not None
+            else self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_cache)
+        )
         if not sample_seqs:
             return None, []
         if not inputs.samples_every_row:

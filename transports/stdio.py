@@ -244,7 +244,7 @@ class StdioTransport:
             # group and descendants live on). Spawning is bounded; the caller's next await sees the cancel
             # and the normal shutdown (_stop) handles the process.
             with anyio.CancelScope(shield=True):
-                return await anyio.open_process(
+                process = await anyio.open_process(
                     [command, *t.args],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
@@ -257,6 +257,7 @@ class StdioTransport:
             raise ConnectError(
                 f"could not start {command}: {exc.strerror or exc}", "check the command"
             ) from exc
+        return process
 
     @contextlib.asynccontextmanager
     async def _open(
