@@ -64,9 +64,16 @@ def static_decode_attention(
 
 
 def failure_reason(exc: BaseException) -> str:
-    """A compiler exception in one log-sized line (inductor's messages run to pages)."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
+    """A compiler exception in one log-sized line (inductor's messages run to pages): its first line, and the first
+    line of its root cause when it wraps one (dynamo's BackendCompilerFailed says only which backend raised)."""
+    parts = []
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen).strip()
+        parts.append(f"{type(seen).__name__}: {text.splitlines()[0][:200]}" if text else type(seen).__name__)
+        inner = getattr(seen, "inner_exception", None) or seen.__cause__
+        seen = inner if isinstance(inner, BaseException) and inner is not seen and len(parts) < 8 else None
+    return parts[0] if len(parts) == 1 else f"{parts[0]} {parts[-1]}"
 
 
 def compile_unsupported(device: torch.device, backend_name: str, config: ModelConfig) -> str | None:
@@ -90,7 +97,7 @@ class CompiledDecode:
         kv_cache: torch.Tensor,
         *,
         max_rows: int = DEFAULT_MAX_COMPILED_ROWS,
-        backend: str = "inductor",
+        backend: str | Callable[..., Any] = "inductor",
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Callable
 from collections.abc import Sequence as SequenceT
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
@@ -400,7 +401,9 @@ class ModelRunner:
         )
         return self.decode_graphs
 
-    def build_compiled_decode(self, *, backend: str = "inductor") -> CompiledDecode | None:
+    def build_compiled_decode(
+        self, *, backend: str | Callable[..., Any] = "inductor"
+    ) -> CompiledDecode | None:
         """Compile the decode step now (`backend` other than inductor: tests); where it cannot run, or compiling
         fails, log why and stay eager."""
         why_not = compile_unsupported(self.device, self.attention.name, self.model_config)
@@ -423,7 +426,12 @@ class ModelRunner:
             self.compiled = None
             return None
         self.attention = compiled.attention  # the reference when eager, the traceable pair while compiling
-        log.info("decode_compiled", seconds=round(seconds, 1), max_rows=compiled.max_rows, backend=backend)
+        log.info(
+            "decode_compiled",
+            seconds=round(seconds, 1),
+            max_rows=compiled.max_rows,
+            backend=getattr(backend, "__name__", backend),
+        )
         self.compiled = compiled
         return compiled
 

@@ -164,6 +164,18 @@ def add_quantize_argument(parser: argparse.ArgumentParser, *, from_config: bool 
     )
 
 
+def add_compile_argument(parser: argparse.ArgumentParser, *, from_config: bool = True) -> None:
+    """`--compile` / `--no-compile`; with `from_config` it overrides the config's `model.compile`."""
+    where = "the config's `model.compile`, else off" if from_config else "off"
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None if from_config else False,
+        help=f"CPU: run decode steps through torch.compile (default: {where}); the first start compiles for about "
+        "a minute, later ones load the compiled code from inductor's disk cache in seconds",
+    )
+
+
 def add_kv_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kv-cache-memory",
@@ -215,6 +227,7 @@ def resolve_model(config: RuntimeConfig | None, args: argparse.Namespace) -> Any
         "device": getattr(args, "device", None),
         "quantize": getattr(args, "quantize", None),
         "quantize_group_size": getattr(args, "quantize_group_size", None),
+        "compile": getattr(args, "compile", None),
         "max_num_seqs": getattr(args, "max_num_seqs", None),
         "max_model_len": getattr(args, "max_model_len", None),
         "kv_cache_memory": getattr(args, "kv_cache_memory", None),
@@ -318,6 +331,7 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     add_device_argument(parser)
     add_adapter_argument(parser)
     add_quantize_argument(parser)
+    add_compile_argument(parser)
     parser.add_argument("--quiet", "-q", action="store_true", help="no live view, only the answer")
 
 
@@ -330,7 +344,7 @@ async def open_agent(args: argparse.Namespace, console: Any) -> AsyncIterator[Ag
     rt = Runtime.from_config(args.config, elicitation_handler=terminal_elicitor())
     host = AgentHost(rt)  # validates the agents and model sections before any server starts
     host.model_override = args.model
-    flags = {k: getattr(args, k, None) for k in ("device", "quantize", "quantize_group_size")}
+    flags = {k: getattr(args, k, None) for k in ("device", "quantize", "quantize_group_size", "compile")}
     if any(v is not None for v in flags.values()):
         host.model = host.model.model_copy(update={k: v for k, v in flags.items() if v is not None})
     adapters = parse_adapters(getattr(args, "adapter", None))

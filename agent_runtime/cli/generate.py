@@ -9,6 +9,7 @@ import sys
 from agent_runtime.cli.common import (
     add_adapter_argument,
     add_device_argument,
+    add_compile_argument,
     add_quantize_argument,
     parse_adapters,
 )
@@ -35,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_argument(parser, from_config=False)
     add_adapter_argument(parser)  # the prompt runs under the last one given
     add_quantize_argument(parser, from_config=False)
+    add_compile_argument(parser, from_config=False)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--stats", action="store_true", help="print timing figures to stderr at the end")
 
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         quantize_group_size=args.quantize_group_size,
         progress=sys.stderr.isatty(),
     )
-    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=1), adapters=adapters)
+    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=1, compile=args.compile), adapters=adapters)
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt: str | list[dict[str, str]] = [*messages, {"role": "user", "content": prompt_text}]

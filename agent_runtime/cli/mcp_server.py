@@ -14,6 +14,7 @@ from agent_runtime.cli.common import (
     add_adapter_argument,
     add_device_argument,
     add_kv_argument,
+    add_compile_argument,
     add_quantize_argument,
     bind_socket,
     resolve_model,
@@ -46,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_argument(parser)
     add_adapter_argument(parser)
     add_quantize_argument(parser)
+    add_compile_argument(parser)
     add_kv_argument(parser)
     parser.add_argument(
         "--api-key",

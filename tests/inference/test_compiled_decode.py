@@ -10,11 +10,17 @@ from typing import Any
 
 import pytest
 import torch
+from structlog.testing import capture_logs
 
+from inference import attention as reference
+from inference.attention_backends import REFERENCE
+from inference.compiled_decode import compile_unsupported, static_decode_attention
 from inference.config import EngineConfig
 from inference.engine import LLMEngine
 from inference.loader import load_model
+from inference.metadata import AttentionMetadata
 from inference.params import SamplingParams
+from tests.inference.test_cuda_graphs import tiny_config
 from tests.inference.test_hf_equivalence import build_tiny_model
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="compiled decode is the CPU path")
@@ -27,9 +33,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return load_model(str(folder), dtype="float32", device="cpu")
 
 
-def workload(n: int = 11, seed: int = 5) -> tuple[list[list[int]], list[SamplingParams]]:
+def workload(n: int = 11, seed: int = 5, vocab: int = 400) -> tuple[list[list[int]], list[SamplingParams]]:
     rng = random.Random(seed)
-    prompts = [[rng.randrange(3, 400) for _ in range(rng.randint(2, 40))] for _ in range(n)]
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(2, 40))] for _ in range(n)]
     params = [
         SamplingParams(temperature=0.0, max_tokens=rng.randint(3, 24), ignore_eos=True) for _ in prompts
     ]
@@ -60,3 +66,111 @@ def test_compiled_engine_generates_what_eager_does(tiny: Any) -> None:
     assert compiled.steps > 10 and compiled.failed is None
     assert eng.metrics().batch_size_max > compiled.max_rows  # the big steps ran eagerly
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames, "a step recompiled"
+
+
+def test_static_attention_with_the_new_kv_equals_the_reference_after_the_write() -> None:
+    """The compiled step's attention reads the new position from the step's K/V, not from the cache: the same as
+    the reference attention once the write is done, for rows of different lengths padded to one table width."""
+    torch.manual_seed(0)
+    block, blocks, kv_heads, heads, dim = 4, 24, 2, 6, 8
+    kv = torch.randn(2, blocks, block, kv_heads, dim)
+    context = torch.tensor([1, 5, 12, 9], dtype=torch.int32)
+    tables = torch.zeros(4, 3, dtype=torch.int32)  # padded with the null block past each row's own blocks
+    tables[0, :1], tables[1, :2], tables[2, :3], tables[3, :3] = (
+        torch.tensor([3]), torch.tensor([7, 2]), torch.tensor([5, 9, 11]), torch.tensor([1, 4, 6]),
+    )  # fmt: skip
+    slots = torch.stack(
+        [tables[i, (int(c) - 1) // block] * block + (int(c) - 1) % block for i, c in enumerate(context)]
+    )
+    meta = AttentionMetadata(
+        slot_mapping=slots.long(),
+        query_start_loc=torch.arange(5, dtype=torch.int32),
+        context_lens=context,
+        block_tables=tables,
+        max_query_len=1,
+        max_context_len=12,
+        block_size=block,
+    )
+    q, k, v = torch.randn(4, heads, dim), torch.randn(4, kv_heads, dim), torch.randn(4, kv_heads, dim)
+    before = kv.clone()
+    got = static_decode_attention(q, kv, meta, 0.3, (k, v))
+    assert torch.equal(kv, before)  # nothing written
+    reference.write_kv(kv, k, v, meta.slot_mapping)
+    want = reference.paged_attention(q, kv, meta, 0.3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(static_decode_attention(q, kv, meta, 0.3), want, rtol=1e-5, atol=1e-5)
+
+
+def test_where_it_does_not_compile() -> None:
+    cfg = tiny_config()
+    cpu = torch.device("cpu")
+    assert compile_unsupported(cpu, "reference", cfg) is None
+    assert "for the CPU" in (compile_unsupported(torch.device("cuda"), "reference", cfg) or "")
+    assert "not triton" in (compile_unsupported(cpu, "triton", cfg) or "")
+    ntk = tiny_config(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    assert "dynamic NTK" in (compile_unsupported(cpu, "reference", ntk) or "")
+
+
+def failing_compiler(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
+    raise RuntimeError("no C++ compiler on this machine")
+
+
+def test_a_failing_compile_is_logged_and_the_engine_stays_eager(tiny: Any) -> None:
+    prompts, params = workload(4)
+    want = engine(tiny, compile=False).generate(prompts, params)
+    with capture_logs() as logs:
+        eng = engine(
+            tiny, compile=True, build=lambda e: e.runner.build_compiled_decode(backend=failing_compiler)
+        )
+    assert eng.runner.compiled is None
+    failed = [e for e in logs if e["event"] == "compiled_decode_failed"]
+    assert failed and "no C++ compiler" in failed[0]["reason"] and failed[0]["fallback"] == "eager"
+    assert all(layer.self_attn.attn_backend is REFERENCE for layer in tiny.model.layers)  # put back
+    assert [o.token_ids for o in eng.generate(prompts, params)] == [o.token_ids for o in want]
+
+
+def test_a_compiled_step_failing_mid_generation_falls_back_to_eager(tiny: Any) -> None:
+    """Never a crash mid-generation: the failing step reruns eagerly (its cache writes are idempotent), and every
+    later step runs eagerly."""
+    calls = 0
+
+    def flaky(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls > 8:  # two warm-up calls, then six good steps
+                raise RuntimeError("kernel crashed")
+            return gm.forward(*args)
+
+        return run
+
+    prompts, params = workload(3, seed=9)
+    want = engine(tiny, compile=False).generate(prompts, params)
+    eng = engine(tiny, compile=True, build=lambda e: e.runner.build_compiled_decode(backend=flaky))
+    compiled = eng.runner.compiled
+    assert compiled is not None
+    with capture_logs() as logs:
+        got = eng.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert compiled.steps == 6 and compiled.failed == "RuntimeError: kernel crashed"
+    assert [e["event"] for e in logs].count("compiled_decode_failed") == 1
+
+
+def test_steps_with_adapter_hooks_run_eagerly(tmp_path: Path) -> None:
+    """The graphs were traced without LoRA hooks: once an adapter is loaded, decode steps go eager (and still
+    apply the adapter)."""
+    from tests.inference.test_lora import ADAPTERS, build_tiny
+
+    lora = build_tiny(tmp_path, "llama")
+    config = EngineConfig(block_size=4, max_model_len=64, num_blocks=128)
+    prompts, params = workload(3, seed=2, vocab=300)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=p.max_tokens, ignore_eos=True, adapter="plain")
+        for p in params
+    ]
+    want = LLMEngine(lora.loaded, config, adapters=lora.paths).generate(prompts, params)
+    eng = LLMEngine(lora.loaded, config, adapters=lora.paths)
+    compiled = eng.runner.build_compiled_decode(backend="eager")
+    assert compiled is not None and eng.lora.hooked and "plain" in ADAPTERS
+    assert [o.token_ids for o in eng.generate(prompts, params)] == [o.token_ids for o in want]
+    assert compiled.steps == 0

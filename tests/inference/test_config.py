@@ -43,6 +43,7 @@ def test_frozen() -> None:
         ({"gpu_memory_utilization": 1.5}, r"gpu_memory_utilization must be in \(0, 1\]"),
         ({"gpu_memory_utilization": 0}, r"gpu_memory_utilization must be in \(0, 1\]"),
         ({"enforce_eager": "yes"}, "enforce_eager must be true or false"),
+        ({"compile": 1}, "compile must be true or false"),
         ({"attention_backend": ""}, "attention_backend must be a backend name"),
         ({"max_loras": 0}, "max_loras must be an integer >= 1"),
         ({"max_lora_rank": 0}, "max_lora_rank must be an integer >= 1"),

@@ -45,3 +45,25 @@ def test_other_group_sizes_are_an_argparse_error(capsys: pytest.CaptureFixture[s
     assert (
         "--quantize-group-size: invalid choice: 16 (choose from 32, 64, 128, 256)" in capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize("command", ["serve", "mcp-server"])
+def test_compile_flag_overrides_the_config(tmp_path: Path, command: str) -> None:
+    path = tmp_path / "MCP_CONFIG.json"
+    path.write_text(
+        json.dumps({"mcpServers": {}, "model": {"source": "smollm2-135m-instruct", "compile": True}})
+    )
+    config = load_config(path)
+    parser = build_parser()
+    assert resolve_model(config, parser.parse_args([command])).compile is True
+    assert resolve_model(config, parser.parse_args([command, "--no-compile"])).compile is False
+    assert resolve_model(None, parser.parse_args([command, "--compile"])).compile is True
+    assert resolve_model(None, parser.parse_args([command])).compile is False
+
+
+@pytest.mark.parametrize("command", ["run", "chat", "generate"])
+def test_model_commands_take_compile(command: str) -> None:
+    extra = {"run": ["a task"], "chat": [], "generate": ["a prompt"]}[command]
+    assert build_parser().parse_args([command, "--compile", *extra]).compile is True
+    default = build_parser().parse_args([command, *extra]).compile
+    assert default is (False if command == "generate" else None)  # run and chat: the config decides

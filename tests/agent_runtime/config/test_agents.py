@@ -32,12 +32,15 @@ def test_defaults_are_auto_device_and_ninety_percent_of_the_gpu() -> None:
 def test_model_section_accepts_devices_and_utilization(tmp_path: Path) -> None:
     for device in ("auto", "cuda", "cpu"):
         path = config_with(
-            tmp_path, {"device": device, "gpu_memory_utilization": 0.75, "enforce_eager": True}
+            tmp_path,
+            {"device": device, "gpu_memory_utilization": 0.75, "enforce_eager": True, "compile": True},
         )
         settings = load_model_settings(load_config(path, env={}))
         assert settings.device == device
         config = engine_config(settings)
-        assert config.gpu_memory_utilization == 0.75 and config.enforce_eager is True
+        assert (
+            config.gpu_memory_utilization == 0.75 and config.enforce_eager is True and config.compile is True
+        )
 
 
 @pytest.mark.parametrize(
@@ -50,6 +53,7 @@ def test_model_section_accepts_devices_and_utilization(tmp_path: Path) -> None:
         ({"quantize": "int3"}, "model.quantize"),
         ({"quantize": "q4_k"}, "model.quantize"),
         ({"quantize_group_size": 48}, "model.quantize_group_size"),
+        ({"compile": "sometimes"}, "model.compile"),
     ],
 )
 def test_bad_values_are_config_errors_pointing_into_the_file(tmp_path: Path, model: dict, where: str) -> None:
