@@ -20,7 +20,9 @@ the ratio to llama.cpp, and our weights' memory against the file's size. Our var
 - `gguf int4`: re-targeted to int4 (`quantize="int4"`: 4-bit blocks kept, wider ones re-quantized to int4 g32);
 - `gguf pooled`: `gguf` with the decode attention on the intra-op thread pool at every size, as before small
   decode groups ran on one thread (`inference.attention.SERIAL_DECODE_PAIRS`): that change's before/after in one
-  run.
+  run;
+- `gguf compiled`: `gguf` with decode steps through torch.compile (`compile=True`, inference/compiled_decode.py; the
+  compile happens at engine start, before any round).
 
 Exits 0.
 """
@@ -44,8 +46,15 @@ import torch
 
 from benchmarks.engine import DEFAULT_LLAMA_PYTHON, LlamaPeer, llama_run, peer_failed
 
-VARIANTS = ("bf16", "gguf", "gguf int8", "gguf int4", "gguf pooled")
-_QUANTIZE = {"bf16": "none", "gguf": "auto", "gguf int8": "int8", "gguf int4": "int4", "gguf pooled": "auto"}
+VARIANTS = ("bf16", "gguf", "gguf int8", "gguf int4", "gguf pooled", "gguf compiled")
+_QUANTIZE = {
+    "bf16": "none",
+    "gguf": "auto",
+    "gguf int8": "int8",
+    "gguf int4": "int4",
+    "gguf pooled": "auto",
+    "gguf compiled": "auto",
+}
 
 
 def build_engine(variant: str, gguf: Path) -> Any:
@@ -56,7 +65,9 @@ def build_engine(variant: str, gguf: Path) -> Any:
     if variant not in _QUANTIZE:
         raise SystemExit(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
     loaded = load_model(gguf, dtype="bfloat16", quantize=_QUANTIZE[variant])
-    config = EngineConfig(kv_cache_memory=256 * 2**20, max_model_len=2048, max_num_seqs=8)
+    config = EngineConfig(
+        kv_cache_memory=256 * 2**20, max_model_len=2048, max_num_seqs=8, compile=variant.endswith("compiled")
+    )
     return LLMEngine(loaded, config)
 
 
