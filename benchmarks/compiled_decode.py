@@ -1,95 +1,53 @@
-"""torch.compile of the CPU decode step, measured against eager: SmolLM2's packaged GGUF (the default int4/int8
-load), one sequence, one new token at a fixed context.
+"""The engine's compiled CPU decode step (inference/compiled_decode.py) against its eager step, per step: SmolLM2's
+packaged GGUF (the default int4/int8 load), one or more rows at a fixed context, logits included.
 
-Run `python -m benchmarks.compiled_decode [--context 128] [--steps 30] [--rounds 5] [--variants ...]`. Not in the
-engine yet: this is the measurement that decides how to build it (docs/quant_notes.md, "torch.compile of the decode
-step"). Every variant compiles the model's undecorated forward (`inference_mode` cannot be compiled around a write
-to the KV cache) with `fullgraph=True`, `dynamic=False` and `emulate_precision_casts` (without it bf16 logits drift
-and the argmax can change), and uses a static-shape decode attention (every block of the table gathered, positions
-past the context masked: the reference attention sizes its gathers on the host, which breaks the graph):
-
-- `static`: the KV cache write as plain `index_copy_` in the graph;
-- `static+kv-op`: the write as a custom op that declares its mutation of the cache layer, so that the graph does not
-  functionalize the write into copies of the cache.
-
-Prints each variant's first-call (compile) seconds, eager and compiled ms per step (alternating rounds, medians),
-their ratio, whether the argmax matches eager and the largest logit difference. Exits 0; a variant that fails to
-compile is reported, not raised.
+Run `python -m benchmarks.compiled_decode [--context 128] [--rows 1,4] [--steps 30] [--rounds 5]`. Prints the
+compile time at start (`CompiledDecode.warm_up`: both graphs; seconds, so a warm inductor disk cache shows), then
+per row count the eager and compiled ms per step (alternating rounds, medians), their ratio, whether the argmax
+matches eager and the largest logit difference. Exits 0; a compile that fails is reported, not raised.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from inference import attention as reference
-from inference.attention_backends import REFERENCE, AttentionBackend, set_attention_backend
 from inference.metadata import AttentionMetadata
 
-VARIANTS = ("static", "static+kv-op")
+if TYPE_CHECKING:
+    from inference.compiled_decode import CompiledDecode
+    from inference.model_runner import ModelRunner
 
 
-def static_decode_attention(
-    q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float
-) -> torch.Tensor:
-    """Decode attention with shapes fixed by the block table's width: no host sync, no data-dependent sizes."""
-    batch, heads, head_dim = q.shape
-    block_size, kv_heads = kv_layer.shape[2], kv_layer.shape[3]
-    length = meta.block_tables.shape[1] * block_size
-    ids = meta.block_tables.long().reshape(-1)
-    k = kv_layer[0].index_select(0, ids).view(batch, length, kv_heads, head_dim).transpose(1, 2)
-    v = kv_layer[1].index_select(0, ids).view(batch, length, kv_heads, head_dim).transpose(1, 2)
-    mask = torch.arange(length, device=q.device)[None, :] < meta.context_lens.long()[:, None]
-    qg = q.view(batch, kv_heads, heads // kv_heads, head_dim)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        qg, k, v, attn_mask=mask.view(batch, 1, 1, length), scale=scale
-    )
-    return out.reshape(batch, heads, head_dim)
-
-
-@torch.library.custom_op("agent_runtime_bench::write_kv", mutates_args=("kv_layer",))
-def write_kv_op(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """The reference KV write, opaque to the compiler, with its mutation of `kv_layer` declared."""
-    reference.write_kv(kv_layer, k, v, slot_mapping)
-
-
-def decode_inputs(model: Any, context: int, block_size: int = 16) -> tuple[Any, ...]:
-    """(input ids, positions, metadata, KV cache): one sequence, its token at position `context - 1`, blocks 1.. of
-    a zeroed cache (block 0 is the null block)."""
-    from inference.model_runner import allocate_kv_cache
-
+def decode_inputs(
+    rows: int, context: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, Callable[[], AttentionMetadata]]:
+    """(input ids, positions, a metadata factory) for `rows` sequences at `context` tokens, each new token at
+    position `context - 1`, row r on its own blocks after the null block. The KV there is whatever is in the cache
+    (zeros at start): the time does not depend on it."""
     blocks = -(-context // block_size)
-    kv = allocate_kv_cache(model.config, blocks + 1, block_size, torch.device("cpu"))
     pos = context - 1
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor([(1 + pos // block_size) * block_size + pos % block_size]),
-        query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
-        context_lens=torch.tensor([context], dtype=torch.int32),
-        block_tables=torch.arange(1, blocks + 1, dtype=torch.int32).reshape(1, blocks),
-        max_query_len=1,
-        max_context_len=context,
-        block_size=block_size,
-    )
-    return torch.tensor([1234]), torch.tensor([pos]), meta, kv
+    tables = torch.arange(1, rows * blocks + 1, dtype=torch.int32).reshape(rows, blocks)
+    slots = tables[:, pos // block_size].long() * block_size + pos % block_size
 
+    def meta() -> AttentionMetadata:  # a fresh one per step, as the runner builds it
+        return AttentionMetadata(
+            slot_mapping=slots,
+            query_start_loc=torch.arange(rows + 1, dtype=torch.int32),
+            context_lens=torch.full((rows,), context, dtype=torch.int32),
+            block_tables=tables.clone(),
+            max_query_len=1,
+            max_context_len=context,
+            block_size=block_size,
+        )
 
-def stepper(model: Any, forward: Callable[..., torch.Tensor], inputs: tuple[Any, ...], eager: bool) -> Any:
-    ids, positions, meta, kv = inputs
-
-    def step() -> torch.Tensor:
-        meta.backend_cache = None
-        with torch.inference_mode() if eager else torch.no_grad():
-            logits: torch.Tensor = model.compute_logits(forward(ids, positions, meta, kv))
-            return logits
-
-    return step
+    return torch.full((rows,), 1234), torch.full((rows,), pos), meta
 
 
 def ms_per_step(step: Callable[[], torch.Tensor], steps: int) -> float:
@@ -99,57 +57,67 @@ def ms_per_step(step: Callable[[], torch.Tensor], steps: int) -> float:
     return (time.perf_counter() - t0) / steps * 1e3
 
 
+def compare(
+    runner: ModelRunner, compiled: CompiledDecode, rows: int, context: int, steps: int, rounds: int
+) -> tuple[float, float, bool, float]:
+    """Median eager and compiled ms per step (logits included) over alternating rounds, whether the argmax is the
+    same, and the largest logit difference."""
+    model = runner.model
+    ids, positions, meta = decode_inputs(rows, context, runner.block_size)
+
+    @torch.inference_mode()
+    def eager() -> torch.Tensor:
+        logits: torch.Tensor = model.compute_logits(model(ids, positions, meta(), runner.kv_cache))
+        return logits
+
+    @torch.inference_mode()
+    def fast() -> torch.Tensor:
+        hidden = compiled.run(ids, positions, meta())
+        assert hidden is not None, compiled.failed
+        logits: torch.Tensor = model.compute_logits(hidden)
+        return logits
+
+    want, got = eager(), fast()
+    eager_ms, compiled_ms = [], []
+    for _ in range(rounds):
+        eager_ms.append(ms_per_step(eager, steps))
+        compiled_ms.append(ms_per_step(fast, steps))
+    same = bool(torch.equal(got.argmax(-1), want.argmax(-1)))
+    return statistics.median(eager_ms), statistics.median(compiled_ms), same, (got - want).abs().max().item()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--rows", default="1,4", help="row counts to measure, each 1-8")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
     args = ap.parse_args()
+    from inference.config import EngineConfig
+    from inference.engine import LLMEngine
     from inference.loader import load_model, smollm2_gguf_path
-    from inference.model_runner import configure_threads
 
-    threads = configure_threads()
-    torch._inductor.config.emulate_precision_casts = True
-    model = load_model(smollm2_gguf_path(), dtype="bfloat16").model
-    inputs = decode_inputs(model, args.context)
-    want = stepper(model, model, inputs, eager=True)()
-    plain_forward = functools.partial(type(model).forward.__wrapped__, model)  # type: ignore[attr-defined]
+    engine = LLMEngine(
+        load_model(smollm2_gguf_path(), dtype="bfloat16"),
+        EngineConfig(kv_cache_memory=256 * 2**20, max_model_len=2048, max_num_seqs=8),
+    )
+    runner = engine.runner
     load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    compiled = runner.build_compiled_decode()
+    if compiled is None:
+        print("compiled decode failed to build (see the compiled_decode_* log line): nothing to compare")
+        return
     print(
-        f"SmolLM2-135M GGUF (int4 layers, int8 head), bf16, batch 1, context {args.context}, {threads} threads"
+        f"SmolLM2-135M GGUF (int4 layers, int8 head), bf16, context {args.context}, {torch.get_num_threads()} "
+        f"threads; compiled at start in {time.perf_counter() - t0:.1f} s"
     )
-    print(
-        f"{'variant':14s} {'compile s':>9s} {'eager ms':>9s} {'compiled':>9s} {'ratio':>6s}  same argmax, max|diff|"
-    )
-    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        if name not in VARIANTS:
-            raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
-        write = write_kv_op if name == "static+kv-op" else reference.write_kv
-        set_attention_backend(model, AttentionBackend(name, write, static_decode_attention))
-        eager = stepper(model, model, inputs, eager=True)
-        torch._dynamo.reset()
-        compiled = stepper(
-            model, torch.compile(plain_forward, dynamic=False, fullgraph=True), inputs, eager=False
-        )
-        t0 = time.perf_counter()
-        try:
-            out = compiled()
-        except Exception as exc:  # reported: whether it compiles is what this measures
-            print(f"{name:14s} failed to compile: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-            continue
-        compile_s = time.perf_counter() - t0
-        for _ in range(3):
-            compiled()
-        eager_ms, compiled_ms = [], []
-        for _ in range(args.rounds):
-            eager_ms.append(ms_per_step(eager, args.steps))
-            compiled_ms.append(ms_per_step(compiled, args.steps))
-        e, c = statistics.median(eager_ms), statistics.median(compiled_ms)
-        same = bool(torch.equal(out.argmax(-1), want.argmax(-1)))
-        diff = (out.float() - want.float()).abs().max().item()
-        print(f"{name:14s} {compile_s:9.1f} {e:9.2f} {c:9.2f} {e / c:5.2f}x  {same}, {diff:.4f}")
-    set_attention_backend(model, REFERENCE)
+    print(f"{'rows':>4s} {'eager ms':>9s} {'compiled':>9s} {'ratio':>6s}  same argmax, max|diff|")
+    for rows in [int(r) for r in args.rows.split(",") if r.strip()]:
+        if not 1 <= rows <= compiled.max_rows:
+            raise SystemExit(f"--rows takes 1-{compiled.max_rows}, got {rows}")
+        e, c, same, diff = compare(runner, compiled, rows, args.context, args.steps, args.rounds)
+        print(f"{rows:4d} {e:9.2f} {c:9.2f} {e / c:5.2f}x  {same}, {diff:.4f}")
     print(f"load average {load:.1f}-{os.getloadavg()[0]:.1f} (shared cores: compare within this table only)")
 
 

@@ -314,6 +314,11 @@ def main(argv: list[str] | None = None) -> int:
         help="our weights (load_model's quantize): auto keeps the GGUF's int4/int8 blocks in bf16; none is float, "
         "as the transformers peer",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="our decode steps of up to 8 rows through torch.compile (EngineConfig.compile; compiled before timing)",
+    )
     parser.add_argument("--quick", action="store_true", help="16 requests and shorter outputs")
     parser.add_argument("--skip-cb", action="store_true", help="leave out transformers' continuous batching")
     parser.add_argument(
@@ -383,7 +388,10 @@ def main(argv: list[str] | None = None) -> int:
         dtype_label += f", ours {loaded.quantization.describe()}"
     vocab = loaded.config.vocab_size
     work = make_workload(n_req, (32, 512), out_range, vocab)
-    engine = LLMEngine(loaded, EngineConfig(kv_cache_memory=640 * 2**20, max_model_len=2048, max_num_seqs=64))
+    engine = LLMEngine(
+        loaded,
+        EngineConfig(kv_cache_memory=640 * 2**20, max_model_len=2048, max_num_seqs=64, compile=args.compile),
+    )
     rng = random.Random(1)
     single_prompt = [rng.randrange(100, vocab - 100) for _ in range(100)]
     prefix = [rng.randrange(100, vocab - 100) for _ in range(1000)]

@@ -68,7 +68,7 @@ def test_qk_norm_then_rotary() -> None:
 
 
 def test_rotary_traces_whole_under_torch_compile() -> None:
-    # storage addresses do not trace: a compiled decode step (benchmarks/compiled_decode.py) needs norm_rotary in
+    # storage addresses do not trace: a compiled decode step (inference/compiled_decode.py) needs norm_rotary in
     # one graph, with the rotations it gives eagerly
     q, k, _, cos, sin = _qkv(3, 9, 3, 16, torch.float32)
     torch._dynamo.reset()
