@@ -8,8 +8,8 @@ on 2 cores, later starts load it in seconds (docs/engine.md, "Compiled decode").
 
 from __future__ import annotations
 
-import functools
 import time
+import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +63,24 @@ def static_decode_attention(
     return out.reshape(batch, heads, head_dim)
 
 
+def _own_forward(model: CausalLM, name: str) -> Callable[..., torch.Tensor]:
+    """`model`'s undecorated forward (its inference_mode cannot be traced around the cache writes) as a function with
+    a code object of its own, named `name`."""
+    forward = type(model).forward.__wrapped__  # type: ignore[attr-defined]
+
+    def step(
+        input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor
+    ) -> torch.Tensor:
+        hidden: torch.Tensor = forward(model, input_ids, positions, meta, kv_cache)
+        return hidden
+
+    code = step.__code__.replace(co_name=name, co_qualname=name)
+    own: Callable[..., torch.Tensor] = types.FunctionType(
+        code, step.__globals__, name, None, step.__closure__
+    )
+    return own
+
+
 def failure_reason(exc: BaseException) -> str:
     """A compiler exception in one log-sized line (inductor's messages run to pages): its first line, and the first
     line of its root cause when it wraps one (dynamo's BackendCompilerFailed says only which backend raised)."""
@@ -108,22 +126,24 @@ class CompiledDecode:
         # a write into the cache (a graph input) was functionalized into copies of whole cache layers, and as an
         # opaque custom op it cost ~90 us a call in dispatch: the graph hands K and V out instead, `run` writes them.
         self._new_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-        # The reference when eager (prefill, mixed and large steps), the traceable pair while compiling. One backend
-        # for both: a compiled graph guards on the modules' backend, and swapping it per step would recompile.
+        # The reference when eager (prefill, mixed and large steps), the traceable pair while compiling: one backend
+        # for both, set on the modules once (the graphs do not check it).
         self.attention = AttentionBackend("reference", self._write_kv, self._paged_attention)
         self.failed: str | None = None  # why compiled steps stopped, once they did
-        self.warm = False  # both graphs compiled (warm_up)
-        # The undecorated forward: the model's inference_mode cannot be traced around the cache write. Inductor
-        # keeps bf16 intermediates in fp32 unless told to round as eager does (else the argmax can change).
-        forward = functools.partial(type(model).forward.__wrapped__, model)  # type: ignore[attr-defined]
         options: dict[str, str | int | bool | Callable[..., Any]] = (
             {"emulate_precision_casts": True} if backend == "inductor" else {}
         )
         # No guards on the modules (every weight is one: ~1 ms a SmolLM2 step to check them all): they do not change
-        # while serving; adapters add hooks, and then the runner stops calling this.
+        # while serving; adapters add hooks, and then the runner stops calling this. Without them nothing would stop
+        # dynamo from serving another model's graphs, since it keeps graphs per code object: hence a code object of
+        # this instance's own.
         options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
         self._forward: Callable[..., torch.Tensor] = torch.compile(
-            forward, backend=backend, fullgraph=True, dynamic=None, options=options
+            _own_forward(model, f"compiled_decode_{id(self):x}"),
+            backend=backend,
+            fullgraph=True,
+            dynamic=None,
+            options=options,
         )
 
     def _write_kv(
@@ -162,11 +182,10 @@ class CompiledDecode:
                 block_size=self.kv_cache.shape[3],
             )
             if rows == 1:
-                # eagerly first: what the model builds lazily (RoPE tables) exists before it is traced, else the
-                # graph guards on its absence and the next step recompiles
+                # eagerly first, so that what the model builds lazily (the RoPE tables) exists when it is traced:
+                # traced missing, the graph would build them in every step
                 self.model(ids, positions, meta, self.kv_cache)
             self._call(ids, positions, meta)
-        self.warm = True
         return time.perf_counter() - started
 
     def run(

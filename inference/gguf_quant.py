@@ -16,9 +16,11 @@ What each GGUF type becomes (`mode` "auto" keeps the file's choice; "int8" / "in
 | F32, F16, BF16 | int8 per row | int8 per row | int4, `group_size` |
 | anything else | UnsupportedQuantTypeError naming the tensor and type | same | same |
 
-The output head is per-channel int8 in every mode (a tied head from `token_embd`). The embedding lookup reads a
-Q8_0 table's own blocks (`QuantEmbedding`, exact), a float table as float, and any other type through the int8 head's
-codes (tied) or its own int8 rows.
+The output head is per-channel int8 in every mode (a tied head from `token_embd`), but for a tied 4-bit table
+(Q4_0, Q4_1, Q4_K) in `auto` / `int4` on the CPU, which stays int4 group 32 with the file's codes (exact, half the
+bytes of int8). The embedding lookup reads a Q8_0 table's own blocks (`QuantEmbedding`, exact), a float table as
+float, and any other type through the head's codes (tied: `QuantEmbedding.shared_with` an int8 head,
+`Int4HeadEmbedding` an int4 one) or its own int8 rows.
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ from torch import nn
 from inference.errors import QuantError, UnsupportedQuantTypeError
 from inference.gguf_file import GGUFFile, GGUFTensor, hf_name, unpermute_rows
 from inference.quant import (
+    Int4HeadEmbedding,
     Int4Weight,
     Int8Weight,
     QuantEmbedding,
     QuantKernels,
+    QuantLinear,
     QuantLinearBase,
     QuantReport,
     QuantWeight,
@@ -44,6 +48,7 @@ from inference.quant import (
     gguf_q8_0_embedding,
     gguf_to_int4,
     gguf_to_int8,
+    int4_layout,
     model_weight_bytes,
     quant_linear,
     quantize_int4,
@@ -131,14 +136,28 @@ def convert_tensor(tensor: GGUFTensor, mode: GGUFMode, group_size: int) -> Quant
     return [quantize_int4(_float_matrix(tensor), group_size)]
 
 
-def head_weight(tensor: GGUFTensor) -> Int8Weight:
-    """The output head (or the tied embedding) as per-channel int8, whatever the file's type."""
+def head_weight(tensor: GGUFTensor, *, int4_rows: int | None = None) -> QuantWeight:
+    """The output head (or the tied embedding) as per-channel int8, whatever the file's type; with `int4_rows` (the
+    int4 kernel's packed row block on this CPU, `quant.int4_layout`) a 4-bit tensor (Q4_0, Q4_1, Q4_K) whose rows
+    fill whole blocks stays int4 group 32 with its own codes: exact, and half the bytes a decode step reads."""
     name = tensor.type_name
     if name not in SUPPORTED_TYPES:
         raise _unsupported(tensor)
+    shape = tensor.torch_shape()
+    if int4_rows and name in EXACT_INT4_TYPES and shape[0] % int4_rows == 0:
+        return gguf_to_int4(tensor.data, int(tensor.tensor_type), shape)
     if name in FLOAT_TYPES:
         return quantize_int8(_float_matrix(tensor))
-    return gguf_to_int8(tensor.data, int(tensor.tensor_type), tensor.torch_shape())
+    return gguf_to_int8(tensor.data, int(tensor.tensor_type), shape)
+
+
+def own_embedding(tensor: GGUFTensor, dtype: torch.dtype) -> QuantEmbedding:
+    """An untied quantized embedding table as int8 rows (Q8_0 keeps its own blocks)."""
+    if tensor.type_name == "Q8_0":
+        return gguf_q8_0_embedding(tensor.data, tensor.torch_shape(), dtype)
+    own = head_weight(tensor)
+    assert isinstance(own, Int8Weight)
+    return QuantEmbedding(own.qweight, own.scales, dtype)
 
 
 def _take_rows(w: QuantWeight, rows: torch.Tensor) -> QuantWeight:
@@ -177,7 +196,12 @@ def _as_int8(w: QuantWeight) -> Int8Weight:
 
 
 def gguf_linear_weights(
-    gguf: GGUFFile, mode: GGUFMode, group_size: int, *, unpermute_qk: bool | None = None
+    gguf: GGUFFile,
+    mode: GGUFMode,
+    group_size: int,
+    *,
+    unpermute_qk: bool | None = None,
+    int4_head_rows: int | None = None,
 ) -> tuple[dict[str, QuantWeight], dict[str, int]]:
     """`{our module name: QuantWeight}` for every linear of the file (`layers.3.mlp.down_proj`, `lm_head`; q/k/v
     and gate/up fused) and the count of tensors per `type->layout`. `unpermute_qk` defaults to what the `llama`
@@ -213,7 +237,7 @@ def gguf_linear_weights(
         out[full] = _stack_rows([got[i] for i in range(need)])
     head = gguf.by_name.get("output.weight") or gguf.by_name.get("token_embd.weight")
     if head is not None:
-        hw = head_weight(head)
+        hw = head_weight(head, int4_rows=int4_head_rows if mode != "int8" else None)
         _count(counts, head, hw)
         out["lm_head"] = hw
     return out, counts
@@ -258,16 +282,19 @@ def tie_embedding_to_head(model: nn.Module) -> bool:
     embed = getattr(model, "embed_tokens", None)
     if not isinstance(head, QuantLinearBase):
         return False
-    int8 = head.int8_weight()
-    if int8 is None:
-        return False
-    if not isinstance(embed, nn.Embedding | QuantEmbedding):
+    if not isinstance(embed, nn.Embedding | QuantEmbedding | Int4HeadEmbedding):
         return False
     if (embed.num_embeddings, embed.embedding_dim) != (head.out_features, head.in_features):
         return False
     dtype = embed.weight.dtype if isinstance(embed, nn.Embedding) else embed.dtype
-    model.embed_tokens = QuantEmbedding.shared_with(int8, dtype)
-    return True
+    int8 = head.int8_weight()
+    if int8 is not None:
+        model.embed_tokens = QuantEmbedding.shared_with(int8, dtype)
+        return True
+    if isinstance(head, QuantLinear) and head.mode == "int4" and head.layout is not None:
+        model.embed_tokens = Int4HeadEmbedding(head, dtype)
+        return True
+    return False
 
 
 def _float_tensors(
@@ -306,15 +333,19 @@ def build_quantized_model(
         p.numel() * p.element_size() for p in model.parameters()
     )  # a tied head is the embedding
     unpermute_qk = gguf.architecture == "llama"
-    weights, counts = gguf_linear_weights(gguf, mode, group_size, unpermute_qk=unpermute_qk)
+    # a tied 4-bit table stays int4 as the head only where the lookup can read the head's packed rows (CPU kernels
+    # in a known layout); else the head is int8, and the lookup shares its codes
+    layout = int4_layout() if kernels == "cpu" else None
+    weights, counts = gguf_linear_weights(
+        gguf, mode, group_size, unpermute_qk=unpermute_qk, int4_head_rows=layout.block if layout else None
+    )
     install_quant_weights(model, weights, kernels)
     embd = gguf.by_name.get("token_embd.weight")
     if embd is not None and embd.type_name == "Q8_0":
         model.embed_tokens = gguf_q8_0_embedding(embd.data, embd.torch_shape(), config.dtype)
     elif embd is not None and embd.type_name not in FLOAT_TYPES:
         if not (config.tie_word_embeddings and tie_embedding_to_head(model)):
-            own = head_weight(embd)
-            model.embed_tokens = QuantEmbedding(own.qweight, own.scales, config.dtype)
+            model.embed_tokens = own_embedding(embd, config.dtype)
     # materialize what is left on the meta device (norms, biases, a float embedding) and load it from the file
     wanted: set[str] = set()
     for module_name, module in model.named_modules():

@@ -574,6 +574,47 @@ class QuantEmbedding(nn.Module):
         return out.to(self.dtype).reshape(*ids.shape, self.embedding_dim)
 
 
+class Int4HeadEmbedding(nn.Module):
+    """The lookup of a tied int4 head (a GGUF's 4-bit embedding kept as the head's int4 codes): each row is read
+    out of the head's packed weight (this CPU's layout, `Int4Layout`) and scaled as the kernel does, so head and
+    lookup share one copy of the table."""
+
+    def __init__(self, head: QuantLinear, dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        layout = head.layout
+        if head.mode != "int4" or layout is None:
+            raise QuantError("an int4 head lookup needs an int4 head in a known packed layout")
+        self.layout = layout
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.group_size = head.group_size
+        self.dtype = dtype
+        self.num_planes = head.num_planes
+        for i, (packed, scale_zero) in enumerate(head.planes()):
+            self.register_buffer(f"qweight{i}", packed)  # the head's own tensors: counted once
+            self.register_buffer(f"scales{i}", scale_zero)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).long()
+        t, k, g, b = flat.shape[0], self.embedding_dim, self.group_size, self.layout.block
+        within = flat % b
+        if self.layout.halves:  # byte j holds rows j (low nibble) and j + b/2 (high) of its block
+            column, high = within % (b // 2), within >= b // 2
+        else:  # rows 2j and 2j + 1
+            column, high = within // 2, within % 2 == 1
+        total: torch.Tensor | None = None
+        for i in range(self.num_planes):
+            packed, scale_zero = self._buffers[f"qweight{i}"], self._buffers[f"scales{i}"]
+            assert packed is not None and scale_zero is not None
+            raw = packed.view(self.num_embeddings // b, k, b // 2)[flat // b, :, column]  # [T, K] bytes
+            codes = torch.where(high[:, None], raw >> 4, raw & 15).float().view(t, k // g, g)
+            sz = scale_zero[:, flat].float()  # [K / g, T, 2]
+            scale, zero = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]
+            rows = ((codes - 8.0) * scale + zero).view(t, k)
+            total = rows if total is None else total + rows
+        assert total is not None
+        return total.to(self.dtype).reshape(*ids.shape, k)
+
+
 def gguf_q8_0_embedding(
     data: np.ndarray, shape: Sequence[int], dtype: torch.dtype = torch.bfloat16
 ) -> QuantEmbedding:

@@ -6,6 +6,7 @@ typed error for types we cannot load."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize, quantize
+from torch import nn
 
 from inference.errors import EngineError, ModelLoadError, UnsupportedQuantTypeError
 from inference.gguf_file import GGUFFile
@@ -22,6 +24,7 @@ from inference.metadata import AttentionMetadata
 from inference.models.llama import LlamaForCausalLM
 from inference.quant import (
     KERNEL_DTYPE,
+    Int4HeadEmbedding,
     Int4Weight,
     Int8Weight,
     QuantEmbedding,
@@ -32,6 +35,7 @@ from inference.quant import (
     gguf_q8_0_embedding,
     gguf_to_int4,
     gguf_to_int8,
+    int4_layout,
     kernel_available,
     model_weight_bytes,
     quantize_int4,
@@ -398,3 +402,58 @@ def test_tied_int8_head_and_embedding_share_one_table() -> None:
     assert torch.equal(model.embed_tokens(ids), want)
     assert five_token_logits(model).isfinite().all()
     assert not tie_embedding_to_head(tiny_tied_llama(torch.bfloat16))  # no int8 head: nothing to share
+
+
+# ---- int4 heads from 4-bit GGUF tables -------------------------------------------------------------------------
+
+
+@needs_int4
+@pytest.mark.skipif(int4_layout() is None, reason="this CPU's packed int4 layout is unknown")
+def test_int4_head_lookup_reads_the_heads_packed_rows() -> None:
+    """`Int4HeadEmbedding` unpacks rows from the head's packed codes (this CPU's layout, both nibbles, several
+    blocks): each row is `(code - 8) * scale + zero` with the head's own bf16 scales, and nothing is copied."""
+    layout = int4_layout()
+    assert layout is not None
+    rows, dim = 3 * layout.block, 64
+    w = quantize_int4(_weight(rows, dim), 32)
+    head = QuantLinear([w])
+    assert head.layout is not None
+    emb = Int4HeadEmbedding(head, torch.float32)
+    ids = torch.tensor([[0, 1, layout.block // 2, layout.block - 1], [layout.block, rows - 1, 7, 7]])
+    scale_zero = head.planes()[0][1].float()  # [K / g, N, 2]: what the kernel multiplies by
+    s = scale_zero[..., 0].t().repeat_interleave(32, dim=1)
+    z = scale_zero[..., 1].t().repeat_interleave(32, dim=1)
+    table = (w.codes.float() - 8.0) * s + z
+    assert torch.equal(emb(ids), table[ids])
+    assert model_weight_bytes(nn.ModuleList([head, emb])) == head.weight_bytes()  # one copy
+
+
+@needs_int4
+@pytest.mark.skipif(int4_layout() is None, reason="this CPU's packed int4 layout is unknown")
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K"])
+def test_a_tied_4_bit_gguf_table_stays_int4_as_head_and_lookup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qtype: str
+) -> None:
+    """A tied Q4_0 / Q4_K embedding becomes an int4 head with the file's codes (not an int8 re-quantization) and
+    the lookup reads it; int8 re-targets the whole file, head included; the logits follow the float weights."""
+    from benchmarks import random_gguf
+    from inference.loader import load_model
+
+    monkeypatch.setitem(random_gguf.SHAPES, "tiny", random_gguf.Shape(256, 2, 4, 2, 512, 49152, 10000.0))
+    path = random_gguf.write("tiny", qtype, tmp_path)
+    loaded = load_model(path, dtype="bfloat16")
+    head, emb = loaded.model.lm_head, loaded.model.embed_tokens
+    assert isinstance(head, QuantLinear) and head.mode == "int4" and isinstance(emb, Int4HeadEmbedding)
+    report = loaded.quantization
+    assert report is not None and report.bytes_after <= 1.3 * path.stat().st_size
+    oracle = load_model(path, dtype="float32")  # dequantized float weights
+    ids = torch.tensor([5, 700, 49151])
+    table = oracle.model.embed_tokens.weight
+    torch.testing.assert_close(emb(ids).float(), table[ids], rtol=0.02, atol=2e-3)
+    hidden = torch.randn(3, 256) * 0.5
+    want = hidden @ table.t()
+    got = loaded.model.compute_logits(hidden.bfloat16())
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    int8 = load_model(path, dtype="bfloat16", quantize="int8")
+    assert isinstance(int8.model.lm_head, QuantLinear) and int8.model.lm_head.mode == "int8"
+    assert isinstance(int8.model.embed_tokens, QuantEmbedding)
