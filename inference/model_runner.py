@@ -418,6 +418,11 @@ class ModelRunner:
         )
         eager = self.attention
         set_attention_backend(self.model, compiled.attention)
+        log.info(
+            "compiling_decode",
+            max_rows=compiled.max_rows,
+            note="a minute or more the first time; later starts read inductor's disk cache",
+        )
         try:
             seconds = compiled.warm_up()
         except Exception as exc:  # no C++ compiler, an op inductor cannot lower, ...: eager serves every step
