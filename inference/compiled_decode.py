@@ -3,8 +3,8 @@ static-shape decode attention, the step's K/V handed out of the graph and writte
 and the fallback.
 
 One graph serves one row, one serves 2..`max_rows` rows; the block table's width is dynamic in both, so contexts
-grow without recompiling. Inductor caches the compiled code on disk: the first start compiles for about a minute
-on 2 cores, later starts load it in seconds (docs/engine.md, "Compiled decode")."""
+grow without recompiling. Inductor caches the compiled code on disk: the first start compiles for one to three
+minutes on 2 cores, later starts take 13-17 s (docs/engine.md, "Compiled decode")."""
 
 from __future__ import annotations
 
