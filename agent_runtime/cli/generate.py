@@ -8,8 +8,8 @@ import sys
 
 from agent_runtime.cli.common import (
     add_adapter_argument,
-    add_device_argument,
     add_compile_argument,
+    add_device_argument,
     add_quantize_argument,
     parse_adapters,
 )

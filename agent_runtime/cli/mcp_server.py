@@ -12,9 +12,9 @@ from typing import Any
 from agent_runtime.cli.common import (
     API_KEY_ENV,
     add_adapter_argument,
+    add_compile_argument,
     add_device_argument,
     add_kv_argument,
-    add_compile_argument,
     add_quantize_argument,
     bind_socket,
     resolve_model,
