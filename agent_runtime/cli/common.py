@@ -171,8 +171,8 @@ def add_compile_argument(parser: argparse.ArgumentParser, *, from_config: bool =
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None if from_config else False,
-        help=f"CPU: run decode steps through torch.compile (default: {where}); the first start compiles for about "
-        "a minute, later ones load the compiled code from inductor's disk cache in seconds",
+        help=f"CPU: run decode steps through torch.compile (default: {where}); the first start compiles for one to "
+        "three minutes, later ones read inductor's disk cache (about 15 s)",
     )
 
 
