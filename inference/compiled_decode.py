@@ -13,12 +13,13 @@ import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import structlog
 import torch
 
 from inference import attention as reference
 from inference.attention_backends import AttentionBackend
-from inference.metadata import AttentionMetadata
+from inference.metadata import AttentionMetadata, HostBatch
 from inference.model_config import ModelConfig
 
 if TYPE_CHECKING:
@@ -29,6 +30,9 @@ log = structlog.get_logger(__name__)
 # Decode steps of more rows run eagerly: the static attention gathers every row's whole block table, padded to the
 # longest, which for a large batch of mixed contexts copies far more K/V than the reference's length-sorted groups.
 DEFAULT_MAX_COMPILED_ROWS = 8
+# ... and so do steps whose rows' contexts differ so much that the padded gather would copy more than this many times
+# the blocks they hold.
+MAX_PADDING = 1.5
 
 
 def static_decode_attention(
@@ -65,7 +69,8 @@ def static_decode_attention(
 
 def _own_forward(model: CausalLM, name: str) -> Callable[..., torch.Tensor]:
     """`model`'s undecorated forward (its inference_mode cannot be traced around the cache writes) as a function with
-    a code object of its own, named `name`."""
+    a code object of its own (a new object on every call), named `name`: the same name in every process, since
+    inductor's disk cache must find the graphs of an earlier start."""
     forward = type(model).forward.__wrapped__  # type: ignore[attr-defined]
 
     def step(
@@ -139,7 +144,7 @@ class CompiledDecode:
         # this instance's own.
         options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
         self._forward: Callable[..., torch.Tensor] = torch.compile(
-            _own_forward(model, f"compiled_decode_{id(self):x}"),
+            _own_forward(model, "compiled_decode_step"),
             backend=backend,
             fullgraph=True,
             dynamic=None,
@@ -161,8 +166,18 @@ class CompiledDecode:
             return static_decode_attention(q, kv_layer, meta, scale, self._new_kv[-1])
         return reference.paged_attention(q, kv_layer, meta, scale)
 
-    def fits(self, num_seqs: int, num_tokens: int, is_decode_only: bool) -> bool:
-        return self.failed is None and is_decode_only and num_tokens == num_seqs <= self.max_rows
+    def fits(self, host: HostBatch) -> bool:
+        """Whether this step runs compiled: decode only, at most `max_rows` rows, and rows whose block tables are
+        close in length (the static attention pads every row to the longest: at most `MAX_PADDING` times the
+        blocks the rows hold)."""
+        n = host.num_seqs
+        if self.failed is not None or not host.is_decode_only or host.num_tokens != n or n > self.max_rows:
+            return False
+        if n == 1:
+            return True
+        block_size = self.kv_cache.shape[3]
+        held = int((-(-host.context_lens.astype(np.int64) // block_size)).sum())
+        return bool(n * host.block_tables.shape[1] <= MAX_PADDING * held)
 
     @torch.inference_mode()
     def warm_up(self) -> float:

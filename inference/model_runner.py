@@ -478,12 +478,7 @@ class ModelRunner:
         inputs = self._to_device(host, sample_seqs)
         compiled = self.compiled
         ran: torch.Tensor | None = None
-        if (
-            compiled is not None
-            and graphs_ok
-            and not self._adapters_hooked()
-            and compiled.fits(host.num_seqs, host.num_tokens, host.is_decode_only)
-        ):
+        if compiled is not None and graphs_ok and not self._adapters_hooked() and compiled.fits(host):
             ran = compiled.run(inputs.input_ids, inputs.positions, inputs.meta)
         hidden = (
             ran

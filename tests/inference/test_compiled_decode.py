@@ -8,19 +8,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from structlog.testing import capture_logs
 
 from inference import attention as reference
 from inference.attention_backends import REFERENCE
-from inference.compiled_decode import compile_unsupported, static_decode_attention
+from inference.compiled_decode import CompiledDecode, compile_unsupported, static_decode_attention
 from inference.config import EngineConfig
 from inference.engine import LLMEngine
 from inference.loader import load_model
-from inference.metadata import AttentionMetadata
+from inference.metadata import AttentionMetadata, HostBatch
 from inference.params import SamplingParams
-from tests.inference.test_cuda_graphs import tiny_config
+from tests.inference.test_cuda_graphs import tiny_config, tiny_llama
 from tests.inference.test_hf_equivalence import build_tiny_model
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="compiled decode is the CPU path")
@@ -174,3 +175,32 @@ def test_steps_with_adapter_hooks_run_eagerly(tmp_path: Path) -> None:
     assert compiled is not None and eng.lora.hooked and "plain" in ADAPTERS
     assert [o.token_ids for o in eng.generate(prompts, params)] == [o.token_ids for o in want]
     assert compiled.steps == 0
+
+
+def test_steps_that_run_compiled() -> None:
+    """Decode steps of 1-8 rows whose tables are close in length; not prefill, not more rows, not rows whose padded
+    gather would copy over 1.5x the blocks they hold."""
+    compiled = CompiledDecode(tiny_llama(), torch.zeros(2, 2, 40, 4, 2, 16), max_rows=8, backend="eager")
+
+    def step(contexts: list[int], new_tokens: int = 1) -> HostBatch:
+        n = len(contexts)
+        width = max(-(-c // 4) for c in contexts)
+        return HostBatch(
+            input_ids=np.zeros(n * new_tokens, np.int64),
+            positions=np.zeros(n * new_tokens, np.int64),
+            slot_mapping=np.zeros(n * new_tokens, np.int64),
+            query_start_loc=np.arange(0, n * new_tokens + 1, new_tokens, dtype=np.int32),
+            context_lens=np.array(contexts, np.int32),
+            block_tables=np.zeros((n, width), np.int32),
+            sample_indices=np.arange(n, dtype=np.int64),
+            max_query_len=new_tokens,
+            max_context_len=max(contexts),
+        )
+
+    assert compiled.fits(step([1])) and compiled.fits(step([900]))
+    assert compiled.fits(step([60, 64])) and compiled.fits(step([64] * 8))
+    assert not compiled.fits(step([4, 64]))  # 32 blocks gathered for 17 held
+    assert not compiled.fits(step([64] * 9))
+    assert not compiled.fits(step([5, 9], new_tokens=2))  # prefill chunks
+    compiled.failed = "RuntimeError: kernel crashed"
+    assert not compiled.fits(step([1]))
