@@ -105,7 +105,7 @@ def compile_unsupported(device: torch.device, backend_name: str, config: ModelCo
         return f"compiled decode is for the CPU (on {device.type}, decode runs CUDA graphs)"
     if backend_name != "reference":
         return f"compiled decode traces the reference attention, not {backend_name}"
-    if config.rope_scaling and config.rope_scaling.get("rope_type") == "dynamic":
+    if config.dynamic_rope:
         return "dynamic NTK RoPE sizes its tables from the longest position on the host"
     return None
 
@@ -125,7 +125,6 @@ class CompiledDecode:
         self.model = model
         self.kv_cache = kv_cache
         self.max_rows = max_rows
-        self.backend = backend
         self.steps = 0  # decode steps served compiled
         # Each layer's new (K, V), appended while tracing and so, replayed by dynamo, by every compiled call. Traced,
         # a write into the cache (a graph input) was functionalized into copies of whole cache layers, and as an

@@ -49,7 +49,7 @@ def cuda_graphs_unsupported(
     if backend_name != "triton":
         # the reference backend reads context lengths back to the host to plan its gathers
         return f"the {backend_name} attention backend sizes its work on the host"
-    if config.rope_scaling and config.rope_scaling.get("rope_type") == "dynamic":
+    if config.dynamic_rope:
         return "dynamic NTK RoPE sizes its tables from the longest position on the host"
     return None
 

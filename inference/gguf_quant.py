@@ -341,10 +341,9 @@ def build_quantized_model(
     )
     install_quant_weights(model, weights, kernels)
     embd = gguf.by_name.get("token_embd.weight")
-    if embd is not None and embd.type_name == "Q8_0":
-        model.embed_tokens = gguf_q8_0_embedding(embd.data, embd.torch_shape(), config.dtype)
-    elif embd is not None and embd.type_name not in FLOAT_TYPES:
-        if not (config.tie_word_embeddings and tie_embedding_to_head(model)):
+    if embd is not None and embd.type_name not in FLOAT_TYPES:
+        # a Q8_0 table keeps its own exact blocks; any other type shares the tied head's codes where it can
+        if embd.type_name == "Q8_0" or not (config.tie_word_embeddings and tie_embedding_to_head(model)):
             model.embed_tokens = own_embedding(embd, config.dtype)
     # materialize what is left on the meta device (norms, biases, a float embedding) and load it from the file
     wanted: set[str] = set()

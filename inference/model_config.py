@@ -54,6 +54,11 @@ class ModelConfig:
     def model_type(self) -> str:
         return SUPPORTED_ARCHITECTURES[self.architecture]
 
+    @property
+    def dynamic_rope(self) -> bool:
+        """Dynamic NTK RoPE: its tables are sized from the longest position, on the host (no static graphs)."""
+        return bool(self.rope_scaling and self.rope_scaling.get("rope_type") == "dynamic")
+
 
 def _supported_list() -> str:
     return ", ".join(SUPPORTED_ARCHITECTURES)

@@ -88,7 +88,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.dynamic = bool(config.rope_scaling and config.rope_scaling["rope_type"] == "dynamic")
+        self.dynamic = config.dynamic_rope
         # Plain attributes, not buffers: models are built on the meta device and materialised with to_empty(),
         # which would leave buffers uninitialised; the tables follow the model's device and dtype on first use.
         with torch.device("cpu"):

@@ -24,8 +24,6 @@ from inference.params import SamplingParams
 from tests.inference.test_cuda_graphs import tiny_config, tiny_llama
 from tests.inference.test_hf_equivalence import build_tiny_model
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="compiled decode is the CPU path")
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
@@ -157,10 +155,14 @@ def test_a_compiled_step_failing_mid_generation_falls_back_to_eager(tiny: Any) -
     assert [e["event"] for e in logs].count("compiled_decode_failed") == 1
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="build_tiny loads on the GPU where there is one; compiled decode is the CPU path",
+)
 def test_steps_with_adapter_hooks_run_eagerly(tmp_path: Path) -> None:
     """The graphs were traced without LoRA hooks: once an adapter is loaded, decode steps go eager (and still
     apply the adapter)."""
-    from tests.inference.test_lora import ADAPTERS, build_tiny
+    from tests.inference.test_lora import build_tiny
 
     lora = build_tiny(tmp_path, "llama")
     config = EngineConfig(block_size=4, max_model_len=64, num_blocks=128)
@@ -172,7 +174,7 @@ def test_steps_with_adapter_hooks_run_eagerly(tmp_path: Path) -> None:
     want = LLMEngine(lora.loaded, config, adapters=lora.paths).generate(prompts, params)
     eng = LLMEngine(lora.loaded, config, adapters=lora.paths)
     compiled = eng.runner.build_compiled_decode(backend="eager")
-    assert compiled is not None and eng.lora.hooked and "plain" in ADAPTERS
+    assert compiled is not None and eng.lora.hooked
     assert [o.token_ids for o in eng.generate(prompts, params)] == [o.token_ids for o in want]
     assert compiled.steps == 0
 
