@@ -46,7 +46,7 @@ class EngineConfig:
     "auto" (the Triton kernels of inference/triton_lora.py on CUDA, torch elsewhere), "torch" or "triton";
     `max_lora_rank` is the rank each projection's Triton LoRA buffers hold (larger adapters run on torch, eagerly).
     `compile` runs CPU decode steps of up to 8 rows through torch.compile (inference/compiled_decode.py): compiled at
-    start (about a minute the first time, cached on disk), eager where it cannot compile.
+    start (one to three minutes the first time, then inductor's disk cache), eager where it cannot compile.
     """
 
     max_num_seqs: int = 64

@@ -158,7 +158,7 @@ class ModelSettings(BaseModel):
     # weights: auto (a GGUF stays quantized on a bf16 CPU model, else float), none (float), int8 or int4 (CPU)
     quantize: Literal["auto", "none", "int8", "int4"] = "auto"
     quantize_group_size: Literal[32, 64, 128, 256] = 32  # int4: inputs per scale
-    # CPU: decode steps of up to 8 rows through torch.compile (a minute the first time, then inductor's disk cache)
+    # CPU: decode steps of up to 8 rows through torch.compile (1-3 minutes the first time, then inductor's disk cache)
     compile: bool = False
 
 
