@@ -22,7 +22,9 @@ the ratio to llama.cpp, and our weights' memory against the file's size. Our var
   decode groups ran on one thread (`inference.attention.SERIAL_DECODE_PAIRS`): that change's before/after in one
   run;
 - `gguf compiled`: `gguf` with decode steps through torch.compile (`compile=True`, inference/compiled_decode.py; the
-  compile happens at engine start, before any round).
+  compile happens at engine start, before any round);
+- `gguf torch`, `gguf torch compiled`: the same with torch's int8/int4 kernels instead of our own
+  (`AGENT_RUNTIME_QGEMV=off` while the model is built; inference/qgemv.py): that kernel's before/after in one run.
 
 Exits 0.
 """
@@ -46,7 +48,16 @@ import torch
 
 from benchmarks.engine import DEFAULT_LLAMA_PYTHON, LlamaPeer, llama_run, peer_failed
 
-VARIANTS = ("bf16", "gguf", "gguf int8", "gguf int4", "gguf pooled", "gguf compiled")
+VARIANTS = (
+    "bf16",
+    "gguf",
+    "gguf int8",
+    "gguf int4",
+    "gguf pooled",
+    "gguf compiled",
+    "gguf torch",
+    "gguf torch compiled",
+)
 _QUANTIZE = {
     "bf16": "none",
     "gguf": "auto",
@@ -54,7 +65,30 @@ _QUANTIZE = {
     "gguf int4": "int4",
     "gguf pooled": "auto",
     "gguf compiled": "auto",
+    "gguf torch": "auto",
+    "gguf torch compiled": "auto",
 }
+
+
+@contextlib.contextmanager
+def torch_kernels(on: bool) -> Iterator[None]:
+    """With `on`, layers built inside run torch's int8/int4 kernels, not our own (inference/qgemv.py)."""
+    from inference import qgemv
+
+    if not on:
+        yield
+        return
+    before = os.environ.get("AGENT_RUNTIME_QGEMV")
+    os.environ["AGENT_RUNTIME_QGEMV"] = "off"
+    qgemv.qgemv_kernel.cache_clear()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("AGENT_RUNTIME_QGEMV", None)
+        else:
+            os.environ["AGENT_RUNTIME_QGEMV"] = before
+        qgemv.qgemv_kernel.cache_clear()
 
 
 def build_engine(variant: str, gguf: Path) -> Any:
@@ -64,7 +98,8 @@ def build_engine(variant: str, gguf: Path) -> Any:
 
     if variant not in _QUANTIZE:
         raise SystemExit(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
-    loaded = load_model(gguf, dtype="bfloat16", quantize=_QUANTIZE[variant])
+    with torch_kernels(" torch" in variant):
+        loaded = load_model(gguf, dtype="bfloat16", quantize=_QUANTIZE[variant])
     config = EngineConfig(
         kv_cache_memory=256 * 2**20, max_model_len=2048, max_num_seqs=8, compile=variant.endswith("compiled")
     )

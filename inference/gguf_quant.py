@@ -12,15 +12,19 @@ What each GGUF type becomes (`mode` "auto" keeps the file's choice; "int8" / "in
 | GGUF type | auto | int8 | int4 |
 | --- | --- | --- | --- |
 | Q4_0, Q4_1, Q4_K | int4 group 32, exact codes | int8 per row | int4 group 32, exact codes |
-| Q5_0, Q5_1, Q5_K, Q6_K, Q8_0 | int8 per row (re-quantized: one kernel) | int8 per row | int4, `group_size` |
+| Q8_0 | int8 blocks of 32, exact (our kernel, below); else int8 per row | the same | int4, `group_size` |
+| Q5_0, Q5_1, Q5_K, Q6_K | int8 per row (re-quantized: one kernel) | int8 per row | int4, `group_size` |
 | F32, F16, BF16 | int8 per row | int8 per row | int4, `group_size` |
 | anything else | UnsupportedQuantTypeError naming the tensor and type | same | same |
 
-The output head is per-channel int8 in every mode (a tied head from `token_embd`), but for a tied 4-bit table
-(Q4_0, Q4_1, Q4_K) in `auto` / `int4` on the CPU, which stays int4 group 32 with the file's codes (exact, half the
-bytes of int8). The embedding lookup reads a Q8_0 table's own blocks (`QuantEmbedding`, exact), a float table as
-float, and any other type through the head's codes (tied: `QuantEmbedding.shared_with` an int8 head,
-`Int4HeadEmbedding` an int4 one) or its own int8 rows.
+Where our own kernel runs on this CPU (inference/qgemv.py; `QuantLinear` then holds int8 and int4 group-32 weights
+in its layout), a Q8_0 matrix keeps its own blocks and fp16 scales (`gguf_q8_0_blocks`) instead of a per-row
+re-quantization. The output head is per-channel int8 in every mode (a tied head from `token_embd`), but for a tied
+4-bit table (Q4_0, Q4_1, Q4_K) in `auto` / `int4` on the CPU, which stays int4 group 32 with the file's codes
+(exact, half the bytes of int8), and a Q8_0 one under our kernel (its blocks). The embedding lookup reads a float
+table as float and any other type through the tied head's codes where it can (`QGemvEmbedding` for a head in our
+kernel's layout, `QuantEmbedding.shared_with` an int8 head, `Int4HeadEmbedding` an int4 one), else its own int8
+rows (a Q8_0 table's own blocks, exact).
 """
 
 from __future__ import annotations
@@ -32,12 +36,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from inference import qgemv
 from inference.errors import QuantError, UnsupportedQuantTypeError
 from inference.gguf_file import GGUFFile, GGUFTensor, hf_name, unpermute_rows
 from inference.quant import (
     Int4HeadEmbedding,
     Int4Weight,
     Int8Weight,
+    QGemvEmbedding,
     QuantEmbedding,
     QuantKernels,
     QuantLinear,
@@ -45,11 +51,13 @@ from inference.quant import (
     QuantReport,
     QuantWeight,
     dequantize_weight,
+    gguf_q8_0_blocks,
     gguf_q8_0_embedding,
     gguf_to_int4,
     gguf_to_int8,
     int4_layout,
     model_weight_bytes,
+    per_row,
     quant_linear,
     quantize_int4,
     quantize_int8,
@@ -114,12 +122,17 @@ def _float_matrix(tensor: GGUFTensor) -> torch.Tensor:
     return torch.from_numpy(values.reshape(tensor.torch_shape()))
 
 
-def convert_tensor(tensor: GGUFTensor, mode: GGUFMode, group_size: int) -> QuantWeight:
-    """One GGUF matrix in our layout (the table in the module docstring)."""
+def convert_tensor(
+    tensor: GGUFTensor, mode: GGUFMode, group_size: int, *, q8_blocks: bool = False
+) -> QuantWeight:
+    """One GGUF matrix in our layout (the table in the module docstring); with `q8_blocks` (our own kernel runs
+    here, inference/qgemv.py) a Q8_0 matrix keeps its own blocks under `auto` and `int8`: exact."""
     name = tensor.type_name
     shape = tensor.torch_shape()
     if name not in SUPPORTED_TYPES:
         raise _unsupported(tensor)
+    if q8_blocks and name == "Q8_0" and mode != "int4":
+        return gguf_q8_0_blocks(tensor.data, shape)
     if name in FLOAT_TYPES:
         w = _float_matrix(tensor)
         return (
@@ -136,14 +149,17 @@ def convert_tensor(tensor: GGUFTensor, mode: GGUFMode, group_size: int) -> Quant
     return [quantize_int4(_float_matrix(tensor), group_size)]
 
 
-def head_weight(tensor: GGUFTensor, *, int4_rows: int | None = None) -> QuantWeight:
+def head_weight(tensor: GGUFTensor, *, int4_rows: int | None = None, q8_blocks: bool = False) -> QuantWeight:
     """The output head (or the tied embedding) as per-channel int8, whatever the file's type; with `int4_rows` (the
-    int4 kernel's packed row block on this CPU, `quant.int4_layout`) a 4-bit tensor (Q4_0, Q4_1, Q4_K) whose rows
-    fill whole blocks stays int4 group 32 with its own codes: exact, and half the bytes a decode step reads."""
+    row block a tied lookup can read, `quant.int4_layout().block`, or 1 with our own kernel) a 4-bit tensor (Q4_0,
+    Q4_1, Q4_K) whose rows fill whole blocks stays int4 group 32 with its own codes: exact, and half the bytes a
+    decode step reads. With `q8_blocks` a Q8_0 tensor keeps its own blocks (exact)."""
     name = tensor.type_name
     if name not in SUPPORTED_TYPES:
         raise _unsupported(tensor)
     shape = tensor.torch_shape()
+    if q8_blocks and name == "Q8_0":
+        return gguf_q8_0_blocks(tensor.data, shape)
     if int4_rows and name in EXACT_INT4_TYPES and shape[0] % int4_rows == 0:
         return gguf_to_int4(tensor.data, int(tensor.tensor_type), shape)
     if name in FLOAT_TYPES:
@@ -170,6 +186,8 @@ def _stack_rows(parts: Sequence[QuantWeight]) -> QuantWeight:
     int8s = [p for p in parts if isinstance(p, Int8Weight)]
     planes = [p for p in parts if isinstance(p, list)]
     if len(int8s) == len(parts):
+        if len({p.per_block for p in int8s}) > 1:  # Q8_0 blocks fused with another type's per-row int8
+            int8s = [per_row(p) for p in int8s]
         return Int8Weight(torch.cat([p.qweight for p in int8s]), torch.cat([p.scales for p in int8s]))
     if (
         len(planes) != len(parts)
@@ -202,10 +220,11 @@ def gguf_linear_weights(
     *,
     unpermute_qk: bool | None = None,
     int4_head_rows: int | None = None,
+    q8_blocks: bool = False,
 ) -> tuple[dict[str, QuantWeight], dict[str, int]]:
     """`{our module name: QuantWeight}` for every linear of the file (`layers.3.mlp.down_proj`, `lm_head`; q/k/v
     and gate/up fused) and the count of tensors per `type->layout`. `unpermute_qk` defaults to what the `llama`
-    architecture needs."""
+    architecture needs; `q8_blocks` keeps Q8_0 matrices as they are (`convert_tensor`)."""
     if unpermute_qk is None:
         unpermute_qk = gguf.architecture == "llama"
     n_head, n_kv = gguf.arch_int("attention.head_count"), gguf.arch_int("attention.head_count_kv")
@@ -220,7 +239,7 @@ def gguf_linear_weights(
         if len(parts) != 4 or parts[0] != "blk" or parts[3] != "weight" or parts[2] not in _LAYER_LINEARS:
             continue
         module, shard = _LAYER_LINEARS[parts[2]]
-        w = convert_tensor(tensor, mode, group_size)
+        w = convert_tensor(tensor, mode, group_size, q8_blocks=q8_blocks)
         if unpermute_qk and parts[2] in ("attn_q", "attn_k"):
             rows = unpermute_rows(tensor.torch_shape()[0], n_head if parts[2] == "attn_q" else n_kv)
             w = _take_rows(w, torch.from_numpy(rows))
@@ -237,18 +256,17 @@ def gguf_linear_weights(
         out[full] = _stack_rows([got[i] for i in range(need)])
     head = gguf.by_name.get("output.weight") or gguf.by_name.get("token_embd.weight")
     if head is not None:
-        hw = head_weight(head, int4_rows=int4_head_rows if mode != "int8" else None)
+        hw = head_weight(head, int4_rows=int4_head_rows if mode != "int8" else None, q8_blocks=q8_blocks)
         _count(counts, head, hw)
         out["lm_head"] = hw
     return out, counts
 
 
 def _count(counts: dict[str, int], tensor: GGUFTensor, w: QuantWeight) -> None:
-    layout = (
-        "int8"
-        if isinstance(w, Int8Weight)
-        else f"int4 g{w[0].group_size}" + ("" if len(w) == 1 else f" x{len(w)}")
-    )
+    if isinstance(w, Int8Weight):
+        layout = "int8 g32" if w.per_block else "int8"
+    else:
+        layout = f"int4 g{w[0].group_size}" + ("" if len(w) == 1 else f" x{len(w)}")
     key = f"{tensor.type_name}->{layout}"
     counts[key] = counts.get(key, 0) + 1
 
@@ -282,11 +300,14 @@ def tie_embedding_to_head(model: nn.Module) -> bool:
     embed = getattr(model, "embed_tokens", None)
     if not isinstance(head, QuantLinearBase):
         return False
-    if not isinstance(embed, nn.Embedding | QuantEmbedding | Int4HeadEmbedding):
+    if not isinstance(embed, nn.Embedding | QuantEmbedding | Int4HeadEmbedding | QGemvEmbedding):
         return False
     if (embed.num_embeddings, embed.embedding_dim) != (head.out_features, head.in_features):
         return False
     dtype = embed.weight.dtype if isinstance(embed, nn.Embedding) else embed.dtype
+    if isinstance(head, QuantLinear) and head.qgemv is not None:
+        model.embed_tokens = QGemvEmbedding(head, dtype)
+        return True
     int8 = head.int8_weight()
     if int8 is not None:
         model.embed_tokens = QuantEmbedding.shared_with(int8, dtype)
@@ -335,15 +356,29 @@ def build_quantized_model(
     unpermute_qk = gguf.architecture == "llama"
     # a tied 4-bit table stays int4 as the head only where the lookup can read the head's packed rows (CPU kernels
     # in a known layout); else the head is int8, and the lookup shares its codes
+    # (our own kernel: any row count, and Q8_0 kept as its blocks)
+    ours = kernels == "cpu" and qgemv.qgemv_kernel() is not None
     layout = int4_layout() if kernels == "cpu" else None
     weights, counts = gguf_linear_weights(
-        gguf, mode, group_size, unpermute_qk=unpermute_qk, int4_head_rows=layout.block if layout else None
+        gguf,
+        mode,
+        group_size,
+        unpermute_qk=unpermute_qk,
+        int4_head_rows=1 if ours else layout.block if layout else None,
+        q8_blocks=ours,
     )
     install_quant_weights(model, weights, kernels)
     embd = gguf.by_name.get("token_embd.weight")
     if embd is not None and embd.type_name not in FLOAT_TYPES:
-        # a Q8_0 table keeps its own exact blocks; any other type shares the tied head's codes where it can
-        if embd.type_name == "Q8_0" or not (config.tie_word_embeddings and tie_embedding_to_head(model)):
+        # a Q8_0 table keeps its own exact blocks (shared with a tied head that holds them too); any other type
+        # shares the tied head's codes where it can
+        head = getattr(model, "lm_head", None)
+        exact_head = (
+            "output.weight" not in gguf.by_name and isinstance(head, QuantLinear) and head.qgemv is not None
+        )
+        if (embd.type_name == "Q8_0" and not exact_head) or not (
+            config.tie_word_embeddings and tie_embedding_to_head(model)
+        ):
             model.embed_tokens = own_embedding(embd, config.dtype)
     # materialize what is left on the meta device (norms, biases, a float embedding) and load it from the file
     wanted: set[str] = set()

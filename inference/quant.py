@@ -14,6 +14,12 @@ fastest at decode sizes, slower than a dense bf16 matmul from about 16 rows (int
 row counts (`DENSE_ROWS`) a layer dequantizes its weight to bf16, a slice at a time, and runs a dense matmul: the
 weights stay quantized in memory and prefill is not held back by the decode kernels (docs/engine.md).
 
+Where our own kernel runs (inference/qgemv.py: activations quantized to int8 per block of 32, integer dot products
+with AVX512-VNNI or AVX2, built for this CPU at first use), `QuantLinear` holds int8 and single-plane int4 group-32
+weights in its layout instead (`to_qgemv`, fp16 scales and mins) and runs it up to `QGEMV_DENSE_ROWS` rows: 1.2-1.3x
+torch's int4 kernel and about 2x its int8 one at decode sizes on AVX512. An `Int8Weight` may carry a scale per block
+of 32 (a GGUF Q8_0 matrix as it is); only that kernel runs those, and a layer without it re-quantizes them per row.
+
 On CUDA, `TritonQuantLinear` holds the same layouts (int4 codes packed two a byte along K, `pack_int4_pairs`) and
 runs them through the Triton kernels of inference/triton_quant.py; `quant_linear` / `kernels_for` pick the layer
 for a device.
@@ -56,6 +62,7 @@ import structlog
 import torch
 from torch import nn
 
+from inference import qgemv
 from inference.config import DEFAULT_QUANTIZE_GROUP_SIZE, QUANTIZE_GROUP_SIZES
 from inference.errors import QuantError, UnsupportedQuantTypeError
 
@@ -71,6 +78,10 @@ KERNEL_DTYPE = torch.bfloat16
 # (measured on AVX512 with 2 threads: the int8 kernel loses to the dense path from ~32 rows, int4 from ~128 at
 # SmolLM2's shapes; docs/engine.md, benchmarks/quant_kernels.py --dense).
 DENSE_ROWS: dict[KernelName, int] = {"int8": 16, "int4": 64}
+# The same for our own kernel (inference/qgemv.py): it beats the dense path up to about 512 rows (measured 1.1-18x
+# at 16-512 rows, 0.5-0.98x at 2048 on AVX512), and every row's result from it is the same bits whatever the step's
+# other rows, so a prompt replayed from the prefix cache (a shorter prefill) samples the same tokens
+QGEMV_DENSE_ROWS = 512
 # Dense path: dequantize at most about this many weights at a time (a few MB of bf16, reused by the allocator)
 _DENSE_CHUNK = 1 << 21
 
@@ -80,7 +91,9 @@ _DENSE_CHUNK = 1 << 21
 
 @dataclass(slots=True)
 class Int8Weight:
-    """`w[n, k] = qweight[n, k] * scales[n]`: int8 `[N, K]` codes, float32 `[N]` scales."""
+    """`w[n, k] = qweight[n, k] * scales[n]`: int8 `[N, K]` codes, float32 `[N]` scales; or with `[N, K / 32]`
+    scales, one per block of 32 (a GGUF Q8_0 matrix as it is: only our own kernel runs those, `per_row` makes
+    the per-channel weight torch's kernel takes)."""
 
     qweight: torch.Tensor
     scales: torch.Tensor
@@ -89,9 +102,22 @@ class Int8Weight:
     def shape(self) -> tuple[int, int]:
         return (int(self.qweight.shape[0]), int(self.qweight.shape[1]))
 
+    @property
+    def per_block(self) -> bool:
+        return self.scales.dim() == 2
+
     def dequantize(self) -> torch.Tensor:
         """float32 `[N, K]`."""
+        if self.per_block:
+            n, k = self.shape
+            blocks = self.qweight.float().view(n, self.scales.shape[1], -1)
+            return (blocks * self.scales.float()[..., None]).view(n, k)
         return self.qweight.float() * self.scales.float()[:, None]
+
+
+def per_row(weight: Int8Weight) -> Int8Weight:
+    """The per-channel int8 weight of a block-scaled one (re-quantized per row: lossy); others as they are."""
+    return quantize_int8(weight.dequantize()) if weight.per_block else weight
 
 
 @dataclass(slots=True)
@@ -245,6 +271,28 @@ def kernel_available(name: KernelName) -> bool:
     return ok
 
 
+def to_qgemv(weight: QuantWeight) -> qgemv.QGemvWeight | None:
+    """The weight in our own kernel's layout where that kernel runs here and takes it: int8 per channel (each
+    block gets its row's scale), or a single int4 plane of group 32 (`min = zero - 8 * scale`) with K a multiple
+    of 64; None otherwise (torch's kernels run it)."""
+    if qgemv.qgemv_kernel() is None:
+        return None
+    if isinstance(weight, Int8Weight):
+        n, k = weight.shape
+        if not qgemv.fits(n, k) or (weight.per_block and weight.scales.shape[1] * qgemv.BLOCK != k):
+            return None
+        scales = (
+            weight.scales.float()
+            if weight.per_block
+            else weight.scales.float()[:, None].expand(n, k // qgemv.BLOCK)
+        )
+        return qgemv.from_blocks(weight.qweight, scales, torch.zeros_like(scales), 8)
+    if len(weight) != 1 or weight[0].group_size != qgemv.BLOCK or not qgemv.fits(*weight[0].shape):
+        return None
+    plane = weight[0]
+    return qgemv.from_blocks(plane.codes, plane.scales, plane.zeros - 8 * plane.scales, 4)
+
+
 def kernel_fits(name: KernelName, out_features: int, in_features: int) -> bool:
     """Shapes the kernels handle (torch 2.13, checked here): the int8 kernel silently returns garbage unless the
     input size is a multiple of 16; the int4 packing refuses output sizes that are not multiples of 16. Every
@@ -340,10 +388,17 @@ class QuantLinear(QuantLinearBase):
     output size that is a multiple of its block; otherwise the kernel runs at every size). Without the kernel on
     this CPU (`kernel_available`), or for a shape it cannot take (`kernel_fits`), the weight is kept dequantized
     (`fallback`) and the layer runs `F.linear` in the input's dtype: correct, no memory saved.
+
+    Where our own kernel runs (inference/qgemv.py) and takes the weight (`to_qgemv`), the layer holds it in that
+    kernel's layout instead (`qcodes`, `qscales`, `qmins`; `qgemv_bits` 4 or 8) and runs it on float32 or bf16
+    inputs as they come, up to `QGEMV_DENSE_ROWS` rows.
     """
 
     qweight0: torch.Tensor
     scales0: torch.Tensor
+    qcodes: torch.Tensor
+    qscales: torch.Tensor
+    qmins: torch.Tensor
     dense: torch.Tensor | None
 
     def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None) -> None:
@@ -351,16 +406,27 @@ class QuantLinear(QuantLinearBase):
         planes: list[Int8Weight] | list[Int4Weight] = (
             [weight] if isinstance(weight, Int8Weight) else list(weight)
         )
-        self.fallback = not (
+        ours = to_qgemv(weight)
+        self.fallback = ours is None and not (
             kernel_available(self.mode) and kernel_fits(self.mode, self.out_features, self.in_features)
         )
         self.dense_rows = DENSE_ROWS[self.mode]
-        layout = int4_layout() if self.mode == "int4" and not self.fallback else None
+        if ours is None and isinstance(weight, Int8Weight) and weight.per_block:
+            weight = per_row(weight)
+            planes = [weight]
+        self.qgemv = qgemv.qgemv_kernel() if ours is not None else None
+        self.qgemv_bits = 0 if ours is None else ours.bits
+        layout = int4_layout() if self.mode == "int4" and not self.fallback and ours is None else None
         self.layout = layout if layout is not None and self.out_features % layout.block == 0 else None
-        # buffers (so that `state_dict` and memory accounting see them): `dense` in the fallback, else
-        # `qweight{i}` / `scales{i}` per plane
+        # buffers (so that `state_dict` and memory accounting see them): `dense` in the fallback, `qcodes` /
+        # `qscales` / `qmins` in our kernel's layout, else `qweight{i}` / `scales{i}` per plane
         self.register_buffer("dense", dequantize_weight(weight) if self.fallback else None)
-        kept: Sequence[Int8Weight | Int4Weight] = [] if self.fallback else planes
+        if ours is not None:
+            self.dense_rows = QGEMV_DENSE_ROWS
+            self.register_buffer("qcodes", ours.codes)
+            self.register_buffer("qscales", ours.scales)
+            self.register_buffer("qmins", ours.mins)
+        kept: Sequence[Int8Weight | Int4Weight] = [] if self.fallback or ours is not None else planes
         for i, plane in enumerate(kept):
             if isinstance(plane, Int8Weight):
                 q, s = plane.qweight.contiguous(), plane.scales.to(KERNEL_DTYPE).contiguous()
@@ -370,13 +436,19 @@ class QuantLinear(QuantLinearBase):
             self.register_buffer(f"scales{i}", s)
 
     def int8_weight(self) -> Int8Weight | None:
-        if self.mode != "int8" or self.fallback:
+        if self.mode != "int8" or self.fallback or self.qgemv is not None:
             return None
         return Int8Weight(self.qweight0, self.scales0.float())
 
+    def qgemv_weight(self) -> qgemv.QGemvWeight | None:
+        """The weight in our kernel's layout (the layer's own tensors); None where torch's kernels run it."""
+        if self.qgemv is None:
+            return None
+        return qgemv.QGemvWeight(self.qcodes, self.qscales, self.qmins, self.qgemv_bits)
+
     def planes(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(packed weight, scales) per plane; empty in the fallback."""
-        if self.fallback:
+        """(packed weight, scales) per plane of torch's kernels; empty in the fallback or our kernel's layout."""
+        if self.fallback or self.qgemv is not None:
             return []
         out = []
         for i in range(self.num_planes):
@@ -388,10 +460,14 @@ class QuantLinear(QuantLinearBase):
     def weight_bytes(self) -> int:
         """Bytes of the weight as stored (codes and scales, bias excluded)."""
         tensors = [t for pair in self.planes() for t in pair] if self.dense is None else [self.dense]
+        if self.qgemv is not None:
+            tensors = [self.qcodes, self.qscales, self.qmins]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def extra_repr(self) -> str:
         kind = f"int4 g{self.group_size} x{self.num_planes}" if self.mode == "int4" else "int8"
+        if self.qgemv is not None:
+            kind += f" (qgemv int{self.qgemv_bits} g32)"
         return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, fallback={self.fallback}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -401,6 +477,13 @@ class QuantLinear(QuantLinearBase):
         x2 = x if flat else x.reshape(-1, self.in_features)
         if self.dense is not None:
             y = torch.nn.functional.linear(x2, self.dense.to(dtype))
+        elif self.qgemv is not None:
+            if x2.dtype != torch.float32 and x2.dtype != KERNEL_DTYPE:
+                x2 = x2.to(KERNEL_DTYPE)
+            if x2.shape[0] > self.dense_rows:
+                y = self._dense_forward(qgemv.round_activations(x2).to(KERNEL_DTYPE))
+            else:
+                y = self.qgemv(x2.contiguous(), self.qcodes, self.qscales, self.qmins, self.qgemv_bits)
         else:
             if x2.dtype != KERNEL_DTYPE:
                 x2 = x2.to(KERNEL_DTYPE)
@@ -428,6 +511,9 @@ class QuantLinear(QuantLinearBase):
         """`W[start:stop].T` dequantized to bf16, `[K, stop - start]` (rows a multiple of the int4 layout's
         block), the weight the dense path multiplies by."""
         k = self.in_features
+        ours = self.qgemv_weight()
+        if ours is not None:
+            return ours.dequantize(start, stop).to(KERNEL_DTYPE).t()
         planes = self.planes()
         if self.mode == "int8":
             q, s = planes[0]
@@ -483,6 +569,8 @@ class TritonQuantLinear(QuantLinearBase):
     zeros: torch.Tensor | None
 
     def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None) -> None:
+        if isinstance(weight, Int8Weight):
+            weight = per_row(weight)
         super().__init__(weight, bias)
         # imported here: triton is only needed (and only installed) for the GPU path; CPU-only imports never load it
         from inference.triton_quant import quant_matmul
@@ -615,18 +703,54 @@ class Int4HeadEmbedding(nn.Module):
         return total.to(self.dtype).reshape(*ids.shape, k)
 
 
-def gguf_q8_0_embedding(
-    data: np.ndarray, shape: Sequence[int], dtype: torch.dtype = torch.bfloat16
-) -> QuantEmbedding:
-    """A GGUF Q8_0 embedding table `[rows, dim]` as a `QuantEmbedding`, exact: its int8 values and fp16 block
-    scales (as float32), 1.125 bytes a value instead of bf16's 2."""
+class QGemvEmbedding(nn.Module):
+    """The lookup of a tied head held in our kernel's layout (inference/qgemv.py): rows read out of the head's own
+    codes, scales and mins, so head and lookup share one copy of the table."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor
+
+    def __init__(self, head: QuantLinear, dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        ours = head.qgemv_weight()
+        if ours is None:
+            raise QuantError("a qgemv head lookup needs a head in our kernel's layout")
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.bits = ours.bits
+        self.dtype = dtype
+        self.register_buffer("codes", ours.codes)  # the head's own tensors: counted once
+        self.register_buffer("scales", ours.scales)
+        self.register_buffer("mins", ours.mins)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = qgemv.QGemvWeight(
+            self.codes.index_select(0, flat),
+            self.scales.index_select(0, flat),
+            self.mins.index_select(0, flat),
+            self.bits,
+        ).dequantize()
+        return rows.to(self.dtype).reshape(*ids.shape, self.embedding_dim)
+
+
+def gguf_q8_0_blocks(data: np.ndarray, shape: Sequence[int]) -> Int8Weight:
+    """A GGUF Q8_0 matrix `[rows, dim]` as it is: its int8 values and fp16 block scales (as float32), exact."""
     rows = int(shape[0])
     b = _blocks(data, rows, 34)
     if b.shape[1] * 32 != int(shape[1]):
         raise QuantError(f"Q8_0 data of {b.shape[1]} blocks a row does not match {int(shape[1])} columns")
     codes = torch.from_numpy(np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(rows, -1))
-    scales = torch.from_numpy(_f16(b[..., 0:2]))
-    return QuantEmbedding(codes, scales, dtype)
+    return Int8Weight(codes, torch.from_numpy(_f16(b[..., 0:2])))
+
+
+def gguf_q8_0_embedding(
+    data: np.ndarray, shape: Sequence[int], dtype: torch.dtype = torch.bfloat16
+) -> QuantEmbedding:
+    """A GGUF Q8_0 embedding table `[rows, dim]` as a `QuantEmbedding`, exact: its int8 values and fp16 block
+    scales (as float32), 1.125 bytes a value instead of bf16's 2."""
+    blocks = gguf_q8_0_blocks(data, shape)
+    return QuantEmbedding(blocks.qweight, blocks.scales, dtype)
 
 
 def dequantize_linear(layer: QuantLinear, *, dense: bool = False) -> torch.Tensor:

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +99,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         used = getattr(item, "fixturenames", ())  # every fixture the test needs, directly or not
         shared = [group for name, group in _SHARED_SESSION_FIXTURES.items() if name in used]
         item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.nodeid.split("::")[0]))
+
+
+@pytest.fixture
+def torch_kernels(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Quantized layers built in the test run torch's packed int8/int4 kernels, not our own (inference/qgemv.py):
+    for tests of torch's layouts."""
+    from inference import qgemv
+
+    monkeypatch.setenv("AGENT_RUNTIME_QGEMV", "off")
+    qgemv.qgemv_kernel.cache_clear()
+    yield
+    qgemv.qgemv_kernel.cache_clear()  # the next call reads the restored setting

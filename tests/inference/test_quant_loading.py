@@ -30,6 +30,7 @@ from inference.loader import check_quantize_device, load_model, smollm2_gguf_pat
 from inference.params import OutputKind, SamplingParams
 from inference.quant import QuantEmbedding, QuantLinear, kernel_available
 from tests.inference.test_loader import _tiny_config
+from tests.inference.test_qgemv import lookup_shares_head
 
 needs_kernels = pytest.mark.skipif(
     not (kernel_available("int8") and kernel_available("int4")),
@@ -143,8 +144,7 @@ def test_isq_quantizes_a_float_model_and_the_engine_runs_it(tmp_path: Path, mode
     assert report.layers == 2 * 4 + 1  # qkv, o, gate_up, down per layer, and the tied head
     assert report.fallback_layers == 0
     # a tied model's embedding lookup shares the int8 head's codes: no float table left
-    assert isinstance(loaded.model.embed_tokens, QuantEmbedding)
-    assert loaded.model.embed_tokens.codes.data_ptr() == loaded.model.lm_head.qweight0.data_ptr()
+    assert lookup_shares_head(loaded.model)
     assert report.bytes_after < report.bytes_before * (0.6 if dtype == "bfloat16" else 0.3)
     assert not any(isinstance(m, nn.Linear) for m in loaded.model.modules())
     kinds = {m.mode for m in loaded.model.modules() if isinstance(m, QuantLinear)}
@@ -165,7 +165,13 @@ def test_smollm2_gguf_stays_quantized_by_default_in_bf16(smollm2_fp32: Any) -> N
     assert report is not None and report.mode == "gguf" and report.source.startswith("gguf")
     assert "Q4_1->int4 g32: 210" in report.source  # the file's blocks, kept as they are
     assert not any(isinstance(m, nn.Linear) for m in loaded.model.modules())
-    assert isinstance(loaded.model.embed_tokens, QuantEmbedding)  # the Q8_0 table's own blocks
+    head, lookup = loaded.model.lm_head, loaded.model.embed_tokens
+    if (
+        head.qgemv is not None
+    ):  # our kernel: the head holds the Q8_0 table's own blocks, and the lookup reads them
+        assert "Q8_0->int8 g32: 1" in report.source and lookup_shares_head(loaded.model)
+    else:  # torch's kernels: an int8 head re-quantized per row, and the table's own blocks for the lookup
+        assert isinstance(lookup, QuantEmbedding)
     file_size = smollm2_gguf_path().stat().st_size
     assert report.bytes_after <= 1.3 * file_size  # the bound on resident weights
     assert report.bytes_before > 2.5 * file_size  # what the bf16 float model holds

@@ -294,9 +294,11 @@ def test_tiny_llama_through_the_triton_kernels_matches_its_dequantized_weights(m
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.usefixtures("torch_kernels")
 def test_tiny_llama_in_bf16_agrees_with_the_cpu_kernels(mode: str) -> None:
-    """The same bf16 model quantized for the CPU kernels and for Triton: both multiply by the same codes and bf16
-    scales, so a prefill's greedy tokens agree and their logits differ by bf16 rounding only."""
+    """The same bf16 model quantized for torch's CPU kernels and for Triton: both multiply by the same codes and bf16
+    scales, so a prefill's greedy tokens agree and their logits differ by bf16 rounding only. (Our own CPU kernel,
+    inference/qgemv.py, also rounds the activations: tests/inference/test_qgemv.py checks it.)"""
     if DEVICE.type == "cuda":
         pytest.skip("the CPU kernels' side of the comparison needs the model on the CPU")
     cpu, tri = (
@@ -355,9 +357,10 @@ def test_engine_on_the_cuda_path_with_quantized_layers(tmp_path: Path, mode: str
 
 
 @pytest.mark.smollm2
+@pytest.mark.usefixtures("torch_kernels")
 def test_smollm2_gguf_loads_into_triton_layers_holding_its_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """The packaged GGUF under `quantize: auto` in bf16, loaded with the layers CUDA gets (forced here on the CPU):
-    the same layers and weight bytes as the CPU kernels' load, and each layer multiplies by the same weight (its
+    the same layers and weight bytes as torch's CPU kernels' load, and each layer multiplies by the same weight (its
     codes and bf16 scales: read back through the CPU kernel, exactly)."""
     from inference import loader
     from inference.quant import dequantize_linear

@@ -1,0 +1,405 @@
+// Decode-size products with weights quantized in blocks of 32 values (int4 or int8 codes, an fp16 scale and min
+// per block). The activations are quantized to int8 in blocks of 32 too, so each block's dot product is an
+// integer one (AVX512-VNNI `vpdpbusd`, or AVX2 `vpmaddubsw`), scaled once per block. Built per CPU by
+// inference/qgemv.py, which also lays the weights out as described there (`pack_codes`).
+//
+// A weight row is `w[k] = u[k] * scale[k / 32] + min[k / 32]`, its blocks in three regions, in order:
+//   - groups of 16 blocks: vector j (0..7) holds values 4j..4j+3 of each of the 16 blocks, block i at bytes
+//     4i..4i+3, so eight integer dot products leave the 16 block sums in one register's 16 lanes;
+//   - at most one group of 8 blocks, the same with 8 lanes (32-byte vectors);
+//   - pairs of blocks: 64 values in order.
+// int8 (`u` the signed code) takes a byte a value in that order. int4 (`u` in 0..15) packs two: in a group, the
+// low nibbles of bytes 2t * width.. hold vector 2t and the high nibbles vector 2t + 1 (`width` the vector's
+// bytes), so `& 0x0F` and `& 0xF0` (16 u, scaled back once per group) need no shift; in a pair, byte j holds value
+// j (low) and value j + 32 (high). AVX2 has no unsigned-by-16 headroom (`vpmaddubsw` saturates at 2^15) and
+// shifts instead.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+// Software prefetch this many bytes ahead of the weight stream: the hardware prefetcher alone left int4 rows at
+// about 24 GB/s on two AVX512 cores, 4 KB ahead reads them at 28-34 (measured 0.5-4 KB).
+constexpr int64_t kPrefetch = 4096;
+
+inline void prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0); }
+
+struct Regions {
+  int64_t groups16, group8, pairs;  // counts of each kind of block run in a row
+  explicit Regions(int64_t blocks)
+      : groups16(blocks / 16), group8((blocks % 16) / 8), pairs((blocks % 8) / 2) {}
+};
+
+// One activation row quantized per block of 32 and laid out as the weights are: `q` in the regions' order,
+// `d[b]` the scale of block b, `s[b] = d[b] * sum of its codes` (for the weights' min term).
+struct QuantRow {
+  const int8_t* q;
+  const float* d;
+  const float* s;
+};
+
+// Where value v of block b lands in a row laid out by regions.
+inline int64_t position(const Regions& r, int64_t b, int64_t v) {
+  const int64_t b16 = r.groups16 * 16;
+  if (b < b16) return (b / 16) * 512 + (v / 4) * 64 + (b % 16) * 4 + v % 4;
+  if (b < b16 + 8 * r.group8) return b16 * kBlock + (v / 4) * 32 + (b - b16) * 4 + v % 4;
+  return b * kBlock + v;
+}
+
+template <typename T>
+void quantize_row(const T* x, int64_t k, const Regions& r, int8_t* q, float* d, float* s) {
+  float v[kBlock];
+  for (int64_t b = 0; b < k / kBlock; ++b) {
+    float amax = 0.f;
+    for (int64_t i = 0; i < kBlock; ++i) {
+      v[i] = static_cast<float>(x[b * kBlock + i]);
+      amax = std::max(amax, std::fabs(v[i]));
+    }
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t sum = 0;
+    for (int64_t i = 0; i < kBlock; ++i) {
+      const int32_t c = static_cast<int32_t>(std::nearbyint(v[i] * inv));
+      q[position(r, b, i)] = static_cast<int8_t>(c);
+      sum += c;
+    }
+    d[b] = amax / 127.f;
+    s[b] = d[b] * static_cast<float>(sum);
+  }
+}
+
+inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+
+inline __m512i unpack4(const uint8_t* p) {  // 32 bytes -> 64 codes: low nibbles, then high nibbles
+  const __m512i raw = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_and_si512(_mm512_srlv_epi64(raw, _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0)), _mm512_set1_epi8(0x0F));
+}
+
+// `acc += dot * scale * x.d + min' * x.s` over the lanes of `mask`, one lane a block, for blocks b0.. of a row;
+// int8 codes are read as q + 128 (`vpdpbusd` multiplies unsigned by signed bytes), so their min is shifted.
+template <int BITS>
+inline __m512 fold_blocks(__m512 acc, __m512 dot, const uint16_t* sc, const uint16_t* mn, const QuantRow& x,
+                          int64_t b0, __mmask16 mask, float dot_scale = 1.f) {
+  const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, sc + b0));
+  __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, mn + b0));
+  if (BITS == 8) mv = _mm512_fmadd_ps(sv, _mm512_set1_ps(-128.f), mv);
+  const __m512 xd = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x.d + b0), _mm512_set1_ps(dot_scale));
+  acc = _mm512_fmadd_ps(dot, _mm512_mul_ps(sv, xd), acc);
+  return _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(mask, x.s + b0), acc);
+}
+
+// Weight row n against `MR` activation rows. Integer sums are split over two registers per activation row (each
+// `vpdpbusd` waits for the last one on its register); for int4 those are the low and the high nibbles, the high
+// ones taken as 16 * code (`& 0xF0`, no shift) and scaled back once per group.
+template <int MR, int BITS, typename OutT>
+void row_block(const uint8_t* codes, const uint16_t* scales, const uint16_t* mins, int64_t n_total, int64_t k,
+               const QuantRow* x, OutT* out, int64_t n) {
+  const int64_t blocks = k / kBlock;
+  const Regions reg(blocks);
+  const int64_t row_bytes = BITS == 4 ? k / 2 : k;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i low4 = _mm512_set1_epi8(0x0F), high4 = _mm512_set1_epi8(static_cast<char>(0xF0));
+  const uint8_t* w = codes + n * row_bytes;
+  const uint16_t* sc = scales + n * blocks;
+  const uint16_t* mn = mins + n * blocks;
+  __m512 acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+  int64_t b0 = 0;
+  for (int64_t g = 0; g < reg.groups16; ++g, b0 += 16) {
+    __m512i dot[MR][2];
+    for (int m = 0; m < MR; ++m) dot[m][0] = dot[m][1] = _mm512_setzero_si512();
+    const int8_t* xg[MR];
+    for (int m = 0; m < MR; ++m) xg[m] = x[m].q + b0 * kBlock;
+    if (BITS == 4) {
+      for (int t = 0; t < 4; ++t) {
+        prefetch(w + g * 256 + t * 64);
+        const __m512i raw = _mm512_loadu_si512(w + g * 256 + t * 64);
+        const __m512i lo = _mm512_and_si512(raw, low4), hi = _mm512_and_si512(raw, high4);
+        for (int m = 0; m < MR; ++m) {
+          dot[m][0] = _mm512_dpbusd_epi32(dot[m][0], lo, _mm512_loadu_si512(xg[m] + 128 * t));
+          dot[m][1] = _mm512_dpbusd_epi32(dot[m][1], hi, _mm512_loadu_si512(xg[m] + 128 * t + 64));
+        }
+      }
+      for (int m = 0; m < MR; ++m) {
+        const __m512i d = _mm512_add_epi32(_mm512_slli_epi32(dot[m][0], 4), dot[m][1]);
+        acc[m] = fold_blocks<BITS>(acc[m], _mm512_cvtepi32_ps(d), sc, mn, x[m], b0, 0xFFFF, 1.f / 16.f);
+      }
+    } else {
+      for (int j = 0; j < 8; ++j) {
+        prefetch(w + g * 512 + j * 64);
+        const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + g * 512 + j * 64), flip);
+        for (int m = 0; m < MR; ++m)
+          dot[m][j % 2] = _mm512_dpbusd_epi32(dot[m][j % 2], wv, _mm512_loadu_si512(xg[m] + j * 64));
+      }
+      for (int m = 0; m < MR; ++m)
+        acc[m] = fold_blocks<BITS>(acc[m], _mm512_cvtepi32_ps(_mm512_add_epi32(dot[m][0], dot[m][1])), sc, mn, x[m],
+                                   b0, 0xFFFF);
+    }
+  }
+  if (reg.group8) {
+    const uint8_t* wg = w + reg.groups16 * (BITS == 4 ? 256 : 512);
+    const __m256i low4y = _mm512_castsi512_si256(low4), high4y = _mm512_castsi512_si256(high4);
+    __m256i dot[MR][2];
+    for (int m = 0; m < MR; ++m) dot[m][0] = dot[m][1] = _mm256_setzero_si256();
+    for (int t = 0; t < 4; ++t) {
+      __m256i wv[2];
+      if (BITS == 4) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + t * 32));
+        wv[0] = _mm256_and_si256(raw, low4y);
+        wv[1] = _mm256_and_si256(raw, high4y);
+      } else {
+        for (int h = 0; h < 2; ++h)
+          wv[h] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + (2 * t + h) * 32)),
+                                   _mm512_castsi512_si256(flip));
+      }
+      for (int m = 0; m < MR; ++m)
+        for (int h = 0; h < 2; ++h)
+          dot[m][h] = _mm256_dpbusd_epi32(
+              dot[m][h], wv[h],
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[m].q + b0 * kBlock + (2 * t + h) * 32)));
+    }
+    for (int m = 0; m < MR; ++m) {
+      const __m256i d = BITS == 4 ? _mm256_add_epi32(_mm256_slli_epi32(dot[m][0], 4), dot[m][1])
+                                  : _mm256_add_epi32(dot[m][0], dot[m][1]);
+      acc[m] = fold_blocks<BITS>(acc[m], _mm512_zextps256_ps512(_mm256_cvtepi32_ps(d)), sc, mn, x[m], b0, 0xFF,
+                                 BITS == 4 ? 1.f / 16.f : 1.f);
+    }
+    b0 += 8;
+  }
+  if (reg.pairs) {
+    // one block pair a register: lanes 0..7 are block b, 8..15 block b + 1, brought to block order by a permute
+    const __mmask16 mask = static_cast<__mmask16>((1u << (2 * reg.pairs)) - 1u);
+    const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, sc + b0));
+    __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, mn + b0));
+    if (BITS == 8) mv = _mm512_fmadd_ps(sv, _mm512_set1_ps(-128.f), mv);
+    for (int m = 0; m < MR; ++m) {
+      const __m512 block_scale = _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(mask, x[m].d + b0));
+      acc[m] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(mask, x[m].s + b0), acc[m]);
+      for (int c = 0; c < reg.pairs; ++c) {
+        const __m512i wv = BITS == 4 ? unpack4(w + b0 * 16 + c * 32)
+                                     : _mm512_xor_si512(_mm512_loadu_si512(w + (b0 + 2 * c) * kBlock), flip);
+        const __m512i dot =
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512(x[m].q + (b0 + 2 * c) * kBlock));
+        const __m512i lanes = _mm512_set_epi32(2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1,
+                                               2 * c + 1, 2 * c + 1, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c);
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(lanes, block_scale), acc[m]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m) out[m * n_total + n] = static_cast<OutT>(_mm512_reduce_add_ps(acc[m]));
+}
+
+template <int MR, int BITS, typename OutT>
+void rows_kernel(const uint8_t* codes, const uint16_t* scales, const uint16_t* mins, int64_t n_total, int64_t k,
+                 const QuantRow* x, OutT* out, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) row_block<MR, BITS, OutT>(codes, scales, mins, n_total, k, x, out, n);
+}
+
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 8 blocks' integer dot products (one per lane) of an unsigned/signed pair of vectors, added to `acc`.
+template <int BITS>
+inline __m256i dot8(__m256i acc, __m256i w, __m256i xq) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if (BITS == 4) return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, xq), ones));
+  return _mm256_add_epi32(
+      acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xq, w)), ones));
+}
+
+inline __m256 load_half8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Weight rows [n0, n1) against `MR` activation rows. Groups run 8 lanes at a time (a 16-block group as two
+// halves: its low nibbles, or first 32 bytes of a vector, are blocks 0..7).
+template <int MR, int BITS, typename OutT>
+void rows_kernel(const uint8_t* codes, const uint16_t* scales, const uint16_t* mins, int64_t n_total, int64_t k,
+                 const QuantRow* x, OutT* out, int64_t n0, int64_t n1) {
+  const int64_t blocks = k / kBlock;
+  const Regions reg(blocks);
+  const int64_t row_bytes = BITS == 4 ? k / 2 : k;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = codes + n * row_bytes;
+    const uint16_t* sc = scales + n * blocks;
+    const uint16_t* mn = mins + n * blocks;
+    __m256 acc[MR];
+    for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
+    auto finish8 = [&](const __m256i* dot, int64_t b) {
+      const __m256 sv = load_half8(sc + b), mv = load_half8(mn + b);
+      for (int m = 0; m < MR; ++m) {
+        const __m256 bs = _mm256_mul_ps(sv, _mm256_loadu_ps(x[m].d + b));
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m]), bs, acc[m]);
+        acc[m] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(x[m].s + b), acc[m]);
+      }
+    };
+    int64_t b0 = 0;
+    for (int64_t g = 0; g < reg.groups16; ++g, b0 += 16) {
+      const uint8_t* w = row + g * (BITS == 4 ? 256 : 512);
+      __m256i lo[MR], hi[MR];
+      for (int m = 0; m < MR; ++m) lo[m] = hi[m] = _mm256_setzero_si256();
+      for (int j = 0; j < 8; ++j) {
+        __m256i wl, wh;
+        if (BITS == 8 || j % 2 == 0) prefetch(w + (BITS == 4 ? (j / 2) * 64 : j * 64));
+        if (BITS == 4) {  // load j / 2 holds vector j in its low (j even) or high (j odd) nibbles
+          const __m256i raw_l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (j / 2) * 64));
+          const __m256i raw_h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (j / 2) * 64 + 32));
+          wl = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(raw_l, 4) : raw_l, low4);
+          wh = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(raw_h, 4) : raw_h, low4);
+        } else {
+          wl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64));
+          wh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64 + 32));
+        }
+        for (int m = 0; m < MR; ++m) {
+          const int8_t* xq = x[m].q + b0 * kBlock + j * 64;
+          lo[m] = dot8<BITS>(lo[m], wl, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
+          hi[m] = dot8<BITS>(hi[m], wh, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32)));
+        }
+      }
+      finish8(lo, b0);
+      finish8(hi, b0 + 8);
+    }
+    if (reg.group8) {
+      const uint8_t* w = row + reg.groups16 * (BITS == 4 ? 256 : 512);
+      __m256i dot[MR];
+      for (int m = 0; m < MR; ++m) dot[m] = _mm256_setzero_si256();
+      for (int j = 0; j < 8; ++j) {
+        __m256i wv;
+        if (BITS == 4) {
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (j / 2) * 32));
+          wv = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(raw, 4) : raw, low4);
+        } else {
+          wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 32));
+        }
+        for (int m = 0; m < MR; ++m)
+          dot[m] = dot8<BITS>(dot[m], wv,
+                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[m].q + b0 * kBlock + j * 32)));
+      }
+      finish8(dot, b0);
+      b0 += 8;
+    }
+    float tail[MR] = {};
+    for (int64_t c = 0; c < reg.pairs; ++c, b0 += 2) {
+      __m256i wv[2];
+      if (BITS == 4) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b0 * 16));
+        wv[0] = _mm256_and_si256(raw, low4);
+        wv[1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+      } else {
+        wv[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b0 * kBlock));
+        wv[1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (b0 + 1) * kBlock));
+      }
+      for (int h = 0; h < 2; ++h) {
+        const float s = half_to_float(sc[b0 + h]), mnv = half_to_float(mn[b0 + h]);
+        for (int m = 0; m < MR; ++m) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[m].q + (b0 + h) * kBlock));
+          const __m256i dot = dot8<BITS>(_mm256_setzero_si256(), wv[h], xv);
+          acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s * x[m].d[b0 + h]), acc[m]);
+          tail[m] += mnv * x[m].s[b0 + h];
+        }
+      }
+    }
+    for (int m = 0; m < MR; ++m) out[m * n_total + n] = static_cast<OutT>(hsum(acc[m]) + tail[m]);
+  }
+}
+
+#else
+#error "qgemv.cpp needs AVX512-VNNI (with BW and VL) or AVX2 with FMA and F16C"
+#endif
+
+template <int BITS, typename OutT>
+void run_rows(int64_t mr, const uint8_t* codes, const uint16_t* scales, const uint16_t* mins, int64_t n_total,
+              int64_t k, const QuantRow* x, OutT* out, int64_t n0, int64_t n1) {
+  switch (mr) {
+    case 1: return rows_kernel<1, BITS, OutT>(codes, scales, mins, n_total, k, x, out, n0, n1);
+    case 2: return rows_kernel<2, BITS, OutT>(codes, scales, mins, n_total, k, x, out, n0, n1);
+    case 3: return rows_kernel<3, BITS, OutT>(codes, scales, mins, n_total, k, x, out, n0, n1);
+    default: return rows_kernel<4, BITS, OutT>(codes, scales, mins, n_total, k, x, out, n0, n1);
+  }
+}
+
+// y[m, n] = sum_k x[m, k] * w[n, k] for x of any row count (the weights are read once per four rows).
+at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
+                    int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous 2-D CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  const int64_t rows = x.size(0), k = x.size(1), n = codes.size(0);
+  TORCH_CHECK(k % (2 * kBlock) == 0, "the input size must be a multiple of 64, got ", k);
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2 &&
+                  codes.size(1) == (bits == 4 ? k / 2 : k),
+              "codes must be contiguous uint8 [N, K / 2] (4 bits) or [N, K] (8 bits)");
+  const int64_t blocks = k / kBlock;
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && mins.scalar_type() == at::kHalf && scales.is_contiguous() &&
+                  mins.is_contiguous() && scales.numel() == n * blocks && mins.numel() == n * blocks,
+              "scales and mins must be contiguous float16 [N, K / 32]");
+  const Regions reg(blocks);
+  std::vector<int8_t> xq(rows * k);
+  std::vector<float> xd(rows * blocks), xs(rows * blocks);
+  std::vector<QuantRow> qrows(rows);
+  for (int64_t m = 0; m < rows; ++m) {
+    if (x.scalar_type() == at::kFloat) {
+      quantize_row(x.data_ptr<float>() + m * k, k, reg, &xq[m * k], &xd[m * blocks], &xs[m * blocks]);
+    } else {
+      quantize_row(x.data_ptr<c10::BFloat16>() + m * k, k, reg, &xq[m * k], &xd[m * blocks], &xs[m * blocks]);
+    }
+    qrows[m] = QuantRow{&xq[m * k], &xd[m * blocks], &xs[m * blocks]};
+  }
+  at::Tensor out = at::empty({rows, n}, x.options());
+  const auto* cp = codes.data_ptr<uint8_t>();
+  const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<c10::Half>());
+  const auto* mp = reinterpret_cast<const uint16_t*>(mins.data_ptr<c10::Half>());
+  const bool as_float = x.scalar_type() == at::kFloat;
+  const int64_t row_bytes = bits == 4 ? k / 2 : k;
+  // at least ~16 KB of weights a task: smaller ones cost more in the fork than they gain
+  const int64_t grain = std::max<int64_t>(2, (int64_t{16} << 10) / row_bytes);
+  // Tiles of weight rows small enough to stay in L1 while every group of four activation rows passes over them:
+  // with many rows (a prefill chunk) the weights are then read from memory once, not once per four rows.
+  const int64_t tile = std::max<int64_t>(1, (int64_t{32} << 10) / row_bytes);
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n0 = begin; n0 < end; n0 += tile) {
+    const int64_t n1 = std::min(end, n0 + tile);
+    for (int64_t m0 = 0; m0 < rows; m0 += 4) {
+      const int64_t mr = std::min<int64_t>(4, rows - m0);
+      if (as_float) {
+        float* op = out.data_ptr<float>() + m0 * n;
+        bits == 4 ? run_rows<4>(mr, cp, sp, mp, n, k, &qrows[m0], op, n0, n1)
+                  : run_rows<8>(mr, cp, sp, mp, n, k, &qrows[m0], op, n0, n1);
+      } else {
+        c10::BFloat16* op = out.data_ptr<c10::BFloat16>() + m0 * n;
+        bits == 4 ? run_rows<4>(mr, cp, sp, mp, n, k, &qrows[m0], op, n0, n1)
+                  : run_rows<8>(mr, cp, sp, mp, n, k, &qrows[m0], op, n0, n1);
+      }
+    }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(QGEMV_NAMESPACE, m) {
+  m.def("q_linear(Tensor x, Tensor codes, Tensor scales, Tensor mins, int bits) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(QGEMV_NAMESPACE, CPU, m) { m.impl("q_linear", &q_linear); }

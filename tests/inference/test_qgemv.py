@@ -1,0 +1,296 @@
+"""Our CPU kernel for int4/int8 weights in blocks of 32 (inference/qgemv.py, inference/csrc/qgemv.cpp): every build
+this CPU runs against a reference of its arithmetic, the layout, the layers and lookups that hold it, and the
+fallbacks when it cannot be built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize, quantize
+from torch import nn
+
+from inference import qgemv
+from inference.quant import (
+    QGEMV_DENSE_ROWS,
+    Int4HeadEmbedding,
+    Int8Weight,
+    QGemvEmbedding,
+    QuantEmbedding,
+    QuantLinear,
+    dequantize_linear,
+    gguf_q8_0_blocks,
+    model_weight_bytes,
+    quantize_int4,
+    quantize_int8,
+)
+
+ISAS = qgemv.supported_isas()
+# widths along K that cross every region of the layout: a pair only, a group of 8 (+ pair), groups of 16 (+ 8 + pairs)
+WIDTHS = [64, 256, 576, 832, 1536]
+
+
+def lookup_shares_head(model: nn.Module) -> bool:
+    """Whether a tied model's embedding reads the quantized head's own tensors (one copy of the table), in whichever
+    layout the head's kernel holds it."""
+    head, lookup = model.lm_head, model.embed_tokens
+    if not isinstance(head, QuantLinear):
+        return False
+    if head.qgemv is not None:
+        return isinstance(lookup, QGemvEmbedding) and lookup.codes.data_ptr() == head.qcodes.data_ptr()
+    if head.mode == "int8":
+        return isinstance(lookup, QuantEmbedding) and lookup.codes.data_ptr() == head.qweight0.data_ptr()
+    return isinstance(lookup, Int4HeadEmbedding) and lookup.qweight0.data_ptr() == head.qweight0.data_ptr()
+
+
+def reference(x: torch.Tensor, w: qgemv.QGemvWeight) -> torch.Tensor:
+    """The kernel's arithmetic: each row of `x` rounded to int8 per block of 32 in float32 as the kernel does it
+    (scale = max |x| / 127, `x * (127 / max)` rounded half to even), integer block dot products (exact in float64),
+    then the weight's fp16 scale and min per block."""
+    n, k = w.shape
+    xb = x.float().view(x.shape[0], k // 32, 32)
+    amax = xb.abs().amax(dim=-1)
+    d = amax / 127
+    # a true division (`127 / tensor` is 127 * reciprocal in torch, which rounds differently near a tie)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0).div(amax), torch.zeros_like(amax))
+    q = torch.round(xb * inv[..., None]).double()
+    codes = qgemv.unpack_codes(w.codes, w.bits, k)
+    u = (codes.view(torch.int8) if w.bits == 8 else codes).double().view(n, k // 32, 32)
+    dots = torch.einsum("mbv,nbv->mnb", q, u)  # [M, N, blocks]
+    s, mins, d64 = w.scales.double(), w.mins.double(), d.double()
+    xs = d64 * q.sum(dim=-1)
+    return (dots * s[None] * d64[:, None]).sum(-1) + xs @ mins.t()
+
+
+@pytest.fixture(params=ISAS)
+def op(request: pytest.FixtureRequest) -> qgemv.QGemvOp:
+    return qgemv.load(request.param)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k", WIDTHS)
+def test_layout_round_trips(bits: int, k: int) -> None:
+    codes = torch.randint(0, 16 if bits == 4 else 256, (7, k), dtype=torch.uint8)
+    packed = qgemv.pack_codes(codes, bits)
+    assert packed.shape == (7, k * bits // 8)
+    assert torch.equal(qgemv.unpack_codes(packed, bits, k), codes)
+    assert sorted(qgemv.positions(k).tolist()) == list(range(k))  # a permutation of the row
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k", WIDTHS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+def test_kernel_computes_its_reference(op: qgemv.QGemvOp, bits: int, k: int, rows: int) -> None:
+    """Exactly the reference up to float32 accumulation, for every row-block width (1-4, and more than 4 rows:
+    the weights read once per four), an odd number of output rows, and both input dtypes."""
+    gen = torch.Generator().manual_seed(k + rows)
+    w = qgemv.quantize_blocks(torch.randn(37, k, generator=gen) * 0.1, bits)
+    x = torch.randn(rows, k, generator=gen)
+    x[0, :32] = 0.0  # an all-zero activation block
+    want = reference(x, w)
+    got = op(x, w.codes, w.scales, w.mins, bits)
+    assert got.dtype == torch.float32 and got.shape == (rows, 37)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    xb = x.bfloat16()
+    got_bf16 = op(xb, w.codes, w.scales, w.mins, bits)
+    assert got_bf16.dtype == torch.bfloat16
+    want_bf16 = reference(xb.float(), w)
+    torch.testing.assert_close(
+        got_bf16.double(), want_bf16, rtol=2**-8, atol=1e-5 * float(want_bf16.abs().max())
+    )
+    # and the product of the float weight: within the activation rounding (about 0.5% of the output's norm)
+    exact = x @ w.dequantize().t()
+    assert float((got - exact).norm() / exact.norm()) < 0.02
+
+
+@pytest.mark.skipif(len(ISAS) < 2, reason="this CPU runs one build")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_builds_agree(bits: int) -> None:
+    """Every build this CPU runs gives the same products (the same integer sums, float order aside)."""
+    w = qgemv.quantize_blocks(torch.randn(64, 1536 + 256 + 64), bits)
+    x = torch.randn(2, 1536 + 256 + 64)
+    outs = [qgemv.load(isa)(x, w.codes, w.scales, w.mins, bits) for isa in ISAS]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-4)
+
+
+def test_bad_arguments_are_errors_not_crashes(op: qgemv.QGemvOp) -> None:
+    w = qgemv.quantize_blocks(torch.randn(8, 128), 4)
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        op(torch.randn(1, 96), w.codes, w.scales, w.mins, 4)
+    with pytest.raises(RuntimeError, match="bits must be 4 or 8"):
+        op(torch.randn(1, 128), w.codes, w.scales, w.mins, 5)
+    with pytest.raises(RuntimeError, match="codes must be"):
+        op(torch.randn(1, 128), w.codes, w.scales, w.mins, 8)  # 4-bit codes read as 8-bit ones
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        op(torch.randn(1, 128).half(), w.codes, w.scales, w.mins, 4)
+
+
+# ---- layers and lookups ----------------------------------------------------------------------------------------
+
+needs_qgemv = pytest.mark.skipif(qgemv.qgemv_kernel() is None, reason="no build of our kernel for this CPU")
+
+
+@needs_qgemv
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_linear_runs_our_kernel_and_its_dense_path(mode: str, dtype: torch.dtype) -> None:
+    """int8 per channel and int4 group 32 layers hold our layout; up to 16 rows they run the kernel on the input's
+    dtype, above it the dense path on the same weight; the bias is added; the layer reads back its exact weight."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(72, 576, generator=gen) * 0.05
+    weight = quantize_int8(w) if mode == "int8" else [quantize_int4(w, 32)]
+    bias = torch.randn(72, generator=gen)
+    layer = QuantLinear(weight, bias)
+    ours = layer.qgemv_weight()
+    assert ours is not None and ours.bits == (8 if mode == "int8" else 4) and layer.planes() == []
+    dense = ours.dequantize()
+    want_w = weight.dequantize() if isinstance(weight, Int8Weight) else weight[0].dequantize()
+    # fp16 scales and mins: each rounds by at most 2^-11 of itself (torch's kernels hold bf16 ones: 2^-8)
+    torch.testing.assert_close(dense, want_w, rtol=0, atol=2**-9 * float(want_w.abs().max()))
+    assert layer.weight_bytes() == sum(
+        t.numel() * t.element_size() for t in (layer.qcodes, layer.qscales, layer.qmins)
+    )
+    assert layer.dense_rows == QGEMV_DENSE_ROWS
+    for rows in (1, 5, 16, 17, 40, QGEMV_DENSE_ROWS + 1):
+        x = torch.randn(rows, 576, generator=gen).to(dtype)
+        got = layer(x)
+        assert got.dtype == dtype and got.shape == (rows, 72)
+        want = x.float() @ dense.t() + bias
+        limit = (
+            0.02 if rows <= layer.dense_rows else 0.01
+        )  # the kernel rounds activations; dense rounds to bf16
+        assert float((got.float() - want).norm() / want.norm()) < limit
+    # read back through the kernel with a bf16 identity: the weight rounded to bf16 (a tie may round either way)
+    torch.testing.assert_close(
+        dequantize_linear(layer), dense, rtol=2**-7, atol=2**-8 * float(dense.abs().max())
+    )
+
+
+@needs_qgemv
+def test_each_rows_result_is_the_same_bits_whatever_the_other_rows() -> None:
+    """Up to `QGEMV_DENSE_ROWS` a row's output does not depend on the step's other rows (their number, their
+    grouping by four, the threads' split of the weight rows): what makes a replay from the prefix cache exact."""
+    layer = QuantLinear([quantize_int4(torch.randn(200, 576) * 0.05, 32)])
+    x = torch.randn(37, 576).bfloat16()
+    alone = torch.cat([layer(x[i : i + 1]) for i in range(37)])
+    assert torch.equal(layer(x), alone)
+    assert torch.equal(layer(x[5:12]), alone[5:12])
+
+
+@needs_qgemv
+@pytest.mark.smollm2
+def test_a_prompt_replayed_from_the_prefix_cache_samples_the_same_tokens() -> None:
+    """Seeded sampling on the packaged GGUF (kept quantized): the first request prefills the whole prompt, the
+    second finds 64 of its 70 tokens in the prefix cache and prefills 6; both sample the same tokens. (With torch's
+    kernels the 70-row prefill took the dense path and the 6-row one the kernel, and the replay diverged at its
+    fifth token.)"""
+    from inference.config import EngineConfig
+    from inference.engine import LLMEngine
+    from inference.loader import load_model
+    from inference.params import SamplingParams
+
+    loaded = load_model("smollm2-135m-instruct", dtype="bfloat16")
+    engine = LLMEngine(loaded, EngineConfig(kv_cache_memory=64 << 20, max_model_len=512, max_num_seqs=4))
+    params = SamplingParams(temperature=0.9, top_p=0.9, seed=1234, max_tokens=12)
+    prompt = list(range(1000, 1070))
+    first, second = (engine.generate([prompt], [params])[0] for _ in range(2))
+    assert first.cached_tokens == 0 and second.cached_tokens == 64
+    assert first.token_ids == second.token_ids
+
+
+@needs_qgemv
+def test_a_q8_0_matrix_keeps_its_blocks_exactly() -> None:
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((64, 128)).astype(np.float32)
+    raw = quantize(values, T.Q8_0)
+    weight = gguf_q8_0_blocks(raw, (64, 128))
+    assert weight.per_block and weight.scales.shape == (64, 4)
+    exact = torch.from_numpy(dequantize(raw, T.Q8_0).reshape(64, 128))
+    assert torch.equal(weight.dequantize(), exact)
+    layer = QuantLinear(weight)
+    ours = layer.qgemv_weight()
+    assert ours is not None and torch.equal(ours.dequantize(), exact)  # fp16 block scales: nothing lost
+
+
+@needs_qgemv
+def test_block_scaled_int8_goes_per_row_for_torchs_kernel(torch_kernels: None) -> None:
+    raw = quantize(np.random.default_rng(1).standard_normal((32, 128)).astype(np.float32), T.Q8_0)
+    layer = QuantLinear(gguf_q8_0_blocks(raw, (32, 128)))
+    assert layer.qgemv is None and not layer.fallback and layer.scales0.dim() == 1
+    want = torch.from_numpy(dequantize(raw, T.Q8_0).reshape(32, 128))
+    assert (dequantize_linear(layer) - want).abs().max() < 0.01 * want.abs().max()
+
+
+@needs_qgemv
+@pytest.mark.parametrize("bits", [4, 8])
+def test_lookup_reads_the_heads_rows(bits: int) -> None:
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(300, 64, generator=gen) * 0.1
+    head = QuantLinear(quantize_int8(w) if bits == 8 else [quantize_int4(w, 32)])
+    lookup = QGemvEmbedding(head, torch.float32)
+    ids = torch.tensor([[0, 299, 7], [7, 150, 1]])
+    table = head.qgemv_weight().dequantize()
+    assert torch.equal(lookup(ids), table[ids])
+    assert model_weight_bytes(nn.ModuleList([head, lookup])) == head.weight_bytes()  # one copy
+
+
+@needs_qgemv
+def test_the_op_compiles_with_the_layer() -> None:
+    """torch.compile traces the layer through the op's registered shape (the compiled decode step does this)."""
+    layer = QuantLinear([quantize_int4(torch.randn(64, 128) * 0.1, 32)])
+    x = torch.randn(3, 128)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
+@needs_qgemv
+def test_a_shape_neither_kernel_takes_keeps_dense_weights() -> None:
+    """Our kernel needs K a multiple of 64, torch's int4 packing N a multiple of 16: a layer with neither keeps its
+    dequantized weight."""
+    w = torch.randn(40, 96) * 0.05
+    q = [quantize_int4(w, 32)]
+    layer = QuantLinear(q)
+    assert layer.fallback and layer.qgemv is None
+    x = torch.randn(3, 96)
+    torch.testing.assert_close(layer(x), x @ q[0].dequantize().t())
+
+
+# ---- choosing and building -------------------------------------------------------------------------------------
+
+
+def test_setting_off_or_an_isa_the_cpu_lacks_gives_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENT_RUNTIME_QGEMV", "off")
+    assert qgemv.chosen_isa() is None
+    monkeypatch.setattr(qgemv, "cpu_flags", lambda: {"avx2", "fma", "f16c"})
+    monkeypatch.setenv("AGENT_RUNTIME_QGEMV", "avx512_vnni")
+    assert qgemv.chosen_isa() is None  # refused, logged
+    monkeypatch.setenv("AGENT_RUNTIME_QGEMV", "auto")
+    assert qgemv.chosen_isa() == "avx2"
+    assert qgemv.supported_isas(
+        {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c"}
+    ) == [
+        "avx512_vnni",
+        "avx2",
+    ]
+    assert qgemv.supported_isas({"sse4_2"}) == []
+
+
+@pytest.mark.skipif(not ISAS, reason="no build of our kernel for this CPU")
+def test_a_failing_compiler_leaves_torchs_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiler that fails (here one that exits 1) is logged and the layers run torch's kernels."""
+    monkeypatch.setenv("AGENT_RUNTIME_CACHE", str(tmp_path))
+    monkeypatch.setenv("AGENT_RUNTIME_QGEMV", ISAS[-1])
+    failing = tmp_path / "cxx"
+    failing.write_text("#!/bin/sh\necho 'fatal error: no such compiler' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CXX", str(failing))
+    qgemv.qgemv_kernel.cache_clear()
+    with pytest.raises(RuntimeError, match="fatal error: no such compiler"):
+        qgemv.build(ISAS[-1])
+    assert qgemv.qgemv_kernel() is None
+    layer = QuantLinear(quantize_int8(torch.randn(32, 128)))
+    assert layer.qgemv is None and not layer.fallback
