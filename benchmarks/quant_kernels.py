@@ -10,6 +10,8 @@ prints the median microseconds per call and the ratio to bf16 `F.linear`. Varian
 - `int4 g32 x2 (bf16)`: two int4 planes summed, the exact layout of GGUF Q8_0/Q5_K;
 - with `--fp32-kernels`, the int8 and int4 kernels on fp32 activations: on x86 torch vectorizes them for bf16
   only (its fp32 path is scalar, 10-40x slower here);
+- `qgemv int8 g32`, `qgemv int4 g32`: our own kernel (inference/qgemv.py: activations rounded to int8 per block
+  of 32, integer dot products), where it builds on this CPU;
 - `w8a8 fbgemm (fp32)`: `quantized::linear_dynamic` (activations quantized to int8 per call; other numerics);
 - `compiled dequant int8 g32`: with `--compile`, `torch.compile` of a group-wise int8 dequantize + matmul.
 
@@ -25,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from inference import cpu_linear
+from inference import cpu_linear, qgemv
 from inference.quant import Int4Weight, int4_mm, int8_mm, pack_int4, quantize_int4, quantize_int8
 
 # (in, out): SmolLM2-135M's linears; our model fuses q/k/v (576 -> 960) and gate/up (576 -> 3072).
@@ -95,6 +97,11 @@ def variants(w32: torch.Tensor, m: int, use_compile: bool, with_fp32: bool) -> d
         if with_fp32 and g == 32:
             _, sz32 = pack_int4(q4, torch.float32)
             out[f"int4 g{g} (fp32)"] = lambda p=p, g=g, s=sz32: int4_mm(x32, p, g, s)
+    op = qgemv.qgemv_kernel()
+    if op is not None and qgemv.fits(n, k):
+        for bits in (8, 4):
+            qg = qgemv.quantize_blocks(w32, bits)
+            out[f"qgemv int{bits} g32"] = lambda qg=qg, b=bits: op(xbf, qg.codes, qg.scales, qg.mins, b)
     (p1, s1), (p2, s2) = (pack_int4(pl, torch.bfloat16) for pl in _planes(w32))
     out["int4 g32 x2 (bf16)"] = lambda: int4_mm(xbf, p1, 32, s1) + int4_mm(xbf, p2, 32, s2)
     try:

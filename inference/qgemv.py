@@ -255,6 +255,35 @@ class QGemvWeight:
         m = self.mins[start:stop].float()[..., None]
         return (u * s + m).view(codes.shape[0], k)
 
+    def dequantize_laid(
+        self, start: int = 0, stop: int | None = None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Rows `[start, stop)` in the 8-bit layout's column order (`laid_order`), computed in float32 and stored
+        in `dtype`: no gather, each region's scales broadcast over its blocks' lanes. The dense path multiplies the
+        input's permuted columns by this in bf16."""
+        k = self.shape[1]
+        codes = laid_codes(self.codes[start:stop], self.bits, k)
+        u = (codes.view(torch.int8) if self.bits == 8 else codes).float()
+        rows = u.shape[0]
+        s, m = self.scales[start:stop].float(), self.mins[start:stop].float()
+        blocks = k // BLOCK
+        g16, g8 = blocks // 16, (blocks % 16) // 8
+        b8, bp = g16 * 16, g16 * 16 + g8 * 8
+        out = torch.empty(rows, k, dtype=dtype)
+        # groups of 16: [vector j, block i, 4 values]; a group of 8: the same with 8 lanes; pairs: in order
+        views = [
+            (slice(0, b8 * BLOCK), (rows, g16, 8, 16, 4), slice(0, b8), (rows, g16, 1, 16, 1)),
+            (slice(b8 * BLOCK, bp * BLOCK), (rows, 8, 8, 4), slice(b8, bp), (rows, 1, 8, 1)),
+            (slice(bp * BLOCK, k), (rows, blocks - bp, BLOCK), slice(bp, blocks), (rows, blocks - bp, 1)),
+        ]
+        for cols, shape, bl, scale_shape in views:
+            if cols.stop > cols.start:
+                region = u[:, cols].reshape(shape)
+                out[:, cols] = (
+                    region * s[:, bl].reshape(scale_shape) + m[:, bl].reshape(scale_shape)
+                ).reshape(rows, -1)
+        return out
+
 
 @functools.cache
 def positions(k: int) -> torch.Tensor:
@@ -294,19 +323,45 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.cat(parts, dim=1).contiguous()
 
 
+def laid_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """uint8 `[N, K]` codes in the 8-bit layout's order (int4 nibbles split, nothing gathered)."""
+    if bits == 8:
+        return packed
+    n = packed.shape[0]
+    parts, start = [], 0
+    for size, width in _nibble_regions(k):
+        if size:
+            run = packed[:, start // 2 : (start + size) // 2].reshape(n, -1, 1, width)
+            parts.append(torch.cat([run & 15, run >> 4], dim=2).reshape(n, -1))
+        start += size
+    return torch.cat(parts, dim=1)
+
+
 def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     """uint8 `[N, K]` codes in row order from the kernel's layout (the inverse of `pack_codes`)."""
-    n = packed.shape[0]
-    laid = packed
-    if bits == 4:
-        parts, start = [], 0
-        for size, width in _nibble_regions(k):
-            if size:
-                run = packed[:, start // 2 : (start + size) // 2].reshape(n, -1, 1, width)
-                parts.append(torch.cat([run & 15, run >> 4], dim=2).reshape(n, -1))
-            start += size
-        laid = torch.cat(parts, dim=1)
-    return laid[:, positions(k)]
+    return laid_codes(packed, bits, k)[:, positions(k)]
+
+
+def to_laid(x: torch.Tensor) -> torch.Tensor:
+    """`x[:, laid_order(K)]` as strided copies of each region (a gather of that size is several times slower)."""
+    rows, k = x.shape
+    blocks = k // BLOCK
+    g16, g8 = blocks // 16, (blocks % 16) // 8
+    b8, bp = g16 * 16 * BLOCK, (g16 * 16 + g8 * 8) * BLOCK
+    out = torch.empty_like(x)
+    if b8:
+        out[:, :b8].view(rows, g16, 8, 16, 4).copy_(x[:, :b8].reshape(rows, g16, 16, 8, 4).transpose(2, 3))
+    if bp > b8:
+        out[:, b8:bp].view(rows, 8, 8, 4).copy_(x[:, b8:bp].reshape(rows, 8, 8, 4).transpose(1, 2))
+    out[:, bp:] = x[:, bp:]
+    return out
+
+
+@functools.cache
+def laid_order(k: int) -> torch.Tensor:
+    """The row-order index of each byte of the 8-bit layout: `x[:, laid_order(k)]` lines an input up with weights
+    dequantized in layout order (`QGemvWeight.dequantize_laid`)."""
+    return torch.argsort(positions(k))
 
 
 def fits(out_features: int, in_features: int) -> bool:

@@ -481,7 +481,9 @@ class QuantLinear(QuantLinearBase):
             if x2.dtype != torch.float32 and x2.dtype != KERNEL_DTYPE:
                 x2 = x2.to(KERNEL_DTYPE)
             if x2.shape[0] > self.dense_rows:
-                y = self._dense_forward(qgemv.round_activations(x2).to(KERNEL_DTYPE))
+                # the weights dequantized in their layout's order, the input's columns permuted to match
+                x_laid = qgemv.to_laid(qgemv.round_activations(x2))
+                y = self._dense_forward(x_laid.to(KERNEL_DTYPE))
             else:
                 y = self.qgemv(x2.contiguous(), self.qcodes, self.qscales, self.qmins, self.qgemv_bits)
         else:
@@ -509,11 +511,14 @@ class QuantLinear(QuantLinearBase):
 
     def dense_weight_t(self, start: int, stop: int) -> torch.Tensor:
         """`W[start:stop].T` dequantized to bf16, `[K, stop - start]` (rows a multiple of the int4 layout's
-        block), the weight the dense path multiplies by."""
+        block), the weight the dense path multiplies by; in our kernel's layout, its K in that layout's order
+        (`qgemv.laid_order`, the input's columns are permuted to match)."""
         k = self.in_features
         ours = self.qgemv_weight()
-        if ours is not None:
-            return ours.dequantize(start, stop).to(KERNEL_DTYPE).t()
+        if (
+            ours is not None
+        ):  # in the layout's column order (`qgemv.laid_order`): what `forward` multiplies by
+            return ours.dequantize_laid(start, stop, KERNEL_DTYPE).t()
         planes = self.planes()
         if self.mode == "int8":
             q, s = planes[0]

@@ -82,6 +82,15 @@ def test_layout_round_trips(bits: int, k: int) -> None:
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("k", WIDTHS)
+def test_dequantizing_in_layout_order_is_a_column_permutation(bits: int, k: int) -> None:
+    w = qgemv.quantize_blocks(torch.randn(5, k), bits)
+    assert torch.equal(w.dequantize_laid(1, 4), w.dequantize(1, 4)[:, qgemv.laid_order(k)])
+    x = torch.randn(3, k)
+    assert torch.equal(qgemv.to_laid(x), x[:, qgemv.laid_order(k)])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k", WIDTHS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
 def test_kernel_computes_its_reference(op: qgemv.QGemvOp, bits: int, k: int, rows: int) -> None:
     """Exactly the reference up to float32 accumulation, for every row-block width (1-4, and more than 4 rows:
