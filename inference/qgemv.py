@@ -258,31 +258,36 @@ class QGemvWeight:
     def dequantize_laid(
         self, start: int = 0, stop: int | None = None, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
-        """Rows `[start, stop)` in the 8-bit layout's column order (`laid_order`), computed in float32 and stored
-        in `dtype`: no gather, each region's scales broadcast over its blocks' lanes. The dense path multiplies the
-        input's permuted columns by this in bf16."""
+        """Rows `[start, stop)` in the 8-bit layout's column order (`laid_order`), computed and returned in `dtype`:
+        no gather, each region's scales broadcast over its blocks' lanes. The dense path multiplies the input's
+        permuted columns by this in bf16 (each weight rounded to bf16, as with torch's kernels' dense path)."""
         k = self.shape[1]
         codes = laid_codes(self.codes[start:stop], self.bits, k)
-        u = (codes.view(torch.int8) if self.bits == 8 else codes).float()
+        u = (codes.view(torch.int8) if self.bits == 8 else codes).to(dtype)
         rows = u.shape[0]
-        s, m = self.scales[start:stop].float(), self.mins[start:stop].float()
+        s, m = self.scales[start:stop].to(dtype), self.mins[start:stop].to(dtype)
         blocks = k // BLOCK
         g16, g8 = blocks // 16, (blocks % 16) // 8
         b8, bp = g16 * 16, g16 * 16 + g8 * 8
-        out = torch.empty(rows, k, dtype=dtype)
-        # groups of 16: [vector j, block i, 4 values]; a group of 8: the same with 8 lanes; pairs: in order
-        views = [
-            (slice(0, b8 * BLOCK), (rows, g16, 8, 16, 4), slice(0, b8), (rows, g16, 1, 16, 1)),
-            (slice(b8 * BLOCK, bp * BLOCK), (rows, 8, 8, 4), slice(b8, bp), (rows, 1, 8, 1)),
-            (slice(bp * BLOCK, k), (rows, blocks - bp, BLOCK), slice(bp, blocks), (rows, blocks - bp, 1)),
-        ]
-        for cols, shape, bl, scale_shape in views:
-            if cols.stop > cols.start:
-                region = u[:, cols].reshape(shape)
-                out[:, cols] = (
-                    region * s[:, bl].reshape(scale_shape) + m[:, bl].reshape(scale_shape)
-                ).reshape(rows, -1)
-        return out
+        # a group of 16 is [vector j, lanes of 16 blocks x 4 values], a group of 8 the same with 8 lanes: their
+        # scales, repeated over each block's 4 values, make a lane row that every vector j shares (a long inner
+        # loop, where broadcasting one scale over 4 values vectorizes badly); pairs are blocks in order
+        parts = []
+        if b8:
+            region = u[:, : b8 * BLOCK].reshape(rows, g16, 8, 64)
+            lanes = (rows, g16, 1, 64)
+            sv = s[:, :b8].reshape(rows, g16, 16, 1).expand(rows, g16, 16, 4).reshape(lanes)
+            mv = m[:, :b8].reshape(rows, g16, 16, 1).expand(rows, g16, 16, 4).reshape(lanes)
+            parts.append((region * sv + mv).reshape(rows, -1))
+        if bp > b8:
+            region = u[:, b8 * BLOCK : bp * BLOCK].reshape(rows, 8, 32)
+            sv = s[:, b8:bp].reshape(rows, 8, 1).expand(rows, 8, 4).reshape(rows, 1, 32)
+            mv = m[:, b8:bp].reshape(rows, 8, 1).expand(rows, 8, 4).reshape(rows, 1, 32)
+            parts.append((region * sv + mv).reshape(rows, -1))
+        if blocks > bp:
+            region = u[:, bp * BLOCK :].reshape(rows, blocks - bp, BLOCK)
+            parts.append((region * s[:, bp:, None] + m[:, bp:, None]).reshape(rows, -1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 @functools.cache

@@ -78,10 +78,11 @@ KERNEL_DTYPE = torch.bfloat16
 # (measured on AVX512 with 2 threads: the int8 kernel loses to the dense path from ~32 rows, int4 from ~128 at
 # SmolLM2's shapes; docs/engine.md, benchmarks/quant_kernels.py --dense).
 DENSE_ROWS: dict[KernelName, int] = {"int8": 16, "int4": 64}
-# The same for our own kernel (inference/qgemv.py): it beats the dense path up to about 512 rows (measured 1.1-18x
-# at 16-512 rows, 0.5-0.98x at 2048 on AVX512), and every row's result from it is the same bits whatever the step's
-# other rows, so a prompt replayed from the prefix cache (a shorter prefill) samples the same tokens
-QGEMV_DENSE_ROWS = 512
+# The same for our own kernel (inference/qgemv.py): at SmolLM2's shapes it is 1.0-1.6x torch's kernels up to 128
+# rows and beats its own dense path up to about 256 (`python -m benchmarks.quant_kernels`). Up to it, every row's
+# result is the same bits whatever the step's other rows, so a prompt replayed from the prefix cache samples the
+# same tokens
+QGEMV_DENSE_ROWS = 256
 # Dense path: dequantize at most about this many weights at a time (a few MB of bf16, reused by the allocator)
 _DENSE_CHUNK = 1 << 21
 
