@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,12 @@ def build(isa: Isa) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     from torch.utils import cpp_extension
 
+    # the one wait a user sees on a first start (about 10 s on 2 cores): say what it is
+    log.info(
+        "qgemv_building", isa=isa, cache=str(out.parent), note="once per CPU, compiler and torch version"
+    )
+    started = time.perf_counter()
+
     torch_lib = Path(torch.__file__).parent / "lib"
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         partial = Path(tmp) / out.name
@@ -151,6 +158,7 @@ def build(isa: Isa) -> Path:
             ] or done.stderr.splitlines()
             raise RuntimeError((errors[0] if errors else f"{cxx} exited {done.returncode}")[:300])
         os.replace(partial, out)  # atomic: a process building at the same time finds a whole file
+    log.info("qgemv_built", isa=isa, seconds=round(time.perf_counter() - started, 1))
     return out
 
 
