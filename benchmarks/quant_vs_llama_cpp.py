@@ -70,27 +70,6 @@ _QUANTIZE = {
 }
 
 
-@contextlib.contextmanager
-def torch_kernels(on: bool) -> Iterator[None]:
-    """With `on`, layers built inside run torch's int8/int4 kernels, not our own (inference/qgemv.py)."""
-    from inference import qgemv
-
-    if not on:
-        yield
-        return
-    before = os.environ.get("AGENT_RUNTIME_QGEMV")
-    os.environ["AGENT_RUNTIME_QGEMV"] = "off"
-    qgemv.qgemv_kernel.cache_clear()
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("AGENT_RUNTIME_QGEMV", None)
-        else:
-            os.environ["AGENT_RUNTIME_QGEMV"] = before
-        qgemv.qgemv_kernel.cache_clear()
-
-
 def build_engine(variant: str, gguf: Path) -> Any:
     from inference.config import EngineConfig
     from inference.engine import LLMEngine
@@ -98,7 +77,9 @@ def build_engine(variant: str, gguf: Path) -> Any:
 
     if variant not in _QUANTIZE:
         raise SystemExit(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
-    with torch_kernels(" torch" in variant):
+    from inference import qgemv
+
+    with qgemv.turned_off() if " torch" in variant else contextlib.nullcontext():
         loaded = load_model(gguf, dtype="bfloat16", quantize=_QUANTIZE[variant])
     config = EngineConfig(
         kv_cache_memory=256 * 2**20, max_model_len=2048, max_num_seqs=8, compile=variant.endswith("compiled")

@@ -16,6 +16,7 @@ file), fp16 scales and mins. `AGENT_RUNTIME_QGEMV` picks the build: `auto` (defa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -23,7 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -89,6 +90,23 @@ def chosen_isa() -> Isa | None:
         log.warning("qgemv_isa_unsupported", isa=wanted, cpu_runs=isas or "none")
         return None
     return wanted
+
+
+@contextlib.contextmanager
+def turned_off() -> Iterator[None]:
+    """Quantized layers built inside run torch's kernels (`AGENT_RUNTIME_QGEMV=off` for the duration): for tests
+    of torch's layouts and benchmarks that compare the two in one process."""
+    before = os.environ.get("AGENT_RUNTIME_QGEMV")
+    os.environ["AGENT_RUNTIME_QGEMV"] = "off"
+    qgemv_kernel.cache_clear()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("AGENT_RUNTIME_QGEMV", None)
+        else:
+            os.environ["AGENT_RUNTIME_QGEMV"] = before
+        qgemv_kernel.cache_clear()  # the next call reads the restored setting
 
 
 def namespace(isa: Isa) -> str:
@@ -255,13 +273,8 @@ class QGemvWeight:
         return (int(self.codes.shape[0]), int(self.scales.shape[1]) * BLOCK)
 
     def dequantize(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """float32 rows `[start, stop)`, `[rows, K]`."""
-        k = self.shape[1]
-        codes = unpack_codes(self.codes[start:stop], self.bits, k)
-        u = (codes.view(torch.int8) if self.bits == 8 else codes).float().view(codes.shape[0], -1, BLOCK)
-        s = self.scales[start:stop].float()[..., None]
-        m = self.mins[start:stop].float()[..., None]
-        return (u * s + m).view(codes.shape[0], k)
+        """float32 rows `[start, stop)`, `[rows, K]` in row order."""
+        return self.dequantize_laid(start, stop)[:, positions(self.shape[1])]
 
     def dequantize_laid(
         self, start: int = 0, stop: int | None = None, dtype: torch.dtype = torch.float32
@@ -274,9 +287,8 @@ class QGemvWeight:
         u = (codes.view(torch.int8) if self.bits == 8 else codes).to(dtype)
         rows = u.shape[0]
         s, m = self.scales[start:stop].to(dtype), self.mins[start:stop].to(dtype)
-        blocks = k // BLOCK
-        g16, g8 = blocks // 16, (blocks % 16) // 8
-        b8, bp = g16 * 16, g16 * 16 + g8 * 8
+        b8, bp, blocks = region_blocks(k)
+        g16 = b8 // 16
         # a group of 16 is [vector j, lanes of 16 blocks x 4 values], a group of 8 the same with 8 lanes: their
         # scales, repeated over each block's 4 values, make a lane row that every vector j shares (a long inner
         # loop, where broadcasting one scale over 4 values vectorizes badly); pairs are blocks in order
@@ -298,26 +310,31 @@ class QGemvWeight:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
+def region_blocks(k: int) -> tuple[int, int, int]:
+    """Where a row's regions end, in blocks: (groups of 16, then the group of 8, then the pairs = all blocks)."""
+    blocks = k // BLOCK
+    end16 = blocks // 16 * 16
+    return end16, end16 + (blocks % 16) // 8 * 8, blocks
+
+
 @functools.cache
 def positions(k: int) -> torch.Tensor:
     """For each value k of a row, its byte in the 8-bit layout (the C++ `position`)."""
-    blocks = k // BLOCK
-    g16, g8 = blocks // 16, (blocks % 16) // 8
+    end16, end8, blocks = region_blocks(k)
     b = torch.arange(blocks)[:, None]
     v = torch.arange(BLOCK)[None, :]
     in16 = (b // 16) * 512 + (v // 4) * 64 + (b % 16) * 4 + v % 4
-    in8 = g16 * 512 + (v // 4) * 32 + (b - g16 * 16) * 4 + v % 4
+    in8 = end16 * BLOCK + (v // 4) * 32 + (b - end16) * 4 + v % 4
     pairs = b * BLOCK + v
-    pos = torch.where(b < g16 * 16, in16, torch.where(b < (g16 * 16 + g8 * 8), in8, pairs))
+    pos = torch.where(b < end16, in16, torch.where(b < end8, in8, pairs))
     return pos.reshape(k)
 
 
 def _nibble_regions(k: int) -> list[tuple[int, int]]:
     """(bytes, width) of each region of a row in the 8-bit layout: a 4-bit row packs each run of 2 * width bytes
     as width bytes, the first run in the low nibbles and the second in the high ones."""
-    blocks = k // BLOCK
-    g16, g8, pairs = blocks // 16, (blocks % 16) // 8, (blocks % 8) // 2
-    return [(g16 * 512, 64), (g8 * 256, 32), (pairs * 64, 32)]
+    end16, end8, blocks = region_blocks(k)
+    return [(end16 * BLOCK, 64), ((end8 - end16) * BLOCK, 32), ((blocks - end8) * BLOCK, 32)]
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -358,15 +375,14 @@ def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
 def to_laid(x: torch.Tensor) -> torch.Tensor:
     """`x[:, laid_order(K)]` as strided copies of each region (a gather of that size is several times slower)."""
     rows, k = x.shape
-    blocks = k // BLOCK
-    g16, g8 = blocks // 16, (blocks % 16) // 8
-    b8, bp = g16 * 16 * BLOCK, (g16 * 16 + g8 * 8) * BLOCK
+    end16, end8, _ = region_blocks(k)
+    g16, c16, c8 = end16 // 16, end16 * BLOCK, end8 * BLOCK
     out = torch.empty_like(x)
-    if b8:
-        out[:, :b8].view(rows, g16, 8, 16, 4).copy_(x[:, :b8].reshape(rows, g16, 16, 8, 4).transpose(2, 3))
-    if bp > b8:
-        out[:, b8:bp].view(rows, 8, 8, 4).copy_(x[:, b8:bp].reshape(rows, 8, 8, 4).transpose(1, 2))
-    out[:, bp:] = x[:, bp:]
+    if c16:
+        out[:, :c16].view(rows, g16, 8, 16, 4).copy_(x[:, :c16].reshape(rows, g16, 16, 8, 4).transpose(2, 3))
+    if c8 > c16:
+        out[:, c16:c8].view(rows, 8, 8, 4).copy_(x[:, c16:c8].reshape(rows, 8, 8, 4).transpose(1, 2))
+    out[:, c8:] = x[:, c8:]
     return out
 
 

@@ -483,8 +483,7 @@ class QuantLinear(QuantLinearBase):
                 x2 = x2.to(KERNEL_DTYPE)
             if x2.shape[0] > self.dense_rows:
                 # the weights dequantized in their layout's order, the input's columns permuted to match
-                x_laid = qgemv.to_laid(qgemv.round_activations(x2))
-                y = self._dense_forward(x_laid.to(KERNEL_DTYPE))
+                y = self._dense_forward(qgemv.to_laid(qgemv.round_activations(x2).to(KERNEL_DTYPE)))
             else:
                 y = self.qgemv(x2.contiguous(), self.qcodes, self.qscales, self.qmins, self.qgemv_bits)
         else:
@@ -516,9 +515,7 @@ class QuantLinear(QuantLinearBase):
         (`qgemv.laid_order`, the input's columns are permuted to match)."""
         k = self.in_features
         ours = self.qgemv_weight()
-        if (
-            ours is not None
-        ):  # in the layout's column order (`qgemv.laid_order`): what `forward` multiplies by
+        if ours is not None:
             return ours.dequantize_laid(start, stop, KERNEL_DTYPE).t()
         planes = self.planes()
         if self.mode == "int8":

@@ -102,12 +102,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
-def torch_kernels(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def torch_kernels() -> Iterator[None]:
     """Quantized layers built in the test run torch's packed int8/int4 kernels, not our own (inference/qgemv.py):
     for tests of torch's layouts."""
     from inference import qgemv
 
-    monkeypatch.setenv("AGENT_RUNTIME_QGEMV", "off")
-    qgemv.qgemv_kernel.cache_clear()
-    yield
-    qgemv.qgemv_kernel.cache_clear()  # the next call reads the restored setting
+    with qgemv.turned_off():
+        yield

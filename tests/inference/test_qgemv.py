@@ -82,9 +82,14 @@ def test_layout_round_trips(bits: int, k: int) -> None:
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("k", WIDTHS)
-def test_dequantizing_in_layout_order_is_a_column_permutation(bits: int, k: int) -> None:
+def test_dequantizing_follows_the_codes_in_either_column_order(bits: int, k: int) -> None:
+    """`u * scale + min` per block from the row-order codes, in row order and in the layout's order."""
     w = qgemv.quantize_blocks(torch.randn(5, k), bits)
-    assert torch.equal(w.dequantize_laid(1, 4), w.dequantize(1, 4)[:, qgemv.laid_order(k)])
+    codes = qgemv.unpack_codes(w.codes, bits, k)[1:4]
+    u = (codes.view(torch.int8) if bits == 8 else codes).float().view(3, -1, 32)
+    want = (u * w.scales[1:4].float()[..., None] + w.mins[1:4].float()[..., None]).view(3, k)
+    assert torch.equal(w.dequantize(1, 4), want)
+    assert torch.equal(w.dequantize_laid(1, 4), want[:, qgemv.laid_order(k)])
     x = torch.randn(3, k)
     assert torch.equal(qgemv.to_laid(x), x[:, qgemv.laid_order(k)])
 
