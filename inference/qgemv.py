@@ -228,15 +228,16 @@ def qgemv_kernel() -> QGemvOp | None:
 
 
 def check(op: QGemvOp) -> tuple[bool, float]:
-    """Whether `op` computes both code widths within the activation rounding (a relative error of about 0.5%;
-    a layout or build mistake gives 100%), on a shape that crosses every region of the layout."""
+    """Whether `op` computes both code widths, int4 with and without mins, within the activation rounding (a
+    relative error of about 0.5%; a layout or build mistake gives 100%), on a shape that crosses every region of
+    the layout."""
     gen = torch.Generator().manual_seed(0)
     n, k = 48, 64 * 13  # 26 blocks: a group of 16, one of 8, a pair
     w = torch.randn(n, k, generator=gen)
     x = torch.randn(3, k, generator=gen)
     worst = 0.0
-    for bits in (4, 8):
-        q = quantize_blocks(w, bits)
+    for bits, symmetric in ((4, False), (4, True), (8, True)):
+        q = quantize_blocks(w, bits, symmetric=symmetric)
         ref = x @ q.dequantize().t()
         out = op(x, q.codes, q.scales, q.mins, bits)
         worst = max(worst, float((out - ref).norm() / ref.norm()))
@@ -261,7 +262,9 @@ def round_activations(x: torch.Tensor) -> torch.Tensor:
 @dataclass(slots=True)
 class QGemvWeight:
     """A weight in the kernel's layout: `codes` uint8 `[N, K * bits / 8]` (`pack_codes`), fp16 `[N, K / 32]`
-    `scales` and `mins`; `w[n, k] = u[n, k] * scale + min` with `u` in 0..15 (4 bits) or the signed code (8)."""
+    `scales` and `mins`; `w[n, k] = u[n, k] * scale + min` with `u` in 0..15 (4 bits) or the signed code (8). A
+    symmetric weight has no mins (an empty tensor, 2 bytes a block less to read): `min = -8 * scale` for 4 bits
+    (GGUF Q4_0), 0 for 8 (Q8_0, per-channel int8)."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -271,6 +274,22 @@ class QGemvWeight:
     @property
     def shape(self) -> tuple[int, int]:
         return (int(self.codes.shape[0]), int(self.scales.shape[1]) * BLOCK)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.mins.numel() == 0
+
+    def block_mins(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """float32 `[rows, K / 32]` mins of rows `[start, stop)`, a symmetric weight's implied ones included."""
+        if not self.symmetric:
+            return self.mins[start:stop].float()
+        scales = self.scales[start:stop].float()
+        return scales * -8.0 if self.bits == 4 else torch.zeros_like(scales)
+
+    def rows(self, ids: torch.Tensor) -> QGemvWeight:
+        """The weight's rows `ids` (a lookup into a tied table)."""
+        mins = self.mins if self.symmetric else self.mins.index_select(0, ids)
+        return QGemvWeight(self.codes.index_select(0, ids), self.scales.index_select(0, ids), mins, self.bits)
 
     def dequantize(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """float32 rows `[start, stop)`, `[rows, K]` in row order."""
@@ -286,7 +305,7 @@ class QGemvWeight:
         codes = laid_codes(self.codes[start:stop], self.bits, k)
         u = (codes.view(torch.int8) if self.bits == 8 else codes).to(dtype)
         rows = u.shape[0]
-        s, m = self.scales[start:stop].to(dtype), self.mins[start:stop].to(dtype)
+        s, m = self.scales[start:stop].to(dtype), self.block_mins(start, stop).to(dtype)
         b8, bp, blocks = region_blocks(k)
         g16 = b8 // 16
         # a group of 16 is [vector j, lanes of 16 blocks x 4 values], a group of 8 the same with 8 lanes: their
@@ -398,43 +417,48 @@ def fits(out_features: int, in_features: int) -> bool:
     return in_features % (2 * BLOCK) == 0 and out_features > 0
 
 
-def _fp16_ok(scales: torch.Tensor, mins: torch.Tensor) -> bool:
+def _fp16_ok(scales: torch.Tensor, mins: torch.Tensor | None) -> bool:
     """Scales in fp16's normal range (a subnormal one loses relative precision), mins without overflow (a tiny
     min loses precision only against the block's scale, which dwarfs it)."""
     s = scales.abs()
     return bool((s <= _FP16_MAX).all() and ((s >= _FP16_MIN_NORMAL) | (s == 0)).all()) and bool(
-        (mins.abs() <= _FP16_MAX).all()
+        mins is None or (mins.abs() <= _FP16_MAX).all()
     )
 
 
 def from_blocks(
-    codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits: int
+    codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int
 ) -> QGemvWeight | None:
     """A weight from row-order codes `[N, K]` (uint8 0..15 for 4 bits, int8 for 8) and float `[N, K / 32]` scales
-    and mins; None where a scale or min would lose precision in fp16 (the layer then keeps torch's layout)."""
+    and mins (None: symmetric, see `QGemvWeight`); None where a scale or min would lose precision in fp16 (the
+    layer then keeps torch's layout)."""
     if not _fp16_ok(scales, mins):
         return None
     u8 = codes.view(torch.uint8) if codes.dtype == torch.int8 else codes.to(torch.uint8)
-    return QGemvWeight(
-        pack_codes(u8.contiguous(), bits), scales.half().contiguous(), mins.half().contiguous(), bits
-    )
+    held = torch.empty(0, dtype=torch.float16) if mins is None else mins.half().contiguous()
+    return QGemvWeight(pack_codes(u8.contiguous(), bits), scales.half().contiguous(), held, bits)
 
 
-def quantize_blocks(w: torch.Tensor, bits: int) -> QGemvWeight:
-    """A float `[N, K]` weight quantized per block of 32: symmetric int8, or int4 with a min (for `check` and tests;
-    the loader converts `quant.Int8Weight` / `quant.Int4Weight` codes instead)."""
+def quantize_blocks(w: torch.Tensor, bits: int, *, symmetric: bool = False) -> QGemvWeight:
+    """A float `[N, K]` weight quantized per block of 32: symmetric int8, or int4 with a min (`symmetric`: around
+    8, without one) (for `check` and tests; the loader converts `quant.Int8Weight` / `quant.Int4Weight` codes
+    instead)."""
     n, k = w.shape
     blocks = w.float().view(n, k // BLOCK, BLOCK)
+    mins: torch.Tensor | None = None
     if bits == 8:
         scale = (blocks.abs().amax(dim=-1) / 127).clamp_min(_FP16_MIN_NORMAL)
         codes = torch.round(blocks / scale[..., None]).clamp(-127, 127).to(torch.int8)
-        mins = torch.zeros_like(scale)
+    elif symmetric:
+        scale = (blocks.abs().amax(dim=-1) / 7).clamp_min(_FP16_MIN_NORMAL)
+        codes = (torch.round(blocks / scale[..., None]) + 8).clamp(0, 15).to(torch.uint8)
     else:
         lo, hi = blocks.amin(dim=-1), blocks.amax(dim=-1)
         scale = ((hi - lo) / 15).clamp_min(_FP16_MIN_NORMAL)
         codes = torch.round((blocks - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
         mins = lo
-    scale, mins = scale.half().float(), mins.half().float()
-    q = from_blocks(codes.view(n, k), scale, mins, bits)
+    q = from_blocks(
+        codes.view(n, k), scale.half().float(), None if mins is None else mins.half().float(), bits
+    )
     assert q is not None
     return q

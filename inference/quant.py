@@ -274,8 +274,8 @@ def kernel_available(name: KernelName) -> bool:
 
 def to_qgemv(weight: QuantWeight) -> qgemv.QGemvWeight | None:
     """The weight in our own kernel's layout where that kernel runs here and takes it: int8 per channel (each
-    block gets its row's scale), or a single int4 plane of group 32 (`min = zero - 8 * scale`) with K a multiple
-    of 64; None otherwise (torch's kernels run it)."""
+    block gets its row's scale), or a single int4 plane of group 32 (`min = zero - 8 * scale`, none where every
+    zero is 0) with K a multiple of 64; None otherwise (torch's kernels run it)."""
     if qgemv.qgemv_kernel() is None:
         return None
     if isinstance(weight, Int8Weight):
@@ -287,11 +287,13 @@ def to_qgemv(weight: QuantWeight) -> qgemv.QGemvWeight | None:
             if weight.per_block
             else weight.scales.float()[:, None].expand(n, k // qgemv.BLOCK)
         )
-        return qgemv.from_blocks(weight.qweight, scales, torch.zeros_like(scales), 8)
+        return qgemv.from_blocks(weight.qweight, scales, None, 8)
     if len(weight) != 1 or weight[0].group_size != qgemv.BLOCK or not qgemv.fits(*weight[0].shape):
         return None
     plane = weight[0]
-    return qgemv.from_blocks(plane.codes, plane.scales, plane.zeros - 8 * plane.scales, 4)
+    # zero points all 0 (GGUF Q4_0, symmetric re-quantization): no mins to store or read
+    mins = None if not bool(plane.zeros.any()) else plane.zeros - 8 * plane.scales
+    return qgemv.from_blocks(plane.codes, plane.scales, mins, 4)
 
 
 def kernel_fits(name: KernelName, out_features: int, in_features: int) -> bool:
@@ -713,6 +715,7 @@ class QGemvEmbedding(nn.Module):
     codes: torch.Tensor
     scales: torch.Tensor
     mins: torch.Tensor
+    positions: torch.Tensor
 
     def __init__(self, head: QuantLinear, dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
@@ -725,16 +728,14 @@ class QGemvEmbedding(nn.Module):
         self.register_buffer("codes", ours.codes)  # the head's own tensors: counted once
         self.register_buffer("scales", ours.scales)
         self.register_buffer("mins", ours.mins)
+        # held here rather than looked up in `qgemv.positions`' cache, which a compiled step would trace (and warn
+        # about); a plain attribute, not a buffer: it is an index, not a weight (CPU only, as the kernel)
+        self.positions = qgemv.positions(self.embedding_dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        flat = ids.reshape(-1)
-        rows = qgemv.QGemvWeight(
-            self.codes.index_select(0, flat),
-            self.scales.index_select(0, flat),
-            self.mins.index_select(0, flat),
-            self.bits,
-        ).dequantize()
-        return rows.to(self.dtype).reshape(*ids.shape, self.embedding_dim)
+        table = qgemv.QGemvWeight(self.codes, self.scales, self.mins, self.bits)
+        laid = table.rows(ids.reshape(-1)).dequantize_laid()
+        return laid[:, self.positions].to(self.dtype).reshape(*ids.shape, self.embedding_dim)
 
 
 def gguf_q8_0_blocks(data: np.ndarray, shape: Sequence[int]) -> Int8Weight:

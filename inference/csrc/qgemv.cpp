@@ -3,7 +3,8 @@
 // integer one (AVX512-VNNI `vpdpbusd`, or AVX2 `vpmaddubsw`), scaled once per block. Built per CPU by
 // inference/qgemv.py, which also lays the weights out as described there (`pack_codes`).
 //
-// A weight row is `w[k] = u[k] * scale[k / 32] + min[k / 32]`, its blocks in three regions, in order:
+// A weight row is `w[k] = u[k] * scale[k / 32] + min[k / 32]`, its blocks in three regions, in order (a weight
+// without mins, an empty tensor, is symmetric: `min = -8 * scale` for 4 bits, as GGUF Q4_0; 0 for 8 bits):
 //   - groups of 16 blocks: vector j (0..7) holds values 4j..4j+3 of each of the 16 blocks, block i at bytes
 //     4i..4i+3, so eight integer dot products leave the 16 block sums in one register's 16 lanes;
 //   - at most one group of 8 blocks, the same with 8 lanes (32-byte vectors);
@@ -25,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -35,6 +37,21 @@ constexpr int64_t kBlock = 32;
 constexpr int64_t kPrefetch = 4096;
 
 inline void prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0); }
+
+// The same for a run of `bytes` codes outside the groups of 16 (which prefetch as they go), and for the scales and
+// mins of the row about as far ahead: without these, rows of 28 blocks (Qwen2.5-0.5B's 896) read at 17 GB/s.
+inline void prefetch_run(const uint8_t* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) prefetch(p + off);
+}
+
+inline void prefetch_meta(const uint16_t* sc, const uint16_t* mn, int64_t blocks, int64_t row_bytes) {
+  const int64_t ahead = std::max<int64_t>(1, kPrefetch / row_bytes) * blocks;
+  _mm_prefetch(reinterpret_cast<const char*>(sc + ahead), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(sc + ahead + blocks - 1), _MM_HINT_T0);
+  if (mn == nullptr) return;
+  _mm_prefetch(reinterpret_cast<const char*>(mn + ahead), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(mn + ahead + blocks - 1), _MM_HINT_T0);
+}
 
 struct Regions {
   int64_t groups16, group8, pairs;  // counts of each kind of block run in a row
@@ -58,24 +75,25 @@ inline int64_t position(const Regions& r, int64_t b, int64_t v) {
   return b * kBlock + v;
 }
 
+// Where chunk j (values 4j..4j+3) of block b lands: `position(r, b, 0) + j * stride`.
+inline int64_t chunk_stride(const Regions& r, int64_t b) { return position(r, b, 4) - position(r, b, 0); }
+
+// Forward declaration: each instruction set quantizes a block of 32 values to int8 (returns max |x|, `sum` the
+// codes' sum), rounding `x * (127 / max)` half to even as `nearbyint` does (inference/qgemv.py rounds the same).
+template <typename T>
+float quantize_block(const T* x, int8_t* out, int32_t& sum);
+
 template <typename T>
 void quantize_row(const T* x, int64_t k, const Regions& r, int8_t* q, float* d, float* s) {
-  float v[kBlock];
+  alignas(64) int8_t codes[kBlock];
   for (int64_t b = 0; b < k / kBlock; ++b) {
-    float amax = 0.f;
-    for (int64_t i = 0; i < kBlock; ++i) {
-      v[i] = static_cast<float>(x[b * kBlock + i]);
-      amax = std::max(amax, std::fabs(v[i]));
-    }
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
     int32_t sum = 0;
-    for (int64_t i = 0; i < kBlock; ++i) {
-      const int32_t c = static_cast<int32_t>(std::nearbyint(v[i] * inv));
-      q[position(r, b, i)] = static_cast<int8_t>(c);
-      sum += c;
-    }
+    const float amax = quantize_block(x + b * kBlock, codes, sum);
     d[b] = amax / 127.f;
     s[b] = d[b] * static_cast<float>(sum);
+    int8_t* dst = q + position(r, b, 0);
+    const int64_t stride = chunk_stride(r, b);
+    for (int64_t j = 0; j < kBlock / 4; ++j) std::memcpy(dst + j * stride, codes + 4 * j, 4);
   }
 }
 
@@ -83,19 +101,41 @@ inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {  // bf16 is float32's upper half
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+template <typename T>
+float quantize_block(const T* x, int8_t* out, int32_t& sum) {
+  const __m512 a = load16(x), b = load16(x + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+  const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+  const __m512i ia = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), ib = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
+  sum = _mm512_reduce_add_epi32(_mm512_add_epi32(ia, ib));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtsepi32_epi8(ia));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm512_cvtsepi32_epi8(ib));
+  return amax;
+}
+
 inline __m512i unpack4(const uint8_t* p) {  // 32 bytes -> 64 codes: low nibbles, then high nibbles
   const __m512i raw = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_and_si512(_mm512_srlv_epi64(raw, _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0)), _mm512_set1_epi8(0x0F));
 }
 
-// `acc += dot * scale * x.d + min' * x.s` over the lanes of `mask`, one lane a block, for blocks b0.. of a row;
-// int8 codes are read as q + 128 (`vpdpbusd` multiplies unsigned by signed bytes), so their min is shifted.
-template <int BITS>
-inline __m512 fold_blocks(__m512 acc, __m512 dot, const uint16_t* sc, const uint16_t* mn, const QuantRow& x,
-                          int64_t b0, __mmask16 mask, float dot_scale = 1.f) {
+// The blocks' mins, `min + offset * scale`: int8 codes are read as q + 128 (`vpdpbusd` multiplies unsigned by
+// signed bytes), so their min is shifted; a symmetric weight (`mn` null) has none of its own.
+inline __m512 block_mins(__m512 sv, const uint16_t* mn, int64_t b0, __mmask16 mask, float offset) {
+  const __m512 own = mn ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, mn + b0)) : _mm512_setzero_ps();
+  return _mm512_fmadd_ps(sv, _mm512_set1_ps(offset), own);
+}
+
+// `acc += dot * scale * x.d + min' * x.s` over the lanes of `mask`, one lane a block, for blocks b0.. of a row.
+inline __m512 fold_blocks(__m512 acc, __m512 dot, const uint16_t* sc, const uint16_t* mn, float offset,
+                          const QuantRow& x, int64_t b0, __mmask16 mask, float dot_scale = 1.f) {
   const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, sc + b0));
-  __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, mn + b0));
-  if (BITS == 8) mv = _mm512_fmadd_ps(sv, _mm512_set1_ps(-128.f), mv);
+  const __m512 mv = block_mins(sv, mn, b0, mask, offset);
   const __m512 xd = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x.d + b0), _mm512_set1_ps(dot_scale));
   acc = _mm512_fmadd_ps(dot, _mm512_mul_ps(sv, xd), acc);
   return _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(mask, x.s + b0), acc);
@@ -114,7 +154,9 @@ void row_block(const uint8_t* codes, const uint16_t* scales, const uint16_t* min
   const __m512i low4 = _mm512_set1_epi8(0x0F), high4 = _mm512_set1_epi8(static_cast<char>(0xF0));
   const uint8_t* w = codes + n * row_bytes;
   const uint16_t* sc = scales + n * blocks;
-  const uint16_t* mn = mins + n * blocks;
+  const uint16_t* mn = mins ? mins + n * blocks : nullptr;
+  const float offset = BITS == 8 ? -128.f : mins ? 0.f : -8.f;
+  prefetch_meta(sc, mn, blocks, row_bytes);
   __m512 acc[MR];
   for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
   int64_t b0 = 0;
@@ -135,7 +177,7 @@ void row_block(const uint8_t* codes, const uint16_t* scales, const uint16_t* min
       }
       for (int m = 0; m < MR; ++m) {
         const __m512i d = _mm512_add_epi32(_mm512_slli_epi32(dot[m][0], 4), dot[m][1]);
-        acc[m] = fold_blocks<BITS>(acc[m], _mm512_cvtepi32_ps(d), sc, mn, x[m], b0, 0xFFFF, 1.f / 16.f);
+        acc[m] = fold_blocks(acc[m], _mm512_cvtepi32_ps(d), sc, mn, offset, x[m], b0, 0xFFFF, 1.f / 16.f);
       }
     } else {
       for (int j = 0; j < 8; ++j) {
@@ -145,12 +187,13 @@ void row_block(const uint8_t* codes, const uint16_t* scales, const uint16_t* min
           dot[m][j % 2] = _mm512_dpbusd_epi32(dot[m][j % 2], wv, _mm512_loadu_si512(xg[m] + j * 64));
       }
       for (int m = 0; m < MR; ++m)
-        acc[m] = fold_blocks<BITS>(acc[m], _mm512_cvtepi32_ps(_mm512_add_epi32(dot[m][0], dot[m][1])), sc, mn, x[m],
-                                   b0, 0xFFFF);
+        acc[m] = fold_blocks(acc[m], _mm512_cvtepi32_ps(_mm512_add_epi32(dot[m][0], dot[m][1])), sc, mn, offset,
+                             x[m], b0, 0xFFFF);
     }
   }
   if (reg.group8) {
     const uint8_t* wg = w + reg.groups16 * (BITS == 4 ? 256 : 512);
+    prefetch_run(wg, BITS == 4 ? 128 : 256);
     const __m256i low4y = _mm512_castsi512_si256(low4), high4y = _mm512_castsi512_si256(high4);
     __m256i dot[MR][2];
     for (int m = 0; m < MR; ++m) dot[m][0] = dot[m][1] = _mm256_setzero_si256();
@@ -174,17 +217,17 @@ void row_block(const uint8_t* codes, const uint16_t* scales, const uint16_t* min
     for (int m = 0; m < MR; ++m) {
       const __m256i d = BITS == 4 ? _mm256_add_epi32(_mm256_slli_epi32(dot[m][0], 4), dot[m][1])
                                   : _mm256_add_epi32(dot[m][0], dot[m][1]);
-      acc[m] = fold_blocks<BITS>(acc[m], _mm512_zextps256_ps512(_mm256_cvtepi32_ps(d)), sc, mn, x[m], b0, 0xFF,
-                                 BITS == 4 ? 1.f / 16.f : 1.f);
+      acc[m] = fold_blocks(acc[m], _mm512_zextps256_ps512(_mm256_cvtepi32_ps(d)), sc, mn, offset, x[m], b0, 0xFF,
+                           BITS == 4 ? 1.f / 16.f : 1.f);
     }
     b0 += 8;
   }
   if (reg.pairs) {
     // one block pair a register: lanes 0..7 are block b, 8..15 block b + 1, brought to block order by a permute
     const __mmask16 mask = static_cast<__mmask16>((1u << (2 * reg.pairs)) - 1u);
+    prefetch_run(w + b0 * kBlock * BITS / 8, reg.pairs * 2 * kBlock * BITS / 8);
     const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, sc + b0));
-    __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, mn + b0));
-    if (BITS == 8) mv = _mm512_fmadd_ps(sv, _mm512_set1_ps(-128.f), mv);
+    const __m512 mv = block_mins(sv, mn, b0, mask, offset);
     for (int m = 0; m < MR; ++m) {
       const __m512 block_scale = _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(mask, x[m].d + b0));
       acc[m] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(mask, x[m].s + b0), acc[m]);
@@ -217,6 +260,37 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {  // bf16 is float32's upper half
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+template <typename T>
+float quantize_block(const T* x, int8_t* out, int32_t& sum) {
+  __m256 v[4];
+  __m256 top = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = load8(x + 8 * i);
+    top = _mm256_max_ps(top, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v[i]));
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+  const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+  __m256i c[4];
+  for (int i = 0; i < 4; ++i) c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+  const __m256i total = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+  sum = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1)));
+  // the packs work within 128-bit lanes: the 4-byte runs come out as 0, 2, 4, 6, 1, 3, 5, 7
+  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                      _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  return amax;
+}
+
 // 8 blocks' integer dot products (one per lane) of an unsigned/signed pair of vectors, added to `acc`.
 template <int BITS>
 inline __m256i dot8(__m256i acc, __m256i w, __m256i xq) {
@@ -239,14 +313,17 @@ void rows_kernel(const uint8_t* codes, const uint16_t* scales, const uint16_t* m
   const Regions reg(blocks);
   const int64_t row_bytes = BITS == 4 ? k / 2 : k;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const float offset = BITS == 4 && !mins ? -8.f : 0.f;  // a symmetric weight's min (int8 codes are signed here)
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = codes + n * row_bytes;
     const uint16_t* sc = scales + n * blocks;
-    const uint16_t* mn = mins + n * blocks;
+    const uint16_t* mn = mins ? mins + n * blocks : nullptr;
+    prefetch_meta(sc, mn, blocks, row_bytes);
     __m256 acc[MR];
     for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
     auto finish8 = [&](const __m256i* dot, int64_t b) {
-      const __m256 sv = load_half8(sc + b), mv = load_half8(mn + b);
+      const __m256 sv = load_half8(sc + b);
+      const __m256 mv = _mm256_fmadd_ps(sv, _mm256_set1_ps(offset), mn ? load_half8(mn + b) : _mm256_setzero_ps());
       for (int m = 0; m < MR; ++m) {
         const __m256 bs = _mm256_mul_ps(sv, _mm256_loadu_ps(x[m].d + b));
         acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m]), bs, acc[m]);
@@ -281,6 +358,7 @@ void rows_kernel(const uint8_t* codes, const uint16_t* scales, const uint16_t* m
     }
     if (reg.group8) {
       const uint8_t* w = row + reg.groups16 * (BITS == 4 ? 256 : 512);
+      prefetch_run(w, BITS == 4 ? 128 : 256);
       __m256i dot[MR];
       for (int m = 0; m < MR; ++m) dot[m] = _mm256_setzero_si256();
       for (int j = 0; j < 8; ++j) {
@@ -299,6 +377,7 @@ void rows_kernel(const uint8_t* codes, const uint16_t* scales, const uint16_t* m
       b0 += 8;
     }
     float tail[MR] = {};
+    prefetch_run(row + b0 * kBlock * BITS / 8, reg.pairs * 2 * kBlock * BITS / 8);
     for (int64_t c = 0; c < reg.pairs; ++c, b0 += 2) {
       __m256i wv[2];
       if (BITS == 4) {
@@ -310,7 +389,7 @@ void rows_kernel(const uint8_t* codes, const uint16_t* scales, const uint16_t* m
         wv[1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (b0 + 1) * kBlock));
       }
       for (int h = 0; h < 2; ++h) {
-        const float s = half_to_float(sc[b0 + h]), mnv = half_to_float(mn[b0 + h]);
+        const float s = half_to_float(sc[b0 + h]), mnv = (mn ? half_to_float(mn[b0 + h]) : 0.f) + offset * s;
         for (int m = 0; m < MR; ++m) {
           const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[m].q + (b0 + h) * kBlock));
           const __m256i dot = dot8<BITS>(_mm256_setzero_si256(), wv[h], xv);
@@ -351,24 +430,28 @@ at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tens
               "codes must be contiguous uint8 [N, K / 2] (4 bits) or [N, K] (8 bits)");
   const int64_t blocks = k / kBlock;
   TORCH_CHECK(scales.scalar_type() == at::kHalf && mins.scalar_type() == at::kHalf && scales.is_contiguous() &&
-                  mins.is_contiguous() && scales.numel() == n * blocks && mins.numel() == n * blocks,
-              "scales and mins must be contiguous float16 [N, K / 32]");
+                  mins.is_contiguous() && scales.numel() == n * blocks &&
+                  (mins.numel() == n * blocks || mins.numel() == 0),
+              "scales and mins must be contiguous float16 [N, K / 32] (mins empty for a symmetric weight)");
   const Regions reg(blocks);
   std::vector<int8_t> xq(rows * k);
   std::vector<float> xd(rows * blocks), xs(rows * blocks);
   std::vector<QuantRow> qrows(rows);
-  for (int64_t m = 0; m < rows; ++m) {
-    if (x.scalar_type() == at::kFloat) {
-      quantize_row(x.data_ptr<float>() + m * k, k, reg, &xq[m * k], &xd[m * blocks], &xs[m * blocks]);
-    } else {
-      quantize_row(x.data_ptr<c10::BFloat16>() + m * k, k, reg, &xq[m * k], &xd[m * blocks], &xs[m * blocks]);
+  // rows on the thread pool once there are enough of them to pay for the fork (a prefill chunk)
+  at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{32} << 10) / k), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      if (x.scalar_type() == at::kFloat) {
+        quantize_row(x.data_ptr<float>() + m * k, k, reg, &xq[m * k], &xd[m * blocks], &xs[m * blocks]);
+      } else {
+        quantize_row(x.data_ptr<c10::BFloat16>() + m * k, k, reg, &xq[m * k], &xd[m * blocks], &xs[m * blocks]);
+      }
+      qrows[m] = QuantRow{&xq[m * k], &xd[m * blocks], &xs[m * blocks]};
     }
-    qrows[m] = QuantRow{&xq[m * k], &xd[m * blocks], &xs[m * blocks]};
-  }
+  });
   at::Tensor out = at::empty({rows, n}, x.options());
   const auto* cp = codes.data_ptr<uint8_t>();
   const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<c10::Half>());
-  const auto* mp = reinterpret_cast<const uint16_t*>(mins.data_ptr<c10::Half>());
+  const auto* mp = mins.numel() ? reinterpret_cast<const uint16_t*>(mins.data_ptr<c10::Half>()) : nullptr;
   const bool as_float = x.scalar_type() == at::kFloat;
   const int64_t row_bytes = bits == 4 ? k / 2 : k;
   // at least ~16 KB of weights a task: smaller ones cost more in the fork than they gain

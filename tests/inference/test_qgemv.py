@@ -17,12 +17,14 @@ from inference import qgemv
 from inference.quant import (
     QGEMV_DENSE_ROWS,
     Int4HeadEmbedding,
+    Int4Weight,
     Int8Weight,
     QGemvEmbedding,
     QuantEmbedding,
     QuantLinear,
     dequantize_linear,
     gguf_q8_0_blocks,
+    gguf_to_int4,
     model_weight_bytes,
     quantize_int4,
     quantize_int8,
@@ -31,6 +33,15 @@ from inference.quant import (
 ISAS = qgemv.supported_isas()
 # widths along K that cross every region of the layout: a pair only, a group of 8 (+ pair), groups of 16 (+ 8 + pairs)
 WIDTHS = [64, 256, 576, 832, 1536]
+# (bits, symmetric): int4 with mins (Q4_1, Q4_K, our int4), int4 without (Q4_0: min = -8 * scale), int8 (no mins)
+KINDS = [(4, False), (4, True), (8, True)]
+
+
+def implied_mins(w: qgemv.QGemvWeight) -> torch.Tensor:
+    """float64 `[N, K / 32]`: the weight's own mins, or a symmetric one's (-8 * scale for 4 bits, 0 for 8)."""
+    if w.mins.numel():
+        return w.mins.double()
+    return -8 * w.scales.double() if w.bits == 4 else torch.zeros_like(w.scales, dtype=torch.float64)
 
 
 def lookup_shares_head(model: nn.Module) -> bool:
@@ -60,7 +71,7 @@ def reference(x: torch.Tensor, w: qgemv.QGemvWeight) -> torch.Tensor:
     codes = qgemv.unpack_codes(w.codes, w.bits, k)
     u = (codes.view(torch.int8) if w.bits == 8 else codes).double().view(n, k // 32, 32)
     dots = torch.einsum("mbv,nbv->mnb", q, u)  # [M, N, blocks]
-    s, mins, d64 = w.scales.double(), w.mins.double(), d.double()
+    s, mins, d64 = w.scales.double(), implied_mins(w), d.double()
     xs = d64 * q.sum(dim=-1)
     return (dots * s[None] * d64[:, None]).sum(-1) + xs @ mins.t()
 
@@ -80,28 +91,31 @@ def test_layout_round_trips(bits: int, k: int) -> None:
     assert sorted(qgemv.positions(k).tolist()) == list(range(k))  # a permutation of the row
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(("bits", "symmetric"), KINDS)
 @pytest.mark.parametrize("k", WIDTHS)
-def test_dequantizing_follows_the_codes_in_either_column_order(bits: int, k: int) -> None:
+def test_dequantizing_follows_the_codes_in_either_column_order(bits: int, symmetric: bool, k: int) -> None:
     """`u * scale + min` per block from the row-order codes, in row order and in the layout's order."""
-    w = qgemv.quantize_blocks(torch.randn(5, k), bits)
+    w = qgemv.quantize_blocks(torch.randn(5, k), bits, symmetric=symmetric)
+    assert w.symmetric == symmetric and w.mins.numel() == (0 if symmetric else 5 * k // 32)
     codes = qgemv.unpack_codes(w.codes, bits, k)[1:4]
     u = (codes.view(torch.int8) if bits == 8 else codes).float().view(3, -1, 32)
-    want = (u * w.scales[1:4].float()[..., None] + w.mins[1:4].float()[..., None]).view(3, k)
+    want = (u * w.scales[1:4].float()[..., None] + implied_mins(w)[1:4].float()[..., None]).view(3, k)
     assert torch.equal(w.dequantize(1, 4), want)
     assert torch.equal(w.dequantize_laid(1, 4), want[:, qgemv.laid_order(k)])
     x = torch.randn(3, k)
     assert torch.equal(qgemv.to_laid(x), x[:, qgemv.laid_order(k)])
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(("bits", "symmetric"), KINDS)
 @pytest.mark.parametrize("k", WIDTHS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
-def test_kernel_computes_its_reference(op: qgemv.QGemvOp, bits: int, k: int, rows: int) -> None:
+def test_kernel_computes_its_reference(
+    op: qgemv.QGemvOp, bits: int, symmetric: bool, k: int, rows: int
+) -> None:
     """Exactly the reference up to float32 accumulation, for every row-block width (1-4, and more than 4 rows:
-    the weights read once per four), an odd number of output rows, and both input dtypes."""
+    the weights read once per four), an odd number of output rows, both input dtypes, with mins and without."""
     gen = torch.Generator().manual_seed(k + rows)
-    w = qgemv.quantize_blocks(torch.randn(37, k, generator=gen) * 0.1, bits)
+    w = qgemv.quantize_blocks(torch.randn(37, k, generator=gen) * 0.1, bits, symmetric=symmetric)
     x = torch.randn(rows, k, generator=gen)
     x[0, :32] = 0.0  # an all-zero activation block
     want = reference(x, w)
@@ -121,10 +135,10 @@ def test_kernel_computes_its_reference(op: qgemv.QGemvOp, bits: int, k: int, row
 
 
 @pytest.mark.skipif(len(ISAS) < 2, reason="this CPU runs one build")
-@pytest.mark.parametrize("bits", [4, 8])
-def test_builds_agree(bits: int) -> None:
+@pytest.mark.parametrize(("bits", "symmetric"), KINDS)
+def test_builds_agree(bits: int, symmetric: bool) -> None:
     """Every build this CPU runs gives the same products (the same integer sums, float order aside)."""
-    w = qgemv.quantize_blocks(torch.randn(64, 1536 + 256 + 64), bits)
+    w = qgemv.quantize_blocks(torch.randn(64, 1536 + 256 + 64), bits, symmetric=symmetric)
     x = torch.randn(2, 1536 + 256 + 64)
     outs = [qgemv.load(isa)(x, w.codes, w.scales, w.mins, bits) for isa in ISAS]
     for out in outs[1:]:
@@ -141,6 +155,8 @@ def test_bad_arguments_are_errors_not_crashes(op: qgemv.QGemvOp) -> None:
         op(torch.randn(1, 128), w.codes, w.scales, w.mins, 8)  # 4-bit codes read as 8-bit ones
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         op(torch.randn(1, 128).half(), w.codes, w.scales, w.mins, 4)
+    with pytest.raises(RuntimeError, match="mins empty for a symmetric weight"):
+        op(torch.randn(1, 128), w.codes, w.scales, w.mins[:1], 4)  # neither a min a block nor none
 
 
 # ---- layers and lookups ----------------------------------------------------------------------------------------
@@ -231,6 +247,24 @@ def test_a_q8_0_matrix_keeps_its_blocks_exactly() -> None:
 
 
 @needs_qgemv
+@pytest.mark.parametrize(("qtype", "symmetric"), [(T.Q4_0, True), (T.Q4_1, False)])
+def test_a_4_bit_matrix_keeps_its_codes_and_q4_0_holds_no_mins(qtype: T, symmetric: bool) -> None:
+    """Q4_0's blocks have no min (`(q - 8) * d`): the layer reads its codes and scales only, 18 bytes a block as in
+    the file; Q4_1's mins are held. Both dequantize exactly to the file's weights."""
+    rng = np.random.default_rng(3)
+    raw = quantize(rng.standard_normal((48, 128)).astype(np.float32), qtype)
+    layer = QuantLinear(gguf_to_int4(raw, int(qtype), (48, 128)))
+    ours = layer.qgemv_weight()
+    assert ours is not None and ours.bits == 4 and ours.symmetric == symmetric
+    assert layer.weight_bytes() == 48 * 4 * (16 + 2 + (0 if symmetric else 2))
+    exact = torch.from_numpy(dequantize(raw, qtype).reshape(48, 128))
+    assert torch.equal(ours.dequantize(), exact)
+    x = torch.randn(2, 128)
+    want = x @ exact.t()
+    assert float((layer(x) - want).norm() / want.norm()) < 0.02
+
+
+@needs_qgemv
 def test_block_scaled_int8_goes_per_row_for_torchs_kernel(torch_kernels: None) -> None:
     raw = quantize(np.random.default_rng(1).standard_normal((32, 128)).astype(np.float32), T.Q8_0)
     layer = QuantLinear(gguf_q8_0_blocks(raw, (32, 128)))
@@ -240,11 +274,15 @@ def test_block_scaled_int8_goes_per_row_for_torchs_kernel(torch_kernels: None) -
 
 
 @needs_qgemv
-@pytest.mark.parametrize("bits", [4, 8])
-def test_lookup_reads_the_heads_rows(bits: int) -> None:
+@pytest.mark.parametrize("kind", ["int8", "int4", "int4 symmetric"])
+def test_lookup_reads_the_heads_rows(kind: str) -> None:
     gen = torch.Generator().manual_seed(2)
     w = torch.randn(300, 64, generator=gen) * 0.1
-    head = QuantLinear(quantize_int8(w) if bits == 8 else [quantize_int4(w, 32)])
+    int4 = quantize_int4(w, 32)
+    if kind == "int4 symmetric":  # as GGUF Q4_0: zero points all 0
+        int4 = Int4Weight(int4.codes, int4.scales, torch.zeros_like(int4.zeros), 32)
+    head = QuantLinear(quantize_int8(w) if kind == "int8" else [int4])
+    assert head.qgemv_weight().symmetric == (kind != "int4")
     lookup = QGemvEmbedding(head, torch.float32)
     ids = torch.tensor([[0, 299, 7], [7, 150, 1]])
     table = head.qgemv_weight().dequantize()
