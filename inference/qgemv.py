@@ -37,7 +37,9 @@ from inference import envs
 log = structlog.get_logger(__name__)
 
 Isa = Literal["avx512_vnni", "avx2"]
-QGemvOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# q_linear(x, codes, scales, mins, bits, dense_rows=-1): the kernel up to `dense_rows` rows (all if negative), bf16
+# matrix products on the dequantized weights above, the activations rounded as the kernel rounds them either way
+QGemvOp = Callable[..., torch.Tensor]
 
 BLOCK = 32
 SOURCE = Path(__file__).parent / "csrc" / "qgemv.cpp"
@@ -193,7 +195,12 @@ def _library(isa: Isa, path: Path) -> QGemvOp:
         torch.ops.load_library(str(path))
 
         def _shape(
-            x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits: int
+            x: torch.Tensor,
+            codes: torch.Tensor,
+            scales: torch.Tensor,
+            mins: torch.Tensor,
+            bits: int,
+            dense_rows: int = -1,
         ) -> torch.Tensor:
             return x.new_empty(x.shape[0], codes.shape[0])
 
@@ -244,18 +251,6 @@ def check(op: QGemvOp) -> tuple[bool, float]:
     return worst < 0.03, worst
 
 
-def round_activations(x: torch.Tensor) -> torch.Tensor:
-    """`x` `[rows, K]` rounded as the kernel rounds it, back in float32: to int8 per block of 32 with a scale of
-    max |x| / 127. The dense path (prefill, large batches) multiplies by this, so that a token's logits do not
-    depend on whether its step ran the kernel or the dense path (a prefix-cache hit turns a long prefill into a
-    short one): the two then differ by bf16 rounding, as torch's kernels and their dense path do."""
-    rows, k = x.shape
-    blocks = x.float().view(rows, k // BLOCK, BLOCK)
-    amax = blocks.abs().amax(dim=-1, keepdim=True)
-    inv = torch.where(amax > 0, torch.full_like(amax, 127.0).div(amax), torch.zeros_like(amax))
-    return (torch.round(blocks * inv) * (amax / 127)).view(rows, k)
-
-
 # ---- the weight layout -----------------------------------------------------------------------------------------
 
 
@@ -295,17 +290,14 @@ class QGemvWeight:
         """float32 rows `[start, stop)`, `[rows, K]` in row order."""
         return self.dequantize_laid(start, stop)[:, positions(self.shape[1])]
 
-    def dequantize_laid(
-        self, start: int = 0, stop: int | None = None, dtype: torch.dtype = torch.float32
-    ) -> torch.Tensor:
-        """Rows `[start, stop)` in the 8-bit layout's column order (`laid_order`), computed and returned in `dtype`:
-        no gather, each region's scales broadcast over its blocks' lanes. The dense path multiplies the input's
-        permuted columns by this in bf16 (each weight rounded to bf16, as with torch's kernels' dense path)."""
+    def dequantize_laid(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """float32 rows `[start, stop)` in the 8-bit layout's column order (byte `positions(K)[k]` holds value k):
+        no gather, each region's scales broadcast over its blocks' lanes (the C++ dense path does the same)."""
         k = self.shape[1]
         codes = laid_codes(self.codes[start:stop], self.bits, k)
-        u = (codes.view(torch.int8) if self.bits == 8 else codes).to(dtype)
+        u = (codes.view(torch.int8) if self.bits == 8 else codes).float()
         rows = u.shape[0]
-        s, m = self.scales[start:stop].to(dtype), self.block_mins(start, stop).to(dtype)
+        s, m = self.scales[start:stop].float(), self.block_mins(start, stop)
         b8, bp, blocks = region_blocks(k)
         g16 = b8 // 16
         # a group of 16 is [vector j, lanes of 16 blocks x 4 values], a group of 8 the same with 8 lanes: their
@@ -389,27 +381,6 @@ def laid_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
 def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     """uint8 `[N, K]` codes in row order from the kernel's layout (the inverse of `pack_codes`)."""
     return laid_codes(packed, bits, k)[:, positions(k)]
-
-
-def to_laid(x: torch.Tensor) -> torch.Tensor:
-    """`x[:, laid_order(K)]` as strided copies of each region (a gather of that size is several times slower)."""
-    rows, k = x.shape
-    end16, end8, _ = region_blocks(k)
-    g16, c16, c8 = end16 // 16, end16 * BLOCK, end8 * BLOCK
-    out = torch.empty_like(x)
-    if c16:
-        out[:, :c16].view(rows, g16, 8, 16, 4).copy_(x[:, :c16].reshape(rows, g16, 16, 8, 4).transpose(2, 3))
-    if c8 > c16:
-        out[:, c16:c8].view(rows, 8, 8, 4).copy_(x[:, c16:c8].reshape(rows, 8, 8, 4).transpose(1, 2))
-    out[:, c8:] = x[:, c8:]
-    return out
-
-
-@functools.cache
-def laid_order(k: int) -> torch.Tensor:
-    """The row-order index of each byte of the 8-bit layout: `x[:, laid_order(k)]` lines an input up with weights
-    dequantized in layout order (`QGemvWeight.dequantize_laid`)."""
-    return torch.argsort(positions(k))
 
 
 def fits(out_features: int, in_features: int) -> bool:

@@ -16,7 +16,7 @@ weights stay quantized in memory and prefill is not held back by the decode kern
 
 Where our own kernel runs (inference/qgemv.py: activations quantized to int8 per block of 32, integer dot products
 with AVX512-VNNI or AVX2, built for this CPU at first use), `QuantLinear` holds int8 and single-plane int4 group-32
-weights in its layout instead (`to_qgemv`, fp16 scales and mins) and runs it up to `QGEMV_DENSE_ROWS` rows: 1.2-1.3x
+weights in its layout instead (`to_qgemv`, fp16 scales and mins) and runs it up to `qgemv_dense_rows` rows: 1.2-1.3x
 torch's int4 kernel and about 2x its int8 one at decode sizes on AVX512. An `Int8Weight` may carry a scale per block
 of 32 (a GGUF Q8_0 matrix as it is); only that kernel runs those, and a layer without it re-quantizes them per row.
 
@@ -78,11 +78,17 @@ KERNEL_DTYPE = torch.bfloat16
 # (measured on AVX512 with 2 threads: the int8 kernel loses to the dense path from ~32 rows, int4 from ~128 at
 # SmolLM2's shapes; docs/engine.md, benchmarks/quant_kernels.py --dense).
 DENSE_ROWS: dict[KernelName, int] = {"int8": 16, "int4": 64}
-# The same for our own kernel (inference/qgemv.py): at SmolLM2's shapes it is 1.0-1.6x torch's kernels up to 128
-# rows and beats its own dense path up to about 256 (`python -m benchmarks.quant_kernels`). Up to it, every row's
-# result is the same bits whatever the step's other rows, so a prompt replayed from the prefix cache samples the
-# same tokens
-QGEMV_DENSE_ROWS = 256
+
+
+# The same for our own kernel (inference/qgemv.py), whose dense path (C++: activations rounded as the kernel rounds
+# them, weights dequantized to bf16 a slice at a time) overtakes it from about 50 rows at an input size of 576 to
+# about 170 at 4864 (2-core AVX512, Qwen2.5-0.5B and SmolLM2 shapes): K / 8 rows, within [64, 256]. Up to it,
+# every row's result is the same bits whatever the step's other rows, so a prompt replayed from the prefix cache
+# samples the same tokens.
+def qgemv_dense_rows(in_features: int) -> int:
+    return min(256, max(64, in_features // 8))
+
+
 # Dense path: dequantize at most about this many weights at a time (a few MB of bf16, reused by the allocator)
 _DENSE_CHUNK = 1 << 21
 
@@ -394,7 +400,7 @@ class QuantLinear(QuantLinearBase):
 
     Where our own kernel runs (inference/qgemv.py) and takes the weight (`to_qgemv`), the layer holds it in that
     kernel's layout instead (`qcodes`, `qscales`, `qmins`; `qgemv_bits` 4 or 8) and runs it on float32 or bf16
-    inputs as they come, up to `QGEMV_DENSE_ROWS` rows.
+    inputs as they come, up to `qgemv_dense_rows(in_features)` rows (its C++ dense path above).
     """
 
     qweight0: torch.Tensor
@@ -425,7 +431,7 @@ class QuantLinear(QuantLinearBase):
         # `qscales` / `qmins` in our kernel's layout, else `qweight{i}` / `scales{i}` per plane
         self.register_buffer("dense", dequantize_weight(weight) if self.fallback else None)
         if ours is not None:
-            self.dense_rows = QGEMV_DENSE_ROWS
+            self.dense_rows = qgemv_dense_rows(self.in_features)
             self.register_buffer("qcodes", ours.codes)
             self.register_buffer("qscales", ours.scales)
             self.register_buffer("qmins", ours.mins)
@@ -483,11 +489,9 @@ class QuantLinear(QuantLinearBase):
         elif self.qgemv is not None:
             if x2.dtype != torch.float32 and x2.dtype != KERNEL_DTYPE:
                 x2 = x2.to(KERNEL_DTYPE)
-            if x2.shape[0] > self.dense_rows:
-                # the weights dequantized in their layout's order, the input's columns permuted to match
-                y = self._dense_forward(qgemv.to_laid(qgemv.round_activations(x2).to(KERNEL_DTYPE)))
-            else:
-                y = self.qgemv(x2.contiguous(), self.qcodes, self.qscales, self.qmins, self.qgemv_bits)
+            y = self.qgemv(
+                x2.contiguous(), self.qcodes, self.qscales, self.qmins, self.qgemv_bits, self.dense_rows
+            )
         else:
             if x2.dtype != KERNEL_DTYPE:
                 x2 = x2.to(KERNEL_DTYPE)
@@ -513,12 +517,8 @@ class QuantLinear(QuantLinearBase):
 
     def dense_weight_t(self, start: int, stop: int) -> torch.Tensor:
         """`W[start:stop].T` dequantized to bf16, `[K, stop - start]` (rows a multiple of the int4 layout's
-        block), the weight the dense path multiplies by; in our kernel's layout, its K in that layout's order
-        (`qgemv.laid_order`, the input's columns are permuted to match)."""
+        block), the weight torch's kernels' dense path multiplies by (ours has its own, in C++)."""
         k = self.in_features
-        ours = self.qgemv_weight()
-        if ours is not None:
-            return ours.dequantize_laid(start, stop, KERNEL_DTYPE).t()
         planes = self.planes()
         if self.mode == "int8":
             q, s = planes[0]

@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -417,9 +418,139 @@ void run_rows(int64_t mr, const uint8_t* codes, const uint16_t* scales, const ui
   }
 }
 
-// y[m, n] = sum_k x[m, k] * w[n, k] for x of any row count (the weights are read once per four rows).
+// ---- the dense path (many rows: a prefill chunk, a large batch) --------------------------------------------------
+
+// float32 -> bf16 bits, rounded to nearest even (as torch's `.to(torch.bfloat16)` for finite values); plain integer
+// arithmetic, so the loops below vectorize.
+inline uint16_t bf16_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+// Row m of x rounded as the kernel rounds it (int8 codes per block of 32 times max |x| / 127), in bf16, its
+// columns in the 8-bit layout's order: lined up with `dequantize_laid_row`, no permutation of either side.
+template <typename T>
+void round_laid_row(const T* x, int64_t k, const Regions& r, uint16_t* out) {
+  alignas(64) int8_t codes[kBlock];
+  for (int64_t b = 0; b < k / kBlock; ++b) {
+    int32_t sum = 0;
+    const float d = quantize_block(x + b * kBlock, codes, sum) / 127.f;
+    uint16_t* dst = out + position(r, b, 0);
+    const int64_t stride = chunk_stride(r, b);
+    for (int64_t j = 0; j < kBlock / 4; ++j)
+      for (int64_t v = 0; v < 4; ++v) dst[j * stride + v] = bf16_bits(static_cast<float>(codes[4 * j + v]) * d);
+  }
+}
+
+// One weight row in the 8-bit layout's column order, as bf16 (`u * scale + min` in float32, rounded once). Each
+// region is a run of vectors of `width` columns (a group's 8 vectors share its lane row of 16 or 8 blocks' scales,
+// a pair's 2 vectors are its blocks); int4 packs each two vectors of a region into `width` bytes (low, then high
+// nibbles). `offset * scale` is a symmetric weight's min (int8 codes are signed here).
+template <int BITS>
+void dequantize_laid_row(const uint8_t* w, const uint16_t* sc, const uint16_t* mn, float offset, const Regions& r,
+                         uint16_t* out) {
+  alignas(64) float sl[64], ml[64];
+  int64_t b = 0, c = 0;  // the next block, and its first column
+  auto lanes = [&](int64_t blocks) {
+    for (int64_t i = 0; i < blocks; ++i) {
+      const float s = half_to_float(sc[b + i]), m = (mn ? half_to_float(mn[b + i]) : 0.f) + offset * s;
+      for (int64_t v = 0; v < 4; ++v) sl[4 * i + v] = s, ml[4 * i + v] = m;
+    }
+  };
+  auto vectors = [&](int64_t count, int64_t width) {  // `count` vectors from column c, lane row sl/ml
+    for (int64_t j = 0; j < count; ++j) {
+      uint16_t* o = out + c + j * width;
+      if (BITS == 8) {
+        const int8_t* q = reinterpret_cast<const int8_t*>(w) + c + j * width;
+        for (int64_t l = 0; l < width; ++l) o[l] = bf16_bits(static_cast<float>(q[l]) * sl[l] + ml[l]);
+      } else {
+        const uint8_t* q = w + c / 2 + (j / 2) * width;
+        const int shift = (j % 2) * 4;
+        for (int64_t l = 0; l < width; ++l)
+          o[l] = bf16_bits(static_cast<float>((q[l] >> shift) & 15) * sl[l] + ml[l]);
+      }
+    }
+    c += count * width;
+  };
+  for (int64_t g = 0; g < r.groups16; ++g, b += 16) {
+    lanes(16);
+    vectors(8, 64);
+  }
+  if (r.group8) {
+    lanes(8);
+    vectors(8, 32);
+    b += 8;
+  }
+  for (int64_t p = 0; p < r.pairs; ++p, b += 2) {
+    for (int64_t h = 0; h < 2; ++h) {
+      const float s = half_to_float(sc[b + h]), m = (mn ? half_to_float(mn[b + h]) : 0.f) + offset * s;
+      for (int64_t l = 0; l < kBlock; ++l) sl[kBlock * h + l] = s, ml[kBlock * h + l] = m;
+    }
+    // a pair is two vectors of 32 sharing 32 bytes (4 bits); its lane row spans both
+    const int64_t c0 = c;
+    for (int64_t h = 0; h < 2; ++h) {
+      uint16_t* o = out + c0 + h * kBlock;
+      for (int64_t l = 0; l < kBlock; ++l) {
+        const float u = BITS == 8 ? static_cast<float>(reinterpret_cast<const int8_t*>(w)[c0 + h * kBlock + l])
+                                  : static_cast<float>((w[c0 / 2 + l] >> (4 * h)) & 15);
+        o[l] = bf16_bits(u * sl[kBlock * h + l] + ml[kBlock * h + l]);
+      }
+    }
+    c += 2 * kBlock;
+  }
+}
+
+// Weights dequantized to bf16 this many at a time (a few MB, reused by the allocator) for the dense path.
+constexpr int64_t kDenseChunk = int64_t{1} << 21;
+
+// x [rows, K] @ W.T through bf16 matrix products: the activations rounded as the kernel rounds them (a token's
+// logits then do not depend on which path its step took), the weights dequantized a slice of rows at a time.
+at::Tensor dense_linear(const at::Tensor& x, const uint8_t* codes, const uint16_t* scales, const uint16_t* mins,
+                        int64_t n, int64_t bits) {
+  const int64_t rows = x.size(0), k = x.size(1), blocks = k / kBlock;
+  const Regions reg(blocks);
+  const auto bf16 = x.options().dtype(at::kBFloat16);
+  at::Tensor xr = at::empty({rows, k}, bf16);
+  auto* xrp = reinterpret_cast<uint16_t*>(xr.data_ptr<c10::BFloat16>());
+  at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{32} << 10) / k), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      if (x.scalar_type() == at::kFloat) {
+        round_laid_row(x.data_ptr<float>() + m * k, k, reg, xrp + m * k);
+      } else {
+        round_laid_row(x.data_ptr<c10::BFloat16>() + m * k, k, reg, xrp + m * k);
+      }
+    }
+  });
+  const int64_t row_bytes = bits == 4 ? k / 2 : k;
+  const float offset = bits == 4 && !mins ? -8.f : 0.f;
+  const int64_t step = std::max<int64_t>(1, kDenseChunk / k);
+  at::Tensor out = at::empty({rows, n}, bf16);
+  at::Tensor w = at::empty({std::min(step, n), k}, bf16);
+  for (int64_t n0 = 0; n0 < n; n0 += step) {
+    const int64_t n1 = std::min(n, n0 + step);
+    auto* wp = reinterpret_cast<uint16_t*>(w.data_ptr<c10::BFloat16>());
+    at::parallel_for(n0, n1, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const uint16_t* mn = mins ? mins + r * blocks : nullptr;
+        uint16_t* o = wp + (r - n0) * k;
+        bits == 4 ? dequantize_laid_row<4>(codes + r * row_bytes, scales + r * blocks, mn, offset, reg, o)
+                  : dequantize_laid_row<8>(codes + r * row_bytes, scales + r * blocks, mn, offset, reg, o);
+      }
+    });
+    if (n1 - n0 == n) {
+      at::mm_out(out, xr, w.t());
+    } else {
+      out.narrow(1, n0, n1 - n0).copy_(at::mm(xr, w.narrow(0, 0, n1 - n0).t()));
+    }
+  }
+  return x.scalar_type() == at::kBFloat16 ? out : out.to(x.scalar_type());
+}
+
+// y[m, n] = sum_k x[m, k] * w[n, k] for x of any row count: the integer kernel up to `dense_rows` rows (the weights
+// read once per four; every row if negative), the dense path above.
 at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
-                    int64_t bits) {
+                    int64_t bits, int64_t dense_rows) {
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, got ", bits);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous 2-D CPU tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
@@ -433,6 +564,10 @@ at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tens
                   mins.is_contiguous() && scales.numel() == n * blocks &&
                   (mins.numel() == n * blocks || mins.numel() == 0),
               "scales and mins must be contiguous float16 [N, K / 32] (mins empty for a symmetric weight)");
+  const auto* cp = codes.data_ptr<uint8_t>();
+  const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<c10::Half>());
+  const auto* mp = mins.numel() ? reinterpret_cast<const uint16_t*>(mins.data_ptr<c10::Half>()) : nullptr;
+  if (dense_rows >= 0 && rows > dense_rows) return dense_linear(x, cp, sp, mp, n, bits);
   const Regions reg(blocks);
   std::vector<int8_t> xq(rows * k);
   std::vector<float> xd(rows * blocks), xs(rows * blocks);
@@ -449,9 +584,6 @@ at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tens
     }
   });
   at::Tensor out = at::empty({rows, n}, x.options());
-  const auto* cp = codes.data_ptr<uint8_t>();
-  const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<c10::Half>());
-  const auto* mp = mins.numel() ? reinterpret_cast<const uint16_t*>(mins.data_ptr<c10::Half>()) : nullptr;
   const bool as_float = x.scalar_type() == at::kFloat;
   const int64_t row_bytes = bits == 4 ? k / 2 : k;
   // at least ~16 KB of weights a task: smaller ones cost more in the fork than they gain
@@ -482,7 +614,7 @@ at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tens
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(QGEMV_NAMESPACE, m) {
-  m.def("q_linear(Tensor x, Tensor codes, Tensor scales, Tensor mins, int bits) -> Tensor");
+  m.def("q_linear(Tensor x, Tensor codes, Tensor scales, Tensor mins, int bits, int dense_rows=-1) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(QGEMV_NAMESPACE, CPU, m) { m.impl("q_linear", &q_linear); }
