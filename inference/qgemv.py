@@ -8,6 +8,9 @@ int8 in blocks of 32 as well (as llama.cpp does) and takes each block's dot prod
 reads int4 weights about 1.2-1.3x and int8 weights about 2x as fast as torch's kernels at one to four rows. The
 activation rounding adds a relative error of about 0.5% to a product (torch's bf16 kernels: about 0.25%).
 
+The same op takes larger products too (`dense_rows`): above that many rows it rounds the activations the same way,
+dequantizes the weights to bf16 a slice at a time and runs bf16 matrix products, all in C++.
+
 `QGemvWeight` is a weight in the kernel's layout: `w[n, k] = u[n, k] * scale[n, k // 32] + min[n, k // 32]`, codes
 `u` of 4 bits (0..15) or 8 (signed) reordered within each row (`pack_codes`, the layout is described in the C++
 file), fp16 scales and mins. `AGENT_RUNTIME_QGEMV` picks the build: `auto` (default: the best this CPU runs),
