@@ -11,7 +11,9 @@ prints the median microseconds per call and the ratio to bf16 `F.linear`. Varian
 - with `--fp32-kernels`, the int8 and int4 kernels on fp32 activations: on x86 torch vectorizes them for bf16
   only (its fp32 path is scalar, 10-40x slower here);
 - `qgemv int8 g32`, `qgemv int4 g32`: our own kernel (inference/qgemv.py: activations rounded to int8 per block
-  of 32, integer dot products), where it builds on this CPU;
+  of 32, integer dot products), where it builds on this CPU; `... dense`: the same op's dense path at every row
+  count (rounded activations, weights dequantized to bf16 a slice at a time, bf16 products), which layers take
+  above `quant.qgemv_dense_rows(in)` rows;
 - `w8a8 fbgemm (fp32)`: `quantized::linear_dynamic` (activations quantized to int8 per call; other numerics);
 - `compiled dequant int8 g32`: with `--compile`, `torch.compile` of a group-wise int8 dequantize + matmul.
 
@@ -102,6 +104,9 @@ def variants(w32: torch.Tensor, m: int, use_compile: bool, with_fp32: bool) -> d
         for bits in (8, 4):
             qg = qgemv.quantize_blocks(w32, bits)
             out[f"qgemv int{bits} g32"] = lambda qg=qg, b=bits: op(xbf, qg.codes, qg.scales, qg.mins, b)
+            out[f"qgemv int{bits} g32 dense"] = lambda qg=qg, b=bits: op(
+                xbf, qg.codes, qg.scales, qg.mins, b, 0
+            )
     (p1, s1), (p2, s2) = (pack_int4(pl, torch.bfloat16) for pl in _planes(w32))
     out["int4 g32 x2 (bf16)"] = lambda: int4_mm(xbf, p1, 32, s1) + int4_mm(xbf, p2, 32, s2)
     try:
