@@ -80,12 +80,12 @@ KERNEL_DTYPE = torch.bfloat16
 DENSE_ROWS: dict[KernelName, int] = {"int8": 16, "int4": 64}
 
 
-# The same for our own kernel (inference/qgemv.py), whose dense path (C++: activations rounded as the kernel rounds
-# them, weights dequantized to bf16 a slice at a time) overtakes it from about 50 rows at an input size of 576 to
-# about 170 at 4864 (2-core AVX512, Qwen2.5-0.5B and SmolLM2 shapes): K / 8 rows, within [64, 256]. Up to it,
-# every row's result is the same bits whatever the step's other rows, so a prompt replayed from the prefix cache
-# samples the same tokens.
 def qgemv_dense_rows(in_features: int) -> int:
+    """`DENSE_ROWS` for our own kernel (inference/qgemv.py): K / 8 rows, within [64, 256]. Its dense path (C++:
+    activations rounded as the kernel rounds them, weights dequantized to bf16 a slice at a time) overtakes it from
+    about 50 rows at an input size of 576 to about 170 at 4864 (2-core AVX512, Qwen2.5-0.5B and SmolLM2 shapes). Up
+    to it, every row's result is the same bits whatever the step's other rows, so a prompt replayed from the prefix
+    cache samples the same tokens."""
     return min(256, max(64, in_features // 8))
 
 

@@ -84,21 +84,54 @@ inline int64_t chunk_stride(const Regions& r, int64_t b) { return position(r, b,
 template <typename T>
 float quantize_block(const T* x, int8_t* out, int32_t& sum);
 
-template <typename T>
-void quantize_row(const T* x, int64_t k, const Regions& r, int8_t* q, float* d, float* s) {
+// Each block b of a row quantized, then `place(b, codes, d, sum, first, stride)`: `d` its scale (max |x| / 127),
+// chunk j of its codes (values 4j..4j+3) landing at `first + j * stride` in the layout.
+template <typename T, typename Place>
+void for_each_quantized_block(const T* x, int64_t k, const Regions& r, Place&& place) {
   alignas(64) int8_t codes[kBlock];
   for (int64_t b = 0; b < k / kBlock; ++b) {
     int32_t sum = 0;
-    const float amax = quantize_block(x + b * kBlock, codes, sum);
-    d[b] = amax / 127.f;
-    s[b] = d[b] * static_cast<float>(sum);
-    int8_t* dst = q + position(r, b, 0);
-    const int64_t stride = chunk_stride(r, b);
-    for (int64_t j = 0; j < kBlock / 4; ++j) std::memcpy(dst + j * stride, codes + 4 * j, 4);
+    const float d = quantize_block(x + b * kBlock, codes, sum) / 127.f;
+    place(b, codes, d, sum, position(r, b, 0), chunk_stride(r, b));
   }
 }
 
+template <typename T>
+void quantize_row(const T* x, int64_t k, const Regions& r, int8_t* q, float* d, float* s) {
+  auto place = [&](int64_t b, const int8_t* codes, float db, int32_t sum, int64_t first, int64_t stride) {
+    d[b] = db;
+    s[b] = db * static_cast<float>(sum);
+    for (int64_t j = 0; j < kBlock / 4; ++j) std::memcpy(q + first + j * stride, codes + 4 * j, 4);
+  };
+  for_each_quantized_block(x, k, r, place);
+}
+
+// `fn(row, m)` for each row m of a float32 or bf16 `x` [rows, K], rows on the thread pool once there are enough of
+// them to pay for the fork (a prefill chunk).
+template <typename Fn>
+void for_each_row(const at::Tensor& x, Fn&& fn) {
+  const int64_t k = x.size(1);
+  at::parallel_for(0, x.size(0), std::max<int64_t>(1, (int64_t{32} << 10) / k), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      if (x.scalar_type() == at::kFloat) {
+        fn(x.data_ptr<float>() + m * k, m);
+      } else {
+        fn(x.data_ptr<c10::BFloat16>() + m * k, m);
+      }
+    }
+  });
+}
+
 inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+// Block b's min: its own (`mn`), none for a symmetric weight, plus `offset * scale` (`scale_min_offset`).
+inline float block_min(const uint16_t* mn, int64_t b, float scale, float offset) {
+  return (mn ? half_to_float(mn[b]) : 0.f) + offset * scale;
+}
+
+// The multiple of a block's scale added to its min where codes are read as signed: -8 for a symmetric int4
+// weight (Q4_0's `(q - 8) * d`), else 0.
+inline float scale_min_offset(int64_t bits, const uint16_t* mins) { return bits == 4 && !mins ? -8.f : 0.f; }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 
@@ -125,8 +158,7 @@ inline __m512i unpack4(const uint8_t* p) {  // 32 bytes -> 64 codes: low nibbles
   return _mm512_and_si512(_mm512_srlv_epi64(raw, _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0)), _mm512_set1_epi8(0x0F));
 }
 
-// The blocks' mins, `min + offset * scale`: int8 codes are read as q + 128 (`vpdpbusd` multiplies unsigned by
-// signed bytes), so their min is shifted; a symmetric weight (`mn` null) has none of its own.
+// The blocks' mins, `min + offset * scale` over the lanes of `mask` (`block_min` a lane at a time).
 inline __m512 block_mins(__m512 sv, const uint16_t* mn, int64_t b0, __mmask16 mask, float offset) {
   const __m512 own = mn ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, mn + b0)) : _mm512_setzero_ps();
   return _mm512_fmadd_ps(sv, _mm512_set1_ps(offset), own);
@@ -156,7 +188,8 @@ void row_block(const uint8_t* codes, const uint16_t* scales, const uint16_t* min
   const uint8_t* w = codes + n * row_bytes;
   const uint16_t* sc = scales + n * blocks;
   const uint16_t* mn = mins ? mins + n * blocks : nullptr;
-  const float offset = BITS == 8 ? -128.f : mins ? 0.f : -8.f;
+  // int8 codes are read as q + 128 here (`vpdpbusd` multiplies unsigned by signed bytes)
+  const float offset = scale_min_offset(BITS, mins) + (BITS == 8 ? -128.f : 0.f);
   prefetch_meta(sc, mn, blocks, row_bytes);
   __m512 acc[MR];
   for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
@@ -314,7 +347,7 @@ void rows_kernel(const uint8_t* codes, const uint16_t* scales, const uint16_t* m
   const Regions reg(blocks);
   const int64_t row_bytes = BITS == 4 ? k / 2 : k;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
-  const float offset = BITS == 4 && !mins ? -8.f : 0.f;  // a symmetric weight's min (int8 codes are signed here)
+  const float offset = scale_min_offset(BITS, mins);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = codes + n * row_bytes;
     const uint16_t* sc = scales + n * blocks;
@@ -390,7 +423,7 @@ void rows_kernel(const uint8_t* codes, const uint16_t* scales, const uint16_t* m
         wv[1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (b0 + 1) * kBlock));
       }
       for (int h = 0; h < 2; ++h) {
-        const float s = half_to_float(sc[b0 + h]), mnv = (mn ? half_to_float(mn[b0 + h]) : 0.f) + offset * s;
+        const float s = half_to_float(sc[b0 + h]), mnv = block_min(mn, b0 + h, s, offset);
         for (int m = 0; m < MR; ++m) {
           const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[m].q + (b0 + h) * kBlock));
           const __m256i dot = dot8<BITS>(_mm256_setzero_si256(), wv[h], xv);
@@ -432,15 +465,12 @@ inline uint16_t bf16_bits(float f) {
 // columns in the 8-bit layout's order: lined up with `dequantize_laid_row`, no permutation of either side.
 template <typename T>
 void round_laid_row(const T* x, int64_t k, const Regions& r, uint16_t* out) {
-  alignas(64) int8_t codes[kBlock];
-  for (int64_t b = 0; b < k / kBlock; ++b) {
-    int32_t sum = 0;
-    const float d = quantize_block(x + b * kBlock, codes, sum) / 127.f;
-    uint16_t* dst = out + position(r, b, 0);
-    const int64_t stride = chunk_stride(r, b);
+  auto place = [&](int64_t, const int8_t* codes, float d, int32_t, int64_t first, int64_t stride) {
     for (int64_t j = 0; j < kBlock / 4; ++j)
-      for (int64_t v = 0; v < 4; ++v) dst[j * stride + v] = bf16_bits(static_cast<float>(codes[4 * j + v]) * d);
-  }
+      for (int64_t v = 0; v < 4; ++v)
+        out[first + j * stride + v] = bf16_bits(static_cast<float>(codes[4 * j + v]) * d);
+  };
+  for_each_quantized_block(x, k, r, place);
 }
 
 // One weight row in the 8-bit layout's column order, as bf16 (`u * scale + min` in float32, rounded once). Each
@@ -454,7 +484,7 @@ void dequantize_laid_row(const uint8_t* w, const uint16_t* sc, const uint16_t* m
   int64_t b = 0, c = 0;  // the next block, and its first column
   auto lanes = [&](int64_t blocks) {
     for (int64_t i = 0; i < blocks; ++i) {
-      const float s = half_to_float(sc[b + i]), m = (mn ? half_to_float(mn[b + i]) : 0.f) + offset * s;
+      const float s = half_to_float(sc[b + i]), m = block_min(mn, b + i, s, offset);
       for (int64_t v = 0; v < 4; ++v) sl[4 * i + v] = s, ml[4 * i + v] = m;
     }
   };
@@ -484,7 +514,7 @@ void dequantize_laid_row(const uint8_t* w, const uint16_t* sc, const uint16_t* m
   }
   for (int64_t p = 0; p < r.pairs; ++p, b += 2) {
     for (int64_t h = 0; h < 2; ++h) {
-      const float s = half_to_float(sc[b + h]), m = (mn ? half_to_float(mn[b + h]) : 0.f) + offset * s;
+      const float s = half_to_float(sc[b + h]), m = block_min(mn, b + h, s, offset);
       for (int64_t l = 0; l < kBlock; ++l) sl[kBlock * h + l] = s, ml[kBlock * h + l] = m;
     }
     // a pair is two vectors of 32 sharing 32 bytes (4 bits); its lane row spans both
@@ -513,17 +543,9 @@ at::Tensor dense_linear(const at::Tensor& x, const uint8_t* codes, const uint16_
   const auto bf16 = x.options().dtype(at::kBFloat16);
   at::Tensor xr = at::empty({rows, k}, bf16);
   auto* xrp = reinterpret_cast<uint16_t*>(xr.data_ptr<c10::BFloat16>());
-  at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{32} << 10) / k), [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      if (x.scalar_type() == at::kFloat) {
-        round_laid_row(x.data_ptr<float>() + m * k, k, reg, xrp + m * k);
-      } else {
-        round_laid_row(x.data_ptr<c10::BFloat16>() + m * k, k, reg, xrp + m * k);
-      }
-    }
-  });
+  for_each_row(x, [&](const auto* row, int64_t m) { round_laid_row(row, k, reg, xrp + m * k); });
   const int64_t row_bytes = bits == 4 ? k / 2 : k;
-  const float offset = bits == 4 && !mins ? -8.f : 0.f;
+  const float offset = scale_min_offset(bits, mins);
   const int64_t step = std::max<int64_t>(1, kDenseChunk / k);
   at::Tensor out = at::empty({rows, n}, bf16);
   at::Tensor w = at::empty({std::min(step, n), k}, bf16);
@@ -572,16 +594,9 @@ at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tens
   std::vector<int8_t> xq(rows * k);
   std::vector<float> xd(rows * blocks), xs(rows * blocks);
   std::vector<QuantRow> qrows(rows);
-  // rows on the thread pool once there are enough of them to pay for the fork (a prefill chunk)
-  at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{32} << 10) / k), [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      if (x.scalar_type() == at::kFloat) {
-        quantize_row(x.data_ptr<float>() + m * k, k, reg, &xq[m * k], &xd[m * blocks], &xs[m * blocks]);
-      } else {
-        quantize_row(x.data_ptr<c10::BFloat16>() + m * k, k, reg, &xq[m * k], &xd[m * blocks], &xs[m * blocks]);
-      }
-      qrows[m] = QuantRow{&xq[m * k], &xd[m * blocks], &xs[m * blocks]};
-    }
+  for_each_row(x, [&](const auto* row, int64_t m) {
+    quantize_row(row, k, reg, &xq[m * k], &xd[m * blocks], &xs[m * blocks]);
+    qrows[m] = QuantRow{&xq[m * k], &xd[m * blocks], &xs[m * blocks]};
   });
   at::Tensor out = at::empty({rows, n}, x.options());
   const bool as_float = x.scalar_type() == at::kFloat;
