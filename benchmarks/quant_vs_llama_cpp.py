@@ -15,14 +15,17 @@ the ratio to llama.cpp, and our weights' memory against the file's size. Our var
 - `bf16`: float weights, the GGUF dequantized (`quantize="none"`; oneDNN-packed bf16 linears), the CPU path before
   quantization existed (SmolLM2 only by default: it writes a float32 copy of the model to the cache);
 - `gguf`: the default (`quantize="auto"`): 4-bit blocks kept as int4 group 32 (exact codes), wider ones as
-  per-channel int8, a Q8_0 embedding read from its own blocks, the head per-channel int8;
+  per-channel int8, a Q8_0 embedding read from its own blocks, the head per-channel int8; decode steps through the
+  fused C++ step (inference/fused_decode.py);
 - `gguf int8`: the file re-targeted to per-channel int8 (`quantize="int8"`);
 - `gguf int4`: re-targeted to int4 (`quantize="int4"`: 4-bit blocks kept, wider ones re-quantized to int4 g32);
-- `gguf pooled`: `gguf` with the decode attention on the intra-op thread pool at every size, as before small
-  decode groups ran on one thread (`inference.attention.SERIAL_DECODE_PAIRS`): that change's before/after in one
-  run;
+- `gguf pooled`: `gguf unfused` with the reference decode attention on the intra-op thread pool at every size, as
+  before small decode groups ran on one thread (`inference.attention.SERIAL_DECODE_PAIRS`): that change's
+  before/after in one run, against `gguf unfused`;
+- `gguf unfused`: `gguf` with decode steps op by op in eager torch (`fused_decode=False`), as before the fused C++
+  decode step (inference/fused_decode.py) existed;
 - `gguf compiled`: `gguf` with decode steps through torch.compile (`compile=True`, inference/compiled_decode.py; the
-  compile happens at engine start, before any round);
+  compile happens at engine start, before any round) instead of the fused step;
 - `gguf torch`, `gguf torch compiled`: the same with torch's int8/int4 kernels instead of our own
   (`AGENT_RUNTIME_QGEMV=off` while the model is built; inference/qgemv.py): that kernel's before/after in one run.
 
@@ -54,6 +57,7 @@ VARIANTS = (
     "gguf int8",
     "gguf int4",
     "gguf pooled",
+    "gguf unfused",
     "gguf compiled",
     "gguf torch",
     "gguf torch compiled",
@@ -64,6 +68,7 @@ _QUANTIZE = {
     "gguf int8": "int8",
     "gguf int4": "int4",
     "gguf pooled": "auto",
+    "gguf unfused": "auto",
     "gguf compiled": "auto",
     "gguf torch": "auto",
     "gguf torch compiled": "auto",
@@ -81,8 +86,14 @@ def build_engine(variant: str, gguf: Path) -> Any:
 
     with qgemv.turned_off() if " torch" in variant else contextlib.nullcontext():
         loaded = load_model(gguf, dtype="bfloat16", quantize=_QUANTIZE[variant])
+    compiled = variant.endswith("compiled")
     config = EngineConfig(
-        kv_cache_memory=256 * 2**20, max_model_len=2048, max_num_seqs=8, compile=variant.endswith("compiled")
+        kv_cache_memory=256 * 2**20,
+        max_model_len=2048,
+        max_num_seqs=8,
+        compile=compiled,
+        # the fused step serves every decode step it can, before compiled ones: off where the variant is another path
+        fused_decode=not (compiled or variant.endswith("unfused") or variant.endswith("pooled")),
     )
     return LLMEngine(loaded, config)
 

@@ -63,6 +63,7 @@ class EngineConfig:
     lora_kernels: str = "auto"
     max_lora_rank: int = 16
     compile: bool = False
+    fused_decode: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_loras", "max_lora_rank"):
@@ -82,7 +83,7 @@ class EngineConfig:
                 f"gpu_memory_utilization must be in (0, 1], got {utilization!r}",
                 "use a fraction such as 0.9 (the share of the GPU's memory the engine may use)",
             )
-        for name in ("enable_prefix_caching", "enforce_eager", "compile"):
+        for name in ("enable_prefix_caching", "enforce_eager", "compile", "fused_decode"):
             if not isinstance(getattr(self, name), bool):
                 raise EngineError(f"{name} must be true or false, got {getattr(self, name)!r}", "use a bool")
         if not (isinstance(self.attention_backend, str) and self.attention_backend):

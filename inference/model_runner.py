@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceT
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import structlog
@@ -25,8 +25,10 @@ from inference.config import EngineConfig
 from inference.cpu_linear import pack_linear_weights
 from inference.cuda_graphs import DecodeGraphRunner, cuda_graphs_unsupported
 from inference.errors import KVBudgetError
+from inference.fused_decode import CHECK_TOLERANCE, FusedDecode, fused_unsupported
 from inference.metadata import AttentionMetadata, HostBatch
 from inference.model_config import ModelConfig
+from inference.models.llama import LlamaForCausalLM
 from inference.sequence import Sequence
 
 if TYPE_CHECKING:
@@ -371,7 +373,13 @@ class ModelRunner:
         self.lora: LoRAManager | None = None  # set by the engine: LoRA adapters applied per row group
         self.decode_graphs: DecodeGraphRunner | None = None
         self.compiled: CompiledDecode | None = None
-        if engine_config.compile:
+        self.fused: FusedDecode | None = None
+        if engine_config.fused_decode:
+            self.build_fused_decode()
+        if engine_config.compile and self.fused is not None:
+            # the fused step takes every decode step: graphs would only cost their minutes of compiling
+            log.info("compiled_decode_off", reason="the fused decode step serves every decode step")
+        elif engine_config.compile:
             self.build_compiled_decode()
         why_not = cuda_graphs_unsupported(
             self.device, self.attention.name, model_config, enforce_eager=engine_config.enforce_eager
@@ -440,6 +448,28 @@ class ModelRunner:
         self.compiled = compiled
         return compiled
 
+    def build_fused_decode(self) -> FusedDecode | None:
+        """Run decode steps in one C++ call where the model allows it (inference/fused_decode.py), checked against
+        the eager step first; where it does not, or the check fails, log why and stay op by op."""
+        why_not = fused_unsupported(self.model, self.kv_cache, self.attention.name)
+        if why_not is not None:
+            log.debug("fused_decode_off", reason=why_not)
+            return None
+        fused = FusedDecode(cast(LlamaForCausalLM, self.model), self.kv_cache)
+        try:
+            error = fused.check()
+        except RuntimeError as exc:
+            log.warning(
+                "fused_decode_failed", reason=str(exc).strip().splitlines()[0][:300], fallback="eager"
+            )
+            return None
+        if not error < CHECK_TOLERANCE:
+            log.warning("fused_decode_wrong", relative_error=error, fallback="eager")
+            return None
+        log.debug("fused_decode_ready", relative_error=error)
+        self.fused = fused
+        return fused
+
     def _to_device(self, host: HostBatch, sample_seqs: list[Sequence]) -> StepInputs:
         if self._stager is None:
             return zero_copy_inputs(host, sample_seqs, self.block_size)
@@ -476,9 +506,11 @@ class ModelRunner:
                 hidden = hidden[torch.from_numpy(host.sample_indices).to(self.device)]
             return self.model.compute_logits(hidden), sample_seqs
         inputs = self._to_device(host, sample_seqs)
-        compiled = self.compiled
+        compiled, fused = self.compiled, self.fused
         ran: torch.Tensor | None = None
-        if compiled is not None and graphs_ok and not self._adapters_hooked() and compiled.fits(host):
+        if fused is not None and graphs_ok and not self._adapters_hooked() and fused.fits(host):
+            ran = fused.run(inputs.input_ids, inputs.positions, inputs.meta)
+        elif compiled is not None and graphs_ok and not self._adapters_hooked() and compiled.fits(host):
             ran = compiled.run(inputs.input_ids, inputs.positions, inputs.meta)
         hidden = (
             ran

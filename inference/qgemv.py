@@ -45,7 +45,10 @@ Isa = Literal["avx512_vnni", "avx2"]
 QGemvOp = Callable[..., torch.Tensor]
 
 BLOCK = 32
-SOURCE = Path(__file__).parent / "csrc" / "qgemv.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+# one library a build: the kernel, and the decode step that calls it (inference/fused_decode.py)
+SOURCES = (_CSRC / "qgemv.cpp", _CSRC / "decode_step.cpp")
+HEADERS = (_CSRC / "qgemv.h",)
 # what each build needs from /proc/cpuinfo, and its compiler flags
 _ISA_NEEDS: dict[Isa, tuple[str, ...]] = {
     "avx512_vnni": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c"),
@@ -125,7 +128,9 @@ def _compiler() -> str | None:
 def library_path(isa: Isa, cxx: str) -> Path:
     """Where the build for `isa` is cached: keyed by the source, torch's version, the flags and the compiler."""
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), torch.__version__, isa, cxx, *_ISA_FLAGS[isa]]).encode()
+        "\0".join(
+            [*(p.read_text() for p in (*SOURCES, *HEADERS)), torch.__version__, isa, cxx, *_ISA_FLAGS[isa]]
+        ).encode()
     ).hexdigest()[:16]
     return envs.cache_dir() / "qgemv" / f"{namespace(isa)}-{key}.so"
 
@@ -163,7 +168,7 @@ def build(isa: Isa) -> Path:
             f"-DQGEMV_NAMESPACE={namespace(isa)}",
             *_ISA_FLAGS[isa],
             *(f"-I{p}" for p in cpp_extension.include_paths()),
-            str(SOURCE),
+            *(str(p) for p in SOURCES),
             f"-L{torch_lib}",
             f"-Wl,-rpath,{torch_lib}",
             "-ltorch_cpu",
@@ -188,6 +193,13 @@ def build(isa: Isa) -> Path:
 def load(isa: Isa) -> QGemvOp:
     """The `q_linear` op of the build for `isa` (raises as `build` does; the library is loaded once a process)."""
     return _library(isa, build(isa))
+
+
+def load_decode_step(isa: Isa) -> Callable[..., torch.Tensor]:
+    """The `decode_step` op of the build for `isa` (inference/fused_decode.py), from the library `load` loads."""
+    load(isa)
+    op: Callable[..., torch.Tensor] = getattr(torch.ops, namespace(isa)).decode_step
+    return op
 
 
 @functools.cache

@@ -160,6 +160,8 @@ class ModelSettings(BaseModel):
     quantize_group_size: Literal[32, 64, 128, 256] = 32  # int4: inputs per scale
     # CPU: decode steps of up to 8 rows through torch.compile (1-3 minutes the first time, then inductor's disk cache)
     compile: bool = False
+    # CPU: decode steps in one C++ call where every projection runs our int8/int4 kernel (a GGUF or quantized model)
+    fused_decode: bool = True
 
 
 def _error(config: RuntimeConfig, base: tuple[str | int, ...], exc: ValidationError) -> ConfigError:

@@ -22,6 +22,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "qgemv.h"
+
 #include <immintrin.h>
 
 #include <algorithm>
@@ -569,6 +571,10 @@ at::Tensor dense_linear(const at::Tensor& x, const uint8_t* codes, const uint16_
   return x.scalar_type() == at::kBFloat16 ? out : out.to(x.scalar_type());
 }
 
+}  // namespace
+
+namespace QGEMV_NAMESPACE {
+
 // y[m, n] = sum_k x[m, k] * w[n, k] for x of any row count: the integer kernel up to `dense_rows` rows (the weights
 // read once per four; every row if negative), the dense path above.
 at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
@@ -626,10 +632,10 @@ at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tens
   return out;
 }
 
-}  // namespace
+}  // namespace QGEMV_NAMESPACE
 
 TORCH_LIBRARY_FRAGMENT(QGEMV_NAMESPACE, m) {
   m.def("q_linear(Tensor x, Tensor codes, Tensor scales, Tensor mins, int bits, int dense_rows=-1) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(QGEMV_NAMESPACE, CPU, m) { m.impl("q_linear", &q_linear); }
+TORCH_LIBRARY_IMPL(QGEMV_NAMESPACE, CPU, m) { m.impl("q_linear", &QGEMV_NAMESPACE::q_linear); }
