@@ -317,7 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="our decode steps of up to 8 rows through torch.compile (EngineConfig.compile; compiled before timing)",
+        help="our decode steps of up to 8 rows through torch.compile (EngineConfig.compile; compiled before timing) "
+        "instead of the fused C++ decode step",
+    )
+    parser.add_argument(
+        "--no-fused",
+        action="store_true",
+        help="our decode steps op by op in eager torch, without the fused C++ decode step (EngineConfig.fused_decode)",
     )
     parser.add_argument("--quick", action="store_true", help="16 requests and shorter outputs")
     parser.add_argument("--skip-cb", action="store_true", help="leave out transformers' continuous batching")
@@ -390,7 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     work = make_workload(n_req, (32, 512), out_range, vocab)
     engine = LLMEngine(
         loaded,
-        EngineConfig(kv_cache_memory=640 * 2**20, max_model_len=2048, max_num_seqs=64, compile=args.compile),
+        EngineConfig(
+            kv_cache_memory=640 * 2**20,
+            max_model_len=2048,
+            max_num_seqs=64,
+            compile=args.compile,
+            fused_decode=not (args.compile or args.no_fused),
+        ),
     )
     rng = random.Random(1)
     single_prompt = [rng.randrange(100, vocab - 100) for _ in range(100)]

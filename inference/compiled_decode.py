@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 import types
-import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -200,11 +199,7 @@ class CompiledDecode:
                 # eagerly first, so that what the model builds lazily (the RoPE tables) exists when it is traced:
                 # traced missing, the graph would build them in every step
                 self.model(ids, positions, meta, self.kv_cache)
-            with warnings.catch_warnings():
-                # inductor notes fp16 beside bf16 in one kernel: our kernel's fp16 block scales, dequantized by a
-                # tied head's lookup (inference/qgemv.py); the arithmetic is float32, nothing to act on
-                warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed in the scheduler node")
-                self._call(ids, positions, meta)
+            self._call(ids, positions, meta)
         return time.perf_counter() - started
 
     def run(

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, cast
 import structlog
 import torch
 
+from inference import qgemv
 from inference.metadata import AttentionMetadata, HostBatch
 from inference.models.llama import DecoderLayer, LlamaForCausalLM
 from inference.quant import QuantLinear
@@ -53,7 +54,7 @@ def _projections(model: LlamaForCausalLM) -> list[QuantLinear] | str:
 
 
 def _op_namespace(op: object) -> str | None:
-    name = getattr(op, "_qualified_op_name", "")
+    name = str(getattr(op, "_qualified_op_name", ""))
     return name.split("::")[0] if "::" in name else None
 
 
@@ -85,8 +86,7 @@ class FusedDecode:
         projections = _projections(model)
         if isinstance(projections, str):
             raise ValueError(projections)
-        namespace = _op_namespace(projections[0].qgemv)
-        self.op: DecodeStepOp = getattr(torch.ops, str(namespace)).decode_step
+        self.op: DecodeStepOp = qgemv.sibling_op(projections[0].qgemv, "decode_step")
         self.model = model
         self.kv_cache = kv_cache
         self.failed: str | None = None  # why fused steps stopped, once they did

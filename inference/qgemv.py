@@ -195,6 +195,15 @@ def load(isa: Isa) -> QGemvOp:
     return _library(isa, build(isa))
 
 
+def sibling_op(op: object, name: str) -> Callable[..., torch.Tensor]:
+    """The op `name` (`q_rows`, `decode_step`) of the build that `op` (a `q_linear`) comes from."""
+    qualified = str(getattr(op, "_qualified_op_name", ""))
+    if "::" not in qualified:
+        raise ValueError(f"{op!r} is not an op of our kernel's library")
+    found: Callable[..., torch.Tensor] = getattr(getattr(torch.ops, qualified.split("::")[0]), name)
+    return found
+
+
 def load_decode_step(isa: Isa) -> Callable[..., torch.Tensor]:
     """The `decode_step` op of the build for `isa` (inference/fused_decode.py), from the library `load` loads."""
     load(isa)
@@ -219,7 +228,19 @@ def _library(isa: Isa, path: Path) -> QGemvOp:
         ) -> torch.Tensor:
             return x.new_empty(x.shape[0], codes.shape[0])
 
-        torch.library.register_fake(f"{ns}::q_linear", _shape)  # the output's shape, for torch.compile
+        def _rows_shape(
+            ids: torch.Tensor,
+            codes: torch.Tensor,
+            scales: torch.Tensor,
+            mins: torch.Tensor,
+            bits: int,
+            dtype: torch.dtype,
+        ) -> torch.Tensor:
+            return scales.new_empty(*ids.shape, scales.shape[1] * BLOCK, dtype=dtype)
+
+        # the outputs' shapes, for torch.compile
+        torch.library.register_fake(f"{ns}::q_linear", _shape)
+        torch.library.register_fake(f"{ns}::q_rows", _rows_shape)
     op: QGemvOp = getattr(torch.ops, ns).q_linear
     return op
 

@@ -715,7 +715,6 @@ class QGemvEmbedding(nn.Module):
     codes: torch.Tensor
     scales: torch.Tensor
     mins: torch.Tensor
-    positions: torch.Tensor
 
     def __init__(self, head: QuantLinear, dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
@@ -728,14 +727,11 @@ class QGemvEmbedding(nn.Module):
         self.register_buffer("codes", ours.codes)  # the head's own tensors: counted once
         self.register_buffer("scales", ours.scales)
         self.register_buffer("mins", ours.mins)
-        # held here rather than looked up in `qgemv.positions`' cache, which a compiled step would trace (and warn
-        # about); a plain attribute, not a buffer: it is an index, not a weight (CPU only, as the kernel)
-        self.positions = qgemv.positions(self.embedding_dim)
+        # the head's build's `q_rows`: the rows dequantized in one call
+        self.lookup = qgemv.sibling_op(head.qgemv, "q_rows")
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        table = qgemv.QGemvWeight(self.codes, self.scales, self.mins, self.bits)
-        laid = table.rows(ids.reshape(-1)).dequantize_laid()
-        return laid[:, self.positions].to(self.dtype).reshape(*ids.shape, self.embedding_dim)
+        return self.lookup(ids.long(), self.codes, self.scales, self.mins, self.bits, self.dtype)
 
 
 def gguf_q8_0_blocks(data: np.ndarray, shape: Sequence[int]) -> Int8Weight:

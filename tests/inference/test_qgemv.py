@@ -174,6 +174,24 @@ def test_builds_agree(bits: int, symmetric: bool) -> None:
         torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("bits", "symmetric"), KINDS)
+@pytest.mark.parametrize("k", WIDTHS)
+def test_rows_are_the_dequantized_table_in_either_dtype(
+    isa: qgemv.Isa, bits: int, symmetric: bool, k: int
+) -> None:
+    """`q_rows` (a tied table's lookup) gives `dequantize`'s rows for ids of any shape: exactly in float32, rounded
+    once in bf16; an id outside the table is an error."""
+    w = qgemv.quantize_blocks(torch.randn(9, k), bits, symmetric=symmetric)
+    lookup = qgemv.sibling_op(qgemv.load(isa), "q_rows")
+    ids = torch.tensor([[8, 0, 3], [3, 3, 5]])
+    table = w.dequantize()
+    assert torch.equal(lookup(ids, w.codes, w.scales, w.mins, bits, torch.float32), table[ids])
+    assert torch.equal(lookup(ids, w.codes, w.scales, w.mins, bits, torch.bfloat16), table[ids].bfloat16())
+    with pytest.raises(RuntimeError, match="outside the table"):
+        lookup(torch.tensor([9]), w.codes, w.scales, w.mins, bits, torch.float32)
+
+
 def test_bad_arguments_are_errors_not_crashes(op: qgemv.QGemvOp) -> None:
     w = qgemv.quantize_blocks(torch.randn(8, 128), 4)
     with pytest.raises(RuntimeError, match="multiple of 64"):
@@ -368,8 +386,13 @@ def test_a_failing_compiler_leaves_torchs_kernels(tmp_path: Path, monkeypatch: p
     failing.chmod(0o755)
     monkeypatch.setenv("CXX", str(failing))
     qgemv.qgemv_kernel.cache_clear()
-    with pytest.raises(RuntimeError, match="fatal error: no such compiler"):
-        qgemv.build(ISAS[-1])
-    assert qgemv.qgemv_kernel() is None
-    layer = QuantLinear(quantize_int8(torch.randn(32, 128)))
-    assert layer.qgemv is None and not layer.fallback
+    try:
+        with pytest.raises(RuntimeError, match="fatal error: no such compiler"):
+            qgemv.build(ISAS[-1])
+        assert qgemv.qgemv_kernel() is None
+        layer = QuantLinear(quantize_int8(torch.randn(32, 128)))
+        assert layer.qgemv is None and not layer.fallback
+    finally:
+        # the process's kernel again for the tests that follow (the cached None would leave them on torch's)
+        monkeypatch.undo()
+        qgemv.qgemv_kernel.cache_clear()
