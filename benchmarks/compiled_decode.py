@@ -1,10 +1,12 @@
-"""The engine's compiled CPU decode step (inference/compiled_decode.py) against its eager step, per step: SmolLM2's
-packaged GGUF (the default int4/int8 load), one or more rows at a fixed context, logits included.
+"""The engine's compiled CPU decode step (inference/compiled_decode.py) and its fused one (inference/fused_decode.py)
+against its eager step, per step: SmolLM2's packaged GGUF (the default int4/int8 load), one or more rows at a fixed
+context, logits included.
 
 Run `python -m benchmarks.compiled_decode [--context 128] [--rows 1,4] [--steps 30] [--rounds 5]`. Prints the
 compile time at start (`CompiledDecode.warm_up`: both graphs; seconds, so a warm inductor disk cache shows), then
-per row count the eager and compiled ms per step (alternating rounds, medians), their ratio, whether the argmax
-matches eager and the largest logit difference. Exits 0; a compile that fails is reported, not raised.
+per row count the eager, compiled and fused ms per step (alternating rounds, medians), the ratios to eager, whether
+each argmax matches eager's and the largest logit difference. Exits 0; a compile that fails is reported, not
+raised.
 """
 
 from __future__ import annotations
@@ -59,11 +61,13 @@ def ms_per_step(step: Callable[[], torch.Tensor], steps: int) -> float:
 
 def compare(
     runner: ModelRunner, compiled: CompiledDecode, rows: int, context: int, steps: int, rounds: int
-) -> tuple[float, float, bool, float]:
-    """Median eager and compiled ms per step (logits included) over alternating rounds, whether the argmax is the
-    same, and the largest logit difference."""
+) -> tuple[float, float, float, bool, float, bool, float]:
+    """Median eager, compiled and fused ms per step (logits included; fused NaN where it does not serve) over
+    alternating rounds; for compiled and then fused, whether the argmax is eager's and the largest logit
+    difference."""
     model = runner.model
     ids, positions, meta = decode_inputs(rows, context, runner.block_size)
+    fused = runner.fused
 
     @torch.inference_mode()
     def eager() -> torch.Tensor:
@@ -77,13 +81,31 @@ def compare(
         logits: torch.Tensor = model.compute_logits(hidden)
         return logits
 
+    @torch.inference_mode()
+    def one_call() -> torch.Tensor:
+        assert fused is not None
+        hidden = fused.run(ids, positions, meta())
+        assert hidden is not None, fused.failed
+        logits: torch.Tensor = model.compute_logits(hidden)
+        return logits
+
     want, got = eager(), fast()
-    eager_ms, compiled_ms = [], []
+    got_fused = one_call() if fused is not None else want
+    eager_ms, compiled_ms, fused_ms = [], [], []
     for _ in range(rounds):
         eager_ms.append(ms_per_step(eager, steps))
         compiled_ms.append(ms_per_step(fast, steps))
-    same = bool(torch.equal(got.argmax(-1), want.argmax(-1)))
-    return statistics.median(eager_ms), statistics.median(compiled_ms), same, (got - want).abs().max().item()
+        if fused is not None:
+            fused_ms.append(ms_per_step(one_call, steps))
+    return (
+        statistics.median(eager_ms),
+        statistics.median(compiled_ms),
+        statistics.median(fused_ms) if fused_ms else float("nan"),
+        bool(torch.equal(got.argmax(-1), want.argmax(-1))),
+        (got - want).abs().max().item(),
+        bool(torch.equal(got_fused.argmax(-1), want.argmax(-1))),
+        (got_fused - want).abs().max().item(),
+    )
 
 
 def main() -> None:
@@ -112,12 +134,20 @@ def main() -> None:
         f"SmolLM2-135M GGUF (int4 layers, int8 head), bf16, context {args.context}, {torch.get_num_threads()} "
         f"threads; compiled at start in {time.perf_counter() - t0:.1f} s"
     )
-    print(f"{'rows':>4s} {'eager ms':>9s} {'compiled':>9s} {'ratio':>6s}  same argmax, max|diff|")
+    print(
+        f"{'rows':>4s} {'eager ms':>9s} {'compiled':>9s} {'ratio':>6s} {'fused':>9s} {'ratio':>6s}  "
+        "same argmax, max|diff| (compiled; fused)"
+    )
     for rows in [int(r) for r in args.rows.split(",") if r.strip()]:
         if not 1 <= rows <= compiled.max_rows:
             raise SystemExit(f"--rows takes 1-{compiled.max_rows}, got {rows}")
-        e, c, same, diff = compare(runner, compiled, rows, args.context, args.steps, args.rounds)
-        print(f"{rows:4d} {e:9.2f} {c:9.2f} {e / c:5.2f}x  {same}, {diff:.4f}")
+        e, c, f, same, diff, same_f, diff_f = compare(
+            runner, compiled, rows, args.context, args.steps, args.rounds
+        )
+        print(
+            f"{rows:4d} {e:9.2f} {c:9.2f} {e / c:5.2f}x {f:9.2f} {e / f:5.2f}x  "
+            f"{same}, {diff:.4f}; {same_f}, {diff_f:.4f}"
+        )
     print(f"load average {load:.1f}-{os.getloadavg()[0]:.1f} (shared cores: compare within this table only)")
 
 

@@ -172,7 +172,8 @@ def add_compile_argument(parser: argparse.ArgumentParser, *, from_config: bool =
         action=argparse.BooleanOptionalAction,
         default=None if from_config else False,
         help=f"CPU: run decode steps through torch.compile (default: {where}); the first start compiles for one to "
-        "three minutes, later ones read inductor's disk cache (about 15 s)",
+        "three minutes, later ones read inductor's disk cache (about 15 s); skipped where the fused decode step of "
+        "a quantized model serves them",
     )
 
 
