@@ -326,3 +326,64 @@ def test_a_step_that_disagrees_at_start_is_not_used(tiny_models: dict[str, Loade
     assert eng.runner.fused is None
     assert [e["event"] for e in logs] == ["fused_decode_wrong"]
     assert eng.runner.build_fused_decode() is not None
+
+
+@needs_qgemv
+def test_compile_gives_way_to_the_fused_step(tiny_models: dict[str, LoadedModel]) -> None:
+    """With `compile` on and the fused step serving, the runner does not compile (it would only cost minutes)."""
+    config = EngineConfig(num_blocks=64, block_size=4, max_model_len=64, compile=True)
+    with capture_logs() as logs:
+        eng = LLMEngine(tiny_models["llama"], config)
+    assert eng.runner.fused is not None and eng.runner.compiled is None
+    off = [e for e in logs if e["event"] == "compiled_decode_off"]
+    assert off and "fused decode step" in off[0]["reason"]
+
+
+@needs_qgemv
+def test_bad_arguments_are_errors_not_crashes() -> None:
+    """The op checks what it is handed before it reads memory: each mistake a RuntimeError that says what."""
+    model = quantized_llama("gqa", torch.float32)
+    cache = random_cache(model, 8, 4)
+    fused = FusedDecode(model, cache)
+    ids, positions, meta = decode_inputs([3, 6], 4, 8)
+    with torch.inference_mode():
+        x = model.embed_tokens(ids)
+        cos, sin = (t.reshape(2, -1).contiguous() for t in model.rotary.cos_sin(positions, x.dtype))
+
+    def call(**change: Any) -> torch.Tensor:
+        args: dict[str, Any] = {
+            "x": x,
+            "cos": cos,
+            "sin": sin,
+            "weights": fused.weights,
+            "ints": fused.ints,
+            "final_norm": fused.final_norm,
+            "kv_cache": cache,
+            "slot_mapping": meta.slot_mapping,
+            "block_tables": meta.block_tables,
+            "context_lens": meta.context_lens,
+            "heads": fused.heads,
+            "kv_heads": fused.kv_heads,
+            "eps": fused.eps,
+            "scale": fused.scale,
+        }
+        args.update(change)
+        return fused.op(*args.values())
+
+    call()  # as handed, it runs
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"weights": fused.weights[:-1]}, "tensors a layer"),
+        ({"ints": fused.ints[:-1]}, "integers a layer"),
+        ({"kv_cache": cache.bfloat16()}, "kv_cache must be"),
+        ({"x": x.half()}, "float32 or bfloat16"),
+        ({"cos": cos[:1]}, "cos and sin"),
+        ({"slot_mapping": meta.slot_mapping.int()}, "slot_mapping"),
+        ({"context_lens": torch.tensor([3, 9], dtype=torch.int32)}, "outside the row's block table"),
+        ({"block_tables": torch.full_like(meta.block_tables, 8)}, "outside the cache"),
+        ({"heads": 3}, "multiple of kv_heads"),
+        ({"final_norm": fused.final_norm[:-1]}, "final_norm"),
+        ({"weights": [w[:-1] if i == 0 else w for i, w in enumerate(fused.weights)]}, "norm weights"),
+    ]
+    for change, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call(**change)

@@ -33,7 +33,13 @@ def test_model_section_accepts_devices_and_utilization(tmp_path: Path) -> None:
     for device in ("auto", "cuda", "cpu"):
         path = config_with(
             tmp_path,
-            {"device": device, "gpu_memory_utilization": 0.75, "enforce_eager": True, "compile": True},
+            {
+                "device": device,
+                "gpu_memory_utilization": 0.75,
+                "enforce_eager": True,
+                "compile": True,
+                "fused_decode": False,
+            },
         )
         settings = load_model_settings(load_config(path, env={}))
         assert settings.device == device
@@ -41,6 +47,7 @@ def test_model_section_accepts_devices_and_utilization(tmp_path: Path) -> None:
         assert (
             config.gpu_memory_utilization == 0.75 and config.enforce_eager is True and config.compile is True
         )
+        assert config.fused_decode is False
 
 
 @pytest.mark.parametrize(
@@ -54,6 +61,7 @@ def test_model_section_accepts_devices_and_utilization(tmp_path: Path) -> None:
         ({"quantize": "q4_k"}, "model.quantize"),
         ({"quantize_group_size": 48}, "model.quantize_group_size"),
         ({"compile": "sometimes"}, "model.compile"),
+        ({"fused_decode": "yes please"}, "model.fused_decode"),
     ],
 )
 def test_bad_values_are_config_errors_pointing_into_the_file(tmp_path: Path, model: dict, where: str) -> None:
