@@ -126,6 +126,7 @@ class LLMEngine:
             kv_blocks=blocks,
             kv_mib=round(self.runner.kv_cache_bytes / 2**20, 1),
             max_model_len=self.max_model_len,
+            decode=self.runner.decode_path,
         )
 
     # ---- requests ------------------------------------------------------------------------------------

@@ -393,6 +393,18 @@ class ModelRunner:
     def kv_cache_bytes(self) -> int:
         return self.kv_cache.numel() * self.kv_cache.element_size()
 
+    @property
+    def decode_path(self) -> str:
+        """How decode steps run now: "cuda graphs", "fused" (one C++ call), "compiled" (torch.compile) or "eager"
+        (op by op; also what a failed fused or compiled step leaves)."""
+        if self.decode_graphs is not None:
+            return "cuda graphs"
+        if self.fused is not None and self.fused.failed is None:
+            return "fused"
+        if self.compiled is not None and self.compiled.failed is None:
+            return "compiled"
+        return "eager"
+
     def build_decode_graphs(
         self, *, capture: bool | None = None, batch_sizes: SequenceT[int] | None = None
     ) -> DecodeGraphRunner:

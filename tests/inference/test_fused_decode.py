@@ -224,9 +224,12 @@ def test_engine_generates_what_eager_does(tiny_models: dict[str, LoadedModel], a
         for _ in prompts
     ]
     want = engine_for(loaded, fused=False).generate(prompts, params)
-    eng = engine_for(loaded, fused=True)
+    assert engine_for(loaded, fused=False).runner.decode_path == "eager"
+    with capture_logs() as logs:
+        eng = engine_for(loaded, fused=True)
     fused = eng.runner.fused
     assert fused is not None and fused.steps == 0
+    assert [e["decode"] for e in logs if e["event"] == "engine ready"] == ["fused"]
     got = eng.generate(prompts, params)
     assert all(
         same_or_near_tie(g.token_ids, w.token_ids, w.logprobs or []) for g, w in zip(got, want, strict=True)
@@ -309,6 +312,7 @@ def test_a_failing_step_is_logged_and_decode_goes_on_eagerly(tiny_models: dict[s
         got = eng.generate(prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert runner_fused.failed == "the op broke mid-generation" and runner_fused.steps == 3
+    assert eng.runner.decode_path == "eager"
     assert [e["event"] for e in logs].count("fused_decode_failed") == 1
 
 
