@@ -53,9 +53,10 @@ def _projections(model: LlamaForCausalLM) -> list[QuantLinear] | str:
     return found
 
 
-def _op_namespace(op: object) -> str | None:
-    name = str(getattr(op, "_qualified_op_name", ""))
-    return name.split("::")[0] if "::" in name else None
+def failure_line(exc: BaseException) -> str:
+    """What the op raised, in one log-sized line (its TORCH_CHECK message)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def fused_unsupported(model: CausalLM, kv_cache: torch.Tensor, attention_name: str) -> str | None:
@@ -72,7 +73,8 @@ def fused_unsupported(model: CausalLM, kv_cache: torch.Tensor, attention_name: s
     projections = _projections(model)
     if isinstance(projections, str):
         return projections
-    if len({_op_namespace(p.qgemv) for p in projections}) != 1 or _op_namespace(projections[0].qgemv) is None:
+    libraries = {qgemv.library_of(p.qgemv) for p in projections}
+    if len(libraries) != 1 or None in libraries:
         return "the projections run different builds of our kernel"
     return None
 
@@ -153,7 +155,7 @@ class FusedDecode:
         try:
             hidden = self._call(input_ids, positions, meta)
         except RuntimeError as exc:
-            self.failed = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            self.failed = failure_line(exc)
             log.warning("fused_decode_failed", reason=self.failed, fallback="eager")
             return None
         self.steps += 1

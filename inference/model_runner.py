@@ -25,7 +25,7 @@ from inference.config import EngineConfig
 from inference.cpu_linear import pack_linear_weights
 from inference.cuda_graphs import DecodeGraphRunner, cuda_graphs_unsupported
 from inference.errors import KVBudgetError
-from inference.fused_decode import CHECK_TOLERANCE, FusedDecode, fused_unsupported
+from inference.fused_decode import CHECK_TOLERANCE, FusedDecode, failure_line, fused_unsupported
 from inference.metadata import AttentionMetadata, HostBatch
 from inference.model_config import ModelConfig
 from inference.models.llama import LlamaForCausalLM
@@ -471,9 +471,7 @@ class ModelRunner:
         try:
             error = fused.check()
         except RuntimeError as exc:
-            log.warning(
-                "fused_decode_failed", reason=str(exc).strip().splitlines()[0][:300], fallback="eager"
-            )
+            log.warning("fused_decode_failed", reason=failure_line(exc), fallback="eager")
             return None
         if not error < CHECK_TOLERANCE:
             log.warning("fused_decode_wrong", relative_error=error, fallback="eager")

@@ -195,20 +195,19 @@ def load(isa: Isa) -> QGemvOp:
     return _library(isa, build(isa))
 
 
+def library_of(op: object) -> str | None:
+    """The op namespace (one build's library) that `op` belongs to, None for anything but a registered op."""
+    qualified = str(getattr(op, "_qualified_op_name", ""))
+    return qualified.split("::")[0] if "::" in qualified else None
+
+
 def sibling_op(op: object, name: str) -> Callable[..., torch.Tensor]:
     """The op `name` (`q_rows`, `decode_step`) of the build that `op` (a `q_linear`) comes from."""
-    qualified = str(getattr(op, "_qualified_op_name", ""))
-    if "::" not in qualified:
+    library = library_of(op)
+    if library is None:
         raise ValueError(f"{op!r} is not an op of our kernel's library")
-    found: Callable[..., torch.Tensor] = getattr(getattr(torch.ops, qualified.split("::")[0]), name)
+    found: Callable[..., torch.Tensor] = getattr(getattr(torch.ops, library), name)
     return found
-
-
-def load_decode_step(isa: Isa) -> Callable[..., torch.Tensor]:
-    """The `decode_step` op of the build for `isa` (inference/fused_decode.py), from the library `load` loads."""
-    load(isa)
-    op: Callable[..., torch.Tensor] = getattr(torch.ops, namespace(isa)).decode_step
-    return op
 
 
 @functools.cache
@@ -316,11 +315,6 @@ class QGemvWeight:
             return self.mins[start:stop].float()
         scales = self.scales[start:stop].float()
         return scales * -8.0 if self.bits == 4 else torch.zeros_like(scales)
-
-    def rows(self, ids: torch.Tensor) -> QGemvWeight:
-        """The weight's rows `ids` (a lookup into a tied table)."""
-        mins = self.mins if self.symmetric else self.mins.index_select(0, ids)
-        return QGemvWeight(self.codes.index_select(0, ids), self.scales.index_select(0, ids), mins, self.bits)
 
     def dequantize(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """float32 rows `[start, stop)`, `[rows, K]` in row order."""

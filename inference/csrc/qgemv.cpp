@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -663,22 +664,19 @@ at::Tensor q_rows(const at::Tensor& ids, const at::Tensor& codes, const at::Tens
   const int64_t row_bytes = bits == 4 ? k / 2 : k;
   const Regions reg(blocks);
   std::vector<float> laid(k);
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t r = ip[i];
-    const uint16_t* mn = mp ? mp + r * blocks : nullptr;
-    bits == 4 ? dequantize_laid_row<4>(cp + r * row_bytes, sp + r * blocks, mn, offset, reg, laid.data())
-              : dequantize_laid_row<8>(cp + r * row_bytes, sp + r * blocks, mn, offset, reg, laid.data());
-    for (int64_t b = 0; b < blocks; ++b) {
-      for (int64_t v = 0; v < kBlock; ++v) {
-        const float value = laid[position(reg, b, v)];
-        if (dtype == at::kFloat) {
-          out.data_ptr<float>()[i * k + b * kBlock + v] = value;
-        } else {
-          out.data_ptr<c10::BFloat16>()[i * k + b * kBlock + v] = c10::BFloat16(value);
-        }
-      }
+  // each row dequantized in the layout's order, then put in row order in `o`'s type
+  auto fill = [&](auto* o) {
+    using Out = std::remove_pointer_t<decltype(o)>;
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t r = ip[i];
+      const uint16_t* mn = mp ? mp + r * blocks : nullptr;
+      bits == 4 ? dequantize_laid_row<4>(cp + r * row_bytes, sp + r * blocks, mn, offset, reg, laid.data())
+                : dequantize_laid_row<8>(cp + r * row_bytes, sp + r * blocks, mn, offset, reg, laid.data());
+      for (int64_t b = 0; b < blocks; ++b)
+        for (int64_t v = 0; v < kBlock; ++v) o[i * k + b * kBlock + v] = static_cast<Out>(laid[position(reg, b, v)]);
     }
-  }
+  };
+  dtype == at::kFloat ? fill(out.data_ptr<float>()) : fill(out.data_ptr<c10::BFloat16>());
   return out;
 }
 

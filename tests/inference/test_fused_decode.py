@@ -122,7 +122,7 @@ def test_fused_step_computes_what_the_eager_model_does(shape: str, dtype: torch.
         want_cache = cache.clone()
         want = model(ids, positions, meta, want_cache)
         fused = FusedDecode(model, cache)
-        fused.op = qgemv.load_decode_step(isa)  # type: ignore[arg-type]
+        fused.op = qgemv.sibling_op(qgemv.load(isa), "decode_step")
         got = fused.run(ids, positions, meta)
     assert got is not None and fused.failed is None
     assert got.dtype == dtype and got.shape == want.shape
