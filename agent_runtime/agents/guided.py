@@ -18,9 +18,10 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from agent_runtime.agents.focus import focus_note, focus_value
+from agent_runtime.agents.focus import focus_lines, focus_note, focus_value
 from agent_runtime.agents.grounding import GroundingContext, ground_schema
 from agent_runtime.agents.llm import GenerationChunk, GenerationRequest, LLMBackend
+from agent_runtime.agents.observations import flat_lines
 from inference.formats import DEFAULT_EXAMPLES, ExampleCall, ToolSpec, WorkedExample
 from inference.grammar import normalise_parameters, sequence_spec
 
@@ -47,6 +48,18 @@ _TEXT = '[^0-9"\\\\]'  # one character of answer text that is not a digit (nor a
 def _shown_as(example: WorkedExample, result: str) -> WorkedExample:
     """A generic example with its one call's result written as a guided run shows results."""
     return dataclasses.replace(example, calls=(dataclasses.replace(example.calls[0], result=result),))
+
+
+def shown_guided(example: WorkedExample) -> WorkedExample:
+    """A config's worked example with its results written as a guided run shows results (`flat_lines`, then the
+    lines that fit its task under "Most relevant:"): shown raw JSON, the example's answer taught a 135M model
+    nothing about the flat result it then read, and it answered with the copied value and a made-up sentence
+    ("2026-12-08T07:24:22+09:00 (Tuesday) is not a valid date in Japan")."""
+    calls = []
+    for call in example.calls:
+        flat = flat_lines(call.result)
+        calls.append(dataclasses.replace(call, result=flat + focus_note(focus_lines(example.task, flat))))
+    return dataclasses.replace(example, calls=tuple(calls))
 
 
 GUIDED_EXAMPLES: tuple[WorkedExample, ...] = (
@@ -84,7 +97,9 @@ def answer_schema(context: GroundingContext | None = None, *, quote: str = "") -
     """The answer string's schema: free text, except that once the run has results every number in it is one
     the task or a result wrote (digit for digit: "329.50", "2026", "15"), so a small model copies a value
     instead of blending two ("129.50" from 1299.00 and 329.50); with more numbers than a pattern should hold,
-    any text. `quote`: the text the answer starts with (`answer_quote`)."""
+    any text. `quote`: the text the answer starts with (`answer_quote`); the numbers after it are the others (a
+    135M model that went on after a quoted datetime wrote one of its own from the quote's digits, "(2026-14-14T14:
+    26:53+14:53)", where the other numbers of a result are what it adds: "is 13.0h")."""
     if context is None or not context.results:
         return {"type": "string", "minLength": 1}
     numbers = list(dict.fromkeys(n for text in context.texts for n in _NUMBER_ATOM.findall(text)))
@@ -94,6 +109,9 @@ def answer_schema(context: GroundingContext | None = None, *, quote: str = "") -
             if not quote
             else {"type": "string", "pattern": f'^{re.escape(quote)}[^"\\\\]*$'}
         )
+    if quote:
+        quoted = set(_NUMBER_ATOM.findall(quote))
+        numbers = [n for n in numbers if n not in quoted]
     # a number is followed by text or ends the answer: two copied numbers never run together ("302" from 3, 02)
     number = "(" + "|".join(re.escape(n) for n in sorted(numbers, key=lambda n: (-len(n), n))) + ")"
     if not quote:

@@ -41,7 +41,7 @@ from agent_runtime.agents.events import (
 from agent_runtime.agents.examples import CallMemory, examples_for
 from agent_runtime.agents.focus import focus_lines, focus_note
 from agent_runtime.agents.grounding import GroundingContext
-from agent_runtime.agents.guided import GUIDED_EXAMPLES, guided_turn
+from agent_runtime.agents.guided import GUIDED_EXAMPLES, guided_turn, shown_guided
 from agent_runtime.agents.llm import GenerationRequest, LLMBackend
 from agent_runtime.agents.observations import Observation, flat_lines, observe, render_result
 from agent_runtime.config.agents import AgentConfig
@@ -187,8 +187,8 @@ class Agent:
         # a backend written against the protocol before two-stage actions has no supports_prefix: single-stage
         prefix = bool(getattr(backend, "supports_prefix", False))
         guided = cfg.guided and cfg.constrained and prefix and fmt.name == "json" and bool(tools)
-        if guided and cfg.examples is None:
-            examples = list(GUIDED_EXAMPLES)
+        if guided:
+            examples = list(GUIDED_EXAMPLES) if cfg.examples is None else [shown_guided(e) for e in examples]
         routing: Routing | None = None
         offered = tools
         grounding = GroundingContext()

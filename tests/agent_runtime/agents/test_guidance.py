@@ -707,6 +707,52 @@ def test_an_answer_starts_with_the_lines_that_fit(grammars: tuple[GrammarCompile
     assert answer_quote(['note: say "hi"']) == ""  # a quote the answer's grammar would have to escape
 
 
+@pytest.mark.smollm2
+def test_after_the_quote_an_answer_adds_only_the_numbers_it_has_not_quoted(
+    grammars: tuple[GrammarCompilerCache, Any],
+) -> None:
+    """A quoted datetime is not followed by a datetime of the model's own made from its digits (what SmolLM2 wrote
+    after "2026-03-14T14:26:53+09:00 (Saturday) in Tokyo"); a number of the result the quote does not hold is."""
+    from agent_runtime.agents.guided import answer_quote
+
+    context = GroundingContext()
+    context.add("When it is 9:00 in Tokyo, what time is it in Paris?")
+    context.add_result("target.datetime: 2026-03-14T01:00:00+01:00\ntime_difference: -8.0h")
+    context.focus = ["target.datetime: 2026-03-14T01:00:00+01:00"]
+    quote = answer_quote(context.focus)
+    decide = decision_spec([], allow_answer=True, context=context, quote=quote)
+    assert _accepts(grammars, decide, 'answer": "2026-03-14T01:00:00+01:00 (Saturday) in Paris."}')
+    assert _accepts(grammars, decide, 'answer": "2026-03-14T01:00:00+01:00 is -8.0h from Tokyo."}')
+    assert not _accepts(grammars, decide, 'answer": "2026-03-14T01:00:00+01:00 (2026-14-14T01:00)"}')
+    assert not _accepts(grammars, decide, 'answer": "2026-03-14T01:00:00+01:00, 9:00 in Tokyo"}')
+
+
+def test_a_configs_examples_show_their_results_as_a_guided_run_shows_results() -> None:
+    """A hand-written example's JSON result is shown as the run's own results are: flat lines, then the lines
+    that fit its task under "Most relevant:" (the demo's examples, shown raw, taught the model nothing about the
+    flat result it then read)."""
+    from agent_runtime.agents.guided import shown_guided
+    from inference.formats import ExampleCall, WorkedExample
+
+    result = json.dumps(
+        {"timezone": "Europe/Berlin", "datetime": "2024-05-06T09:41:00+02:00", "day_of_week": "Monday"}
+    )
+    example = WorkedExample(
+        "What time is it in Berlin?",
+        (ExampleCall("time__get_current_time", {"timezone": "Europe/Berlin"}, result),),
+        "The current time in Berlin is 2024-05-06T09:41:00+02:00 (Monday).",
+    )
+    shown = shown_guided(example)
+    assert shown.task == example.task and shown.answer == example.answer
+    assert shown.calls[0].arguments == {"timezone": "Europe/Berlin"}
+    assert shown.calls[0].result == (
+        "timezone: Europe/Berlin\ndatetime: 2024-05-06T09:41:00+02:00\nday_of_week: Monday"
+        "\n\nMost relevant:\ndatetime: 2024-05-06T09:41:00+02:00"
+    )
+    plain = WorkedExample("List the files.", (ExampleCall("fs__list", {}, "[FILE] a.txt"),), "a.txt")
+    assert shown_guided(plain).calls[0].result.startswith("[FILE] a.txt")  # text stays text
+
+
 def test_a_tasks_parts_start_with_what_to_do() -> None:
     from agent_runtime.agents.routing import task_parts
 
