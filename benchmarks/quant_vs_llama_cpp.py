@@ -26,6 +26,9 @@ the ratio to llama.cpp, and our weights' memory against the file's size. Our var
   decode step (inference/fused_decode.py) existed;
 - `gguf compiled`: `gguf` with decode steps through torch.compile (`compile=True`, inference/compiled_decode.py; the
   compile happens at engine start, before any round) instead of the fused step;
+- `gguf fp16 scales`: `gguf` with a Q4_K file's scales held as fp16 scale and min per block of 32 (20 bytes a
+  block), as before Q4_K kept its own 6-bit ones under an fp16 pair per 256 values (18.5 bytes; inference/qgemv.py,
+  `from_super_blocks`): that change's before/after in one run (other files: the same as `gguf`);
 - `gguf torch`, `gguf torch compiled`: the same with torch's int8/int4 kernels instead of our own
   (`AGENT_RUNTIME_QGEMV=off` while the model is built; inference/qgemv.py): that kernel's before/after in one run.
 
@@ -46,6 +49,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -59,6 +63,7 @@ VARIANTS = (
     "gguf pooled",
     "gguf unfused",
     "gguf compiled",
+    "gguf fp16 scales",
     "gguf torch",
     "gguf torch compiled",
 )
@@ -70,6 +75,7 @@ _QUANTIZE = {
     "gguf pooled": "auto",
     "gguf unfused": "auto",
     "gguf compiled": "auto",
+    "gguf fp16 scales": "auto",
     "gguf torch": "auto",
     "gguf torch compiled": "auto",
 }
@@ -84,7 +90,11 @@ def build_engine(variant: str, gguf: Path) -> Any:
         raise SystemExit(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
     from inference import qgemv
 
-    with qgemv.turned_off() if " torch" in variant else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        if " torch" in variant:
+            stack.enter_context(qgemv.turned_off())
+        if variant.endswith("fp16 scales"):  # Q4_K planes without their own scales: fp16 ones per block
+            stack.enter_context(mock.patch("inference.quant._super_blocks", lambda blocks, rows: None))
         loaded = load_model(gguf, dtype="bfloat16", quantize=_QUANTIZE[variant])
     compiled = variant.endswith("compiled")
     config = EngineConfig(

@@ -104,15 +104,15 @@ class FusedDecode:
             qkv, o, gate_up, down = projections[4 * i : 4 * i + 4]
             self.weights += [
                 layer.input_layernorm.weight.detach(),
-                *(qkv.qcodes, qkv.qscales, qkv.qmins),
+                *(qkv.qcodes, qkv.qscales, qkv.qmins, qkv.qsupers),
                 none if qkv.bias is None else qkv.bias.detach(),
                 none if attn.q_norm is None else attn.q_norm.weight.detach(),
                 none if attn.k_norm is None else attn.k_norm.weight.detach(),
-                *(o.qcodes, o.qscales, o.qmins),
+                *(o.qcodes, o.qscales, o.qmins, o.qsupers),
                 none if o.bias is None else o.bias.detach(),
                 layer.post_attention_layernorm.weight.detach(),
-                *(gate_up.qcodes, gate_up.qscales, gate_up.qmins),
-                *(down.qcodes, down.qscales, down.qmins),
+                *(gate_up.qcodes, gate_up.qscales, gate_up.qmins, gate_up.qsupers),
+                *(down.qcodes, down.qscales, down.qmins, down.qsupers),
             ]
             for p in (qkv, o, gate_up, down):
                 self.ints += [p.qgemv_bits, p.dense_rows]

@@ -50,6 +50,7 @@ from inference.quant import (
     QuantLinearBase,
     QuantReport,
     QuantWeight,
+    SuperBlocks,
     dequantize_weight,
     gguf_q8_0_blocks,
     gguf_q8_0_embedding,
@@ -179,7 +180,16 @@ def own_embedding(tensor: GGUFTensor, dtype: torch.dtype) -> QuantEmbedding:
 def _take_rows(w: QuantWeight, rows: torch.Tensor) -> QuantWeight:
     if isinstance(w, Int8Weight):
         return Int8Weight(w.qweight[rows].contiguous(), w.scales[rows].contiguous())
-    return [Int4Weight(p.codes[rows], p.scales[rows], p.zeros[rows], p.group_size) for p in w]
+    return [
+        Int4Weight(
+            p.codes[rows],
+            p.scales[rows],
+            p.zeros[rows],
+            p.group_size,
+            None if p.super_blocks is None else p.super_blocks.take(rows),
+        )
+        for p in w
+    ]
 
 
 def _stack_rows(parts: Sequence[QuantWeight]) -> QuantWeight:
@@ -202,9 +212,23 @@ def _stack_rows(parts: Sequence[QuantWeight]) -> QuantWeight:
             torch.cat([p[i].scales for p in planes]),
             torch.cat([p[i].zeros for p in planes]),
             planes[0][i].group_size,
+            _stack_super_blocks([p[i].super_blocks for p in planes]),
         )
         for i in range(len(planes[0]))
     ]
+
+
+def _stack_super_blocks(parts: Sequence[SuperBlocks | None]) -> SuperBlocks | None:
+    """The shards' own Q4_K scales stacked, or None unless every shard has them (the fused layer then holds fp16
+    scales)."""
+    have = [p for p in parts if p is not None]
+    if len(have) != len(parts):
+        return None
+    return SuperBlocks(
+        torch.cat([p.sub_scales for p in have]),
+        torch.cat([p.sub_mins for p in have]),
+        torch.cat([p.pairs for p in have]),
+    )
 
 
 def _as_int8(w: QuantWeight) -> Int8Weight:

@@ -13,7 +13,7 @@ dequantizes the weights to bf16 a slice at a time and runs bf16 matrix products,
 
 `QGemvWeight` is a weight in the kernel's layout: `w[n, k] = u[n, k] * scale[n, k // 32] + min[n, k // 32]`, codes
 `u` of 4 bits (0..15) or 8 (signed) reordered within each row (`pack_codes`, the layout is described in the C++
-file), fp16 scales and mins. `AGENT_RUNTIME_QGEMV` picks the build: `auto` (default: the best this CPU runs),
+file), fp16 scales and mins, or GGUF Q4_K's own compact ones (`from_super_blocks`). `AGENT_RUNTIME_QGEMV` picks the build: `auto` (default: the best this CPU runs),
 `avx512_vnni`, `avx2`, or `off` (torch's kernels only).
 """
 
@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -40,11 +40,15 @@ from inference import envs
 log = structlog.get_logger(__name__)
 
 Isa = Literal["avx512_vnni", "avx2"]
-# q_linear(x, codes, scales, mins, bits, dense_rows=-1): the kernel up to `dense_rows` rows (all if negative), bf16
-# matrix products on the dequantized weights above, the activations rounded as the kernel rounds them either way
+# q_linear(x, codes, scales, mins, bits, dense_rows=-1, supers=None): the kernel up to `dense_rows` rows (all if
+# negative), bf16 matrix products on the dequantized weights above, the activations rounded as the kernel rounds
+# them either way
 QGemvOp = Callable[..., torch.Tensor]
 
 BLOCK = 32
+SUPER_BLOCKS = (
+    8  # blocks of 32 under one (d, dmin) pair in the compact form: a GGUF K-quant super-block of 256
+)
 _CSRC = Path(__file__).parent / "csrc"
 # one library a build: the kernel, and the decode step that calls it (inference/fused_decode.py)
 SOURCES = (_CSRC / "qgemv.cpp", _CSRC / "decode_step.cpp")
@@ -224,6 +228,7 @@ def _library(isa: Isa, path: Path) -> QGemvOp:
             mins: torch.Tensor,
             bits: int,
             dense_rows: int = -1,
+            supers: torch.Tensor | None = None,
         ) -> torch.Tensor:
             return x.new_empty(x.shape[0], codes.shape[0])
 
@@ -234,6 +239,7 @@ def _library(isa: Isa, path: Path) -> QGemvOp:
             mins: torch.Tensor,
             bits: int,
             dtype: torch.dtype,
+            supers: torch.Tensor | None = None,
         ) -> torch.Tensor:
             return scales.new_empty(*ids.shape, scales.shape[1] * BLOCK, dtype=dtype)
 
@@ -270,18 +276,25 @@ def qgemv_kernel() -> QGemvOp | None:
 
 
 def check(op: QGemvOp) -> tuple[bool, float]:
-    """Whether `op` computes both code widths, int4 with and without mins, within the activation rounding (a
-    relative error of about 0.5%; a layout or build mistake gives 100%), on a shape that crosses every region of
-    the layout."""
+    """Whether `op` computes both code widths, int4 with and without mins and with compact scales, within the
+    activation rounding (a relative error of about 0.5%; a layout or build mistake gives 100%), on shapes that cross
+    every region of the layout."""
     gen = torch.Generator().manual_seed(0)
     n, k = 48, 64 * 13  # 26 blocks: a group of 16, one of 8, a pair
     w = torch.randn(n, k, generator=gen)
     x = torch.randn(3, k, generator=gen)
     worst = 0.0
-    for bits, symmetric in ((4, False), (4, True), (8, True)):
-        q = quantize_blocks(w, bits, symmetric=symmetric)
-        ref = x @ q.dequantize().t()
-        out = op(x, q.codes, q.scales, q.mins, bits)
+    weights = [
+        quantize_blocks(w, bits, symmetric=symmetric)
+        for bits, symmetric in ((4, False), (4, True), (8, True))
+    ]
+    xs = [x] * 3
+    # compact scales: 24 blocks (a group of 16 and one of 8, three super-blocks)
+    weights.append(quantize_super_blocks(w[:, :768]))
+    xs.append(x[:, :768].contiguous())
+    for q, xq in zip(weights, xs, strict=True):
+        ref = xq @ q.dequantize().t()
+        out = op(xq, q.codes, q.scales, q.mins, q.bits, -1, q.op_supers)
         worst = max(worst, float((out - ref).norm() / ref.norm()))
     return worst < 0.03, worst
 
@@ -289,17 +302,27 @@ def check(op: QGemvOp) -> tuple[bool, float]:
 # ---- the weight layout -----------------------------------------------------------------------------------------
 
 
+def no_supers() -> torch.Tensor:
+    """The `supers` of a weight with fp16 scales: an empty tensor (the op's argument is then ignored)."""
+    return torch.empty(0, dtype=torch.float16)
+
+
 @dataclass(slots=True)
 class QGemvWeight:
     """A weight in the kernel's layout: `codes` uint8 `[N, K * bits / 8]` (`pack_codes`), fp16 `[N, K / 32]`
     `scales` and `mins`; `w[n, k] = u[n, k] * scale + min` with `u` in 0..15 (4 bits) or the signed code (8). A
     symmetric weight has no mins (an empty tensor, 2 bytes a block less to read): `min = -8 * scale` for 4 bits
-    (GGUF Q4_0), 0 for 8 (Q8_0, per-channel int8)."""
+    (GGUF Q4_0), 0 for 8 (Q8_0, per-channel int8).
+
+    Compact (GGUF Q4_K kept as the file has it; `supers` not empty, 4 bits, K a multiple of 256): `scales` and
+    `mins` are uint8 `[N, K / 32]` sub-scales and sub-mins, `supers` fp16 `[N, K / 256, 2]` each super-block's
+    (d, dmin): `scale = d * sub_scale`, `min = -dmin * sub_min`, 18.5 bytes a block of 32 where fp16 pairs take 20."""
 
     codes: torch.Tensor
     scales: torch.Tensor
     mins: torch.Tensor
     bits: int
+    supers: torch.Tensor = field(default_factory=no_supers)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -309,8 +332,27 @@ class QGemvWeight:
     def symmetric(self) -> bool:
         return self.mins.numel() == 0
 
+    @property
+    def compact(self) -> bool:
+        return self.supers.numel() > 0
+
+    @property
+    def op_supers(self) -> torch.Tensor | None:
+        """The op's `supers` argument: None for fp16 scales."""
+        return self.supers if self.compact else None
+
+    def block_scales(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """float32 `[rows, K / 32]` scales of rows `[start, stop)` (exact: d * sub-scale fits float32)."""
+        if not self.compact:
+            return self.scales[start:stop].float()
+        d = self.supers[start:stop, :, 0].float().repeat_interleave(SUPER_BLOCKS, dim=1)
+        return d * self.scales[start:stop].float()
+
     def block_mins(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """float32 `[rows, K / 32]` mins of rows `[start, stop)`, a symmetric weight's implied ones included."""
+        if self.compact:
+            dmin = self.supers[start:stop, :, 1].float().repeat_interleave(SUPER_BLOCKS, dim=1)
+            return -dmin * self.mins[start:stop].float()
         if not self.symmetric:
             return self.mins[start:stop].float()
         scales = self.scales[start:stop].float()
@@ -327,7 +369,7 @@ class QGemvWeight:
         codes = laid_codes(self.codes[start:stop], self.bits, k)
         u = (codes.view(torch.int8) if self.bits == 8 else codes).float()
         rows = u.shape[0]
-        s, m = self.scales[start:stop].float(), self.block_mins(start, stop)
+        s, m = self.block_scales(start, stop), self.block_mins(start, stop)
         b8, bp, blocks = region_blocks(k)
         g16 = b8 // 16
         # a group of 16 is [vector j, lanes of 16 blocks x 4 values], a group of 8 the same with 8 lanes: their
@@ -438,6 +480,43 @@ def from_blocks(
     u8 = codes.view(torch.uint8) if codes.dtype == torch.int8 else codes.to(torch.uint8)
     held = torch.empty(0, dtype=torch.float16) if mins is None else mins.half().contiguous()
     return QGemvWeight(pack_codes(u8.contiguous(), bits), scales.half().contiguous(), held, bits)
+
+
+def from_super_blocks(
+    codes: torch.Tensor, sub_scales: torch.Tensor, sub_mins: torch.Tensor, supers: torch.Tensor
+) -> QGemvWeight:
+    """A compact 4-bit weight (`QGemvWeight`) from row-order codes `[N, K]` (uint8 0..15), uint8 `[N, K / 32]`
+    sub-scales and sub-mins, and fp16 `[N, K / 256, 2]` (d, dmin) pairs: GGUF Q4_K's blocks as they are."""
+    n, k = codes.shape
+    if k % (BLOCK * SUPER_BLOCKS) or supers.shape != (n, k // (BLOCK * SUPER_BLOCKS), 2):
+        raise ValueError(f"super-blocks need K a multiple of 256 and [N, K / 256, 2] supers, got K={k}")
+    return QGemvWeight(
+        pack_codes(codes.to(torch.uint8).contiguous(), 4),
+        sub_scales.to(torch.uint8).contiguous(),
+        sub_mins.to(torch.uint8).contiguous(),
+        4,
+        supers.to(torch.float16).contiguous(),
+    )
+
+
+def quantize_super_blocks(w: torch.Tensor) -> QGemvWeight:
+    """A float `[N, K]` weight (K a multiple of 256) in the compact form, quantized about as Q4_K is: int4 with a
+    min per block, its scale and min as 6-bit multiples of its super-block's fp16 d and dmin (for `check` and
+    tests; the loader takes a file's Q4_K blocks as they are)."""
+    n, k = w.shape
+    blocks = w.float().view(n, k // BLOCK, BLOCK)
+    lo = blocks.amin(dim=-1).clamp_max(0.0)
+    scale = (blocks.amax(dim=-1) - lo) / 15
+    per_super = (n, k // (BLOCK * SUPER_BLOCKS), SUPER_BLOCKS)
+    d = (scale.view(per_super).amax(dim=-1) / 63).clamp_min(_FP16_MIN_NORMAL).half()
+    dmin = ((-lo).view(per_super).amax(dim=-1) / 63).clamp_min(_FP16_MIN_NORMAL).half()
+    dv = d.float().repeat_interleave(SUPER_BLOCKS, dim=1)
+    dminv = dmin.float().repeat_interleave(SUPER_BLOCKS, dim=1)
+    sub_scales = torch.round(scale / dv).clamp(1, 63)
+    sub_mins = torch.round(-lo / dminv).clamp(0, 63)
+    s, m = (dv * sub_scales)[..., None], (dminv * sub_mins)[..., None]
+    codes = torch.round((blocks + m) / s).clamp(0, 15).to(torch.uint8)
+    return from_super_blocks(codes.view(n, k), sub_scales, sub_mins, torch.stack([d, dmin], dim=-1))
 
 
 def quantize_blocks(w: torch.Tensor, bits: int, *, symmetric: bool = False) -> QGemvWeight:

@@ -128,14 +128,30 @@ def per_row(weight: Int8Weight) -> Int8Weight:
 
 
 @dataclass(slots=True)
+class SuperBlocks:
+    """A GGUF Q4_K plane's scales as the file holds them: uint8 `[N, K / 32]` 6-bit sub-scales and sub-mins and
+    float16 `[N, K / 256, 2]` (d, dmin) pairs, `scale = d * sub_scale`, `min = -dmin * sub_min` (our kernel keeps
+    them so: `qgemv.from_super_blocks`, 2.5 bytes a block of 32 instead of 4)."""
+
+    sub_scales: torch.Tensor
+    sub_mins: torch.Tensor
+    pairs: torch.Tensor
+
+    def take(self, rows: torch.Tensor) -> SuperBlocks:
+        return SuperBlocks(self.sub_scales[rows], self.sub_mins[rows], self.pairs[rows])
+
+
+@dataclass(slots=True)
 class Int4Weight:
     """`w[n, k] = (codes[n, k] - 8) * scales[n, k // g] + zeros[n, k // g]`, the int4 kernel's own formula:
-    uint8 `[N, K]` codes in 0..15, float32 `[N, K // g]` scales and zeros, `g = group_size`."""
+    uint8 `[N, K]` codes in 0..15, float32 `[N, K // g]` scales and zeros, `g = group_size`. A Q4_K plane also
+    carries its file's own scales (`super_blocks`), whose product is the same weight."""
 
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
     group_size: int
+    super_blocks: SuperBlocks | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -281,7 +297,8 @@ def kernel_available(name: KernelName) -> bool:
 def to_qgemv(weight: QuantWeight) -> qgemv.QGemvWeight | None:
     """The weight in our own kernel's layout where that kernel runs here and takes it: int8 per channel (each
     block gets its row's scale), or a single int4 plane of group 32 (`min = zero - 8 * scale`, none where every
-    zero is 0) with K a multiple of 64; None otherwise (torch's kernels run it)."""
+    zero is 0; a Q4_K plane's own compact scales) with K a multiple of 64; None otherwise (torch's kernels run
+    it)."""
     if qgemv.qgemv_kernel() is None:
         return None
     if isinstance(weight, Int8Weight):
@@ -297,6 +314,9 @@ def to_qgemv(weight: QuantWeight) -> qgemv.QGemvWeight | None:
     if len(weight) != 1 or weight[0].group_size != qgemv.BLOCK or not qgemv.fits(*weight[0].shape):
         return None
     plane = weight[0]
+    blocks = plane.super_blocks
+    if blocks is not None and plane.shape[1] % (qgemv.BLOCK * qgemv.SUPER_BLOCKS) == 0:
+        return qgemv.from_super_blocks(plane.codes, blocks.sub_scales, blocks.sub_mins, blocks.pairs)
     # zero points all 0 (GGUF Q4_0, symmetric re-quantization): no mins to store or read
     mins = None if not bool(plane.zeros.any()) else plane.zeros - 8 * plane.scales
     return qgemv.from_blocks(plane.codes, plane.scales, mins, 4)
@@ -408,6 +428,7 @@ class QuantLinear(QuantLinearBase):
     qcodes: torch.Tensor
     qscales: torch.Tensor
     qmins: torch.Tensor
+    qsupers: torch.Tensor
     dense: torch.Tensor | None
 
     def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None) -> None:
@@ -435,6 +456,7 @@ class QuantLinear(QuantLinearBase):
             self.register_buffer("qcodes", ours.codes)
             self.register_buffer("qscales", ours.scales)
             self.register_buffer("qmins", ours.mins)
+            self.register_buffer("qsupers", ours.supers)
         kept: Sequence[Int8Weight | Int4Weight] = [] if self.fallback or ours is not None else planes
         for i, plane in enumerate(kept):
             if isinstance(plane, Int8Weight):
@@ -453,7 +475,7 @@ class QuantLinear(QuantLinearBase):
         """The weight in our kernel's layout (the layer's own tensors); None where torch's kernels run it."""
         if self.qgemv is None:
             return None
-        return qgemv.QGemvWeight(self.qcodes, self.qscales, self.qmins, self.qgemv_bits)
+        return qgemv.QGemvWeight(self.qcodes, self.qscales, self.qmins, self.qgemv_bits, self.qsupers)
 
     def planes(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(packed weight, scales) per plane of torch's kernels; empty in the fallback or our kernel's layout."""
@@ -470,7 +492,7 @@ class QuantLinear(QuantLinearBase):
         """Bytes of the weight as stored (codes and scales, bias excluded)."""
         tensors = [t for pair in self.planes() for t in pair] if self.dense is None else [self.dense]
         if self.qgemv is not None:
-            tensors = [self.qcodes, self.qscales, self.qmins]
+            tensors = [self.qcodes, self.qscales, self.qmins, self.qsupers]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def extra_repr(self) -> str:
@@ -490,7 +512,13 @@ class QuantLinear(QuantLinearBase):
             if x2.dtype != torch.float32 and x2.dtype != KERNEL_DTYPE:
                 x2 = x2.to(KERNEL_DTYPE)
             y = self.qgemv(
-                x2.contiguous(), self.qcodes, self.qscales, self.qmins, self.qgemv_bits, self.dense_rows
+                x2.contiguous(),
+                self.qcodes,
+                self.qscales,
+                self.qmins,
+                self.qgemv_bits,
+                self.dense_rows,
+                self.qsupers,
             )
         else:
             if x2.dtype != KERNEL_DTYPE:
@@ -715,6 +743,7 @@ class QGemvEmbedding(nn.Module):
     codes: torch.Tensor
     scales: torch.Tensor
     mins: torch.Tensor
+    supers: torch.Tensor
 
     def __init__(self, head: QuantLinear, dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
@@ -727,11 +756,12 @@ class QGemvEmbedding(nn.Module):
         self.register_buffer("codes", ours.codes)  # the head's own tensors: counted once
         self.register_buffer("scales", ours.scales)
         self.register_buffer("mins", ours.mins)
+        self.register_buffer("supers", ours.supers)
         # the head's build's `q_rows`: the rows dequantized in one call
         self.lookup = qgemv.sibling_op(head.qgemv, "q_rows")
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lookup(ids.long(), self.codes, self.scales, self.mins, self.bits, self.dtype)
+        return self.lookup(ids.long(), self.codes, self.scales, self.mins, self.bits, self.dtype, self.supers)
 
 
 def gguf_q8_0_blocks(data: np.ndarray, shape: Sequence[int]) -> Int8Weight:
@@ -963,6 +993,17 @@ def _q4_k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc.astype(np.float32), mn.astype(np.float32)
 
 
+def _super_blocks(blocks: np.ndarray, rows: int) -> SuperBlocks:
+    """Q4_K super-blocks' own scales (`SuperBlocks`): the 6-bit sub-scales and sub-mins and the fp16 (d, dmin)."""
+    sc, mn = _q4_k_scale_min(blocks[..., 4:16])
+    pairs = np.ascontiguousarray(blocks[..., 0:4]).view(np.float16)
+    return SuperBlocks(
+        torch.from_numpy(sc.astype(np.uint8).reshape(rows, -1)),
+        torch.from_numpy(mn.astype(np.uint8).reshape(rows, -1)),
+        torch.from_numpy(pairs.reshape(rows, -1, 2).copy()),
+    )
+
+
 def _q_k_codes_scales(blocks: np.ndarray, five_bit: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Q4_K/Q5_K super-blocks -> (codes [rows, nb, 8, 32] uint8 0..15 or 0..31, scale [rows, nb, 8], min)."""
     d = _f16(blocks[..., 0:2])[..., None]
@@ -1028,6 +1069,7 @@ def gguf_to_int4(data: np.ndarray, tensor_type: int, shape: Sequence[int]) -> li
         codes, scale, mn = _q_k_codes_scales(b, five)
         lo_plane = _int4(codes & 0x0F, scale, np.float32(8) * scale - mn, rows)
         if not five:
+            lo_plane.super_blocks = _super_blocks(b, rows)
             return [lo_plane]
         hi = (codes >> 4) + 8  # 0 or 1, stored as 8 or 9 so that (q - 8) * 16 * scale is the fifth bit
         return [_int4(hi, np.float32(16) * scale, np.zeros_like(scale), rows), lo_plane]

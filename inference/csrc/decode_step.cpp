@@ -27,15 +27,16 @@
 
 namespace {
 
-// The tensors each layer hands over, in this order (an empty tensor where the model has none: biases, q/k norms).
+// The tensors each layer hands over, in this order (an empty tensor where the model has none: biases, q/k norms,
+// and the super-blocks of a product whose scales are not Q4_K's compact ones).
 enum Slot : int64_t {
   kInputNorm,
-  kQkvCodes, kQkvScales, kQkvMins, kQkvBias,
+  kQkvCodes, kQkvScales, kQkvMins, kQkvSupers, kQkvBias,
   kQNorm, kKNorm,
-  kOCodes, kOScales, kOMins, kOBias,
+  kOCodes, kOScales, kOMins, kOSupers, kOBias,
   kPostNorm,
-  kGateUpCodes, kGateUpScales, kGateUpMins,
-  kDownCodes, kDownScales, kDownMins,
+  kGateUpCodes, kGateUpScales, kGateUpMins, kGateUpSupers,
+  kDownCodes, kDownScales, kDownMins, kDownSupers,
   kSlots
 };
 // ... and its integers: each product's code width and `dense_rows`, in the order qkv, o, gate_up, down.
@@ -412,7 +413,7 @@ at::Tensor run_step(const at::Tensor& x_in, const at::Tensor& cos, const at::Ten
       }
     }
 
-    at::Tensor qkv = QGEMV_NAMESPACE::q_linear(normed, w[kQkvCodes], w[kQkvScales], w[kQkvMins], n[0], n[1]);
+    at::Tensor qkv = QGEMV_NAMESPACE::q_linear(normed, w[kQkvCodes], w[kQkvScales], w[kQkvMins], n[0], n[1], w[kQkvSupers]);
     add_bias<T>(qkv, w[kQkvBias]);
     T* qkvp = qkv.data_ptr<T>();
     const T* q_norm = ptr<T>(w[kQNorm]);
@@ -447,7 +448,7 @@ at::Tensor run_step(const at::Tensor& x_in, const at::Tensor& cos, const at::Ten
       }
     });
 
-    at::Tensor o = QGEMV_NAMESPACE::q_linear(attn, w[kOCodes], w[kOScales], w[kOMins], n[2], n[3]);
+    at::Tensor o = QGEMV_NAMESPACE::q_linear(attn, w[kOCodes], w[kOScales], w[kOMins], n[2], n[3], w[kOSupers]);
     add_bias<T>(o, w[kOBias]);
     const T* op = o.data_ptr<T>();
     const T* post_norm = w[kPostNorm].data_ptr<T>();
@@ -455,8 +456,8 @@ at::Tensor run_step(const at::Tensor& x_in, const at::Tensor& cos, const at::Ten
       add_rms_norm(op + m * hidden, rp + m * hidden, post_norm, hidden, eps, np + m * hidden);
     }
 
-    at::Tensor gate_up =
-        QGEMV_NAMESPACE::q_linear(normed, w[kGateUpCodes], w[kGateUpScales], w[kGateUpMins], n[4], n[5]);
+    at::Tensor gate_up = QGEMV_NAMESPACE::q_linear(normed, w[kGateUpCodes], w[kGateUpScales], w[kGateUpMins], n[4],
+                                                   n[5], w[kGateUpSupers]);
     const int64_t inter = gate_up.size(1) / 2;
     at::Tensor act = at::empty({rows, inter}, opts);
     const T* gp = gate_up.data_ptr<T>();
@@ -468,7 +469,7 @@ at::Tensor run_step(const at::Tensor& x_in, const at::Tensor& cos, const at::Ten
         actp[m * inter + i] = static_cast<T>(silu * static_cast<float>(gp[m * 2 * inter + inter + i]));
       }
     }
-    x = QGEMV_NAMESPACE::q_linear(act, w[kDownCodes], w[kDownScales], w[kDownMins], n[6], n[7]);
+    x = QGEMV_NAMESPACE::q_linear(act, w[kDownCodes], w[kDownScales], w[kDownMins], n[6], n[7], w[kDownSupers]);
     xp = x.data_ptr<T>();
   }
 

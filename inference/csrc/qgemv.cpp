@@ -3,8 +3,9 @@
 // integer one (AVX512-VNNI `vpdpbusd`, or AVX2 `vpmaddubsw`), scaled once per block. Built per CPU by
 // inference/qgemv.py, which also lays the weights out as described there (`pack_codes`).
 //
-// A weight row is `w[k] = u[k] * scale[k / 32] + min[k / 32]`, its blocks in three regions, in order (a weight
-// without mins, an empty tensor, is symmetric: `min = -8 * scale` for 4 bits, as GGUF Q4_0; 0 for 8 bits):
+// A weight row is `w[k] = u[k] * scale[k / 32] + min[k / 32]` (`Meta`: fp16 scales and mins, or GGUF Q4_K's own
+// 8-bit ones under an fp16 pair per 8 blocks), its blocks in three regions, in order (a weight without mins, an
+// empty tensor, is symmetric: `min = -8 * scale` for 4 bits, as GGUF Q4_0; 0 for 8 bits):
 //   - groups of 16 blocks: vector j (0..7) holds values 4j..4j+3 of each of the 16 blocks, block i at bytes
 //     4i..4i+3, so eight integer dot products leave the 16 block sums in one register's 16 lanes;
 //   - at most one group of 8 blocks, the same with 8 lanes (32-byte vectors);
@@ -30,6 +31,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -46,15 +48,6 @@ inline void prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const cha
 // mins of the row about as far ahead: without these, rows of 28 blocks (Qwen2.5-0.5B's 896) read at 17 GB/s.
 inline void prefetch_run(const uint8_t* p, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) prefetch(p + off);
-}
-
-inline void prefetch_meta(const uint16_t* sc, const uint16_t* mn, int64_t blocks, int64_t row_bytes) {
-  const int64_t ahead = std::max<int64_t>(1, kPrefetch / row_bytes) * blocks;
-  _mm_prefetch(reinterpret_cast<const char*>(sc + ahead), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(sc + ahead + blocks - 1), _MM_HINT_T0);
-  if (mn == nullptr) return;
-  _mm_prefetch(reinterpret_cast<const char*>(mn + ahead), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(mn + ahead + blocks - 1), _MM_HINT_T0);
 }
 
 struct Regions {
@@ -127,14 +120,60 @@ void for_each_row(const at::Tensor& x, Fn&& fn) {
 
 inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
-// Block b's min: its own (`mn`), none for a symmetric weight, plus `offset * scale` (`scale_min_offset`).
-inline float block_min(const uint16_t* mn, int64_t b, float scale, float offset) {
-  return (mn ? half_to_float(mn[b]) : 0.f) + offset * scale;
-}
+// A weight's block scales and mins, in one of two forms:
+//   - fp16 a block: `sc`, and `mn` (null for a symmetric weight);
+//   - GGUF Q4_K's own (`sup` set; 4-bit codes, K a multiple of 256): 8-bit sub-scales `sc8` and sub-mins `mn8` a
+//     block under an fp16 (d, dmin) pair a super-block of 8 blocks, `scale = d * sc8`, `min = -dmin * mn8`:
+//     2.5 bytes a block where the fp16 pair takes 4, which a decode step that streams the weights reads faster.
+// A super-block is 8 blocks, so a group of 16 in the layout is two of them and the group of 8 one; such a row has
+// no pairs (their code takes the fp16 form only).
+struct Meta {
+  const uint16_t* sc = nullptr;
+  const uint16_t* mn = nullptr;
+  const uint8_t* sc8 = nullptr;
+  const uint8_t* mn8 = nullptr;
+  const uint16_t* sup = nullptr;
+
+  bool compact() const { return sup != nullptr; }
+  bool symmetric() const { return !compact() && mn == nullptr; }
+  // row n's, of a weight with `blocks` blocks a row
+  Meta row(int64_t n, int64_t blocks) const {
+    if (compact()) return Meta{nullptr, nullptr, sc8 + n * blocks, mn8 + n * blocks, sup + n * (blocks / 8) * 2};
+    return Meta{sc + n * blocks, mn ? mn + n * blocks : nullptr};
+  }
+  // block b's scale, and its min plus `offset * scale` (`scale_min_offset`)
+  float scale(int64_t b) const {
+    return compact() ? half_to_float(sup[b / 8 * 2]) * static_cast<float>(sc8[b]) : half_to_float(sc[b]);
+  }
+  float min(int64_t b, float scale, float offset) const {
+    const float own = compact() ? -half_to_float(sup[b / 8 * 2 + 1]) * static_cast<float>(mn8[b])
+                                : (mn ? half_to_float(mn[b]) : 0.f);
+    return own + offset * scale;
+  }
+};
 
 // The multiple of a block's scale added to its min where codes are read as signed: -8 for a symmetric int4
 // weight (Q4_0's `(q - 8) * d`), else 0.
-inline float scale_min_offset(int64_t bits, const uint16_t* mins) { return bits == 4 && !mins ? -8.f : 0.f; }
+inline float scale_min_offset(int64_t bits, const Meta& meta) { return bits == 4 && meta.symmetric() ? -8.f : 0.f; }
+
+// The row's scales and mins about as far ahead as `prefetch` reads its codes.
+inline void prefetch_meta(const Meta& r, int64_t blocks, int64_t row_bytes) {
+  const int64_t rows_ahead = std::max<int64_t>(1, kPrefetch / row_bytes), ahead = rows_ahead * blocks;
+  auto line = [](const void* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); };
+  if (r.compact()) {
+    line(r.sc8 + ahead);
+    line(r.sc8 + ahead + blocks - 1);
+    line(r.mn8 + ahead);
+    line(r.mn8 + ahead + blocks - 1);
+    line(r.sup + rows_ahead * (blocks / 8) * 2);
+    return;
+  }
+  line(r.sc + ahead);
+  line(r.sc + ahead + blocks - 1);
+  if (r.mn == nullptr) return;
+  line(r.mn + ahead);
+  line(r.mn + ahead + blocks - 1);
+}
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 
@@ -161,17 +200,36 @@ inline __m512i unpack4(const uint8_t* p) {  // 32 bytes -> 64 codes: low nibbles
   return _mm512_and_si512(_mm512_srlv_epi64(raw, _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0)), _mm512_set1_epi8(0x0F));
 }
 
-// The blocks' mins, `min + offset * scale` over the lanes of `mask` (`block_min` a lane at a time).
+// The blocks' mins, `min + offset * scale` over the lanes of `mask` (`Meta::min` a lane at a time).
 inline __m512 block_mins(__m512 sv, const uint16_t* mn, int64_t b0, __mmask16 mask, float offset) {
   const __m512 own = mn ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, mn + b0)) : _mm512_setzero_ps();
   return _mm512_fmadd_ps(sv, _mm512_set1_ps(offset), own);
 }
 
+// The scales (`sv`) and mins (`mv`, `block_mins`) of blocks b0.. of a row over the lanes of `mask` (16 or 8 lanes
+// from a super-block's start in the compact form: lanes 0..7 under one (d, dmin), 8..15 under the next).
+inline void scales_mins(const Meta& r, int64_t b0, __mmask16 mask, float offset, __m512& sv, __m512& mv) {
+  if (!r.compact()) {
+    sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, r.sc + b0));
+    mv = block_mins(sv, r.mn, b0, mask, offset);
+    return;
+  }
+  const uint16_t* sup = r.sup + b0 / 8 * 2;
+  const bool two = mask > 0xFF;
+  const __m512 d = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(half_to_float(sup[0])),
+                                        _mm512_set1_ps(two ? half_to_float(sup[2]) : 0.f));
+  const __m512 dmin = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(-half_to_float(sup[1])),
+                                           _mm512_set1_ps(two ? -half_to_float(sup[3]) : 0.f));
+  sv = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, r.sc8 + b0))));
+  const __m512 own = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, r.mn8 + b0))));
+  mv = _mm512_fmadd_ps(sv, _mm512_set1_ps(offset), own);
+}
+
 // `acc += dot * scale * x.d + min' * x.s` over the lanes of `mask`, one lane a block, for blocks b0.. of a row.
-inline __m512 fold_blocks(__m512 acc, __m512 dot, const uint16_t* sc, const uint16_t* mn, float offset,
-                          const QuantRow& x, int64_t b0, __mmask16 mask, float dot_scale = 1.f) {
-  const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, sc + b0));
-  const __m512 mv = block_mins(sv, mn, b0, mask, offset);
+inline __m512 fold_blocks(__m512 acc, __m512 dot, const Meta& r, float offset, const QuantRow& x, int64_t b0,
+                          __mmask16 mask, float dot_scale = 1.f) {
+  __m512 sv, mv;
+  scales_mins(r, b0, mask, offset, sv, mv);
   const __m512 xd = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x.d + b0), _mm512_set1_ps(dot_scale));
   acc = _mm512_fmadd_ps(dot, _mm512_mul_ps(sv, xd), acc);
   return _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(mask, x.s + b0), acc);
@@ -181,19 +239,18 @@ inline __m512 fold_blocks(__m512 acc, __m512 dot, const uint16_t* sc, const uint
 // `vpdpbusd` waits for the last one on its register); for int4 those are the low and the high nibbles, the high
 // ones taken as 16 * code (`& 0xF0`, no shift) and scaled back once per group.
 template <int MR, int BITS, typename OutT>
-void row_block(const uint8_t* codes, const uint16_t* scales, const uint16_t* mins, int64_t n_total, int64_t k,
-               const QuantRow* x, OutT* out, int64_t n) {
+void row_block(const uint8_t* codes, const Meta& meta, int64_t n_total, int64_t k, const QuantRow* x, OutT* out,
+               int64_t n) {
   const int64_t blocks = k / kBlock;
   const Regions reg(blocks);
   const int64_t row_bytes = BITS == 4 ? k / 2 : k;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   const __m512i low4 = _mm512_set1_epi8(0x0F), high4 = _mm512_set1_epi8(static_cast<char>(0xF0));
   const uint8_t* w = codes + n * row_bytes;
-  const uint16_t* sc = scales + n * blocks;
-  const uint16_t* mn = mins ? mins + n * blocks : nullptr;
+  const Meta r = meta.row(n, blocks);
   // int8 codes are read as q + 128 here (`vpdpbusd` multiplies unsigned by signed bytes)
-  const float offset = scale_min_offset(BITS, mins) + (BITS == 8 ? -128.f : 0.f);
-  prefetch_meta(sc, mn, blocks, row_bytes);
+  const float offset = scale_min_offset(BITS, meta) + (BITS == 8 ? -128.f : 0.f);
+  prefetch_meta(r, blocks, row_bytes);
   __m512 acc[MR];
   for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
   int64_t b0 = 0;
@@ -214,7 +271,7 @@ void row_block(const uint8_t* codes, const uint16_t* scales, const uint16_t* min
       }
       for (int m = 0; m < MR; ++m) {
         const __m512i d = _mm512_add_epi32(_mm512_slli_epi32(dot[m][0], 4), dot[m][1]);
-        acc[m] = fold_blocks(acc[m], _mm512_cvtepi32_ps(d), sc, mn, offset, x[m], b0, 0xFFFF, 1.f / 16.f);
+        acc[m] = fold_blocks(acc[m], _mm512_cvtepi32_ps(d), r, offset, x[m], b0, 0xFFFF, 1.f / 16.f);
       }
     } else {
       for (int j = 0; j < 8; ++j) {
@@ -224,8 +281,8 @@ void row_block(const uint8_t* codes, const uint16_t* scales, const uint16_t* min
           dot[m][j % 2] = _mm512_dpbusd_epi32(dot[m][j % 2], wv, _mm512_loadu_si512(xg[m] + j * 64));
       }
       for (int m = 0; m < MR; ++m)
-        acc[m] = fold_blocks(acc[m], _mm512_cvtepi32_ps(_mm512_add_epi32(dot[m][0], dot[m][1])), sc, mn, offset,
-                             x[m], b0, 0xFFFF);
+        acc[m] = fold_blocks(acc[m], _mm512_cvtepi32_ps(_mm512_add_epi32(dot[m][0], dot[m][1])), r, offset, x[m],
+                             b0, 0xFFFF);
     }
   }
   if (reg.group8) {
@@ -254,17 +311,18 @@ void row_block(const uint8_t* codes, const uint16_t* scales, const uint16_t* min
     for (int m = 0; m < MR; ++m) {
       const __m256i d = BITS == 4 ? _mm256_add_epi32(_mm256_slli_epi32(dot[m][0], 4), dot[m][1])
                                   : _mm256_add_epi32(dot[m][0], dot[m][1]);
-      acc[m] = fold_blocks(acc[m], _mm512_zextps256_ps512(_mm256_cvtepi32_ps(d)), sc, mn, offset, x[m], b0, 0xFF,
+      acc[m] = fold_blocks(acc[m], _mm512_zextps256_ps512(_mm256_cvtepi32_ps(d)), r, offset, x[m], b0, 0xFF,
                            BITS == 4 ? 1.f / 16.f : 1.f);
     }
     b0 += 8;
   }
   if (reg.pairs) {
     // one block pair a register: lanes 0..7 are block b, 8..15 block b + 1, brought to block order by a permute
+    // (fp16 scales: a compact row has no pairs)
     const __mmask16 mask = static_cast<__mmask16>((1u << (2 * reg.pairs)) - 1u);
     prefetch_run(w + b0 * kBlock * BITS / 8, reg.pairs * 2 * kBlock * BITS / 8);
-    const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, sc + b0));
-    const __m512 mv = block_mins(sv, mn, b0, mask, offset);
+    const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, r.sc + b0));
+    const __m512 mv = block_mins(sv, r.mn, b0, mask, offset);
     for (int m = 0; m < MR; ++m) {
       const __m512 block_scale = _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(mask, x[m].d + b0));
       acc[m] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(mask, x[m].s + b0), acc[m]);
@@ -283,9 +341,9 @@ void row_block(const uint8_t* codes, const uint16_t* scales, const uint16_t* min
 }
 
 template <int MR, int BITS, typename OutT>
-void rows_kernel(const uint8_t* codes, const uint16_t* scales, const uint16_t* mins, int64_t n_total, int64_t k,
-                 const QuantRow* x, OutT* out, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) row_block<MR, BITS, OutT>(codes, scales, mins, n_total, k, x, out, n);
+void rows_kernel(const uint8_t* codes, const Meta& meta, int64_t n_total, int64_t k, const QuantRow* x, OutT* out,
+                 int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) row_block<MR, BITS, OutT>(codes, meta, n_total, k, x, out, n);
 }
 
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -343,24 +401,37 @@ inline __m256 load_half8(const uint16_t* p) {
 
 // Weight rows [n0, n1) against `MR` activation rows. Groups run 8 lanes at a time (a 16-block group as two
 // halves: its low nibbles, or first 32 bytes of a vector, are blocks 0..7).
+// 8 blocks' 8-bit sub-scales or sub-mins (compact form) as floats.
+inline __m256 load_byte8(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
 template <int MR, int BITS, typename OutT>
-void rows_kernel(const uint8_t* codes, const uint16_t* scales, const uint16_t* mins, int64_t n_total, int64_t k,
-                 const QuantRow* x, OutT* out, int64_t n0, int64_t n1) {
+void rows_kernel(const uint8_t* codes, const Meta& meta, int64_t n_total, int64_t k, const QuantRow* x, OutT* out,
+                 int64_t n0, int64_t n1) {
   const int64_t blocks = k / kBlock;
   const Regions reg(blocks);
   const int64_t row_bytes = BITS == 4 ? k / 2 : k;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
-  const float offset = scale_min_offset(BITS, mins);
+  const float offset = scale_min_offset(BITS, meta);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = codes + n * row_bytes;
-    const uint16_t* sc = scales + n * blocks;
-    const uint16_t* mn = mins ? mins + n * blocks : nullptr;
-    prefetch_meta(sc, mn, blocks, row_bytes);
+    const Meta r = meta.row(n, blocks);
+    prefetch_meta(r, blocks, row_bytes);
     __m256 acc[MR];
     for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
+    // blocks b..b + 7 (in the compact form, one super-block: b is a multiple of 8)
     auto finish8 = [&](const __m256i* dot, int64_t b) {
-      const __m256 sv = load_half8(sc + b);
-      const __m256 mv = _mm256_fmadd_ps(sv, _mm256_set1_ps(offset), mn ? load_half8(mn + b) : _mm256_setzero_ps());
+      __m256 sv, mv;
+      if (r.compact()) {
+        const uint16_t* sup = r.sup + b / 8 * 2;
+        sv = _mm256_mul_ps(_mm256_set1_ps(half_to_float(sup[0])), load_byte8(r.sc8 + b));
+        mv = _mm256_fmadd_ps(sv, _mm256_set1_ps(offset),
+                             _mm256_mul_ps(_mm256_set1_ps(-half_to_float(sup[1])), load_byte8(r.mn8 + b)));
+      } else {
+        sv = load_half8(r.sc + b);
+        mv = _mm256_fmadd_ps(sv, _mm256_set1_ps(offset), r.mn ? load_half8(r.mn + b) : _mm256_setzero_ps());
+      }
       for (int m = 0; m < MR; ++m) {
         const __m256 bs = _mm256_mul_ps(sv, _mm256_loadu_ps(x[m].d + b));
         acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m]), bs, acc[m]);
@@ -426,7 +497,7 @@ void rows_kernel(const uint8_t* codes, const uint16_t* scales, const uint16_t* m
         wv[1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (b0 + 1) * kBlock));
       }
       for (int h = 0; h < 2; ++h) {
-        const float s = half_to_float(sc[b0 + h]), mnv = block_min(mn, b0 + h, s, offset);
+        const float s = r.scale(b0 + h), mnv = r.min(b0 + h, s, offset);
         for (int m = 0; m < MR; ++m) {
           const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[m].q + (b0 + h) * kBlock));
           const __m256i dot = dot8<BITS>(_mm256_setzero_si256(), wv[h], xv);
@@ -444,13 +515,13 @@ void rows_kernel(const uint8_t* codes, const uint16_t* scales, const uint16_t* m
 #endif
 
 template <int BITS, typename OutT>
-void run_rows(int64_t mr, const uint8_t* codes, const uint16_t* scales, const uint16_t* mins, int64_t n_total,
-              int64_t k, const QuantRow* x, OutT* out, int64_t n0, int64_t n1) {
+void run_rows(int64_t mr, const uint8_t* codes, const Meta& meta, int64_t n_total, int64_t k, const QuantRow* x,
+              OutT* out, int64_t n0, int64_t n1) {
   switch (mr) {
-    case 1: return rows_kernel<1, BITS, OutT>(codes, scales, mins, n_total, k, x, out, n0, n1);
-    case 2: return rows_kernel<2, BITS, OutT>(codes, scales, mins, n_total, k, x, out, n0, n1);
-    case 3: return rows_kernel<3, BITS, OutT>(codes, scales, mins, n_total, k, x, out, n0, n1);
-    default: return rows_kernel<4, BITS, OutT>(codes, scales, mins, n_total, k, x, out, n0, n1);
+    case 1: return rows_kernel<1, BITS, OutT>(codes, meta, n_total, k, x, out, n0, n1);
+    case 2: return rows_kernel<2, BITS, OutT>(codes, meta, n_total, k, x, out, n0, n1);
+    case 3: return rows_kernel<3, BITS, OutT>(codes, meta, n_total, k, x, out, n0, n1);
+    default: return rows_kernel<4, BITS, OutT>(codes, meta, n_total, k, x, out, n0, n1);
   }
 }
 
@@ -485,13 +556,12 @@ inline void put(float* o, float v) { *o = v; }
 // a pair's 2 vectors are its blocks); int4 packs each two vectors of a region into `width` bytes (low, then high
 // nibbles). `offset * scale` is a symmetric weight's min (int8 codes are signed here).
 template <int BITS, typename Out>
-void dequantize_laid_row(const uint8_t* w, const uint16_t* sc, const uint16_t* mn, float offset, const Regions& r,
-                         Out* out) {
+void dequantize_laid_row(const uint8_t* w, const Meta& row, float offset, const Regions& r, Out* out) {
   alignas(64) float sl[64], ml[64];
   int64_t b = 0, c = 0;  // the next block, and its first column
   auto lanes = [&](int64_t blocks) {
     for (int64_t i = 0; i < blocks; ++i) {
-      const float s = half_to_float(sc[b + i]), m = block_min(mn, b + i, s, offset);
+      const float s = row.scale(b + i), m = row.min(b + i, s, offset);
       for (int64_t v = 0; v < 4; ++v) sl[4 * i + v] = s, ml[4 * i + v] = m;
     }
   };
@@ -520,7 +590,7 @@ void dequantize_laid_row(const uint8_t* w, const uint16_t* sc, const uint16_t* m
   }
   for (int64_t p = 0; p < r.pairs; ++p, b += 2) {
     for (int64_t h = 0; h < 2; ++h) {
-      const float s = half_to_float(sc[b + h]), m = block_min(mn, b + h, s, offset);
+      const float s = row.scale(b + h), m = row.min(b + h, s, offset);
       for (int64_t l = 0; l < kBlock; ++l) sl[kBlock * h + l] = s, ml[kBlock * h + l] = m;
     }
     // a pair is two vectors of 32 sharing 32 bytes (4 bits); its lane row spans both
@@ -542,8 +612,7 @@ constexpr int64_t kDenseChunk = int64_t{1} << 21;
 
 // x [rows, K] @ W.T through bf16 matrix products: the activations rounded as the kernel rounds them (a token's
 // logits then do not depend on which path its step took), the weights dequantized a slice of rows at a time.
-at::Tensor dense_linear(const at::Tensor& x, const uint8_t* codes, const uint16_t* scales, const uint16_t* mins,
-                        int64_t n, int64_t bits) {
+at::Tensor dense_linear(const at::Tensor& x, const uint8_t* codes, const Meta& meta, int64_t n, int64_t bits) {
   const int64_t rows = x.size(0), k = x.size(1), blocks = k / kBlock;
   const Regions reg(blocks);
   const auto bf16 = x.options().dtype(at::kBFloat16);
@@ -551,7 +620,7 @@ at::Tensor dense_linear(const at::Tensor& x, const uint8_t* codes, const uint16_
   auto* xrp = reinterpret_cast<uint16_t*>(xr.data_ptr<c10::BFloat16>());
   for_each_row(x, [&](const auto* row, int64_t m) { round_laid_row(row, k, reg, xrp + m * k); });
   const int64_t row_bytes = bits == 4 ? k / 2 : k;
-  const float offset = scale_min_offset(bits, mins);
+  const float offset = scale_min_offset(bits, meta);
   const int64_t step = std::max<int64_t>(1, kDenseChunk / k);
   at::Tensor out = at::empty({rows, n}, bf16);
   at::Tensor w = at::empty({std::min(step, n), k}, bf16);
@@ -560,10 +629,10 @@ at::Tensor dense_linear(const at::Tensor& x, const uint8_t* codes, const uint16_
     auto* wp = reinterpret_cast<uint16_t*>(w.data_ptr<c10::BFloat16>());
     at::parallel_for(n0, n1, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const uint16_t* mn = mins ? mins + r * blocks : nullptr;
+        const Meta row = meta.row(r, blocks);
         uint16_t* o = wp + (r - n0) * k;
-        bits == 4 ? dequantize_laid_row<4>(codes + r * row_bytes, scales + r * blocks, mn, offset, reg, o)
-                  : dequantize_laid_row<8>(codes + r * row_bytes, scales + r * blocks, mn, offset, reg, o);
+        bits == 4 ? dequantize_laid_row<4>(codes + r * row_bytes, row, offset, reg, o)
+                  : dequantize_laid_row<8>(codes + r * row_bytes, row, offset, reg, o);
       }
     });
     if (n1 - n0 == n) {
@@ -575,6 +644,29 @@ at::Tensor dense_linear(const at::Tensor& x, const uint8_t* codes, const uint16_
   return x.scalar_type() == at::kBFloat16 ? out : out.to(x.scalar_type());
 }
 
+// The scales and mins of a weight of `n` rows and `blocks` blocks a row, checked: fp16 ones, or with `supers` (not
+// empty) Q4_K's compact form (`Meta`).
+Meta meta_of(const at::Tensor& scales, const at::Tensor& mins, const std::optional<at::Tensor>& supers, int64_t n,
+             int64_t blocks, int64_t bits) {
+  if (supers.has_value() && supers->defined() && supers->numel() > 0) {
+    TORCH_CHECK(bits == 4 && blocks % 8 == 0,
+                "super-blocks need 4-bit codes and an input size that is a multiple of 256");
+    TORCH_CHECK(supers->scalar_type() == at::kHalf && supers->is_contiguous() && supers->numel() == n * blocks / 4,
+                "supers must be contiguous float16 [N, K / 256, 2] (d, dmin)");
+    TORCH_CHECK(scales.scalar_type() == at::kByte && mins.scalar_type() == at::kByte && scales.is_contiguous() &&
+                    mins.is_contiguous() && scales.numel() == n * blocks && mins.numel() == n * blocks,
+                "with supers, scales and mins must be contiguous uint8 [N, K / 32] (sub-scales and sub-mins)");
+    return Meta{nullptr, nullptr, scales.data_ptr<uint8_t>(), mins.data_ptr<uint8_t>(),
+                reinterpret_cast<const uint16_t*>(supers->data_ptr<c10::Half>())};
+  }
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && mins.scalar_type() == at::kHalf && scales.is_contiguous() &&
+                  mins.is_contiguous() && scales.numel() == n * blocks &&
+                  (mins.numel() == n * blocks || mins.numel() == 0),
+              "scales and mins must be contiguous float16 [N, K / 32] (mins empty for a symmetric weight)");
+  return Meta{reinterpret_cast<const uint16_t*>(scales.data_ptr<c10::Half>()),
+              mins.numel() ? reinterpret_cast<const uint16_t*>(mins.data_ptr<c10::Half>()) : nullptr};
+}
+
 }  // namespace
 
 namespace QGEMV_NAMESPACE {
@@ -582,7 +674,7 @@ namespace QGEMV_NAMESPACE {
 // y[m, n] = sum_k x[m, k] * w[n, k] for x of any row count: the integer kernel up to `dense_rows` rows (the weights
 // read once per four; every row if negative), the dense path above.
 at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
-                    int64_t bits, int64_t dense_rows) {
+                    int64_t bits, int64_t dense_rows, const std::optional<at::Tensor>& supers) {
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, got ", bits);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous 2-D CPU tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
@@ -592,14 +684,9 @@ at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tens
                   codes.size(1) == (bits == 4 ? k / 2 : k),
               "codes must be contiguous uint8 [N, K / 2] (4 bits) or [N, K] (8 bits)");
   const int64_t blocks = k / kBlock;
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && mins.scalar_type() == at::kHalf && scales.is_contiguous() &&
-                  mins.is_contiguous() && scales.numel() == n * blocks &&
-                  (mins.numel() == n * blocks || mins.numel() == 0),
-              "scales and mins must be contiguous float16 [N, K / 32] (mins empty for a symmetric weight)");
+  const Meta meta = meta_of(scales, mins, supers, n, blocks, bits);
   const auto* cp = codes.data_ptr<uint8_t>();
-  const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<c10::Half>());
-  const auto* mp = mins.numel() ? reinterpret_cast<const uint16_t*>(mins.data_ptr<c10::Half>()) : nullptr;
-  if (dense_rows >= 0 && rows > dense_rows) return dense_linear(x, cp, sp, mp, n, bits);
+  if (dense_rows >= 0 && rows > dense_rows) return dense_linear(x, cp, meta, n, bits);
   const Regions reg(blocks);
   std::vector<int8_t> xq(rows * k);
   std::vector<float> xd(rows * blocks), xs(rows * blocks);
@@ -623,12 +710,12 @@ at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tens
       const int64_t mr = std::min<int64_t>(4, rows - m0);
       if (as_float) {
         float* op = out.data_ptr<float>() + m0 * n;
-        bits == 4 ? run_rows<4>(mr, cp, sp, mp, n, k, &qrows[m0], op, n0, n1)
-                  : run_rows<8>(mr, cp, sp, mp, n, k, &qrows[m0], op, n0, n1);
+        bits == 4 ? run_rows<4>(mr, cp, meta, n, k, &qrows[m0], op, n0, n1)
+                  : run_rows<8>(mr, cp, meta, n, k, &qrows[m0], op, n0, n1);
       } else {
         c10::BFloat16* op = out.data_ptr<c10::BFloat16>() + m0 * n;
-        bits == 4 ? run_rows<4>(mr, cp, sp, mp, n, k, &qrows[m0], op, n0, n1)
-                  : run_rows<8>(mr, cp, sp, mp, n, k, &qrows[m0], op, n0, n1);
+        bits == 4 ? run_rows<4>(mr, cp, meta, n, k, &qrows[m0], op, n0, n1)
+                  : run_rows<8>(mr, cp, meta, n, k, &qrows[m0], op, n0, n1);
       }
     }
     }
@@ -640,16 +727,15 @@ at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tens
 // row order, as [ids..., K] in `dtype` (float32, or bf16 rounded once): the lookup of a tied table that is also the
 // head, one call where the torch version took about twenty small ops (0.4 ms a Qwen2.5-0.5B decode step).
 at::Tensor q_rows(const at::Tensor& ids, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
-                  int64_t bits, at::ScalarType dtype) {
+                  int64_t bits, at::ScalarType dtype, const std::optional<at::Tensor>& supers) {
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, got ", bits);
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dtype must be float32 or bfloat16");
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.device().is_cpu(), "ids must be int64 on the CPU");
   const int64_t n = codes.size(0), blocks = scales.size(1), k = blocks * kBlock;
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2 &&
-                  codes.size(1) == (bits == 4 ? k / 2 : k) && scales.dim() == 2 && scales.size(0) == n &&
-                  scales.scalar_type() == at::kHalf && scales.is_contiguous() && mins.scalar_type() == at::kHalf &&
-                  mins.is_contiguous() && (mins.numel() == n * blocks || mins.numel() == 0),
-              "codes, scales and mins must be a weight in the kernel's layout");
+                  codes.size(1) == (bits == 4 ? k / 2 : k) && scales.dim() == 2 && scales.size(0) == n,
+              "codes and scales must be a weight in the kernel's layout");
+  const Meta meta = meta_of(scales, mins, supers, n, blocks, bits);
   const at::Tensor flat = ids.reshape(-1).contiguous();
   const int64_t count = flat.numel();
   const int64_t* ip = flat.data_ptr<int64_t>();
@@ -658,9 +744,7 @@ at::Tensor q_rows(const at::Tensor& ids, const at::Tensor& codes, const at::Tens
   shape.push_back(k);
   at::Tensor out = at::empty(shape, codes.options().dtype(dtype));
   const auto* cp = codes.data_ptr<uint8_t>();
-  const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<c10::Half>());
-  const auto* mp = mins.numel() ? reinterpret_cast<const uint16_t*>(mins.data_ptr<c10::Half>()) : nullptr;
-  const float offset = scale_min_offset(bits, mp);
+  const float offset = scale_min_offset(bits, meta);
   const int64_t row_bytes = bits == 4 ? k / 2 : k;
   const Regions reg(blocks);
   std::vector<float> laid(k);
@@ -669,9 +753,9 @@ at::Tensor q_rows(const at::Tensor& ids, const at::Tensor& codes, const at::Tens
     using Out = std::remove_pointer_t<decltype(o)>;
     for (int64_t i = 0; i < count; ++i) {
       const int64_t r = ip[i];
-      const uint16_t* mn = mp ? mp + r * blocks : nullptr;
-      bits == 4 ? dequantize_laid_row<4>(cp + r * row_bytes, sp + r * blocks, mn, offset, reg, laid.data())
-                : dequantize_laid_row<8>(cp + r * row_bytes, sp + r * blocks, mn, offset, reg, laid.data());
+      const Meta row = meta.row(r, blocks);
+      bits == 4 ? dequantize_laid_row<4>(cp + r * row_bytes, row, offset, reg, laid.data())
+                : dequantize_laid_row<8>(cp + r * row_bytes, row, offset, reg, laid.data());
       for (int64_t b = 0; b < blocks; ++b)
         for (int64_t v = 0; v < kBlock; ++v) o[i * k + b * kBlock + v] = static_cast<Out>(laid[position(reg, b, v)]);
     }
@@ -683,8 +767,12 @@ at::Tensor q_rows(const at::Tensor& ids, const at::Tensor& codes, const at::Tens
 }  // namespace QGEMV_NAMESPACE
 
 TORCH_LIBRARY_FRAGMENT(QGEMV_NAMESPACE, m) {
-  m.def("q_linear(Tensor x, Tensor codes, Tensor scales, Tensor mins, int bits, int dense_rows=-1) -> Tensor");
-  m.def("q_rows(Tensor ids, Tensor codes, Tensor scales, Tensor mins, int bits, ScalarType dtype) -> Tensor");
+  m.def(
+      "q_linear(Tensor x, Tensor codes, Tensor scales, Tensor mins, int bits, int dense_rows=-1, Tensor? supers=None) "
+      "-> Tensor");
+  m.def(
+      "q_rows(Tensor ids, Tensor codes, Tensor scales, Tensor mins, int bits, ScalarType dtype, Tensor? supers=None) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(QGEMV_NAMESPACE, CPU, m) {

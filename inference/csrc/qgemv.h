@@ -5,12 +5,13 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace QGEMV_NAMESPACE {
 
 // y[m, n] = sum_k x[m, k] * w[n, k]: the integer kernel up to `dense_rows` rows (every row if negative), bf16 matrix
-// products on the dequantized weights above; the `q_linear` op.
+// products on the dequantized weights above; the `q_linear` op. `supers` (not empty): Q4_K's compact scales.
 at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
-                    int64_t bits, int64_t dense_rows);
+                    int64_t bits, int64_t dense_rows, const std::optional<at::Tensor>& supers = std::nullopt);
 
 }  // namespace QGEMV_NAMESPACE

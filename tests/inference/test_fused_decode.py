@@ -5,6 +5,7 @@ generation through the engine; the steps it takes and the ones it leaves; failur
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from inference.loader import LoadedModel, load_model
 from inference.metadata import AttentionMetadata, HostBatch
 from inference.models.llama import LlamaForCausalLM
 from inference.params import SamplingParams
-from inference.quant import quantize_model
+from inference.quant import QuantLinear, quantize_model
 from tests.inference.test_cuda_graphs import tiny_config
 from tests.inference.test_hf_equivalence import build_tiny_model
 
@@ -133,6 +134,41 @@ def test_fused_step_computes_what_the_eager_model_does(shape: str, dtype: torch.
     written[meta.slot_mapping] = True
     untouched = cache.flatten(2, 3)[:, :, ~written]
     assert torch.equal(untouched, want_cache.flatten(2, 3)[:, :, ~written])
+
+
+def hold_compact(model: LlamaForCausalLM) -> int:
+    """Each int4 product of `model` whose inputs are a multiple of 256 held in GGUF Q4_K's compact form instead (its
+    weight quantized again about as Q4_K is: `qgemv.quantize_super_blocks`); how many were."""
+    held = 0
+    for layer in model.modules():
+        if isinstance(layer, QuantLinear) and layer.qgemv_bits == 4 and layer.in_features % 256 == 0:
+            ours = layer.qgemv_weight()
+            assert ours is not None
+            c = qgemv.quantize_super_blocks(ours.dequantize())
+            layer.qcodes, layer.qscales, layer.qmins, layer.qsupers = c.codes, c.scales, c.mins, c.supers
+            held += 1
+    return held
+
+
+@needs_qgemv
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q4_k_compact_products_run_fused(dtype: torch.dtype, isa: str) -> None:
+    """Products whose scales are Q4_K's own (8-bit under an fp16 pair per 256 values, as a Q4_K GGUF loads) pass
+    their super-blocks to the step: it agrees with the eager model on the same weights."""
+    model = quantized_llama("gqa", dtype, "int4", hidden_size=256, intermediate_size=512, head_dim=64)
+    assert hold_compact(model) == 2 * 4  # qkv, o, gate_up and down of both layers
+    cache = random_cache(model, 24, 16)
+    ids, positions, meta = decode_inputs([1, 17, 40, 70], 16, 24)
+    with torch.inference_mode():
+        want_cache = cache.clone()
+        want = model(ids, positions, meta, want_cache)
+        fused = FusedDecode(model, cache)
+        fused.op = qgemv.sibling_op(qgemv.load(isa), "decode_step")
+        got = fused.run(ids, positions, meta)
+    assert got is not None and fused.failed is None
+    assert_agrees(got, want)
+    assert relative_error(cache, want_cache) < 5e-3
 
 
 @needs_qgemv
@@ -391,3 +427,35 @@ def test_bad_arguments_are_errors_not_crashes() -> None:
     for change, message in cases:
         with pytest.raises(RuntimeError, match=message):
             call(**change)
+
+
+@needs_qgemv
+@pytest.mark.smollm2
+def test_a_q4_k_gguf_loads_compact_and_decodes_fused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Llama GGUF of Q4_K matrices (random blocks, benchmarks/random_gguf.py, in a tiny shape): every product,
+    q/k rows reordered and q/k/v and gate/up stacked, and the tied table hold the file's own scales, their weights
+    exactly the file's; the engine's decode steps run fused on them."""
+    from benchmarks import random_gguf
+
+    monkeypatch.setitem(random_gguf.SHAPES, "tiny-q4k", random_gguf.Shape(256, 2, 4, 2, 512, 49152, 10000.0))
+    path = random_gguf.write("tiny-q4k", "Q4_K", tmp_path)
+    loaded = load_model(str(path), dtype="bfloat16")
+    exact = load_model(str(path), dtype="float32", quantize="none")
+    products = {n: m for n, m in loaded.model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(products) == 2 * 4 + 1
+    floats = dict(exact.model.named_modules())
+    for name, layer in products.items():
+        ours = layer.qgemv_weight()
+        assert ours is not None and ours.compact, name
+        assert layer.weight_bytes() == layer.out_features * layer.in_features // 32 * 18 + ours.supers.numel() * 2
+        if name != "lm_head":  # the tied head: the float model holds the table once, as its embedding
+            assert torch.equal(ours.dequantize(), floats[name].weight.float()), name
+    table = exact.model.embed_tokens.weight.float()
+    ids = torch.tensor([0, 7, 49151])
+    assert torch.equal(loaded.model.embed_tokens(ids).float(), table[ids].bfloat16().float())
+    engine = LLMEngine(loaded, EngineConfig(num_blocks=64, block_size=16, max_num_seqs=4, max_model_len=256))
+    out = engine.generate([[1, 2, 3, 4, 5]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+    runner = engine.runner
+    assert len(out.token_ids) == 6
+    assert runner.decode_path == "fused" and runner.fused is not None
+    assert runner.fused.steps >= 5 and runner.fused.failed is None

@@ -14,6 +14,7 @@ from gguf.quants import dequantize, quantize
 from torch import nn
 
 from inference import qgemv
+from inference.gguf_quant import _stack_rows, _take_rows
 from inference.quant import (
     Int4HeadEmbedding,
     Int4Weight,
@@ -22,6 +23,7 @@ from inference.quant import (
     QuantEmbedding,
     QuantLinear,
     dequantize_linear,
+    dequantize_weight,
     gguf_q8_0_blocks,
     gguf_to_int4,
     model_weight_bytes,
@@ -32,16 +34,41 @@ from inference.quant import (
 
 ISAS = qgemv.supported_isas()
 # widths along K that cross every region of the layout: a pair only, a group of 8 (+ pair), groups of 16 (+ 8 + pairs)
-WIDTHS = [64, 256, 576, 832, 1536]
-# (bits, symmetric): int4 with mins (Q4_1, Q4_K, our int4), int4 without (Q4_0: min = -8 * scale), int8 (no mins)
-KINDS = [(4, False), (4, True), (8, True)]
+WIDTHS = [64, 256, 576, 768, 832, 1536]
+# int4 with fp16 mins (Q4_1, our int4), int4 without (Q4_0: min = -8 * scale), int8 (no mins), and int4 with Q4_K's
+# compact scales (8-bit sub-scales and sub-mins under an fp16 pair per 256 values: K a multiple of 256)
+KINDS = ["int4", "int4 symmetric", "int8", "q4_k"]
+# (kind, K) for every kind at every width it takes
+CASES = [(kind, k) for kind in KINDS for k in WIDTHS if kind != "q4_k" or k % 256 == 0]
+
+
+def make(kind: str, w: torch.Tensor) -> qgemv.QGemvWeight:
+    """`w` quantized in the kernel's layout as `kind` (one of KINDS)."""
+    if kind == "q4_k":
+        return qgemv.quantize_super_blocks(w)
+    return qgemv.quantize_blocks(w, 8 if kind == "int8" else 4, symmetric=kind != "int4")
+
+
+def call(op: qgemv.QGemvOp, x: torch.Tensor, w: qgemv.QGemvWeight, dense_rows: int = -1) -> torch.Tensor:
+    return op(x, w.codes, w.scales, w.mins, w.bits, dense_rows, w.op_supers)
 
 
 def implied_mins(w: qgemv.QGemvWeight) -> torch.Tensor:
-    """float64 `[N, K / 32]`: the weight's own mins, or a symmetric one's (-8 * scale for 4 bits, 0 for 8)."""
+    """float64 `[N, K / 32]`: the weight's own mins (Q4_K's `-dmin * sub_min`), or a symmetric one's (-8 * scale
+    for 4 bits, 0 for 8)."""
+    if w.compact:
+        dmin = w.supers[:, :, 1].double().repeat_interleave(8, dim=1)
+        return -dmin * w.mins.double()
     if w.mins.numel():
         return w.mins.double()
     return -8 * w.scales.double() if w.bits == 4 else torch.zeros_like(w.scales, dtype=torch.float64)
+
+
+def block_scales(w: qgemv.QGemvWeight) -> torch.Tensor:
+    """float64 `[N, K / 32]`: the fp16 scales, or Q4_K's `d * sub_scale`."""
+    if w.compact:
+        return w.supers[:, :, 0].double().repeat_interleave(8, dim=1) * w.scales.double()
+    return w.scales.double()
 
 
 def lookup_shares_head(model: nn.Module) -> bool:
@@ -76,7 +103,7 @@ def reference(x: torch.Tensor, w: qgemv.QGemvWeight) -> torch.Tensor:
     codes = qgemv.unpack_codes(w.codes, w.bits, k)
     u = (codes.view(torch.int8) if w.bits == 8 else codes).double().view(n, k // 32, 32)
     dots = torch.einsum("mbv,nbv->mnb", q, u)  # [M, N, blocks]
-    s, mins, d64 = w.scales.double(), implied_mins(w), d.double()
+    s, mins, d64 = block_scales(w), implied_mins(w), d.double()
     xs = d64 * q.sum(dim=-1)
     return (dots * s[None] * d64[:, None]).sum(-1) + xs @ mins.t()
 
@@ -96,37 +123,36 @@ def test_layout_round_trips(bits: int, k: int) -> None:
     assert sorted(qgemv.positions(k).tolist()) == list(range(k))  # a permutation of the row
 
 
-@pytest.mark.parametrize(("bits", "symmetric"), KINDS)
-@pytest.mark.parametrize("k", WIDTHS)
-def test_dequantizing_follows_the_codes_in_either_column_order(bits: int, symmetric: bool, k: int) -> None:
+@pytest.mark.parametrize(("kind", "k"), CASES)
+def test_dequantizing_follows_the_codes_in_either_column_order(kind: str, k: int) -> None:
     """`u * scale + min` per block from the row-order codes, in row order and in the layout's order."""
-    w = qgemv.quantize_blocks(torch.randn(5, k), bits, symmetric=symmetric)
+    w = make(kind, torch.randn(5, k))
+    bits, symmetric = w.bits, kind in ("int4 symmetric", "int8")
     assert w.symmetric == symmetric and w.mins.numel() == (0 if symmetric else 5 * k // 32)
+    assert w.compact == (kind == "q4_k")
     codes = qgemv.unpack_codes(w.codes, bits, k)[1:4]
     u = (codes.view(torch.int8) if bits == 8 else codes).float().view(3, -1, 32)
-    want = (u * w.scales[1:4].float()[..., None] + implied_mins(w)[1:4].float()[..., None]).view(3, k)
+    want = (u * block_scales(w)[1:4].float()[..., None] + implied_mins(w)[1:4].float()[..., None]).view(3, k)
     assert torch.equal(w.dequantize(1, 4), want)
     assert torch.equal(w.dequantize_laid(1, 4), want[:, torch.argsort(qgemv.positions(k))])
 
 
-@pytest.mark.parametrize(("bits", "symmetric"), KINDS)
-@pytest.mark.parametrize("k", WIDTHS)
+@pytest.mark.parametrize(("kind", "k"), CASES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
-def test_kernel_computes_its_reference(
-    op: qgemv.QGemvOp, bits: int, symmetric: bool, k: int, rows: int
-) -> None:
+def test_kernel_computes_its_reference(op: qgemv.QGemvOp, kind: str, k: int, rows: int) -> None:
     """Exactly the reference up to float32 accumulation, for every row-block width (1-4, and more than 4 rows:
-    the weights read once per four), an odd number of output rows, both input dtypes, with mins and without."""
+    the weights read once per four), an odd number of output rows, both input dtypes, with mins and without, with
+    fp16 scales and Q4_K's compact ones."""
     gen = torch.Generator().manual_seed(k + rows)
-    w = qgemv.quantize_blocks(torch.randn(37, k, generator=gen) * 0.1, bits, symmetric=symmetric)
+    w = make(kind, torch.randn(37, k, generator=gen) * 0.1)
     x = torch.randn(rows, k, generator=gen)
     x[0, :32] = 0.0  # an all-zero activation block
     want = reference(x, w)
-    got = op(x, w.codes, w.scales, w.mins, bits)
+    got = call(op, x, w)
     assert got.dtype == torch.float32 and got.shape == (rows, 37)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     xb = x.bfloat16()
-    got_bf16 = op(xb, w.codes, w.scales, w.mins, bits)
+    got_bf16 = call(op, xb, w)
     assert got_bf16.dtype == torch.bfloat16
     want_bf16 = reference(xb.float(), w)
     torch.testing.assert_close(
@@ -137,59 +163,60 @@ def test_kernel_computes_its_reference(
     assert float((got - exact).norm() / exact.norm()) < 0.02
 
 
-@pytest.mark.parametrize(("bits", "symmetric"), KINDS)
-@pytest.mark.parametrize("k", WIDTHS)
+@pytest.mark.parametrize(("kind", "k"), CASES)
 def test_dense_path_multiplies_rounded_activations_by_bf16_weights(
-    op: qgemv.QGemvOp, bits: int, symmetric: bool, k: int
+    op: qgemv.QGemvOp, kind: str, k: int
 ) -> None:
     """Above `dense_rows` rows: the activations rounded as the kernel rounds them, then to bf16, times each weight
     rounded once to bf16 (`u * scale + min` in float32), through a bf16 matrix product; up to it, the kernel."""
-    gen = torch.Generator().manual_seed(k + bits)
-    w = qgemv.quantize_blocks(torch.randn(37, k, generator=gen) * 0.1, bits, symmetric=symmetric)
+    gen = torch.Generator().manual_seed(k + len(kind))
+    w = make(kind, torch.randn(37, k, generator=gen) * 0.1)
     x = torch.randn(6, k, generator=gen)
     x[0, :32] = 0.0
     q, d = rounded(x)
     xr = (q * d[..., None]).view(6, k).bfloat16().double()
     want = xr @ w.dequantize().bfloat16().double().t()
-    got = op(x, w.codes, w.scales, w.mins, bits, 0)  # every row on the dense path
+    got = call(op, x, w, 0)  # every row on the dense path
     assert got.dtype == torch.float32 and got.shape == (6, 37)
     # the product's output is bf16 (one rounding, 2^-9 relative) cast to float32
     torch.testing.assert_close(got.double(), want, rtol=2**-7, atol=1e-3 * float(want.abs().max()))
-    got_bf16 = op(x.bfloat16(), w.codes, w.scales, w.mins, bits, 0)
+    got_bf16 = call(op, x.bfloat16(), w, 0)
     assert got_bf16.dtype == torch.bfloat16
     q, d = rounded(x.bfloat16().float())
     want_bf16 = (q * d[..., None]).view(6, k).bfloat16().double() @ w.dequantize().bfloat16().double().t()
     torch.testing.assert_close(got_bf16.double(), want_bf16, rtol=2**-7, atol=1e-3 * float(want.abs().max()))
-    assert torch.equal(op(x, w.codes, w.scales, w.mins, bits, 6), op(x, w.codes, w.scales, w.mins, bits))
+    assert torch.equal(call(op, x, w, 6), call(op, x, w))
 
 
 @pytest.mark.skipif(len(ISAS) < 2, reason="this CPU runs one build")
-@pytest.mark.parametrize(("bits", "symmetric"), KINDS)
-def test_builds_agree(bits: int, symmetric: bool) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_builds_agree(kind: str) -> None:
     """Every build this CPU runs gives the same products (the same integer sums, float order aside)."""
-    w = qgemv.quantize_blocks(torch.randn(64, 1536 + 256 + 64), bits, symmetric=symmetric)
-    x = torch.randn(2, 1536 + 256 + 64)
-    outs = [qgemv.load(isa)(x, w.codes, w.scales, w.mins, bits) for isa in ISAS]
+    k = 1536 + 256 + (0 if kind == "q4_k" else 64)
+    w = make(kind, torch.randn(64, k))
+    x = torch.randn(2, k)
+    outs = [call(qgemv.load(isa), x, w) for isa in ISAS]
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize(("bits", "symmetric"), KINDS)
-@pytest.mark.parametrize("k", WIDTHS)
-def test_rows_are_the_dequantized_table_in_either_dtype(
-    isa: qgemv.Isa, bits: int, symmetric: bool, k: int
-) -> None:
+@pytest.mark.parametrize(("kind", "k"), CASES)
+def test_rows_are_the_dequantized_table_in_either_dtype(isa: qgemv.Isa, kind: str, k: int) -> None:
     """`q_rows` (a tied table's lookup) gives `dequantize`'s rows for ids of any shape: exactly in float32, rounded
     once in bf16; an id outside the table is an error."""
-    w = qgemv.quantize_blocks(torch.randn(9, k), bits, symmetric=symmetric)
+    w = make(kind, torch.randn(9, k))
     lookup = qgemv.sibling_op(qgemv.load(isa), "q_rows")
+
+    def rows(ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return lookup(ids, w.codes, w.scales, w.mins, w.bits, dtype, w.op_supers)
+
     ids = torch.tensor([[8, 0, 3], [3, 3, 5]])
     table = w.dequantize()
-    assert torch.equal(lookup(ids, w.codes, w.scales, w.mins, bits, torch.float32), table[ids])
-    assert torch.equal(lookup(ids, w.codes, w.scales, w.mins, bits, torch.bfloat16), table[ids].bfloat16())
+    assert torch.equal(rows(ids, torch.float32), table[ids])
+    assert torch.equal(rows(ids, torch.bfloat16), table[ids].bfloat16())
     with pytest.raises(RuntimeError, match="outside the table"):
-        lookup(torch.tensor([9]), w.codes, w.scales, w.mins, bits, torch.float32)
+        rows(torch.tensor([9]), torch.float32)
 
 
 def test_bad_arguments_are_errors_not_crashes(op: qgemv.QGemvOp) -> None:
@@ -204,6 +231,24 @@ def test_bad_arguments_are_errors_not_crashes(op: qgemv.QGemvOp) -> None:
         op(torch.randn(1, 128).half(), w.codes, w.scales, w.mins, 4)
     with pytest.raises(RuntimeError, match="mins empty for a symmetric weight"):
         op(torch.randn(1, 128), w.codes, w.scales, w.mins[:1], 4)  # neither a min a block nor none
+    c = qgemv.quantize_super_blocks(torch.randn(8, 512))
+    x = torch.randn(1, 512)
+    with pytest.raises(RuntimeError, match="supers must be contiguous float16"):
+        op(x, c.codes, c.scales, c.mins, 4, -1, c.supers[:4])  # a super-block pair short
+    with pytest.raises(RuntimeError, match="supers must be contiguous float16"):
+        op(x, c.codes, c.scales, c.mins, 4, -1, c.supers.float())
+    with pytest.raises(RuntimeError, match="with supers, scales and mins must be contiguous uint8"):
+        op(x, c.codes, c.scales.half(), c.mins, 4, -1, c.supers)
+    with pytest.raises(RuntimeError, match="scales and mins must be contiguous float16"):
+        op(x, c.codes, c.scales, c.mins, 4)  # 8-bit sub-scales read as fp16 ones without their supers
+    w8 = qgemv.quantize_blocks(torch.randn(8, 512), 8)
+    with pytest.raises(RuntimeError, match="super-blocks need 4-bit codes"):
+        op(x, w8.codes, c.scales, c.mins, 8, -1, c.supers)
+    w4 = qgemv.quantize_blocks(torch.randn(8, 576), 4)
+    with pytest.raises(RuntimeError, match="multiple of 256"):
+        op(torch.randn(1, 576), w4.codes, torch.zeros(8, 18, dtype=torch.uint8), w4.mins, 4, -1, c.supers)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        qgemv.from_super_blocks(torch.zeros(8, 576, dtype=torch.uint8), c.scales, c.mins, c.supers)
 
 
 # ---- layers and lookups ----------------------------------------------------------------------------------------
@@ -396,3 +441,73 @@ def test_a_failing_compiler_leaves_torchs_kernels(tmp_path: Path, monkeypatch: p
         # the process's kernel again for the tests that follow (the cached None would leave them on torch's)
         monkeypatch.undo()
         qgemv.qgemv_kernel.cache_clear()
+
+
+# ---- GGUF Q4_K kept compact -------------------------------------------------------------------------------------
+
+
+def _f16_bytes(values: np.ndarray) -> np.ndarray:
+    return values.astype(np.float16).view(np.uint8).reshape(*values.shape, 2)
+
+
+def random_k_blocks(qtype: T, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random super-blocks of a K-quant type (gguf-py has no quantizer for them): random codes and sub-scales,
+    sane fp16 super-scales."""
+    rng = np.random.default_rng(seed)
+    size = {T.Q4_K: 144, T.Q5_K: 176, T.Q6_K: 210}[qtype]
+    nb = cols // 256
+    raw = rng.integers(0, 256, (rows, nb, size), dtype=np.uint8)
+    d = rng.uniform(1e-4, 2e-3, (rows, nb))
+    if qtype == T.Q6_K:
+        raw[..., 208:210] = _f16_bytes(d)
+    else:
+        raw[..., 0:2] = _f16_bytes(d)
+        raw[..., 2:4] = _f16_bytes(rng.uniform(1e-4, 2e-3, (rows, nb)))
+    return raw.reshape(rows, nb * size)
+
+
+@needs_qgemv
+def test_a_q4_k_matrix_keeps_its_own_scales_exactly() -> None:
+    """A Q4_K matrix holds its file's 6-bit sub-scales and sub-mins (a byte each) and fp16 (d, dmin) per 256 values:
+    18.5 bytes a block of 32 where fp16 scales and mins take 20 (the file: 18), and its weights are exactly the
+    file's (fp16 `d * sub_scale` would round them)."""
+    raw = random_k_blocks(T.Q4_K, 48, 512)
+    layer = QuantLinear(gguf_to_int4(raw, int(T.Q4_K), (48, 512)))
+    ours = layer.qgemv_weight()
+    assert ours is not None and ours.compact and ours.bits == 4
+    assert ours.scales.dtype == torch.uint8 and ours.supers.shape == (48, 2, 2)
+    assert layer.weight_bytes() == 48 * 16 * (16 + 2) + 48 * 2 * 4
+    exact = torch.from_numpy(dequantize(raw, T.Q4_K).reshape(48, 512))
+    assert torch.equal(ours.dequantize(), exact)
+    x = torch.randn(3, 512)
+    want = x @ exact.t()
+    assert float((layer(x) - want).norm() / want.norm()) < 0.02
+
+
+@needs_qgemv
+def test_q4_k_shards_stack_compact_and_a_mixed_layer_takes_fp16_scales() -> None:
+    """q, k and v (or gate and up) of Q4_K stack into one compact layer, rows taken out of order (llama.cpp's q/k
+    interleave undone) keep theirs; a layer whose shards mix Q4_K with another 4-bit type holds fp16 scales."""
+    q, k = (gguf_to_int4(random_k_blocks(T.Q4_K, 32, 256, seed), int(T.Q4_K), (32, 256)) for seed in (1, 2))
+    order = torch.randperm(32)
+    stacked = _stack_rows([_take_rows(q, order), k])
+    assert isinstance(stacked, list)
+    layer = QuantLinear(stacked)
+    ours = layer.qgemv_weight()
+    assert ours is not None and ours.compact
+    want = torch.cat([dequantize_weight(q)[order], dequantize_weight(k)])
+    torch.testing.assert_close(ours.dequantize(), want, rtol=0, atol=float(want.abs().max()) * 2**-20)
+    q4_1 = quantize(np.random.default_rng(4).standard_normal((32, 256)).astype(np.float32), T.Q4_1)
+    mixed = QuantLinear(_stack_rows([q, gguf_to_int4(q4_1, int(T.Q4_1), (32, 256))]))
+    held = mixed.qgemv_weight()
+    assert held is not None and not held.compact and held.scales.dtype == torch.float16
+
+
+@needs_qgemv
+def test_the_op_compiles_with_a_compact_layer() -> None:
+    """torch.compile traces the op's `supers` argument through its registered shape."""
+    raw = random_k_blocks(T.Q4_K, 32, 256)
+    layer = QuantLinear(gguf_to_int4(raw, int(T.Q4_K), (32, 256)))
+    x = torch.randn(3, 256)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x))

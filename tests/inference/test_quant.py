@@ -43,7 +43,7 @@ from inference.quant import (
     quantize_model,
 )
 from tests.inference.test_cuda_graphs import tiny_config
-from tests.inference.test_qgemv import lookup_shares_head
+from tests.inference.test_qgemv import lookup_shares_head, random_k_blocks
 
 needs_int8 = pytest.mark.skipif(
     not kernel_available("int8"), reason="torch's _weight_int8pack_mm does not run on this CPU/build"
@@ -260,29 +260,9 @@ def test_quantize_model_rejects_unknown_modes() -> None:
 # ---- GGUF blocks -------------------------------------------------------------------------------------------------
 
 
-def _f16_bytes(values: np.ndarray) -> np.ndarray:
-    return values.astype(np.float16).view(np.uint8).reshape(*values.shape, 2)
-
-
-def _random_k_blocks(qtype: T, rows: int, cols: int, seed: int = 0) -> np.ndarray:
-    """Random super-blocks of a K-quant type (gguf-py has no quantizer for them): random codes and sub-scales,
-    sane fp16 super-scales."""
-    rng = np.random.default_rng(seed)
-    size = {T.Q4_K: 144, T.Q5_K: 176, T.Q6_K: 210}[qtype]
-    nb = cols // 256
-    raw = rng.integers(0, 256, (rows, nb, size), dtype=np.uint8)
-    d = rng.uniform(1e-4, 2e-3, (rows, nb))
-    if qtype == T.Q6_K:
-        raw[..., 208:210] = _f16_bytes(d)
-    else:
-        raw[..., 0:2] = _f16_bytes(d)
-        raw[..., 2:4] = _f16_bytes(rng.uniform(1e-4, 2e-3, (rows, nb)))
-    return raw.reshape(rows, nb * size)
-
-
 def _synthetic(qtype: T, rows: int = 64, cols: int = 512) -> np.ndarray:
     if qtype in (T.Q4_K, T.Q5_K, T.Q6_K):
-        return _random_k_blocks(qtype, rows, cols)
+        return random_k_blocks(qtype, rows, cols)
     w = _weight(rows, cols).numpy()
     return quantize(w, qtype)
 
