@@ -413,7 +413,8 @@ at::Tensor run_step(const at::Tensor& x_in, const at::Tensor& cos, const at::Ten
       }
     }
 
-    at::Tensor qkv = QGEMV_NAMESPACE::q_linear(normed, w[kQkvCodes], w[kQkvScales], w[kQkvMins], n[0], n[1], w[kQkvSupers]);
+    at::Tensor qkv =
+        QGEMV_NAMESPACE::q_linear(normed, w[kQkvCodes], w[kQkvScales], w[kQkvMins], n[0], n[1], w[kQkvSupers]);
     add_bias<T>(qkv, w[kQkvBias]);
     T* qkvp = qkv.data_ptr<T>();
     const T* q_norm = ptr<T>(w[kQNorm]);

@@ -220,9 +220,11 @@ inline void scales_mins(const Meta& r, int64_t b0, __mmask16 mask, float offset,
                                         _mm512_set1_ps(two ? half_to_float(sup[2]) : 0.f));
   const __m512 dmin = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(-half_to_float(sup[1])),
                                            _mm512_set1_ps(two ? -half_to_float(sup[3]) : 0.f));
-  sv = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, r.sc8 + b0))));
-  const __m512 own = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, r.mn8 + b0))));
-  mv = _mm512_fmadd_ps(sv, _mm512_set1_ps(offset), own);
+  auto bytes = [&](const uint8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, p)));
+  };
+  sv = _mm512_mul_ps(d, bytes(r.sc8 + b0));
+  mv = _mm512_fmadd_ps(sv, _mm512_set1_ps(offset), _mm512_mul_ps(dmin, bytes(r.mn8 + b0)));
 }
 
 // `acc += dot * scale * x.d + min' * x.s` over the lanes of `mask`, one lane a block, for blocks b0.. of a row.
