@@ -224,11 +224,7 @@ def _stack_super_blocks(parts: Sequence[SuperBlocks | None]) -> SuperBlocks | No
     have = [p for p in parts if p is not None]
     if len(have) != len(parts):
         return None
-    return SuperBlocks(
-        torch.cat([p.sub_scales for p in have]),
-        torch.cat([p.sub_mins for p in have]),
-        torch.cat([p.pairs for p in have]),
-    )
+    return SuperBlocks(torch.cat([p.packed for p in have]), torch.cat([p.pairs for p in have]))
 
 
 def _as_int8(w: QuantWeight) -> Int8Weight:

@@ -241,7 +241,7 @@ def _library(isa: Isa, path: Path) -> QGemvOp:
             dtype: torch.dtype,
             supers: torch.Tensor | None = None,
         ) -> torch.Tensor:
-            return scales.new_empty(*ids.shape, scales.shape[1] * BLOCK, dtype=dtype)
+            return scales.new_empty(*ids.shape, codes.shape[1] * 8 // bits, dtype=dtype)
 
         # the outputs' shapes, for torch.compile
         torch.library.register_fake(f"{ns}::q_linear", _shape)
@@ -314,9 +314,11 @@ class QGemvWeight:
     symmetric weight has no mins (an empty tensor, 2 bytes a block less to read): `min = -8 * scale` for 4 bits
     (GGUF Q4_0), 0 for 8 (Q8_0, per-channel int8).
 
-    Compact (GGUF Q4_K kept as the file has it; `supers` not empty, 4 bits, K a multiple of 256): `scales` and
-    `mins` are uint8 `[N, K / 32]` sub-scales and sub-mins, `supers` fp16 `[N, K / 256, 2]` each super-block's
-    (d, dmin): `scale = d * sub_scale`, `min = -dmin * sub_min`, 18.5 bytes a block of 32 where fp16 pairs take 20."""
+    Compact (GGUF Q4_K kept as the file has it; `supers` not empty, 4 bits, K a multiple of 256): `scales` is uint8
+    `[N, K / 256 * 12]`, each super-block's 8 six-bit sub-scales and sub-mins packed as Q4_K packs them
+    (`pack_sub_scales`), `mins` empty, `supers` fp16 `[N, K / 256, 2]` each super-block's (d, dmin):
+    `scale = d * sub_scale`, `min = -dmin * sub_min`; 18 bytes a block of 32, the file's, where fp16 pairs take
+    20."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -326,11 +328,11 @@ class QGemvWeight:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (int(self.codes.shape[0]), int(self.scales.shape[1]) * BLOCK)
+        return (int(self.codes.shape[0]), int(self.codes.shape[1]) * 8 // self.bits)
 
     @property
     def symmetric(self) -> bool:
-        return self.mins.numel() == 0
+        return self.mins.numel() == 0 and not self.compact
 
     @property
     def compact(self) -> bool:
@@ -346,13 +348,13 @@ class QGemvWeight:
         if not self.compact:
             return self.scales[start:stop].float()
         d = self.supers[start:stop, :, 0].float().repeat_interleave(SUPER_BLOCKS, dim=1)
-        return d * self.scales[start:stop].float()
+        return d * unpack_sub_scales(self.scales[start:stop])[0].float()
 
     def block_mins(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """float32 `[rows, K / 32]` mins of rows `[start, stop)`, a symmetric weight's implied ones included."""
         if self.compact:
             dmin = self.supers[start:stop, :, 1].float().repeat_interleave(SUPER_BLOCKS, dim=1)
-            return -dmin * self.mins[start:stop].float()
+            return -dmin * unpack_sub_scales(self.scales[start:stop])[1].float()
         if not self.symmetric:
             return self.mins[start:stop].float()
         scales = self.scales[start:stop].float()
@@ -482,18 +484,46 @@ def from_blocks(
     return QGemvWeight(pack_codes(u8.contiguous(), bits), scales.half().contiguous(), held, bits)
 
 
-def from_super_blocks(
-    codes: torch.Tensor, sub_scales: torch.Tensor, sub_mins: torch.Tensor, supers: torch.Tensor
-) -> QGemvWeight:
-    """A compact 4-bit weight (`QGemvWeight`) from row-order codes `[N, K]` (uint8 0..15), uint8 `[N, K / 32]`
-    sub-scales and sub-mins, and fp16 `[N, K / 256, 2]` (d, dmin) pairs: GGUF Q4_K's blocks as they are."""
+def unpack_sub_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 `[N, S * 12]` (or `[N, S, 12]`) packed Q4_K sub-scales and sub-mins -> uint8 `[N, S * 8]` each, in
+    block order (ggml's `get_scale_min_k4`; the C++ `unpack_sub_scales`)."""
+    q = packed.reshape(packed.shape[0], -1, 12)
+    a, b, c = q[..., 0:4], q[..., 4:8], q[..., 8:12]
+    sc = torch.cat([a & 63, (c & 15) | ((a >> 6) << 4)], dim=-1)
+    mn = torch.cat([b & 63, (c >> 4) | ((b >> 6) << 4)], dim=-1)
+    return sc.reshape(q.shape[0], -1), mn.reshape(q.shape[0], -1)
+
+
+def pack_sub_scales(sub_scales: torch.Tensor, sub_mins: torch.Tensor) -> torch.Tensor:
+    """uint8 `[N, S * 8]` sub-scales and sub-mins (0..63) packed as Q4_K packs them: uint8 `[N, S * 12]` (the
+    inverse of `unpack_sub_scales`)."""
+    n = sub_scales.shape[0]
+    sc = sub_scales.to(torch.uint8).reshape(n, -1, 8)
+    mn = sub_mins.to(torch.uint8).reshape(n, -1, 8)
+    a = (sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6)
+    b = (mn[..., :4] & 63) | ((mn[..., 4:] >> 4) << 6)
+    c = (sc[..., 4:] & 15) | ((mn[..., 4:] & 15) << 4)
+    return torch.cat([a, b, c], dim=-1).reshape(n, -1).contiguous()
+
+
+def from_super_blocks(codes: torch.Tensor, packed: torch.Tensor, supers: torch.Tensor) -> QGemvWeight:
+    """A compact 4-bit weight (`QGemvWeight`) from row-order codes `[N, K]` (uint8 0..15), uint8 `[N, K / 256, 12]`
+    packed sub-scales and sub-mins and fp16 `[N, K / 256, 2]` (d, dmin) pairs: GGUF Q4_K's blocks as they are."""
     n, k = codes.shape
-    if k % (BLOCK * SUPER_BLOCKS) or supers.shape != (n, k // (BLOCK * SUPER_BLOCKS), 2):
-        raise ValueError(f"super-blocks need K a multiple of 256 and [N, K / 256, 2] supers, got K={k}")
+    supers_shape = (n, k // (BLOCK * SUPER_BLOCKS), 2)
+    if (
+        k % (BLOCK * SUPER_BLOCKS)
+        or supers.shape != supers_shape
+        or packed.numel() != n * supers_shape[1] * 12
+    ):
+        raise ValueError(
+            f"super-blocks need K a multiple of 256, [N, K / 256, 2] supers and 12 bytes of sub-scales a "
+            f"super-block, got K={k}"
+        )
     return QGemvWeight(
         pack_codes(codes.to(torch.uint8).contiguous(), 4),
-        sub_scales.to(torch.uint8).contiguous(),
-        sub_mins.to(torch.uint8).contiguous(),
+        packed.to(torch.uint8).reshape(n, -1).contiguous(),
+        torch.empty(0, dtype=torch.uint8),
         4,
         supers.to(torch.float16).contiguous(),
     )
@@ -516,7 +546,8 @@ def quantize_super_blocks(w: torch.Tensor) -> QGemvWeight:
     sub_mins = torch.round(-lo / dminv).clamp(0, 63)
     s, m = (dv * sub_scales)[..., None], (dminv * sub_mins)[..., None]
     codes = torch.round((blocks + m) / s).clamp(0, 15).to(torch.uint8)
-    return from_super_blocks(codes.view(n, k), sub_scales, sub_mins, torch.stack([d, dmin], dim=-1))
+    packed = pack_sub_scales(sub_scales.to(torch.uint8), sub_mins.to(torch.uint8))
+    return from_super_blocks(codes.view(n, k), packed, torch.stack([d, dmin], dim=-1))
 
 
 def quantize_blocks(w: torch.Tensor, bits: int, *, symmetric: bool = False) -> QGemvWeight:

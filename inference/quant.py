@@ -129,16 +129,16 @@ def per_row(weight: Int8Weight) -> Int8Weight:
 
 @dataclass(slots=True)
 class SuperBlocks:
-    """A GGUF Q4_K plane's scales as the file holds them: uint8 `[N, K / 32]` 6-bit sub-scales and sub-mins and
-    float16 `[N, K / 256, 2]` (d, dmin) pairs, `scale = d * sub_scale`, `min = -dmin * sub_min` (our kernel keeps
-    them so: `qgemv.from_super_blocks`, 2.5 bytes a block of 32 instead of 4)."""
+    """A GGUF Q4_K plane's scales as the file holds them: uint8 `[N, K / 256, 12]`, each super-block's 6-bit
+    sub-scales and sub-mins packed, and float16 `[N, K / 256, 2]` (d, dmin) pairs, `scale = d * sub_scale`,
+    `min = -dmin * sub_min` (our kernel keeps them so: `qgemv.from_super_blocks`, 2 bytes a block of 32 instead
+    of 4)."""
 
-    sub_scales: torch.Tensor
-    sub_mins: torch.Tensor
+    packed: torch.Tensor
     pairs: torch.Tensor
 
     def take(self, rows: torch.Tensor) -> SuperBlocks:
-        return SuperBlocks(self.sub_scales[rows], self.sub_mins[rows], self.pairs[rows])
+        return SuperBlocks(self.packed[rows], self.pairs[rows])
 
 
 @dataclass(slots=True)
@@ -316,7 +316,7 @@ def to_qgemv(weight: QuantWeight) -> qgemv.QGemvWeight | None:
     plane = weight[0]
     blocks = plane.super_blocks
     if blocks is not None and plane.shape[1] % (qgemv.BLOCK * qgemv.SUPER_BLOCKS) == 0:
-        return qgemv.from_super_blocks(plane.codes, blocks.sub_scales, blocks.sub_mins, blocks.pairs)
+        return qgemv.from_super_blocks(plane.codes, blocks.packed, blocks.pairs)
     # zero points all 0 (GGUF Q4_0, symmetric re-quantization): no mins to store or read
     mins = None if not bool(plane.zeros.any()) else plane.zeros - 8 * plane.scales
     return qgemv.from_blocks(plane.codes, plane.scales, mins, 4)
@@ -994,12 +994,11 @@ def _q4_k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _super_blocks(blocks: np.ndarray, rows: int) -> SuperBlocks:
-    """Q4_K super-blocks' own scales (`SuperBlocks`): the 6-bit sub-scales and sub-mins and the fp16 (d, dmin)."""
-    sc, mn = _q4_k_scale_min(blocks[..., 4:16])
+    """Q4_K super-blocks' own scales (`SuperBlocks`): the packed 6-bit sub-scales and sub-mins and the fp16
+    (d, dmin), copied as they are."""
     pairs = np.ascontiguousarray(blocks[..., 0:4]).view(np.float16)
     return SuperBlocks(
-        torch.from_numpy(sc.astype(np.uint8).reshape(rows, -1)),
-        torch.from_numpy(mn.astype(np.uint8).reshape(rows, -1)),
+        torch.from_numpy(np.ascontiguousarray(blocks[..., 4:16]).reshape(rows, -1, 12)),
         torch.from_numpy(pairs.reshape(rows, -1, 2).copy()),
     )
 

@@ -4,7 +4,7 @@
 // inference/qgemv.py, which also lays the weights out as described there (`pack_codes`).
 //
 // A weight row is `w[k] = u[k] * scale[k / 32] + min[k / 32]` (`Meta`: fp16 scales and mins, or GGUF Q4_K's own
-// 8-bit ones under an fp16 pair per 8 blocks), its blocks in three regions, in order (a weight without mins, an
+// 6-bit ones under an fp16 pair per 8 blocks), its blocks in three regions, in order (a weight without mins, an
 // empty tensor, is symmetric: `min = -8 * scale` for 4 bits, as GGUF Q4_0; 0 for 8 bits):
 //   - groups of 16 blocks: vector j (0..7) holds values 4j..4j+3 of each of the 16 blocks, block i at bytes
 //     4i..4i+3, so eight integer dot products leave the 16 block sums in one register's 16 lanes;
@@ -120,33 +120,76 @@ void for_each_row(const at::Tensor& x, Fn&& fn) {
 
 inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
+// A super-block's 8 sub-scales and 8 sub-mins (6 bits each, packed in 12 bytes as GGUF Q4_K packs them: ggml's
+// `get_scale_min_k4`), a byte each in block order, all eight at once in 32-bit words.
+struct SubScales {
+  uint64_t sc, mn;
+};
+inline SubScales unpack_sub_scales(const uint8_t* q) {
+  uint32_t a, b, c;
+  std::memcpy(&a, q, 4);
+  std::memcpy(&b, q + 4, 4);
+  std::memcpy(&c, q + 8, 4);
+  constexpr uint32_t low6 = 0x3F3F3F3Fu, low4 = 0x0F0F0F0Fu, top2 = 0x30303030u;
+  // blocks 0..3 in the low six bits of bytes 0..3 (scales) and 4..7 (mins); blocks 4..7 in the nibbles of bytes
+  // 8..11 with their top two bits in the top two of bytes 0..7 (`>> 2` brings bits 6..7 of each byte to 4..5)
+  const uint32_t sc_hi = (c & low4) | ((a >> 2) & top2), mn_hi = ((c >> 4) & low4) | ((b >> 2) & top2);
+  return {uint64_t{sc_hi} << 32 | (a & low6), uint64_t{mn_hi} << 32 | (b & low6)};
+}
+
+// The same for two super-blocks at once in vector registers, for the kernels: `first` and `second` hold their
+// 12 bytes (words a, b, c); `sc` and `mn` get 16 bytes each, the 8 blocks of `first` then the 8 of `second`.
+inline __m128i load12(const uint8_t* p) {
+  int32_t last;
+  std::memcpy(&last, p + 8, 4);
+  return _mm_insert_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), last, 2);
+}
+inline void unpack_sub_scales2(__m128i first, __m128i second, __m128i& sc, __m128i& mn) {
+  const __m128i ab = _mm_unpacklo_epi32(first, second);                                  // a0 a1 b0 b1
+  const __m128i cc = _mm_shuffle_epi32(_mm_unpackhi_epi32(first, second), 0x50);         // c0 c0 c1 c1
+  const __m128i aa = _mm_shuffle_epi32(ab, 0x50), bb = _mm_shuffle_epi32(ab, 0xFA);      // a0 a0 a1 a1, b0 b0 b1 b1
+  // even words: blocks 0..3 (six low bits); odd words: blocks 4..7 (a nibble of c, two top bits of a or b)
+  const __m128i low6 = _mm_set_epi32(0, 0x3F3F3F3F, 0, 0x3F3F3F3F);
+  const __m128i low4 = _mm_set_epi32(0x0F0F0F0F, 0, 0x0F0F0F0F, 0);
+  const __m128i top2 = _mm_set_epi32(0x30303030, 0, 0x30303030, 0);
+  auto join = [&](__m128i six, __m128i nibble, __m128i top) {
+    return _mm_or_si128(_mm_and_si128(six, low6),
+                        _mm_or_si128(_mm_and_si128(nibble, low4), _mm_and_si128(_mm_srli_epi32(top, 2), top2)));
+  };
+  sc = join(aa, cc, aa);
+  mn = join(bb, _mm_srli_epi32(cc, 4), bb);
+}
+
 // A weight's block scales and mins, in one of two forms:
 //   - fp16 a block: `sc`, and `mn` (null for a symmetric weight);
-//   - GGUF Q4_K's own (`sup` set; 4-bit codes, K a multiple of 256): 8-bit sub-scales `sc8` and sub-mins `mn8` a
-//     block under an fp16 (d, dmin) pair a super-block of 8 blocks, `scale = d * sc8`, `min = -dmin * mn8`:
-//     2.5 bytes a block where the fp16 pair takes 4, which a decode step that streams the weights reads faster.
+//   - GGUF Q4_K's own (`sup` set; 4-bit codes, K a multiple of 256): the 6-bit sub-scales and sub-mins of each
+//     super-block of 8 blocks packed in 12 bytes as the file packs them (`q6`), under its fp16 (d, dmin) pair
+//     (`sup`), `scale = d * sc`, `min = -dmin * m`: 2 bytes a block where the fp16 pair takes 4, so a decode step
+//     that streams the weights reads the file's 18 bytes a block of 32, not 20.
 // A super-block is 8 blocks, so a group of 16 in the layout is two of them and the group of 8 one; such a row has
 // no pairs (their code takes the fp16 form only).
 struct Meta {
   const uint16_t* sc = nullptr;
   const uint16_t* mn = nullptr;
-  const uint8_t* sc8 = nullptr;
-  const uint8_t* mn8 = nullptr;
+  const uint8_t* q6 = nullptr;
   const uint16_t* sup = nullptr;
 
   bool compact() const { return sup != nullptr; }
   bool symmetric() const { return !compact() && mn == nullptr; }
   // row n's, of a weight with `blocks` blocks a row
   Meta row(int64_t n, int64_t blocks) const {
-    if (compact()) return Meta{nullptr, nullptr, sc8 + n * blocks, mn8 + n * blocks, sup + n * (blocks / 8) * 2};
+    if (compact()) return Meta{nullptr, nullptr, q6 + n * (blocks / 8) * 12, sup + n * (blocks / 8) * 2};
     return Meta{sc + n * blocks, mn ? mn + n * blocks : nullptr};
   }
+  // block b's sub-scale or sub-min (compact form): byte b % 8 of its super-block's
+  static float byte_of(uint64_t bytes, int64_t b) { return static_cast<float>((bytes >> (8 * (b % 8))) & 0xFF); }
   // block b's scale, and its min plus `offset * scale` (`scale_min_offset`)
   float scale(int64_t b) const {
-    return compact() ? half_to_float(sup[b / 8 * 2]) * static_cast<float>(sc8[b]) : half_to_float(sc[b]);
+    if (!compact()) return half_to_float(sc[b]);
+    return half_to_float(sup[b / 8 * 2]) * byte_of(unpack_sub_scales(q6 + b / 8 * 12).sc, b);
   }
   float min(int64_t b, float scale, float offset) const {
-    const float own = compact() ? -half_to_float(sup[b / 8 * 2 + 1]) * static_cast<float>(mn8[b])
+    const float own = compact() ? -half_to_float(sup[b / 8 * 2 + 1]) * byte_of(unpack_sub_scales(q6 + b / 8 * 12).mn, b)
                                 : (mn ? half_to_float(mn[b]) : 0.f);
     return own + offset * scale;
   }
@@ -161,11 +204,10 @@ inline void prefetch_meta(const Meta& r, int64_t blocks, int64_t row_bytes) {
   const int64_t rows_ahead = std::max<int64_t>(1, kPrefetch / row_bytes), ahead = rows_ahead * blocks;
   auto line = [](const void* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); };
   if (r.compact()) {
-    line(r.sc8 + ahead);
-    line(r.sc8 + ahead + blocks - 1);
-    line(r.mn8 + ahead);
-    line(r.mn8 + ahead + blocks - 1);
-    line(r.sup + rows_ahead * (blocks / 8) * 2);
+    const int64_t supers = blocks / 8;
+    line(r.q6 + rows_ahead * supers * 12);
+    line(r.q6 + (rows_ahead + 1) * supers * 12 - 1);
+    line(r.sup + rows_ahead * supers * 2);
     return;
   }
   line(r.sc + ahead);
@@ -214,17 +256,19 @@ inline void scales_mins(const Meta& r, int64_t b0, __mmask16 mask, float offset,
     mv = block_mins(sv, r.mn, b0, mask, offset);
     return;
   }
-  const uint16_t* sup = r.sup + b0 / 8 * 2;
+  const int64_t s0 = b0 / 8;
+  const uint16_t* sup = r.sup + s0 * 2;
   const bool two = mask > 0xFF;
-  const __m512 d = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(half_to_float(sup[0])),
-                                        _mm512_set1_ps(two ? half_to_float(sup[2]) : 0.f));
-  const __m512 dmin = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(-half_to_float(sup[1])),
-                                           _mm512_set1_ps(two ? -half_to_float(sup[3]) : 0.f));
-  auto bytes = [&](const uint8_t* p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, p)));
-  };
-  sv = _mm512_mul_ps(d, bytes(r.sc8 + b0));
-  mv = _mm512_fmadd_ps(sv, _mm512_set1_ps(offset), _mm512_mul_ps(dmin, bytes(r.mn8 + b0)));
+  __m128i sc, mn;
+  unpack_sub_scales2(load12(r.q6 + s0 * 12), two ? load12(r.q6 + s0 * 12 + 12) : _mm_setzero_si128(), sc, mn);
+  // (d0, dmin0, d1, dmin1) as floats, spread so that lanes 0..7 take the first pair and 8..15 the second
+  uint16_t halves[4] = {sup[0], sup[1], 0, 0};
+  if (two) std::memcpy(halves + 2, sup + 2, 4);
+  const __m512 pairs = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(halves))));
+  const __m512 d = _mm512_permutexvar_ps(_mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0), pairs);
+  const __m512 dmin = _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1), pairs);
+  sv = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc)));
+  mv = _mm512_fmsub_ps(sv, _mm512_set1_ps(offset), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mn))));
 }
 
 // `acc += dot * scale * x.d + min' * x.s` over the lanes of `mask`, one lane a block, for blocks b0.. of a row.
@@ -403,10 +447,8 @@ inline __m256 load_half8(const uint16_t* p) {
 
 // Weight rows [n0, n1) against `MR` activation rows. Groups run 8 lanes at a time (a 16-block group as two
 // halves: its low nibbles, or first 32 bytes of a vector, are blocks 0..7).
-// 8 blocks' 8-bit sub-scales or sub-mins (compact form) as floats.
-inline __m256 load_byte8(const uint8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
+// The low 8 bytes of `v` (a super-block's sub-scales or sub-mins, `unpack_sub_scales2`) as floats.
+inline __m256 widen8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
 
 template <int MR, int BITS, typename OutT>
 void rows_kernel(const uint8_t* codes, const Meta& meta, int64_t n_total, int64_t k, const QuantRow* x, OutT* out,
@@ -427,9 +469,11 @@ void rows_kernel(const uint8_t* codes, const Meta& meta, int64_t n_total, int64_
       __m256 sv, mv;
       if (r.compact()) {
         const uint16_t* sup = r.sup + b / 8 * 2;
-        sv = _mm256_mul_ps(_mm256_set1_ps(half_to_float(sup[0])), load_byte8(r.sc8 + b));
-        mv = _mm256_fmadd_ps(sv, _mm256_set1_ps(offset),
-                             _mm256_mul_ps(_mm256_set1_ps(-half_to_float(sup[1])), load_byte8(r.mn8 + b)));
+        __m128i sc, mn;
+        unpack_sub_scales2(load12(r.q6 + b / 8 * 12), _mm_setzero_si128(), sc, mn);
+        sv = _mm256_mul_ps(_mm256_set1_ps(half_to_float(sup[0])), widen8(sc));
+        const __m256 own = _mm256_mul_ps(_mm256_set1_ps(half_to_float(sup[1])), widen8(mn));  // dmin * m
+        mv = _mm256_fmsub_ps(sv, _mm256_set1_ps(offset), own);
       } else {
         sv = load_half8(r.sc + b);
         mv = _mm256_fmadd_ps(sv, _mm256_set1_ps(offset), r.mn ? load_half8(r.mn + b) : _mm256_setzero_ps());
@@ -647,7 +691,7 @@ at::Tensor dense_linear(const at::Tensor& x, const uint8_t* codes, const Meta& m
 }
 
 // The scales and mins of a weight of `n` rows and `blocks` blocks a row, checked: fp16 ones, or with `supers` (not
-// empty) Q4_K's compact form (`Meta`).
+// empty) Q4_K's compact form (`Meta`: `scales` the packed sub-scales and sub-mins, `mins` empty).
 Meta meta_of(const at::Tensor& scales, const at::Tensor& mins, const std::optional<at::Tensor>& supers, int64_t n,
              int64_t blocks, int64_t bits) {
   if (supers.has_value() && supers->defined() && supers->numel() > 0) {
@@ -655,10 +699,11 @@ Meta meta_of(const at::Tensor& scales, const at::Tensor& mins, const std::option
                 "super-blocks need 4-bit codes and an input size that is a multiple of 256");
     TORCH_CHECK(supers->scalar_type() == at::kHalf && supers->is_contiguous() && supers->numel() == n * blocks / 4,
                 "supers must be contiguous float16 [N, K / 256, 2] (d, dmin)");
-    TORCH_CHECK(scales.scalar_type() == at::kByte && mins.scalar_type() == at::kByte && scales.is_contiguous() &&
-                    mins.is_contiguous() && scales.numel() == n * blocks && mins.numel() == n * blocks,
-                "with supers, scales and mins must be contiguous uint8 [N, K / 32] (sub-scales and sub-mins)");
-    return Meta{nullptr, nullptr, scales.data_ptr<uint8_t>(), mins.data_ptr<uint8_t>(),
+    TORCH_CHECK(scales.scalar_type() == at::kByte && scales.is_contiguous() && scales.numel() == n * blocks / 8 * 12 &&
+                    mins.numel() == 0,
+                "with supers, scales must be contiguous uint8 [N, K / 256 * 12] (Q4_K's packed sub-scales and "
+                "sub-mins) and mins empty");
+    return Meta{nullptr, nullptr, scales.data_ptr<uint8_t>(),
                 reinterpret_cast<const uint16_t*>(supers->data_ptr<c10::Half>())};
   }
   TORCH_CHECK(scales.scalar_type() == at::kHalf && mins.scalar_type() == at::kHalf && scales.is_contiguous() &&
@@ -733,10 +778,10 @@ at::Tensor q_rows(const at::Tensor& ids, const at::Tensor& codes, const at::Tens
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, got ", bits);
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dtype must be float32 or bfloat16");
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.device().is_cpu(), "ids must be int64 on the CPU");
-  const int64_t n = codes.size(0), blocks = scales.size(1), k = blocks * kBlock;
-  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2 &&
-                  codes.size(1) == (bits == 4 ? k / 2 : k) && scales.dim() == 2 && scales.size(0) == n,
-              "codes and scales must be a weight in the kernel's layout");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2,
+              "codes must be contiguous uint8 [N, K / 2] (4 bits) or [N, K] (8 bits)");
+  const int64_t n = codes.size(0), k = codes.size(1) * 8 / bits, blocks = k / kBlock;
+  TORCH_CHECK(k % (2 * kBlock) == 0, "the row size must be a multiple of 64, got ", k);
   const Meta meta = meta_of(scales, mins, supers, n, blocks, bits);
   const at::Tensor flat = ids.reshape(-1).contiguous();
   const int64_t count = flat.numel();

@@ -22,6 +22,7 @@ from inference.quant import (
     QGemvEmbedding,
     QuantEmbedding,
     QuantLinear,
+    _q4_k_scale_min,
     dequantize_linear,
     dequantize_weight,
     gguf_q8_0_blocks,
@@ -53,12 +54,21 @@ def call(op: qgemv.QGemvOp, x: torch.Tensor, w: qgemv.QGemvWeight, dense_rows: i
     return op(x, w.codes, w.scales, w.mins, w.bits, dense_rows, w.op_supers)
 
 
+def sub_scales(w: qgemv.QGemvWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 `[N, K / 32]` sub-scales and sub-mins of a compact weight, unpacked by the loader's own reading of
+    Q4_K (`quant._q4_k_scale_min`, written after ggml's `get_scale_min_k4`)."""
+    sc, mn = _q4_k_scale_min(w.scales.reshape(w.shape[0], -1, 12).numpy())
+    return torch.from_numpy(sc).double().reshape(w.shape[0], -1), torch.from_numpy(mn).double().reshape(
+        w.shape[0], -1
+    )
+
+
 def implied_mins(w: qgemv.QGemvWeight) -> torch.Tensor:
     """float64 `[N, K / 32]`: the weight's own mins (Q4_K's `-dmin * sub_min`), or a symmetric one's (-8 * scale
     for 4 bits, 0 for 8)."""
     if w.compact:
         dmin = w.supers[:, :, 1].double().repeat_interleave(8, dim=1)
-        return -dmin * w.mins.double()
+        return -dmin * sub_scales(w)[1]
     if w.mins.numel():
         return w.mins.double()
     return -8 * w.scales.double() if w.bits == 4 else torch.zeros_like(w.scales, dtype=torch.float64)
@@ -67,7 +77,7 @@ def implied_mins(w: qgemv.QGemvWeight) -> torch.Tensor:
 def block_scales(w: qgemv.QGemvWeight) -> torch.Tensor:
     """float64 `[N, K / 32]`: the fp16 scales, or Q4_K's `d * sub_scale`."""
     if w.compact:
-        return w.supers[:, :, 0].double().repeat_interleave(8, dim=1) * w.scales.double()
+        return w.supers[:, :, 0].double().repeat_interleave(8, dim=1) * sub_scales(w)[0]
     return w.scales.double()
 
 
@@ -128,8 +138,8 @@ def test_dequantizing_follows_the_codes_in_either_column_order(kind: str, k: int
     """`u * scale + min` per block from the row-order codes, in row order and in the layout's order."""
     w = make(kind, torch.randn(5, k))
     bits, symmetric = w.bits, kind in ("int4 symmetric", "int8")
-    assert w.symmetric == symmetric and w.mins.numel() == (0 if symmetric else 5 * k // 32)
-    assert w.compact == (kind == "q4_k")
+    assert w.symmetric == symmetric and w.compact == (kind == "q4_k")
+    assert w.mins.numel() == (0 if symmetric or w.compact else 5 * k // 32)
     codes = qgemv.unpack_codes(w.codes, bits, k)[1:4]
     u = (codes.view(torch.int8) if bits == 8 else codes).float().view(3, -1, 32)
     want = (u * block_scales(w)[1:4].float()[..., None] + implied_mins(w)[1:4].float()[..., None]).view(3, k)
@@ -237,8 +247,10 @@ def test_bad_arguments_are_errors_not_crashes(op: qgemv.QGemvOp) -> None:
         op(x, c.codes, c.scales, c.mins, 4, -1, c.supers[:4])  # a super-block pair short
     with pytest.raises(RuntimeError, match="supers must be contiguous float16"):
         op(x, c.codes, c.scales, c.mins, 4, -1, c.supers.float())
-    with pytest.raises(RuntimeError, match="with supers, scales and mins must be contiguous uint8"):
+    with pytest.raises(RuntimeError, match="with supers, scales must be contiguous uint8"):
         op(x, c.codes, c.scales.half(), c.mins, 4, -1, c.supers)
+    with pytest.raises(RuntimeError, match="with supers, scales must be contiguous uint8"):
+        op(x, c.codes, c.scales[:, :12], c.mins, 4, -1, c.supers)  # one super-block's sub-scales of two
     with pytest.raises(RuntimeError, match="scales and mins must be contiguous float16"):
         op(x, c.codes, c.scales, c.mins, 4)  # 8-bit sub-scales read as fp16 ones without their supers
     w8 = qgemv.quantize_blocks(torch.randn(8, 512), 8)
@@ -248,7 +260,7 @@ def test_bad_arguments_are_errors_not_crashes(op: qgemv.QGemvOp) -> None:
     with pytest.raises(RuntimeError, match="multiple of 256"):
         op(torch.randn(1, 576), w4.codes, torch.zeros(8, 18, dtype=torch.uint8), w4.mins, 4, -1, c.supers)
     with pytest.raises(ValueError, match="multiple of 256"):
-        qgemv.from_super_blocks(torch.zeros(8, 576, dtype=torch.uint8), c.scales, c.mins, c.supers)
+        qgemv.from_super_blocks(torch.zeros(8, 576, dtype=torch.uint8), c.scales, c.supers)
 
 
 # ---- layers and lookups ----------------------------------------------------------------------------------------
@@ -468,15 +480,19 @@ def random_k_blocks(qtype: T, rows: int, cols: int, seed: int = 0) -> np.ndarray
 
 @needs_qgemv
 def test_a_q4_k_matrix_keeps_its_own_scales_exactly() -> None:
-    """A Q4_K matrix holds its file's 6-bit sub-scales and sub-mins (a byte each) and fp16 (d, dmin) per 256 values:
-    18.5 bytes a block of 32 where fp16 scales and mins take 20 (the file: 18), and its weights are exactly the
-    file's (fp16 `d * sub_scale` would round them)."""
+    """A Q4_K matrix holds its file's 6-bit sub-scales and sub-mins, packed as the file packs them, and fp16
+    (d, dmin) per 256 values: 18 bytes a block of 32, the file's, where fp16 scales and mins take 20, and its weights
+    are exactly the file's (fp16 `d * sub_scale` would round them)."""
     raw = random_k_blocks(T.Q4_K, 48, 512)
     layer = QuantLinear(gguf_to_int4(raw, int(T.Q4_K), (48, 512)))
     ours = layer.qgemv_weight()
     assert ours is not None and ours.compact and ours.bits == 4
-    assert ours.scales.dtype == torch.uint8 and ours.supers.shape == (48, 2, 2)
-    assert layer.weight_bytes() == 48 * 16 * (16 + 2) + 48 * 2 * 4
+    assert ours.scales.dtype == torch.uint8 and ours.supers.shape == (48, 2, 2) and ours.mins.numel() == 0
+    # the packed sub-scales are the file's bytes 4..15 of each super-block, as they are
+    assert torch.equal(
+        ours.scales, torch.from_numpy(raw.reshape(48, 2, 144)[..., 4:16].reshape(48, 24).copy())
+    )
+    assert layer.weight_bytes() == 48 * 16 * 18
     exact = torch.from_numpy(dequantize(raw, T.Q4_K).reshape(48, 512))
     assert torch.equal(ours.dequantize(), exact)
     x = torch.randn(3, 512)
@@ -511,3 +527,20 @@ def test_the_op_compiles_with_a_compact_layer() -> None:
     x = torch.randn(3, 256)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_sub_scales_pack_and_unpack_as_q4_k_does() -> None:
+    """`pack_sub_scales` and `unpack_sub_scales` are inverses over every 6-bit value, and unpack agrees with the
+    loader's reading of Q4_K (`quant._q4_k_scale_min`) on random packed bytes."""
+    gen = torch.Generator().manual_seed(5)
+    sc = torch.randint(0, 64, (7, 24), generator=gen, dtype=torch.uint8)
+    mn = torch.randint(0, 64, (7, 24), generator=gen, dtype=torch.uint8)
+    packed = qgemv.pack_sub_scales(sc, mn)
+    assert packed.shape == (7, 36)
+    got_sc, got_mn = qgemv.unpack_sub_scales(packed)
+    assert torch.equal(got_sc, sc) and torch.equal(got_mn, mn)
+    raw = torch.randint(0, 256, (5, 36), generator=gen, dtype=torch.uint8)
+    want_sc, want_mn = _q4_k_scale_min(raw.reshape(5, 3, 12).numpy())
+    got_sc, got_mn = qgemv.unpack_sub_scales(raw)
+    assert torch.equal(got_sc, torch.from_numpy(want_sc).to(torch.uint8).reshape(5, 24))
+    assert torch.equal(got_mn, torch.from_numpy(want_mn).to(torch.uint8).reshape(5, 24))
