@@ -27,7 +27,7 @@ the ratio to llama.cpp, and our weights' memory against the file's size. Our var
 - `gguf compiled`: `gguf` with decode steps through torch.compile (`compile=True`, inference/compiled_decode.py; the
   compile happens at engine start, before any round) instead of the fused step;
 - `gguf fp16 scales`: `gguf` with a Q4_K file's scales held as fp16 scale and min per block of 32 (20 bytes a
-  block), as before Q4_K kept its own 6-bit ones under an fp16 pair per 256 values (18.5 bytes; inference/qgemv.py,
+  block), as before Q4_K kept its own 6-bit ones under an fp16 pair per 256 values (18 bytes; inference/qgemv.py,
   `from_super_blocks`): that change's before/after in one run (other files: the same as `gguf`);
 - `gguf torch`, `gguf torch compiled`: the same with torch's int8/int4 kernels instead of our own
   (`AGENT_RUNTIME_QGEMV=off` while the model is built; inference/qgemv.py): that kernel's before/after in one run.

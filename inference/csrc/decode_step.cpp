@@ -137,6 +137,14 @@ inline Vec sub(Vec a, Vec b) { return {_mm512_sub_ps(a.v, b.v)}; }
 inline Vec max(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
 inline Vec round_nearest(Vec a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
 inline Vec times_pow2(Vec a, Vec n) { return {_mm512_scalef_ps(a.v, n.v)}; }
+inline Vec div(Vec a, Vec b) { return {_mm512_div_ps(a.v, b.v)}; }
+inline Vec neg_abs(Vec a) {  // the sign bit set (an integer or: AVX512F has no float one)
+  return {_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a.v), _mm512_set1_epi32(INT32_MIN)))};
+}
+// a where x >= 0, else b
+inline Vec where_nonnegative(Vec x, Vec a, Vec b) {
+  return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, _mm512_setzero_ps(), _CMP_GE_OQ), b.v, a.v)};
+}
 inline float sum(Vec a) { return _mm512_reduce_add_ps(a.v); }
 // Lane i of the result: the sum of v[i]'s lanes, for 16 vectors. Pairs of vectors are interleaved and added within
 // 128-bit chunks, then pairs of pairs, then the chunks: 45 instructions where 16 horizontal sums take about 130.
@@ -185,6 +193,11 @@ inline Vec zero_below(Vec a, Vec x, float lo) {
 inline Vec sub(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }
 inline Vec max(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
 inline Vec round_nearest(Vec a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+inline Vec div(Vec a, Vec b) { return {_mm256_div_ps(a.v, b.v)}; }
+inline Vec neg_abs(Vec a) { return {_mm256_or_ps(a.v, _mm256_set1_ps(-0.f))}; }
+inline Vec where_nonnegative(Vec x, Vec a, Vec b) {
+  return {_mm256_blendv_ps(b.v, a.v, _mm256_cmp_ps(x.v, _mm256_setzero_ps(), _CMP_GE_OQ))};
+}
 inline Vec times_pow2(Vec a, Vec n) {  // n integral, within float32's exponent range (exp clamps it)
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127)), 23);
   return {_mm256_mul_ps(a.v, _mm256_castsi256_ps(e))};
@@ -230,6 +243,24 @@ inline Vec exp_nonpositive(Vec in) {
   p = fma(p, r, Vec::all(1.f));
   p = fma(p, r, Vec::all(1.f));
   return zero_below(times_pow2(p, n), in, -87.0f);
+}
+
+// SiLU of `n` gate values into `out`, unrounded, a vector at a time: g / (1 + e^-g) with e^-g from
+// `exp_nonpositive` (for g < 0, g e^g / (1 + e^g)). std::exp a value at a time took 0.5 ms of a 4.9 ms Qwen2.5-0.5B
+// step (24 layers of 4,864).
+template <typename T>
+void silu(const T* gate, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + Vec::kLanes <= n; i += Vec::kLanes) {
+    const Vec g = Vec::load(gate + i);
+    const Vec e = exp_nonpositive(neg_abs(g));  // e^-|g|
+    const Vec num = where_nonnegative(g, g, mul(g, e));
+    div(num, add(e, Vec::all(1.f))).store(out + i);
+  }
+  for (; i < n; ++i) {
+    const float g = static_cast<float>(gate[i]);
+    out[i] = g / (1.f + std::exp(-g));
+  }
 }
 
 template <typename T>
@@ -395,6 +426,7 @@ at::Tensor run_step(const at::Tensor& x_in, const at::Tensor& cos, const at::Ten
   at::Tensor normed = at::empty({rows, hidden}, opts);
   at::Tensor attn = at::empty({rows, q_size}, opts);
   std::vector<float> scratch(d);
+  std::vector<float> silu_row;  // one row's SiLU, before rounding
   T* xp = x.data_ptr<T>();
   T* rp = residual.data_ptr<T>();
   T* np = normed.data_ptr<T>();
@@ -463,11 +495,13 @@ at::Tensor run_step(const at::Tensor& x_in, const at::Tensor& cos, const at::Ten
     at::Tensor act = at::empty({rows, inter}, opts);
     const T* gp = gate_up.data_ptr<T>();
     T* actp = act.data_ptr<T>();
+    silu_row.resize(inter);
     for (int64_t m = 0; m < rows; ++m) {
+      const T* g = gp + m * 2 * inter;
+      silu(g, inter, silu_row.data());
+      // the eager model rounds the SiLU, then the product
       for (int64_t i = 0; i < inter; ++i) {
-        const float g = static_cast<float>(gp[m * 2 * inter + i]);
-        const float silu = held<T>(g / (1.f + std::exp(-g)));
-        actp[m * inter + i] = static_cast<T>(silu * static_cast<float>(gp[m * 2 * inter + inter + i]));
+        actp[m * inter + i] = static_cast<T>(held<T>(silu_row[i]) * static_cast<float>(g[inter + i]));
       }
     }
     x = QGEMV_NAMESPACE::q_linear(act, w[kDownCodes], w[kDownScales], w[kDownMins], n[6], n[7], w[kDownSupers]);

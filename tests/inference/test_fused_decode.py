@@ -109,6 +109,26 @@ def assert_agrees(got: torch.Tensor, want: torch.Tensor) -> None:
         assert sum(e > 1e-4 for e in errors) <= max(1, len(errors) // 4), errors
 
 
+def eager_and_fused(
+    model: LlamaForCausalLM, contexts: list[int], isa: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """One decode step of rows with `contexts` on scattered 16-token blocks through the eager model and through the
+    fused op of build `isa`, each on its copy of one random cache; checks they agree (`assert_agrees`, and every
+    layer's K/V) and returns (fused, eager, fused's cache, eager's cache, the step's metadata)."""
+    cache = random_cache(model, 24, 16)
+    ids, positions, meta = decode_inputs(contexts, 16, 24)
+    with torch.inference_mode():
+        want_cache = cache.clone()
+        want = model(ids, positions, meta, want_cache)
+        fused = FusedDecode(model, cache)
+        fused.op = qgemv.sibling_op(qgemv.load(isa), "decode_step")
+        got = fused.run(ids, positions, meta)
+    assert got is not None and fused.failed is None
+    assert_agrees(got, want)
+    assert relative_error(cache, want_cache) < 5e-3
+    return got, want, cache, want_cache, meta
+
+
 @needs_qgemv
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -117,19 +137,9 @@ def test_fused_step_computes_what_the_eager_model_does(shape: str, dtype: torch.
     """Rows of 1 to 70 tokens of context on scattered 16-token blocks: the final hidden states and every layer's
     K/V in the cache agree with the eager model's."""
     model = quantized_llama(shape, dtype)
-    cache = random_cache(model, 24, 16)
-    ids, positions, meta = decode_inputs([1, 16, 17, 40, 70], 16, 24)
-    with torch.inference_mode():
-        want_cache = cache.clone()
-        want = model(ids, positions, meta, want_cache)
-        fused = FusedDecode(model, cache)
-        fused.op = qgemv.sibling_op(qgemv.load(isa), "decode_step")
-        got = fused.run(ids, positions, meta)
-    assert got is not None and fused.failed is None
+    got, want, cache, want_cache, meta = eager_and_fused(model, [1, 16, 17, 40, 70], isa)
     assert got.dtype == dtype and got.shape == want.shape
-    assert_agrees(got, want)
     # every layer's new K and V where the eager step wrote them, the rest of the cache untouched
-    assert relative_error(cache, want_cache) < 5e-3
     written = torch.zeros(cache.shape[2] * cache.shape[3], dtype=torch.bool)
     written[meta.slot_mapping] = True
     untouched = cache.flatten(2, 3)[:, :, ~written]
@@ -154,21 +164,12 @@ def hold_compact(model: LlamaForCausalLM) -> int:
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_q4_k_compact_products_run_fused(dtype: torch.dtype, isa: str) -> None:
-    """Products whose scales are Q4_K's own (8-bit under an fp16 pair per 256 values, as a Q4_K GGUF loads) pass
-    their super-blocks to the step: it agrees with the eager model on the same weights."""
+    """Products whose scales are Q4_K's own (6-bit, packed as the file packs them, under an fp16 pair per 256
+    values, as a Q4_K GGUF loads) pass their super-blocks to the step: it agrees with the eager model on the same
+    weights."""
     model = quantized_llama("gqa", dtype, "int4", hidden_size=256, intermediate_size=512, head_dim=64)
     assert hold_compact(model) == 2 * 4  # qkv, o, gate_up and down of both layers
-    cache = random_cache(model, 24, 16)
-    ids, positions, meta = decode_inputs([1, 17, 40, 70], 16, 24)
-    with torch.inference_mode():
-        want_cache = cache.clone()
-        want = model(ids, positions, meta, want_cache)
-        fused = FusedDecode(model, cache)
-        fused.op = qgemv.sibling_op(qgemv.load(isa), "decode_step")
-        got = fused.run(ids, positions, meta)
-    assert got is not None and fused.failed is None
-    assert_agrees(got, want)
-    assert relative_error(cache, want_cache) < 5e-3
+    eager_and_fused(model, [1, 17, 40, 70], isa)
 
 
 @needs_qgemv

@@ -37,7 +37,7 @@ ISAS = qgemv.supported_isas()
 # widths along K that cross every region of the layout: a pair only, a group of 8 (+ pair), groups of 16 (+ 8 + pairs)
 WIDTHS = [64, 256, 576, 768, 832, 1536]
 # int4 with fp16 mins (Q4_1, our int4), int4 without (Q4_0: min = -8 * scale), int8 (no mins), and int4 with Q4_K's
-# compact scales (8-bit sub-scales and sub-mins under an fp16 pair per 256 values: K a multiple of 256)
+# compact scales (6-bit sub-scales and sub-mins, packed, under an fp16 pair per 256 values: K a multiple of 256)
 KINDS = ["int4", "int4 symmetric", "int8", "q4_k"]
 # (kind, K) for every kind at every width it takes
 CASES = [(kind, k) for kind in KINDS for k in WIDTHS if kind != "q4_k" or k % 256 == 0]
@@ -252,7 +252,7 @@ def test_bad_arguments_are_errors_not_crashes(op: qgemv.QGemvOp) -> None:
     with pytest.raises(RuntimeError, match="with supers, scales must be contiguous uint8"):
         op(x, c.codes, c.scales[:, :12], c.mins, 4, -1, c.supers)  # one super-block's sub-scales of two
     with pytest.raises(RuntimeError, match="scales and mins must be contiguous float16"):
-        op(x, c.codes, c.scales, c.mins, 4)  # 8-bit sub-scales read as fp16 ones without their supers
+        op(x, c.codes, c.scales, c.mins, 4)  # packed sub-scales read as fp16 ones without their supers
     w8 = qgemv.quantize_blocks(torch.randn(8, 512), 8)
     with pytest.raises(RuntimeError, match="super-blocks need 4-bit codes"):
         op(x, w8.codes, c.scales, c.mins, 8, -1, c.supers)
