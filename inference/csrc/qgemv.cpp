@@ -271,11 +271,10 @@ inline void scales_mins(const Meta& r, int64_t b0, __mmask16 mask, float offset,
   mv = _mm512_fmsub_ps(sv, _mm512_set1_ps(offset), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mn))));
 }
 
-// `acc += dot * scale * x.d + min' * x.s` over the lanes of `mask`, one lane a block, for blocks b0.. of a row.
-inline __m512 fold_blocks(__m512 acc, __m512 dot, const Meta& r, float offset, const QuantRow& x, int64_t b0,
+// `acc += dot * scale * x.d + min' * x.s` over the lanes of `mask`, one lane a block, for blocks b0.. of a row
+// (`sv`, `mv`: their scales and mins, `scales_mins`, found once for every activation row).
+inline __m512 fold_blocks(__m512 acc, __m512 dot, __m512 sv, __m512 mv, const QuantRow& x, int64_t b0,
                           __mmask16 mask, float dot_scale = 1.f) {
-  __m512 sv, mv;
-  scales_mins(r, b0, mask, offset, sv, mv);
   const __m512 xd = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x.d + b0), _mm512_set1_ps(dot_scale));
   acc = _mm512_fmadd_ps(dot, _mm512_mul_ps(sv, xd), acc);
   return _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(mask, x.s + b0), acc);
@@ -315,9 +314,11 @@ void row_block(const uint8_t* codes, const Meta& meta, int64_t n_total, int64_t 
           dot[m][1] = _mm512_dpbusd_epi32(dot[m][1], hi, _mm512_loadu_si512(xg[m] + 128 * t + 64));
         }
       }
+      __m512 sv, mv;
+      scales_mins(r, b0, 0xFFFF, offset, sv, mv);
       for (int m = 0; m < MR; ++m) {
         const __m512i d = _mm512_add_epi32(_mm512_slli_epi32(dot[m][0], 4), dot[m][1]);
-        acc[m] = fold_blocks(acc[m], _mm512_cvtepi32_ps(d), r, offset, x[m], b0, 0xFFFF, 1.f / 16.f);
+        acc[m] = fold_blocks(acc[m], _mm512_cvtepi32_ps(d), sv, mv, x[m], b0, 0xFFFF, 1.f / 16.f);
       }
     } else {
       for (int j = 0; j < 8; ++j) {
@@ -326,9 +327,11 @@ void row_block(const uint8_t* codes, const Meta& meta, int64_t n_total, int64_t 
         for (int m = 0; m < MR; ++m)
           dot[m][j % 2] = _mm512_dpbusd_epi32(dot[m][j % 2], wv, _mm512_loadu_si512(xg[m] + j * 64));
       }
+      __m512 sv, mv;
+      scales_mins(r, b0, 0xFFFF, offset, sv, mv);
       for (int m = 0; m < MR; ++m)
-        acc[m] = fold_blocks(acc[m], _mm512_cvtepi32_ps(_mm512_add_epi32(dot[m][0], dot[m][1])), r, offset, x[m],
-                             b0, 0xFFFF);
+        acc[m] = fold_blocks(acc[m], _mm512_cvtepi32_ps(_mm512_add_epi32(dot[m][0], dot[m][1])), sv, mv, x[m], b0,
+                             0xFFFF);
     }
   }
   if (reg.group8) {
@@ -354,10 +357,12 @@ void row_block(const uint8_t* codes, const Meta& meta, int64_t n_total, int64_t 
               dot[m][h], wv[h],
               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[m].q + b0 * kBlock + (2 * t + h) * 32)));
     }
+    __m512 sv, mv;
+    scales_mins(r, b0, 0xFF, offset, sv, mv);
     for (int m = 0; m < MR; ++m) {
       const __m256i d = BITS == 4 ? _mm256_add_epi32(_mm256_slli_epi32(dot[m][0], 4), dot[m][1])
                                   : _mm256_add_epi32(dot[m][0], dot[m][1]);
-      acc[m] = fold_blocks(acc[m], _mm512_zextps256_ps512(_mm256_cvtepi32_ps(d)), r, offset, x[m], b0, 0xFF,
+      acc[m] = fold_blocks(acc[m], _mm512_zextps256_ps512(_mm256_cvtepi32_ps(d)), sv, mv, x[m], b0, 0xFF,
                            BITS == 4 ? 1.f / 16.f : 1.f);
     }
     b0 += 8;
