@@ -469,20 +469,31 @@ void rows_kernel(const uint8_t* codes, const Meta& meta, int64_t n_total, int64_
     prefetch_meta(r, blocks, row_bytes);
     __m256 acc[MR];
     for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
-    // blocks b..b + 7 (in the compact form, one super-block: b is a multiple of 8)
-    auto finish8 = [&](const __m256i* dot, int64_t b) {
-      __m256 sv, mv;
+    // the scales (`sv`) and mins (`mv`) of blocks b.. in runs of 8, `runs` (1 or 2) of them (in the compact form,
+    // a super-block each, unpacked together: b is a multiple of 8)
+    auto scales_mins = [&](int64_t b, int runs, __m256* sv, __m256* mv) {
       if (r.compact()) {
         const uint16_t* sup = r.sup + b / 8 * 2;
+        const uint8_t* q6 = r.q6 + b / 8 * 12;
         __m128i sc, mn;
-        unpack_sub_scales2(load12(r.q6 + b / 8 * 12), _mm_setzero_si128(), sc, mn);
-        sv = _mm256_mul_ps(_mm256_set1_ps(half_to_float(sup[0])), widen8(sc));
-        const __m256 own = _mm256_mul_ps(_mm256_set1_ps(half_to_float(sup[1])), widen8(mn));  // dmin * m
-        mv = _mm256_fmsub_ps(sv, _mm256_set1_ps(offset), own);
-      } else {
-        sv = load_half8(r.sc + b);
-        mv = _mm256_fmadd_ps(sv, _mm256_set1_ps(offset), r.mn ? load_half8(r.mn + b) : _mm256_setzero_ps());
+        unpack_sub_scales2(load12(q6), runs == 2 ? load12(q6 + 12) : _mm_setzero_si128(), sc, mn);
+        for (int h = 0; h < runs; ++h) {
+          sv[h] = _mm256_mul_ps(_mm256_set1_ps(half_to_float(sup[2 * h])), widen8(sc));
+          const __m256 own = _mm256_mul_ps(_mm256_set1_ps(half_to_float(sup[2 * h + 1])), widen8(mn));  // dmin * m
+          mv[h] = _mm256_fmsub_ps(sv[h], _mm256_set1_ps(offset), own);
+          sc = _mm_srli_si128(sc, 8);
+          mn = _mm_srli_si128(mn, 8);
+        }
+        return;
       }
+      for (int h = 0; h < runs; ++h) {
+        sv[h] = load_half8(r.sc + b + 8 * h);
+        const __m256 own = r.mn ? load_half8(r.mn + b + 8 * h) : _mm256_setzero_ps();
+        mv[h] = _mm256_fmadd_ps(sv[h], _mm256_set1_ps(offset), own);
+      }
+    };
+    // blocks b..b + 7's sums into the accumulators
+    auto finish8 = [&](const __m256i* dot, int64_t b, __m256 sv, __m256 mv) {
       for (int m = 0; m < MR; ++m) {
         const __m256 bs = _mm256_mul_ps(sv, _mm256_loadu_ps(x[m].d + b));
         acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m]), bs, acc[m]);
@@ -512,8 +523,10 @@ void rows_kernel(const uint8_t* codes, const Meta& meta, int64_t n_total, int64_
           hi[m] = dot8<BITS>(hi[m], wh, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32)));
         }
       }
-      finish8(lo, b0);
-      finish8(hi, b0 + 8);
+      __m256 sv[2], mv[2];
+      scales_mins(b0, 2, sv, mv);
+      finish8(lo, b0, sv[0], mv[0]);
+      finish8(hi, b0 + 8, sv[1], mv[1]);
     }
     if (reg.group8) {
       const uint8_t* w = row + reg.groups16 * (BITS == 4 ? 256 : 512);
@@ -532,7 +545,9 @@ void rows_kernel(const uint8_t* codes, const Meta& meta, int64_t n_total, int64_
           dot[m] = dot8<BITS>(dot[m], wv,
                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[m].q + b0 * kBlock + j * 32)));
       }
-      finish8(dot, b0);
+      __m256 sv, mv;
+      scales_mins(b0, 1, &sv, &mv);
+      finish8(dot, b0, sv, mv);
       b0 += 8;
     }
     float tail[MR] = {};
