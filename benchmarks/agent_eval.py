@@ -817,6 +817,23 @@ def select(tasks: list[Task], args: argparse.Namespace) -> list[Task]:
     return tasks[: args.tasks] if args.tasks else tasks
 
 
+def missing_servers(fx: Fixtures) -> list[str]:
+    """What the servers of `server_entries` need and this machine lacks: a command not found, or a script (the npm
+    peers under .peers, which `make peers` installs) not there. Without them every task of those servers was a
+    "harness error" ("agent 'default' has no tools"), and a run read as if the model had failed."""
+    missing = []
+    for name, entry in server_entries(fx).items():
+        command = str(entry["command"])
+        if shutil.which(command) is None and not Path(command).is_file():
+            missing.append(f"{name}: {command} not found")
+        missing += [
+            f"{name}: {arg} not found"
+            for arg in entry.get("args", [])
+            if str(arg).endswith(".js") and not Path(arg).is_file()
+        ]
+    return missing
+
+
 async def evaluate(args: argparse.Namespace) -> tuple[list[Verdict], str | None]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -933,6 +950,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.report:
         report_from(args.report)
         return 0
+    missing = missing_servers(Fixtures(Path(tempfile.gettempdir())))
+    if missing:
+        print(f"error: the suite's servers are not all installed: {'; '.join(missing)}", file=sys.stderr)
+        print("hint: `make peers` installs the npm servers (node 20 and npm needed)", file=sys.stderr)
+        return 2
     load_before = os.getloadavg()[0]
     verdicts, peer_error = anyio.run(evaluate, args)
     print_report(verdicts, peer_error, f"SmolLM2-135M, {args.dtype}, max_steps {args.max_steps}")

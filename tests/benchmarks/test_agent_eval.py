@@ -265,3 +265,25 @@ def test_saved_verdicts_read_back_and_a_peer_task_not_run_is_marked(tmp_path: Pa
         _task(["get_current_time"]), Fixtures(tmp_path), RunRecord(stop_reason=NOT_RUN), "peer", "all"
     )
     assert skipped.reason == "not run" and not skipped.success
+
+
+def test_servers_not_installed_are_named_before_any_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without the npm peers (`make peers`) the suite stops at once, naming what is missing (exit 2): every task of
+    those servers had been a "harness error", which read as the model failing."""
+    import benchmarks.agent_eval as agent_eval
+
+    npm = tmp_path / "npm"
+    for server in ("server-filesystem", "server-everything", "server-memory"):
+        (npm / server / "dist").mkdir(parents=True)
+        (npm / server / "dist" / "index.js").write_text("")
+    monkeypatch.setattr(agent_eval, "NPM", npm)
+    npm_servers = {"filesystem", "everything", "memory"}
+    assert not [m for m in agent_eval.missing_servers(Fixtures(tmp_path)) if m.split(":")[0] in npm_servers]
+    monkeypatch.setattr(agent_eval, "NPM", tmp_path / "nowhere")
+    missing = agent_eval.missing_servers(Fixtures(tmp_path))
+    assert {m.split(":")[0] for m in missing} >= npm_servers
+    assert agent_eval.main(["--no-peer"]) == 2
+    err = capsys.readouterr().err
+    assert "server-filesystem/dist/index.js not found" in err and "make peers" in err
