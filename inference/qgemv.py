@@ -13,8 +13,8 @@ dequantizes the weights to bf16 a slice at a time and runs bf16 matrix products,
 
 `QGemvWeight` is a weight in the kernel's layout: `w[n, k] = u[n, k] * scale[n, k // 32] + min[n, k // 32]`, codes
 `u` of 4 bits (0..15) or 8 (signed) reordered within each row (`pack_codes`, the layout is described in the C++
-file), fp16 scales and mins, or GGUF Q4_K's own compact ones (`from_super_blocks`). `AGENT_RUNTIME_QGEMV` picks the build: `auto` (default: the best this CPU runs),
-`avx512_vnni`, `avx2`, or `off` (torch's kernels only).
+file), fp16 scales and mins, or GGUF Q4_K's own compact ones (`from_super_blocks`). `AGENT_RUNTIME_QGEMV` picks
+the build: `auto` (default: the best this CPU runs), `avx512_vnni`, `avx2`, or `off` (torch's kernels only).
 """
 
 from __future__ import annotations
@@ -46,9 +46,8 @@ Isa = Literal["avx512_vnni", "avx2"]
 QGemvOp = Callable[..., torch.Tensor]
 
 BLOCK = 32
-SUPER_BLOCKS = (
-    8  # blocks of 32 under one (d, dmin) pair in the compact form: a GGUF K-quant super-block of 256
-)
+# blocks of 32 under one (d, dmin) pair in the compact form: a GGUF K-quant super-block of 256
+SUPER_BLOCKS = 8
 _CSRC = Path(__file__).parent / "csrc"
 # one library a build: the kernel, and the decode step that calls it (inference/fused_decode.py)
 SOURCES = (_CSRC / "qgemv.cpp", _CSRC / "decode_step.cpp")
