@@ -183,15 +183,18 @@ struct Meta {
   }
   // block b's sub-scale or sub-min (compact form): byte b % 8 of its super-block's
   static float byte_of(uint64_t bytes, int64_t b) { return static_cast<float>((bytes >> (8 * (b % 8))) & 0xFF); }
-  // block b's scale, and its min plus `offset * scale` (`scale_min_offset`)
-  float scale(int64_t b) const {
-    if (!compact()) return half_to_float(sc[b]);
-    return half_to_float(sup[b / 8 * 2]) * byte_of(unpack_sub_scales(q6 + b / 8 * 12).sc, b);
-  }
-  float min(int64_t b, float scale, float offset) const {
-    const float own = compact() ? -half_to_float(sup[b / 8 * 2 + 1]) * byte_of(unpack_sub_scales(q6 + b / 8 * 12).mn, b)
-                                : (mn ? half_to_float(mn[b]) : 0.f);
-    return own + offset * scale;
+  // block b's scale, and its min plus `offset * scale` (`scale_min_offset`): its super-block unpacked once for both
+  struct ScaleMin {
+    float scale, min;
+  };
+  ScaleMin scale_min(int64_t b, float offset) const {
+    if (!compact()) {
+      const float s = half_to_float(sc[b]);
+      return {s, (mn ? half_to_float(mn[b]) : 0.f) + offset * s};
+    }
+    const SubScales sub = unpack_sub_scales(q6 + b / 8 * 12);
+    const float s = half_to_float(sup[b / 8 * 2]) * byte_of(sub.sc, b);
+    return {s, -half_to_float(sup[b / 8 * 2 + 1]) * byte_of(sub.mn, b) + offset * s};
   }
 };
 
@@ -563,7 +566,7 @@ void rows_kernel(const uint8_t* codes, const Meta& meta, int64_t n_total, int64_
         wv[1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (b0 + 1) * kBlock));
       }
       for (int h = 0; h < 2; ++h) {
-        const float s = r.scale(b0 + h), mnv = r.min(b0 + h, s, offset);
+        const auto [s, mnv] = r.scale_min(b0 + h, offset);
         for (int m = 0; m < MR; ++m) {
           const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[m].q + (b0 + h) * kBlock));
           const __m256i dot = dot8<BITS>(_mm256_setzero_si256(), wv[h], xv);
@@ -617,17 +620,16 @@ inline void put(uint16_t* o, float v) { *o = bf16_bits(v); }
 inline void put(float* o, float v) { *o = v; }
 
 // One weight row in the 8-bit layout's column order, as bf16 bits or float32 (`u * scale + min` in float32, rounded
-// once for bf16). Each
-// region is a run of vectors of `width` columns (a group's 8 vectors share its lane row of 16 or 8 blocks' scales,
-// a pair's 2 vectors are its blocks); int4 packs each two vectors of a region into `width` bytes (low, then high
-// nibbles). `offset * scale` is a symmetric weight's min (int8 codes are signed here).
+// once for bf16). Each region is a run of vectors of `width` columns (a group's 8 vectors share its lane row of 16
+// or 8 blocks' scales, a pair's 2 vectors are its blocks); int4 packs each two vectors of a region into `width`
+// bytes (low, then high nibbles). `offset * scale` is a symmetric weight's min (int8 codes are signed here).
 template <int BITS, typename Out>
 void dequantize_laid_row(const uint8_t* w, const Meta& row, float offset, const Regions& r, Out* out) {
   alignas(64) float sl[64], ml[64];
   int64_t b = 0, c = 0;  // the next block, and its first column
   auto lanes = [&](int64_t blocks) {
     for (int64_t i = 0; i < blocks; ++i) {
-      const float s = row.scale(b + i), m = row.min(b + i, s, offset);
+      const auto [s, m] = row.scale_min(b + i, offset);
       for (int64_t v = 0; v < 4; ++v) sl[4 * i + v] = s, ml[4 * i + v] = m;
     }
   };
@@ -656,7 +658,7 @@ void dequantize_laid_row(const uint8_t* w, const Meta& row, float offset, const 
   }
   for (int64_t p = 0; p < r.pairs; ++p, b += 2) {
     for (int64_t h = 0; h < 2; ++h) {
-      const float s = row.scale(b + h), m = row.min(b + h, s, offset);
+      const auto [s, m] = row.scale_min(b + h, offset);
       for (int64_t l = 0; l < kBlock; ++l) sl[kBlock * h + l] = s, ml[kBlock * h + l] = m;
     }
     // a pair is two vectors of 32 sharing 32 bytes (4 bits); its lane row spans both
