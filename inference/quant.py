@@ -985,12 +985,12 @@ def _int4(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, rows: int) -
 
 
 def _q4_k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The 8 six-bit scales and mins of Q4_K/Q5_K super-blocks (12 bytes each), as ggml's get_scale_min_k4."""
-    s = scales.reshape(*scales.shape[:-1], 3, 4)
-    d, m, md = s[..., 0, :], s[..., 1, :], s[..., 2, :]
-    sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
-    mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
-    return sc.astype(np.float32), mn.astype(np.float32)
+    """The 8 six-bit scales and mins of Q4_K/Q5_K super-blocks (`[..., 12]` bytes -> float32 `[..., 8]` each), as
+    ggml's get_scale_min_k4 (`qgemv.unpack_sub_scales`, the one reading of that packing)."""
+    packed = torch.from_numpy(np.ascontiguousarray(scales).reshape(-1, 12))
+    shape = (*scales.shape[:-1], 8)
+    sc, mn = qgemv.unpack_sub_scales(packed)
+    return sc.numpy().reshape(shape).astype(np.float32), mn.numpy().reshape(shape).astype(np.float32)
 
 
 def _super_blocks(blocks: np.ndarray, rows: int) -> SuperBlocks:

@@ -55,8 +55,9 @@ def call(op: qgemv.QGemvOp, x: torch.Tensor, w: qgemv.QGemvWeight, dense_rows: i
 
 
 def sub_scales(w: qgemv.QGemvWeight) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 `[N, K / 32]` sub-scales and sub-mins of a compact weight, unpacked by the loader's own reading of
-    Q4_K (`quant._q4_k_scale_min`, written after ggml's `get_scale_min_k4`)."""
+    """float64 `[N, K / 32]` sub-scales and sub-mins of a compact weight, as the loader reads Q4_K
+    (`quant._q4_k_scale_min`; checked against gguf's own dequantization in
+    `test_sub_scales_pack_and_unpack_as_q4_k_does`)."""
     sc, mn = _q4_k_scale_min(w.scales.reshape(w.shape[0], -1, 12).numpy())
     return torch.from_numpy(sc).double().reshape(w.shape[0], -1), torch.from_numpy(mn).double().reshape(
         w.shape[0], -1
@@ -530,8 +531,9 @@ def test_the_op_compiles_with_a_compact_layer() -> None:
 
 
 def test_sub_scales_pack_and_unpack_as_q4_k_does() -> None:
-    """`pack_sub_scales` and `unpack_sub_scales` are inverses over every 6-bit value, and unpack agrees with the
-    loader's reading of Q4_K (`quant._q4_k_scale_min`) on random packed bytes."""
+    """`pack_sub_scales` and `unpack_sub_scales` are inverses over every 6-bit value, and unpack reads random packed
+    bytes as gguf's own Q4_K dequantization does: a super-block of codes 1 with d = 1 and dmin = 0 dequantizes to
+    its sub-scales, one with d = 0 and dmin = 1 to its negated sub-mins."""
     gen = torch.Generator().manual_seed(5)
     sc = torch.randint(0, 64, (7, 24), generator=gen, dtype=torch.uint8)
     mn = torch.randint(0, 64, (7, 24), generator=gen, dtype=torch.uint8)
@@ -539,8 +541,13 @@ def test_sub_scales_pack_and_unpack_as_q4_k_does() -> None:
     assert packed.shape == (7, 36)
     got_sc, got_mn = qgemv.unpack_sub_scales(packed)
     assert torch.equal(got_sc, sc) and torch.equal(got_mn, mn)
-    raw = torch.randint(0, 256, (5, 36), generator=gen, dtype=torch.uint8)
-    want_sc, want_mn = _q4_k_scale_min(raw.reshape(5, 3, 12).numpy())
-    got_sc, got_mn = qgemv.unpack_sub_scales(raw)
-    assert torch.equal(got_sc, torch.from_numpy(want_sc).to(torch.uint8).reshape(5, 24))
-    assert torch.equal(got_mn, torch.from_numpy(want_mn).to(torch.uint8).reshape(5, 24))
+    raw = torch.randint(0, 256, (5, 12), generator=gen, dtype=torch.uint8).numpy()
+    blocks = np.zeros((2, 5, 144), np.uint8)
+    blocks[..., 4:16] = raw
+    blocks[..., 16:] = 0x11  # every code 1
+    blocks[0, :, 0:2] = np.float16(1.0).reshape(1).view(np.uint8)  # d = 1, dmin = 0
+    blocks[1, :, 2:4] = np.float16(1.0).reshape(1).view(np.uint8)  # d = 0, dmin = 1
+    values = dequantize(blocks.reshape(10, 144), T.Q4_K).reshape(2, 5, 8, 32)
+    got_sc, got_mn = qgemv.unpack_sub_scales(torch.from_numpy(raw))
+    assert np.array_equal(values[0, ..., 0], got_sc.numpy().astype(np.float32))
+    assert np.array_equal(values[1, ..., 0], -got_mn.numpy().astype(np.float32))
